@@ -1,0 +1,563 @@
+"""One config loader for every role: an ini file becomes a frozen, typed object.
+
+Each role declares a :class:`Schema` (sections -> keys -> kinds).  Loading
+refuses anything it does not understand and reports one line that names the
+file, the section and the key, and what was expected::
+
+    etc/rest.ini: [rest] listen: expected a server endpoint string, got 'tcp:x' (...)
+
+Nothing falls back to a permissive default: a key without a default is
+required, unknown sections and keys are errors, duplicates are errors.
+Relative paths are resolved against the directory of the config file.
+"""
+
+from __future__ import annotations
+
+import configparser
+import os
+import re
+import stat
+from collections.abc import Callable, Iterator, Mapping
+from types import MappingProxyType
+from typing import Any
+from urllib.parse import urlsplit
+
+import attrs
+
+__all__ = [
+    "REQUIRED",
+    "Bool",
+    "ClientEndpoint",
+    "Choice",
+    "ConfigError",
+    "Config",
+    "DirPath",
+    "Duration",
+    "FilePath",
+    "Int",
+    "Key",
+    "Port",
+    "PortRange",
+    "Schema",
+    "ServerEndpoint",
+    "Size",
+    "Str",
+    "StrList",
+    "Url",
+    "check_file_mode",
+    "load_config",
+]
+
+
+class ConfigError(Exception):
+    """A config file is unusable; ``str()`` is the one line to show."""
+
+    def __init__(self, path: str, section: str | None, key: str | None, message: str):
+        self.path = path
+        self.section = section
+        self.key = key
+        self.message = message
+        where = path
+        if section is not None:
+            where += f": [{section}]"
+        if key is not None:
+            where += f" {key}"
+        super().__init__(f"{where}: {message}")
+
+
+class _Required:
+    def __repr__(self) -> str:
+        return "REQUIRED"
+
+
+REQUIRED: Any = _Required()
+
+
+@attrs.frozen
+class _Ctx:
+    """Where a value comes from, for kinds that resolve paths."""
+
+    base_dir: str
+
+
+class Kind:
+    """A value type: ``parse(raw, ctx)`` returns the value or raises ValueError."""
+
+    expected: str = "a value"
+
+    def parse(self, raw: str, ctx: _Ctx) -> Any:
+        raise NotImplementedError
+
+
+@attrs.frozen
+class Str(Kind):
+    allow_empty: bool = False
+    pattern: str | None = None
+    max_length: int = 4096
+
+    @property
+    def expected(self) -> str:  # type: ignore[override]
+        if self.pattern:
+            return f"a string matching {self.pattern}"
+        return "a non-empty string" if not self.allow_empty else "a string"
+
+    def parse(self, raw: str, ctx: _Ctx) -> str:
+        if not raw and not self.allow_empty:
+            raise ValueError("empty")
+        if len(raw) > self.max_length:
+            raise ValueError(f"longer than {self.max_length} characters")
+        if self.pattern and not re.fullmatch(self.pattern, raw):
+            raise ValueError(f"{raw!r} does not match")
+        return raw
+
+
+@attrs.frozen
+class StrList(Kind):
+    """Comma-separated list of non-empty strings."""
+
+    allow_empty: bool = True
+    expected: str = "a comma-separated list"
+
+    def parse(self, raw: str, ctx: _Ctx) -> tuple[str, ...]:
+        items = tuple(p.strip() for p in raw.split(",") if p.strip())
+        if not items and not self.allow_empty:
+            raise ValueError("empty list")
+        return items
+
+
+@attrs.frozen
+class Choice(Kind):
+    choices: tuple[str, ...]
+
+    @property
+    def expected(self) -> str:  # type: ignore[override]
+        return "one of " + ", ".join(self.choices)
+
+    def parse(self, raw: str, ctx: _Ctx) -> str:
+        if raw not in self.choices:
+            raise ValueError(f"got {raw!r}")
+        return raw
+
+
+@attrs.frozen
+class Int(Kind):
+    min: int | None = None
+    max: int | None = None
+
+    @property
+    def expected(self) -> str:  # type: ignore[override]
+        lo = "-inf" if self.min is None else str(self.min)
+        hi = "inf" if self.max is None else str(self.max)
+        return f"an integer in {lo}..{hi}"
+
+    def parse(self, raw: str, ctx: _Ctx) -> int:
+        if not re.fullmatch(r"[+-]?\d+", raw):
+            raise ValueError(f"got {raw!r}")
+        value = int(raw)
+        if (self.min is not None and value < self.min) or (
+            self.max is not None and value > self.max
+        ):
+            raise ValueError(f"got {value}")
+        return value
+
+
+@attrs.frozen
+class Port(Kind):
+    allow_zero: bool = False
+
+    @property
+    def expected(self) -> str:  # type: ignore[override]
+        return "a TCP port 0..65535" if self.allow_zero else "a TCP port 1..65535"
+
+    def parse(self, raw: str, ctx: _Ctx) -> int:
+        return Int(0 if self.allow_zero else 1, 65535).parse(raw, ctx)
+
+
+@attrs.frozen
+class PortRange(Kind):
+    """``6000-6100``: inclusive, low <= high, both valid ports."""
+
+    expected: str = "a port range LOW-HIGH with 1 <= LOW <= HIGH <= 65535"
+
+    def parse(self, raw: str, ctx: _Ctx) -> tuple[int, int]:
+        m = re.fullmatch(r"\s*(\d+)\s*-\s*(\d+)\s*", raw)
+        if not m:
+            raise ValueError(f"got {raw!r}")
+        lo, hi = int(m.group(1)), int(m.group(2))
+        if not (1 <= lo <= 65535 and 1 <= hi <= 65535):
+            raise ValueError(f"got {raw!r}")
+        if lo > hi:
+            raise ValueError(f"reversed range {raw!r}")
+        return (lo, hi)
+
+
+_UNITS = {"": 1.0, "ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+@attrs.frozen
+class Duration(Kind):
+    """Seconds as a float: ``30``, ``2.5s``, ``500ms``, ``5m``, ``1h``; > 0."""
+
+    min: float = 0.0
+    max: float | None = None
+    expected: str = "a positive duration such as 30, 2.5s, 500ms, 5m or 1h"
+
+    def parse(self, raw: str, ctx: _Ctx) -> float:
+        m = re.fullmatch(r"(\d+(?:\.\d+)?)\s*(ms|s|m|h)?", raw.strip())
+        if not m:
+            raise ValueError(f"got {raw!r}")
+        value = float(m.group(1)) * _UNITS[m.group(2) or ""]
+        if value <= 0 or value < self.min or (self.max is not None and value > self.max):
+            raise ValueError(f"got {raw!r}")
+        return value
+
+
+_SIZE_UNITS = {"": 1, "b": 1, "kib": 1024, "mib": 1024**2, "gib": 1024**3}
+
+
+@attrs.frozen
+class Size(Kind):
+    """Bytes: ``65536``, ``64KiB``, ``1MiB``."""
+
+    min: int = 1
+    max: int | None = None
+
+    @property
+    def expected(self) -> str:  # type: ignore[override]
+        hi = "" if self.max is None else f" and at most {self.max}"
+        return f"a size in bytes (e.g. 65536, 64KiB, 1MiB) of at least {self.min}{hi}"
+
+    def parse(self, raw: str, ctx: _Ctx) -> int:
+        m = re.fullmatch(r"(\d+)\s*([KkMmGg]i[Bb]|[Bb])?", raw.strip())
+        if not m:
+            raise ValueError(f"got {raw!r}")
+        value = int(m.group(1)) * _SIZE_UNITS[(m.group(2) or "").lower()]
+        if value < self.min or (self.max is not None and value > self.max):
+            raise ValueError(f"got {raw!r}")
+        return value
+
+
+_TRUE = {"yes", "true", "on", "1"}
+_FALSE = {"no", "false", "off", "0"}
+
+
+@attrs.frozen
+class Bool(Kind):
+    expected: str = "yes or no"
+
+    def parse(self, raw: str, ctx: _Ctx) -> bool:
+        low = raw.lower()
+        if low in _TRUE:
+            return True
+        if low in _FALSE:
+            return False
+        raise ValueError(f"got {raw!r}")
+
+
+@attrs.frozen
+class Url(Kind):
+    schemes: tuple[str, ...] = ("https", "http")
+
+    @property
+    def expected(self) -> str:  # type: ignore[override]
+        return "a URL with scheme " + " or ".join(self.schemes)
+
+    def parse(self, raw: str, ctx: _Ctx) -> str:
+        parts = urlsplit(raw)
+        if parts.scheme not in self.schemes or not parts.hostname:
+            raise ValueError(f"got {raw!r}")
+        try:
+            parts.port  # noqa: B018 - raises ValueError on a bad port
+        except ValueError as e:
+            raise ValueError(f"got {raw!r}") from e
+        return raw.rstrip("/")
+
+
+def check_file_mode(path: str, secret: bool) -> None:
+    """Refuse files that others may write (or, for secrets, read).
+
+    Raises ValueError with the reason.
+    """
+    st = os.stat(path)
+    if not stat.S_ISREG(st.st_mode):
+        raise ValueError(f"{path} is not a regular file")
+    if st.st_mode & 0o022:
+        raise ValueError(
+            f"{path} is writable by group or others (mode {stat.S_IMODE(st.st_mode):04o}); "
+            f"run chmod go-w {path}"
+        )
+    if secret and st.st_mode & 0o077:
+        raise ValueError(
+            f"{path} is a secret but readable by group or others "
+            f"(mode {stat.S_IMODE(st.st_mode):04o}); run chmod 600 {path}"
+        )
+
+
+@attrs.frozen
+class FilePath(Kind):
+    """A file path, resolved against the config's directory.
+
+    ``must_exist``: the file must exist, be regular, readable and not writable
+    by group or others; ``secret``: also not readable by group or others.
+    """
+
+    must_exist: bool = True
+    secret: bool = False
+
+    @property
+    def expected(self) -> str:  # type: ignore[override]
+        if self.secret:
+            return "a readable private file (mode 0600)"
+        return "a readable file not writable by others" if self.must_exist else "a file path"
+
+    def parse(self, raw: str, ctx: _Ctx) -> str:
+        if not raw:
+            raise ValueError("empty")
+        path = os.path.normpath(os.path.join(ctx.base_dir, os.path.expanduser(raw)))
+        if self.must_exist:
+            if not os.path.exists(path):
+                raise ValueError(f"{path} does not exist")
+            check_file_mode(path, self.secret)
+            if not os.access(path, os.R_OK):
+                raise ValueError(f"{path} is not readable")
+        else:
+            parent = os.path.dirname(path) or "."
+            if not os.path.isdir(parent):
+                raise ValueError(f"directory {parent} does not exist")
+        return path
+
+
+@attrs.frozen
+class DirPath(Kind):
+    """A directory, resolved against the config's directory; created 0700 if
+    ``create`` and missing; must not be writable by group or others."""
+
+    create: bool = True
+    expected: str = "a directory not writable by others"
+
+    def parse(self, raw: str, ctx: _Ctx) -> str:
+        if not raw:
+            raise ValueError("empty")
+        path = os.path.normpath(os.path.join(ctx.base_dir, os.path.expanduser(raw)))
+        if not os.path.isdir(path):
+            if not self.create:
+                raise ValueError(f"{path} does not exist")
+            try:
+                os.makedirs(path, mode=0o700, exist_ok=True)
+            except OSError as e:
+                raise ValueError(f"cannot create {path}: {e.strerror}") from e
+        st = os.stat(path)
+        if st.st_mode & 0o022:
+            raise ValueError(f"{path} is writable by group or others; run chmod go-w {path}")
+        return path
+
+
+def _endpoint_check(kind: str, raw: str) -> str:
+    # Parse against a MemoryReactor: the string is fully validated (including
+    # TLS key and certificate files for ssl:) without opening any socket.
+    from twisted.internet import endpoints
+    from twisted.internet.testing import MemoryReactor
+
+    try:
+        if kind == "server":
+            endpoints.serverFromString(MemoryReactor(), raw)
+        else:
+            endpoints.clientFromString(MemoryReactor(), raw)
+    except Exception as e:  # endpoint parsers raise many types
+        raise ValueError(f"got {raw!r} ({e})") from e
+    return raw
+
+
+@attrs.frozen
+class ServerEndpoint(Kind):
+    """A Twisted server endpoint string, e.g. ``ssl:8443:interface=127.0.0.1:...``.
+
+    Relative ``privateKey=``/``certKey=``/``extraCertChain=``/``dhParameters=``
+    paths are resolved against the config file's directory.
+    """
+
+    expected: str = "a server endpoint string such as tcp:8080:interface=127.0.0.1"
+
+    def parse(self, raw: str, ctx: _Ctx) -> str:
+        if not raw:
+            raise ValueError("empty")
+        return _endpoint_check("server", _resolve_endpoint_paths(raw, ctx))
+
+
+@attrs.frozen
+class ClientEndpoint(Kind):
+    expected: str = "a client endpoint string such as tcp:host=127.0.0.1:port=22"
+
+    def parse(self, raw: str, ctx: _Ctx) -> str:
+        if not raw:
+            raise ValueError("empty")
+        return _endpoint_check("client", _resolve_endpoint_paths(raw, ctx))
+
+
+_PATH_ARGS = ("privateKey", "certKey", "extraCertChain", "dhParameters", "caCertsDir",
+              "certificate", "trustRoots")
+
+
+def _resolve_endpoint_paths(raw: str, ctx: _Ctx) -> str:
+    def fix(m: re.Match[str]) -> str:
+        name, value = m.group(1), m.group(2)
+        if value and not os.path.isabs(value):
+            value = os.path.normpath(os.path.join(ctx.base_dir, value))
+        return f"{name}={value}"
+
+    pattern = r"(?<![\w])(" + "|".join(_PATH_ARGS) + r")=((?:\\:|[^:])*)"
+    return re.sub(pattern, fix, raw)
+
+
+@attrs.frozen
+class Key:
+    """One key of a section: its kind, default (or REQUIRED) and documentation."""
+
+    kind: Kind
+    default: Any = REQUIRED
+    doc: str = ""
+
+
+@attrs.frozen
+class Schema:
+    """``{section: {key: Key}}``; ``optional_sections`` may be absent entirely
+    (their keys then take their defaults, which must exist)."""
+
+    sections: Mapping[str, Mapping[str, Key]]
+    optional_sections: frozenset[str] = frozenset()
+    validate: Callable[[Config], None] | None = None
+
+
+class Section(Mapping[str, Any]):
+    """Immutable mapping with attribute access: ``cfg.rest.listen``."""
+
+    def __init__(self, name: str, values: dict[str, Any]):
+        self._name = name
+        self._values = MappingProxyType(dict(values))
+
+    def __getattr__(self, item: str) -> Any:
+        try:
+            return self._values[item]
+        except KeyError:
+            raise AttributeError(f"[{self._name}] has no key {item}") from None
+
+    def __getitem__(self, item: str) -> Any:
+        return self._values[item]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._values)
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name.startswith("_") and "_values" not in self.__dict__:
+            object.__setattr__(self, name, value)
+            return
+        raise AttributeError("config is immutable")
+
+    def __repr__(self) -> str:
+        return f"Section({self._name!r}, {dict(self._values)!r})"
+
+
+class Config(Mapping[str, Section]):
+    """A loaded config: ``cfg.path`` is the file, ``cfg.<section>.<key>`` the values."""
+
+    def __init__(self, path: str, sections: dict[str, Section]):
+        object.__setattr__(self, "path", path)
+        object.__setattr__(self, "_sections", MappingProxyType(dict(sections)))
+
+    path: str
+
+    def __getattr__(self, item: str) -> Section:
+        try:
+            return self._sections[item]  # type: ignore[no-any-return]
+        except KeyError:
+            raise AttributeError(f"no section [{item}]") from None
+
+    def __getitem__(self, item: str) -> Section:
+        return self._sections[item]  # type: ignore[no-any-return]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._sections)
+
+    def __len__(self) -> int:
+        return len(self._sections)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError("config is immutable")
+
+    def error(self, section: str, key: str | None, message: str) -> ConfigError:
+        """A ConfigError for cross-key validation in ``Schema.validate``."""
+        return ConfigError(self.path, section, key, message)
+
+
+def load_config(path: str, schema: Schema) -> Config:
+    """Read and validate ``path`` against ``schema``; raise ConfigError."""
+    shown = path
+    if not os.path.exists(path):
+        raise ConfigError(shown, None, None, "config file does not exist")
+    try:
+        check_file_mode(path, secret=False)
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except ValueError as e:
+        raise ConfigError(shown, None, None, str(e)) from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(shown, None, None, f"cannot read: {e}") from None
+    if not text.strip():
+        raise ConfigError(shown, None, None, "config file is empty")
+
+    parser = configparser.ConfigParser(
+        interpolation=None, strict=True, empty_lines_in_values=False,
+        default_section="\x00no-default-section",
+    )
+    parser.optionxform = str  # type: ignore[assignment,method-assign]
+    try:
+        parser.read_string(text, source=shown)
+    except configparser.DuplicateSectionError as e:
+        raise ConfigError(shown, e.section, None, f"duplicate section (line {e.lineno})") from None
+    except configparser.DuplicateOptionError as e:
+        raise ConfigError(shown, e.section, e.option, f"duplicate key (line {e.lineno})") from None
+    except configparser.MissingSectionHeaderError as e:
+        raise ConfigError(shown, None, None, f"line {e.lineno}: key outside any [section]") from None
+    except configparser.Error as e:
+        raise ConfigError(shown, None, None, f"not a valid ini file: {e.message}") from None
+
+    ctx = _Ctx(base_dir=os.path.dirname(os.path.abspath(path)))
+    for section in parser.sections():
+        if section not in schema.sections:
+            known = ", ".join(f"[{s}]" for s in schema.sections)
+            raise ConfigError(shown, section, None, f"unknown section (expected {known})")
+
+    out: dict[str, Section] = {}
+    for section, keys in schema.sections.items():
+        present = parser.has_section(section)
+        if not present and section not in schema.optional_sections:
+            first = next((k for k, v in keys.items() if v.default is REQUIRED), None)
+            raise ConfigError(shown, section, first, "missing section")
+        raw_items = dict(parser.items(section, raw=True)) if present else {}
+        for key in raw_items:
+            if key not in keys:
+                raise ConfigError(shown, section, key, "unknown key")
+        values: dict[str, Any] = {}
+        for key, spec in keys.items():
+            if key in raw_items:
+                raw = raw_items[key].strip()
+                try:
+                    values[key] = spec.kind.parse(raw, ctx)
+                except ValueError as e:
+                    raise ConfigError(
+                        shown, section, key, f"expected {spec.kind.expected}; {e}"
+                    ) from None
+            elif spec.default is REQUIRED:
+                raise ConfigError(shown, section, key, f"missing; expected {spec.kind.expected}")
+            elif isinstance(spec.default, str):
+                values[key] = spec.kind.parse(spec.default, ctx)
+            else:
+                values[key] = spec.default
+        out[section] = Section(section, values)
+    config = Config(os.path.abspath(path), out)
+    if schema.validate is not None:
+        schema.validate(config)
+    return config

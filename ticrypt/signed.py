@@ -1,0 +1,174 @@
+"""Signed messages and tokens under Ed25519 with domain separation.
+
+Every signature in ticrypt is over ``b"ticrypt-signed-v1\\x00" + purpose +
+b"\\x00" + canonical(payload)``, so a signature made for one purpose (a
+login challenge, a connection ticket, a proxy challenge) is worthless for any
+other.  A *token* carries its payload: ``b64(canonical(payload)) "." b64(sig)``.
+
+Connection tickets (rest -> frontend -> proxy) are tokens of purpose
+``connection-ticket-v1``; VM credentials (rest -> vmc -> proxy) of purpose
+``vm-credential-v1``.  PROTOCOL.md documents both.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import attrs
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from ticrypt import identity
+from ticrypt.encoding import b64, canonical, unb64
+
+DOMAIN = b"ticrypt-signed-v1\x00"
+MAX_TOKEN = 4096
+
+LOGIN = "login-v1"
+TICKET = "connection-ticket-v1"
+VM_CREDENTIAL = "vm-credential-v1"
+PROXY_VM_AUTH = "proxy-vm-auth-v1"
+
+#: Clock skew tolerated for "issued at" in the future.
+SKEW = 30
+
+
+class TokenError(Exception):
+    """A token or signature was refused; ``code`` is stable, ``str()`` human."""
+
+    def __init__(self, code: str, message: str):
+        self.code = code
+        super().__init__(message)
+
+
+def signing_input(purpose: str, payload: dict[str, Any]) -> bytes:
+    return DOMAIN + purpose.encode("ascii") + b"\x00" + canonical(payload)
+
+
+def sign(key: Ed25519PrivateKey, purpose: str, payload: dict[str, Any]) -> bytes:
+    return key.sign(signing_input(purpose, payload))
+
+
+def verify(raw_public: bytes, purpose: str, payload: dict[str, Any], signature: bytes) -> bool:
+    return identity.verify(raw_public, signature, signing_input(purpose, payload))
+
+
+def make_token(key: Ed25519PrivateKey, purpose: str, payload: dict[str, Any]) -> str:
+    return b64(canonical(payload)) + "." + b64(sign(key, purpose, payload))
+
+
+def open_token(raw_public: bytes, purpose: str, token: str) -> dict[str, Any]:
+    """Verify ``token`` and return its payload; TokenError otherwise."""
+    if not isinstance(token, str) or len(token) > MAX_TOKEN:
+        raise TokenError("bad-token", "token missing or too long")
+    parts = token.split(".")
+    if len(parts) != 2:
+        raise TokenError("bad-token", "token is not PAYLOAD.SIGNATURE")
+    try:
+        body = unb64(parts[0])
+        sig = unb64(parts[1], 64)
+        payload = json.loads(body)
+    except ValueError:
+        raise TokenError("bad-token", "token is not valid base64url JSON") from None
+    if not isinstance(payload, dict) or canonical(payload) != body:
+        raise TokenError("bad-token", "token payload is not canonical JSON")
+    if not verify(raw_public, purpose, payload, sig):
+        raise TokenError("bad-signature", "token signature is not valid")
+    return payload
+
+
+@attrs.frozen
+class Ticket:
+    """A verified connection ticket."""
+
+    user: str
+    user_key: bytes
+    vm: str
+    client: str
+    issued: int
+    expires: int
+    ticket_id: str
+
+
+def make_ticket(
+    backend_key: Ed25519PrivateKey,
+    *,
+    user: str,
+    user_key: bytes,
+    vm: str,
+    client: str,
+    now: float,
+    ttl: int,
+    ticket_id: str,
+) -> str:
+    payload = {
+        "client": client,
+        "exp": int(now) + ttl,
+        "iat": int(now),
+        "jti": ticket_id,
+        "user": user,
+        "user_key": b64(user_key),
+        "vm": vm,
+    }
+    return make_token(backend_key, TICKET, payload)
+
+
+def verify_ticket(backend_public: bytes, token: str, *, vm: str | None, client: str,
+                  now: float) -> Ticket:
+    """Check signature, expiry, VM (when given) and client address."""
+    p = open_token(backend_public, TICKET, token)
+    try:
+        t = Ticket(
+            user=_s(p["user"]), user_key=unb64(_s(p["user_key"]), 32), vm=_s(p["vm"]),
+            client=_s(p["client"]), issued=_i(p["iat"]), expires=_i(p["exp"]),
+            ticket_id=_s(p["jti"]),
+        )
+    except (KeyError, TypeError, ValueError):
+        raise TokenError("bad-token", "ticket payload is malformed") from None
+    if set(p) != {"client", "exp", "iat", "jti", "user", "user_key", "vm"}:
+        raise TokenError("bad-token", "ticket payload has unexpected fields")
+    if t.expires <= now:
+        raise TokenError("expired", "ticket has expired")
+    if t.issued > now + SKEW:
+        raise TokenError("bad-token", "ticket issued in the future")
+    if vm is not None and t.vm != vm:
+        raise TokenError("wrong-vm", "ticket is for another VM")
+    if t.client != client:
+        raise TokenError("wrong-client", "ticket is for another client address")
+    return t
+
+
+@attrs.frozen
+class VmCredential:
+    vm: str
+    vm_key: bytes
+    issued: int
+
+
+def make_vm_credential(backend_key: Ed25519PrivateKey, *, vm: str, vm_key: bytes,
+                       now: float) -> str:
+    return make_token(backend_key, VM_CREDENTIAL,
+                      {"iat": int(now), "vm": vm, "vm_key": b64(vm_key)})
+
+
+def verify_vm_credential(backend_public: bytes, token: str) -> VmCredential:
+    p = open_token(backend_public, VM_CREDENTIAL, token)
+    try:
+        if set(p) != {"iat", "vm", "vm_key"}:
+            raise ValueError
+        return VmCredential(vm=_s(p["vm"]), vm_key=unb64(_s(p["vm_key"]), 32),
+                            issued=_i(p["iat"]))
+    except (KeyError, TypeError, ValueError):
+        raise TokenError("bad-token", "VM credential payload is malformed") from None
+
+
+def _s(v: Any) -> str:
+    if not isinstance(v, str) or not v:
+        raise TypeError
+    return v
+
+
+def _i(v: Any) -> int:
+    if not isinstance(v, int) or isinstance(v, bool):
+        raise TypeError
+    return v
