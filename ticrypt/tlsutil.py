@@ -33,7 +33,7 @@ def make_ca(cert_path: str, key_path: str, name: str = "ticrypt private CA",
             days: int = 3650) -> None:
     """Write a self-signed CA certificate (0644) and its key (0600)."""
     key = ec.generate_private_key(ec.SECP256R1())
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     cert = (
         x509.CertificateBuilder()
         .subject_name(_name(name)).issuer_name(_name(name))
@@ -68,7 +68,7 @@ def make_server_cert(ca_cert_path: str, ca_key_path: str, out_path: str,
             sans.append(x509.IPAddress(ipaddress.ip_address(n)))
         except ValueError:
             sans.append(x509.DNSName(n))
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     cert = (
         x509.CertificateBuilder()
         .subject_name(_name(names[0])).issuer_name(ca_cert.subject)

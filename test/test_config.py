@@ -1,0 +1,248 @@
+"""ticrypt.config: every way an ini file can be wrong gets one clear line."""
+
+from __future__ import annotations
+
+import operator
+import os
+import subprocess
+import tempfile
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from ticrypt.config import (
+    Bool,
+    ClientEndpoint,
+    ConfigError,
+    DirPath,
+    Duration,
+    FilePath,
+    Int,
+    Key,
+    Port,
+    PortRange,
+    Schema,
+    ServerEndpoint,
+    Size,
+    Str,
+    StrList,
+    Url,
+    load_config,
+)
+from ticrypt.service import options_for
+
+SCHEMA = Schema(
+    {
+        "main": {
+            "name": Key(Str(), doc="a name"),
+            "port": Key(Port(), default="8080"),
+            "range": Key(PortRange(), default="6000-6100"),
+            "timeout": Key(Duration(), default="30s"),
+            "size": Key(Size(min=16), default="64KiB"),
+            "flag": Key(Bool(), default="no"),
+            "count": Key(Int(0, 10), default="3"),
+            "listen": Key(ServerEndpoint(), default="tcp:0:interface=127.0.0.1"),
+            "connect": Key(ClientEndpoint(), default="tcp:host=127.0.0.1:port=1"),
+            "url": Key(Url(("https", "wss")), default="https://127.0.0.1:1"),
+            "tags": Key(StrList(), default=""),
+        },
+        "files": {
+            "key": Key(FilePath(secret=True), default=None),
+            "out": Key(FilePath(must_exist=False), default=None),
+            "state": Key(DirPath(), default=None),
+        },
+    },
+    optional_sections=frozenset({"files"}),
+)
+
+
+class LoadConfigTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.dir = tempfile.mkdtemp()
+        os.chmod(self.dir, 0o700)
+
+    def write(self, text: str, name: str = "t.ini", mode: int = 0o600) -> str:
+        path = os.path.join(self.dir, name)
+        with open(path, "w") as f:
+            f.write(text)
+        os.chmod(path, mode)
+        return path
+
+    def error(self, text: str, **kw: int) -> ConfigError:
+        path = self.write(text, **kw)
+        return self.assertRaises(ConfigError, load_config, path, SCHEMA)
+
+    def assertNames(self, err: ConfigError, section: str | None, key: str | None,
+                    fragment: str) -> None:
+        self.assertEqual((err.section, err.key), (section, key))
+        self.assertIn(fragment, str(err))
+        self.assertNotIn("\n", str(err))
+        self.assertTrue(str(err).startswith(os.path.join(self.dir, "t.ini")))
+
+    def test_valid_with_defaults(self) -> None:
+        cfg = load_config(self.write("[main]\nname = x\n"), SCHEMA)
+        self.assertEqual(cfg.main.name, "x")
+        self.assertEqual(cfg.main.port, 8080)
+        self.assertEqual(cfg.main.range, (6000, 6100))
+        self.assertEqual(cfg.main.timeout, 30.0)
+        self.assertEqual(cfg.main.size, 65536)
+        self.assertIs(cfg.main.flag, False)
+        self.assertEqual(cfg.main.tags, ())
+        self.assertIsNone(cfg.files.key)
+
+    def test_values_parsed(self) -> None:
+        cfg = load_config(self.write(
+            "[main]\nname = x\nport = 1\nrange = 10-10\ntimeout = 500ms\nsize = 1MiB\n"
+            "flag = yes\ntags = a, b\n"), SCHEMA)
+        self.assertEqual((cfg.main.port, cfg.main.range, cfg.main.timeout, cfg.main.size,
+                          cfg.main.flag, cfg.main.tags),
+                         (1, (10, 10), 0.5, 1048576, True, ("a", "b")))
+
+    def test_immutable(self) -> None:
+        cfg = load_config(self.write("[main]\nname = x\n"), SCHEMA)
+        self.assertRaises(AttributeError, setattr, cfg.main, "name", "y")
+        self.assertRaises(AttributeError, setattr, cfg, "main", None)
+        self.assertRaises(TypeError, operator.setitem, cfg.main, "name", "y")
+
+    def test_missing_file(self) -> None:
+        err = self.assertRaises(ConfigError, load_config,
+                                os.path.join(self.dir, "nope.ini"), SCHEMA)
+        self.assertIn("does not exist", str(err))
+
+    def test_empty_file(self) -> None:
+        self.assertIn("empty", str(self.error("  \n")))
+
+    def test_writable_by_others(self) -> None:
+        self.assertIn("writable by group or others", str(self.error("[main]\nname=x\n", mode=0o666)))
+
+    def test_unknown_section(self) -> None:
+        self.assertNames(self.error("[main]\nname=x\n[extra]\na=1\n"), "extra", None,
+                         "unknown section")
+
+    def test_unknown_key(self) -> None:
+        self.assertNames(self.error("[main]\nname=x\nnmae=y\n"), "main", "nmae", "unknown key")
+
+    def test_duplicate_key(self) -> None:
+        self.assertNames(self.error("[main]\nname=x\nname=y\n"), "main", "name", "duplicate key")
+
+    def test_duplicate_section(self) -> None:
+        self.assertNames(self.error("[main]\nname=x\n[main]\n"), "main", None, "duplicate section")
+
+    def test_missing_required_key(self) -> None:
+        self.assertNames(self.error("[main]\nport=1\n"), "main", "name", "missing")
+
+    def test_missing_section(self) -> None:
+        self.assertNames(self.error("[files]\n"), "main", "name", "missing section")
+
+    def test_empty_value(self) -> None:
+        self.assertNames(self.error("[main]\nname=\n"), "main", "name", "non-empty")
+
+    def test_key_outside_section(self) -> None:
+        self.assertIn("outside any [section]", str(self.error("name=x\n")))
+
+    def test_wrong_type(self) -> None:
+        self.assertNames(self.error("[main]\nname=x\ncount=three\n"), "main", "count", "integer")
+        self.assertNames(self.error("[main]\nname=x\nflag=maybe\n"), "main", "flag", "yes or no")
+
+    def test_out_of_range(self) -> None:
+        self.assertNames(self.error("[main]\nname=x\nport=70000\n"), "main", "port", "1..65535")
+        self.assertNames(self.error("[main]\nname=x\ncount=11\n"), "main", "count", "0..10")
+        self.assertNames(self.error("[main]\nname=x\nsize=8\n"), "main", "size", "at least 16")
+
+    def test_negative_or_zero_timeout(self) -> None:
+        self.assertNames(self.error("[main]\nname=x\ntimeout=-1\n"), "main", "timeout", "duration")
+        self.assertNames(self.error("[main]\nname=x\ntimeout=0\n"), "main", "timeout", "duration")
+
+    def test_reversed_port_range(self) -> None:
+        self.assertNames(self.error("[main]\nname=x\nrange=6100-6000\n"), "main", "range",
+                         "reversed")
+
+    def test_bad_endpoint(self) -> None:
+        self.assertNames(self.error("[main]\nname=x\nlisten=tcp:notaport\n"), "main", "listen",
+                         "server endpoint")
+        self.assertNames(self.error("[main]\nname=x\nlisten=bogus:1\n"), "main", "listen",
+                         "server endpoint")
+        self.assertNames(self.error("[main]\nname=x\nconnect=tcp:host=x\n"), "main", "connect",
+                         "client endpoint")
+
+    def test_tls_endpoint_with_missing_key_file(self) -> None:
+        err = self.error("[main]\nname=x\nlisten=ssl:0:privateKey=missing.pem\n")
+        self.assertNames(err, "main", "listen", "server endpoint")
+
+    def test_bad_url(self) -> None:
+        self.assertNames(self.error("[main]\nname=x\nurl=http://h\n"), "main", "url", "https")
+
+    def test_key_file_checks(self) -> None:
+        self.assertNames(self.error("[main]\nname=x\n[files]\nkey=nokey\n"), "files", "key",
+                         "does not exist")
+        self.write("secret", name="k.pem", mode=0o644)
+        self.assertNames(self.error("[main]\nname=x\n[files]\nkey=k.pem\n"), "files", "key",
+                         "readable by group or others")
+        self.write("secret", name="k2.pem", mode=0o622)
+        self.assertNames(self.error("[main]\nname=x\n[files]\nkey=k2.pem\n"), "files", "key",
+                         "writable by group or others")
+        self.write("secret", name="k3.pem", mode=0o600)
+        cfg = load_config(self.write("[main]\nname=x\n[files]\nkey=k3.pem\n"), SCHEMA)
+        self.assertEqual(cfg.files.key, os.path.join(self.dir, "k3.pem"))
+
+    def test_relative_paths_resolve_against_config_dir(self) -> None:
+        cfg = load_config(self.write("[main]\nname=x\n[files]\nout=o.db\nstate=st\n"), SCHEMA)
+        self.assertEqual(cfg.files.out, os.path.join(self.dir, "o.db"))
+        self.assertTrue(os.path.isdir(os.path.join(self.dir, "st")))
+        self.assertEqual(os.stat(cfg.files.state).st_mode & 0o777, 0o700)
+
+    def test_output_dir_must_exist(self) -> None:
+        self.assertNames(self.error("[main]\nname=x\n[files]\nout=no/such/o.db\n"), "files",
+                         "out", "does not exist")
+
+    def test_validate_hook(self) -> None:
+        def validate(cfg):  # type: ignore[no-untyped-def]
+            if cfg.main.name == "bad":
+                raise cfg.error("main", "name", "must not be bad")
+
+        schema = Schema(SCHEMA.sections, SCHEMA.optional_sections, validate)
+        err = self.assertRaises(ConfigError, load_config,
+                                self.write("[main]\nname=bad\n"), schema)
+        self.assertNames(err, "main", "name", "must not be bad")
+
+
+class OptionsTests(SynchronousTestCase):
+    def test_config_required(self) -> None:
+        from twisted.python.usage import UsageError
+
+        opts = options_for("demo", SCHEMA)()
+        err = self.assertRaises(UsageError, opts.parseOptions, [])
+        self.assertIn("--config", str(err))
+
+    def test_bad_config_is_usage_error(self) -> None:
+        from twisted.python.usage import UsageError
+
+        d = tempfile.mkdtemp()
+        path = os.path.join(d, "t.ini")
+        with open(path, "w") as f:
+            f.write("[main]\nname=x\nport=0\n")
+        os.chmod(path, 0o600)
+        err = self.assertRaises(UsageError, options_for("demo", SCHEMA)().parseOptions,
+                                ["--config", path])
+        self.assertIn("[main] port", str(err))
+
+
+class TwistdRefusesBadConfigTests(SynchronousTestCase):
+    """A real twistd start with a broken config exits non-zero and its last
+    line names the file, section and key."""
+
+    def test_twistd_exit(self) -> None:
+        from test.daemon import daemon_env, twistd_path
+
+        d = tempfile.mkdtemp()
+        path = os.path.join(d, "rest.ini")
+        with open(path, "w") as f:
+            f.write("[rest]\nlisten = tcp:70000\n")
+        os.chmod(path, 0o600)
+        proc = subprocess.run([twistd_path(), "-n", "--pidfile=", "ticrypt-rest", "--config",
+                               path], capture_output=True, text=True, env=daemon_env(),
+                              timeout=60, stdin=subprocess.DEVNULL)
+        self.assertNotEqual(proc.returncode, 0)
+        last = (proc.stdout + proc.stderr).strip().splitlines()[-1]
+        self.assertIn(path, last)
+        self.assertIn("[rest]", last)
+        self.assertNotIn("Traceback", proc.stdout + proc.stderr)
