@@ -1,0 +1,1 @@
+"""ticrypt-lab: every role on one machine, for trying ticrypt and for tests."""
