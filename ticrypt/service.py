@@ -77,7 +77,8 @@ class ListenerService(Service):
             return ""
         host = self.port.getHost()
         h = getattr(host, "host", "?")
-        return f"[{h}]:{host.port}" if ":" in h else f"{h}:{host.port}"
+        port = getattr(host, "port", 0)
+        return f"[{h}]:{port}" if ":" in h else f"{h}:{port}"
 
     def stopService(self) -> Any:
         super().stopService()

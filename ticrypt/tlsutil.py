@@ -16,6 +16,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from twisted.internet import ssl
+from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
 
 from ticrypt.fsutil import atomic_write
 
@@ -91,7 +92,7 @@ def server_endpoint(port: int | str, pem_path: str, interface: str = "127.0.0.1"
     return f"ssl:{port}:interface={iface}:privateKey={pem_path}"
 
 
-def client_options(hostname: str, ca_file: str) -> ssl.IOpenSSLClientConnectionCreator:
+def client_options(hostname: str, ca_file: str) -> IOpenSSLClientConnectionCreator:
     """Client TLS that trusts only ``ca_file`` and verifies ``hostname`` (or IP)."""
     if not os.path.exists(ca_file):
         raise FileNotFoundError(f"CA file {ca_file} does not exist")

@@ -14,7 +14,6 @@ from typing import Any
 
 from twisted.internet import defer, protocol
 from twisted.internet.error import ProcessDone, ProcessExitedAlready
-from twisted.internet.interfaces import IReactorProcess, IReactorTime
 from twisted.python.failure import Failure
 
 from ticrypt.service import READY_MARKER
@@ -137,7 +136,7 @@ def _follow(d: defer.Deferred[Any]) -> defer.Deferred[Any]:
     return out
 
 
-def spawn(reactor: IReactorProcess | IReactorTime | Any, plugin: str, config_path: str, *,
+def spawn(reactor: Any, plugin: str, config_path: str, *,
           timeout: float = 30.0, cwd: str | None = None, echo: Any = None,
           env: dict[str, str] | None = None) -> Daemon:
     """Spawn ``twistd -n --pidfile= PLUGIN --config CONFIG``."""
