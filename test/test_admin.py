@@ -1,0 +1,130 @@
+"""``ticrypt-admin`` through its console script, and the shared migrations."""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import stat
+
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+
+from test.daemon import run_command
+from test.restfixture import make_rest_dir, script, start_rest
+from ticrypt import identity
+from ticrypt.rest import db
+
+
+class AdminCliTests(TestCase):
+    timeout = 120
+
+    def one_line(self, err: str, expected: str) -> None:
+        self.assertEqual(err.strip().splitlines(), [expected])
+
+    async def test_init_users_vms(self) -> None:
+        env = await start_rest(self, start=False)
+        self.assertEqual(stat.S_IMODE(os.stat(env.signing_key).st_mode), 0o600)
+        self.assertEqual(stat.S_IMODE(os.stat(env.database).st_mode), 0o600)
+        self.assertEqual(env.backend_public,
+                         identity.public_bytes(identity.load_private(env.signing_key)))
+        code, out, err = await env.admin("init", "--superadmin", "x", "--public-key",
+                                         env.admin_key_file[:-4] + ".pub")
+        self.assertEqual(code, 1)
+        self.one_line(err, f"ticrypt-admin: init failed: database {env.database} already "
+                           "exists; refusing to initialise it again")
+        _, bob_pub = env.new_user_key("bob")
+        self.assertEqual((await env.admin("user", "add", "bob", "--public-key", bob_pub))[0], 0)
+        code, out, err = await env.admin("user", "add", "bob", "--public-key", bob_pub)
+        self.one_line(err, "ticrypt-admin: cannot add user bob: user bob already exists")
+        code, out, err = await env.admin("user", "add", "eve", "--public-key", env.config_path)
+        self.assertEqual(code, 1)
+        self.assertTrue(err.startswith("ticrypt-admin: cannot add user eve: "), err)
+        code, out, err = await env.admin("user", "add", "bad name", "--public-key", bob_pub)
+        self.assertEqual(code, 1)
+        code, out, err = await env.admin("vm", "add", "lab1", "--owner", "nobody", "--host",
+                                         "h:22")
+        self.one_line(err, "ticrypt-admin: cannot add VM lab1: no user named nobody")
+        code, out, err = await env.admin("vm", "add", "lab1", "--owner", "bob", "--host", "h")
+        self.one_line(err, "ticrypt-admin: cannot add VM lab1: --host 'h' is not HOST:PORT")
+        code, out, err = await env.admin("vm", "add", "lab1", "--owner", "bob", "--host",
+                                         "h:22")
+        self.assertEqual(code, 0, err)
+        self.assertIn("this is the only time it is shown", out)
+        code, out, err = await env.admin("user", "disable", "bob")
+        self.assertEqual(code, 0, err)
+        code, out, err = await env.admin("--json", "user", "list")
+        users = {u["name"]: u for u in json.loads(out)["users"]}
+        self.assertEqual((users["alice"]["role"], users["bob"]["disabled"]),
+                         ("superadmin", True))
+        code, out, err = await env.admin("--json", "vm", "list")
+        self.assertEqual([v["name"] for v in json.loads(out)["vms"]], ["lab1"])
+        with open(env.audit_log) as f:
+            events = [json.loads(line)["event"] for line in f]
+        self.assertEqual(events, ["init", "user-created", "vm-created", "user-disabled"])
+        code, out, err = await env.admin("user", "disable", "nobody")
+        self.one_line(err, "ticrypt-admin: cannot disable user nobody: no user named nobody")
+
+    async def test_missing_config_and_tls_init(self) -> None:
+        missing = os.path.abspath("nope.ini")
+        code, out, err = await run_command([script("ticrypt-admin"), "--config", missing,
+                                            "user", "list"])
+        self.assertEqual(code, 1)
+        self.one_line(err, f"ticrypt-admin: cannot load config: {missing}: config file does "
+                           "not exist")
+        directory = os.path.abspath(self.mktemp())
+        args = [script("ticrypt-admin"), "tls", "init", "--dir", directory, "--name",
+                "rest.example", "--name", "127.0.0.1"]
+        code, out, err = await run_command(args)
+        self.assertEqual(code, 0, err)
+        for name, mode in (("ca.pem", 0o644), ("ca.key", 0o600), ("server.pem", 0o600)):
+            self.assertEqual(stat.S_IMODE(os.stat(os.path.join(directory, name)).st_mode), mode)
+        code, out, err = await run_command(args)
+        self.assertEqual(code, 1)
+        self.assertIn("already exists; refusing to overwrite", err)
+
+    async def test_user_list_before_init(self) -> None:
+        env = make_rest_dir(os.path.abspath(self.mktemp()))
+        code, out, err = await env.admin("user", "list")
+        self.one_line(err, f"ticrypt-admin: cannot list users: {env.database} does not "
+                           "exist; create it with ticrypt-admin init")
+
+
+class MigrationTests(SynchronousTestCase):
+    def test_fresh_database_reaches_latest_once(self) -> None:
+        path = self.mktemp()
+        conn = db.connect(path, create=True)
+        self.assertEqual(db.schema_version(conn), db.LATEST)
+        self.assertEqual(conn.execute("PRAGMA journal_mode").fetchone()[0], "wal")
+        conn.close()
+        conn = db.connect(path)  # idempotent
+        self.assertEqual(db.schema_version(conn), db.LATEST)
+        conn.close()
+
+    def test_refuses_newer_and_foreign_databases(self) -> None:
+        path = self.mktemp()
+        conn = db.connect(path, create=True)
+        conn.execute("UPDATE schema_version SET version = ?", (db.LATEST + 1,))
+        conn.close()
+        with self.assertRaises(db.DatabaseError) as e:
+            db.connect(path)
+        self.assertIn("newer than this ticrypt supports", str(e.exception))
+        other = self.mktemp()
+        sqlite3.connect(other).execute("CREATE TABLE t (x)").connection.close()
+        with self.assertRaises(db.DatabaseError) as e:
+            db.connect(other)
+        self.assertIn("not a ticrypt database", str(e.exception))
+
+    def test_failed_migration_rolls_back(self) -> None:
+        path = self.mktemp()
+        db.connect(path, create=True).close()
+        self.patch(db, "MIGRATIONS", [*db.MIGRATIONS, ("CREATE TABLE ok_one (x)",
+                                                       "THIS IS NOT SQL")])
+        self.patch(db, "LATEST", len(db.MIGRATIONS))
+        with self.assertRaises(db.DatabaseError):
+            db.connect(path)
+        conn = sqlite3.connect(path)
+        self.assertEqual(conn.execute("SELECT version FROM schema_version").fetchone()[0],
+                         db.LATEST - 1)
+        self.assertIsNone(conn.execute(
+            "SELECT name FROM sqlite_master WHERE name = 'ok_one'").fetchone())
+        conn.close()

@@ -1,0 +1,390 @@
+"""Integration tests: a real ``twistd ticrypt-rest`` over TLS on 127.0.0.1."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import time
+from typing import Any
+
+from twisted.internet import defer, reactor, task
+from twisted.trial.unittest import TestCase
+from twisted.web import client as webclient
+from twisted.web.http_headers import Headers
+
+from test.daemon import run_command, twistd_path
+from test.restfixture import RestEnv, start_rest
+from ticrypt import identity, signed
+from ticrypt.encoding import b64
+from ticrypt.frontend.client import PinnedCAPolicy, RestClient, RestError, _Bytes, _Collect
+
+
+async def raw(env: RestEnv, method: str, path: str, body: bytes | None = None,
+              headers: dict[bytes, list[bytes]] | None = None) -> tuple[int, Any, Headers]:
+    """One request with an arbitrary body; returns (status, decoded JSON or None, headers)."""
+    agent = webclient.Agent(reactor, contextFactory=PinnedCAPolicy(env.ca_file))
+    response = await agent.request(method.encode(), (env.url + path).encode(),
+                                   Headers(headers or {}),
+                                   _Bytes(body) if body is not None else None)
+    done: defer.Deferred[bytes] = defer.Deferred()
+    response.deliverBody(_Collect(1 << 20, done))
+    data = await done
+    return response.code, json.loads(data) if data else None, response.headers
+
+
+def audit_lines(env: RestEnv) -> list[dict[str, Any]]:
+    with open(env.audit_log) as f:
+        return [json.loads(line) for line in f]
+
+
+async def sleep(seconds: float) -> None:
+    await task.deferLater(reactor, seconds, lambda: None)
+
+
+class LoginTests(TestCase):
+    timeout = 120
+
+    async def test_right_key_me_logout(self) -> None:
+        env = await start_rest(self)
+        client = env.client()
+        result = await client.login("alice", env.admin_key)
+        self.assertEqual((result["user"], result["role"]), ("alice", "superadmin"))
+        self.assertGreater(result["expires"], time.time() + 3600)
+        me = await client.me()
+        self.assertEqual(me, {"user": "alice", "role": "superadmin",
+                              "public_key": identity.public_text(env.admin_key)})
+        token = client.token
+        await client.logout()
+        with self.assertRaises(RestError) as e:
+            await env.client(token).me()
+        self.assertEqual((e.exception.status, e.exception.code), (401, "session-revoked"))
+        # The token itself is never stored or logged.
+        with open(env.database, "rb") as f:
+            self.assertNotIn(token.encode(), f.read())
+        with open(env.audit_log) as f:
+            log_text = f.read()
+        self.assertNotIn(token, log_text)
+        self.assertEqual([e["event"] for e in audit_lines(env)[-2:]], ["login-ok", "logout"])
+
+    async def _expect_login_failed(self, env: RestEnv, body: dict[str, Any]) -> None:
+        code, obj, _ = await raw(env, "POST", "/v1/auth/login", json.dumps(body).encode())
+        self.assertEqual((code, obj["error"]["code"]), (401, "login-failed"))
+
+    async def test_wrong_key(self) -> None:
+        env = await start_rest(self)
+        with self.assertRaises(RestError) as e:
+            await env.client().login("alice", identity.generate())
+        self.assertEqual((e.exception.status, e.exception.code), (401, "login-failed"))
+        last = audit_lines(env)[-1]
+        self.assertEqual((last["event"], last["user"], last["reason"], last["client"]),
+                         ("login-failed", "alice", "bad-signature", "127.0.0.1"))
+
+    async def test_replayed_challenge(self) -> None:
+        env = await start_rest(self)
+        client = env.client()
+        c = await client.challenge("alice")
+        sig = b64(signed.sign(env.admin_key, signed.LOGIN, {
+            "challenge": c["challenge"], "challenge_id": c["challenge_id"], "user": "alice"}))
+        body = {"user": "alice", "challenge_id": c["challenge_id"], "signature": sig}
+        ok = await client.call("POST", "/v1/auth/login", body, auth=False)
+        self.assertEqual(ok["user"], "alice")
+        await self._expect_login_failed(env, body)
+
+    async def test_other_users_challenge(self) -> None:
+        env = await start_rest(self)
+        c = await env.client().challenge("bob")
+        # alice signs bob's challenge as if it were hers
+        sig = b64(signed.sign(env.admin_key, signed.LOGIN, {
+            "challenge": c["challenge"], "challenge_id": c["challenge_id"], "user": "alice"}))
+        await self._expect_login_failed(
+            env, {"user": "alice", "challenge_id": c["challenge_id"], "signature": sig})
+
+    async def test_signature_for_another_purpose(self) -> None:
+        env = await start_rest(self)
+        c = await env.client().challenge("alice")
+        payload = {"challenge": c["challenge"], "challenge_id": c["challenge_id"],
+                   "user": "alice"}
+        sig = b64(signed.sign(env.admin_key, signed.PROXY_VM_AUTH, payload))
+        await self._expect_login_failed(
+            env, {"user": "alice", "challenge_id": c["challenge_id"], "signature": sig})
+
+    async def test_unknown_user_gets_a_challenge_and_a_generic_failure(self) -> None:
+        env = await start_rest(self)
+        client = env.client()
+        known = await client.challenge("alice")
+        unknown = await client.challenge("mallory")
+        self.assertEqual(sorted(known), sorted(unknown))
+        with self.assertRaises(RestError) as e:
+            await client.login("mallory", identity.generate())
+        self.assertEqual((e.exception.status, e.exception.code), (401, "login-failed"))
+        self.assertEqual(audit_lines(env)[-1]["reason"], "unknown-user")
+
+    async def test_disabled_user(self) -> None:
+        env = await start_rest(self)
+        bob_key, bob_pub = env.new_user_key("bob")
+        code, out, err = await env.admin("user", "add", "bob", "--public-key", bob_pub)
+        self.assertEqual(code, 0, err)
+        bob = env.client()
+        await bob.login("bob", bob_key)
+        self.assertEqual((await bob.me())["user"], "bob")
+        code, out, err = await env.admin("user", "disable", "bob")
+        self.assertEqual(code, 0, err)
+        with self.assertRaises(RestError) as e:
+            await bob.me()
+        self.assertEqual(e.exception.status, 401)
+        with self.assertRaises(RestError) as e:
+            await env.client().login("bob", bob_key)
+        self.assertEqual((e.exception.status, e.exception.code), (401, "login-failed"))
+        self.assertEqual(audit_lines(env)[-1]["reason"], "user-disabled")
+
+    async def test_rate_limit_per_user(self) -> None:
+        env = await start_rest(self, overrides={"login_failures_per_user": "3",
+                                                "login_window": "1h"})
+        client = env.client()
+        for _ in range(3):
+            with self.assertRaises(RestError) as e:
+                await client.login("alice", identity.generate())
+            self.assertEqual(e.exception.code, "login-failed")
+        c = await client.challenge("alice")
+        sig = b64(signed.sign(env.admin_key, signed.LOGIN, {
+            "challenge": c["challenge"], "challenge_id": c["challenge_id"], "user": "alice"}))
+        code, obj, headers = await raw(env, "POST", "/v1/auth/login", json.dumps(
+            {"user": "alice", "challenge_id": c["challenge_id"], "signature": sig}).encode())
+        self.assertEqual((code, obj["error"]["code"]), (429, "rate-limited"))
+        retry = int(headers.getRawHeaders(b"retry-after")[0])
+        self.assertTrue(3000 < retry <= 3600, retry)
+
+    async def test_rate_limit_per_address(self) -> None:
+        env = await start_rest(self, overrides={"login_failures_per_address": "2"})
+        for name in ("u1", "u2"):
+            with self.assertRaises(RestError):
+                await env.client().login(name, identity.generate())
+        with self.assertRaises(RestError) as e:
+            await env.client().login("alice", env.admin_key)
+        self.assertEqual((e.exception.status, e.exception.code), (429, "rate-limited"))
+
+    async def test_session_expires(self) -> None:
+        env = await start_rest(self, overrides={"session_ttl": "1s"})
+        client = env.client()
+        result = await client.login("alice", env.admin_key)
+        await client.me()
+        # Wait once, until just past the expiry the server announced.
+        await sleep(max(0.0, result["expires"] - time.time()) + 0.2)
+        with self.assertRaises(RestError) as e:
+            await client.me()
+        self.assertEqual((e.exception.status, e.exception.code), (401, "session-expired"))
+
+    async def test_bad_tokens(self) -> None:
+        env = await start_rest(self)
+        for token, code in ((None, "missing-token"), ("junk", "invalid-token"),
+                            (b64(os.urandom(32)), "invalid-token")):
+            with self.assertRaises(RestError) as e:
+                await RestClient(reactor, env.url, env.ca_file, token).call("GET", "/v1/me",
+                                                                           auth=False)
+            self.assertEqual((e.exception.status, e.exception.code), (401, "missing-token"))
+            if token is not None:
+                with self.assertRaises(RestError) as e:
+                    await env.client(token).me()
+                self.assertEqual((e.exception.status, e.exception.code), (401, code))
+
+
+class EnrollmentTests(TestCase):
+    timeout = 120
+
+    async def _add_vm(self, env: RestEnv, name: str = "lab1") -> dict[str, Any]:
+        code, out, err = await env.admin("--json", "vm", "add", name, "--owner", "alice",
+                                         "--host", "127.0.0.1:2201")
+        self.assertEqual(code, 0, err)
+        return json.loads(out)  # type: ignore[no-any-return]
+
+    async def test_enroll_once_then_ticket(self) -> None:
+        env = await start_rest(self)
+        added = await self._add_vm(env)
+        vm_id = added["vm"]["id"]
+        vm_key = identity.generate()
+        fp = "sha256:" + "ab" * 32
+        client = env.client()
+        got = await client.enroll(added["enrollment_token"], identity.public_text(vm_key), fp)
+        self.assertEqual(got["vm_id"], vm_id)
+        self.assertEqual(got["owner"], "alice")
+        self.assertEqual(got["owner_public_key"], identity.public_text(env.admin_key))
+        self.assertEqual(got["backend_public_key"], identity.public_text(env.backend_public))
+        self.assertEqual(got["proxy_url"], "wss://127.0.0.1:8444")
+        cred = signed.verify_vm_credential(env.backend_public, got["vm_credential"])
+        self.assertEqual((cred.vm, cred.vm_key), (vm_id, identity.public_bytes(vm_key)))
+        # A token is single use.
+        with self.assertRaises(RestError) as e:
+            await client.enroll(added["enrollment_token"], identity.public_text(vm_key), fp)
+        self.assertEqual((e.exception.status, e.exception.code), (409, "enrollment-token-used"))
+        events = [(line["event"], line.get("reason")) for line in audit_lines(env)]
+        self.assertIn(("enroll-ok", None), events)
+        self.assertIn(("enroll-failed", "enrollment-token-used"), events)
+        # The VM is now visible with its keys, and tickets can be issued.
+        await client.login("alice", env.admin_key)
+        vm = await client.get_vm(vm_id)
+        self.assertEqual((vm["state"], vm["public_key"], vm["tls_fingerprint"]),
+                         ("enrolled", identity.public_text(vm_key), fp))
+        t = await client.ticket(vm_id)
+        self.assertEqual(t["vm_public_key"], identity.public_text(vm_key))
+        ticket = signed.verify_ticket(env.backend_public, t["ticket"], vm=vm_id,
+                                      client="127.0.0.1", now=time.time())
+        self.assertEqual((ticket.user, ticket.user_key, ticket.expires),
+                         ("alice", identity.public_bytes(env.admin_key), t["expires"]))
+        self.assertEqual(audit_lines(env)[-1]["event"], "ticket-issued")
+        # A ticket forged with another key is refused by the proxy's check.
+        forged = signed.make_ticket(identity.generate(), user="alice",
+                                    user_key=identity.public_bytes(env.admin_key), vm=vm_id,
+                                    client="127.0.0.1", now=time.time(), ttl=60,
+                                    ticket_id="x")
+        with self.assertRaises(signed.TokenError) as te:
+            signed.verify_ticket(env.backend_public, forged, vm=vm_id, client="127.0.0.1",
+                                 now=time.time())
+        self.assertEqual(te.exception.code, "bad-signature")
+
+    async def test_ticket_needs_enrollment(self) -> None:
+        env = await start_rest(self)
+        added = await self._add_vm(env)
+        client = env.client()
+        await client.login("alice", env.admin_key)
+        with self.assertRaises(RestError) as e:
+            await client.ticket(added["vm"]["id"])
+        self.assertEqual((e.exception.status, e.exception.code), (409, "vm-not-enrolled"))
+        with self.assertRaises(RestError) as e:
+            await client.ticket("vm-0000000000000000")
+        self.assertEqual((e.exception.status, e.exception.code), (404, "no-such-vm"))
+
+    async def test_expired_enrollment_token(self) -> None:
+        env = await start_rest(self, overrides={"enrollment_ttl": "1s"})
+        added = await self._add_vm(env)
+        await sleep(max(0.0, added["enrollment_expires"] - time.time()) + 0.2)
+        with self.assertRaises(RestError) as e:
+            await env.client().enroll(added["enrollment_token"],
+                                      identity.public_text(identity.generate()),
+                                      "sha256:" + "00" * 32)
+        self.assertEqual((e.exception.status, e.exception.code),
+                         (401, "enrollment-token-expired"))
+
+
+class ErrorTests(TestCase):
+    timeout = 120
+
+    async def test_json_errors(self) -> None:
+        env = await start_rest(self, overrides={"max_body": "2KiB"})
+        cases = [
+            ("POST", "/v1/auth/challenge", b"{nope", "malformed-json", 400),
+            ("POST", "/v1/auth/challenge", b"[1]", "invalid-body", 400),
+            ("POST", "/v1/auth/challenge", b'{"user":"a","x":1}', "unknown-field", 400),
+            ("POST", "/v1/auth/challenge", b"{}", "missing-field", 400),
+            ("POST", "/v1/auth/challenge", b'{"user":5}', "invalid-field", 400),
+            ("POST", "/v1/auth/challenge", b'{"user":"a b"}', "invalid-field", 400),
+            ("POST", "/v1/auth/challenge", b'{"user":"' + b"a" * 3000 + b'"}',
+             "body-too-large", 413),
+            ("GET", "/v1/nothing", None, "not-found", 404),
+            ("DELETE", "/v1/me", None, "method-not-allowed", 405),
+            ("GET", "/v1/auth/login", None, "method-not-allowed", 405),
+        ]
+        for method, path, body, code, status in cases:
+            got, obj, headers = await raw(env, method, path, body)
+            self.assertEqual((got, obj["error"]["code"]), (status, code), (method, path, body))
+            self.assertEqual(headers.getRawHeaders(b"content-type"), [b"application/json"])
+            if status == 405:
+                self.assertTrue(headers.getRawHeaders(b"allow"))
+
+    async def test_oversized_body_is_not_read_past_the_limit(self) -> None:
+        env = await start_rest(self, overrides={"max_body": "2KiB"})
+        # Declared far past max_body + the drain limit: answered before the body arrives.
+        big = b"x" * (3 * 1024 * 1024)
+        try:
+            status, obj, _ = await raw(env, "POST", "/v1/auth/challenge", big)
+        except Exception:
+            pass  # the server may hang up while we are still sending; that is allowed
+        else:
+            self.assertEqual((status, obj["error"]["code"]), (413, "body-too-large"))
+        # The daemon is alive and well afterwards.
+        self.assertIn("public_key", await env.client().backend())
+
+    async def test_forbidden_for_plain_users(self) -> None:
+        env = await start_rest(self)
+        admin = env.client()
+        await admin.login("alice", env.admin_key)
+        bob_key, _ = env.new_user_key("bob")
+        created = await admin.create_user("bob", identity.public_text(bob_key))
+        self.assertEqual(created["role"], "user")
+        bob = env.client()
+        await bob.login("bob", bob_key)
+        for call in (bob.list_users(), bob.create_vm("x", "bob", "h:1"),
+                     bob.create_user("eve", identity.public_text(bob_key)),
+                     bob.disable_user("alice")):
+            with self.assertRaises(RestError) as e:
+                await call
+            self.assertEqual((e.exception.status, e.exception.code), (403, "forbidden"))
+        # Users see their own VMs; the superadmin sees all.
+        await admin.create_vm("a-vm", "alice", "10.0.0.1:2200")
+        await admin.create_vm("b-vm", "bob", "10.0.0.1:2201")
+        self.assertEqual([v["name"] for v in await bob.list_vms()], ["b-vm"])
+        self.assertEqual([v["name"] for v in await admin.list_vms()], ["a-vm", "b-vm"])
+
+    async def test_plain_http_only_when_allowed(self) -> None:
+        env = await start_rest(self, start=False)
+        env.write_config(listen="tcp:0:interface=127.0.0.1")
+        code, out, err = await run_command([twistd_path(), "-n", "--pidfile=", "ticrypt-rest",
+                                            "--config", env.config_path])
+        self.assertNotEqual(code, 0)
+        self.assertIn(f"{env.config_path}: [rest] allow_plain_http: listen is a plain tcp:",
+                      (out + err).strip().splitlines()[-1])
+        env.write_config(allow_plain_http="yes")
+        daemon = await env.start(self)
+        self.assertTrue(env.url.startswith("http://"))
+        self.assertIn("allow_plain_http = yes is for tests only", daemon.text())
+        self.assertIn("public_key", await RestClient(reactor, env.url).backend())
+
+
+class DurabilityTests(TestCase):
+    timeout = 180
+
+    async def test_kill9_during_writes_keeps_every_acknowledged_change(self) -> None:
+        env = await start_rest(self)
+        admin = env.client()
+        await admin.login("alice", env.admin_key)
+        pub = identity.public_text(identity.generate())
+        acked: list[str] = []
+        stop = False
+
+        async def writer(n: int) -> bool:
+            """Create users and VMs until the daemon dies under us (returns True)."""
+            i = 0
+            while not stop:
+                name = f"w{n}-{i}"
+                i += 1
+                try:
+                    if i % 2:
+                        await admin.create_user(name, pub)
+                    else:
+                        await admin.create_vm(name, "alice", "127.0.0.1:2200")
+                except RestError:
+                    return True
+                acked.append(name)
+            return False
+
+        writers = [defer.ensureDeferred(writer(n)) for n in range(4)]
+        while len(acked) < 40:
+            await sleep(0.05)
+        assert env.daemon is not None
+        env.daemon.signal(signal.SIGKILL)
+        await env.daemon.ended
+        stop = True
+        interrupted = await defer.gatherResults(writers)
+        self.assertTrue(any(interrupted), "the kill did not land during writes")
+        # Restart on the same files; everything acknowledged must be there.
+        await env.start(self)
+        admin = env.client()
+        await admin.login("alice", env.admin_key)
+        names = {u["name"] for u in await admin.list_users()}
+        names |= {v["name"] for v in await admin.list_vms()}
+        missing = [a for a in acked if a not in names]
+        self.assertEqual(missing, [])
+        conn = sqlite3.connect(env.database)
+        self.addCleanup(conn.close)
+        self.assertEqual(conn.execute("PRAGMA integrity_check").fetchone()[0], "ok")

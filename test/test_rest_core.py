@@ -1,0 +1,370 @@
+"""Unit tests of rest's sans-IO cores and web plumbing (no sockets, no threads)."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+from twisted.internet import defer, task
+from twisted.internet.testing import StringTransport
+from twisted.trial.unittest import SynchronousTestCase
+
+from ticrypt import identity, signed
+from ticrypt.audit import AuditLog
+from ticrypt.config import ConfigError, load_config
+from ticrypt.encoding import b64
+from ticrypt.rest import db, store
+from ticrypt.rest.api import Call, RestApi
+from ticrypt.rest.config import SCHEMA
+from ticrypt.rest.core import ApiError, ChallengeTable, RateLimiter, parse_body, valid_host
+from ticrypt.rest.web import RestSite, match
+
+
+class ChallengeTableTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.clock = task.Clock()
+        self.table = ChallengeTable(self.clock, ttl=60, per_address=3)
+
+    def test_single_use_and_bound_to_user(self) -> None:
+        c = self.table.issue("alice", "1.2.3.4")
+        self.assertEqual(self.table.take(c.challenge_id, "alice"), c)
+        self.assertIsNone(self.table.take(c.challenge_id, "alice"))
+        c2 = self.table.issue("bob", "1.2.3.4")
+        self.assertIsNone(self.table.take(c2.challenge_id, "alice"))
+        self.assertIsNone(self.table.take(c2.challenge_id, "bob"))  # consumed by the try
+
+    def test_expires(self) -> None:
+        c = self.table.issue("alice", "a")
+        self.clock.advance(60)
+        self.assertIsNone(self.table.take(c.challenge_id, "alice"))
+
+    def test_bounded_per_address_and_expired_entries_are_dropped(self) -> None:
+        first = self.table.issue("alice", "a")
+        for _ in range(3):
+            self.table.issue("alice", "a")
+        other = self.table.issue("alice", "b")
+        self.assertEqual(len(self.table), 4)
+        self.assertIsNone(self.table.take(first.challenge_id, "alice"))
+        self.clock.advance(61)
+        self.table.issue("alice", "c")
+        self.assertEqual(len(self.table), 1)
+        self.assertIsNone(self.table.take(other.challenge_id, "alice"))
+
+
+class RateLimiterTests(SynchronousTestCase):
+    def test_sliding_window(self) -> None:
+        clock = task.Clock()
+        limiter = RateLimiter(clock, limit=2, window=10)
+        self.assertEqual(limiter.retry_after("k"), 0)
+        limiter.failed("k")
+        clock.advance(4)
+        limiter.failed("k")
+        self.assertEqual(limiter.retry_after("k"), 6)
+        self.assertEqual(limiter.retry_after("other"), 0)
+        clock.advance(6)
+        self.assertEqual(limiter.retry_after("k"), 0)
+
+    def test_bounded_keys(self) -> None:
+        limiter = RateLimiter(task.Clock(), limit=1, window=10, max_keys=2)
+        for key in ("a", "b", "c"):
+            limiter.failed(key)
+        self.assertEqual(limiter.retry_after("a"), 0)  # forgotten
+        self.assertEqual(limiter.retry_after("c"), 10)
+
+
+class BodyTests(SynchronousTestCase):
+    fields = {"user": __import__("ticrypt.rest.core", fromlist=["Field"]).Field(str)}
+
+    def code(self, raw: bytes) -> str:
+        with self.assertRaises(ApiError) as e:
+            parse_body(raw, self.fields)
+        return e.exception.code
+
+    def test_errors(self) -> None:
+        self.assertEqual(self.code(b"{"), "malformed-json")
+        self.assertEqual(self.code(b"\xff"), "malformed-json")
+        self.assertEqual(self.code(b'"x"'), "invalid-body")
+        self.assertEqual(self.code(b'{"user":"a","b":1}'), "unknown-field")
+        self.assertEqual(self.code(b"{}"), "missing-field")
+        self.assertEqual(self.code(b'{"user":true}'), "invalid-field")
+        self.assertEqual(parse_body(b'{"user":"a"}', self.fields), {"user": "a"})
+
+    def test_hosts(self) -> None:
+        for good in ("h:1", "10.0.0.5:2201", "[::1]:22", "a.b-c.d:65535"):
+            self.assertTrue(valid_host(good), good)
+        for bad in ("h", "h:0", "h:70000", "-h:22", "[zz]:22", "a b:22", ":22"):
+            self.assertFalse(valid_host(bad), bad)
+
+    def test_routes(self) -> None:
+        route, params = match("GET", "/v1/vms/vm-1")
+        self.assertEqual((route.handler, params), ("get_vm", ("vm-1",)))
+        with self.assertRaises(ApiError) as e:
+            match("PUT", "/v1/vms/vm-1")
+        self.assertEqual((e.exception.status, e.exception.headers), (405, {"Allow": "GET"}))
+        with self.assertRaises(ApiError) as e:
+            match("GET", "/v1/vms/a/b")
+        self.assertEqual(e.exception.status, 404)
+
+
+class SyncDb:
+    """Runs each transaction at once on the calling thread (for unit tests)."""
+
+    def __init__(self, path: str):
+        self.conn = db.connect(path, create=True)
+
+    def run(self, fn: Any, *args: Any, write: bool = True) -> defer.Deferred[Any]:
+        return defer.maybeDeferred(db.transaction, self.conn, fn, *args, write=write)
+
+
+def result(d: Any) -> Any:
+    """The result of a coroutine that completes synchronously."""
+    out = defer.ensureDeferred(d)
+    box: list[Any] = []
+    out.addBoth(box.append)
+    assert box, "did not complete synchronously"
+    if isinstance(box[0], Exception) or hasattr(box[0], "raiseException"):
+        box[0].raiseException()
+    return box[0]
+
+
+class ApiTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.clock = task.Clock()
+        self.clock.advance(1_800_000_000)
+        self.db = SyncDb(self.mktemp())
+        self.addCleanup(self.db.conn.close)
+        self.key = identity.generate()
+        self.alice = identity.generate()
+        db.transaction(self.db.conn, store.add_user, "alice", identity.public_bytes(self.alice),
+                       "user", self.clock.seconds())
+        self.api = RestApi(clock=self.clock, db=self.db, signing_key=self.key,
+                           proxy_url="wss://p:1", audit=AuditLog(None, self.clock, "rest"),
+                           session_ttl=100, challenge_ttl=30, ticket_ttl=60,
+                           enrollment_ttl=50, login_window=60, login_failures_per_address=5,
+                           login_failures_per_user=2, challenges_per_address=8)
+
+    def call(self, handler: str, body: dict[str, Any] | None = None, params: tuple[str, ...] = (),
+             token: str | None = None, client: str = "10.0.0.9") -> Any:
+        c = Call(method="", params=params, body=json.dumps(body or {}).encode(), client=client,
+                 bearer=token)
+        return result(getattr(self.api, handler)(c))
+
+    def login(self, key: Any = None, purpose: str = signed.LOGIN) -> Any:
+        _, c = self.call("challenge", {"user": "alice"})
+        sig = signed.sign(key or self.alice, purpose, {
+            "challenge": c["challenge"], "challenge_id": c["challenge_id"], "user": "alice"})
+        return self.call("login", {"user": "alice", "challenge_id": c["challenge_id"],
+                                   "signature": b64(sig)})
+
+    def test_session_lifetime(self) -> None:
+        status, s = self.login()
+        self.assertEqual((status, s["expires"]), (200, int(self.clock.seconds()) + 100))
+        self.assertEqual(self.call("me", token=s["token"])[1]["user"], "alice")
+        self.clock.advance(100)
+        with self.assertRaises(ApiError) as e:
+            self.call("me", token=s["token"])
+        self.assertEqual(e.exception.code, "session-expired")
+
+    def test_logout(self) -> None:
+        with self.assertRaises(ApiError) as e:
+            self.call("logout")
+        self.assertEqual((e.exception.status, e.exception.code), (401, "missing-token"))
+        _, s = self.login()
+        self.assertEqual(self.call("logout", token=s["token"]), (204, None))
+        with self.assertRaises(ApiError) as e:
+            self.call("logout", token=s["token"])
+        self.assertEqual(e.exception.code, "session-revoked")
+
+    def test_wrong_purpose_then_rate_limited(self) -> None:
+        for _ in range(2):
+            with self.assertRaises(ApiError) as e:
+                self.login(purpose=signed.TICKET)
+            self.assertEqual(e.exception.code, "login-failed")
+        with self.assertRaises(ApiError) as e:
+            self.login()
+        self.assertEqual((e.exception.code, e.exception.headers), ("rate-limited",
+                                                                    {"Retry-After": "60"}))
+        self.clock.advance(60)
+        self.assertEqual(self.login()[0], 200)
+
+    def test_enrollment_token_expiry_and_ticket(self) -> None:
+        vm, token, expires = result(self.api.add_vm("lab", "alice", "h:22"))
+        self.assertEqual(expires, int(self.clock.seconds()) + 50)
+        vm_key = identity.public_text(identity.generate())
+        body = {"token": token, "vm_public_key": vm_key, "tls_fingerprint": "sha256:" + "1" * 64}
+        self.clock.advance(50)
+        with self.assertRaises(ApiError) as e:
+            self.call("enroll", body)
+        self.assertEqual(e.exception.code, "enrollment-token-expired")
+        vm2, token2, _ = result(self.api.add_vm("lab2", "alice", "h:22"))
+        self.call("enroll", dict(body, token=token2))
+        _, s = self.login()
+        _, t = self.call("ticket", params=(vm2.id,), token=s["token"])
+        ticket = signed.verify_ticket(identity.public_bytes(self.key), t["ticket"], vm=vm2.id,
+                                      client="10.0.0.9", now=self.clock.seconds())
+        self.assertEqual((ticket.user, ticket.expires), ("alice", int(self.clock.seconds()) + 60))
+        with self.assertRaises(signed.TokenError):
+            signed.verify_ticket(identity.public_bytes(self.key), t["ticket"], vm=vm2.id,
+                                 client="10.0.0.8", now=self.clock.seconds())
+
+
+class BoundedBodyTests(SynchronousTestCase):
+    """The body limit is enforced while reading, through the real HTTP parser."""
+
+    def setUp(self) -> None:
+        self.seen: list[bytes] = []
+        api = self
+
+        class FakeApi:
+            async def challenge(self, call: Call) -> Any:
+                api.seen.append(call.body)
+                return 200, {"ok": True}
+
+            async def login(self, call: Call) -> Any:
+                raise RuntimeError("secret internals")
+
+        self.site = RestSite(FakeApi(), max_body=1024, idle_timeout=60,  # type: ignore
+                             reactor=task.Clock())
+
+    def send(self, head: bytes, body: bytes) -> tuple[StringTransport, Any]:
+        proto = self.site.buildProtocol(None)
+        transport = StringTransport()
+        proto.makeConnection(transport)
+        proto.dataReceived(b"POST /v1/auth/challenge HTTP/1.1\r\nHost: x\r\n" + head
+                           + b"\r\n" + body)
+        return transport, proto
+
+    def test_within_limit(self) -> None:
+        t, _ = self.send(b"Content-Length: 1024\r\n", b"a" * 1024)
+        self.assertIn(b"200 OK", t.value())
+        self.assertEqual(self.seen, [b"a" * 1024])
+
+    def test_declared_too_large(self) -> None:
+        t, _ = self.send(b"Content-Length: 1025\r\n", b"a" * 1025)
+        self.assertIn(b"413", t.value().split(b"\r\n")[0])
+        self.assertIn(b'"body-too-large"', t.value())
+        self.assertEqual(self.seen, [])
+
+    def test_chunked_too_large_is_not_kept(self) -> None:
+        chunk = b"200\r\n" + b"b" * 512 + b"\r\n"
+        t, proto = self.send(b"Transfer-Encoding: chunked\r\n", chunk * 3 + b"0\r\n\r\n")
+        self.assertIn(b"413", t.value().split(b"\r\n")[0])
+        self.assertEqual(self.seen, [])
+
+    def test_unexpected_error_is_a_logged_json_500(self) -> None:
+        proto = self.site.buildProtocol(None)
+        t = StringTransport()
+        proto.makeConnection(t)
+        proto.dataReceived(b"POST /v1/auth/login HTTP/1.1\r\nHost: x\r\n"
+                           b"Content-Length: 2\r\n\r\n{}")
+        head, _, body = t.value().partition(b"\r\n\r\n")
+        self.assertIn(b"500", head.split(b"\r\n")[0])
+        self.assertEqual(json.loads(body), {"error": {"code": "internal-error",
+                                                      "message": "internal error"}})
+        self.assertNotIn(b"secret internals", t.value())
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+
+    def test_far_too_large_is_cut_off_early(self) -> None:
+        t, _ = self.send(b"Content-Length: %d\r\n" % (50 * 1024 * 1024), b"c" * 4096)
+        self.assertIn(b"413", t.value().split(b"\r\n")[0])
+        self.assertTrue(t.disconnecting)
+
+
+class ConfigTests(SynchronousTestCase):
+    """Each error path of the rest.ini schema names file, section and key."""
+
+    def setUp(self) -> None:
+        self.dir = os.path.abspath(self.mktemp())
+        os.makedirs(self.dir)
+        key = identity.generate()
+        identity.save_private(os.path.join(self.dir, "backend.key"), key)
+        db.connect(os.path.join(self.dir, "rest.db"), create=True).close()
+        from ticrypt import tlsutil
+        tlsutil.make_ca(os.path.join(self.dir, "ca.pem"), os.path.join(self.dir, "ca.key"))
+        tlsutil.make_server_cert(os.path.join(self.dir, "ca.pem"),
+                                 os.path.join(self.dir, "ca.key"),
+                                 os.path.join(self.dir, "server.pem"))
+        self.good = {"listen": "ssl:0:interface=127.0.0.1:privateKey=server.pem",
+                     "database": "rest.db", "signing_key": "backend.key",
+                     "audit_log": "audit.log", "proxy_url": "wss://127.0.0.1:1"}
+
+    def load(self, **changes: str | None) -> Any:
+        settings = dict(self.good)
+        for k, v in changes.items():
+            if v is None:
+                settings.pop(k)
+            else:
+                settings[k] = v
+        path = os.path.join(self.dir, "rest.ini")
+        with open(path, "w") as f:
+            f.write("[rest]\n" + "".join(f"{k} = {v}\n" for k, v in settings.items()))
+        return load_config(path, SCHEMA)
+
+    def error(self, key: str, **changes: str | None) -> str:
+        with self.assertRaises(ConfigError) as e:
+            self.load(**changes)
+        self.assertEqual((e.exception.section, e.exception.key), ("rest", key))
+        msg = str(e.exception)
+        self.assertTrue(msg.startswith(os.path.join(self.dir, "rest.ini") + f": [rest] {key}: "),
+                        msg)
+        self.assertNotIn("\n", msg)
+        return msg
+
+    def test_good(self) -> None:
+        cfg = self.load()
+        self.assertEqual(cfg.rest.max_body, 65536)
+        self.assertFalse(cfg.rest.allow_plain_http)
+
+    def test_error_paths(self) -> None:
+        self.error("listen", listen=None)
+        self.error("listen", listen="ssl:0:privateKey=missing.pem")
+        self.assertIn("allow_plain_http = yes",
+                      self.error("allow_plain_http", listen="tcp:0"))
+        self.error("allow_plain_http", allow_plain_http="maybe")
+        self.error("proxy_url", proxy_url="https://x")
+        self.error("proxy_url", proxy_url="ws://x")
+        self.error("max_body", max_body="12 apples")
+        self.error("max_body", max_body="1")
+        self.error("session_ttl", session_ttl="-1")
+        self.error("challenge_ttl", challenge_ttl="1h")
+        self.error("login_failures_per_user", login_failures_per_user="0")
+        self.error("audit_log", audit_log="no/such/dir/audit.log")
+        self.assertIn("ticrypt-admin init", self.error("database", database="other.db"))
+        self.error("signing_key", signing_key="rest.ini")
+        os.chmod(os.path.join(self.dir, "backend.key"), 0o644)
+        self.assertIn("chmod 600", self.error("signing_key"))
+        self.error("bogus", bogus="1")
+
+
+class WorkedExampleTests(SynchronousTestCase):
+    """docs/protocol-rest.md's worked example is what the code produces."""
+
+    def test_worked_example(self) -> None:
+        import hashlib
+
+        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+        doc_path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                "docs", "protocol-rest.md")
+        with open(doc_path) as f:
+            doc = f.read()
+        user = Ed25519PrivateKey.from_private_bytes(bytes(range(1, 33)))
+        backend = Ed25519PrivateKey.from_private_bytes(bytes([0x42] * 32))
+        vm = Ed25519PrivateKey.from_private_bytes(bytes([0x07] * 32))
+        payload = {"challenge": b64(bytes([0xAA] * 32)), "challenge_id": b64(bytes([0x11] * 16)),
+                   "user": "alice"}
+        token = b64(bytes([0x55] * 32))
+        expected = [
+            identity.public_text(user), identity.public_text(backend), identity.public_text(vm),
+            signed.signing_input(signed.LOGIN, payload).decode().replace("\x00", "\\x00"),
+            b64(signed.sign(user, signed.LOGIN, payload)),
+            token, hashlib.sha256(token.encode()).hexdigest(),
+            signed.make_ticket(backend, user="alice", user_key=identity.public_bytes(user),
+                               vm="vm-0123456789abcdef", client="127.0.0.1", now=1800000000,
+                               ttl=60, ticket_id=b64(bytes([0x22] * 16))),
+            signed.make_vm_credential(backend, vm="vm-0123456789abcdef",
+                                      vm_key=identity.public_bytes(vm), now=1800000000),
+        ]
+        for value in expected:
+            self.assertIn(value, doc)

@@ -1,0 +1,1 @@
+"""ticrypt-admin: bootstrap and administer the rest database from the backend host."""

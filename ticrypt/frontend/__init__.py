@@ -1,0 +1,1 @@
+"""The ticrypt frontend: the ``ticrypt`` CLI, its config and the REST client."""

@@ -1,0 +1,96 @@
+"""The client config ``~/.config/ticrypt/client.ini`` and the stored session.
+
+``--config`` or ``$TICRYPT_CLIENT_CONFIG`` override the path.  The session
+token lives in ``<state_dir>/session.json`` (mode 0600) between commands.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import attrs
+
+from ticrypt.config import Config, DirPath, FilePath, Key, Schema, Str, Url, load_config
+from ticrypt.fsutil import atomic_write
+
+SECTION = "client"
+SESSION_FILE = "session.json"
+
+
+def _validate(cfg: Config) -> None:
+    c = cfg.client
+    if c.rest_url.startswith("https:") and c.ca_file is None:
+        raise cfg.error(SECTION, "ca_file", "missing; an https rest_url needs the CA file "
+                        "that signed the rest and proxy certificates")
+
+
+SCHEMA = Schema({SECTION: {
+    "rest_url": Key(Url(), doc="https://HOST:PORT of ticrypt-rest"),
+    "ca_file": Key(FilePath(), None, "CA certificate trusted for rest and proxy"),
+    "key_file": Key(FilePath(must_exist=False), "id_ed25519", "your Ed25519 private key"),
+    "user": Key(Str(pattern=r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}"), doc="your user name"),
+    "state_dir": Key(DirPath(), "state", "where the session token is kept"),
+}}, validate=_validate)
+
+
+def default_path() -> str:
+    env = os.environ.get("TICRYPT_CLIENT_CONFIG")
+    if env:
+        return env
+    base = os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
+    return os.path.join(base, "ticrypt", "client.ini")
+
+
+def load(path: str | None = None) -> Config:
+    """Load the client config (ConfigError names file, section and key)."""
+    return load_config(path or default_path(), SCHEMA)
+
+
+class SessionError(Exception):
+    """No usable stored session; ``str()`` says what to do."""
+
+
+@attrs.frozen
+class StoredSession:
+    rest_url: str
+    user: str
+    token: str
+    expires: int
+
+
+def session_path(cfg: Config) -> str:
+    return os.path.join(cfg.client.state_dir, SESSION_FILE)
+
+
+def save_session(cfg: Config, token: str, user: str, expires: int) -> None:
+    data = {"rest_url": cfg.client.rest_url, "user": user, "token": token, "expires": expires}
+    atomic_write(session_path(cfg), json.dumps(data).encode(), 0o600)
+
+
+def clear_session(cfg: Config) -> None:
+    try:
+        os.unlink(session_path(cfg))
+    except FileNotFoundError:
+        pass
+
+
+def load_session(cfg: Config, now: float | None = None) -> StoredSession:
+    """The stored session for this config's rest_url; SessionError if there is
+    none, it is for another server, or it has expired (when ``now`` is given)."""
+    path = session_path(cfg)
+    try:
+        with open(path, encoding="utf-8") as f:
+            data: Any = json.load(f)
+        s = StoredSession(rest_url=str(data["rest_url"]), user=str(data["user"]),
+                          token=str(data["token"]), expires=int(data["expires"]))
+    except FileNotFoundError:
+        raise SessionError("not logged in; run: ticrypt login") from None
+    except (OSError, ValueError, KeyError, TypeError):
+        raise SessionError(f"{path} is unreadable; run: ticrypt login") from None
+    if s.rest_url != cfg.client.rest_url:
+        raise SessionError("the stored session is for another server; run: ticrypt login")
+    if now is not None and s.expires <= now:
+        raise SessionError("the session has expired; run: ticrypt login")
+    return s

@@ -1,0 +1,406 @@
+"""The REST operations, independent of twisted.web.
+
+Each handler takes a :class:`Call` (method, path parameters, body bytes,
+client address, bearer token) and returns ``(status, json_or_None)`` or
+raises :class:`~ticrypt.rest.core.ApiError`.  :data:`ROUTES` is the one list
+of what the service serves; the OpenAPI document is checked against it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol
+
+import attrs
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from twisted.logger import Logger
+
+import ticrypt
+from ticrypt import identity, signed
+from ticrypt.audit import AuditLog
+from ticrypt.encoding import b64, unb64
+from ticrypt.rest import store
+from ticrypt.rest.core import (
+    FINGERPRINT_RE,
+    ApiError,
+    Challenge,
+    ChallengeTable,
+    Clock,
+    Field,
+    RateLimiter,
+    check_name,
+    new_token,
+    parse_body,
+    parse_token,
+    token_hash,
+    valid_host,
+)
+from ticrypt.rest.store import StoreError
+
+Json = dict[str, Any]
+Result = tuple[int, Json | None]
+
+
+class Db(Protocol):
+    def run(self, fn: Callable[..., Any], *args: Any, write: bool = True) -> Awaitable[Any]: ...
+
+
+@attrs.frozen
+class Call:
+    """One request as the operations see it."""
+
+    method: str
+    params: tuple[str, ...]
+    body: bytes
+    client: str
+    bearer: str | None
+
+
+@attrs.frozen
+class Route:
+    method: str
+    template: str  # OpenAPI-style path, e.g. /v1/vms/{id}
+    handler: str
+    regex: re.Pattern[str] = attrs.field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        pattern = re.sub(r"\\\{[a-z_]+\\\}", "([^/]+)", re.escape(self.template))
+        object.__setattr__(self, "regex", re.compile(pattern))
+
+
+ROUTES: tuple[Route, ...] = (
+    Route("GET", "/v1/backend", "backend"),
+    Route("POST", "/v1/auth/challenge", "challenge"),
+    Route("POST", "/v1/auth/login", "login"),
+    Route("POST", "/v1/auth/logout", "logout"),
+    Route("GET", "/v1/me", "me"),
+    Route("GET", "/v1/users", "list_users"),
+    Route("POST", "/v1/users", "create_user"),
+    Route("POST", "/v1/users/{name}/disable", "disable_user"),
+    Route("GET", "/v1/vms", "list_vms"),
+    Route("POST", "/v1/vms", "create_vm"),
+    Route("GET", "/v1/vms/{id}", "get_vm"),
+    Route("POST", "/v1/vms/{id}/ticket", "ticket"),
+    Route("POST", "/v1/enroll", "enroll"),
+)
+
+
+def _check_public_key(value: str) -> str | None:
+    try:
+        identity.parse_public(value)
+    except ValueError:
+        return "must be an Ed25519 public key 'ed25519:<base64url>'"
+    return None
+
+
+def _check_b64(length: int) -> Callable[[str], str | None]:
+    def check(value: str) -> str | None:
+        try:
+            unb64(value, length)
+        except ValueError:
+            return f"must be base64url of {length} bytes"
+        return None
+    return check
+
+
+def _check_host(value: str) -> str | None:
+    return None if valid_host(value) else "must be HOST:PORT"
+
+
+def _check_fingerprint(value: str) -> str | None:
+    return None if FINGERPRINT_RE.fullmatch(value) else "must be 'sha256:<64 lowercase hex>'"
+
+
+def _check_role(value: str) -> str | None:
+    return None if value in store.ROLES else "must be 'user' or 'superadmin'"
+
+
+CHALLENGE_BODY = {"user": Field(str, check=check_name)}
+LOGIN_BODY = {"user": Field(str, check=check_name),
+              "challenge_id": Field(str, check=_check_b64(16)),
+              "signature": Field(str, check=_check_b64(64))}
+EMPTY_BODY: dict[str, Field] = {}
+USER_BODY = {"name": Field(str, check=check_name),
+             "public_key": Field(str, check=_check_public_key),
+             "role": Field(str, required=False, check=_check_role)}
+VM_BODY = {"name": Field(str, check=check_name), "owner": Field(str, check=check_name),
+           "host": Field(str, check=_check_host)}
+ENROLL_BODY = {"token": Field(str, check=_check_b64(32)),
+               "vm_public_key": Field(str, check=_check_public_key),
+               "tls_fingerprint": Field(str, check=_check_fingerprint)}
+
+_STORE_STATUS = {"user-exists": 409, "vm-exists": 409, "no-such-user": 404,
+                 "user-disabled": 409, "invalid-role": 400,
+                 "enrollment-token-invalid": 401, "enrollment-token-used": 409,
+                 "enrollment-token-expired": 401, "vm-disabled": 409}
+
+
+def _store_error(e: StoreError) -> ApiError:
+    return ApiError(_STORE_STATUS.get(e.code, 400), e.code, str(e))
+
+
+def _unauthorized(code: str, message: str) -> ApiError:
+    return ApiError(401, code, message, {"WWW-Authenticate": 'Bearer realm="ticrypt"'})
+
+
+class RestApi:
+    """State and operations of one rest service."""
+
+    log = Logger()
+
+    def __init__(self, *, clock: Clock, db: Db, signing_key: Ed25519PrivateKey,
+                 proxy_url: str, audit: AuditLog, session_ttl: float, challenge_ttl: float,
+                 ticket_ttl: float, enrollment_ttl: float, login_window: float,
+                 login_failures_per_address: int, login_failures_per_user: int,
+                 challenges_per_address: int,
+                 random: Callable[[int], bytes] = os.urandom):
+        self._clock = clock
+        self._db = db
+        self._key = signing_key
+        self.public_key = identity.public_bytes(signing_key)
+        self._proxy_url = proxy_url
+        self._audit = audit
+        self._session_ttl = session_ttl
+        self._ticket_ttl = max(1, int(ticket_ttl))
+        self._enrollment_ttl = enrollment_ttl
+        self._random = random
+        self.challenges = ChallengeTable(clock, challenge_ttl, challenges_per_address,
+                                         random=random)
+        self.address_limits = RateLimiter(clock, login_failures_per_address, login_window)
+        self.user_limits = RateLimiter(clock, login_failures_per_user, login_window)
+
+    # ------------------------------------------------------------ helpers
+
+    def _now(self) -> float:
+        return self._clock.seconds()
+
+    async def _run(self, fn: Callable[..., Any], *args: Any, write: bool = True) -> Any:
+        try:
+            return await self._db.run(fn, *args, write=write)
+        except StoreError as e:
+            raise _store_error(e) from None
+
+    def _check_session(self, session: store.Session | None,
+                       superadmin: bool) -> store.Session:
+        if session is None:
+            raise _unauthorized("invalid-token", "the session token is not valid")
+        if session.revoked:
+            raise _unauthorized("session-revoked", "the session was ended; log in again")
+        if session.expires <= self._now():
+            raise _unauthorized("session-expired", "the session has expired; log in again")
+        if session.user.disabled:
+            raise _unauthorized("user-disabled", "the user is disabled")
+        if superadmin and session.user.role != "superadmin":
+            raise ApiError(403, "forbidden", "this needs the superadmin role")
+        return session
+
+    async def _authed(self, call: Call, fn: Callable[..., Any] | None = None, *args: Any,
+                      write: bool = False, superadmin: bool = False) -> Any:
+        """Check the bearer session and run ``fn(conn, session, *args)`` in the
+        same transaction (one trip to the database thread); return
+        ``(session, result)``."""
+        if call.bearer is None:
+            raise _unauthorized("missing-token", "an Authorization: Bearer token is required")
+        h = parse_token(call.bearer)
+        if h is None:
+            raise _unauthorized("invalid-token", "the session token is not valid")
+
+        def txn(conn: Any) -> tuple[store.Session, Any]:
+            session = self._check_session(store.get_session(conn, h), superadmin)
+            return session, (fn(conn, session, *args) if fn is not None else None)
+
+        return await self._run(txn, write=write)
+
+    # ------------------------------------------------------------ public
+
+    async def backend(self, call: Call) -> Result:
+        parse_body(call.body, EMPTY_BODY)
+        return 200, {"public_key": identity.public_text(self.public_key),
+                     "proxy_url": self._proxy_url, "version": ticrypt.__version__}
+
+    async def challenge(self, call: Call) -> Result:
+        body = parse_body(call.body, CHALLENGE_BODY)
+        # Same answer for every syntactically valid name: no user enumeration.
+        c = self.challenges.issue(body["user"], call.client)
+        return 200, {"challenge_id": c.challenge_id, "challenge": c.challenge,
+                     "expires": int(c.expires)}
+
+    async def login(self, call: Call) -> Result:
+        body = parse_body(call.body, LOGIN_BODY)
+        name = body["user"]
+        wait = max(self.address_limits.retry_after(call.client),
+                   self.user_limits.retry_after(name))
+        if wait:
+            self._audit.write("login-failed", user=name, client=call.client,
+                              reason="rate-limited")
+            raise ApiError(429, "rate-limited", f"too many failed logins; retry in {wait}s",
+                           {"Retry-After": str(wait)})
+        c = self.challenges.take(body["challenge_id"], name)
+        token = new_token(self._random)
+        reason, user, expires = await self._run(
+            _login_txn, name, c, unb64(body["signature"], 64), token_hash(token), self._now(),
+            self._session_ttl)
+        if reason is not None or user is None:
+            self.address_limits.failed(call.client)
+            self.user_limits.failed(name)
+            self._audit.write("login-failed", user=name, client=call.client, reason=reason)
+            raise ApiError(401, "login-failed", "login failed")
+        self._audit.write("login-ok", user=name, client=call.client, user_role=user.role)
+        return 200, {"token": token, "expires": expires, "user": name, "role": user.role}
+
+    async def logout(self, call: Call) -> Result:
+        parse_body(call.body, EMPTY_BODY)
+        session, _ = await self._authed(call, _revoke, call.bearer or "", self._now(),
+                                        write=True)
+        self._audit.write("logout", user=session.user.name, client=call.client)
+        return 204, None
+
+    async def me(self, call: Call) -> Result:
+        session, _ = await self._authed(call)
+        u = session.user
+        return 200, {"user": u.name, "role": u.role, "public_key": identity.public_text(
+            u.public_key)}
+
+    # ------------------------------------------------------------ users (superadmin)
+
+    async def list_users(self, call: Call) -> Result:
+        _, users = await self._authed(call, _unbound(store.list_users), superadmin=True)
+        return 200, {"users": [u.to_json() for u in users]}
+
+    async def create_user(self, call: Call) -> Result:
+        body = parse_body(call.body, USER_BODY)
+        session, user = await self._authed(
+            call, _unbound(store.add_user), body["name"],
+            identity.parse_public(body["public_key"]), body.get("role", "user"), self._now(),
+            write=True, superadmin=True)
+        self._audit.write("user-created", user=user.name, user_role=user.role,
+                          by=session.user.name, client=call.client)
+        return 201, user.to_json()
+
+    async def disable_user(self, call: Call) -> Result:
+        parse_body(call.body, EMPTY_BODY)
+        session, user = await self._authed(call, _unbound(store.disable_user), call.params[0],
+                                           self._now(), write=True, superadmin=True)
+        self._audit.write("user-disabled", user=user.name, by=session.user.name,
+                          client=call.client)
+        return 200, user.to_json()
+
+    # ------------------------------------------------------------ VMs
+
+    async def list_vms(self, call: Call) -> Result:
+        _, vms = await self._authed(call, _visible_vms)
+        return 200, {"vms": [v.to_json() for v in vms]}
+
+    async def create_vm(self, call: Call) -> Result:
+        body = parse_body(call.body, VM_BODY)
+        token = new_token(self._random)
+        session, (vm, expires) = await self._authed(
+            call, _unbound(store.add_vm), new_vm_id(self._random), body["name"], body["owner"],
+            body["host"], token_hash(token), self._now(), self._enrollment_ttl, write=True,
+            superadmin=True)
+        self._audit.write("vm-created", vm=vm.id, name=vm.name, owner=vm.owner,
+                          by=session.user.name, client=call.client)
+        return 201, {"vm": vm.to_json(), "enrollment_token": token,
+                     "enrollment_expires": expires}
+
+    async def add_vm(self, name: str, owner: str, host: str) -> tuple[store.Vm, str, int]:
+        token = new_token(self._random)
+        vm, expires = await self._run(store.add_vm, new_vm_id(self._random), name, owner,
+                                      host, token_hash(token), self._now(),
+                                      self._enrollment_ttl)
+        return vm, token, expires
+
+    async def get_vm(self, call: Call) -> Result:
+        _, vm = await self._authed(call, _existing_vm, call.params[0])
+        return 200, vm.to_json()
+
+    async def ticket(self, call: Call) -> Result:
+        parse_body(call.body, EMPTY_BODY)
+        session, vm = await self._authed(call, _existing_vm, call.params[0])
+        if vm.state == "disabled":
+            raise ApiError(409, "vm-disabled", "the VM is disabled")
+        if vm.state != "enrolled" or vm.public_key is None:
+            raise ApiError(409, "vm-not-enrolled", "the VM has not enrolled yet")
+        now = self._now()
+        ticket_id = b64(self._random(16))
+        ticket = signed.make_ticket(self._key, user=session.user.name,
+                                    user_key=session.user.public_key, vm=vm.id,
+                                    client=call.client, now=now, ttl=self._ticket_ttl,
+                                    ticket_id=ticket_id)
+        self._audit.write("ticket-issued", user=session.user.name, vm=vm.id,
+                          client=call.client, ticket_id=ticket_id)
+        return 200, {"ticket": ticket, "expires": int(now) + self._ticket_ttl,
+                     "proxy_url": self._proxy_url,
+                     "vm_public_key": identity.public_text(vm.public_key)}
+
+    async def enroll(self, call: Call) -> Result:
+        body = parse_body(call.body, ENROLL_BODY)
+        vm_key = identity.parse_public(body["vm_public_key"])
+        now = self._now()
+        try:
+            vm = await self._db.run(store.enroll, token_hash(body["token"]), vm_key,
+                                    body["tls_fingerprint"], now)
+        except StoreError as e:
+            self._audit.write("enroll-failed", client=call.client, reason=e.code)
+            raise _store_error(e) from None
+        credential = signed.make_vm_credential(self._key, vm=vm.id, vm_key=vm_key, now=now)
+        self._audit.write("enroll-ok", vm=vm.id, owner=vm.owner, client=call.client,
+                          vm_key_fingerprint=identity.fingerprint(vm_key))
+        return 200, {"vm_id": vm.id, "owner": vm.owner,
+                     "owner_public_key": identity.public_text(vm.owner_key),
+                     "proxy_url": self._proxy_url,
+                     "backend_public_key": identity.public_text(self.public_key),
+                     "vm_credential": credential}
+
+
+def _login_txn(conn: Any, name: str, c: Challenge | None, signature: bytes, hashed: bytes,
+               now: float, ttl: float) -> tuple[str | None, store.User | None, int]:
+    """Check a login and, if good, create its session: (failure reason, user, expiry)."""
+    user = store.get_user(conn, name)
+    # Verify a signature whatever happens, so that the answer takes as long
+    # for unknown and disabled users as for a bad signature.
+    good = signed.verify(user.public_key if user is not None else _DUMMY_KEY, signed.LOGIN, {
+        "challenge": c.challenge if c else "", "challenge_id": c.challenge_id if c else "",
+        "user": name}, signature)
+    if c is None:
+        return "bad-challenge", user, 0
+    if user is None:
+        return "unknown-user", None, 0
+    if user.disabled:
+        return "user-disabled", user, 0
+    if not good:
+        return "bad-signature", user, 0
+    return None, user, store.create_session(conn, hashed, name, now, ttl)
+
+
+#: Public key checked against when the user does not exist (nobody holds its private key).
+_DUMMY_KEY = identity.public_bytes(Ed25519PrivateKey.generate())
+
+
+def _unbound(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Adapt a store function for :meth:`RestApi._authed` (drop the session)."""
+    return lambda conn, session, *args: fn(conn, *args)
+
+
+def _revoke(conn: Any, session: store.Session, token: str, now: float) -> bool:
+    return store.revoke_session(conn, token_hash(token), now)
+
+
+def _visible_vms(conn: Any, session: store.Session) -> list[store.Vm]:
+    owner = None if session.user.role == "superadmin" else session.user.name
+    return store.list_vms(conn, owner)
+
+
+def _existing_vm(conn: Any, session: store.Session, vm_id: str) -> store.Vm:
+    vm = store.get_vm(conn, vm_id)
+    if vm is None:
+        raise ApiError(404, "no-such-vm", "no such VM")
+    return vm
+
+
+def new_vm_id(random: Callable[[int], bytes] = os.urandom) -> str:
+    """``vm-`` and 16 lowercase hex digits."""
+    return "vm-" + random(8).hex()
+

@@ -1,0 +1,240 @@
+"""Sans-IO pieces of rest: login challenges, failed-login rate limits, token
+hashing and request-body validation.  Clock and randomness are injected."""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import json
+import math
+import os
+import re
+from collections import OrderedDict, deque
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol
+
+import attrs
+
+from ticrypt.encoding import b64, unb64
+
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+FINGERPRINT_RE = re.compile(r"sha256:[0-9a-f]{64}")
+TOKEN_BYTES = 32
+
+
+class Clock(Protocol):
+    def seconds(self) -> float: ...
+
+
+class ApiError(Exception):
+    """A failure shown to the client as ``{"error": {"code", "message"}}``."""
+
+    def __init__(self, status: int, code: str, message: str,
+                 headers: Mapping[str, str] | None = None):
+        self.status = status
+        self.code = code
+        self.message = message
+        self.headers = dict(headers or {})
+        super().__init__(f"{status} {code}: {message}")
+
+
+def new_token(random: Callable[[int], bytes] = os.urandom) -> str:
+    """A 256-bit bearer secret (session or enrollment token), base64url."""
+    return b64(random(TOKEN_BYTES))
+
+
+def token_hash(token: str) -> bytes:
+    """What the database keeps instead of a token."""
+    return hashlib.sha256(token.encode("ascii")).digest()
+
+
+def parse_token(token: str) -> bytes | None:
+    """The hash of ``token`` if it has the shape of one of ours, else None."""
+    try:
+        unb64(token, TOKEN_BYTES)
+    except ValueError:
+        return None
+    return token_hash(token)
+
+
+def valid_host(host: str) -> bool:
+    """``HOST:PORT`` with a DNS name, IPv4 or ``[IPv6]`` host and port 1..65535."""
+    m = re.fullmatch(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]{1,253}):(\d{1,5})", host)
+    if not m or not 1 <= int(m.group(2)) <= 65535:
+        return False
+    h = m.group(1)
+    if h.startswith("["):
+        try:
+            ipaddress.IPv6Address(h[1:-1])
+        except ValueError:
+            return False
+        return True
+    return all(re.fullmatch(r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?", label)
+               for label in h.split("."))
+
+
+# ---------------------------------------------------------------- challenges
+
+@attrs.frozen
+class Challenge:
+    challenge_id: str
+    challenge: str  # b64url of 32 random bytes, as issued
+    user: str
+    address: str
+    expires: float
+
+
+class ChallengeTable:
+    """Outstanding login challenges: single-use, bound to a user, expiring.
+
+    Memory is bounded: at most ``per_address`` outstanding challenges per
+    client address (the oldest is dropped) and ``max_total`` overall (the
+    oldest is dropped)."""
+
+    def __init__(self, clock: Clock, ttl: float, per_address: int = 64,
+                 max_total: int = 100_000, random: Callable[[int], bytes] = os.urandom):
+        self._clock = clock
+        self._ttl = ttl
+        self._per_address = per_address
+        self._max_total = max_total
+        self._random = random
+        self._by_id: OrderedDict[str, Challenge] = OrderedDict()
+        self._by_address: dict[str, deque[str]] = {}
+
+    def __len__(self) -> int:
+        return len(self._by_id)
+
+    def issue(self, user: str, address: str) -> Challenge:
+        self._expire()
+        ids = self._by_address.setdefault(address, deque())
+        while len(ids) >= self._per_address:
+            self._drop(ids[0])
+        while len(self._by_id) >= self._max_total:
+            self._drop(next(iter(self._by_id)))
+        c = Challenge(challenge_id=b64(self._random(16)), challenge=b64(self._random(32)),
+                      user=user, address=address, expires=self._clock.seconds() + self._ttl)
+        self._by_id[c.challenge_id] = c
+        self._by_address.setdefault(address, deque()).append(c.challenge_id)
+        return c
+
+    def take(self, challenge_id: str, user: str) -> Challenge | None:
+        """Remove and return the challenge if it exists, is unexpired and was
+        issued for ``user``; a challenge is consumed even when refused."""
+        c = self._by_id.get(challenge_id)
+        if c is None:
+            return None
+        self._drop(challenge_id)
+        if c.expires <= self._clock.seconds() or c.user != user:
+            return None
+        return c
+
+    def _drop(self, challenge_id: str) -> None:
+        c = self._by_id.pop(challenge_id, None)
+        if c is None:
+            return
+        ids = self._by_address.get(c.address)
+        if ids is not None:
+            try:
+                ids.remove(challenge_id)
+            except ValueError:
+                pass
+            if not ids:
+                del self._by_address[c.address]
+
+    def _expire(self) -> None:
+        now = self._clock.seconds()
+        # Insertion order equals expiry order (one ttl), so stop at the first live one.
+        while self._by_id:
+            first = next(iter(self._by_id.values()))
+            if first.expires > now:
+                break
+            self._drop(first.challenge_id)
+
+
+# ---------------------------------------------------------------- rate limits
+
+class RateLimiter:
+    """At most ``limit`` failures per key within a sliding ``window`` seconds.
+
+    Tracks at most ``max_keys`` keys (the least recently failed is forgotten),
+    so spraying names or addresses cannot exhaust memory."""
+
+    def __init__(self, clock: Clock, limit: int, window: float, max_keys: int = 100_000):
+        self._clock = clock
+        self._limit = limit
+        self._window = window
+        self._max_keys = max_keys
+        self._failures: OrderedDict[str, deque[float]] = OrderedDict()
+
+    def retry_after(self, key: str) -> int:
+        """0 if ``key`` may try now, else whole seconds until it may."""
+        times = self._failures.get(key)
+        if times is None:
+            return 0
+        now = self._clock.seconds()
+        while times and times[0] <= now - self._window:
+            times.popleft()
+        if not times:
+            del self._failures[key]
+            return 0
+        if len(times) < self._limit:
+            return 0
+        return max(1, math.ceil(times[0] + self._window - now))
+
+    def failed(self, key: str) -> None:
+        now = self._clock.seconds()
+        times = self._failures.pop(key, None) or deque(maxlen=self._limit)
+        times.append(now)
+        self._failures[key] = times
+        while len(self._failures) > self._max_keys:
+            self._failures.popitem(last=False)
+
+
+# ---------------------------------------------------------------- bodies
+
+@attrs.frozen
+class Field:
+    """One JSON body field: a Python type and an optional check returning an
+    error message (or None)."""
+
+    type: type
+    required: bool = True
+    check: Callable[[Any], str | None] | None = None
+
+
+def check_name(value: str) -> str | None:
+    return None if NAME_RE.fullmatch(value) else (
+        "must be 1-64 characters of letters, digits, '.', '_' or '-', "
+        "starting with a letter or digit")
+
+
+def parse_body(raw: bytes, fields: Mapping[str, Field]) -> dict[str, Any]:
+    """Decode a JSON object and check it against ``fields``; ApiError 400 with
+    codes ``malformed-json``, ``invalid-body``, ``unknown-field``,
+    ``missing-field`` or ``invalid-field``.  An empty body counts as ``{}``."""
+    if raw.strip() == b"":
+        obj: Any = {}
+    else:
+        try:
+            obj = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError):
+            raise ApiError(400, "malformed-json", "request body is not valid JSON") from None
+    if not isinstance(obj, dict):
+        raise ApiError(400, "invalid-body", "request body must be a JSON object")
+    for key in obj:
+        if key not in fields:
+            raise ApiError(400, "unknown-field", f"unknown field {key!r}")
+    for key, spec in fields.items():
+        if key not in obj:
+            if spec.required:
+                raise ApiError(400, "missing-field", f"missing field {key!r}")
+            continue
+        value = obj[key]
+        if not isinstance(value, spec.type) or isinstance(value, bool) != (spec.type is bool):
+            raise ApiError(400, "invalid-field",
+                           f"field {key!r} must be a {spec.type.__name__}")
+        if spec.check is not None:
+            problem = spec.check(value)
+            if problem:
+                raise ApiError(400, "invalid-field", f"field {key!r} {problem}")
+    return obj
