@@ -1,0 +1,144 @@
+"""``twistd -n ticrypt-proxy --config etc/proxy.ini``: options and service.
+
+Every key is documented in ``etc/proxy.ini``.  ``makeService`` only wires
+endpoints to factories; the config (including the backend public key file)
+was fully checked when the options were parsed.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import attrs
+from twisted.internet import endpoints
+from twisted.logger import Logger
+from twisted.web.server import Site
+
+from ticrypt import identity
+from ticrypt.audit import AuditLog
+from ticrypt.config import (
+    Bool,
+    Config,
+    Duration,
+    FilePath,
+    Int,
+    Key,
+    Schema,
+    ServerEndpoint,
+    Size,
+)
+from ticrypt.proxy.pairing import Limits, PairingTable
+from ticrypt.proxy.status import status_resource
+from ticrypt.proxy.ws import ProxyFactory, Settings
+from ticrypt.service import ListenerService, RoleService, options_for
+
+log = Logger()
+
+_D = Settings()
+_L = Limits()
+
+
+def _validate(cfg: Config) -> None:
+    listen: str = cfg.proxy.listen
+    if not listen.startswith("ssl:") and not cfg.proxy.allow_plain:
+        raise cfg.error("proxy", "listen", f"expected an ssl: endpoint, got {listen!r} "
+                        "(plain websockets need allow_plain = yes)")
+    try:
+        identity.load_public_file(cfg.proxy.backend_public_key)
+    except identity.KeyFileError as e:
+        raise cfg.error("proxy", "backend_public_key", str(e)) from None
+    lim = cfg.limits
+    if lim.max_frame_size > lim.max_message_size:
+        raise cfg.error("limits", "max_frame_size", "must not exceed max_message_size")
+
+
+@attrs.frozen
+class _OptionalServerEndpoint(ServerEndpoint):
+    """A server endpoint string, or ``off`` (the default) for none."""
+
+    expected: str = "a server endpoint string such as tcp:8081:interface=127.0.0.1, or off"
+
+    def parse(self, raw: str, ctx: Any) -> str | None:  # type: ignore[override]
+        if raw.strip().lower() == "off":
+            return None
+        return super().parse(raw, ctx)
+
+
+SCHEMA = Schema(
+    sections={
+        "proxy": {
+            "listen": Key(ServerEndpoint(), doc="public websocket listener"),
+            "allow_plain": Key(Bool(), "no", doc="permit a non-ssl listen endpoint"),
+            "status_listen": Key(_OptionalServerEndpoint(), "off",
+                                 doc="read-only GET /v1/status listener"),
+            "backend_public_key": Key(FilePath(), doc="backend.pub from ticrypt-admin init"),
+            "audit_log": Key(FilePath(must_exist=False), doc="JSON-lines audit log"),
+        },
+        "limits": {
+            "max_message_size": Key(Size(min=1024), str(_D.max_message_size)),
+            "max_frame_size": Key(Size(min=1024), str(_D.max_frame_size)),
+            "max_connections": Key(Int(1, 10_000_000), str(_D.max_connections)),
+            "max_waiting_per_vm": Key(Int(1, 100_000), str(_L.max_waiting_per_vm)),
+            "max_waiting_total": Key(Int(1, 10_000_000), str(_L.max_waiting_total)),
+            "max_pairs": Key(Int(1, 10_000_000), str(_L.max_pairs)),
+            "user_wait_timeout": Key(Duration(), f"{_D.user_wait_timeout:g}s"),
+            "handshake_timeout": Key(Duration(), f"{_D.handshake_timeout:g}s"),
+            "idle_timeout": Key(Duration(), f"{_D.idle_timeout:g}s"),
+            "ping_interval": Key(Duration(), f"{_D.ping_interval:g}s"),
+            "ping_timeout": Key(Duration(), f"{_D.ping_timeout:g}s"),
+            "max_buffered": Key(Size(min=4096), str(_D.max_buffered)),
+            "open_handshake_timeout": Key(Duration(), f"{_D.open_handshake_timeout:g}s"),
+            "close_handshake_timeout": Key(Duration(), f"{_D.close_handshake_timeout:g}s"),
+        },
+    },
+    optional_sections=frozenset({"limits"}),
+    validate=_validate,
+)
+
+Options = options_for("proxy", SCHEMA)
+
+
+def settings_from(cfg: Config) -> tuple[Settings, Limits]:
+    lim = cfg.limits
+    settings = Settings(
+        max_message_size=lim.max_message_size, max_frame_size=lim.max_frame_size,
+        max_connections=lim.max_connections, user_wait_timeout=lim.user_wait_timeout,
+        handshake_timeout=lim.handshake_timeout, idle_timeout=lim.idle_timeout,
+        ping_interval=lim.ping_interval, ping_timeout=lim.ping_timeout,
+        max_buffered=lim.max_buffered, open_handshake_timeout=lim.open_handshake_timeout,
+        close_handshake_timeout=lim.close_handshake_timeout)
+    limits = Limits(max_waiting_per_vm=lim.max_waiting_per_vm,
+                    max_waiting_total=lim.max_waiting_total, max_pairs=lim.max_pairs)
+    return settings, limits
+
+
+def make_factory(cfg: Config, reactor: Any) -> ProxyFactory:
+    """The websocket factory for ``cfg`` (shared by the service and tests)."""
+    settings, limits = settings_from(cfg)
+    return ProxyFactory(
+        reactor=reactor, clock=reactor,
+        backend_key=identity.load_public_file(cfg.proxy.backend_public_key),
+        table=PairingTable(limits), settings=settings,
+        audit=AuditLog(cfg.proxy.audit_log, clock=reactor, role="proxy"),
+        url=("wss" if cfg.proxy.listen.startswith("ssl:") else "ws") + "://localhost")
+
+
+def makeService(options: dict[str, Any], reactor: Any = None) -> RoleService:
+    if reactor is None:
+        from twisted.internet import reactor as _reactor
+        reactor = _reactor
+    cfg: Config = options["cfg"]
+    factory = make_factory(cfg, reactor)
+    top = RoleService("proxy", cfg)
+    if not cfg.proxy.listen.startswith("ssl:"):
+        log.warn("proxy: listening WITHOUT TLS on {listen} (allow_plain = yes); "
+                 "use only on a trusted network or behind a TLS terminator",
+                 listen=cfg.proxy.listen)
+    ListenerService("proxy", endpoints.serverFromString(reactor, cfg.proxy.listen),
+                    factory).setServiceParent(top)
+    if cfg.proxy.status_listen is not None:
+        site = Site(status_resource(factory.status))
+        site.noisy = False
+        ListenerService("status", endpoints.serverFromString(reactor, cfg.proxy.status_listen),
+                        site).setServiceParent(top)
+    return top

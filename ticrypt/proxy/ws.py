@@ -1,0 +1,644 @@
+"""The proxy's websocket legs (autobahn on Twisted) and the relay between them.
+
+Two paths on one listener (``docs/INTERFACES.md``, "Proxy websocket
+protocol"; wire details in ``docs/protocol-proxy.md``):
+
+* ``/v1/vm``: the proxy sends a challenge, the vmc answers ``vm-auth`` (a VM
+  credential signed by the backend and a signature over the nonce with the VM
+  key); the socket then waits in the :class:`~ticrypt.proxy.pairing.PairingTable`.
+* ``/v1/user``: the frontend sends ``connect`` with a connection ticket, which
+  is verified offline with the backend public key; the user takes the oldest
+  waiting VM socket of the ticket's VM or waits up to ``user_wait_timeout``.
+
+Once paired the proxy relays whole websocket messages both ways, unchanged
+and in order (text stays text, binary stays binary; a fragmented message is
+reassembled by autobahn and forwarded as one message), and sends nothing
+else.  Each leg's outgoing buffer is bounded by ``max_buffered``: when it is
+full the proxy stops reading the other leg (Twisted streaming producers).
+A close on one leg closes the other with the same code and reason.
+"""
+
+from __future__ import annotations
+
+import enum
+import functools
+import ipaddress
+import json
+import os
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import attrs
+from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
+from autobahn.websocket.protocol import WebSocketProtocol
+from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
+from twisted.internet import defer
+from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from ticrypt import identity, signed
+from ticrypt.audit import AuditLog
+from ticrypt.encoding import b64, unb64
+from ticrypt.proxy.pairing import Paired, PairingTable, Refused, Waiting
+
+VM_PATH = "/v1/vm"
+USER_PATH = "/v1/user"
+
+#: Largest control message (a ticket is at most signed.MAX_TOKEN characters).
+MAX_CONTROL = 8192
+#: autobahn is fed at most this much at a time (see Leg.dataReceived).
+FEED_SLICE = 16384
+#: Largest HTTP upgrade request we buffer before giving up on a peer.
+MAX_HTTP_REQUEST = 16384
+
+# close codes (docs/INTERFACES.md)
+NORMAL = 1000
+GOING_AWAY = 1001
+TOO_BIG = 1009
+BAD_MESSAGE = 4000
+VM_AUTH_FAILED = 4001
+TICKET_REFUSED = 4003
+NO_VM = 4004
+TIMEOUT = 4008
+OVER_LIMIT = 4009
+PEER_LOST = 4010
+
+_OPEN = WebSocketProtocol.STATE_OPEN
+
+
+@attrs.frozen
+class Settings:
+    """The limits and timeouts of ``[limits]`` (seconds and bytes)."""
+
+    max_message_size: int = 2 * 1024 * 1024
+    max_frame_size: int = 2 * 1024 * 1024
+    max_connections: int = 30000
+    user_wait_timeout: float = 10.0
+    handshake_timeout: float = 10.0
+    idle_timeout: float = 3600.0
+    ping_interval: float = 30.0
+    ping_timeout: float = 30.0
+    max_buffered: int = 256 * 1024
+    open_handshake_timeout: float = 10.0
+    close_handshake_timeout: float = 5.0
+
+
+class LegState(enum.Enum):
+    CONNECTING = "connecting"   # websocket opening handshake
+    HANDSHAKE = "handshake"     # open, control message not yet accepted
+    WAITING = "waiting"         # in the pairing table
+    PAIRED = "paired"           # relaying
+    DONE = "done"               # refused, closing or closed
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _guarded(method: F) -> F:
+    """Never let a bad peer's surprise escape into the reactor: log it and
+    drop that one connection."""
+
+    @functools.wraps(method)
+    def wrapper(self: Leg, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(self, *args, **kwargs)
+        except Exception:
+            self.plog.failure("proxy: unexpected error in {name} from {address}",
+                              name=method.__name__, address=self.address)
+            try:
+                self.phase = LegState.DONE
+                self.dropConnection(abort=True)
+            except Exception:
+                self.plog.failure("proxy: could not drop the connection")
+            return None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _peer_ip(transport: Any) -> str:
+    host = str(getattr(transport.getPeer(), "host", "?"))
+    try:
+        addr = ipaddress.ip_address(host)
+    except ValueError:
+        return host
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        return str(addr.ipv4_mapped)
+    return str(addr)
+
+
+def _reason_bytes(reason: str) -> bytes:
+    """A close reason fits in 123 bytes of UTF-8 (RFC 6455 5.5.1)."""
+    raw = reason.encode("utf-8")[:123]
+    return raw.decode("utf-8", "ignore").encode("utf-8")
+
+
+def _compact(obj: dict[str, Any]) -> bytes:
+    return json.dumps(obj, separators=(",", ":"), sort_keys=True).encode()
+
+
+class ControlError(Exception):
+    """A control message was refused: close with ``code`` and ``reason``."""
+
+    def __init__(self, code: int, reason: str):
+        self.code = code
+        self.reason = reason
+        super().__init__(reason)
+
+
+def parse_control(payload: bytes, is_binary: bool, expected: str,
+                  fields: tuple[str, ...]) -> dict[str, str]:
+    """A control message: a text message of compact JSON with exactly
+    ``type`` and ``fields``, all strings; ControlError(4000) otherwise."""
+    if is_binary:
+        raise ControlError(BAD_MESSAGE, "bad-message: control message must be text")
+    if len(payload) > MAX_CONTROL:
+        raise ControlError(BAD_MESSAGE, "bad-message: control message too long")
+    try:
+        msg = json.loads(payload)
+    except ValueError:
+        raise ControlError(BAD_MESSAGE, "bad-message: control message is not JSON") from None
+    if not isinstance(msg, dict) or msg.get("type") != expected:
+        raise ControlError(BAD_MESSAGE, f"bad-message: expected a {expected} message")
+    if set(msg) != {"type", *fields} or not all(isinstance(msg[f], str) for f in fields):
+        raise ControlError(BAD_MESSAGE, f"bad-message: {expected} needs exactly "
+                           + ", ".join(fields))
+    return {f: msg[f] for f in fields}
+
+
+@implementer(IPushProducer)
+class _PauseReading:
+    """Registered on one leg's transport: when that leg's outgoing buffer is
+    full, stop reading the other leg (``reader``) until it drains."""
+
+    def __init__(self, reader: Leg):
+        self.reader = reader
+
+    def pauseProducing(self) -> None:
+        self.reader.pause_reading()
+
+    def resumeProducing(self) -> None:
+        self.reader.resume_reading()
+
+    def stopProducing(self) -> None:
+        # the writing leg is gone; the pair's end resumes and closes the reader
+        pass
+
+
+class Pair:
+    """One VM leg joined with one user leg: relay, accounting, end."""
+
+    log = Logger()
+
+    def __init__(self, factory: ProxyFactory, vm_id: str, ticket: signed.Ticket,
+                 vm_leg: Leg, user_leg: Leg):
+        self.factory = factory
+        self.vm_id = vm_id
+        self.ticket = ticket
+        self.vm_leg = vm_leg
+        self.user_leg = user_leg
+        self.started = factory.clock.seconds()
+        self.last_activity = self.started
+        self.bytes_up = 0     # user -> VM
+        self.bytes_down = 0   # VM -> user
+        self.ended = False
+        self._idle: IDelayedCall | None = factory.clock.callLater(
+            factory.settings.idle_timeout, self._check_idle)
+
+    def partner(self, leg: Leg) -> Leg:
+        return self.user_leg if leg is self.vm_leg else self.vm_leg
+
+    def relay(self, src: Leg, payload: bytes, is_binary: bool) -> None:
+        """Forward one whole message from ``src`` to its partner."""
+        if self.ended:
+            return
+        dst = self.partner(src)
+        if src is self.user_leg:
+            self.bytes_up += len(payload)
+        else:
+            self.bytes_down += len(payload)
+        self.last_activity = self.factory.clock.seconds()
+        if dst.phase is LegState.PAIRED and dst.ws_open():
+            dst.sendMessage(payload, is_binary)
+
+    def _check_idle(self) -> None:
+        try:
+            self._check_idle_now()
+        except Exception:
+            self.log.failure("proxy: idle check failed for {vm}", vm=self.vm_id)
+
+    def _check_idle_now(self) -> None:
+        self._idle = None
+        if self.ended:
+            return
+        idle_for = self.factory.clock.seconds() - self.last_activity
+        remaining = self.factory.settings.idle_timeout - idle_for
+        if remaining > 0:
+            self._idle = self.factory.clock.callLater(remaining, self._check_idle)
+            return
+        self.end(None, TIMEOUT, f"timeout: idle for {self.factory.settings.idle_timeout:g}s")
+
+    def end(self, src: Leg | None, code: int, reason: str) -> None:
+        """``src`` ended (None: the proxy ends the pair); close the other
+        leg(s) with ``code``/``reason`` after everything already relayed."""
+        if self.ended:
+            return
+        self.ended = True
+        if self._idle is not None and self._idle.active():
+            self._idle.cancel()
+        self._idle = None
+        for leg in (self.vm_leg, self.user_leg):
+            leg.unwire()
+        for leg in (self.vm_leg, self.user_leg):
+            if leg is not src:
+                leg.close_with(code, reason)
+        ended_by = "proxy" if src is None else ("vm" if src is self.vm_leg else "user")
+        now = self.factory.clock.seconds()
+        self.factory.audit_write(
+            "pair-end", vm=self.vm_id, user=self.ticket.user, client=self.ticket.client,
+            duration=round(now - self.started, 3), bytes_up=self.bytes_up,
+            bytes_down=self.bytes_down, close_code=code, close_reason=reason,
+            ended_by=ended_by)
+        self.factory.pair_ended(self)
+
+
+class Leg(WebSocketServerProtocol):
+    """One websocket to the proxy, VM side or user side."""
+
+    # autobahn's protocol already has ``log`` (a txaio logger it calls with
+    # its own formats); ours is a separate Twisted Logger.
+    plog = Logger()
+    factory: ProxyFactory
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.phase = LegState.CONNECTING
+        self.role = ""
+        self.address = "?"
+        self.vm_id: str | None = None
+        self.ticket: signed.Ticket | None = None
+        self.pair: Pair | None = None
+        self.nonce = ""
+        self._timer: IDelayedCall | None = None
+        self._paused = False
+        self._wired = False
+
+    # -- helpers ---------------------------------------------------------------
+
+    def ws_open(self) -> bool:
+        """The websocket is open (autobahn's ``state``)."""
+        return bool(self.state == _OPEN)
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+
+    def close_with(self, code: int, reason: str) -> None:
+        """Close this leg with ``code``/``reason`` (after queued data)."""
+        self._cancel_timer()
+        self.resume_reading()
+        self.phase = LegState.DONE
+        if self.state == _OPEN:
+            self.sendCloseFrame(code=code, reasonUtf8=_reason_bytes(reason), isReply=False)
+
+    def refuse(self, code: int, reason: str, event: str, **fields: Any) -> None:
+        """Refuse this leg before pairing: audit (no secrets), close."""
+        self._leave_table()
+        self.plog.info("proxy: refused {role} from {address}: {reason}",
+                       role=self.role, address=self.address, reason=reason)
+        self.factory.audit_write(event, reason=reason, address=self.address, **fields)
+        self.close_with(code, reason)
+
+    def _leave_table(self) -> None:
+        if self.phase is LegState.WAITING and self.vm_id is not None:
+            if self.role == "vm":
+                if self.factory.table.remove_vm(self.vm_id, self):
+                    self.factory.depth_changed(self.vm_id)
+            else:
+                self.factory.table.remove_user(self.vm_id, self)
+
+    # -- backpressure ----------------------------------------------------------
+
+    def wire(self, partner: Leg) -> None:
+        """When our outgoing buffer passes ``max_buffered``, stop reading the
+        partner until it drains."""
+        self.transport.bufferSize = self.factory.settings.max_buffered  # type: ignore[union-attr]
+        self.transport.registerProducer(_PauseReading(partner), True)  # type: ignore[union-attr]
+        self._wired = True
+
+    def unwire(self) -> None:
+        if self._wired:
+            self._wired = False
+            try:
+                self.transport.unregisterProducer()  # type: ignore[union-attr]
+            except Exception:
+                self.plog.failure("proxy: unregisterProducer failed")
+        self.resume_reading()
+
+    def pause_reading(self) -> None:
+        """Stop reading this leg (its partner is slow).  While paused we cannot
+        read its pongs either, so its liveness check is suspended; the slow
+        partner's own pings still detect a dead reader."""
+        if self._paused or self.state != _OPEN:
+            return
+        self._paused = True
+        self.transport.pauseProducing()  # type: ignore[union-attr]
+        for name in ("autoPingPendingCall", "autoPingTimeoutCall"):
+            call = getattr(self, name, None)
+            if call is not None:
+                call.cancel()
+                setattr(self, name, None)
+        self.autoPingPending = None
+
+    def resume_reading(self) -> None:
+        if not self._paused:
+            return
+        self._paused = False
+        if self.state == WebSocketProtocol.STATE_CLOSED:
+            return
+        self.transport.resumeProducing()  # type: ignore[union-attr]
+        # autobahn copies autoPingInterval onto the protocol at connectionMade
+        interval = getattr(self, "autoPingInterval", 0)
+        if (interval and self.state == _OPEN
+                and self.autoPingPendingCall is None and self.autoPingTimeoutCall is None):
+            self.autoPingPendingCall = self.factory._batched_timer.call_later(
+                interval, self._sendAutoPing)
+
+    # -- autobahn callbacks --------------------------------------------------------
+
+    def connectionMade(self) -> None:
+        self.address = _peer_ip(self.transport)
+        self.factory.open_legs += 1
+        super().connectionMade()
+
+    def connectionLost(self, reason: Any = None) -> None:
+        try:
+            super().connectionLost(reason)
+        finally:
+            self.factory.leg_gone()
+
+    def dataReceived(self, data: bytes) -> None:
+        # autobahn buffers the HTTP upgrade request without a bound
+        if self.state == WebSocketProtocol.STATE_CONNECTING and \
+                len(self.data) + len(data) > MAX_HTTP_REQUEST:
+            self.plog.info("proxy: upgrade request from {address} too long", address=self.address)
+            self.transport.abortConnection()  # type: ignore[union-attr]
+            return
+        if len(data) <= FEED_SLICE:
+            super().dataReceived(data)
+            return
+        # autobahn copies its whole receive buffer once per frame it parses:
+        # feed a large read (up to max_buffered) in slices so that stays linear
+        for i in range(0, len(data), FEED_SLICE):
+            super().dataReceived(data[i:i + FEED_SLICE])
+
+    def onConnect(self, request: ConnectionRequest) -> None:
+        if request.path == VM_PATH:
+            self.role = "vm"
+        elif request.path == USER_PATH:
+            self.role = "user"
+        else:
+            raise ConnectionDeny(ConnectionDeny.NOT_FOUND, "unknown path")
+        return None
+
+    @_guarded
+    def onOpen(self) -> None:
+        self.phase = LegState.HANDSHAKE
+        self._timer = self.factory.clock.callLater(
+            self.factory.settings.handshake_timeout, self._handshake_timed_out)
+        if self.role == "vm":
+            self.nonce = b64(self.factory.rng(32))
+            self.sendMessage(_compact({"type": "challenge", "nonce": self.nonce}), False)
+
+    @_guarded
+    def _handshake_timed_out(self) -> None:
+        self._timer = None
+        if self.phase is LegState.HANDSHAKE:
+            t = self.factory.settings.handshake_timeout
+            self.refuse(TIMEOUT, f"timeout: no control message within {t:g}s",
+                        f"{self.role}-refused")
+
+    @_guarded
+    def onMessage(self, payload: bytes, isBinary: bool) -> None:
+        if self.phase is LegState.PAIRED:
+            assert self.pair is not None
+            self.pair.relay(self, payload, isBinary)
+        elif self.phase is LegState.HANDSHAKE:
+            try:
+                if self.role == "vm":
+                    self._vm_auth(payload, isBinary)
+                else:
+                    self._user_connect(payload, isBinary)
+            except ControlError as e:
+                self.refuse(e.code, e.reason, f"{self.role}-refused",
+                            **({"vm": self.vm_id} if self.vm_id else {}))
+        elif self.phase is LegState.WAITING:
+            self.refuse(BAD_MESSAGE, "bad-message: unexpected message before pairing",
+                        f"{self.role}-refused", vm=self.vm_id)
+        # DONE: closing; drop whatever still arrives
+
+    def _vm_auth(self, payload: bytes, is_binary: bool) -> None:
+        msg = parse_control(payload, is_binary, "vm-auth", ("credential", "signature"))
+        try:
+            cred = signed.verify_vm_credential(self.factory.backend_key, msg["credential"])
+        except signed.TokenError as e:
+            raise ControlError(VM_AUTH_FAILED, f"vm-auth-failed: credential {e.code}") from None
+        self.vm_id = cred.vm
+        try:
+            sig = unb64(msg["signature"], 64)
+        except ValueError:
+            raise ControlError(VM_AUTH_FAILED, "vm-auth-failed: bad-signature") from None
+        if not signed.verify(cred.vm_key, signed.PROXY_VM_AUTH,
+                             {"nonce": self.nonce, "vm": cred.vm}, sig):
+            raise ControlError(VM_AUTH_FAILED, "vm-auth-failed: bad-signature")
+        self._cancel_timer()
+        result = self.factory.table.add_vm(cred.vm, self)
+        if isinstance(result, Refused):
+            raise ControlError(OVER_LIMIT, f"over-limit: {result.reason}")
+        self.factory.audit_write("vm-connected", vm=cred.vm, address=self.address,
+                                 key=identity.fingerprint(cred.vm_key))
+        if isinstance(result, Waiting):
+            self.phase = LegState.WAITING
+            self.sendMessage(_compact({"type": "waiting"}), False)
+            self.factory.depth_changed(cred.vm)
+        else:
+            self.sendMessage(_compact({"type": "waiting"}), False)
+            self.factory.start_pair(result)
+
+    def _user_connect(self, payload: bytes, is_binary: bool) -> None:
+        msg = parse_control(payload, is_binary, "connect", ("ticket",))
+        try:
+            ticket = signed.verify_ticket(self.factory.backend_key, msg["ticket"], vm=None,
+                                          client=self.address,
+                                          now=self.factory.clock.seconds())
+        except signed.TokenError as e:
+            raise ControlError(TICKET_REFUSED, f"ticket-refused: {e.code}") from None
+        self.ticket = ticket
+        self.vm_id = ticket.vm
+        self._cancel_timer()
+        result = self.factory.table.add_user(ticket.vm, self)
+        if isinstance(result, Refused):
+            raise ControlError(OVER_LIMIT, f"over-limit: {result.reason}")
+        if isinstance(result, Waiting):
+            self.phase = LegState.WAITING
+            self._timer = self.factory.clock.callLater(
+                self.factory.settings.user_wait_timeout, self._wait_timed_out)
+        else:
+            self.factory.start_pair(result)
+
+    @_guarded
+    def _wait_timed_out(self) -> None:
+        self._timer = None
+        if self.phase is LegState.WAITING:
+            t = self.factory.settings.user_wait_timeout
+            self.refuse(NO_VM, f"no-vm-available: no VM socket within {t:g}s",
+                        "user-refused", vm=self.vm_id,
+                        user=self.ticket.user if self.ticket else None)
+
+    def sendCloseFrame(self, code: int | None = None, reasonUtf8: bytes | None = None,
+                       isReply: bool = False) -> None:
+        super().sendCloseFrame(code=code, reasonUtf8=reasonUtf8, isReply=isReply)
+        # autobahn itself fails a leg (1009 too big, 1002 protocol error,
+        # 1007 bad UTF-8) through here: end the pair at once.
+        if not isReply and self.pair is not None and not self.pair.ended:
+            if code == TOO_BIG:
+                self.pair.end(self, TOO_BIG, "message-too-big: the peer sent a message "
+                              "over the proxy limit")
+            else:
+                self.pair.end(self, PEER_LOST, "peer-lost: the peer broke the websocket "
+                              f"protocol ({code})")
+
+    @_guarded
+    def onCloseFrame(self, code: int, reasonRaw: bytes) -> bool | None:  # type: ignore[override]
+        was_open = self.state == _OPEN
+        result = super().onCloseFrame(code, reasonRaw)
+        if was_open and self.pair is not None and not self.pair.ended:
+            self.pair.end(self, *self._for_partner(self.remoteCloseCode,
+                                                   self.remoteCloseReason,
+                                                   protocol_error=self.failedByMe))
+        return result
+
+    @staticmethod
+    def _for_partner(code: int | None, reason: str | None,
+                     protocol_error: bool = False) -> tuple[int, str]:
+        """What the partner is told when this leg's peer closed."""
+        if protocol_error:
+            return PEER_LOST, "peer-lost: the peer broke the websocket protocol"
+        if code is None:
+            return NORMAL, ""
+        if code in (NORMAL, GOING_AWAY) or 4000 <= code <= 4999:
+            return code, reason or ""
+        return PEER_LOST, f"peer-lost: the peer closed with code {code}"
+
+    @_guarded
+    def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
+        self._cancel_timer()
+        # autobahn leaves this timer behind when the TCP connection ends first
+        if self.closeHandshakeTimeoutCall is not None:
+            self.closeHandshakeTimeoutCall.cancel()
+            self.closeHandshakeTimeoutCall = None
+        self._leave_table()
+        if self.pair is not None and not self.pair.ended:
+            why = self.wasNotCleanReason or "connection lost"
+            if "ping timeout" in why:
+                detail = "no answer to pings"
+            else:
+                detail = "connection lost without a close frame"
+            self.pair.end(self, PEER_LOST, f"peer-lost: {detail}")
+        self.phase = LegState.DONE
+
+
+class ProxyFactory(WebSocketServerFactory):
+    """Shared state of the relay: the pairing table, keys, settings, audit."""
+
+    protocol = Leg  # type: ignore[assignment]
+    log = Logger()
+
+    def __init__(self, *, reactor: Any, clock: IReactorTime, backend_key: bytes,
+                 table: PairingTable[Leg], settings: Settings, audit: AuditLog,
+                 rng: Callable[[int], bytes] = os.urandom, url: str = "wss://localhost"):
+        super().__init__(url=url, reactor=reactor, server="ticrypt-proxy")
+        self.clock = clock
+        self.backend_key = backend_key
+        self.table = table
+        self.settings = settings
+        self.audit = audit
+        self.rng = rng
+        self.pairs: set[Pair] = set()
+        self.open_legs = 0
+        self._idle_waiters: list[defer.Deferred[None]] = []
+        s = settings
+        # autobahn's defaults are unlimited or permissive: set everything
+        self.setProtocolOptions(
+            webStatus=False,
+            maxMessagePayloadSize=s.max_message_size,
+            maxFramePayloadSize=s.max_frame_size,
+            maxConnections=s.max_connections,
+            autoPingInterval=s.ping_interval,
+            autoPingTimeout=s.ping_timeout,
+            autoPingRestartOnAnyTraffic=False,
+            openHandshakeTimeout=s.open_handshake_timeout,
+            closeHandshakeTimeout=s.close_handshake_timeout,
+            failByDrop=False,
+            utf8validateIncoming=True,
+            requireMaskedClientFrames=True,
+            autoFragmentSize=0,
+            trustXForwardedFor=0,
+            perMessageCompressionAccept=lambda offers: None,
+        )
+
+    def leg_gone(self) -> None:
+        self.open_legs -= 1
+        if self.open_legs == 0:
+            waiters, self._idle_waiters = self._idle_waiters, []
+            for d in waiters:
+                d.callback(None)
+
+    def all_closed(self) -> defer.Deferred[None]:
+        """Fires once no connection is open (tests wait on it in cleanup)."""
+        if self.open_legs == 0:
+            return defer.succeed(None)
+        d: defer.Deferred[None] = defer.Deferred()
+        self._idle_waiters.append(d)
+        return d
+
+    def audit_write(self, event: str, **fields: Any) -> None:
+        try:
+            self.audit.write(event, **{k: v for k, v in fields.items() if v is not None})
+        except Exception:
+            self.log.failure("proxy: audit write failed for {event}", event=event)
+
+    def depth_changed(self, vm_id: str) -> None:
+        self.log.debug("proxy: VM {vm} has {depth} waiting sockets ({total} waiting in all)",
+                       vm=vm_id, depth=self.table.depth(vm_id),
+                       total=self.table.waiting_total)
+
+    def start_pair(self, paired: Paired[Leg]) -> None:
+        vm_leg, user_leg = paired.vm, paired.user
+        assert user_leg.ticket is not None
+        ticket = user_leg.ticket
+        for leg in (vm_leg, user_leg):
+            leg._cancel_timer()
+            leg.phase = LegState.PAIRED
+        pair = Pair(self, paired.vm_id, ticket, vm_leg, user_leg)
+        vm_leg.pair = user_leg.pair = pair
+        self.pairs.add(pair)
+        vm_leg.wire(user_leg)
+        user_leg.wire(vm_leg)
+        vm_leg.sendMessage(_compact({"type": "paired", "user": ticket.user,
+                                     "user_key": identity.public_text(ticket.user_key),
+                                     "client": ticket.client}), False)
+        user_leg.sendMessage(_compact({"type": "paired", "vm": paired.vm_id}), False)
+        self.depth_changed(paired.vm_id)
+        self.audit_write("pair-start", vm=paired.vm_id, user=ticket.user,
+                         client=ticket.client, vm_address=vm_leg.address)
+
+    def pair_ended(self, pair: Pair) -> None:
+        self.pairs.discard(pair)
+        for formed in self.table.pair_ended():
+            self.start_pair(formed)
+
+    def status(self) -> dict[str, Any]:
+        """``{"vms": {vm_id: waiting sockets}, "pairs": n}`` for /v1/status."""
+        return {"vms": self.table.snapshot(), "pairs": self.table.pairs}
