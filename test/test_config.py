@@ -246,3 +246,33 @@ class TwistdRefusesBadConfigTests(SynchronousTestCase):
         self.assertIn(path, last)
         self.assertIn("[rest]", last)
         self.assertNotIn("Traceback", proc.stdout + proc.stderr)
+
+
+class SampleConfigTests(SynchronousTestCase):
+    """etc/rest.ini and etc/client.ini set and document every key of their schema."""
+
+    def check(self, name: str, schema: Schema) -> None:
+        import configparser
+
+        path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                            "etc", name)
+        with open(path) as f:
+            lines = f.read().splitlines()
+        parser = configparser.ConfigParser(interpolation=None)
+        parser.read_string("\n".join(lines))
+        for section, keys in schema.sections.items():
+            self.assertEqual(sorted(parser[section]), sorted(keys), f"{name} [{section}]")
+            for key in keys:
+                at = next(i for i, line in enumerate(lines) if line.startswith(f"{key} ="))
+                self.assertTrue(lines[at - 1].startswith("#"),
+                                f"{name}: {key} has no comment above it")
+
+    def test_rest(self) -> None:
+        from ticrypt.rest.config import SCHEMA as REST
+
+        self.check("rest.ini", REST)
+
+    def test_client(self) -> None:
+        from ticrypt.frontend.clientconfig import SCHEMA as CLIENT
+
+        self.check("client.ini", CLIENT)

@@ -9,14 +9,14 @@ import sqlite3
 import time
 from typing import Any
 
-from twisted.internet import defer, reactor, task
+from twisted.internet import defer, endpoints, error, protocol, reactor, task
 from twisted.trial.unittest import TestCase
 from twisted.web import client as webclient
 from twisted.web.http_headers import Headers
 
 from test.daemon import run_command, twistd_path
 from test.restfixture import RestEnv, start_rest
-from ticrypt import identity, signed
+from ticrypt import identity, signed, tlsutil
 from ticrypt.encoding import b64
 from ticrypt.frontend.client import PinnedCAPolicy, RestClient, RestError, _Bytes, _Collect
 
@@ -325,6 +325,44 @@ class ErrorTests(TestCase):
         await admin.create_vm("b-vm", "bob", "10.0.0.1:2201")
         self.assertEqual([v["name"] for v in await bob.list_vms()], ["b-vm"])
         self.assertEqual([v["name"] for v in await admin.list_vms()], ["a-vm", "b-vm"])
+
+    async def test_connections_per_address_are_bounded(self) -> None:
+        env = await start_rest(self, overrides={"max_connections_per_address": "2"})
+        host, port = env.url.split("//")[1].rsplit(":", 1)
+        ends: list[defer.Deferred[None]] = []
+
+        class Hold(protocol.Protocol):
+            def connectionMade(self) -> None:
+                self.ended: defer.Deferred[None] = defer.Deferred()
+                ends.append(self.ended)
+
+            def connectionLost(self, reason: Any = None) -> None:
+                self.ended.callback(None)
+
+        async def open_tls() -> Hold:
+            ep = endpoints.wrapClientTLS(
+                tlsutil.client_options(host, env.ca_file),
+                endpoints.TCP4ClientEndpoint(reactor, host, int(port)))
+            return await endpoints.connectProtocol(ep, Hold())  # type: ignore
+
+        held = [await open_tls() for _ in range(2)]
+        # The third connection from this address is reset by the server at
+        # once, before any HTTP (an idle one would otherwise live idle_timeout).
+        try:
+            third = await defer.ensureDeferred(open_tls()).addTimeout(10, reactor)
+        except error.ConnectError:
+            pass  # reset during the TLS handshake
+        else:
+            await third.ended.addTimeout(10, reactor)
+        with self.assertRaises(RestError) as e:
+            await env.client(timeout=10).backend()
+        self.assertEqual(e.exception.status, 0)
+        for h in held:
+            assert h.transport is not None
+            h.transport.loseConnection()
+        # Our side ends after the server's (TLS close_notify, then its FIN).
+        await defer.DeferredList(ends)
+        self.assertIn("public_key", await env.client().backend())
 
     async def test_plain_http_only_when_allowed(self) -> None:
         env = await start_rest(self, start=False)

@@ -7,7 +7,9 @@ import os
 from typing import Any
 
 from twisted.internet import defer, task
+from twisted.internet.error import ConnectionDone
 from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from ticrypt import identity, signed
@@ -52,6 +54,17 @@ class ChallengeTableTests(SynchronousTestCase):
         self.assertIsNone(self.table.take(other.challenge_id, "alice"))
 
 
+    def test_purge_without_issuing(self) -> None:
+        for address in ("a", "b", "c"):
+            self.table.issue("alice", address)
+        self.clock.advance(59)
+        live = self.table.issue("alice", "d")
+        self.clock.advance(1)
+        self.table.purge()
+        self.assertEqual(len(self.table), 1)
+        self.assertEqual(self.table.take(live.challenge_id, "alice"), live)
+
+
 class RateLimiterTests(SynchronousTestCase):
     def test_sliding_window(self) -> None:
         clock = task.Clock()
@@ -64,6 +77,33 @@ class RateLimiterTests(SynchronousTestCase):
         self.assertEqual(limiter.retry_after("other"), 0)
         clock.advance(6)
         self.assertEqual(limiter.retry_after("k"), 0)
+
+    def test_refusals_reported_once_per_lockout(self) -> None:
+        clock = task.Clock()
+        limiter = RateLimiter(clock, limit=2, window=10)
+        limiter.failed("k")
+        limiter.failed("k")
+        self.assertTrue(limiter.retry_after("k"))
+        self.assertEqual([limiter.first_refusal("k") for _ in range(3)], [True, False, False])
+        clock.advance(10)
+        self.assertEqual(limiter.retry_after("k"), 0)
+        limiter.failed("k")
+        limiter.failed("k")
+        self.assertTrue(limiter.first_refusal("k"))  # a new lockout is reported again
+
+    def test_purge_forgets_stale_keys(self) -> None:
+        clock = task.Clock()
+        limiter = RateLimiter(clock, limit=5, window=10)
+        limiter.failed("old")
+        clock.advance(5)
+        limiter.failed("new")
+        clock.advance(5)
+        limiter.purge()
+        self.assertEqual(len(limiter), 1)
+        self.assertEqual(limiter.retry_after("new"), 0)
+        clock.advance(5)
+        limiter.purge()
+        self.assertEqual(len(limiter), 0)
 
     def test_bounded_keys(self) -> None:
         limiter = RateLimiter(task.Clock(), limit=1, window=10, max_keys=2)
@@ -138,8 +178,11 @@ class ApiTests(SynchronousTestCase):
         self.alice = identity.generate()
         db.transaction(self.db.conn, store.add_user, "alice", identity.public_bytes(self.alice),
                        "user", self.clock.seconds())
+        self.audit_path = self.mktemp()
+        self.audit = AuditLog(self.audit_path, self.clock, "rest")
+        self.addCleanup(self.audit.close)
         self.api = RestApi(clock=self.clock, db=self.db, signing_key=self.key,
-                           proxy_url="wss://p:1", audit=AuditLog(None, self.clock, "rest"),
+                           proxy_url="wss://p:1", audit=self.audit,
                            session_ttl=100, challenge_ttl=30, ticket_ttl=60,
                            enrollment_ttl=50, login_window=60, login_failures_per_address=5,
                            login_failures_per_user=2, challenges_per_address=8)
@@ -188,6 +231,48 @@ class ApiTests(SynchronousTestCase):
         self.clock.advance(60)
         self.assertEqual(self.login()[0], 200)
 
+    def audit_events(self) -> list[tuple[str, str | None]]:
+        with open(self.audit_path) as f:
+            return [(e["event"], e.get("reason")) for e in map(json.loads, f)]
+
+    def test_rate_limited_logins_are_audited_once_per_lockout(self) -> None:
+        for _ in range(2):
+            self.assertRaises(ApiError, self.login, purpose=signed.TICKET)
+        for _ in range(50):
+            with self.assertRaises(ApiError) as e:
+                self.login()
+            self.assertEqual(e.exception.code, "rate-limited")
+        self.assertEqual(self.audit_events(), [("login-failed", "bad-signature")] * 2
+                         + [("login-failed", "rate-limited")])
+
+    def test_failed_enrollments_are_rate_limited_per_address(self) -> None:
+        queries: list[Any] = []
+        run = self.db.run
+        self.db.run = lambda fn, *a, **kw: (queries.append(fn), run(fn, *a, **kw))[1]
+        body = {"vm_public_key": identity.public_text(identity.generate()),
+                "tls_fingerprint": "sha256:" + "1" * 64}
+        for _ in range(5):  # login_failures_per_address
+            with self.assertRaises(ApiError) as e:
+                self.call("enroll", dict(body, token=b64(os.urandom(32))))
+            self.assertEqual(e.exception.code, "enrollment-token-invalid")
+        self.assertEqual(len(queries), 5)
+        for _ in range(100):
+            with self.assertRaises(ApiError) as e:
+                self.call("enroll", dict(body, token=b64(os.urandom(32))))
+            self.assertEqual((e.exception.status, e.exception.code), (429, "rate-limited"))
+            self.assertEqual(e.exception.headers, {"Retry-After": "60"})
+        self.assertEqual(len(queries), 5)  # refused without touching the database
+        self.assertEqual(self.audit_events(), [("enroll-failed", "enrollment-token-invalid")]
+                         * 5 + [("enroll-failed", "rate-limited")])
+        # Another address is not affected, and the lockout ends with the window.
+        vm, token, _ = result(self.api.add_vm("lab", "alice", "h:22"))
+        self.assertEqual(self.call("enroll", dict(body, token=token), client="10.0.0.8")[0],
+                         200)
+        self.clock.advance(60)
+        with self.assertRaises(ApiError) as e:
+            self.call("enroll", dict(body, token=b64(os.urandom(32))))
+        self.assertEqual(e.exception.code, "enrollment-token-invalid")
+
     def test_enrollment_token_expiry_and_ticket(self) -> None:
         vm, token, expires = result(self.api.add_vm("lab", "alice", "h:22"))
         self.assertEqual(expires, int(self.clock.seconds()) + 50)
@@ -224,8 +309,9 @@ class BoundedBodyTests(SynchronousTestCase):
             async def login(self, call: Call) -> Any:
                 raise RuntimeError("secret internals")
 
+        self.clock = task.Clock()
         self.site = RestSite(FakeApi(), max_body=1024, idle_timeout=60,  # type: ignore
-                             reactor=task.Clock())
+                             reactor=self.clock, request_timeout=30)
 
     def send(self, head: bytes, body: bytes) -> tuple[StringTransport, Any]:
         proto = self.site.buildProtocol(None)
@@ -264,6 +350,67 @@ class BoundedBodyTests(SynchronousTestCase):
                                                       "message": "internal error"}})
         self.assertNotIn(b"secret internals", t.value())
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+
+    def test_trickling_client_is_cut_off_despite_the_idle_timeout(self) -> None:
+        proto = self.site.buildProtocol(None)
+        t = StringTransport()
+        proto.makeConnection(t)
+        request = b"POST /v1/auth/challenge HTTP/1.1\r\nHost: x\r\n"
+        for i in range(3):  # one byte every 10s keeps the idle timeout away
+            proto.dataReceived(request[i:i + 1])
+            self.clock.advance(10)
+        self.assertIn(b"408", t.value().split(b"\r\n")[0])
+        self.assertIn(b'"request-timeout"', t.value())
+        self.assertTrue(t.disconnecting)
+        self.assertEqual(self.seen, [])
+
+    def test_request_timeout_does_not_cut_keep_alive_idle_time(self) -> None:
+        proto = self.site.buildProtocol(None)
+        t = StringTransport()
+        proto.makeConnection(t)
+        request = (b"POST /v1/auth/challenge HTTP/1.1\r\nHost: x\r\n"
+                   b"Content-Length: 2\r\n\r\n{}")
+        proto.dataReceived(request[:10])
+        self.clock.advance(29)
+        proto.dataReceived(request[10:])
+        self.assertIn(b"200 OK", t.value())
+        self.clock.advance(50)  # idle between requests: only idle_timeout applies
+        self.assertFalse(t.disconnecting)
+        proto.dataReceived(request)
+        self.assertEqual(t.value().count(b"200 OK"), 2)
+        self.assertEqual(self.seen, [b"{}", b"{}"])
+        self.clock.advance(61)
+        self.assertTrue(t.disconnecting)  # the idle timeout still works
+
+    def test_connection_limits_total_and_per_address(self) -> None:
+        from twisted.internet.address import IPv4Address
+
+        from ticrypt.rest.web import ConnectionLimits
+
+        limited = ConnectionLimits(self.site, max_total=3, per_address=2)
+
+        def connect(host: str) -> tuple[Any, StringTransport]:
+            addr = IPv4Address("TCP", host, 40000)
+            proto = limited.buildProtocol(addr)
+            transport = StringTransport(peerAddress=addr)
+            proto.makeConnection(transport)
+            return proto, transport
+
+        a1, t1 = connect("10.0.0.1")
+        connect("10.0.0.1")
+        _, refused = connect("10.0.0.1")
+        self.assertTrue(refused.disconnected)  # third from one address
+        connect("10.0.0.2")
+        _, refused = connect("10.0.0.3")
+        self.assertTrue(refused.disconnected)  # fourth in total
+        self.assertEqual((len(limited), limited.refused), (3, 2))
+        a1.dataReceived(b"POST /v1/auth/challenge HTTP/1.1\r\nHost: x\r\n"
+                        b"Content-Length: 2\r\n\r\n{}")
+        self.assertIn(b"200 OK", t1.value())  # admitted connections work
+        a1.connectionLost(Failure(ConnectionDone()))
+        _, t = connect("10.0.0.3")
+        self.assertFalse(t.disconnecting)  # a slot is free again
+        self.assertEqual(len(limited), 3)
 
     def test_far_too_large_is_cut_off_early(self) -> None:
         t, _ = self.send(b"Content-Length: %d\r\n" % (50 * 1024 * 1024), b"c" * 4096)
@@ -314,6 +461,7 @@ class ConfigTests(SynchronousTestCase):
     def test_good(self) -> None:
         cfg = self.load()
         self.assertEqual(cfg.rest.max_body, 65536)
+        self.assertEqual(cfg.rest.request_timeout, 30)
         self.assertFalse(cfg.rest.allow_plain_http)
 
     def test_error_paths(self) -> None:
@@ -328,6 +476,7 @@ class ConfigTests(SynchronousTestCase):
         self.error("max_body", max_body="1")
         self.error("session_ttl", session_ttl="-1")
         self.error("challenge_ttl", challenge_ttl="1h")
+        self.error("request_timeout", request_timeout="2h")
         self.error("login_failures_per_user", login_failures_per_user="0")
         self.error("audit_log", audit_log="no/such/dir/audit.log")
         self.assertIn("ticrypt-admin init", self.error("database", database="other.db"))
@@ -368,3 +517,55 @@ class WorkedExampleTests(SynchronousTestCase):
         ]
         for value in expected:
             self.assertIn(value, doc)
+
+
+class PurgeJobTests(SynchronousTestCase):
+    """The periodic purge of ticrypt-rest keeps running through its own errors."""
+
+    def test_purges_and_survives_errors(self) -> None:
+        from twisted.application.internet import TimerService
+
+        from ticrypt.rest.tap import PRUNE_INTERVAL, make_purge
+
+        clock = task.Clock()
+        clock.advance(1_800_000_000)
+        sync = SyncDb(self.mktemp())
+        self.addCleanup(sync.conn.close)
+        db.transaction(sync.conn, store.add_user, "alice",
+                       identity.public_bytes(identity.generate()), "user", clock.seconds())
+        db.transaction(sync.conn, store.create_session, b"h" * 32, "alice", clock.seconds(),
+                       10.0)
+        api = RestApi(clock=clock, db=sync, signing_key=identity.generate(),
+                      proxy_url="wss://p:1", audit=AuditLog(None, clock, "rest"),
+                      session_ttl=100, challenge_ttl=30, ticket_ttl=60, enrollment_ttl=50,
+                      login_window=60, login_failures_per_address=5,
+                      login_failures_per_user=2, challenges_per_address=8)
+        failures = ["sync", "async"]
+
+        class FlakyDb:
+            def run(self, fn: Any, *args: Any, write: bool = True) -> Any:
+                if failures:
+                    kind = failures.pop(0)
+                    if kind == "sync":
+                        raise RuntimeError("database went away")
+                    return defer.fail(RuntimeError("disk full"))
+                return sync.run(fn, *args, write=write)
+
+        def sessions() -> int:
+            return int(sync.conn.execute("SELECT count(*) FROM sessions").fetchone()[0])
+
+        timer = TimerService(PRUNE_INTERVAL, make_purge(api, FlakyDb(), clock))
+        timer.clock = clock
+        timer.startService()
+        self.addCleanup(timer.stopService)
+        api.challenges.issue("alice", "10.0.0.1")
+        api.address_limits.failed("10.0.0.1")
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)  # sync failure
+        clock.advance(PRUNE_INTERVAL)
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)  # async failure
+        # Challenges and rate-limit entries are gone once stale.
+        self.assertEqual((len(api.challenges), len(api.address_limits)), (0, 0))
+        self.assertEqual(sessions(), 1)  # expired less than a day ago: kept
+        clock.advance(86400)
+        self.assertTrue(timer.running)
+        self.assertEqual(sessions(), 0)

@@ -230,13 +230,7 @@ class RestApi:
     async def login(self, call: Call) -> Result:
         body = parse_body(call.body, LOGIN_BODY)
         name = body["user"]
-        wait = max(self.address_limits.retry_after(call.client),
-                   self.user_limits.retry_after(name))
-        if wait:
-            self._audit.write("login-failed", user=name, client=call.client,
-                              reason="rate-limited")
-            raise ApiError(429, "rate-limited", f"too many failed logins; retry in {wait}s",
-                           {"Retry-After": str(wait)})
+        self._check_rate_limits("login-failed", call.client, name)
         c = self.challenges.take(body["challenge_id"], name)
         token = new_token(self._random)
         reason, user, expires = await self._run(
@@ -249,6 +243,28 @@ class RestApi:
             raise ApiError(401, "login-failed", "login failed")
         self._audit.write("login-ok", user=name, client=call.client, user_role=user.role)
         return 200, {"token": token, "expires": expires, "user": name, "role": user.role}
+
+    def _check_rate_limits(self, event: str, client: str, user: str | None = None) -> None:
+        """ApiError 429 if ``client`` (or ``user``) has failed too often.  The
+        refusal is audited once per lockout, not once per refused request, so
+        that a flood cannot grow the audit log without bound."""
+        locked = [(limiter, key) for limiter, key in (
+            (self.address_limits, client), (self.user_limits, user))
+            if key is not None and limiter.retry_after(key)]
+        if not locked:
+            return
+        wait = max(limiter.retry_after(key) for limiter, key in locked)
+        if any([limiter.first_refusal(key) for limiter, key in locked]):
+            fields = {"user": user} if user is not None else {}
+            self._audit.write(event, client=client, reason="rate-limited", **fields)
+        raise ApiError(429, "rate-limited", f"too many failed attempts; retry in {wait}s",
+                       {"Retry-After": str(wait)})
+
+    def purge(self) -> None:
+        """Forget expired challenges and rate-limit entries (periodic job)."""
+        self.challenges.purge()
+        self.address_limits.purge()
+        self.user_limits.purge()
 
     async def logout(self, call: Call) -> Result:
         parse_body(call.body, EMPTY_BODY)
@@ -337,12 +353,16 @@ class RestApi:
 
     async def enroll(self, call: Call) -> Result:
         body = parse_body(call.body, ENROLL_BODY)
+        # Failed enrollments count with failed logins against the address: an
+        # unauthenticated flood costs neither database trips nor audit lines.
+        self._check_rate_limits("enroll-failed", call.client)
         vm_key = identity.parse_public(body["vm_public_key"])
         now = self._now()
         try:
             vm = await self._db.run(store.enroll, token_hash(body["token"]), vm_key,
                                     body["tls_fingerprint"], now)
         except StoreError as e:
+            self.address_limits.failed(call.client)
             self._audit.write("enroll-failed", client=call.client, reason=e.code)
             raise _store_error(e) from None
         credential = signed.make_vm_credential(self._key, vm=vm.id, vm_key=vm_key, now=now)

@@ -33,10 +33,16 @@ _KEYS = {
     "ticket_ttl": Key(Duration(min=1, max=3600), "60s", "connection ticket lifetime"),
     "enrollment_ttl": Key(Duration(min=1, max=30 * 86400), "24h", "enrollment token lifetime"),
     "login_window": Key(Duration(min=1, max=86400), "5m", "window of the login rate limits"),
-    "login_failures_per_address": Key(Int(1, 100000), "20", "failed logins per address"),
+    "login_failures_per_address": Key(Int(1, 100000), "20",
+                                      "failed logins and enrollments per address"),
     "login_failures_per_user": Key(Int(1, 100000), "10", "failed logins per user"),
     "challenges_per_address": Key(Int(1, 100000), "64", "outstanding challenges per address"),
     "idle_timeout": Key(Duration(min=1, max=3600), "60s", "close idle HTTP connections"),
+    "max_connections": Key(Int(1, 1000000), "1000", "open HTTP connections in total"),
+    "max_connections_per_address": Key(Int(1, 1000000), "64",
+                                       "open HTTP connections from one client address"),
+    "request_timeout": Key(Duration(min=1, max=3600), "30s",
+                           "time for a whole request to arrive from its first byte"),
 }
 
 

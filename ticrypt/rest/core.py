@@ -141,6 +141,10 @@ class ChallengeTable:
             if not ids:
                 del self._by_address[c.address]
 
+    def purge(self) -> None:
+        """Drop every expired challenge (also done on each :meth:`issue`)."""
+        self._expire()
+
     def _expire(self) -> None:
         now = self._clock.seconds()
         # Insertion order equals expiry order (one ttl), so stop at the first live one.
@@ -165,6 +169,11 @@ class RateLimiter:
         self._window = window
         self._max_keys = max_keys
         self._failures: OrderedDict[str, deque[float]] = OrderedDict()
+        # key -> time of the last failure of the lockout already reported
+        self._reported: dict[str, float] = {}
+
+    def __len__(self) -> int:
+        return len(self._failures)
 
     def retry_after(self, key: str) -> int:
         """0 if ``key`` may try now, else whole seconds until it may."""
@@ -175,11 +184,23 @@ class RateLimiter:
         while times and times[0] <= now - self._window:
             times.popleft()
         if not times:
-            del self._failures[key]
+            self._forget(key)
             return 0
         if len(times) < self._limit:
             return 0
         return max(1, math.ceil(times[0] + self._window - now))
+
+    def first_refusal(self, key: str) -> bool:
+        """True the first time it is asked during one lockout of ``key`` (call
+        it when :meth:`retry_after` refused), so that a flood of refused
+        attempts is reported (audited) once rather than once per attempt."""
+        times = self._failures.get(key)
+        if not times:
+            return True
+        if self._reported.get(key) == times[-1]:
+            return False
+        self._reported[key] = times[-1]
+        return True
 
     def failed(self, key: str) -> None:
         now = self._clock.seconds()
@@ -187,7 +208,21 @@ class RateLimiter:
         times.append(now)
         self._failures[key] = times
         while len(self._failures) > self._max_keys:
-            self._failures.popitem(last=False)
+            self._forget(next(iter(self._failures)))
+
+    def purge(self) -> None:
+        """Forget every key whose failures have all left the window."""
+        horizon = self._clock.seconds() - self._window
+        # Keys are in order of their last failure: stop at the first live one.
+        while self._failures:
+            key, times = next(iter(self._failures.items()))
+            if times and times[-1] > horizon:
+                break
+            self._forget(key)
+
+    def _forget(self, key: str) -> None:
+        self._failures.pop(key, None)
+        self._reported.pop(key, None)
 
 
 # ---------------------------------------------------------------- bodies

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from twisted.application.internet import TimerService
-from twisted.internet import endpoints
+from twisted.internet import defer, endpoints
 from twisted.logger import Logger
 
 from ticrypt import identity
@@ -14,15 +15,33 @@ from ticrypt.rest import store
 from ticrypt.rest.api import RestApi
 from ticrypt.rest.config import SCHEMA
 from ticrypt.rest.db import Database
-from ticrypt.rest.web import RestSite
+from ticrypt.rest.web import ConnectionLimits, RestSite
 from ticrypt.service import ListenerService, RoleService, options_for
 
 Options = options_for("rest", SCHEMA)
 
 log = Logger(namespace="ticrypt.rest")
 
-#: How often expired sessions are deleted.
-PRUNE_INTERVAL = 3600.0
+#: How often expired sessions, challenges and rate-limit entries are purged.
+PRUNE_INTERVAL = 300.0
+
+
+def make_purge(api: RestApi, db: Any, clock: Any) -> Callable[[], defer.Deferred[None]]:
+    """The periodic job: forget expired challenges and rate-limit entries, and
+    delete expired sessions.  It catches and logs its own errors, since a
+    LoopingCall whose function raises (or whose Deferred fails) stops for good."""
+
+    def purge() -> defer.Deferred[None]:
+        try:
+            api.purge()
+        except Exception:
+            log.failure("purging expired challenges failed")
+        d = defer.maybeDeferred(db.run, store.prune, clock.seconds())
+        d.addCallback(lambda n: log.debug("pruned {n} expired sessions", n=n))
+        d.addErrback(lambda f: log.failure("pruning expired sessions failed", f))
+        return d
+
+    return purge
 
 
 def make_rest_service(cfg: Any, reactor: Any) -> RoleService:
@@ -41,20 +60,20 @@ def make_rest_service(cfg: Any, reactor: Any) -> RoleService:
         login_failures_per_user=rest.login_failures_per_user,
         challenges_per_address=rest.challenges_per_address,
     )
-    site = RestSite(api, rest.max_body, rest.idle_timeout, reactor=reactor)
+    site = RestSite(api, rest.max_body, rest.idle_timeout, reactor=reactor,
+                    request_timeout=rest.request_timeout)
     plain = not rest.listen.startswith("ssl:")
     if plain:
         log.warn("listening without TLS ({listen}): allow_plain_http = yes is for tests only",
                  listen=rest.listen)
     label = "http" if plain else "https"
+    limited = ConnectionLimits(site, rest.max_connections, rest.max_connections_per_address)
     ListenerService(label, endpoints.serverFromString(reactor, rest.listen),
-                    site).setServiceParent(top)
+                    limited).setServiceParent(top)
 
-    def prune() -> None:
-        d = db.run(store.prune, reactor.seconds())
-        d.addErrback(lambda f: log.failure("pruning expired sessions failed", f))
-
-    TimerService(PRUNE_INTERVAL, prune).setServiceParent(top)
+    timer = TimerService(PRUNE_INTERVAL, make_purge(api, db, reactor))
+    timer.clock = reactor
+    timer.setServiceParent(top)
     top.ready_info["backend_public_key"] = identity.public_text(api.public_key)
     return top
 

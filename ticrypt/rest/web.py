@@ -5,6 +5,12 @@ Bodies are limited while they are read (:class:`BoundedRequest`): nothing
 past ``max_body`` is stored; a request that declares or sends more gets 413
 ``body-too-large`` once its body has been read, and a client that keeps
 sending far past the limit is answered and disconnected at once.
+
+Open connections are bounded in total and per client address
+(:class:`ConnectionLimits`).  Slow clients are bounded too (:class:`BoundedChannel`): besides the idle
+timeout, a request must arrive whole (request line, headers and body) within
+``request_timeout`` of its first byte, else it is answered 408
+``request-timeout`` and the connection is closed.  Only HTTP/1.1 is served.
 """
 
 from __future__ import annotations
@@ -13,10 +19,12 @@ import io
 import json
 from typing import Any
 
-from twisted.internet import defer
+from twisted.internet import defer, protocol
+from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
+from twisted.protocols import policies
 from twisted.python.failure import Failure
-from twisted.web import resource, server
+from twisted.web import http, resource, server
 
 from ticrypt.rest.api import ROUTES, Call, RestApi, Route
 from ticrypt.rest.core import ApiError
@@ -87,6 +95,94 @@ class BoundedRequest(server.Request):
                          method=self.method, path=self.path)
         if not self.finished and not self.startedWriting:
             send_json(self, 500, error_body("internal-error", "internal error"))
+
+
+class BoundedChannel(http.HTTPChannel):
+    """An HTTPChannel that gives each request ``site.request_timeout`` seconds,
+    from its first byte to its last, to arrive.
+
+    The idle timeout alone is reset by every byte, so a client sending one
+    byte a minute would hold its connection (and its file descriptor) forever.
+    """
+
+    site: RestSite
+    _request_deadline: IDelayedCall | None = None
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._request_deadline is None and not self._handlingRequest:
+            self._request_deadline = self.callLater(self.site.request_timeout,
+                                                    self._request_too_slow)
+        super().dataReceived(data)
+
+    def allContentReceived(self) -> None:
+        self._cancel_request_deadline()
+        super().allContentReceived()
+
+    def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
+        self._cancel_request_deadline()
+        super().connectionLost(reason)
+
+    def _cancel_request_deadline(self) -> None:
+        if self._request_deadline is not None:
+            if self._request_deadline.active():
+                self._request_deadline.cancel()
+            self._request_deadline = None
+
+    def _request_too_slow(self) -> None:
+        self._request_deadline = None
+        if self.transport is None or self._handlingRequest:
+            return
+        self.transport.write(_raw_response(408, "Request Timeout", error_body(
+            "request-timeout",
+            f"the request did not arrive within {self.site.request_timeout:g}s")))
+        # Close, and abort after abortTimeout if the client does not read.
+        self.timeoutConnection()
+
+
+class _Refused(protocol.Protocol):
+    """Hang up at once (an over-limit connection)."""
+
+    def connectionMade(self) -> None:
+        assert self.transport is not None
+        self.transport.abortConnection()  # type: ignore[attr-defined]
+
+
+class ConnectionLimits(policies.WrappingFactory):
+    """Refuse connections past ``max_total`` open ones, or past
+    ``per_address`` open ones from one client address, so that many idle or
+    slow connections cannot exhaust the daemon's file descriptors.
+
+    Under an ``ssl:`` endpoint this sits inside TLS; a refused connection is
+    aborted as soon as it is made (it never reaches HTTP)."""
+
+    def __init__(self, wrapped: Any, max_total: int, per_address: int):
+        super().__init__(wrapped)
+        self.max_total = max_total
+        self.per_address = per_address
+        self.refused = 0
+        self._hosts: dict[protocol.Protocol, str] = {}
+        self._per_host: dict[str, int] = {}
+
+    def buildProtocol(self, addr: Any) -> Any:
+        host = str(getattr(addr, "host", ""))
+        if len(self._hosts) >= self.max_total or self._per_host.get(host, 0) >= self.per_address:
+            self.refused += 1
+            return _Refused()
+        p = super().buildProtocol(addr)
+        self._hosts[p] = host
+        self._per_host[host] = self._per_host.get(host, 0) + 1
+        return p
+
+    def unregisterProtocol(self, p: Any) -> None:
+        super().unregisterProtocol(p)
+        host = self._hosts.pop(p, None)
+        if host is not None:
+            self._per_host[host] -= 1
+            if not self._per_host[host]:
+                del self._per_host[host]
+
+    def __len__(self) -> int:
+        return len(self._hosts)
 
 
 def send_json(request: server.Request, status: int, body: bytes | None,
@@ -175,16 +271,19 @@ def match(method: str, path: str) -> tuple[Route, tuple[str, ...]]:
 class RestSite(server.Site):
     """A Site whose requests are bounded and whose errors are JSON."""
 
+    # HTTP/1.1 only (no HTTP/2 negotiation): the bounds above live in the HTTP/1 parser.
+    protocol = BoundedChannel  # type: ignore[assignment]
     requestFactory = BoundedRequest
     displayTracebacks = False
 
     def __init__(self, api: RestApi, max_body: int, idle_timeout: float,
-                 reactor: Any = None):
+                 reactor: Any = None, request_timeout: float = 30.0):
         kwargs: dict[str, Any] = {"timeout": idle_timeout}
         if reactor is not None:
             kwargs["reactor"] = reactor
         super().__init__(ApiResource(api), **kwargs)
         self.max_body = max_body
+        self.request_timeout = request_timeout
         self._parsePOSTFormSubmission = False
 
     def log(self, request: Any) -> None:
@@ -198,4 +297,4 @@ class RestSite(server.Site):
     _access = Logger(namespace="ticrypt.rest.access")
 
 
-__all__ = ["ApiResource", "BoundedRequest", "RestSite", "error_body", "match"]
+__all__ = ["ApiResource", "BoundedChannel", "ConnectionLimits", "BoundedRequest", "RestSite", "error_body", "match"]
