@@ -1,0 +1,442 @@
+"""End to end: real ticrypt-rest, ticrypt-proxy and ticrypt-vmc daemons on
+127.0.0.1 (twistd, TLS, websockets), the session library and the CLI."""
+
+from __future__ import annotations
+
+import os
+import termios
+
+from twisted.internet import defer, protocol, reactor
+from twisted.internet.error import ProcessDone
+from twisted.python.failure import Failure
+from twisted.trial.unittest import TestCase
+
+from test.daemon import daemon_env
+from test.restfixture import script
+from test.vmcfixture import CapturingRelay, Trio, deferred_later, start_trio, ws_payloads
+from ticrypt import identity
+from ticrypt.frontend.session import RemoteError, Session, SessionError
+from ticrypt.vmc.processes import set_window
+
+
+class _PtyClient(protocol.ProcessProtocol):
+    """The CLI on a pseudo-terminal: collects output, reports the exit code."""
+
+    def __init__(self) -> None:
+        self.output = bytearray()
+        self.waiting: list[defer.Deferred[None]] = []
+        self.ended: defer.Deferred[int] = defer.Deferred()
+
+    def outReceived(self, data: bytes) -> None:
+        self.output += data
+        waiting, self.waiting = self.waiting, []
+        for d in waiting:
+            d.callback(None)
+
+    def next_output(self) -> defer.Deferred[None]:
+        d: defer.Deferred[None] = defer.Deferred()
+        self.waiting.append(d)
+        return d
+
+    def processEnded(self, reason: Failure) -> None:
+        code = 0 if isinstance(reason.value, ProcessDone) else reason.value.exitCode
+        for d in self.waiting:
+            d.errback(AssertionError(f"CLI ended early: {bytes(self.output)!r}"))
+        self.ended.callback(code if code is not None else -1)
+
+
+async def run(session: Session, argv: list[str], stdin: bytes | None = b""
+              ) -> tuple[int, bytes, bytes]:
+    out, err = bytearray(), bytearray()
+    cmd = session.exec(argv, stdin=stdin, on_stdout=out.extend, on_stderr=err.extend)
+    status = await cmd.done
+    return status, bytes(out), bytes(err)
+
+
+async def eventually_exec(trio: Trio, user: str, attempts: int = 60) -> tuple[int, bytes]:
+    """Open a session and run ``echo back`` until it works (after a restart);
+    bounded by ``attempts`` tries 0.25s apart."""
+    last: Exception | None = None
+    for _ in range(attempts):
+        try:
+            session = await trio.session(user)
+        except SessionError as e:
+            last = e
+            await deferred_later(0.25)
+            continue
+        status, out, _ = await run(session, ["echo", "back"])
+        await session.close()
+        return status, out
+    raise AssertionError(f"exec never worked again: {last}")
+
+
+def _alive(pid: int) -> bool:
+    """True while ``pid`` exists and is not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, IndexError):
+        return False
+
+
+class ExecTests(TestCase):
+    timeout = 120
+
+    async def setUp(self) -> None:  # type: ignore[override]
+        self.trio = await start_trio(self)
+
+    async def test_exec_round_trip(self) -> None:
+        trio = self.trio
+        assert trio.vmc is not None and trio.vmc.ready_info is not None
+        self.assertEqual(trio.vmc.ready_info["vm_id"], trio.vm_id)
+        s = await trio.session("owen")
+        self.assertEqual(await run(s, ["echo", "hello", "world"]), (0, b"hello world\n", b""))
+        self.assertEqual(await run(s, ["sh", "-c", "echo oops >&2; exit 7"]),
+                         (7, b"", b"oops\n"))
+        self.assertEqual(await run(s, ["cat"], stdin=b"through stdin\n" * 1000),
+                         (0, b"through stdin\n" * 1000, b""))
+        self.assertEqual(await run(s, ["sh", "-c", "kill -9 $$"]), (137, b"", b""))
+        with self.assertRaises(RemoteError) as e:
+            await run(s, ["no-such-command-zz"])
+        self.assertEqual(e.exception.code, "command-not-found")
+        info = await s.info()
+        self.assertEqual(info["vm"], trio.vm_id)
+        self.assertEqual(info["owner"], "owen")
+        await s.close()
+        events = [r["event"] for r in trio.vmc_audit_lines()]
+        self.assertIn("enroll", events)
+        self.assertIn("session-open", events)
+
+    async def test_cancel(self) -> None:
+        s = await self.trio.session("owen")
+        out = bytearray()
+        cmd = s.exec(["sh", "-c", "echo started; sleep 300"], on_stdout=out.extend)
+        while b"started" not in out:
+            await deferred_later(0.05)
+        cmd.cancel()
+        self.assertEqual(await cmd.done, 128 + 15)
+        await s.close()
+
+    async def test_children_killed_when_channel_closes(self) -> None:
+        s = await self.trio.session("owen")
+        out = bytearray()
+        cmd = s.exec(["sh", "-c", "sleep 300 & echo $!; wait"], on_stdout=out.extend)
+        cmd.done.addErrback(lambda f: f.trap(SessionError))  # ends with the channel
+        while b"\n" not in out:
+            await deferred_later(0.05)
+        pid = int(out.split()[0])
+        self.assertTrue(_alive(pid))
+        await s.close()
+        for _ in range(200):  # bounded: 10 s
+            if not _alive(pid):
+                break
+            await deferred_later(0.05)
+        self.assertFalse(_alive(pid), "the background child survived the channel")
+
+    async def test_shell_pty(self) -> None:
+        s = await self.trio.session("owen")
+        out = bytearray()
+        cmd = s.shell("xterm", 24, 80, on_output=out.extend)
+        await cmd.started
+        cmd.write(b"echo h''i; exit 3\n")
+        self.assertEqual(await cmd.done, 3)
+        self.assertIn(b"hi\r\n", bytes(out))  # the PTY turns \n into \r\n
+        await s.close()
+
+    async def test_second_start_does_not_enroll_again(self) -> None:
+        trio = self.trio
+        assert trio.vmc is not None
+        await trio.vmc.stop()
+        os.unlink(os.path.join(trio.dir, "vmc", "enroll.token"))  # single use anyway
+        await trio.start_vmc(self)
+        status, out = await eventually_exec(trio, "owen")
+        self.assertEqual((status, out), (0, b"back\n"))
+        enrolls = [r for r in trio.vmc_audit_lines() if r["event"] == "enroll"]
+        self.assertEqual(len(enrolls), 1)
+
+    async def test_proxy_killed_and_restarted(self) -> None:
+        trio = self.trio
+        await trio.kill_proxy()
+        with self.assertRaises(SessionError):
+            await trio.session("owen")
+        await trio.restart_proxy(self)
+        status, out = await eventually_exec(trio, "owen")
+        self.assertEqual((status, out), (0, b"back\n"))
+
+
+class AuthorizationTests(TestCase):
+    timeout = 120
+
+    async def setUp(self) -> None:  # type: ignore[override]
+        self.trio = await start_trio(self)
+
+    async def test_unauthorized_user_refused(self) -> None:
+        with self.assertRaises(SessionError) as e:
+            await self.trio.session("bob")
+        self.assertEqual(e.exception.code, "not-authorized")
+        self.assertIn("not authorized on this VM", str(e.exception))
+        refused = [r for r in self.trio.vmc_audit_lines() if r["event"] == "session-refused"]
+        self.assertEqual(refused[-1]["reason"], "not-authorized")
+        self.assertEqual(refused[-1]["user_key"],
+                         identity.fingerprint(identity.public_bytes(self.trio.keys["bob"])))
+
+    async def test_authorize_then_revoke(self) -> None:
+        trio = self.trio
+        owner = await trio.session("owen")
+        bob_key = identity.public_bytes(trio.keys["bob"])
+        result = await owner.authorize(bob_key, "bob")
+        self.assertTrue(result["added"])
+        users = await owner.users()
+        self.assertEqual([u["name"] for u in users["users"]], ["bob"])
+
+        bob = await trio.session("bob")
+        self.assertEqual(await run(bob, ["echo", "bob here"]), (0, b"bob here\n", b""))
+        with self.assertRaises(RemoteError) as e:
+            await bob.users()
+        self.assertEqual(e.exception.code, "not-owner")
+
+        await owner.revoke("bob")
+        err = await bob.closed  # the revoked user's open session is closed
+        assert err is not None
+        self.assertEqual(err.code, "not-authorized")
+        with self.assertRaises(SessionError) as e2:
+            await trio.session("bob")
+        self.assertEqual(e2.exception.code, "not-authorized")
+        await owner.close()
+
+    async def test_wrong_vm_key_refused(self) -> None:
+        """The frontend refuses a VM whose key is not the one rest registered."""
+        trio = self.trio
+        client = trio.rest.client()
+        await client.login("owen", trio.keys["owen"])
+        t = await client.ticket(trio.vm_id)
+        from twisted.internet import reactor
+
+        from ticrypt.frontend.session import open_session
+
+        with self.assertRaises(SessionError) as e:
+            await open_session(reactor, t["proxy_url"], trio.rest.ca_file, t["ticket"],
+                               trio.keys["owen"], trio.vm_id,
+                               identity.public_bytes(identity.generate()))
+        self.assertEqual(e.exception.code, "vm-key-mismatch")
+
+    async def test_owner_key_change_refused(self) -> None:
+        """A re-enrollment that reports another owner is refused; the pin holds."""
+        trio = self.trio
+        assert trio.vmc is not None
+        await trio.vmc.stop()
+        # The backend (say, compromised) hands this VM to bob with a new token.
+        os.unlink(os.path.join(trio.vmc_state, "enrollment.json"))
+        _, token = await trio.add_vm("bob", name="vm2")
+        config = trio.write_vmc_config(token)
+        proc = await _start_expect_exit(self, config)
+        self.assertIn("owner-key-change-refused", proc)
+        refused = [r for r in trio.vmc_audit_lines()
+                   if r["event"] == "owner-key-change-refused"]
+        self.assertEqual(len(refused), 1)
+        self.assertEqual(refused[0]["pinned"],
+                         identity.fingerprint(identity.public_bytes(trio.keys["owen"])))
+        with open(os.path.join(trio.vmc_state, "owner.pub")) as f:
+            self.assertEqual(identity.parse_public(f.read()),
+                             identity.public_bytes(trio.keys["owen"]))
+
+
+async def _start_expect_exit(testcase: TestCase, config: str) -> str:
+    from test.daemon import spawn_daemon
+
+    proc = spawn_daemon(testcase, "ticrypt-vmc", config)
+    proc.ready.addErrback(lambda f: None)
+    code = await proc.ended
+    if proc.ready.called and proc.ready_info is not None:
+        raise AssertionError("vmc became ready with a changed owner key")
+    if code != 1:
+        raise AssertionError(f"vmc exited with {code}, expected 1")
+    return proc.text()
+
+
+class LimitTests(TestCase):
+    timeout = 120
+
+    async def test_max_sessions_and_idle_timeout(self) -> None:
+        trio = await start_trio(self, exec_max_sessions="1", idle_timeout="2s")
+        first = await trio.session("owen")
+        with self.assertRaises(SessionError) as e:
+            await trio.session("owen")
+        self.assertEqual(e.exception.code, "over-limit")
+        ended = await first.closed  # nothing happens on it: idle timeout
+        assert ended is not None
+        self.assertEqual(ended.code, "timeout")
+        third = await trio.session("owen")  # the slot is free again
+        self.assertEqual((await run(third, ["echo", "3"]))[:2], (0, b"3\n"))
+        await third.close()
+        events = [(r["event"], r.get("reason")) for r in trio.vmc_audit_lines()]
+        self.assertIn(("session-refused", "over-limit"), events)
+
+
+def _rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+class BackpressureTests(TestCase):
+    timeout = 300
+
+    async def test_slow_reader_bounds_vmc_memory(self) -> None:
+        """A user who stops reading stops the command, not vmc's memory: vmc
+        stays small while 64 MiB of output wait, and all of it arrives later."""
+        trio = await start_trio(self)
+        assert trio.vmc is not None and trio.vmc.transport is not None
+        pid = trio.vmc.transport.pid
+        s = await trio.session("owen")
+        before = _rss_kib(pid)
+        received = [0]
+        cmd = s.exec(["head", "-c", str(64 * 1024 * 1024), "/dev/zero"],
+                     on_stdout=lambda b: received.__setitem__(0, received[0] + len(b)))
+        s.transport.pauseProducing()  # the user stops reading its socket
+        await deferred_later(3)  # let every buffer on the way fill up
+        stalled = received[0]
+        grown = _rss_kib(pid) - before
+        self.assertLess(grown, 32 * 1024, f"vmc grew by {grown} KiB while the user was stalled")
+        self.assertLess(stalled, 64 * 1024 * 1024)
+        s.transport.resumeProducing()
+        self.assertEqual(await cmd.done, 0)
+        self.assertEqual(received[0], 64 * 1024 * 1024)
+        await s.close()
+
+
+class WireTests(TestCase):
+    timeout = 120
+
+    async def test_proxy_sees_no_plaintext(self) -> None:
+        """Everything the proxy relays between user and vmc is ciphertext
+        (after the handshake): the unique marker in the command and its output
+        appears nowhere in what crossed the vmc<->proxy connection."""
+        trio = await start_trio(self, enroll=False, pool_size="1")
+        relay = await CapturingRelay(trio.rest.server_pem, trio.rest.ca_file,
+                                     trio.proxy_port).start(self)
+        trio.write_vmc_config(trio.token,
+                              pool_size="1", proxy_url=f"wss://127.0.0.1:{relay.port}")
+        await trio.start_vmc(self)
+        marker = "MARKER-" + os.urandom(8).hex()
+        s = await trio.session("owen")
+        status, out, _ = await run(s, ["sh", "-c", f"echo {marker}-out; echo $0"],
+                                   stdin=f"{marker}-in".encode())
+        self.assertEqual(status, 0)
+        self.assertIn(f"{marker}-out".encode(), out)
+        await s.close()
+        self.assertGreaterEqual(len(relay.connections), 2)  # the paired one + a fresh one
+        up: list[bytes] = []
+        down: list[bytes] = []
+        for to_proxy, from_proxy in relay.connections:
+            up += ws_payloads(bytes(to_proxy))
+            down += ws_payloads(bytes(from_proxy))
+        # the capture works: the control messages are visible in it ...
+        self.assertTrue(any(b'"vm-auth"' in p for p in up))
+        self.assertTrue(any(b'"paired"' in p for p in down))
+        # ... and the secure channel's records were relayed both ways ...
+        self.assertTrue(any(p[:1] == b"\x01" and len(p) > 25 for p in up))
+        self.assertTrue(any(p[:1] == b"\x01" and len(p) > 25 for p in down))
+        # ... but no plaintext of the command, its input or its output.
+        raw = b"".join(bytes(a) + bytes(b) for a, b in relay.connections)
+        self.assertNotIn(marker.encode(), raw + b"".join(up + down))
+        self.assertNotIn(b"echo", b"".join(down))
+
+
+class CliTests(TestCase):
+    timeout = 180
+
+    async def setUp(self) -> None:  # type: ignore[override]
+        self.trio = await start_trio(self)
+
+    async def test_exec_exit_status(self) -> None:
+        code, out, err = await self.trio.cli("owen", "exec", self.trio.vm_id, "--", "sh", "-c",
+                                             "echo to-out; echo to-err >&2; exit 7")
+        self.assertEqual(code, 7, err)
+        self.assertEqual(out, "to-out\n")
+        self.assertEqual(err, "to-err\n")
+
+    async def test_exec_stdin_pipe(self) -> None:
+        code, out, err = await self.trio.cli("owen", "exec", self.trio.vm_id, "--", "wc", "-c",
+                                             stdin=b"x" * 300000)
+        self.assertEqual(code, 0, err)
+        self.assertEqual(out.strip(), "300000")
+
+    async def test_shell_piped(self) -> None:
+        code, out, err = await self.trio.cli("owen", "shell", self.trio.vm_id,
+                                             stdin=b"echo h''i; exit 3\n")
+        self.assertEqual(code, 3, err)
+        self.assertIn("hi", out)
+
+    async def test_unauthorized_reason_reaches_cli(self) -> None:
+        code, out, err = await self.trio.cli("bob", "exec", self.trio.vm_id, "--", "true")
+        self.assertEqual(code, 1)
+        self.assertIn("not-authorized", err)
+        self.assertIn("ticrypt authorize", err)
+        self.assertEqual(len(err.strip().splitlines()), 1, err)  # one line, no traceback
+
+    async def test_authorize_users_revoke_cli(self) -> None:
+        trio = self.trio
+        bob_pub = identity.public_text(identity.public_bytes(trio.keys["bob"]))
+        code, out, err = await trio.cli("owen", "authorize", trio.vm_id, "bob", "--key", bob_pub)
+        self.assertEqual(code, 0, err)
+        code, out, err = await trio.cli("owen", "users", trio.vm_id)
+        self.assertEqual(code, 0, err)
+        self.assertIn("bob", out)
+        code, out, err = await trio.cli("bob", "exec", trio.vm_id, "--", "echo", "ok")
+        self.assertEqual((code, out), (0, "ok\n"), err)
+        code, out, err = await trio.cli("owen", "revoke", trio.vm_id, "bob")
+        self.assertEqual(code, 0, err)
+        code, out, err = await trio.cli("bob", "exec", trio.vm_id, "--", "echo", "ok")
+        self.assertEqual(code, 1)
+        self.assertIn("not-authorized", err)
+
+    async def test_command_not_found_exits_127(self) -> None:
+        code, out, err = await self.trio.cli("owen", "exec", self.trio.vm_id, "--",
+                                             "no-such-command-zz")
+        self.assertEqual(code, 127)
+        self.assertIn("command not found", err)
+
+    async def test_authorize_needs_key_for_non_admin(self) -> None:
+        code, out, err = await self.trio.cli("owen", "authorize", self.trio.vm_id, "bob")
+        self.assertEqual(code, 1)
+        self.assertIn("--key", err)
+        self.assertEqual(len(err.strip().splitlines()), 1, err)
+
+    async def test_shell_on_a_real_terminal(self) -> None:
+        """Raw mode locally, the local window size reaches the remote PTY, the
+        exit status comes back and the local terminal is restored."""
+        trio = self.trio
+        path = os.path.join(trio.dir, "client-owen", "client.ini")
+        if not os.path.exists(path):
+            path = await trio.client_config("owen")
+        master, slave = os.openpty()
+        # A second master fd reads the terminal's modes (on Linux the master
+        # reports the slave's termios) without holding the slave open.
+        keep = os.dup(master)
+        self.addCleanup(os.close, keep)
+        set_window(slave, 37, 111)
+        before = termios.tcgetattr(keep)
+        proto = _PtyClient()
+        reactor.spawnProcess(proto, script("ticrypt"),
+                             [script("ticrypt"), "--config", path, "shell", trio.vm_id],
+                             env=daemon_env(), usePTY=(master, slave, os.ttyname(slave)))  # type: ignore[arg-type]
+        while b"$ " not in proto.output and b"# " not in proto.output:
+            await proto.next_output()
+        raw = termios.tcgetattr(keep)
+        self.assertFalse(raw[3] & termios.ICANON)  # the CLI put the tty in raw mode
+        proto.transport.write(b"stty size; exit 4\r")  # type: ignore[union-attr]
+        code = await proto.ended
+        self.assertEqual(code, 4)
+        self.assertIn(b"37 111", bytes(proto.output))
+        self.assertEqual(termios.tcgetattr(keep), before)
+
+    async def test_info_json(self) -> None:
+        import json
+
+        code, out, err = await self.trio.cli("owen", "info", self.trio.vm_id, "--json")
+        self.assertEqual(code, 0, err)
+        self.assertEqual(json.loads(out)["vm"], self.trio.vm_id)
+

@@ -1,0 +1,234 @@
+"""Unit tests of the frontend session library, the CLI session commands'
+argument handling and the local terminal helpers."""
+
+from __future__ import annotations
+
+import os
+import termios
+from typing import Any
+
+from twisted.internet import defer, reactor
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+
+from ticrypt.frontend import cmd_session, terminal
+from ticrypt.frontend.cli import build_parser
+from ticrypt.frontend.session import Command, RemoteError, Session, SessionError, close_error
+from ticrypt.vmc import app
+
+
+class CloseErrorTests(SynchronousTestCase):
+    def test_not_authorized(self) -> None:
+        e = close_error(4401, "not-authorized this user is not authorized on this VM")
+        self.assertEqual(e.code, "not-authorized")
+        self.assertIn("ticrypt authorize", str(e))
+        self.assertIn("not authorized on this VM", str(e))
+
+    def test_channel_error_reason_is_code(self) -> None:
+        e = close_error(4400, "bad-signature")
+        self.assertEqual(e.code, "bad-signature")
+        self.assertTrue(str(e).startswith("bad-signature:"))
+
+    def test_proxy_codes(self) -> None:
+        self.assertEqual(close_error(4004, "no-vm-available: none waiting").code,
+                         "no-vm-available")
+        self.assertEqual(close_error(4003, "ticket-refused: expired").code, "ticket-refused")
+        self.assertIn("expired", str(close_error(4003, "ticket-refused: expired")))
+        self.assertEqual(close_error(4999, "weird thing").code, "weird")
+
+
+class _FakeLeg:
+    """Stands in for UserLeg: records the application messages sent."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[dict[str, Any], bytes]] = []
+        self.ended: SessionError | None = None
+        self.channel = None
+        self.transport = None
+
+    def send_app(self, header: dict[str, Any], body: bytes = b"") -> None:
+        app.encode(header, body)  # must be encodable
+        self.sent.append((header, body))
+
+
+class SessionTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.leg = _FakeLeg()
+        self.session = Session(self.leg)  # type: ignore[arg-type]
+
+    def test_exec_streams_and_exit(self) -> None:
+        out, err = bytearray(), bytearray()
+        cmd = self.session.exec(["cat"], stdin=b"abc", on_stdout=out.extend,
+                                on_stderr=err.extend)
+        self.assertEqual([h for h, _ in self.leg.sent],
+                         [{"t": "req", "id": 1, "op": "exec", "argv": ["cat"]},
+                          {"t": "stdin", "id": 1}, {"t": "eof", "id": 1}])
+        self.assertEqual(self.leg.sent[1][1], b"abc")
+        self.session._deliver({"t": "stdout", "id": 1}, b"abc")
+        self.session._deliver({"t": "stderr", "id": 1}, b"warn")
+        self.session._deliver({"t": "exit", "id": 1, "status": 3}, b"")
+        self.assertEqual(self.successResultOf(cmd.done), 3)
+        self.assertEqual((bytes(out), bytes(err)), (b"abc", b"warn"))
+        cmd.write(b"late")  # ignored after exit
+        self.assertEqual(len(self.leg.sent), 3)
+
+    def test_big_stdin_is_split(self) -> None:
+        cmd = self.session.exec(["cat"])
+        cmd.write(b"x" * (app.CHUNK * 2 + 1))
+        sizes = [len(b) for h, b in self.leg.sent if h["t"] == "stdin"]
+        self.assertEqual(sizes, [app.CHUNK, app.CHUNK, 1])
+
+    def test_request_ok_and_error(self) -> None:
+        d = defer.ensureDeferred(self.session.info())
+        self.session._deliver({"t": "ok", "id": 1, "vm": "v"}, b"")
+        self.assertEqual(self.successResultOf(d)["vm"], "v")
+        d2 = defer.ensureDeferred(self.session.users())
+        self.session._deliver({"t": "error", "id": 2, "code": "not-owner", "message": "no"}, b"")
+        f = self.failureResultOf(d2, RemoteError)
+        self.assertEqual(f.value.code, "not-owner")
+
+    def test_request_timeout(self) -> None:
+        from twisted.internet.task import Clock
+
+        clock = Clock()
+        session = Session(self.leg, clock, request_timeout=5)  # type: ignore[arg-type]
+        d = defer.ensureDeferred(session.info())
+        clock.advance(4)
+        self.assertNoResult(d)
+        clock.advance(2)
+        self.assertEqual(self.failureResultOf(d, SessionError).value.code, "timeout")
+
+    def test_revoke_by_name_or_key(self) -> None:
+        defer.ensureDeferred(self.session.revoke("bob"))
+        defer.ensureDeferred(self.session.revoke("ed25519:" + "A" * 43))
+        self.assertEqual(self.leg.sent[0][0]["name"], "bob")
+        self.assertEqual(self.leg.sent[1][0]["key"], "ed25519:" + "A" * 43)
+
+    def test_shell_started_and_resize(self) -> None:
+        out = bytearray()
+        cmd = self.session.shell("xterm", 10, 20, on_output=out.extend)
+        self.assertNoResult(cmd.started)
+        self.session._deliver({"t": "ok", "id": 1}, b"")
+        self.successResultOf(cmd.started)
+        cmd.resize(30, 40)
+        self.assertEqual(self.leg.sent[-1][0], {"t": "resize", "id": 1, "rows": 30, "cols": 40})
+
+    def test_connection_end_fails_pending(self) -> None:
+        cmd = self.session.exec(["sleep", "9"])
+        d = defer.ensureDeferred(self.session.info())
+        self.session._ended(SessionError("peer-lost", "peer-lost: gone"))
+        self.assertEqual(self.failureResultOf(cmd.done, SessionError).value.code, "peer-lost")
+        self.failureResultOf(d, SessionError)
+        ended = self.successResultOf(self.session.closed)
+        assert ended is not None
+        self.assertEqual(ended.code, "peer-lost")
+
+    def test_exec_error_fails_done(self) -> None:
+        cmd: Command = self.session.exec(["nope"])
+        self.session._deliver({"t": "error", "id": 1, "code": "command-not-found",
+                               "message": "command not found"}, b"")
+        self.assertEqual(self.failureResultOf(cmd.done, RemoteError).value.code,
+                         "command-not-found")
+
+
+class CliParsingTests(SynchronousTestCase):
+    def test_exec_argv_after_double_dash(self) -> None:
+        args = build_parser().parse_args(["exec", "vm-1", "--", "sh", "-c", "exit 7"])
+        self.assertEqual(args.vm_id, "vm-1")
+        self.assertEqual([a for a in args.argv if a != "--"], ["sh", "-c", "exit 7"])
+        self.assertIs(args.func, cmd_session.cmd_exec)
+
+    def test_exec_without_command_is_an_error(self) -> None:
+        from ticrypt.frontend.cli import CommandError
+
+        args = build_parser().parse_args(["exec", "vm-1", "--"])
+        self.assertRaises(CommandError, cmd_session.cmd_exec, args)
+
+    def test_authorize_key_forms(self) -> None:
+        from ticrypt import identity
+        from ticrypt.frontend.cli import CommandError
+
+        key = identity.public_text(identity.generate())
+        args = build_parser().parse_args(["authorize", "vm-1", "bob", "--key", key])
+        self.assertEqual(cmd_session._user_key(args), key)
+        bad = build_parser().parse_args(["authorize", "vm-1", "bob", "--key", "ed25519:x"])
+        self.assertRaises(CommandError, cmd_session._user_key, bad)
+        none = build_parser().parse_args(["authorize", "vm-1", "bob"])
+        self.assertIsNone(cmd_session._user_key(none))
+
+
+class RawModeTests(SynchronousTestCase):
+    def test_raw_then_restored(self) -> None:
+        master, slave = os.openpty()
+        self.addCleanup(os.close, master)
+        self.addCleanup(os.close, slave)
+        before = termios.tcgetattr(slave)
+        with terminal.RawMode(slave) as raw:
+            self.assertTrue(raw.active)
+            during = termios.tcgetattr(slave)
+            self.assertFalse(during[3] & termios.ICANON)
+            self.assertFalse(during[3] & termios.ECHO)
+        self.assertEqual(termios.tcgetattr(slave), before)
+
+    def test_not_a_tty_is_untouched(self) -> None:
+        r, w = os.pipe()
+        self.addCleanup(os.close, r)
+        self.addCleanup(os.close, w)
+        with terminal.RawMode(r) as raw:
+            self.assertFalse(raw.active)
+
+    def test_window_size(self) -> None:
+        from ticrypt.vmc.processes import set_window
+
+        master, slave = os.openpty()
+        self.addCleanup(os.close, master)
+        self.addCleanup(os.close, slave)
+        set_window(slave, 33, 101)
+        self.assertEqual(terminal.window_size(slave), (33, 101))
+        r, w = os.pipe()
+        self.addCleanup(os.close, r)
+        self.addCleanup(os.close, w)
+        self.assertIsNone(terminal.window_size(r))
+
+
+class InputReaderTests(TestCase):
+    """Reads a pipe to its end, including end of input signalled by HUP."""
+
+    async def test_pipe_to_eof(self) -> None:
+        r, w = os.pipe()
+        self.addCleanup(os.close, r)
+        got = bytearray()
+        done: defer.Deferred[None] = defer.Deferred()
+        reader = terminal.InputReader(reactor, got.extend, lambda: done.callback(None), fd=r)
+        reader.start()
+        os.write(w, b"x" * 50000)
+        os.close(w)
+        await done
+        self.assertEqual(len(got), 50000)
+
+    async def test_pause_and_resume(self) -> None:
+        r, w = os.pipe()
+        self.addCleanup(os.close, r)
+        got = bytearray()
+        done: defer.Deferred[None] = defer.Deferred()
+        reader = terminal.InputReader(reactor, got.extend, lambda: done.callback(None), fd=r)
+        reader.start()
+        reader.pauseProducing()
+        self.assertNotIn(reader, reactor.getReaders())
+        reader.resumeProducing()
+        self.assertIn(reader, reactor.getReaders())
+        os.write(w, b"abc")
+        os.close(w)
+        await done
+        self.assertEqual(bytes(got), b"abc")
+
+    async def test_regular_file(self) -> None:
+        path = self.mktemp()
+        with open(path, "wb") as f:
+            f.write(b"y" * 70000)
+        fd = os.open(path, os.O_RDONLY)
+        self.addCleanup(os.close, fd)
+        got = bytearray()
+        done: defer.Deferred[None] = defer.Deferred()
+        terminal.InputReader(reactor, got.extend, lambda: done.callback(None), fd=fd).start()
+        await done
+        self.assertEqual(len(got), 70000)

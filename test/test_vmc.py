@@ -1,0 +1,625 @@
+"""Unit tests of ticrypt-vmc: backoff, state files, owner pin, dispatcher,
+app codec, pool reconnect schedule, child processes and the sample config."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import stat
+from typing import Any
+
+from twisted.internet import defer, reactor
+from twisted.internet.error import ConnectionRefusedError
+from twisted.internet.interfaces import IReactorProcess
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
+from zope.interface import implementer
+
+from ticrypt import identity
+from ticrypt.audit import AuditLog
+from ticrypt.config import load_config
+from ticrypt.vmc import app
+from ticrypt.vmc.backoff import Backoff
+from ticrypt.vmc.commands import (
+    Cancel,
+    Dispatcher,
+    Eof,
+    Resize,
+    Revoked,
+    Send,
+    StartExec,
+    StartShell,
+    Stdin,
+)
+from ticrypt.vmc.processes import ProcessGroup, RunAs
+from ticrypt.vmc.state import Enrollment, OwnerKeyChanged, StateError, VmState
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _enrollment(owner_key: bytes, vm: str = "vm-1") -> Enrollment:
+    backend = identity.generate()
+    return Enrollment(vm_id=vm, owner="alice", owner_public_key=owner_key,
+                      proxy_url="wss://127.0.0.1:9443",
+                      backend_public_key=identity.public_bytes(backend),
+                      vm_credential="cred.sig")
+
+
+def _audit_lines(path: str) -> list[dict[str, Any]]:
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+def _alive(pid: int) -> bool:
+    """True while ``pid`` exists and is not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, IndexError):
+        return False
+
+
+class BackoffTests(SynchronousTestCase):
+    def test_grows_bounded_and_resets(self) -> None:
+        b = Backoff(1.0, 30.0, random.Random(7).random)
+        delays = [b.next_delay() for _ in range(12)]
+        bases = [min(30.0, 2.0**n) for n in range(12)]
+        for d, base in zip(delays, bases, strict=True):
+            self.assertTrue(base / 2 <= d <= base, (d, base))
+        self.assertLessEqual(max(delays), 30.0)
+        self.assertGreater(delays[5], delays[0])
+        b.reset()
+        self.assertLessEqual(b.next_delay(), 1.0)
+
+    def test_jitter_differs_per_seed(self) -> None:
+        a = [Backoff(1, 60, random.Random(1).random).next_delay() for _ in range(1)]
+        c = [Backoff(1, 60, random.Random(2).random).next_delay() for _ in range(1)]
+        self.assertNotEqual(a, c)
+
+    def test_huge_failure_count_stays_bounded(self) -> None:
+        b = Backoff(0.5, 10.0, lambda: 0.999, failures=10_000)
+        self.assertLessEqual(b.next_delay(), 10.0)
+
+    def test_rejects_bad_bounds(self) -> None:
+        self.assertRaises(ValueError, Backoff, 5.0, 1.0, random.random)
+
+
+class StateTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.dir = self.mktemp()
+        os.makedirs(self.dir, mode=0o700)
+        self.audit_path = os.path.join(self.dir, "audit.log")
+        self.audit = AuditLog(self.audit_path, Clock(), role="vmc")
+        self.addCleanup(self.audit.close)
+
+    def state(self) -> VmState:
+        return VmState(self.dir, self.audit)
+
+    def test_first_start_creates_keys(self) -> None:
+        s = self.state()
+        mode = stat.S_IMODE(os.stat(os.path.join(self.dir, "vm.key")).st_mode)
+        self.assertEqual(mode, 0o600)
+        self.assertEqual(stat.S_IMODE(os.stat(os.path.join(self.dir, "tls.pem")).st_mode), 0o600)
+        self.assertRegex(s.tls_fingerprint, r"^sha256:[0-9a-f]{64}$")
+        self.assertIsNone(s.enrollment)
+        again = self.state()
+        self.assertEqual(identity.public_bytes(again.vm_key), identity.public_bytes(s.vm_key))
+        self.assertEqual(again.tls_fingerprint, s.tls_fingerprint)
+
+    def test_enrollment_persists_and_pins_owner(self) -> None:
+        owner = identity.public_bytes(identity.generate())
+        s = self.state()
+        s.accept_enrollment(_enrollment(owner))
+        again = self.state()
+        assert again.enrollment is not None
+        self.assertEqual(again.enrollment.vm_id, "vm-1")
+        self.assertEqual(again.owner_key, owner)
+        self.assertTrue(again.is_authorized(owner))
+        self.assertEqual(stat.S_IMODE(os.stat(os.path.join(self.dir, "enrollment.json"))
+                                      .st_mode), 0o600)
+
+    def test_owner_key_change_refused(self) -> None:
+        owner = identity.public_bytes(identity.generate())
+        other = identity.public_bytes(identity.generate())
+        s = self.state()
+        s.accept_enrollment(_enrollment(owner))
+        self.assertRaises(OwnerKeyChanged, s.accept_enrollment, _enrollment(other, "vm-2"))
+        self.assertEqual(s.owner_key, owner)
+        assert s.enrollment is not None
+        self.assertEqual(s.enrollment.vm_id, "vm-1")
+        self.assertFalse(s.is_authorized(other))
+        lines = [r for r in _audit_lines(self.audit_path)
+                 if r["event"] == "owner-key-change-refused"]
+        self.assertEqual(len(lines), 1)
+        self.assertEqual(lines[0]["pinned"], identity.fingerprint(owner))
+        self.assertEqual(lines[0]["offered"], identity.fingerprint(other))
+        # the pin survives a restart
+        self.assertEqual(self.state().owner_key, owner)
+
+    def test_tampered_enrollment_file_refused(self) -> None:
+        owner = identity.public_bytes(identity.generate())
+        s = self.state()
+        s.accept_enrollment(_enrollment(owner))
+        other = identity.public_bytes(identity.generate())
+        path = os.path.join(self.dir, "enrollment.json")
+        doc = json.load(open(path))
+        doc["owner_public_key"] = identity.public_text(other)
+        with open(path, "w") as f:
+            json.dump(doc, f)
+        self.assertRaises(StateError, self.state)
+        events = [r["event"] for r in _audit_lines(self.audit_path)]
+        self.assertIn("owner-key-change-refused", events)
+
+    def test_owner_pin_survives_lost_enrollment(self) -> None:
+        owner = identity.public_bytes(identity.generate())
+        s = self.state()
+        s.accept_enrollment(_enrollment(owner))
+        os.unlink(os.path.join(self.dir, "enrollment.json"))
+        again = self.state()
+        self.assertIsNone(again.enrollment)
+        other = identity.public_bytes(identity.generate())
+        self.assertRaises(OwnerKeyChanged, again.accept_enrollment, _enrollment(other))
+        again.accept_enrollment(_enrollment(owner, "vm-9"))
+
+    def test_users_persist(self) -> None:
+        owner = identity.public_bytes(identity.generate())
+        bob = identity.public_bytes(identity.generate())
+        s = self.state()
+        s.accept_enrollment(_enrollment(owner))
+        self.assertTrue(s.authorize(bob, "bob", by=owner))
+        self.assertFalse(s.authorize(bob, "bobby", by=owner))
+        again = self.state()
+        self.assertTrue(again.is_authorized(bob))
+        self.assertEqual([u.name for u in again.users()], ["bobby"])
+        gone = again.revoke("bobby", by=owner)
+        assert gone is not None
+        self.assertEqual(gone.key, bob)
+        self.assertFalse(self.state().is_authorized(bob))
+        self.assertIsNone(again.revoke(bob, by=owner))
+        self.assertRaises(ValueError, again.authorize, owner, "me", by=owner)
+
+    def test_failed_write_keeps_old_users(self) -> None:
+        owner = identity.public_bytes(identity.generate())
+        bob = identity.public_bytes(identity.generate())
+        carol = identity.public_bytes(identity.generate())
+        s = self.state()
+        s.accept_enrollment(_enrollment(owner))
+        s.authorize(bob, "bob", by=owner)
+
+        def full_disk(fd: int, data: Any) -> int:
+            raise OSError(28, "No space left on device")
+
+        self.patch(os, "write", full_disk)
+        self.assertRaises(OSError, s.authorize, carol, "carol", by=owner)
+        self.unpatch = None
+        self.assertFalse(s.is_authorized(carol))  # memory matches the file
+        self.assertTrue(s.is_authorized(bob))
+        leftovers = [n for n in os.listdir(self.dir) if n.startswith(".tmp")]
+        self.assertEqual(leftovers, [])
+
+    def test_failed_write_leaves_old_file(self) -> None:
+        owner = identity.public_bytes(identity.generate())
+        bob = identity.public_bytes(identity.generate())
+        s = self.state()
+        s.accept_enrollment(_enrollment(owner))
+        s.authorize(bob, "bob", by=owner)
+
+        def full_disk(fd: int, data: Any) -> int:
+            raise OSError(28, "No space left on device")
+
+        self.patch(os, "write", full_disk)
+        self.assertRaises(OSError, s.revoke, "bob", by=owner)
+        users_doc = json.load(open(os.path.join(self.dir, "users.json")))
+        self.assertEqual([u["name"] for u in users_doc["users"]], ["bob"])
+
+
+class FakeStore:
+    def __init__(self, owner: bytes):
+        self.owner_key: bytes | None = owner
+        self.authorized: dict[bytes, str] = {}
+
+    def is_owner(self, key: bytes) -> bool:
+        return key == self.owner_key
+
+    def users(self) -> list[Any]:
+        from ticrypt.vmc.state import AuthorizedUser
+
+        return [AuthorizedUser(name=n, key=k) for k, n in self.authorized.items()]
+
+    def authorize(self, key: bytes, name: str, by: bytes) -> bool:
+        new = key not in self.authorized
+        self.authorized[key] = name
+        return new
+
+    def revoke(self, who: str | bytes, by: bytes) -> Any:
+        for u in self.users():
+            if who in (u.key, u.name):
+                del self.authorized[u.key]
+                return u
+        return None
+
+
+class DispatcherTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.owner = identity.public_bytes(identity.generate())
+        self.bob = identity.public_bytes(identity.generate())
+        self.store = FakeStore(self.owner)
+
+    def d(self, key: bytes | None = None, **kw: Any) -> Dispatcher:
+        return Dispatcher(self.store, key or self.owner, {"vm": "vm-1", "owner": "alice"}, **kw)
+
+    def error_code(self, actions: list[Any]) -> str:
+        self.assertEqual(len(actions), 1)
+        assert isinstance(actions[0], Send)
+        self.assertEqual(actions[0].header["t"], "error")
+        return str(actions[0].header["code"])
+
+    def test_info(self) -> None:
+        [a] = self.d().handle({"t": "req", "id": 1, "op": "info"}, b"")
+        assert isinstance(a, Send)
+        self.assertEqual(a.header["vm"], "vm-1")
+        self.assertEqual(a.header["id"], 1)
+        self.assertTrue(a.header["owner_user"])
+
+    def test_exec_and_stream(self) -> None:
+        d = self.d()
+        self.assertEqual(d.handle({"t": "req", "id": 3, "op": "exec", "argv": ["echo", "x"]}, b""),
+                         [StartExec(3, ("echo", "x"))])
+        self.assertEqual(d.handle({"t": "stdin", "id": 3}, b"abc"), [Stdin(3, b"abc")])
+        self.assertEqual(d.handle({"t": "eof", "id": 3}, b""), [Eof(3)])
+        self.assertEqual(d.handle({"t": "cancel", "id": 3}, b""), [Cancel(3)])
+        self.assertEqual(self.error_code(d.handle({"t": "resize", "id": 3, "rows": 1,
+                                                   "cols": 1}, b"")), "bad-request")
+        d.finished(3)
+        self.assertEqual(d.handle({"t": "stdin", "id": 3}, b"late"), [])
+        self.assertEqual(self.error_code(d.handle({"t": "stdin", "id": 99}, b"x")),
+                         "no-such-request")
+
+    def test_exec_validation(self) -> None:
+        d = self.d()
+        for i, argv in enumerate([[], "ls", [1], [""], ["a\x00b"], None]):
+            self.assertEqual(self.error_code(
+                d.handle({"t": "req", "id": 10 + i, "op": "exec", "argv": argv}, b"")),
+                "bad-request")
+
+    def test_duplicate_id_and_unknown(self) -> None:
+        d = self.d()
+        d.handle({"t": "req", "id": 1, "op": "info"}, b"")
+        self.assertEqual(self.error_code(d.handle({"t": "req", "id": 1, "op": "info"}, b"")),
+                         "duplicate-id")
+        self.assertEqual(self.error_code(d.handle({"t": "req", "id": 2, "op": "rm"}, b"")),
+                         "unknown-op")
+        self.assertEqual(self.error_code(d.handle({"t": "zzz", "id": 4}, b"")), "bad-message")
+        self.assertEqual(self.error_code(d.handle({"t": "req", "op": "info"}, b"")),
+                         "bad-message")
+
+    def test_shell_and_resize(self) -> None:
+        d = self.d()
+        self.assertEqual(d.handle({"t": "req", "id": 5, "op": "shell", "term": "xterm",
+                                   "rows": 40, "cols": 100}, b""),
+                         [StartShell(5, "xterm", 40, 100)])
+        self.assertEqual(d.handle({"t": "resize", "id": 5, "rows": 50, "cols": 120}, b""),
+                         [Resize(5, 50, 120)])
+        self.assertEqual(self.error_code(d.handle({"t": "resize", "id": 5, "rows": 0,
+                                                   "cols": 120}, b"")), "bad-request")
+        self.assertEqual(self.error_code(d.handle({"t": "req", "id": 6, "op": "shell",
+                                                   "term": "x; rm"}, b"")), "bad-request")
+
+    def test_process_limit(self) -> None:
+        d = self.d(max_processes=1)
+        d.handle({"t": "req", "id": 1, "op": "exec", "argv": ["sleep", "9"]}, b"")
+        self.assertEqual(self.error_code(
+            d.handle({"t": "req", "id": 2, "op": "exec", "argv": ["true"]}, b"")), "over-limit")
+        d.finished(1)
+        self.assertEqual(d.handle({"t": "req", "id": 3, "op": "exec", "argv": ["true"]}, b""),
+                         [StartExec(3, ("true",))])
+
+    def test_management_owner_only(self) -> None:
+        d = self.d(self.bob)
+        for i, op in enumerate(["users", "authorize", "revoke"]):
+            self.assertEqual(self.error_code(d.handle(
+                {"t": "req", "id": i, "op": op, "key": identity.public_text(self.bob),
+                 "name": "bob"}, b"")), "not-owner")
+        self.assertEqual(self.store.authorized, {})
+
+    def test_storage_error_reported(self) -> None:
+        def full(*a: Any, **kw: Any) -> bool:
+            raise OSError(28, "No space left on device")
+
+        self.store.authorize = full  # type: ignore[method-assign]
+        self.assertEqual(self.error_code(self.d().handle(
+            {"t": "req", "id": 1, "op": "authorize", "key": identity.public_text(self.bob),
+             "name": "bob"}, b"")), "storage-error")
+
+    def test_authorize_users_revoke(self) -> None:
+        d = self.d()
+        key = identity.public_text(self.bob)
+        [a] = d.handle({"t": "req", "id": 1, "op": "authorize", "key": key, "name": "bob"}, b"")
+        assert isinstance(a, Send)
+        self.assertEqual(a.header, {"t": "ok", "id": 1, "name": "bob", "key": key,
+                                    "added": True})
+        [u] = d.handle({"t": "req", "id": 2, "op": "users"}, b"")
+        assert isinstance(u, Send)
+        self.assertEqual(u.header["users"], [{"name": "bob", "key": key}])
+        self.assertEqual(u.header["owner"]["key"], identity.public_text(self.owner))
+        r = d.handle({"t": "req", "id": 3, "op": "revoke", "name": "bob"}, b"")
+        self.assertEqual(r[1], Revoked(self.bob))
+        self.assertEqual(self.error_code(d.handle({"t": "req", "id": 4, "op": "revoke",
+                                                   "key": key}, b"")), "no-such-user")
+        self.assertEqual(self.error_code(d.handle({"t": "req", "id": 5, "op": "authorize",
+                                                   "key": "ed25519:nope", "name": "x"}, b"")),
+                         "bad-request")
+
+
+class AppCodecTests(SynchronousTestCase):
+    def test_round_trip(self) -> None:
+        data = app.encode({"t": "stdout", "id": 7}, b"a\nb\x00")
+        self.assertEqual(app.decode(data), ({"t": "stdout", "id": 7}, b"a\nb\x00"))
+        self.assertEqual(app.decode(app.encode({"t": "eof", "id": 1})), ({"t": "eof", "id": 1},
+                                                                          b""))
+
+    def test_rejects(self) -> None:
+        for bad in [b"no newline", b"[1]\n", b"{\"id\":1}\n", b"{\"t\":\"x\",\"id\":-1}\n",
+                    b"{\"t\":\"x\",\"id\":true}\n", b"nojson\n"]:
+            self.assertRaises(app.AppError, app.decode, bad)
+
+    def test_chunks(self) -> None:
+        self.assertEqual(app.chunks(b""), [b""])
+        self.assertEqual(app.chunks(b"abcde", 2), [b"ab", b"cd", b"e"])
+
+
+class _FailingEndpoint:
+    def __init__(self, clock: Clock):
+        self.clock = clock
+        self.attempts: list[float] = []
+
+    def connect(self, factory: Any) -> defer.Deferred[Any]:
+        self.attempts.append(self.clock.seconds())
+        return defer.fail(ConnectionRefusedError())
+
+
+class PoolReconnectTests(SynchronousTestCase):
+    """The reconnect schedule when the proxy is unreachable."""
+
+    def make_pool(self, clock: Clock, endpoint: Any, pool_size: int = 1) -> Any:
+        from ticrypt.vmc.pool import PoolSettings, ProxyPool
+
+        d = self.mktemp()
+        os.makedirs(d, mode=0o700)
+        audit = AuditLog(None)
+        state = VmState(d, audit)
+        state.accept_enrollment(_enrollment(identity.public_bytes(identity.generate())))
+        settings = PoolSettings(proxy_url="wss://127.0.0.1:1", ca_file="/nonexistent",
+                                pool_size=pool_size, backoff_initial=1.0, backoff_max=8.0)
+        return ProxyPool(reactor=clock, clock=clock, random=random.Random(3).random,
+                         settings=settings, state=state, audit=audit,
+                         run_as=RunAs.lookup(None, "/bin/sh"), endpoint=endpoint)
+
+    def test_backoff_schedule(self) -> None:
+        clock = Clock()
+        ep = _FailingEndpoint(clock)
+        pool = self.make_pool(clock, ep)
+        pool.startService()
+        for _ in range(8):
+            [call] = clock.getDelayedCalls()
+            clock.advance(call.getTime() - clock.seconds())
+        gaps = [b - a for a, b in zip(ep.attempts, ep.attempts[1:], strict=False)]
+        self.assertEqual(len(gaps), 8)
+        expected = Backoff(1.0, 8.0, random.Random(3).random)
+        for gap in gaps:
+            self.assertAlmostEqual(gap, expected.next_delay())
+            self.assertLessEqual(gap, 8.0)
+        self.assertGreater(gaps[-1], 4.0 - 1e-9)  # reached the cap's range
+        pool.stopService()
+        n = len(ep.attempts)
+        clock.advance(100)
+        self.assertEqual(len(ep.attempts), n)  # stopped: no more attempts
+        self.flushLoggedErrors()
+
+    def test_pool_size_sockets(self) -> None:
+        clock = Clock()
+        ep = _FailingEndpoint(clock)
+        pool = self.make_pool(clock, ep, pool_size=3)
+        pool.startService()
+        self.assertEqual(len(ep.attempts), 3)
+        pool.stopService()
+
+
+class ProcessGroupTests(TestCase):
+    """Real child processes (exec on pipes, shell on a PTY)."""
+
+    def setUp(self) -> None:
+        self.sent: list[tuple[dict[str, Any], bytes]] = []
+        self.finished: list[int] = []
+        self.exits: dict[int, defer.Deferred[int]] = {}
+        self.group = ProcessGroup(reactor, RunAs.lookup(None, "/bin/sh"), self._send,
+                                  self.finished.append, lambda paused: None, kill_grace=5)
+        self.addCleanup(self.group.close)
+
+    def _send(self, header: dict[str, Any], body: bytes) -> None:
+        self.sent.append((header, body))
+        if header["t"] in ("exit", "error"):
+            d = self.exits.setdefault(header["id"], defer.Deferred())
+            d.callback(header.get("status", -1))
+
+    def wait(self, rid: int) -> defer.Deferred[int]:
+        return self.exits.setdefault(rid, defer.Deferred())
+
+    def out(self, rid: int, stream: str = "stdout") -> bytes:
+        return b"".join(b for h, b in self.sent if h["t"] == stream and h["id"] == rid)
+
+    async def test_exec_echo_stderr_status(self) -> None:
+        self.group.start_exec(1, ("sh", "-c", "echo out; echo err >&2; exit 5"))
+        self.assertEqual(await self.wait(1), 5)
+        self.assertEqual(self.out(1), b"out\n")
+        self.assertEqual(self.out(1, "stderr"), b"err\n")
+        self.assertEqual(self.finished, [1])
+
+    async def test_exec_stdin(self) -> None:
+        self.group.start_exec(2, ("cat",))
+        self.group.write_stdin(2, b"hello stdin\n")
+        self.group.eof(2)
+        self.assertEqual(await self.wait(2), 0)
+        self.assertEqual(self.out(2), b"hello stdin\n")
+
+    async def test_run_as_other_user(self) -> None:
+        import pwd
+
+        if os.getuid() != 0:
+            raise SkipTest("switching users needs root")
+        try:
+            nobody = pwd.getpwnam("nobody")
+        except KeyError:
+            raise SkipTest("no user nobody") from None
+        group = ProcessGroup(reactor, RunAs.lookup("nobody", "/bin/sh"), self._send,
+                             self.finished.append, lambda paused: None)
+        self.addCleanup(group.close)
+        group.start_exec(8, ("sh", "-c", "id -u; echo $USER"))
+        self.assertEqual(await self.wait(8), 0)
+        self.assertEqual(self.out(8), f"{nobody.pw_uid}\nnobody\n".encode())
+
+    async def test_not_found(self) -> None:
+        self.group.start_exec(3, ("no-such-command-xyz",))
+        await self.wait(3)
+        self.assertEqual(self.sent[-1][0]["code"], "command-not-found")
+
+    async def test_cancel_kills_group(self) -> None:
+        self.group.start_exec(4, ("sh", "-c", "sleep 300 & echo $!; sleep 301; echo never"))
+        while b"\n" not in self.out(4):
+            d: defer.Deferred[None] = defer.Deferred()
+            reactor.callLater(0.05, d.callback, None)
+            await d
+        background = int(self.out(4).split()[0])
+        self.group.cancel(4)
+        status = await self.wait(4)
+        self.assertEqual(status, 128 + 15)
+        self.assertEqual(self.out(4), f"{background}\n".encode())
+        for _ in range(200):  # the background sleep got the signal too (bounded wait)
+            if not _alive(background):
+                break
+            d2: defer.Deferred[None] = defer.Deferred()
+            reactor.callLater(0.05, d2.callback, None)
+            await d2
+        self.assertFalse(_alive(background))
+
+    async def test_shell_pty(self) -> None:
+        self.group.start_shell(5, "xterm", 30, 91)
+        self.group.write_stdin(5, b"stty size; echo hi; exit 3\n")
+        self.assertEqual(await self.wait(5), 3)
+        self.assertEqual(self.sent[0][0], {"t": "ok", "id": 5})
+        out = self.out(5)
+        self.assertIn(b"30 91", out)
+        self.assertIn(b"hi", out)
+
+    async def test_shell_resize(self) -> None:
+        self.group.start_shell(6, "xterm", 24, 80)
+        self.group.resize(6, 50, 132)
+        self.group.write_stdin(6, b"stty size; exit 0\n")
+        self.assertEqual(await self.wait(6), 0)
+        self.assertIn(b"50 132", self.out(6))
+
+
+class _FakeProcessTransport:
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+        self.producer: Any = None
+        self.pid = 4242
+
+    def registerProducer(self, producer: Any, streaming: bool) -> None:
+        self.producer = producer
+
+    def unregisterProducer(self) -> None:
+        self.producer = None
+
+    def pauseProducing(self) -> None:
+        self.calls.append("pause")
+
+    def resumeProducing(self) -> None:
+        self.calls.append("resume")
+
+
+@implementer(IReactorProcess)
+class _FakeProcessReactor(Clock):
+    def __init__(self) -> None:
+        super().__init__()
+        self.spawned: list[tuple[Any, list[str], _FakeProcessTransport]] = []
+
+    def spawnProcess(self, proto: Any, executable: Any, args: Any,  # type: ignore[override]
+                     *a: Any, **kw: Any) -> Any:
+        t = _FakeProcessTransport()
+        self.spawned.append((proto, args, t))
+        proto.makeConnection(t)
+        return t
+
+
+class FlowControlTests(SynchronousTestCase):
+    """Producer wiring: a full websocket pauses the children; a full child
+    stdin pauses the websocket."""
+
+    def setUp(self) -> None:
+        self.reactor = _FakeProcessReactor()
+        self.input_paused: list[bool] = []
+        self.group = ProcessGroup(self.reactor, RunAs.lookup(None, "/bin/sh"),
+                                  lambda h, b: None, lambda rid: None,
+                                  self.input_paused.append)
+
+    def test_output_pause_reaches_children(self) -> None:
+        self.group.start_exec(1, ("sh", "-c", "true"))
+        [(_, args, t)] = self.reactor.spawned
+        self.group.pauseProducing()
+        self.group.resumeProducing()
+        self.assertEqual(t.calls, ["pause", "resume"])
+        self.group.pauseProducing()
+        self.group.start_exec(2, ("sh", "-c", "true"))
+        self.assertEqual(self.reactor.spawned[1][2].calls, ["pause"])  # born paused
+
+    def test_stdin_pressure_pauses_input(self) -> None:
+        self.group.start_exec(1, ("cat",))
+        self.group.start_exec(2, ("cat",))
+        t1 = self.reactor.spawned[0][2]
+        t2 = self.reactor.spawned[1][2]
+        t1.producer.pauseProducing()
+        t2.producer.pauseProducing()
+        t1.producer.resumeProducing()
+        self.assertEqual(self.input_paused, [True])
+        t2.producer.resumeProducing()
+        self.assertEqual(self.input_paused, [True, False])
+
+    def test_exec_runs_in_own_process_group(self) -> None:
+        self.group.start_exec(1, ("echo", "x"))
+        args = self.reactor.spawned[0][1]
+        self.assertTrue(args[0].endswith("setsid"))
+        self.assertTrue(args[1].endswith("/echo"))
+        self.assertEqual(args[2:], ["x"])
+
+
+class SampleConfigTests(SynchronousTestCase):
+    def test_sample_loads(self) -> None:
+        from ticrypt.vmc.tap import SCHEMA
+
+        d = os.path.abspath(self.mktemp())
+        os.makedirs(d)
+        shutil.copy(os.path.join(ROOT, "etc", "vmc.ini"), d)
+        with open(os.path.join(d, "ca.pem"), "w") as f:
+            f.write("x")
+        cfg = load_config(os.path.join(d, "vmc.ini"), SCHEMA)
+        self.assertEqual(cfg.vmc.pool_size, 2)
+        self.assertEqual(cfg["exec"].shell, "/bin/sh")
+        self.assertTrue(os.path.isdir(os.path.join(d, "vmc-state")))
+
+    def test_bad_backoff_named(self) -> None:
+        from ticrypt.config import ConfigError
+        from ticrypt.vmc.tap import SCHEMA
+
+        d = os.path.abspath(self.mktemp())
+        os.makedirs(d)
+        with open(os.path.join(d, "ca.pem"), "w") as f:
+            f.write("x")
+        with open(os.path.join(d, "vmc.ini"), "w") as f:
+            f.write("[vmc]\nrest_url = https://127.0.0.1:1\nca_file = ca.pem\n"
+                    "state_dir = s\naudit_log = a.log\nbackoff_initial = 9s\n"
+                    "backoff_max = 2s\n")
+        e = self.assertRaises(ConfigError, load_config, os.path.join(d, "vmc.ini"), SCHEMA)
+        self.assertIn("[vmc] backoff_initial", str(e))

@@ -1,0 +1,267 @@
+"""``ticrypt`` commands that talk to a VM over the secure channel:
+``exec``, ``shell``, ``authorize``, ``revoke``, ``users``, ``info``.
+
+Each gets a connection ticket from rest, opens a secure session through the
+proxy (:func:`ticrypt.frontend.session.open_session`) and, for ``exec`` and
+``shell``, exits with the remote command's exit status.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+from typing import Any
+
+from ticrypt import identity
+from ticrypt.config import Config
+from ticrypt.frontend import terminal
+from ticrypt.frontend.cli import CommandError, load_config, run_async
+from ticrypt.frontend.client import RestError, authenticated_client
+from ticrypt.frontend.session import Command, RemoteError, Session, SessionError, open_session
+
+#: Exit status when the command does not exist on the VM (as shells use).
+NOT_FOUND = 127
+
+
+def register(subparsers: Any) -> None:
+    p = subparsers.add_parser("exec", help="run a command on a VM",
+                              description="Run CMD on VM; exits with its exit status.")
+    p.add_argument("vm_id", metavar="VM")
+    p.add_argument("-n", "--no-stdin", action="store_true",
+                   help="send no input (like ssh -n)")
+    p.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- CMD ...")
+    p.set_defaults(func=cmd_exec)
+
+    p = subparsers.add_parser("shell", help="open a terminal on a VM")
+    p.add_argument("vm_id", metavar="VM")
+    p.add_argument("--term", default=None, help="terminal type (default: $TERM)")
+    p.set_defaults(func=cmd_shell)
+
+    p = subparsers.add_parser("authorize", help="let another user use your VM")
+    p.add_argument("vm_id", metavar="VM")
+    p.add_argument("user", metavar="USER")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--key", metavar="ed25519:...", help="USER's public key")
+    g.add_argument("--key-file", metavar="FILE", help="file with USER's public key")
+    p.set_defaults(func=cmd_authorize)
+
+    p = subparsers.add_parser("revoke", help="take a user's access to your VM away")
+    p.add_argument("vm_id", metavar="VM")
+    p.add_argument("user", metavar="USER", help="user name or ed25519:... key")
+    p.set_defaults(func=cmd_revoke)
+
+    p = subparsers.add_parser("users", help="list the users authorized on your VM")
+    p.add_argument("vm_id", metavar="VM")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_users)
+
+    p = subparsers.add_parser("info", help="ask a VM about itself")
+    p.add_argument("vm_id", metavar="VM")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_info)
+
+
+async def connect(reactor: Any, cfg: Config, vm_id: str) -> Session:
+    """Ticket from rest, then a secure session with the VM."""
+    from ticrypt.frontend.cmd_account import load_user_key
+
+    user_key = load_user_key(cfg)
+    client = authenticated_client(reactor, cfg)
+    what = f"cannot connect to VM {vm_id}"
+    try:
+        t = await client.ticket(vm_id)
+        return await open_session(reactor, t["proxy_url"], cfg.client.ca_file, t["ticket"],
+                                  user_key, vm_id, t["vm_public_key"])
+    except RestError as e:
+        raise CommandError(what, str(e)) from None
+    except (KeyError, TypeError, ValueError):
+        raise CommandError(what, "rest answered the ticket request without the "
+                           "expected fields") from None
+    except SessionError as e:
+        raise CommandError(what, str(e)) from None
+
+
+def _run(args: argparse.Namespace, what: str, body: Any) -> int:
+    cfg = load_config(args)
+
+    async def run(reactor: Any) -> int:
+        session = await connect(reactor, cfg, args.vm_id)
+        try:
+            return int(await body(reactor, session))
+        except RemoteError as e:
+            raise CommandError(what, f"{e.code}: {e.message}") from None
+        except SessionError as e:
+            raise CommandError(what, str(e)) from None
+        finally:
+            if session._leg.ended is None:
+                await session.close()
+
+    return run_async(what, run)
+
+
+def _out(stream: Any) -> Any:
+    def write(data: bytes) -> None:
+        stream.buffer.write(data)
+        stream.buffer.flush()
+    return write
+
+
+def _pump_stdin(reactor: Any, session: Session, cmd: Command) -> terminal.InputReader:
+    reader = terminal.InputReader(reactor, cmd.write, cmd.eof)
+    session.transport.registerProducer(reader, True)
+    reader.start()
+
+    def done(result: Any) -> Any:
+        reader.stopProducing()
+        if session._leg.ended is None:
+            session.transport.unregisterProducer()
+        return result
+
+    cmd.done.addBoth(done)
+    return reader
+
+
+def cmd_exec(args: argparse.Namespace) -> int:
+    argv = list(args.argv)
+    if argv[:1] == ["--"]:
+        argv = argv[1:]
+    if not argv:
+        raise CommandError("exec", "no command given; usage: ticrypt exec VM -- CMD [ARG...]")
+    what = f"exec on {args.vm_id} failed"
+
+    async def body(reactor: Any, session: Session) -> int:
+        cmd = session.exec(argv, on_stdout=_out(sys.stdout), on_stderr=_out(sys.stderr))
+        if args.no_stdin:
+            cmd.eof()
+        else:
+            _pump_stdin(reactor, session, cmd)
+        previous = signal.signal(signal.SIGINT,
+                                 lambda *a: reactor.callFromThread(cmd.cancel))
+        try:
+            return await cmd.done
+        except RemoteError as e:
+            if e.code == "command-not-found":
+                print(f"ticrypt: {argv[0]}: command not found on {args.vm_id}",
+                      file=sys.stderr)
+                return NOT_FOUND
+            raise
+        finally:
+            signal.signal(signal.SIGINT, previous)
+
+    return _run(args, what, body)
+
+
+def cmd_shell(args: argparse.Namespace) -> int:
+    what = f"shell on {args.vm_id} failed"
+    term = args.term or os.environ.get("TERM") or "xterm-256color"
+
+    async def body(reactor: Any, session: Session) -> int:
+        rows, cols = terminal.window_size(1) or terminal.window_size(0) or (24, 80)
+        cmd = session.shell(term, rows, cols, on_output=_out(sys.stdout))
+        await cmd.started
+        with terminal.RawMode(0) as raw:
+            undo = None
+            if raw.active:
+                def resized() -> None:
+                    size = terminal.window_size(0)
+                    if size:
+                        cmd.resize(*size)
+                undo = terminal.on_resize(reactor, resized)
+            _pump_stdin(reactor, session, cmd)
+            try:
+                return await cmd.done
+            finally:
+                if undo is not None:
+                    undo()
+
+    return _run(args, what, body)
+
+
+def _user_key(args: argparse.Namespace) -> str | None:
+    if args.key:
+        try:
+            return identity.public_text(identity.parse_public(args.key))
+        except ValueError:
+            raise CommandError("authorize", "--key must be ed25519:<base64url>") from None
+    if args.key_file:
+        try:
+            return identity.public_text(identity.load_public_file(args.key_file))
+        except identity.KeyFileError as e:
+            raise CommandError("authorize", str(e)) from None
+    return None
+
+
+def cmd_authorize(args: argparse.Namespace) -> int:
+    what = f"cannot authorize {args.user} on {args.vm_id}"
+    key = _user_key(args)
+    cfg = load_config(args)
+
+    async def lookup(reactor: Any) -> str:
+        client = authenticated_client(reactor, cfg)
+        try:
+            users = await client.list_users()
+        except RestError as e:
+            raise CommandError(what, f"rest does not show you {args.user}'s key ({e.code}); "
+                               f"pass --key ed25519:... or --key-file FILE") from None
+        for u in users:
+            if u.get("name") == args.user and isinstance(u.get("public_key"), str):
+                return str(u["public_key"])
+        raise CommandError(what, f"rest knows no user {args.user!r}")
+
+    async def body(reactor: Any, session: Session) -> int:
+        text = key or await lookup(reactor)
+        result = await session.authorize(text, args.user)
+        verb = "authorized" if result.get("added") else "updated"
+        print(f"{verb} {args.user} ({identity.fingerprint(identity.parse_public(text))}) "
+              f"on {args.vm_id}")
+        return 0
+
+    return _run(args, what, body)
+
+
+def cmd_revoke(args: argparse.Namespace) -> int:
+    what = f"cannot revoke {args.user} on {args.vm_id}"
+
+    async def body(reactor: Any, session: Session) -> int:
+        result = await session.revoke(args.user)
+        print(f"revoked {result.get('name', args.user)} on {args.vm_id}")
+        return 0
+
+    return _run(args, what, body)
+
+
+def cmd_users(args: argparse.Namespace) -> int:
+    what = f"cannot list the users of {args.vm_id}"
+
+    async def body(reactor: Any, session: Session) -> int:
+        result = await session.users()
+        if args.json:
+            print(json.dumps({"owner": result.get("owner"), "users": result.get("users")},
+                             sort_keys=True))
+            return 0
+        owner = result.get("owner") or {}
+        print(f"{'NAME':<24} {'ROLE':<8} KEY")
+        print(f"{str(owner.get('name')):<24} {'owner':<8} {owner.get('key')}")
+        for u in result.get("users") or []:
+            print(f"{str(u.get('name')):<24} {'user':<8} {u.get('key')}")
+        return 0
+
+    return _run(args, what, body)
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    what = f"cannot get info from {args.vm_id}"
+
+    async def body(reactor: Any, session: Session) -> int:
+        result = {k: v for k, v in (await session.info()).items() if k not in ("t", "id")}
+        if args.json:
+            print(json.dumps(result, sort_keys=True))
+        else:
+            for k in sorted(result):
+                print(f"{k}: {result[k]}")
+        return 0
+
+    return _run(args, what, body)

@@ -1,0 +1,451 @@
+"""Frontend side of a secure session with a VM, through the proxy.
+
+::
+
+    session = await open_session(reactor, proxy_url, ca_file, ticket, user_key,
+                                 vm_id, vm_public_key)
+    info = await session.info()
+    cmd = session.exec(["sh", "-c", "echo hi"], stdin=b"", on_stdout=out.write)
+    status = await cmd.done
+    await session.close()
+
+:func:`open_session` connects to the proxy's ``/v1/user``, presents the
+ticket, waits for ``paired`` and runs the user end of the secure channel
+(:class:`~ticrypt.channel.UserChannel`), which refuses a VM whose key differs
+from ``vm_public_key`` (what rest registered).  Every failure is a
+:class:`SessionError` with a stable ``code`` and one human line.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any
+from urllib.parse import urlsplit
+
+from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from twisted.internet import defer
+from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.logger import Logger
+
+from ticrypt import identity, tlsutil
+from ticrypt.channel import ChannelError, Delivered, Established, SendMessage, UserChannel
+from ticrypt.vmc import app
+
+Output = Callable[[bytes], None]
+
+#: Human explanations of close codes and end-to-end reasons.
+_EXPLAIN = {
+    "not-authorized": "you are not authorized on this VM; ask its owner to run "
+                      "'ticrypt authorize VM YOU'",
+    "no-vm-available": "the VM is not connected to the proxy (is it running?)",
+    "ticket-refused": "the proxy refused the connection ticket",
+    "vm-key-mismatch": "the VM presented a key other than the one registered in rest; "
+                       "refusing to talk to it",
+    "timeout": "timed out",
+    "over-limit": "too many connections",
+}
+_CODES = {4000: "bad-message", 4001: "vm-auth-failed", 4003: "ticket-refused",
+          4004: "no-vm-available", 4008: "timeout", 4009: "over-limit", 4010: "peer-lost",
+          4401: "not-authorized", 1009: "message-too-big"}
+
+
+class SessionError(Exception):
+    """The session failed or was refused: ``code`` stable, ``str()`` one human line."""
+
+    def __init__(self, code: str, message: str):
+        self.code = code
+        self.message = message
+        super().__init__(message)
+
+
+class RemoteError(SessionError):
+    """The VM answered a request with ``{"t":"error"}``."""
+
+
+def close_error(code: int | None, reason: str | None) -> SessionError:
+    """The SessionError for a websocket close (code, reason from the far end)."""
+    reason = (reason or "").strip()
+    if code == 4400:
+        stable = reason.split()[0] if reason else "channel-error"
+    else:
+        stable = _CODES.get(code or 0) or (reason.split()[0] if reason else "closed")
+    explain = _EXPLAIN.get(stable)
+    text = f"{stable}: {explain}" if explain else f"{stable}: connection closed ({code} {reason})"
+    if reason and explain and reason.split()[0] == stable and len(reason.split(None, 1)) > 1:
+        text += f" ({reason.split(None, 1)[1]})"
+    elif reason and explain and reason.split()[0] != stable:
+        text += f" ({reason})"
+    return SessionError(stable, text)
+
+
+class Command:
+    """A running ``exec`` or ``shell`` on the VM.
+
+    ``done`` fires with the exit status (or fails with a RemoteError);
+    ``started`` fires when the VM accepted it (shell: its ``ok``; exec: at once).
+    """
+
+    def __init__(self, session: Session, rid: int, kind: str, on_stdout: Output | None,
+                 on_stderr: Output | None):
+        self._session = session
+        self.rid = rid
+        self.kind = kind
+        self.on_stdout = on_stdout
+        self.on_stderr = on_stderr
+        self.done: defer.Deferred[int] = defer.Deferred()
+        self.started: defer.Deferred[None] = defer.Deferred()
+        self.finished = False
+
+    def write(self, data: bytes) -> None:
+        """Send stdin bytes (split into records)."""
+        if not self.finished:
+            for part in app.chunks(data):
+                if part:
+                    self._session._send({"t": "stdin", "id": self.rid}, part)
+
+    def eof(self) -> None:
+        if not self.finished:
+            self._session._send({"t": "eof", "id": self.rid})
+
+    def cancel(self) -> None:
+        if not self.finished:
+            self._session._send({"t": "cancel", "id": self.rid})
+
+    def resize(self, rows: int, cols: int) -> None:
+        if not self.finished and self.kind == "shell":
+            self._session._send({"t": "resize", "id": self.rid, "rows": rows, "cols": cols})
+
+    def _deliver(self, header: dict[str, Any], body: bytes) -> None:
+        t = header["t"]
+        if t == "stdout" and self.on_stdout is not None:
+            self.on_stdout(body)
+        elif t == "stderr" and self.on_stderr is not None:
+            self.on_stderr(body)
+        elif t == "ok" and not self.started.called:
+            self.started.callback(None)
+        elif t == "exit":
+            status = header.get("status")
+            self._finish(status if isinstance(status, int) else 255, None)
+        elif t == "error":
+            self._finish(None, RemoteError(str(header.get("code", "error")),
+                                           str(header.get("message", ""))[:300]))
+
+    def _finish(self, status: int | None, err: SessionError | None) -> None:
+        if self.finished:
+            return
+        self.finished = True
+        self._session._requests.pop(self.rid, None)
+        if not self.started.called:
+            if err is not None:
+                self.started.errback(err)
+                self.started.addErrback(lambda f: None)
+            else:
+                self.started.callback(None)
+        if err is not None:
+            self.done.errback(err)
+        else:
+            assert status is not None
+            self.done.callback(status)
+
+
+class _Pending:
+    def __init__(self) -> None:
+        self.d: defer.Deferred[dict[str, Any]] = defer.Deferred()
+
+    def _deliver(self, header: dict[str, Any], body: bytes) -> None:
+        if self.d.called:
+            return
+        if header["t"] == "ok":
+            self.d.callback(header)
+        elif header["t"] == "error":
+            self.d.errback(RemoteError(str(header.get("code", "error")),
+                                       str(header.get("message", ""))[:300]))
+
+    def _finish(self, status: int | None, err: SessionError | None) -> None:
+        if not self.d.called and err is not None:
+            self.d.errback(err)
+
+
+class Session:
+    """An established secure channel to one VM; requests multiplex over it."""
+
+    log = Logger()
+
+    def __init__(self, leg: UserLeg, clock: Any = None, request_timeout: float = 60.0):
+        self._leg = leg
+        self._clock = clock
+        self._request_timeout = request_timeout
+        self._next_id = 1
+        self._requests: dict[int, Command | _Pending] = {}
+        self.closed: defer.Deferred[SessionError | None] = defer.Deferred()
+        channel = leg.channel
+        #: The VM's key as verified in the handshake.
+        self.vm_key: bytes = (channel.peer_key or b"") if channel is not None else b""
+
+    @property
+    def transport(self) -> Any:
+        """The websocket's transport (to register an input producer on)."""
+        return self._leg.transport
+
+    def _rid(self) -> int:
+        rid = self._next_id
+        self._next_id += 1
+        return rid
+
+    def _send(self, header: dict[str, Any], body: bytes = b"") -> None:
+        self._leg.send_app(header, body)
+
+    def _check_open(self) -> None:
+        if self._leg.ended is not None:
+            raise self._leg.ended
+
+    async def request(self, op: str, **fields: Any) -> dict[str, Any]:
+        """One request/answer (``info``, ``users``, ``authorize``, ``revoke``)."""
+        self._check_open()
+        rid = self._rid()
+        pending = _Pending()
+        self._requests[rid] = pending
+        self._send({"t": "req", "id": rid, "op": op, **fields})
+        if self._clock is not None:
+            pending.d.addTimeout(self._request_timeout, self._clock)
+        try:
+            return await pending.d
+        except defer.TimeoutError:
+            raise SessionError("timeout", f"timeout: the VM did not answer {op} within "
+                               f"{self._request_timeout:g}s") from None
+        finally:
+            self._requests.pop(rid, None)
+
+    async def info(self) -> dict[str, Any]:
+        return await self.request("info")
+
+    async def users(self) -> dict[str, Any]:
+        return await self.request("users")
+
+    async def authorize(self, key: bytes | str, name: str) -> dict[str, Any]:
+        text = key if isinstance(key, str) else identity.public_text(key)
+        return await self.request("authorize", key=text, name=name)
+
+    async def revoke(self, who: bytes | str) -> dict[str, Any]:
+        """Revoke by raw key, ``ed25519:..`` text, or user name."""
+        if isinstance(who, bytes):
+            return await self.request("revoke", key=identity.public_text(who))
+        if who.startswith(identity.PREFIX):
+            return await self.request("revoke", key=who)
+        return await self.request("revoke", name=who)
+
+    def exec(self, argv: list[str], stdin: bytes | None = None,
+             on_stdout: Output | None = None, on_stderr: Output | None = None) -> Command:
+        """Start ``argv``; with ``stdin`` bytes, send them and end of input."""
+        self._check_open()
+        rid = self._rid()
+        cmd = Command(self, rid, "exec", on_stdout, on_stderr)
+        self._requests[rid] = cmd
+        self._send({"t": "req", "id": rid, "op": "exec", "argv": list(argv)})
+        cmd.started.callback(None)
+        if stdin is not None:
+            cmd.write(stdin)
+            cmd.eof()
+        return cmd
+
+    def shell(self, term: str = "xterm-256color", rows: int = 24, cols: int = 80,
+              on_output: Output | None = None) -> Command:
+        """Start a shell on a PTY; output (stdout and stderr merged) to ``on_output``."""
+        self._check_open()
+        rid = self._rid()
+        cmd = Command(self, rid, "shell", on_output, on_output)
+        self._requests[rid] = cmd
+        self._send({"t": "req", "id": rid, "op": "shell", "term": term, "rows": rows,
+                    "cols": cols})
+        return cmd
+
+    def close(self) -> defer.Deferred[SessionError | None]:
+        """Close the websocket (1000); fires when it is closed."""
+        self._leg.close(1000, "bye")
+        return _chain(self.closed)
+
+    def _deliver(self, header: dict[str, Any], body: bytes) -> None:
+        rid = header.get("id")
+        target = self._requests.get(rid) if isinstance(rid, int) else None
+        if target is not None:
+            target._deliver(header, body)
+        elif header.get("t") == "error":
+            self.log.warn("VM reported {code}", code=str(header.get("code"))[:64])
+
+    def _ended(self, err: SessionError | None) -> None:
+        failure = err or SessionError("closed", "closed: the connection to the VM ended")
+        for target in list(self._requests.values()):
+            target._finish(None, failure)
+        self._requests.clear()
+        if not self.closed.called:
+            self.closed.callback(err)
+
+
+def _chain(d: defer.Deferred[Any]) -> defer.Deferred[Any]:
+    out: defer.Deferred[Any] = defer.Deferred()
+
+    def fire(result: Any) -> Any:
+        out.callback(result)
+        return result
+
+    if d.called:
+        out.callback(d.result)
+    else:
+        d.addBoth(fire)
+    return out
+
+
+class UserLeg(WebSocketClientProtocol):
+    """The frontend's websocket to the proxy's ``/v1/user``."""
+
+    # autobahn owns ``log`` (txaio) and ``state``; ours are plog and phase.
+    plog = Logger()
+    factory: _UserFactory
+    phase = "connecting"
+    channel: UserChannel | None = None
+    session: Session | None = None
+    ended: SessionError | None = None
+    _close_sent = False
+
+    def onOpen(self) -> None:
+        self.phase = "connect-sent"
+        self.sendMessage(json.dumps({"type": "connect", "ticket": self.factory.ticket},
+                                    separators=(",", ":")).encode(), isBinary=False)
+
+    def onMessage(self, payload: bytes, isBinary: bool) -> None:
+        if self._close_sent:
+            return
+        if self.phase == "connect-sent":
+            try:
+                msg = json.loads(payload) if not isBinary else None
+            except ValueError:
+                msg = None
+            if not isinstance(msg, dict) or msg.get("type") != "paired":
+                self._fail(SessionError("bad-message", "bad-message: unexpected message from "
+                                        "the proxy"), 4000, "bad-message expected paired")
+                return
+            f = self.factory
+            self.channel = UserChannel(f.user_key, f.vm_id, f.vm_public_key)
+            self.phase = "handshake"
+            self._events(self.channel.start())
+            return
+        assert self.channel is not None
+        try:
+            message: bytes | str = payload if isBinary else payload.decode("utf-8")
+            events = self.channel.receive(message)
+        except (ChannelError, UnicodeDecodeError) as e:
+            code = e.code if isinstance(e, ChannelError) else "bad-message"
+            human = e.message if isinstance(e, ChannelError) else "not UTF-8"
+            explain = _EXPLAIN.get(code, human)
+            self._fail(SessionError(code, f"{code}: {explain}"), 4400, code)
+            return
+        self._events(events)
+
+    def _events(self, events: list[Any]) -> None:
+        for event in events:
+            if isinstance(event, SendMessage):
+                if isinstance(event.data, str):
+                    self.sendMessage(event.data.encode("utf-8"), isBinary=False)
+                else:
+                    self.sendMessage(event.data, isBinary=True)
+            elif isinstance(event, Established):
+                self.phase = "established"
+                self.session = Session(self, self.factory.clock,
+                                       self.factory.request_timeout)
+                if not self.factory.ready.called:
+                    self.factory.ready.callback(self.session)
+            elif isinstance(event, Delivered) and self.session is not None:
+                try:
+                    header, body = app.decode(event.plaintext)
+                except app.AppError:
+                    self.plog.warn("malformed application message from the VM")
+                    continue
+                self.session._deliver(header, body)
+
+    def send_app(self, header: dict[str, Any], body: bytes = b"") -> None:
+        if self._close_sent or self.channel is None or not self.channel.established:
+            return
+        self.sendMessage(self.channel.seal(app.encode(header, body)), isBinary=True)
+
+    def _fail(self, err: SessionError, code: int, reason: str) -> None:
+        self.ended = err
+        self.close(code, reason)
+
+    def close(self, code: int, reason: str) -> None:
+        if not self._close_sent:
+            self._close_sent = True
+            self.sendClose(code, reason[:120])
+
+    def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
+        self.phase = "closed"
+        if self.channel is not None:
+            self.channel.close()
+        err = self.ended  # a failure detected here wins over the far end's code
+        if err is None and not (code == 1000 and self.session is not None):
+            if code in (None, 1006):
+                err = SessionError("connection-lost", "connection-lost: the connection to "
+                                   "the proxy was lost")
+            else:
+                err = close_error(code, reason)
+        self.ended = err or SessionError("closed", "closed: the session is closed")
+        if not self.factory.ready.called:
+            self.factory.ready.errback(self.ended)
+        if self.session is not None:
+            self.session._ended(err)
+
+
+class _UserFactory(WebSocketClientFactory):
+    protocol = UserLeg  # type: ignore[assignment]
+    ticket: str
+    user_key: Ed25519PrivateKey
+    vm_id: str
+    vm_public_key: bytes
+    ready: defer.Deferred[Session]
+    clock: Any
+    request_timeout: float
+
+
+async def open_session(reactor: Any, proxy_url: str, ca_file: str, ticket: str,
+                       user_key: Ed25519PrivateKey, vm_id: str, vm_public_key: bytes | str,
+                       *, timeout: float = 30.0, request_timeout: float = 60.0,
+                       max_message: int = 1100000) -> Session:
+    """Connect, present the ticket, pair, run the handshake; the Session.
+
+    ``vm_public_key`` is the VM key rest reported (raw or ``ed25519:..``).
+    ``timeout`` bounds the whole set-up, ``request_timeout`` each
+    ``info``/``users``/``authorize``/``revoke`` (not exec or shell).
+    """
+    if isinstance(vm_public_key, str):
+        vm_public_key = identity.parse_public(vm_public_key)
+    url = proxy_url.rstrip("/") + "/v1/user"
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    secure = parts.scheme == "wss"
+    port = parts.port or (443 if secure else 80)
+    factory = _UserFactory(url=url, reactor=reactor)
+    factory.setProtocolOptions(maxMessagePayloadSize=max_message,
+                               maxFramePayloadSize=max_message, openHandshakeTimeout=timeout,
+                               closeHandshakeTimeout=5, perMessageCompressionOffers=[])
+    factory.ticket, factory.user_key, factory.vm_id = ticket, user_key, vm_id
+    factory.vm_public_key = vm_public_key
+    factory.clock, factory.request_timeout = reactor, request_timeout
+    factory.ready = defer.Deferred()
+    endpoint: Any = HostnameEndpoint(reactor, host, port, timeout=timeout)
+    if secure:
+        endpoint = wrapClientTLS(tlsutil.client_options(host, ca_file), endpoint)
+    try:
+        leg = await endpoint.connect(factory)
+    except Exception as e:
+        raise SessionError("unreachable", f"unreachable: cannot connect to the proxy at "
+                           f"{host}:{port} ({e.__class__.__name__})") from None
+    ready = factory.ready
+    timer = reactor.callLater(timeout, lambda: None if ready.called else leg._fail(
+        SessionError("timeout", f"timeout: no secure channel within {timeout:g}s"),
+        4008, "timeout handshake"))
+    try:
+        return await ready
+    finally:
+        if timer.active():
+            timer.cancel()

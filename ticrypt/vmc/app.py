@@ -1,0 +1,66 @@
+"""The application protocol carried inside the secure channel (vmc <-> frontend).
+
+Each sealed record's plaintext is ``header + b"\\n" + body``: the header is
+compact JSON without a newline, the body raw bytes (possibly empty).  The
+frontend and vmc both use this codec; ``docs/protocol-app.md`` is the spec.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from ticrypt.channel import MAX_PLAINTEXT
+
+#: Longest header accepted (the body carries the bulk data).
+MAX_HEADER = 16384
+#: Body bytes per record when streaming: leaves room for the header.
+CHUNK = 65536
+#: Longest argv (total characters) and most arguments in an exec request.
+MAX_ARGV_CHARS = 131072
+MAX_ARGS = 4096
+
+OPS = ("info", "exec", "shell", "authorize", "revoke", "users")
+
+
+class AppError(Exception):
+    """A malformed application message: ``code`` stable, ``str()`` human."""
+
+    def __init__(self, code: str, message: str):
+        self.code = code
+        self.message = message
+        super().__init__(message)
+
+
+def encode(header: dict[str, Any], body: bytes = b"") -> bytes:
+    """One record's plaintext."""
+    head = json.dumps(header, separators=(",", ":"), ensure_ascii=True).encode()
+    out = head + b"\n" + body
+    if len(out) > MAX_PLAINTEXT:
+        raise ValueError("application message too large for one record")
+    return out
+
+
+def decode(plaintext: bytes) -> tuple[dict[str, Any], bytes]:
+    """``(header, body)``; AppError("bad-message") if malformed."""
+    head, sep, body = plaintext.partition(b"\n")
+    if not sep or len(head) > MAX_HEADER:
+        raise AppError("bad-message", "application message has no header line")
+    try:
+        header = json.loads(head)
+    except ValueError:
+        raise AppError("bad-message", "application header is not JSON") from None
+    if not isinstance(header, dict) or not isinstance(header.get("t"), str):
+        raise AppError("bad-message", "application header is not an object with 't'")
+    rid = header.get("id")
+    if "id" in header and (not isinstance(rid, int) or isinstance(rid, bool)
+                           or not 0 <= rid < 2**53):
+        raise AppError("bad-message", "application header 'id' is not a non-negative int")
+    return header, body
+
+
+def chunks(data: bytes, size: int = CHUNK) -> list[bytes]:
+    """``data`` split into record-sized bodies (one empty chunk for empty data)."""
+    if not data:
+        return [b""]
+    return [data[i:i + size] for i in range(0, len(data), size)]

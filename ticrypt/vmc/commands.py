@@ -1,0 +1,232 @@
+"""Sans-IO command dispatcher: decoded application messages in, actions out.
+
+One :class:`Dispatcher` per secure channel.  It validates every request,
+enforces "owner only" for user management, answers ``info``/``users``/
+``authorize``/``revoke`` itself (through the injected :class:`UserStore`)
+and turns ``exec``/``shell``/``stdin``/``eof``/``cancel``/``resize`` into
+actions that the process layer carries out.  It never touches a process, a
+transport or the reactor.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol, TypeAlias
+
+import attrs
+
+from ticrypt import identity
+from ticrypt.vmc.app import MAX_ARGS, MAX_ARGV_CHARS, AppError
+
+_TERM_OK = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.+")
+
+
+class UserStore(Protocol):
+    """What the dispatcher needs of :class:`ticrypt.vmc.state.VmState`."""
+
+    owner_key: bytes | None
+
+    def is_owner(self, key: bytes) -> bool: ...
+
+    def users(self) -> list[Any]: ...
+
+    def authorize(self, key: bytes, name: str, by: bytes) -> bool: ...
+
+    def revoke(self, who: str | bytes, by: bytes) -> Any: ...
+
+
+@attrs.frozen
+class Send:
+    """Seal and send this application message to the frontend."""
+
+    header: dict[str, Any]
+    body: bytes = attrs.field(default=b"", repr=False)
+
+
+@attrs.frozen
+class StartExec:
+    rid: int
+    argv: tuple[str, ...]
+
+
+@attrs.frozen
+class StartShell:
+    rid: int
+    term: str
+    rows: int
+    cols: int
+
+
+@attrs.frozen
+class Stdin:
+    rid: int
+    data: bytes = attrs.field(repr=False)
+
+
+@attrs.frozen
+class Eof:
+    rid: int
+
+
+@attrs.frozen
+class Cancel:
+    rid: int
+
+
+@attrs.frozen
+class Resize:
+    rid: int
+    rows: int
+    cols: int
+
+
+@attrs.frozen
+class Revoked:
+    """A user lost access: close their open channels."""
+
+    key: bytes
+
+
+Action: TypeAlias = Send | StartExec | StartShell | Stdin | Eof | Cancel | Resize | Revoked
+
+
+def error(rid: int | None, code: str, message: str) -> Send:
+    header: dict[str, Any] = {"t": "error", "code": code, "message": message}
+    if rid is not None:
+        header["id"] = rid
+    return Send(header)
+
+
+def _window(header: dict[str, Any]) -> tuple[int, int]:
+    rows, cols = header.get("rows", 24), header.get("cols", 80)
+    for v in (rows, cols):
+        if not isinstance(v, int) or isinstance(v, bool) or not 1 <= v <= 10000:
+            raise AppError("bad-request", "rows and cols must be integers in 1..10000")
+    return rows, cols
+
+
+@attrs.define
+class Dispatcher:
+    """Maps one channel's requests to actions.
+
+    ``user_key`` is the authenticated peer; ``info`` the static part of the
+    ``info`` answer; ``max_processes`` bounds concurrent exec/shell requests.
+    """
+
+    store: UserStore
+    user_key: bytes
+    info: dict[str, Any]
+    max_processes: int = 16
+    _running: dict[int, str] = attrs.field(factory=dict)
+    _used: set[int] = attrs.field(factory=set)
+
+    def finished(self, rid: int) -> None:
+        """The process of ``rid`` is gone (its ``exit`` has been sent)."""
+        self._running.pop(rid, None)
+
+    @property
+    def running(self) -> dict[int, str]:
+        return dict(self._running)
+
+    def handle(self, header: dict[str, Any], body: bytes) -> list[Action]:
+        """Actions for one decoded message; errors become ``error`` replies."""
+        rid = header.get("id")
+        try:
+            if not isinstance(rid, int):
+                raise AppError("bad-message", "message has no request id")
+            kind = header["t"]
+            if kind == "req":
+                return self._request(rid, header)
+            if kind in ("stdin", "eof", "cancel", "resize"):
+                return self._stream(kind, rid, header, body)
+            raise AppError("bad-message", f"unknown message type {kind!r}"[:120])
+        except AppError as e:
+            return [error(rid if isinstance(rid, int) else None, e.code, e.message)]
+
+    def _request(self, rid: int, header: dict[str, Any]) -> list[Action]:
+        if rid in self._used:
+            raise AppError("duplicate-id", "request id already used on this channel")
+        self._used.add(rid)
+        op = header.get("op")
+        if op == "info":
+            return [Send({"t": "ok", "id": rid, **self.info,
+                          "owner_user": self.store.is_owner(self.user_key)})]
+        if op in ("exec", "shell"):
+            if len(self._running) >= self.max_processes:
+                raise AppError("over-limit", f"at most {self.max_processes} running "
+                               "commands per connection")
+            if op == "exec":
+                argv = header.get("argv")
+                if (not isinstance(argv, list) or not argv or len(argv) > MAX_ARGS
+                        or not all(isinstance(a, str) and "\x00" not in a for a in argv)
+                        or not argv[0] or sum(map(len, argv)) > MAX_ARGV_CHARS):
+                    raise AppError("bad-request", "argv must be a non-empty list of strings")
+                self._running[rid] = "exec"
+                return [StartExec(rid, tuple(argv))]
+            term = header.get("term", "xterm-256color")
+            if not isinstance(term, str) or not term or len(term) > 64 or not set(term) <= _TERM_OK:
+                raise AppError("bad-request", "term must be a terminal type name")
+            rows, cols = _window(header)
+            self._running[rid] = "shell"
+            return [StartShell(rid, term, rows, cols)]
+        if op in ("authorize", "revoke", "users"):
+            if not self.store.is_owner(self.user_key):
+                raise AppError("not-owner", "only the VM owner may manage its users")
+            try:
+                return self._manage(rid, op, header)
+            except OSError:
+                # e.g. a full disk: the old users.json (and memory) are unchanged
+                raise AppError("storage-error", "could not save the user list on the "
+                               "VM; nothing was changed") from None
+        raise AppError("unknown-op", "unknown operation")
+
+    def _manage(self, rid: int, op: str, header: dict[str, Any]) -> list[Action]:
+        if op == "users":
+            owner = self.store.owner_key
+            assert owner is not None  # is_owner() held
+            return [Send({"t": "ok", "id": rid,
+                          "owner": {"name": self.info.get("owner"),
+                                    "key": identity.public_text(owner)},
+                          "users": [{"name": u.name, "key": identity.public_text(u.key)}
+                                    for u in self.store.users()]})]
+        key_text, name = header.get("key"), header.get("name")
+        key: bytes | None = None
+        if key_text is not None:
+            try:
+                key = identity.parse_public(key_text) if isinstance(key_text, str) else None
+            except ValueError:
+                key = None
+            if key is None:
+                raise AppError("bad-request", "key must be 'ed25519:<base64url>'")
+        if op == "authorize":
+            if key is None or not isinstance(name, str):
+                raise AppError("bad-request", "authorize needs key and name")
+            try:
+                added = self.store.authorize(key, name, by=self.user_key)
+            except ValueError as e:
+                raise AppError("bad-request", str(e)) from None
+            return [Send({"t": "ok", "id": rid, "name": name,
+                          "key": identity.public_text(key), "added": added})]
+        who: str | bytes | None = key if key is not None else name
+        if not isinstance(who, (str, bytes)) or not who:
+            raise AppError("bad-request", "revoke needs key or name")
+        gone = self.store.revoke(who, by=self.user_key)
+        if gone is None:
+            raise AppError("no-such-user", "no such authorized user on this VM")
+        return [Send({"t": "ok", "id": rid, "name": gone.name,
+                      "key": identity.public_text(gone.key)}), Revoked(gone.key)]
+
+    def _stream(self, kind: str, rid: int, header: dict[str, Any], body: bytes) -> list[Action]:
+        if rid not in self._running:
+            if rid in self._used:
+                return []  # the process already ended; late input is harmless
+            raise AppError("no-such-request", "no running command with this id")
+        if kind == "stdin":
+            return [Stdin(rid, body)] if body else []
+        if kind == "eof":
+            return [Eof(rid)]
+        if kind == "cancel":
+            return [Cancel(rid)]
+        if self._running[rid] != "shell":
+            raise AppError("bad-request", "resize applies to a shell only")
+        rows, cols = _window(header)
+        return [Resize(rid, rows, cols)]

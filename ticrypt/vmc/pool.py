@@ -1,0 +1,491 @@
+"""The proxy pool: idle authenticated websockets to the proxy's ``/v1/vm``,
+and the VM end of the secure channel on each socket once a user is paired.
+
+Each of ``pool_size`` :class:`_Slot` s keeps one socket waiting at the proxy.
+When its socket gets ``paired`` the socket becomes a session and the slot
+opens a fresh one at once; when a connection fails the slot retries after an
+exponential, jittered, bounded delay (:class:`~ticrypt.vmc.backoff.Backoff`).
+
+A :class:`VmLeg` goes through::
+
+    challenge -> (vm-auth sent) -> waiting -> paired -> established -> closed
+
+Before ``paired`` it speaks the proxy's JSON control messages; after, every
+message belongs to the secure channel (:class:`~ticrypt.channel.VmChannel`):
+handshake text messages, then sealed binary records carrying the application
+protocol (:mod:`ticrypt.vmc.app`).
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+from collections.abc import Callable
+from typing import Any
+from urllib.parse import urlsplit
+
+import attrs
+from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
+from twisted.application.service import Service
+from twisted.internet import defer
+from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.interfaces import IDelayedCall
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from ticrypt import __version__, identity, signed, tlsutil
+from ticrypt.audit import AuditLog
+from ticrypt.channel import ChannelError, Delivered, Established, SendMessage, VmChannel
+from ticrypt.encoding import b64, unb64
+from ticrypt.vmc import app
+from ticrypt.vmc.backoff import Backoff
+from ticrypt.vmc.commands import (
+    Cancel,
+    Dispatcher,
+    Eof,
+    Resize,
+    Revoked,
+    Send,
+    StartExec,
+    StartShell,
+    Stdin,
+)
+from ticrypt.vmc.processes import ProcessGroup, RunAs
+from ticrypt.vmc.state import VmState
+
+MAX_CONTROL = 16384
+
+
+@attrs.frozen
+class PoolSettings:
+    """Tunables of the pool (from ``[vmc]``, ``[exec]`` and ``[limits]``)."""
+
+    proxy_url: str
+    ca_file: str
+    pool_size: int = 2
+    backoff_initial: float = 1.0
+    backoff_max: float = 60.0
+    connect_timeout: float = 10.0
+    handshake_timeout: float = 15.0
+    idle_timeout: float = 3600.0
+    ping_interval: float = 30.0
+    max_message: int = 1048576 + 4096
+    max_sessions: int = 16
+    max_processes: int = 16
+    kill_grace: float = 3.0
+
+
+class VmLeg(WebSocketClientProtocol):
+    """One websocket to the proxy: control dance, then the secure channel."""
+
+    # autobahn owns ``log`` (txaio) and ``state``; ours are plog and phase.
+    plog = Logger()
+    factory: _LegFactory
+
+    phase = "connecting"
+    channel: VmChannel | None = None
+    dispatcher: Dispatcher | None = None
+    group: ProcessGroup | None = None
+    user: str = ""
+    user_key: bytes | None = None
+    client: str = ""
+    _timer: IDelayedCall | None = None
+    _idle_timer: IDelayedCall | None = None
+    _close_sent = False
+
+    @property
+    def pool(self) -> ProxyPool:
+        return self.factory.pool
+
+    # -- autobahn callbacks ------------------------------------------------
+
+    def onOpen(self) -> None:
+        self.phase = "challenge"
+        self._arm(self.pool.settings.handshake_timeout, "proxy authentication")
+
+    def onMessage(self, payload: bytes, isBinary: bool) -> None:
+        if self._close_sent:
+            return
+        if self.phase in ("challenge", "auth-sent", "waiting"):
+            self._control(payload, isBinary)
+        elif self.phase in ("paired", "established"):
+            self._channel_message(payload, isBinary)
+
+    def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
+        previous, self.phase = self.phase, "closed"
+        self._disarm()
+        if self._idle_timer is not None and self._idle_timer.active():
+            self._idle_timer.cancel()
+        if self.group is not None:
+            self.group.close()
+        if self.channel is not None:
+            self.channel.close()
+        if previous == "established":
+            self.pool.audit.write("session-closed", vm=self.pool.vm_id, user=self.user,
+                                  user_key=self._fp(), client=self.client, code=code,
+                                  result="closed")
+        self.pool.leg_closed(self, previous, code, reason)
+
+    # -- helpers -------------------------------------------------------------
+
+    def _fp(self) -> str:
+        return identity.fingerprint(self.user_key) if self.user_key else ""
+
+    def _arm(self, seconds: float, what: str) -> None:
+        self._disarm()
+        self._timer = self.pool.clock.callLater(seconds, self._timed_out, what)
+
+    def _disarm(self) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+
+    def _timed_out(self, what: str) -> None:
+        self.plog.info("{what} timed out", what=what)
+        if self.phase == "paired":
+            self.pool.audit.write("session-refused", vm=self.pool.vm_id, user=self.user,
+                                  client=self.client, reason="handshake-timeout",
+                                  result="refused")
+        self.close(4008, f"timeout {what}")
+
+    def close(self, code: int, reason: str) -> None:
+        """Close with a code and a short reason (starts with a stable code)."""
+        if self._close_sent:
+            return
+        self._close_sent = True
+        self.sendClose(code, reason[:120])
+
+    # -- proxy control messages ------------------------------------------
+
+    def _control(self, payload: bytes, is_binary: bool) -> None:
+        try:
+            if is_binary or len(payload) > MAX_CONTROL:
+                raise ValueError
+            msg = json.loads(payload)
+            if not isinstance(msg, dict):
+                raise ValueError
+            kind = msg.get("type")
+        except ValueError:
+            self.close(4000, "bad-message control message is not a JSON object")
+            return
+        if kind == "challenge" and self.phase == "challenge":
+            nonce = msg.get("nonce")
+            try:
+                unb64(nonce, 32) if isinstance(nonce, str) else unb64("", 32)
+            except ValueError:
+                self.close(4000, "bad-message challenge nonce")
+                return
+            sig = signed.sign(self.pool.state.vm_key, signed.PROXY_VM_AUTH,
+                              {"nonce": nonce, "vm": self.pool.vm_id})
+            self.sendMessage(json.dumps({"type": "vm-auth",
+                                         "credential": self.pool.credential,
+                                         "signature": b64(sig)},
+                                        separators=(",", ":")).encode(), isBinary=False)
+            self.phase = "auth-sent"
+        elif kind == "waiting" and self.phase == "auth-sent":
+            self._disarm()
+            self.phase = "waiting"
+            self.pool.leg_waiting(self)
+        elif kind == "paired" and self.phase == "waiting":
+            self._paired(msg)
+        else:
+            self.close(4000, "bad-message unexpected control message")
+
+    def _paired(self, msg: dict[str, Any]) -> None:
+        self.phase = "paired"
+        self.user = str(msg.get("user", ""))[:128]
+        self.client = str(msg.get("client", ""))[:64]
+        over = self.pool.leg_paired(self)
+        if over:
+            self.pool.audit.write("session-refused", vm=self.pool.vm_id, user=self.user,
+                                  client=self.client, reason="over-limit", result="refused")
+            self.close(4009, "over-limit too many sessions on this VM")
+            return
+        self.channel = VmChannel(self.pool.state.vm_key, self.pool.vm_id, self._authorize)
+        self._arm(self.pool.settings.handshake_timeout, "secure channel handshake")
+
+    # -- secure channel ----------------------------------------------------
+
+    def _authorize(self, user_key: bytes) -> bool:
+        self.user_key = user_key  # for the audit line, also when refused
+        return self.pool.state.is_authorized(user_key)
+
+    def _channel_message(self, payload: bytes, is_binary: bool) -> None:
+        assert self.channel is not None
+        try:
+            message: bytes | str = payload if is_binary else payload.decode("utf-8")
+            events = self.channel.receive(message)
+        except UnicodeDecodeError:
+            self._channel_failed(ChannelError("bad-message"))
+            return
+        except ChannelError as e:
+            self._channel_failed(e)
+            return
+        for event in events:
+            if isinstance(event, SendMessage):
+                data = event.data
+                if isinstance(data, str):
+                    self.sendMessage(data.encode("utf-8"), isBinary=False)
+                else:
+                    self.sendMessage(data, isBinary=True)
+            elif isinstance(event, Established):
+                self._established(event.peer_key)
+            elif isinstance(event, Delivered):
+                self._touch()
+                self._app_message(event.plaintext)
+            if self._close_sent:
+                return
+
+    def _channel_failed(self, e: ChannelError) -> None:
+        key = self.channel.peer_key if self.channel is not None else None
+        self.user_key = self.user_key or key
+        event = "session-refused" if self.phase == "paired" else "session-error"
+        self.pool.audit.write(event, vm=self.pool.vm_id, user=self.user, user_key=self._fp(),
+                              client=self.client, reason=e.code, result="refused")
+        if e.code == "not-authorized":
+            self.close(4401, "not-authorized this user is not authorized on this VM")
+        else:
+            self.close(4400, e.code)
+
+    def _established(self, user_key: bytes) -> None:
+        self._disarm()
+        self.phase = "established"
+        self.user_key = user_key
+        pool = self.pool
+        owner = pool.state.is_owner(user_key)
+        pool.audit.write("session-open", vm=pool.vm_id, user=self.user, user_key=self._fp(),
+                         client=self.client, owner=owner, result="ok")
+        self.dispatcher = Dispatcher(pool.state, user_key, pool.info(),
+                                     max_processes=pool.settings.max_processes)
+        self.group = ProcessGroup(pool.reactor, pool.run_as, self._send_app,
+                                  self.dispatcher.finished, self._pause_input,
+                                  kill_grace=pool.settings.kill_grace)
+        # Children's output stops when the websocket's transport buffer is full.
+        self.transport.registerProducer(self.group, True)  # type: ignore[union-attr]
+        self._touch()
+
+    def _touch(self) -> None:
+        if self._idle_timer is not None and self._idle_timer.active():
+            self._idle_timer.reset(self.pool.settings.idle_timeout)
+        else:
+            self._idle_timer = self.pool.clock.callLater(self.pool.settings.idle_timeout,
+                                                         self._idle)
+
+    def _idle(self) -> None:
+        if self.group is not None and self.group.count:
+            self._touch()  # a running command is not idleness
+            return
+        self.close(4008, "timeout idle")
+
+    def _pause_input(self, paused: bool) -> None:
+        transport: Any = self.transport
+        if paused:
+            transport.pauseProducing()
+        else:
+            transport.resumeProducing()
+
+    def _send_app(self, header: dict[str, Any], body: bytes = b"") -> None:
+        if self._close_sent or self.channel is None or self.phase != "established":
+            return
+        try:
+            record = self.channel.seal(app.encode(header, body))
+        except ChannelError as e:
+            self._channel_failed(e)
+            return
+        self.sendMessage(record, isBinary=True)
+
+    def _app_message(self, plaintext: bytes) -> None:
+        assert self.dispatcher is not None and self.group is not None
+        try:
+            header, body = app.decode(plaintext)
+        except app.AppError as e:
+            self._send_app({"t": "error", "code": e.code, "message": e.message})
+            return
+        group = self.group
+        for action in self.dispatcher.handle(header, body):
+            if isinstance(action, Send):
+                self._send_app(action.header, action.body)
+            elif isinstance(action, StartExec):
+                self.pool.audit.write("exec", vm=self.pool.vm_id, user=self.user,
+                                      user_key=self._fp(), command=action.argv[0][:200],
+                                      result="started")
+                group.start_exec(action.rid, action.argv)
+            elif isinstance(action, StartShell):
+                self.pool.audit.write("shell", vm=self.pool.vm_id, user=self.user,
+                                      user_key=self._fp(), result="started")
+                group.start_shell(action.rid, action.term, action.rows, action.cols)
+            elif isinstance(action, Stdin):
+                group.write_stdin(action.rid, action.data)
+            elif isinstance(action, Eof):
+                group.eof(action.rid)
+            elif isinstance(action, Cancel):
+                group.cancel(action.rid)
+            elif isinstance(action, Resize):
+                group.resize(action.rid, action.rows, action.cols)
+            elif isinstance(action, Revoked):
+                self.pool.revoked(action.key)
+
+
+class _LegFactory(WebSocketClientFactory):
+    protocol = VmLeg  # type: ignore[assignment]
+    pool: ProxyPool
+
+
+@attrs.define(eq=False)
+class _Slot:
+    """One place in the pool: at most one connecting or waiting socket."""
+
+    pool: ProxyPool
+    backoff: Backoff
+    leg: VmLeg | None = None
+    timer: IDelayedCall | None = None
+    connecting: defer.Deferred[Any] | None = None
+
+    def connect(self) -> None:
+        self.timer = None
+        if not self.pool.running:
+            return
+        d = self.pool.endpoint.connect(self.pool.factory)
+        self.connecting = d
+        d.addCallbacks(self._connected, self._failed)
+
+    def _connected(self, leg: VmLeg) -> None:
+        self.connecting = None
+        self.leg = leg
+        leg.slot = self  # type: ignore[attr-defined]
+
+    def _failed(self, reason: Failure) -> None:
+        self.connecting = None
+        if not reason.check(defer.CancelledError):
+            self.pool.log.info("proxy connection failed: {why}",
+                               why=reason.getErrorMessage())
+        self.retry()
+
+    def retry(self) -> None:
+        self.leg = None
+        if not self.pool.running:
+            return
+        delay = self.backoff.next_delay()
+        self.pool.log.info("reconnecting to the proxy in {delay:.1f}s", delay=delay)
+        self.timer = self.pool.clock.callLater(delay, self.connect)
+
+    def stop(self) -> None:
+        if self.timer is not None and self.timer.active():
+            self.timer.cancel()
+        self.timer = None
+        if self.connecting is not None:
+            self.connecting.cancel()
+        if self.leg is not None:
+            self.leg.close(1001, "going-away vmc stopping")
+
+
+class ProxyPool(Service):
+    """Keeps ``pool_size`` sockets waiting at the proxy; owns the sessions.
+
+    ``ready`` fires once the first socket is waiting at the proxy.
+    """
+
+    log = Logger()
+
+    def __init__(self, *, reactor: Any, clock: Any, random: Callable[[], float],
+                 settings: PoolSettings, state: VmState, audit: AuditLog, run_as: RunAs,
+                 endpoint: Any | None = None):
+        assert state.enrollment is not None
+        self.reactor = reactor
+        self.clock = clock
+        self.settings = settings
+        self.state = state
+        self.audit = audit
+        self.run_as = run_as
+        self.vm_id = state.enrollment.vm_id
+        self.credential = state.enrollment.vm_credential
+        self.ready: defer.Deferred[None] = defer.Deferred()
+        self.sessions: set[VmLeg] = set()
+        url = settings.proxy_url.rstrip("/") + "/v1/vm"
+        self.factory = _LegFactory(url=url, reactor=reactor)
+        self.factory.pool = self
+        self.factory.noisy = False
+        self.factory.setProtocolOptions(
+            maxMessagePayloadSize=settings.max_message,
+            maxFramePayloadSize=settings.max_message,
+            openHandshakeTimeout=settings.handshake_timeout,
+            closeHandshakeTimeout=5,
+            autoPingInterval=settings.ping_interval,
+            autoPingTimeout=settings.ping_interval,
+            perMessageCompressionOffers=[],
+        )
+        self.endpoint = endpoint if endpoint is not None else self._endpoint(url)
+        self.slots = [_Slot(self, Backoff(settings.backoff_initial, settings.backoff_max,
+                                          random)) for _ in range(settings.pool_size)]
+
+    def _endpoint(self, url: str) -> Any:
+        parts = urlsplit(url)
+        host = parts.hostname or ""
+        secure = parts.scheme == "wss"
+        port = parts.port or (443 if secure else 80)
+        ep = HostnameEndpoint(self.reactor, host, port, timeout=self.settings.connect_timeout)
+        if secure:
+            return wrapClientTLS(tlsutil.client_options(host, self.settings.ca_file), ep)
+        return ep
+
+    def info(self) -> dict[str, Any]:
+        """The static part of the ``info`` answer."""
+        enrollment = self.state.enrollment
+        assert enrollment is not None
+        return {"vm": self.vm_id, "hostname": socket.gethostname(), "owner": enrollment.owner,
+                "version": __version__, "tls_fingerprint": self.state.tls_fingerprint}
+
+    def startService(self) -> None:
+        super().startService()
+        for slot in self.slots:
+            slot.connect()
+
+    def stopService(self) -> None:
+        super().stopService()
+        for slot in self.slots:
+            slot.stop()
+        for leg in list(self.sessions):
+            # The reactor may stop before the close handshake ends: signal the
+            # children now rather than leave them behind.
+            if leg.group is not None:
+                leg.group.close()
+            leg.close(1001, "going-away vmc stopping")
+
+    # -- events from legs --------------------------------------------------
+
+    def _slot_of(self, leg: VmLeg) -> _Slot | None:
+        slot = getattr(leg, "slot", None)
+        return slot if isinstance(slot, _Slot) and slot.leg is leg else None
+
+    def leg_waiting(self, leg: VmLeg) -> None:
+        slot = self._slot_of(leg)
+        if slot is not None:
+            slot.backoff.reset()
+        self.log.info("waiting at the proxy for a user")
+        if not self.ready.called:
+            self.ready.callback(None)
+
+    def leg_paired(self, leg: VmLeg) -> bool:
+        """The leg became a session; refill its slot.  True if over the limit."""
+        slot = self._slot_of(leg)
+        if slot is not None:
+            slot.leg = None
+            slot.connect()
+        if len(self.sessions) >= self.settings.max_sessions:
+            return True
+        self.sessions.add(leg)
+        return False
+
+    def leg_closed(self, leg: VmLeg, state: str, code: int | None, reason: str | None) -> None:
+        self.sessions.discard(leg)
+        slot = self._slot_of(leg)
+        if slot is not None:
+            self.log.info("proxy socket closed ({code} {reason})", code=code,
+                          reason=(reason or "")[:120])
+            slot.retry()
+
+    def revoked(self, key: bytes) -> None:
+        """Close every session of a user who just lost access."""
+        for leg in list(self.sessions):
+            if leg.user_key == key:
+                leg.close(4401, "not-authorized access revoked")

@@ -1,0 +1,226 @@
+"""twistd wiring for ``ticrypt-vmc``: config schema, Options, makeService.
+
+Start-up: load (or create) the VM key and TLS certificate in ``state_dir``;
+if not yet enrolled, enroll with rest using the single-use token; then keep
+``pool_size`` sockets waiting at the proxy.  The readiness line is logged
+once the first socket waits at the proxy.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import sys
+from typing import Any
+
+from twisted.internet import defer
+from twisted.logger import Logger
+
+from ticrypt import identity
+from ticrypt.audit import AuditLog
+from ticrypt.config import (
+    Config,
+    DirPath,
+    Duration,
+    FilePath,
+    Int,
+    Key,
+    Schema,
+    Size,
+    Str,
+    Url,
+    check_file_mode,
+)
+from ticrypt.service import RoleService, options_for
+from ticrypt.vmc.backoff import Backoff
+from ticrypt.vmc.enroll import EnrollError, enroll
+from ticrypt.vmc.pool import PoolSettings, ProxyPool
+from ticrypt.vmc.processes import RunAs
+from ticrypt.vmc.state import Enrollment, OwnerKeyChanged, StateError, VmState
+
+DEFAULT_SHELL = "/bin/bash" if os.path.exists("/bin/bash") else "/bin/sh"
+
+
+def _validate(cfg: Config) -> None:
+    v, e = cfg.vmc, cfg["exec"]
+    if v.backoff_initial > v.backoff_max:
+        raise cfg.error("vmc", "backoff_initial", "must not exceed backoff_max")
+    if v.proxy_url and not v.proxy_url.startswith(("wss://", "ws://")):
+        raise cfg.error("vmc", "proxy_url", f"expected a wss:// URL; got {v.proxy_url!r}")
+    if not os.access(e.shell, os.X_OK):
+        raise cfg.error("exec", "shell", f"{e.shell} is not an executable file")
+    try:
+        RunAs.lookup(e.run_as or None, e.shell)
+    except KeyError:
+        raise cfg.error("exec", "run_as", f"no such user {e.run_as!r}") from None
+
+
+SCHEMA = Schema(
+    sections={
+        "vmc": {
+            "rest_url": Key(Url(("https",)), doc="rest base URL"),
+            "ca_file": Key(FilePath(), doc="CA that signs rest's and proxy's certificates"),
+            "state_dir": Key(DirPath(), doc="keys, enrollment, owner pin, users"),
+            "enrollment_token_file": Key(FilePath(must_exist=False), None,
+                                         doc="single-use token file (0600)"),
+            "audit_log": Key(FilePath(must_exist=False), doc="JSON-lines audit log"),
+            "proxy_url": Key(Str(allow_empty=True), "", doc="override the enrolled proxy URL"),
+            "pool_size": Key(Int(1, 64), "2"),
+            "backoff_initial": Key(Duration(), "1s"),
+            "backoff_max": Key(Duration(), "60s"),
+            "connect_timeout": Key(Duration(), "10s"),
+            "request_timeout": Key(Duration(), "30s"),
+            "handshake_timeout": Key(Duration(), "15s"),
+            "idle_timeout": Key(Duration(), "1h"),
+            "ping_interval": Key(Duration(), "30s"),
+            "max_message": Key(Size(min=65536, max=16 * 1024 * 1024), "1100000"),
+        },
+        "exec": {
+            "shell": Key(FilePath(), DEFAULT_SHELL, doc="shell for the shell command"),
+            "run_as": Key(Str(allow_empty=True), "", doc="user commands run as"),
+            "max_sessions": Key(Int(1, 10000), "16"),
+            "max_processes": Key(Int(1, 1000), "16"),
+            "kill_grace": Key(Duration(), "3s"),
+        },
+    },
+    optional_sections=frozenset({"exec"}),
+    validate=_validate,
+)
+
+Options = options_for("vmc", SCHEMA)
+
+
+class VmcService(RoleService):
+    """Loads the state, enrolls if needed, then runs the proxy pool."""
+
+    log = Logger()
+
+    def __init__(self, config: Config, reactor: Any, rng: random.Random | None = None):
+        super().__init__("vmc", config)
+        self._reactor = reactor
+        self._random = rng or random.SystemRandom()
+        self.pool: ProxyPool | None = None
+        self.state: VmState | None = None
+        self.audit: AuditLog | None = None
+        self._pool_ready: defer.Deferred[None] = defer.Deferred()
+        self.extra_ready.append(self._pool_ready)
+
+    def startService(self) -> None:
+        cfg = self.config
+        assert cfg is not None
+        self.audit = AuditLog(cfg.vmc.audit_log, self._reactor, role="vmc")
+        try:
+            self.state = VmState(cfg.vmc.state_dir, self.audit)
+        except StateError as e:
+            raise SystemExit(f"ticrypt-vmc: {e}") from None
+        self.ready_info.update(vm_public_key=identity.public_text(self.state.vm_key),
+                               tls_fingerprint=self.state.tls_fingerprint)
+        super().startService()
+        d = defer.ensureDeferred(self._run())
+        d.addErrback(self._fatal)
+
+    async def _run(self) -> None:
+        state = self.state
+        assert state is not None and self.config is not None
+        if state.enrollment is None:
+            await self._enroll()
+        assert state.enrollment is not None
+        self.ready_info["vm_id"] = state.enrollment.vm_id
+        self._start_pool()
+
+    async def _enroll(self) -> None:
+        cfg, state, audit = self.config, self.state, self.audit
+        assert cfg is not None and state is not None and audit is not None
+        path = cfg.vmc.enrollment_token_file
+        try:
+            if not path:
+                raise ValueError("[vmc] enrollment_token_file is not set and this VM is "
+                                 "not enrolled yet")
+            check_file_mode(path, secret=True)
+            with open(path, encoding="utf-8") as f:
+                token = f.read(4096).strip()
+        except (OSError, ValueError) as e:
+            raise EnrollError("no-token", f"cannot read the enrollment token: {e}",
+                              permanent=True) from None
+        backoff = Backoff(cfg.vmc.backoff_initial, cfg.vmc.backoff_max, self._random.random)
+        while True:
+            try:
+                answer = await enroll(
+                    self._reactor, cfg.vmc.rest_url, cfg.vmc.ca_file, token=token,
+                    vm_public_key=identity.public_text(state.vm_key),
+                    tls_fingerprint=state.tls_fingerprint,
+                    timeout=cfg.vmc.request_timeout)
+                enrollment = Enrollment.from_json(answer)
+                break
+            except ValueError as e:
+                raise EnrollError("bad-response", f"malformed enrollment answer: {e}",
+                                  permanent=True) from None
+            except EnrollError as e:
+                audit.write("enroll", result="failed", reason=e.code)
+                if e.permanent:
+                    raise
+                delay = backoff.next_delay()
+                self.log.warn("enrollment failed ({why}); retrying in {delay:.1f}s",
+                              why=str(e), delay=delay)
+                await _sleep(self._reactor, delay)
+        try:
+            state.accept_enrollment(enrollment)
+        except OwnerKeyChanged as e:
+            raise EnrollError("owner-key-change-refused", str(e), permanent=True) from None
+        audit.write("enroll", vm=enrollment.vm_id, owner=enrollment.owner, result="ok")
+        self.log.info("enrolled as VM {vm}", vm=enrollment.vm_id)
+
+    def _start_pool(self) -> None:
+        cfg, state, audit = self.config, self.state, self.audit
+        assert cfg is not None and state is not None and audit is not None
+        assert state.enrollment is not None
+        v, e = cfg.vmc, cfg["exec"]
+        settings = PoolSettings(
+            proxy_url=v.proxy_url or state.enrollment.proxy_url, ca_file=v.ca_file,
+            pool_size=v.pool_size, backoff_initial=v.backoff_initial,
+            backoff_max=v.backoff_max, connect_timeout=v.connect_timeout,
+            handshake_timeout=v.handshake_timeout, idle_timeout=v.idle_timeout,
+            ping_interval=v.ping_interval, max_message=v.max_message,
+            max_sessions=e.max_sessions, max_processes=e.max_processes,
+            kill_grace=e.kill_grace)
+        self.pool = ProxyPool(reactor=self._reactor, clock=self._reactor,
+                              random=self._random.random, settings=settings, state=state,
+                              audit=audit, run_as=RunAs.lookup(e.run_as or None, e.shell))
+        self.pool.ready.chainDeferred(self._pool_ready)
+        self.pool.setServiceParent(self)
+
+    def _fatal(self, failure: Any) -> None:
+        if failure.check(EnrollError):
+            self.log.critical("ticrypt-vmc cannot start: {why}", why=str(failure.value))
+        else:
+            self.log.failure("ticrypt-vmc cannot start", failure)
+        if self._reactor.running:
+            # twistd has no way to report a failure after start-up; exit 1 once
+            # shut down so that a supervisor sees the failure instead of a stop.
+            self._reactor.addSystemEventTrigger("after", "shutdown", _exit_failed)
+            self._reactor.stop()
+
+    def stopService(self) -> Any:
+        d = super().stopService()
+        if self.audit is not None:
+            self.audit.close()
+        return d
+
+
+def _exit_failed() -> None:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(1)
+
+
+def _sleep(reactor: Any, seconds: float) -> defer.Deferred[None]:
+    d: defer.Deferred[None] = defer.Deferred()
+    reactor.callLater(seconds, d.callback, None)
+    return d
+
+
+def makeService(options: Any) -> VmcService:
+    """The vmc service for twistd (no I/O here; it starts in startService)."""
+    from twisted.internet import reactor
+
+    return VmcService(options["cfg"], reactor)
