@@ -10,10 +10,10 @@ from typing import Any
 from twisted.internet import defer, reactor
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
+from ticrypt.channel import app
 from ticrypt.frontend import cmd_session, terminal
 from ticrypt.frontend.cli import build_parser
 from ticrypt.frontend.session import Command, RemoteError, Session, SessionError, close_error
-from ticrypt.vmc import app
 
 
 class CloseErrorTests(SynchronousTestCase):

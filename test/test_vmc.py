@@ -19,8 +19,8 @@ from zope.interface import implementer
 
 from ticrypt import identity
 from ticrypt.audit import AuditLog
+from ticrypt.channel import app
 from ticrypt.config import load_config
-from ticrypt.vmc import app
 from ticrypt.vmc.backoff import Backoff
 from ticrypt.vmc.commands import (
     Cancel,

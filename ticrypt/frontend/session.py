@@ -30,8 +30,7 @@ from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.logger import Logger
 
 from ticrypt import identity, tlsutil
-from ticrypt.channel import ChannelError, Delivered, Established, SendMessage, UserChannel
-from ticrypt.vmc import app
+from ticrypt.channel import ChannelError, Delivered, Established, SendMessage, UserChannel, app
 
 Output = Callable[[bytes], None]
 

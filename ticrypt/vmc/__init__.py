@@ -6,7 +6,7 @@ commands and terminals for authorized users.
 
 Layers: :mod:`~ticrypt.vmc.state` (files in ``state_dir``),
 :mod:`~ticrypt.vmc.enroll` (one HTTPS call to rest),
-:mod:`~ticrypt.vmc.app` (application-protocol codec, shared with the
+:mod:`~ticrypt.channel.app` (application-protocol codec, shared with the
 frontend), :mod:`~ticrypt.vmc.commands` (sans-IO dispatcher),
 :mod:`~ticrypt.vmc.processes` (child processes), :mod:`~ticrypt.vmc.pool`
 (proxy websockets, backoff) and :mod:`~ticrypt.vmc.tap` (twistd wiring).

@@ -15,7 +15,7 @@ from typing import Any, Protocol, TypeAlias
 import attrs
 
 from ticrypt import identity
-from ticrypt.vmc.app import MAX_ARGS, MAX_ARGV_CHARS, AppError
+from ticrypt.channel.app import MAX_ARGS, MAX_ARGV_CHARS, AppError
 
 _TERM_OK = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.+")
 

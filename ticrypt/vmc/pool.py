@@ -13,7 +13,7 @@ A :class:`VmLeg` goes through::
 Before ``paired`` it speaks the proxy's JSON control messages; after, every
 message belongs to the secure channel (:class:`~ticrypt.channel.VmChannel`):
 handshake text messages, then sealed binary records carrying the application
-protocol (:mod:`ticrypt.vmc.app`).
+protocol (:mod:`ticrypt.channel.app`).
 """
 
 from __future__ import annotations
@@ -35,9 +35,8 @@ from twisted.python.failure import Failure
 
 from ticrypt import __version__, identity, signed, tlsutil
 from ticrypt.audit import AuditLog
-from ticrypt.channel import ChannelError, Delivered, Established, SendMessage, VmChannel
+from ticrypt.channel import ChannelError, Delivered, Established, SendMessage, VmChannel, app
 from ticrypt.encoding import b64, unb64
-from ticrypt.vmc import app
 from ticrypt.vmc.backoff import Backoff
 from ticrypt.vmc.commands import (
     Cancel,
