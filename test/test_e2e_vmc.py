@@ -70,6 +70,12 @@ async def eventually_exec(trio: Trio, user: str, attempts: int = 60) -> tuple[in
     raise AssertionError(f"exec never worked again: {last}")
 
 
+def _kill_if_alive(pid: int) -> None:
+    """Cleanup for a test's own child process when the test failed to end it."""
+    if _alive(pid):
+        os.kill(pid, 9)
+
+
 def _alive(pid: int) -> bool:
     """True while ``pid`` exists and is not a zombie."""
     try:
@@ -162,6 +168,39 @@ class ExecTests(TestCase):
         await trio.restart_proxy(self)
         status, out = await eventually_exec(trio, "owen")
         self.assertEqual((status, out), (0, b"back\n"))
+
+
+class StopTests(TestCase):
+    timeout = 120
+
+    async def test_vmc_stop_kills_children_that_ignore_sigterm(self) -> None:
+        """Stopping vmc (SIGTERM to twistd) leaves no child behind, even one
+        that ignores SIGTERM: vmc waits kill_grace and sends SIGKILL before
+        its reactor stops."""
+        trio = await start_trio(self, exec_kill_grace="1s")
+        assert trio.vmc is not None
+        s = await trio.session("owen")
+        out = bytearray()
+        cmd = s.exec(["sh", "-c", "trap '' TERM; sleep 300 & echo $!; wait"],
+                     on_stdout=out.extend)
+        codes: list[str] = []
+        cmd.done.addErrback(lambda f: codes.append(f.trap(SessionError) and f.value.code))
+        while b"\n" not in out:
+            await deferred_later(0.05)
+        pid = int(out.split()[0])
+        self.addCleanup(_kill_if_alive, pid)  # only if the test failed
+        self.assertTrue(_alive(pid))
+        await trio.vmc.stop()
+        self.assertIn("Server Shut Down", trio.vmc.text())  # stopped, not SIGKILLed
+        for _ in range(40):  # bounded: 2 s (the SIGKILL was sent before vmc exited)
+            if not _alive(pid):
+                break
+            await deferred_later(0.05)
+        self.assertFalse(_alive(pid), "a child that ignores SIGTERM survived vmc's stop")
+        closed = [r for r in trio.vmc_audit_lines() if r["event"] == "session-closed"]
+        self.assertEqual([r["code"] for r in closed], [1000])  # a clean close, audited
+        await s.closed
+        self.assertEqual(codes, ["closed"])  # the user's command ended with the session
 
 
 class AuthorizationTests(TestCase):
@@ -432,6 +471,37 @@ class CliTests(TestCase):
         self.assertEqual(code, 4)
         self.assertIn(b"37 111", bytes(proto.output))
         self.assertEqual(termios.tcgetattr(keep), before)
+
+    async def test_sigterm_during_shell_restores_terminal(self) -> None:
+        """``kill`` of the CLI while a shell runs (the reactor stops under the
+        shell) leaves the local terminal as it found it, not in raw mode."""
+        trio = self.trio
+        path = os.path.join(trio.dir, "client-owen", "client.ini")
+        if not os.path.exists(path):
+            path = await trio.client_config("owen")
+        master, slave = os.openpty()
+        keep = os.dup(master)
+        self.addCleanup(os.close, keep)
+        set_window(slave, 24, 80)
+        before = termios.tcgetattr(keep)
+        proto = _PtyClient()
+        reactor.spawnProcess(proto, script("ticrypt"),
+                             [script("ticrypt"), "--config", path, "shell", trio.vm_id],
+                             env=daemon_env(), usePTY=(master, slave, os.ttyname(slave)))  # type: ignore[arg-type]
+        while b"$ " not in proto.output and b"# " not in proto.output:
+            await proto.next_output()
+        self.assertFalse(termios.tcgetattr(keep)[3] & termios.ICANON)  # raw now
+        proto.transport.signalProcess("TERM")  # type: ignore[union-attr]
+        await proto.ended
+        self.assertEqual(termios.tcgetattr(keep), before)
+
+    async def test_shell_refused_is_one_line(self) -> None:
+        """A shell the VM refuses is one error line, no traceback."""
+        code, out, err = await self.trio.cli("owen", "shell", self.trio.vm_id,
+                                             "--term", "bad term!")
+        self.assertEqual(code, 1)
+        self.assertIn("bad-request", err)
+        self.assertEqual(len(err.strip().splitlines()), 1, err)
 
     async def test_info_json(self) -> None:
         import json

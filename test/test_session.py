@@ -14,6 +14,7 @@ from ticrypt.channel import app
 from ticrypt.frontend import cmd_session, terminal
 from ticrypt.frontend.cli import build_parser
 from ticrypt.frontend.session import Command, RemoteError, Session, SessionError, close_error
+from ticrypt.vmc.processes import set_window
 
 
 class CloseErrorTests(SynchronousTestCase):
@@ -34,6 +35,32 @@ class CloseErrorTests(SynchronousTestCase):
         self.assertEqual(close_error(4003, "ticket-refused: expired").code, "ticket-refused")
         self.assertIn("expired", str(close_error(4003, "ticket-refused: expired")))
         self.assertEqual(close_error(4999, "weird thing").code, "weird")
+
+
+class FarEndTextTests(SynchronousTestCase):
+    """Text from the proxy or the VM reaches the user's terminal in error
+    lines: it must stay one printable line (no forged lines, no escapes)."""
+
+    def assert_clean(self, text: str) -> None:
+        self.assertTrue(text.isprintable(), repr(text))
+
+    def test_close_reason_from_proxy(self) -> None:
+        for code in (4000, 4003, 4400, 4999):
+            e = close_error(code, "ticket-refused \x1b]0;pwned\x07\nticrypt: all good\r")
+            self.assert_clean(str(e))
+            self.assert_clean(e.code)
+        self.assertEqual(close_error(4400, "\x1b[2Jbad-signature").code, "?[2Jbad-signature")
+
+    def test_remote_error_from_vm(self) -> None:
+        session = Session(_FakeLeg())  # type: ignore[arg-type]
+        d = defer.ensureDeferred(session.info())
+        session._deliver({"t": "error", "id": 1, "code": "x\ny", "message": "a\x1b[31m\nb"},
+                         b"")
+        err = self.failureResultOf(d, RemoteError).value
+        self.assertEqual((err.code, err.message), ("x?y", "a?[31m?b"))
+        cmd = session.exec(["true"])
+        session._deliver({"t": "error", "id": 2, "code": "c", "message": "\u202eevil"}, b"")
+        self.assertEqual(self.failureResultOf(cmd.done, RemoteError).value.message, "?evil")
 
 
 class _FakeLeg:
@@ -177,8 +204,6 @@ class RawModeTests(SynchronousTestCase):
             self.assertFalse(raw.active)
 
     def test_window_size(self) -> None:
-        from ticrypt.vmc.processes import set_window
-
         master, slave = os.openpty()
         self.addCleanup(os.close, master)
         self.addCleanup(os.close, slave)
@@ -188,6 +213,16 @@ class RawModeTests(SynchronousTestCase):
         self.addCleanup(os.close, r)
         self.addCleanup(os.close, w)
         self.assertIsNone(terminal.window_size(r))
+
+    def test_unknown_window_size(self) -> None:
+        """A terminal that reports 0x0 (a fresh PTY, a serial console) has no
+        known size: None, so the shell falls back to 24x80 instead of asking
+        the VM for a 0x0 window (which it refuses)."""
+        master, slave = os.openpty()
+        self.addCleanup(os.close, master)
+        self.addCleanup(os.close, slave)
+        set_window(slave, 0, 0)
+        self.assertIsNone(terminal.window_size(slave))
 
 
 class InputReaderTests(TestCase):

@@ -52,6 +52,12 @@ def _audit_lines(path: str) -> list[dict[str, Any]]:
         return [json.loads(line) for line in f]
 
 
+def _kill_if_alive(pid: int) -> None:
+    """Cleanup for a test's own child when the test failed to end it."""
+    if _alive(pid):
+        os.kill(pid, 9)
+
+
 def _alive(pid: int) -> bool:
     """True while ``pid`` exists and is not a zombie."""
     try:
@@ -284,6 +290,19 @@ class DispatcherTests(SynchronousTestCase):
                 d.handle({"t": "req", "id": 10 + i, "op": "exec", "argv": argv}, b"")),
                 "bad-request")
 
+    def test_exec_argv_not_encodable(self) -> None:
+        """JSON can carry lone surrogates; no exec argument can hold one."""
+        d = self.d()
+        for i, argv in enumerate([["echo", "\ud800"], ["/bin/\udfff"]]):
+            self.assertEqual(self.error_code(
+                d.handle({"t": "req", "id": 20 + i, "op": "exec", "argv": argv}, b"")),
+                "bad-request")
+        self.assertEqual(d.running, {})
+        # surrogateescape'd bytes (any non-UTF-8 byte in a file name) still pass
+        self.assertEqual(d.handle({"t": "req", "id": 30, "op": "exec",
+                                   "argv": ["echo", "a\udcff"]}, b""),
+                         [StartExec(30, ("echo", "a\udcff"))])
+
     def test_duplicate_id_and_unknown(self) -> None:
         d = self.d()
         d.handle({"t": "req", "id": 1, "op": "info"}, b"")
@@ -365,6 +384,13 @@ class AppCodecTests(SynchronousTestCase):
                     b"{\"t\":\"x\",\"id\":true}\n", b"nojson\n"]:
             self.assertRaises(app.AppError, app.decode, bad)
 
+    def test_deeply_nested_header_is_bad_message(self) -> None:
+        """A header of nested arrays (within MAX_HEADER) overflows json's
+        recursion: it must be an ordinary bad-message, not an exception that
+        escapes the websocket's onMessage."""
+        e = self.assertRaises(app.AppError, app.decode, b"[" * app.MAX_HEADER + b"\n")
+        self.assertEqual(e.code, "bad-message")
+
     def test_chunks(self) -> None:
         self.assertEqual(app.chunks(b""), [b""])
         self.assertEqual(app.chunks(b"abcde", 2), [b"ab", b"cd", b"e"])
@@ -417,6 +443,36 @@ class PoolReconnectTests(SynchronousTestCase):
         clock.advance(100)
         self.assertEqual(len(ep.attempts), n)  # stopped: no more attempts
         self.flushLoggedErrors()
+
+    def test_revoke_signals_children_at_once(self) -> None:
+        """A revoked user's running commands are signalled when the owner
+        revokes, not when (or if) the far end completes the close handshake."""
+        from ticrypt.vmc.pool import VmLeg
+
+        class Group:
+            closed = 0
+
+            def close(self) -> None:
+                self.closed += 1
+
+        class Leg(VmLeg):
+            def __init__(self, key: bytes) -> None:
+                self.user_key, self.fake_group = key, Group()
+                self.group = self.fake_group  # type: ignore[assignment]
+                self.sent_close: list[tuple[int, str]] = []
+
+            def sendClose(self, code: int | None = None,  # type: ignore[override]
+                          reason: str | None = None) -> None:
+                self.sent_close.append((code or 0, reason or ""))
+
+        clock = Clock()
+        pool = self.make_pool(clock, _FailingEndpoint(clock))
+        bob, carol = Leg(b"b" * 32), Leg(b"c" * 32)
+        pool.sessions.update({bob, carol})
+        pool.revoked(b"b" * 32)
+        self.assertEqual(bob.sent_close, [(4401, "not-authorized access revoked")])
+        self.assertEqual(bob.fake_group.closed, 1)
+        self.assertEqual((carol.sent_close, carol.fake_group.closed), ([], 0))
 
     def test_pool_size_sockets(self) -> None:
         clock = Clock()
@@ -485,6 +541,36 @@ class ProcessGroupTests(TestCase):
         await self.wait(3)
         self.assertEqual(self.sent[-1][0]["code"], "command-not-found")
 
+    async def test_unencodable_argument_fails_cleanly(self) -> None:
+        """An argument exec cannot take is an error reply that ends the
+        request, not an exception out of the websocket callback."""
+        self.group.start_exec(9, ("/bin/\ud800",))
+        self.group.start_exec(10, ("echo", "\ud800"))
+        await self.wait(9)
+        await self.wait(10)
+        codes = {h["id"]: h["code"] for h, _ in self.sent if h["t"] == "error"}
+        self.assertEqual(codes, {9: "command-not-found", 10: "spawn-failed"})
+        self.assertEqual(sorted(self.finished), [9, 10])
+        self.assertEqual(self.group.count, 0)
+
+    async def test_close_kills_children_that_ignore_sigterm(self) -> None:
+        group = ProcessGroup(reactor, RunAs.lookup(None, "/bin/sh"), self._send,
+                             self.finished.append, lambda paused: None, kill_grace=0.2)
+        group.start_exec(11, ("sh", "-c", "trap '' TERM; sleep 300 & echo $!; wait"))
+        while b"\n" not in self.out(11):
+            d: defer.Deferred[None] = defer.Deferred()
+            reactor.callLater(0.05, d.callback, None)
+            await d
+        background = int(self.out(11).split()[0])
+        self.addCleanup(_kill_if_alive, background)
+        empty = group.when_empty()
+        self.assertNoResult(empty)
+        group.close()
+        group.close()  # idempotent
+        await empty
+        self.assertFalse(_alive(background))
+        self.assertEqual(self.finished, [])  # closed: nothing more is reported
+
     async def test_cancel_kills_group(self) -> None:
         self.group.start_exec(4, ("sh", "-c", "sleep 300 & echo $!; sleep 301; echo never"))
         while b"\n" not in self.out(4):
@@ -529,6 +615,12 @@ class _FakeProcessTransport:
 
     def registerProducer(self, producer: Any, streaming: bool) -> None:
         self.producer = producer
+
+    def write(self, data: bytes) -> None:
+        self.calls.append(f"write {len(data)}")
+
+    def closeStdin(self) -> None:
+        self.calls.append("closeStdin")
 
     def unregisterProducer(self) -> None:
         self.producer = None
@@ -586,6 +678,20 @@ class FlowControlTests(SynchronousTestCase):
         self.assertEqual(self.input_paused, [True])
         t2.producer.resumeProducing()
         self.assertEqual(self.input_paused, [True, False])
+
+    def test_stdin_after_eof_is_dropped(self) -> None:
+        """After eof the child's stdin has no producer any more: input that
+        still arrives would pile up in vmc's memory if a child that does not
+        read were sent more.  It is dropped."""
+        self.group.start_exec(1, ("sleep", "300"))
+        t = self.reactor.spawned[0][2]
+        self.group.write_stdin(1, b"x" * 10)
+        self.group.eof(1)
+        self.group.eof(1)
+        for _ in range(3):
+            self.group.write_stdin(1, b"y" * 65536)
+        self.assertEqual(t.calls, ["write 10", "closeStdin"])
+        self.assertEqual(self.input_paused, [])
 
     def test_exec_runs_in_own_process_group(self) -> None:
         self.group.start_exec(1, ("echo", "x"))

@@ -48,7 +48,7 @@ def decode(plaintext: bytes) -> tuple[dict[str, Any], bytes]:
         raise AppError("bad-message", "application message has no header line")
     try:
         header = json.loads(head)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: deeply nested arrays
         raise AppError("bad-message", "application header is not JSON") from None
     if not isinstance(header, dict) or not isinstance(header.get("t"), str):
         raise AppError("bad-message", "application header is not an object with 't'")

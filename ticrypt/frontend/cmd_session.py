@@ -161,7 +161,11 @@ def cmd_shell(args: argparse.Namespace) -> int:
     async def body(reactor: Any, session: Session) -> int:
         rows, cols = terminal.window_size(1) or terminal.window_size(0) or (24, 80)
         cmd = session.shell(term, rows, cols, on_output=_out(sys.stdout))
-        await cmd.started
+        try:
+            await cmd.started
+        except SessionError:
+            cmd.done.addErrback(lambda f: None)  # the same error, reported once
+            raise
         with terminal.RawMode(0) as raw:
             undo = None
             if raw.active:

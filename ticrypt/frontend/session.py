@@ -50,6 +50,14 @@ _CODES = {4000: "bad-message", 4001: "vm-auth-failed", 4003: "ticket-refused",
           4401: "not-authorized", 1009: "message-too-big"}
 
 
+def one_line(text: object, limit: int = 300) -> str:
+    """``text`` from the far end as one printable line of at most ``limit``
+    characters: control characters (newlines, terminal escape sequences,
+    bidi overrides) become ``?``, so a hostile proxy or VM cannot forge
+    extra lines or drive the user's terminal through an error message."""
+    return "".join(c if c.isprintable() else "?" for c in str(text)[:limit])
+
+
 class SessionError(Exception):
     """The session failed or was refused: ``code`` stable, ``str()`` one human line."""
 
@@ -63,9 +71,14 @@ class RemoteError(SessionError):
     """The VM answered a request with ``{"t":"error"}``."""
 
 
+def _remote_error(header: dict[str, Any]) -> RemoteError:
+    return RemoteError(one_line(header.get("code", "error"), 64),
+                       one_line(header.get("message", "")))
+
+
 def close_error(code: int | None, reason: str | None) -> SessionError:
     """The SessionError for a websocket close (code, reason from the far end)."""
-    reason = (reason or "").strip()
+    reason = one_line(reason or "", 200).strip()
     if code == 4400:
         stable = reason.split()[0] if reason else "channel-error"
     else:
@@ -128,8 +141,7 @@ class Command:
             status = header.get("status")
             self._finish(status if isinstance(status, int) else 255, None)
         elif t == "error":
-            self._finish(None, RemoteError(str(header.get("code", "error")),
-                                           str(header.get("message", ""))[:300]))
+            self._finish(None, _remote_error(header))
 
     def _finish(self, status: int | None, err: SessionError | None) -> None:
         if self.finished:
@@ -159,8 +171,7 @@ class _Pending:
         if header["t"] == "ok":
             self.d.callback(header)
         elif header["t"] == "error":
-            self.d.errback(RemoteError(str(header.get("code", "error")),
-                                       str(header.get("message", ""))[:300]))
+            self.d.errback(_remote_error(header))
 
     def _finish(self, status: int | None, err: SessionError | None) -> None:
         if not self.d.called and err is not None:

@@ -51,10 +51,13 @@ class RawMode:
 
 
 def window_size(fd: int = 1) -> tuple[int, int] | None:
-    """(rows, cols) of the terminal on ``fd``, or None if it is not a terminal."""
+    """(rows, cols) of the terminal on ``fd``, or None if it is not a terminal
+    or does not know its size (reports 0 rows or columns)."""
     try:
         size = os.get_terminal_size(fd)
     except OSError:
+        return None
+    if not size.lines or not size.columns:
         return None
     return size.lines, size.columns
 

@@ -96,6 +96,18 @@ def error(rid: int | None, code: str, message: str) -> Send:
     return Send(header)
 
 
+def _exec_arg(a: object) -> bool:
+    """A string ``execve`` can take: no NUL, encodable as a file-system string
+    (JSON may carry lone surrogates, which no encoding accepts)."""
+    if not isinstance(a, str) or "\x00" in a:
+        return False
+    try:
+        a.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _window(header: dict[str, Any]) -> tuple[int, int]:
     rows, cols = header.get("rows", 24), header.get("cols", 80)
     for v in (rows, cols):
@@ -157,7 +169,7 @@ class Dispatcher:
             if op == "exec":
                 argv = header.get("argv")
                 if (not isinstance(argv, list) or not argv or len(argv) > MAX_ARGS
-                        or not all(isinstance(a, str) and "\x00" not in a for a in argv)
+                        or not all(_exec_arg(a) for a in argv)
                         or not argv[0] or sum(map(len, argv)) > MAX_ARGV_CHARS):
                     raise AppError("bad-request", "argv must be a non-empty list of strings")
                 self._running[rid] = "exec"

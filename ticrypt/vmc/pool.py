@@ -53,6 +53,9 @@ from ticrypt.vmc.processes import ProcessGroup, RunAs
 from ticrypt.vmc.state import VmState
 
 MAX_CONTROL = 16384
+#: Close code when vmc stops.  Not 1001: autobahn lets an application send
+#: only 1000 or 3000-4999 (sendClose raises otherwise); the reason says why.
+GOING_AWAY = 1000
 
 
 @attrs.frozen
@@ -148,10 +151,16 @@ class VmLeg(WebSocketClientProtocol):
         self.close(4008, f"timeout {what}")
 
     def close(self, code: int, reason: str) -> None:
-        """Close with a code and a short reason (starts with a stable code)."""
+        """Close with a code and a short reason (starts with a stable code).
+
+        The children are signalled now, not when the close handshake ends
+        (which the far end may delay): a revoked user loses access at once.
+        """
         if self._close_sent:
             return
         self._close_sent = True
+        if self.group is not None:
+            self.group.close()
         self.sendClose(code, reason[:120])
 
     # -- proxy control messages ------------------------------------------
@@ -375,7 +384,7 @@ class _Slot:
         if self.connecting is not None:
             self.connecting.cancel()
         if self.leg is not None:
-            self.leg.close(1001, "going-away vmc stopping")
+            self.leg.close(GOING_AWAY, "going-away vmc stopping")
 
 
 class ProxyPool(Service):
@@ -439,16 +448,28 @@ class ProxyPool(Service):
         for slot in self.slots:
             slot.connect()
 
-    def stopService(self) -> None:
+    def stopService(self) -> defer.Deferred[None]:
+        """Close every socket; fires once every child process is gone.
+
+        twistd keeps the reactor running until then, so the SIGKILL that
+        follows ``kill_grace`` after the SIGTERM still reaches children that
+        ignore SIGTERM instead of leaving them behind.
+        """
         super().stopService()
         for slot in self.slots:
             slot.stop()
+        waits = []
         for leg in list(self.sessions):
-            # The reactor may stop before the close handshake ends: signal the
-            # children now rather than leave them behind.
             if leg.group is not None:
-                leg.group.close()
-            leg.close(1001, "going-away vmc stopping")
+                leg.group.close()  # SIGTERM now, SIGKILL after kill_grace
+                waits.append(leg.group.when_empty())
+            leg.close(GOING_AWAY, "going-away vmc stopping")
+        done = defer.gatherResults(waits, consumeErrors=True)
+        # Bounded: a process stuck in the kernel must not block shutdown forever.
+        done.addTimeout(self.settings.kill_grace + 5.0, self.clock)
+        done.addErrback(lambda f: self.log.warn("child processes still running at stop"))
+        result: defer.Deferred[None] = done.addCallback(lambda _: None)
+        return result
 
     # -- events from legs --------------------------------------------------
 

@@ -29,7 +29,7 @@ from collections.abc import Callable
 from typing import Any
 
 import attrs
-from twisted.internet import protocol
+from twisted.internet import defer, protocol
 from twisted.internet.error import ProcessDone, ProcessTerminated
 from twisted.internet.interfaces import (
     IDelayedCall,
@@ -114,6 +114,9 @@ class _Child(protocol.ProcessProtocol):
     def __init__(self, group: ProcessGroup, rid: int, kind: str):
         self.group, self.rid, self.kind = group, rid, kind
         self.ended = False
+        #: exec: ``eof`` closed stdin; later input is dropped (it could only
+        #: pile up in the transport's buffer, with no producer to pause).
+        self.stdin_closed = False
 
     def outReceived(self, data: bytes) -> None:
         self.group._output(self.rid, "stdout", data)
@@ -149,6 +152,7 @@ class ProcessGroup:
     _paused: bool = False
     _closed: bool = False
     _kill_timers: list[IDelayedCall] = attrs.field(factory=list)
+    _empty_waiters: list[defer.Deferred[None]] = attrs.field(factory=list)
 
     def __attrs_post_init__(self) -> None:
         assert IReactorProcess.providedBy(self.reactor) and IReactorTime.providedBy(self.reactor)
@@ -157,8 +161,12 @@ class ProcessGroup:
 
     def start_exec(self, rid: int, argv: tuple[str, ...]) -> None:
         env = self.run_as.env()
-        exe = argv[0] if "/" in argv[0] else shutil.which(argv[0], path=env["PATH"])
-        if exe is None or not os.access(exe, os.X_OK):
+        try:
+            exe = argv[0] if "/" in argv[0] else shutil.which(argv[0], path=env["PATH"])
+            found = exe is not None and os.access(exe, os.X_OK)
+        except ValueError:  # not encodable as a file name (a lone surrogate)
+            found = False
+        if exe is None or not found:
             self._fail(rid, "command-not-found", "command not found")
             return
         setsid = shutil.which("setsid")
@@ -167,12 +175,19 @@ class ProcessGroup:
         args = [setsid, exe, *argv[1:]] if setsid else [exe, *argv[1:]]
         child = _Child(self, rid, "exec")
         try:
+            # Encode here: Twisted's fork path would only fail in the child,
+            # after the fork, and write a traceback to the user's stderr.
+            for a in args:
+                os.fsencode(a)
             transport = self.reactor.spawnProcess(
                 child, args[0], args, env=env, path=self.run_as.home,
                 uid=self.run_as.uid, gid=self.run_as.gid,
                 childFDs={0: "w", 1: "r", 2: "r"})
         except OSError as e:
             self._fail(rid, "spawn-failed", f"cannot start command: {e.strerror}")
+            return
+        except ValueError:  # an argument not encodable for exec (UnicodeEncodeError)
+            self._fail(rid, "spawn-failed", "cannot start command: invalid argument")
             return
         self._started(rid, child, transport)
 
@@ -214,9 +229,9 @@ class ProcessGroup:
         return None if entry is None or entry[0].ended else entry[1]
 
     def write_stdin(self, rid: int, data: bytes) -> None:
-        t = self._transport(rid)
-        if t is not None:
-            t.write(data)
+        entry = self._children.get(rid)
+        if entry is not None and not entry[0].ended and not entry[0].stdin_closed:
+            entry[1].write(data)
 
     def eof(self, rid: int) -> None:
         entry = self._children.get(rid)
@@ -225,7 +240,8 @@ class ProcessGroup:
         child, t = entry
         if child.kind == "shell":
             t.write(b"\x04")  # VEOF: what a terminal user types for end of input
-        else:
+        elif not child.stdin_closed:
+            child.stdin_closed = True
             # A consumer with a registered producer never finishes closing:
             # unregister first (what is already buffered is still written).
             t.unregisterProducer()
@@ -263,11 +279,25 @@ class ProcessGroup:
                 pass
 
     def close(self) -> None:
-        """The channel is gone: kill every child; send nothing more."""
+        """The channel is gone: kill every child; send nothing more.
+
+        Idempotent: only the first call signals (and arms the SIGKILLs).
+        """
+        if self._closed:
+            return
         self._closed = True
         for child, t in list(self._children.values()):
             if not child.ended:
                 self._kill(t.pid)
+
+    def when_empty(self) -> defer.Deferred[None]:
+        """Fires once no child of this group is left (at once if none is)."""
+        d: defer.Deferred[None] = defer.Deferred()
+        if self._children:
+            self._empty_waiters.append(d)
+        else:
+            d.callback(None)
+        return d
 
     def stop_timers(self) -> None:
         """Cancel pending SIGKILL timers (children already gone)."""
@@ -294,6 +324,9 @@ class ProcessGroup:
                 pass
         if not self._children:
             self.stop_timers()
+            waiters, self._empty_waiters = self._empty_waiters, []
+            for d in waiters:
+                d.callback(None)
         if self._closed:
             return
         self.on_finished(rid)

@@ -201,10 +201,17 @@ class VmcService(RoleService):
             self._reactor.stop()
 
     def stopService(self) -> Any:
-        d = super().stopService()
-        if self.audit is not None:
-            self.audit.close()
-        return d
+        # The pool may wait for child processes to end: keep the audit log
+        # open for the session-closed lines until it is done.
+        d = defer.maybeDeferred(super().stopService)
+        audit = self.audit
+
+        def close_audit(result: Any) -> Any:
+            if audit is not None:
+                audit.close()
+            return result
+
+        return d.addBoth(close_audit)
 
 
 def _exit_failed() -> None:
