@@ -729,3 +729,19 @@ class SampleConfigTests(SynchronousTestCase):
                     "backoff_max = 2s\n")
         e = self.assertRaises(ConfigError, load_config, os.path.join(d, "vmc.ini"), SCHEMA)
         self.assertIn("[vmc] backoff_initial", str(e))
+
+    def test_plain_ws_proxy_url_refused(self) -> None:
+        """The VM credential crosses to the proxy: never over plain ws://."""
+        from ticrypt.config import ConfigError
+        from ticrypt.vmc.tap import SCHEMA
+
+        d = os.path.abspath(self.mktemp())
+        os.makedirs(d)
+        with open(os.path.join(d, "ca.pem"), "w") as f:
+            f.write("x")
+        with open(os.path.join(d, "vmc.ini"), "w") as f:
+            f.write("[vmc]\nrest_url = https://127.0.0.1:1\nca_file = ca.pem\n"
+                    "state_dir = s\naudit_log = a.log\nproxy_url = ws://127.0.0.1:1\n")
+        e = self.assertRaises(ConfigError, load_config, os.path.join(d, "vmc.ini"), SCHEMA)
+        self.assertIn("[vmc] proxy_url", str(e))
+        self.assertIn("wss://", str(e))

@@ -45,7 +45,7 @@ def _validate(cfg: Config) -> None:
     v, e = cfg.vmc, cfg["exec"]
     if v.backoff_initial > v.backoff_max:
         raise cfg.error("vmc", "backoff_initial", "must not exceed backoff_max")
-    if v.proxy_url and not v.proxy_url.startswith(("wss://", "ws://")):
+    if v.proxy_url and not v.proxy_url.startswith("wss://"):
         raise cfg.error("vmc", "proxy_url", f"expected a wss:// URL; got {v.proxy_url!r}")
     if not os.access(e.shell, os.X_OK):
         raise cfg.error("exec", "shell", f"{e.shell} is not an executable file")
