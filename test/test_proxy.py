@@ -19,11 +19,11 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from test import proxyfixture as pf
-from ticrypt import identity, signed
+from ticrypt import identity, signed, tlsutil
 from ticrypt.audit import AuditLog
 from ticrypt.config import ConfigError, load_config
 from ticrypt.encoding import b64
-from ticrypt.proxy import tap
+from ticrypt.proxy import tap, tlsmem, ws
 from ticrypt.proxy.pairing import Limits, Paired, PairingTable, Refused, Waiting
 from ticrypt.proxy.ws import (
     BAD_MESSAGE,
@@ -634,3 +634,190 @@ class ProxyTests(TestCase):
         self.assertEqual(self.proxy.factory.table.snapshot(), {})
         code, _ = await self._user_refused(self.backend.ticket("vm1"))
         self.assertEqual(code, 4004)
+
+
+# -- memory held per idle socket (bench/README-proxy.md, "idle memory") -----------
+
+
+def _memory_tls_pair(pem: str) -> tuple[Any, Any]:
+    """A server and a client pyOpenSSL Connection on memory BIOs, handshaken
+    by shuttling bytes between them in this process."""
+    from OpenSSL import SSL
+    from twisted.internet import ssl as tssl
+
+    with open(pem) as f:
+        server_ctx = tlsmem.lean_server_context(
+            tssl.PrivateCertificate.loadPEM(f.read()).options().getContext())
+    server = SSL.Connection(server_ctx, None)
+    server.set_accept_state()
+    client = SSL.Connection(SSL.Context(SSL.TLS_CLIENT_METHOD), None)
+    client.set_connect_state()
+    _shuttle(server, client, handshake=True)
+    return server, client
+
+
+def _shuttle(server: Any, client: Any, handshake: bool = False) -> None:
+    from OpenSSL import SSL
+
+    for _ in range(20):
+        moved = False
+        for src, dst in ((client, server), (server, client)):
+            if handshake:
+                try:
+                    src.do_handshake()
+                except SSL.WantReadError:
+                    pass
+            try:
+                data = src.bio_read(65536)
+            except SSL.WantReadError:
+                continue
+            dst.bio_write(data)
+            moved = True
+        if not moved:
+            return
+    raise AssertionError("TLS exchange did not settle")
+
+
+class TlsMemoryTests(SynchronousTestCase):
+    """ticrypt.proxy.tlsmem on its own."""
+
+    def setUp(self) -> None:
+        self.dir = self.mktemp()
+        os.makedirs(self.dir)
+        _, self.pem = pf.make_tls(self.dir)
+
+    def test_lean_server_context(self) -> None:
+        from OpenSSL import SSL
+
+        ctx = SSL.Context(SSL.TLS_SERVER_METHOD)
+        self.assertFalse(tlsmem.context_mode(ctx) & SSL.MODE_RELEASE_BUFFERS)
+        tlsmem.lean_server_context(ctx)
+        self.assertTrue(tlsmem.context_mode(ctx) & SSL.MODE_RELEASE_BUFFERS)
+        self.assertTrue(ctx.set_options(0) & SSL.OP_NO_TICKET)
+        self.assertEqual(ctx.get_session_cache_mode(), SSL.SESS_CACHE_OFF)
+
+    def test_release_bio_buffers_keeps_the_session(self) -> None:
+        server, client = _memory_tls_pair(self.pem)
+        old = (server._into_ssl, server._from_ssl)
+        self.assertTrue(tlsmem.release_bio_buffers(server))
+        self.assertNotIn(server._into_ssl, old)
+        self.assertNotIn(server._from_ssl, old)
+        # the same TLS session goes on, both ways, over the new BIOs
+        client.send(b"up")
+        _shuttle(server, client)
+        self.assertEqual(server.recv(100), b"up")
+        server.send(b"down")
+        _shuttle(server, client)
+        self.assertEqual(client.recv(100), b"down")
+
+    def test_release_bio_buffers_not_while_data_is_buffered(self) -> None:
+        server, client = _memory_tls_pair(self.pem)
+        client.send(b"pending")
+        server.bio_write(client.bio_read(65536))  # in the BIO, not read yet
+        into = server._into_ssl
+        self.assertFalse(tlsmem.release_bio_buffers(server))
+        self.assertEqual(server._into_ssl, into)
+        self.assertEqual(server.recv(100), b"pending")
+        server.send(b"reply")  # now in the outgoing BIO, not sent yet
+        self.assertFalse(tlsmem.release_bio_buffers(server))
+        client.bio_write(server.bio_read(65536))
+        self.assertEqual(client.recv(100), b"reply")
+        self.assertTrue(tlsmem.release_bio_buffers(server))
+
+
+class IdleSocketMemoryTests(TestCase):
+    """The wss listener's TLS settings and what an idle VM leg keeps."""
+
+    async def start(self, tls: bool) -> None:
+        self.dir = os.path.abspath(self.mktemp())
+        os.makedirs(self.dir)
+        self.backend = pf.Backend(self.dir)
+        self.ca: str | None = None
+        listen = "tcp:0:interface=127.0.0.1"
+        if tls:
+            self.ca, pem = pf.make_tls(self.dir)
+            listen = tlsutil.server_endpoint(0, pem)
+        self.proxy = await pf.start_proxy(
+            self, pf.write_proxy_config(self.dir, self.backend, listen=listen))
+        self.clients: list[pf.WsClient] = []
+        self.addCleanup(self._all_closed)
+
+    async def _all_closed(self) -> None:
+        for c in self.clients:
+            if c.close_info is None:
+                c.dropConnection(abort=True)
+        await defer.gatherResults([c.closed for c in self.clients])
+        await self.proxy.factory.all_closed()
+
+    def waiting_leg(self, vm_id: str) -> Leg:
+        legs = list(self.proxy.factory.table._vms[vm_id])
+        self.assertEqual(len(legs), 1)
+        return legs[0]
+
+    def spy_release(self) -> tuple[list[bool], defer.Deferred[None]]:
+        results: list[bool] = []
+        called: defer.Deferred[None] = defer.Deferred()
+
+        def spy(conn: Any) -> bool:
+            results.append(tlsmem.release_bio_buffers(conn))
+            if not called.called:
+                called.callback(None)
+            return results[-1]
+
+        self.patch(ws, "release_bio_buffers", spy)
+        return results, called
+
+    async def test_wss_listener_context_is_lean_and_idle_vm_releases_bios(self) -> None:
+        from OpenSSL import SSL
+
+        await self.start(tls=True)
+        listener = {s.label: s for s in self.proxy.listeners()}["proxy"]
+        ctx = listener.endpoint._sslContextFactory.getContext()
+        self.assertTrue(tlsmem.context_mode(ctx) & SSL.MODE_RELEASE_BUFFERS)
+        self.assertTrue(ctx.set_options(0) & SSL.OP_NO_TICKET)
+        self.assertEqual(ctx.get_session_cache_mode(), SSL.SESS_CACHE_OFF)
+        results, called = self.spy_release()
+        vm = await pf.vm_connect(reactor, self.proxy.port, self.backend, "vm1", ca=self.ca)
+        self.clients.append(vm)
+        # ran in the reactor turn after the proxy sent "waiting", so before
+        # this client could read it
+        self.assertTrue(called.called)
+        self.assertEqual(results, [True])
+        leg = self.waiting_leg("vm1")
+        # the context checked above is the one the TLS layer of the socket uses
+        self.assertIs(leg.transport.getHandle().get_context(), ctx)  # type: ignore[union-attr]
+        # the relay still works both ways over the fresh BIOs
+        user = await pf.user_connect(reactor, self.proxy.port, self.backend.ticket("vm1"),
+                                     ca=self.ca)
+        self.clients.append(user)
+        self.assertEqual(await user.next_json(), {"type": "paired", "vm": "vm1"})
+        self.assertEqual((await vm.next_json())["type"], "paired")
+        user.sendMessage(b"\x00up", True)
+        self.assertEqual(await vm.next(), (b"\x00up", True))
+        vm.sendMessage(b"down", False)
+        self.assertEqual(await user.next(), (b"down", False))
+
+    async def test_plain_leg_release_is_a_no_op(self) -> None:
+        await self.start(tls=False)
+        results, called = self.spy_release()
+        self.clients.append(await pf.vm_connect(reactor, self.proxy.port, self.backend, "vm1"))
+        self.assertTrue(called.called)
+        self.assertEqual(results, [False])
+
+    async def test_open_leg_drops_handshake_state(self) -> None:
+        await self.start(tls=False)
+        self.clients.append(await pf.vm_connect(reactor, self.proxy.port, self.backend, "vm1"))
+        leg = self.waiting_leg("vm1")
+        state = vars(leg)
+        for name in ("http_headers", "http_request_data", "http_response_data", "_wskey"):
+            self.assertIsNone(state[name], name)
+        self.assertEqual(leg.nonce, "")
+        # protocol options are read from the factory, not copied per socket
+        settings = self.proxy.factory.settings
+        for name, value in (("maxMessagePayloadSize", settings.max_message_size),
+                            ("autoPingInterval", settings.ping_interval),
+                            ("utf8validateIncoming", True)):
+            self.assertNotIn(name, state)
+            self.assertEqual(getattr(leg, name), value)
+        with self.assertRaises(AttributeError):
+            leg.no_such_attribute  # noqa: B018

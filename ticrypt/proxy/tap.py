@@ -29,6 +29,7 @@ from ticrypt.config import (
 )
 from ticrypt.proxy.pairing import Limits, PairingTable
 from ticrypt.proxy.status import status_resource
+from ticrypt.proxy.tlsmem import lean_endpoint
 from ticrypt.proxy.ws import ProxyFactory, Settings
 from ticrypt.service import ListenerService, RoleService, options_for
 
@@ -134,8 +135,9 @@ def makeService(options: dict[str, Any], reactor: Any = None) -> RoleService:
         log.warn("proxy: listening WITHOUT TLS on {listen} (allow_plain = yes); "
                  "use only on a trusted network or behind a TLS terminator",
                  listen=cfg.proxy.listen)
-    ListenerService("proxy", endpoints.serverFromString(reactor, cfg.proxy.listen),
-                    factory).setServiceParent(top)
+    # ssl: listener: RELEASE_BUFFERS, no tickets, no session cache (tlsmem)
+    endpoint = lean_endpoint(endpoints.serverFromString(reactor, cfg.proxy.listen))
+    ListenerService("proxy", endpoint, factory).setServiceParent(top)
     if cfg.proxy.status_listen is not None:
         site = Site(status_resource(factory.status))
         site.noisy = False

@@ -41,6 +41,7 @@ from ticrypt import identity, signed
 from ticrypt.audit import AuditLog
 from ticrypt.encoding import b64, unb64
 from ticrypt.proxy.pairing import Paired, PairingTable, Refused, Waiting
+from ticrypt.proxy.tlsmem import release_bio_buffers
 
 VM_PATH = "/v1/vm"
 USER_PATH = "/v1/user"
@@ -65,6 +66,19 @@ OVER_LIMIT = 4009
 PEER_LOST = 4010
 
 _OPEN = WebSocketProtocol.STATE_OPEN
+_MISSING = object()
+
+#: autobahn attributes that only serve the opening handshake; released at
+#: open (idle sockets are the proxy's main memory cost).
+_HANDSHAKE_ONLY = {
+    "http_headers": None, "http_request_data": None, "http_response_data": None,
+    "http_status_line": None, "http_request_params": None, "http_request_uri": None,
+    "http_request_host": None, "websocket_protocols": (), "websocket_extensions": (),
+    "websocket_origin": None, "_wskey": None, "_transport_details": None,
+}
+#: autobahn copies every protocol option of the factory onto each protocol at
+#: connect; after open the unchanged ones are read from the factory instead.
+_CONFIG_ATTRS = frozenset(WebSocketServerProtocol.CONFIG_ATTRS)
 
 
 @attrs.frozen
@@ -283,7 +297,28 @@ class Leg(WebSocketServerProtocol):
         self._paused = False
         self._wired = False
 
+    def __getattr__(self, name: str) -> Any:
+        # only reached for attributes missing from the instance: the protocol
+        # options released by _release_handshake_state live on the factory
+        if name in _CONFIG_ATTRS and "factory" in self.__dict__:
+            return getattr(self.factory, name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
     # -- helpers ---------------------------------------------------------------
+
+    def _release_handshake_state(self) -> None:
+        """Drop what only the opening handshake needed (HTTP request and
+        response, headers) and the per-connection copies of the factory's
+        protocol options, then compact the instance dict."""
+        d = self.__dict__
+        for name, empty in _HANDSHAKE_ONLY.items():
+            if name in d:
+                d[name] = empty
+        factory = self.factory
+        for name in _CONFIG_ATTRS:
+            if name in d and d[name] is getattr(factory, name, _MISSING):
+                del d[name]
+        self.__dict__ = dict(d)  # a dict never shrinks in place
 
     def ws_open(self) -> bool:
         """The websocket is open (autobahn's ``state``)."""
@@ -404,6 +439,7 @@ class Leg(WebSocketServerProtocol):
 
     @_guarded
     def onOpen(self) -> None:
+        self._release_handshake_state()
         self.phase = LegState.HANDSHAKE
         self._timer = self.factory.clock.callLater(
             self.factory.settings.handshake_timeout, self._handshake_timed_out)
@@ -452,6 +488,7 @@ class Leg(WebSocketServerProtocol):
         if not signed.verify(cred.vm_key, signed.PROXY_VM_AUTH,
                              {"nonce": self.nonce, "vm": cred.vm}, sig):
             raise ControlError(VM_AUTH_FAILED, "vm-auth-failed: bad-signature")
+        self.nonce = ""  # single use
         self._cancel_timer()
         result = self.factory.table.add_vm(cred.vm, self)
         if isinstance(result, Refused):
@@ -462,6 +499,9 @@ class Leg(WebSocketServerProtocol):
             self.phase = LegState.WAITING
             self.sendMessage(_compact({"type": "waiting"}), False)
             self.factory.depth_changed(cred.vm)
+            # idle from now on, possibly for hours: once this read is over,
+            # drop the TLS handshake's buffers
+            self.factory.clock.callLater(0, self._release_tls_buffers)
         else:
             self.sendMessage(_compact({"type": "waiting"}), False)
             self.factory.start_pair(result)
@@ -486,6 +526,13 @@ class Leg(WebSocketServerProtocol):
                 self.factory.settings.user_wait_timeout, self._wait_timed_out)
         else:
             self.factory.start_pair(result)
+
+    @_guarded
+    def _release_tls_buffers(self) -> None:
+        if self.phase is LegState.WAITING and self.transport is not None:
+            get_handle = getattr(self.transport, "getHandle", None)
+            if get_handle is not None:
+                release_bio_buffers(get_handle())
 
     @_guarded
     def _wait_timed_out(self) -> None:
