@@ -12,7 +12,7 @@ a second process, and the load generator (users / writer) in this process:
     received) p50/p99, with a pool of waiting VM sockets refilled like vmc;
 (c) proxy RSS per idle authenticated VM socket over wss (/proc VmRSS).
 
-Prints one JSON object per measurement and a summary; bench/README-proxy.md
+Prints one JSON object per measurement and a summary; bench/README.md
 holds figures from a run.  ``bench_channel_proxy.py`` runs (a) over the
 encrypted channel.
 """

@@ -636,7 +636,7 @@ class ProxyTests(TestCase):
         self.assertEqual(code, 4004)
 
 
-# -- memory held per idle socket (bench/README-proxy.md, "idle memory") -----------
+# -- memory held per idle socket (bench/README.md, "idle memory") -----------
 
 
 def _memory_tls_pair(pem: str) -> tuple[Any, Any]:

@@ -487,7 +487,7 @@ class ConfigTests(SynchronousTestCase):
 
 
 class WorkedExampleTests(SynchronousTestCase):
-    """docs/protocol-rest.md's worked example is what the code produces."""
+    """PROTOCOL.md's worked example (§2) is what the code produces."""
 
     def test_worked_example(self) -> None:
         import hashlib
@@ -495,7 +495,7 @@ class WorkedExampleTests(SynchronousTestCase):
         from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
         doc_path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                "docs", "protocol-rest.md")
+                                "PROTOCOL.md")
         with open(doc_path) as f:
             doc = f.read()
         user = Ed25519PrivateKey.from_private_bytes(bytes(range(1, 33)))

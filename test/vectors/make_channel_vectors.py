@@ -4,7 +4,7 @@ Run from the project root: ``python test/vectors/make_channel_vectors.py``.
 Fixed Ed25519 seeds and fixed "random" bytes go through the real channel
 code; the intermediate values (transcript hashes, key schedule) are computed
 again here straight from the spec with hashlib/hmac/cryptography, so the file
-also checks the implementation against docs/protocol-channel.md.
+also checks the implementation against PROTOCOL.md §4.
 """
 
 from __future__ import annotations
@@ -119,7 +119,7 @@ def make_vectors() -> dict[str, Any]:
         seqs[direction] += 1
     doc: dict[str, Any] = {
         "description": (
-            "ticrypt secure channel v1 test vectors (docs/protocol-channel.md). "
+            "ticrypt secure channel v1 test vectors (PROTOCOL.md §4). "
             "Bytes are hex; messages are the exact websocket text. "
             "Each side's rng output is consumed in order: 32 bytes of ephemeral "
             "X25519 secret, then the 32-byte hello nonce."

@@ -2,7 +2,7 @@
 
 Sans-IO: messages in, events out; no reactor, clock or transport. The proxy
 between the two relays websocket messages blindly and sees only the
-handshake. Wire format: ``docs/protocol-channel.md``.
+handshake. Wire format: ``PROTOCOL.md §4``.
 
 API::
 

@@ -2,7 +2,7 @@
 
 Each sealed record's plaintext is ``header + b"\\n" + body``: the header is
 compact JSON without a newline, the body raw bytes (possibly empty).  The
-frontend and vmc both use this codec; ``docs/protocol-app.md`` is the spec.
+frontend and vmc both use this codec; ``PROTOCOL.md §5`` is the spec.
 """
 
 from __future__ import annotations

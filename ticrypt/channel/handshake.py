@@ -1,7 +1,7 @@
 """Handshake messages, transcript hashes and key schedule (protocol v1).
 
 Pure functions and value objects; the state machines live in
-:mod:`ticrypt.channel.channel`. See ``docs/protocol-channel.md``.
+:mod:`ticrypt.channel.channel`. See ``PROTOCOL.md §4``.
 """
 
 from __future__ import annotations

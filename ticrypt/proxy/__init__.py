@@ -3,5 +3,5 @@
 Layers: :mod:`~ticrypt.proxy.pairing` (sans-IO table), :mod:`~ticrypt.proxy.ws`
 (autobahn legs, relay, backpressure), :mod:`~ticrypt.proxy.status` (read-only
 status resource), :mod:`~ticrypt.proxy.tap` (config schema and service).
-Wire format: ``docs/protocol-proxy.md``.
+Wire format: ``PROTOCOL.md §3``.
 """

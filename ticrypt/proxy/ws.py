@@ -1,7 +1,6 @@
 """The proxy's websocket legs (autobahn on Twisted) and the relay between them.
 
-Two paths on one listener (``docs/INTERFACES.md``, "Proxy websocket
-protocol"; wire details in ``docs/protocol-proxy.md``):
+Two paths on one listener (wire format: ``PROTOCOL.md`` §3):
 
 * ``/v1/vm``: the proxy sends a challenge, the vmc answers ``vm-auth`` (a VM
   credential signed by the backend and a signature over the nonce with the VM
@@ -53,7 +52,7 @@ FEED_SLICE = 16384
 #: Largest HTTP upgrade request we buffer before giving up on a peer.
 MAX_HTTP_REQUEST = 16384
 
-# close codes (docs/INTERFACES.md)
+# close codes (PROTOCOL.md §1)
 NORMAL = 1000
 GOING_AWAY = 1001
 TOO_BIG = 1009
