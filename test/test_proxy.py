@@ -459,6 +459,21 @@ class ProxyTests(TestCase):
         self.assertEqual(await self._user_refused(ticket),
                          (4003, "ticket-refused: bad-signature"))
 
+    async def test_ticket_is_single_use(self) -> None:
+        """A ticket that paired once is refused the second time, even while
+        a VM socket waits; the refusal is audited."""
+        await self.start()
+        ticket = self.backend.ticket("vm1")
+        await self.vm("vm1")
+        first = await self.user("vm1", ticket=ticket)
+        self.assertEqual(await first.next_json(), {"type": "paired", "vm": "vm1"})
+        await self.vm("vm1")
+        self.assertEqual(await self._user_refused(ticket), (4003, "ticket-refused: replayed"))
+        self.assertEqual([r["reason"] for r in self.audit("user-refused")],
+                         ["ticket-refused: replayed"])
+        status = await pf.get_status(reactor, self.proxy.status_port)
+        self.assertEqual(status["vms"], {"vm1": 1})
+
     async def test_ticket_tampered(self) -> None:
         await self.start()
         ticket = self.backend.ticket("vm1")

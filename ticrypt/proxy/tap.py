@@ -88,6 +88,7 @@ SCHEMA = Schema(
             "ping_interval": Key(Duration(), f"{_D.ping_interval:g}s"),
             "ping_timeout": Key(Duration(), f"{_D.ping_timeout:g}s"),
             "max_buffered": Key(Size(min=4096), str(_D.max_buffered)),
+            "max_recent_tickets": Key(Int(100, 10_000_000), str(_D.max_recent_tickets)),
             "open_handshake_timeout": Key(Duration(), f"{_D.open_handshake_timeout:g}s"),
             "close_handshake_timeout": Key(Duration(), f"{_D.close_handshake_timeout:g}s"),
         },
@@ -106,7 +107,8 @@ def settings_from(cfg: Config) -> tuple[Settings, Limits]:
         max_connections=lim.max_connections, user_wait_timeout=lim.user_wait_timeout,
         handshake_timeout=lim.handshake_timeout, idle_timeout=lim.idle_timeout,
         ping_interval=lim.ping_interval, ping_timeout=lim.ping_timeout,
-        max_buffered=lim.max_buffered, open_handshake_timeout=lim.open_handshake_timeout,
+        max_buffered=lim.max_buffered, max_recent_tickets=lim.max_recent_tickets,
+        open_handshake_timeout=lim.open_handshake_timeout,
         close_handshake_timeout=lim.close_handshake_timeout)
     limits = Limits(max_waiting_per_vm=lim.max_waiting_per_vm,
                     max_waiting_total=lim.max_waiting_total, max_pairs=lim.max_pairs)

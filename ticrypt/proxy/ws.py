@@ -40,6 +40,7 @@ from ticrypt import identity, signed
 from ticrypt.audit import AuditLog
 from ticrypt.encoding import b64, unb64
 from ticrypt.proxy.pairing import Paired, PairingTable, Refused, Waiting
+from ticrypt.proxy.replay import TicketLedger, Use
 from ticrypt.proxy.tlsmem import release_bio_buffers
 
 VM_PATH = "/v1/vm"
@@ -93,6 +94,7 @@ class Settings:
     ping_interval: float = 30.0
     ping_timeout: float = 30.0
     max_buffered: int = 256 * 1024
+    max_recent_tickets: int = 100_000
     open_handshake_timeout: float = 10.0
     close_handshake_timeout: float = 5.0
 
@@ -513,6 +515,12 @@ class Leg(WebSocketServerProtocol):
                                           now=self.factory.clock.seconds())
         except signed.TokenError as e:
             raise ControlError(TICKET_REFUSED, f"ticket-refused: {e.code}") from None
+        use = self.factory.tickets.use(ticket.ticket_id, ticket.expires,
+                                       self.factory.clock.seconds())
+        if use is Use.REPLAYED:
+            raise ControlError(TICKET_REFUSED, "ticket-refused: replayed")
+        if use is Use.FULL:
+            raise ControlError(OVER_LIMIT, "over-limit: too many recent tickets")
         self.ticket = ticket
         self.vm_id = ticket.vm
         self._cancel_timer()
@@ -612,6 +620,7 @@ class ProxyFactory(WebSocketServerFactory):
         self.audit = audit
         self.rng = rng
         self.pairs: set[Pair] = set()
+        self.tickets = TicketLedger(settings.max_recent_tickets)
         self.open_legs = 0
         self._idle_waiters: list[defer.Deferred[None]] = []
         s = settings
