@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import re
 import termios
 
 from twisted.internet import defer, protocol, reactor
@@ -15,6 +16,7 @@ from test.daemon import daemon_env
 from test.restfixture import script
 from test.vmcfixture import CapturingRelay, Trio, deferred_later, start_trio, ws_payloads
 from ticrypt import identity
+from ticrypt.channel import app
 from ticrypt.frontend.session import RemoteError, Session, SessionError
 from ticrypt.vmc.processes import set_window
 
@@ -123,6 +125,34 @@ class ExecTests(TestCase):
         self.assertEqual(await cmd.done, 128 + 15)
         await s.close()
 
+    async def test_stdin_window_keeps_the_channel_usable(self) -> None:
+        """A command that never reads its stdin is offered far more than its
+        window: only that command's input waits.  The same channel still
+        answers, runs a second command and cancels the stalled one (vmc
+        never stops reading the channel for it)."""
+        s = await self.trio.session("owen")
+        out = bytearray()
+        cmd = s.exec(["sh", "-c", "echo started; exec sleep 300"], on_stdout=out.extend)
+        cmd.write(b"x" * (4 * app.WINDOW))
+        for _ in range(400):  # bounded: 20 s
+            # the VM took the first window and gave credit back as the pipe
+            # filled; the rest is held by the frontend, not by vmc
+            if cmd.sent > app.WINDOW and b"started" in out:
+                break
+            await deferred_later(0.05)
+        self.assertGreater(cmd.sent, app.WINDOW)
+        self.assertGreater(cmd.pending, 0)
+        self.assertEqual(cmd.sent + cmd.pending, 4 * app.WINDOW)
+        info = await defer.ensureDeferred(s.info()).addTimeout(30, reactor)
+        self.assertEqual(info["vm"], self.trio.vm_id)
+        second = defer.ensureDeferred(run(s, ["sh", "-c", "head -c 5; echo ' second'"],
+                                          stdin=b"hello"))
+        self.assertEqual(await second.addTimeout(30, reactor), (0, b"hello second\n", b""))
+        self.assertGreater(cmd.pending, 0)  # still stalled: it never read
+        cmd.cancel()
+        self.assertEqual(await cmd.done.addTimeout(30, reactor), 128 + 15)
+        await s.close()
+
     async def test_children_killed_when_channel_closes(self) -> None:
         s = await self.trio.session("owen")
         out = bytearray()
@@ -201,6 +231,50 @@ class StopTests(TestCase):
         self.assertEqual([r["code"] for r in closed], [1000])  # a clean close, audited
         await s.closed
         self.assertEqual(codes, ["closed"])  # the user's command ended with the session
+
+
+class SessionKillTests(TestCase):
+    timeout = 120
+
+    async def _shell_job(self, trio: Trio) -> tuple[Session, int]:
+        """A shell on the VM that started a job in a process group of its own
+        (job control) that ignores SIGTERM; the job's pid."""
+        s = await trio.session("owen")
+        out = bytearray()
+        cmd = s.shell("xterm", 24, 80, on_output=out.extend)
+        await cmd.started
+        cmd.done.addErrback(lambda f: f.trap(SessionError))  # ends with the channel
+        cmd.write(b"set -m; (trap '' TERM; sleep 1000) & echo PID=$!\n")
+        for _ in range(400):  # bounded: 20 s
+            if re.search(rb"PID=\d+", out):
+                break
+            await deferred_later(0.05)
+        pid = int(re.findall(rb"PID=(\d+)", out)[0])
+        self.addCleanup(_kill_if_alive, pid)  # only if the test failed
+        self.assertTrue(_alive(pid))
+        self.assertNotEqual(os.getpgid(pid), os.getsid(pid))  # not in the shell's group
+        return s, pid
+
+    async def _gone(self, pid: int) -> None:
+        for _ in range(200):  # bounded: 10 s
+            if not _alive(pid):
+                return
+            await deferred_later(0.05)
+        self.fail(f"process {pid} of the shell's session survived")
+
+    async def test_channel_close_kills_shell_jobs(self) -> None:
+        trio = await start_trio(self, exec_kill_grace="1s")
+        s, pid = await self._shell_job(trio)
+        await s.close()
+        await self._gone(pid)
+
+    async def test_vmc_stop_kills_shell_jobs(self) -> None:
+        trio = await start_trio(self, exec_kill_grace="1s")
+        assert trio.vmc is not None
+        _, pid = await self._shell_job(trio)
+        await trio.vmc.stop()
+        self.assertIn("Server Shut Down", trio.vmc.text())  # stopped, not SIGKILLed
+        await self._gone(pid)
 
 
 class AuthorizationTests(TestCase):

@@ -86,9 +86,12 @@ class SessionTests(SynchronousTestCase):
         out, err = bytearray(), bytearray()
         cmd = self.session.exec(["cat"], stdin=b"abc", on_stdout=out.extend,
                                 on_stderr=err.extend)
+        # no input before the VM's ok (it announces the window)
         self.assertEqual([h for h, _ in self.leg.sent],
-                         [{"t": "req", "id": 1, "op": "exec", "argv": ["cat"]},
-                          {"t": "stdin", "id": 1}, {"t": "eof", "id": 1}])
+                         [{"t": "req", "id": 1, "op": "exec", "argv": ["cat"]}])
+        self.session._deliver({"t": "ok", "id": 1, "window": 100}, b"")
+        self.assertEqual([h for h, _ in self.leg.sent[1:]],
+                         [{"t": "stdin", "id": 1}, {"t": "eof", "id": 1}])
         self.assertEqual(self.leg.sent[1][1], b"abc")
         self.session._deliver({"t": "stdout", "id": 1}, b"abc")
         self.session._deliver({"t": "stderr", "id": 1}, b"warn")
@@ -100,9 +103,84 @@ class SessionTests(SynchronousTestCase):
 
     def test_big_stdin_is_split(self) -> None:
         cmd = self.session.exec(["cat"])
+        self.session._deliver({"t": "ok", "id": 1, "window": app.WINDOW}, b"")
         cmd.write(b"x" * (app.CHUNK * 2 + 1))
         sizes = [len(b) for h, b in self.leg.sent if h["t"] == "stdin"]
         self.assertEqual(sizes, [app.CHUNK, app.CHUNK, 1])
+
+    def stdin_sent(self) -> list[tuple[str, bytes]]:
+        return [(h["t"], b) for h, b in self.leg.sent if h["t"] in ("stdin", "eof")]
+
+    def test_stdin_within_window(self) -> None:
+        """At most the window is in flight; window messages release more,
+        and eof follows the last byte."""
+        cmd = self.session.exec(["cat"], stdin=b"0123456789" * 3)
+        self.assertEqual(self.stdin_sent(), [])
+        self.session._deliver({"t": "ok", "id": 1, "window": 12}, b"")
+        self.assertEqual(self.stdin_sent(), [("stdin", b"012345678901")])
+        self.assertEqual((cmd.sent, cmd.pending), (12, 18))
+        self.session._deliver({"t": "window", "id": 1, "bytes": 5}, b"")
+        self.assertEqual(self.stdin_sent()[-1], ("stdin", b"23456"))
+        for bad in (0, -3, True, "9", None):  # malformed credit is ignored
+            self.session._deliver({"t": "window", "id": 1, "bytes": bad}, b"")
+        self.assertEqual(len(self.stdin_sent()), 2)
+        self.session._deliver({"t": "window", "id": 1, "bytes": 100}, b"")
+        self.assertEqual(self.stdin_sent()[2:], [("stdin", b"7890123456789"), ("eof", b"")])
+        self.assertEqual((cmd.sent, cmd.pending), (30, 0))
+        cmd.write(b"after eof")  # ignored
+        self.assertEqual(len(self.stdin_sent()), 4)
+
+    def test_shell_eof_takes_a_window_byte(self) -> None:
+        cmd = self.session.shell("xterm", 24, 80)
+        self.session._deliver({"t": "ok", "id": 1, "window": 3}, b"")
+        cmd.write(b"abc")
+        cmd.eof()
+        self.assertEqual(self.stdin_sent(), [("stdin", b"abc")])
+        self.session._deliver({"t": "window", "id": 1, "bytes": 1}, b"")
+        self.assertEqual(self.stdin_sent(), [("stdin", b"abc"), ("eof", b"")])
+
+    def test_attach_input_pauses_source(self) -> None:
+        """The local input source pauses while the window is exhausted, and
+        also while the websocket is full; it resumes only when neither holds."""
+        calls: list[str] = []
+
+        class Source:
+            def pauseProducing(self) -> None:
+                calls.append("pause")
+
+            def resumeProducing(self) -> None:
+                calls.append("resume")
+
+            def stopProducing(self) -> None:
+                calls.append("stop")
+
+        cmd = self.session.exec(["cat"])
+        gate = cmd.attach_input(Source())  # type: ignore[arg-type]
+        cmd.write(b"x" * 10)  # before the ok: nothing may be sent
+        self.assertEqual(calls, ["pause"])
+        self.session._deliver({"t": "ok", "id": 1, "window": 16}, b"")
+        self.assertEqual(calls, ["pause", "resume"])
+        cmd.write(b"y" * 10)  # 4 over the window
+        self.assertEqual((calls[-1], cmd.pending), ("pause", 4))
+        gate.pauseProducing()  # the websocket is full too
+        self.session._deliver({"t": "window", "id": 1, "bytes": 10}, b"")
+        self.assertEqual(calls, ["pause", "resume", "pause"])  # the socket still holds it
+        gate.resumeProducing()
+        self.assertEqual(calls, ["pause", "resume", "pause", "resume"])
+        gate.stopProducing()
+        self.assertEqual(calls[-1], "stop")
+
+    def test_error_drops_pending_input(self) -> None:
+        cmd = self.session.exec(["nope"], stdin=b"data")
+        self.session._deliver({"t": "error", "id": 1, "code": "command-not-found",
+                               "message": "command not found"}, b"")
+        self.failureResultOf(cmd.done, RemoteError)
+        self.assertEqual((self.stdin_sent(), cmd.pending), ([], 0))
+
+    def test_window_exceeded_close_is_explained(self) -> None:
+        e = close_error(4400, "window-exceeded request 1 sent 9 stdin bytes with a window of 0")
+        self.assertEqual(e.code, "window-exceeded")
+        self.assertIn("more input than it allowed", str(e))
 
     def test_request_ok_and_error(self) -> None:
         d = defer.ensureDeferred(self.session.info())

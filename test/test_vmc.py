@@ -14,6 +14,7 @@ from twisted.internet import defer, reactor
 from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.interfaces import IReactorProcess
 from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 from zope.interface import implementer
 
@@ -32,8 +33,9 @@ from ticrypt.vmc.commands import (
     StartExec,
     StartShell,
     Stdin,
+    Violation,
 )
-from ticrypt.vmc.processes import ProcessGroup, RunAs
+from ticrypt.vmc.processes import ProcessGroup, RunAs, session_pids
 from ticrypt.vmc.state import Enrollment, OwnerKeyChanged, StateError, VmState
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -303,6 +305,53 @@ class DispatcherTests(SynchronousTestCase):
                                    "argv": ["echo", "a\udcff"]}, b""),
                          [StartExec(30, ("echo", "a\udcff"))])
 
+    def test_stdin_window(self) -> None:
+        """Each exec/shell request gets its own stdin window; stdin uses it
+        up, consumed() gives it back as a window message, and stdin beyond
+        it is a violation that ends the channel (not an error reply)."""
+        d = self.d(window=10)
+        self.assertEqual(d.handle({"t": "req", "id": 1, "op": "exec", "argv": ["cat"]}, b""),
+                         [StartExec(1, ("cat",), 10)])
+        self.assertEqual(d.handle({"t": "req", "id": 2, "op": "exec", "argv": ["cat"]}, b""),
+                         [StartExec(2, ("cat",), 10)])
+        self.assertEqual(d.handle({"t": "stdin", "id": 1}, b"123456"), [Stdin(1, b"123456")])
+        self.assertEqual(d.handle({"t": "stdin", "id": 1}, b"7890"), [Stdin(1, b"7890")])
+        self.assertEqual(d.credit(1), 0)
+        self.assertEqual(d.handle({"t": "stdin", "id": 2}, b"x" * 10), [Stdin(2, b"x" * 10)])
+        self.assertEqual(d.consumed(1, 6), [Send({"t": "window", "id": 1, "bytes": 6})])
+        self.assertEqual(d.credit(1), 6)
+        [violation] = d.handle({"t": "stdin", "id": 1}, b"x" * 7)
+        assert isinstance(violation, Violation)
+        self.assertEqual(violation.code, "window-exceeded")
+        self.assertEqual(d.credit(1), 6)  # nothing of the refused message counted
+        # cancel and eof need no window
+        self.assertEqual(d.handle({"t": "cancel", "id": 2}, b""), [Cancel(2)])
+        self.assertEqual(d.handle({"t": "eof", "id": 2}, b""), [Eof(2)])
+        d.finished(1)
+        self.assertEqual(d.consumed(1, 6), [])  # no window message after exit
+        self.assertIsNone(d.credit(1))
+
+    def test_exec_stdin_after_eof_is_not_counted(self) -> None:
+        d = self.d(window=4)
+        d.handle({"t": "req", "id": 1, "op": "exec", "argv": ["cat"]}, b"")
+        self.assertEqual(d.handle({"t": "eof", "id": 1}, b""), [Eof(1)])
+        self.assertEqual(d.handle({"t": "stdin", "id": 1}, b"x" * 100), [])
+        self.assertEqual(d.credit(1), 4)
+
+    def test_shell_eof_takes_one_byte(self) -> None:
+        """A shell's eof is a ^D written to its terminal: it is input, and
+        counts against the window (else eofs could pile up in vmc)."""
+        d = self.d(window=3)
+        self.assertEqual(d.handle({"t": "req", "id": 1, "op": "shell"}, b""),
+                         [StartShell(1, "xterm-256color", 24, 80, 3)])
+        self.assertEqual(d.handle({"t": "stdin", "id": 1}, b"ab"), [Stdin(1, b"ab")])
+        self.assertEqual(d.handle({"t": "eof", "id": 1}, b""), [Eof(1)])
+        [violation] = d.handle({"t": "eof", "id": 1}, b"")
+        assert isinstance(violation, Violation)
+        self.assertEqual(violation.code, "window-exceeded")
+        d.consumed(1, 3)
+        self.assertEqual(d.handle({"t": "eof", "id": 1}, b""), [Eof(1)])
+
     def test_duplicate_id_and_unknown(self) -> None:
         d = self.d()
         d.handle({"t": "req", "id": 1, "op": "info"}, b"")
@@ -391,6 +440,13 @@ class AppCodecTests(SynchronousTestCase):
         e = self.assertRaises(app.AppError, app.decode, b"[" * app.MAX_HEADER + b"\n")
         self.assertEqual(e.code, "bad-message")
 
+    def test_window_size(self) -> None:
+        self.assertEqual(app.window_size(app.WINDOW), 262144)
+        for bad in (0, -1, True, 1.5, "9", None, 2**53):
+            self.assertIsNone(app.window_size(bad))
+        header, _ = app.decode(app.encode({"t": "window", "id": 3, "bytes": 65536}))
+        self.assertEqual(app.window_size(header["bytes"]), 65536)
+
     def test_chunks(self) -> None:
         self.assertEqual(app.chunks(b""), [b""])
         self.assertEqual(app.chunks(b"abcde", 2), [b"ab", b"cd", b"e"])
@@ -474,6 +530,61 @@ class PoolReconnectTests(SynchronousTestCase):
         self.assertEqual(bob.fake_group.closed, 1)
         self.assertEqual((carol.sent_close, carol.fake_group.closed), ([], 0))
 
+    def test_stdin_never_pauses_the_channel(self) -> None:
+        """A child that does not read its stdin does not stop vmc reading the
+        websocket: other requests are still answered, window credit comes
+        back as the child reads, and input beyond the window closes the
+        channel with window-exceeded."""
+        from ticrypt.vmc.pool import VmLeg
+
+        fake = _FakeProcessReactor()
+        pool = self.make_pool(fake, _FailingEndpoint(fake))
+        audit: list[tuple[str, dict[str, Any]]] = []
+        pool.audit = type("A", (), {"write": lambda _, e, **kw: audit.append((e, kw))})()
+
+        class Leg(VmLeg):
+            def __init__(self) -> None:
+                self.factory = type("F", (), {"pool": pool})()  # type: ignore[assignment]
+                self.transport = StringTransport()
+                self.app: list[dict[str, Any]] = []
+                self.sent_close: list[tuple[int, str]] = []
+
+            def _send_app(self, header: dict[str, Any], body: bytes = b"") -> None:
+                self.app.append(header)
+
+            def sendClose(self, code: int | None = None,  # type: ignore[override]
+                          reason: str | None = None) -> None:
+                self.sent_close.append((code or 0, reason or ""))
+
+        def msg(header: dict[str, Any], body: bytes = b"") -> None:
+            leg._app_message(app.encode(header, body))
+
+        leg = Leg()
+        assert pool.state.owner_key is not None
+        leg._established(pool.state.owner_key)
+        msg({"t": "req", "id": 1, "op": "exec", "argv": ["cat"]})
+        self.assertEqual(leg.app, [{"t": "ok", "id": 1, "window": app.WINDOW}])
+        [(_, _, child)] = fake.spawned
+        child.producer.pauseProducing()  # the child stops reading
+        for _ in range(app.WINDOW // app.CHUNK):
+            msg({"t": "stdin", "id": 1}, b"x" * app.CHUNK)
+        self.assertEqual(leg.transport.producerState, "producing")  # still reading
+        msg({"t": "req", "id": 2, "op": "info"})
+        self.assertEqual(leg.app[-1]["t"], "ok")
+        child.producer.resumeProducing()  # it reads: credit for all of it
+        self.assertEqual(leg.app[-1], {"t": "window", "id": 1, "bytes": app.WINDOW})
+        child.producer.pauseProducing()
+        msg({"t": "stdin", "id": 1}, b"y" * app.WINDOW)
+        self.assertEqual(leg.sent_close, [])
+        msg({"t": "stdin", "id": 1}, b"z")  # one byte over the window
+        [(code, reason)] = leg.sent_close
+        self.assertEqual(code, 4400)
+        self.assertTrue(reason.startswith("window-exceeded "), reason)
+        self.assertEqual(audit[-1][0], "session-error")
+        self.assertEqual(audit[-1][1]["reason"], "window-exceeded")
+        self.assertEqual(leg.transport.producerState, "producing")
+        self.assertEqual(child.calls.count(f"write {app.CHUNK}"), app.WINDOW // app.CHUNK)
+
     def test_pool_size_sockets(self) -> None:
         clock = Clock()
         ep = _FailingEndpoint(clock)
@@ -489,10 +600,17 @@ class ProcessGroupTests(TestCase):
     def setUp(self) -> None:
         self.sent: list[tuple[dict[str, Any], bytes]] = []
         self.finished: list[int] = []
+        self.consumed: list[tuple[int, int]] = []
         self.exits: dict[int, defer.Deferred[int]] = {}
         self.group = ProcessGroup(reactor, RunAs.lookup(None, "/bin/sh"), self._send,
-                                  self.finished.append, lambda paused: None, kill_grace=5)
+                                  self.finished.append, self._consumed, kill_grace=5)
+        # Cleanups run last first: close, then drop the SIGKILLs still
+        # pending for leftovers that are already gone (a clean reactor).
+        self.addCleanup(self.group.stop_timers)
         self.addCleanup(self.group.close)
+
+    def _consumed(self, rid: int, n: int) -> None:
+        self.consumed.append((rid, n))
 
     def _send(self, header: dict[str, Any], body: bytes) -> None:
         self.sent.append((header, body))
@@ -530,7 +648,7 @@ class ProcessGroupTests(TestCase):
         except KeyError:
             raise SkipTest("no user nobody") from None
         group = ProcessGroup(reactor, RunAs.lookup("nobody", "/bin/sh"), self._send,
-                             self.finished.append, lambda paused: None)
+                             self.finished.append, self._consumed)
         self.addCleanup(group.close)
         group.start_exec(8, ("sh", "-c", "id -u; echo $USER"))
         self.assertEqual(await self.wait(8), 0)
@@ -555,7 +673,7 @@ class ProcessGroupTests(TestCase):
 
     async def test_close_kills_children_that_ignore_sigterm(self) -> None:
         group = ProcessGroup(reactor, RunAs.lookup(None, "/bin/sh"), self._send,
-                             self.finished.append, lambda paused: None, kill_grace=0.2)
+                             self.finished.append, self._consumed, kill_grace=0.2)
         group.start_exec(11, ("sh", "-c", "trap '' TERM; sleep 300 & echo $!; wait"))
         while b"\n" not in self.out(11):
             d: defer.Deferred[None] = defer.Deferred()
@@ -570,6 +688,37 @@ class ProcessGroupTests(TestCase):
         await empty
         self.assertFalse(_alive(background))
         self.assertEqual(self.finished, [])  # closed: nothing more is reported
+
+    async def test_close_kills_jobs_in_their_own_process_groups(self) -> None:
+        """A shell's job-control job has a process group of its own and
+        ignores SIGTERM: channel close still kills it (it is in the shell's
+        session)."""
+        import re
+
+        group = ProcessGroup(reactor, RunAs.lookup(None, "/bin/sh"), self._send,
+                             self.finished.append, self._consumed, kill_grace=0.2)
+        self.addCleanup(group.stop_timers)
+        group.start_shell(12, "xterm", 24, 80)
+        group.write_stdin(12, b"set -m; (trap '' TERM; sleep 1000) & echo PID=$!\n")
+        while not re.search(rb"PID=\d+", self.out(12)):
+            d: defer.Deferred[None] = defer.Deferred()
+            reactor.callLater(0.05, d.callback, None)
+            await d
+        job = int(re.findall(rb"PID=(\d+)", self.out(12))[0])
+        self.addCleanup(_kill_if_alive, job)
+        shell = group._children[12][0].pid
+        self.assertNotEqual(os.getpgid(job), shell)  # job control: a group of its own
+        self.assertEqual(os.getsid(job), shell)
+        empty = group.when_empty()
+        group.close()
+        await empty.addTimeout(20, reactor)  # the SIGKILLs went out after kill_grace
+        for _ in range(200):  # bounded: 10 s for the kernel to finish it
+            if not _alive(job):
+                break
+            d2: defer.Deferred[None] = defer.Deferred()
+            reactor.callLater(0.05, d2.callback, None)
+            await d2
+        self.assertFalse(_alive(job), "a job in its own process group survived close")
 
     async def test_cancel_kills_group(self) -> None:
         self.group.start_exec(4, ("sh", "-c", "sleep 300 & echo $!; sleep 301; echo never"))
@@ -594,7 +743,7 @@ class ProcessGroupTests(TestCase):
         self.group.start_shell(5, "xterm", 30, 91)
         self.group.write_stdin(5, b"stty size; echo hi; exit 3\n")
         self.assertEqual(await self.wait(5), 3)
-        self.assertEqual(self.sent[0][0], {"t": "ok", "id": 5})
+        self.assertEqual(self.sent[0][0], {"t": "ok", "id": 5, "window": app.WINDOW})
         out = self.out(5)
         self.assertIn(b"30 91", out)
         self.assertIn(b"hi", out)
@@ -607,11 +756,46 @@ class ProcessGroupTests(TestCase):
         self.assertIn(b"50 132", self.out(6))
 
 
+class SessionPidsTests(SynchronousTestCase):
+    def write_proc(self, entries: dict[str, bytes | None]) -> str:
+        root = self.mktemp()
+        os.makedirs(root)
+        for name, content in entries.items():
+            os.makedirs(os.path.join(root, name))
+            if content is not None:
+                with open(os.path.join(root, name, "stat"), "wb") as f:
+                    f.write(content)
+        return root
+
+    def test_members_of_a_session(self) -> None:
+        root = self.write_proc({
+            "100": b"100 (sh) S 1 100 100 34816 100 4194560 0 0\n",
+            "101": b"101 (odd) S 7 (name) S 100 101 100 0 -1\n",  # ")" in comm
+            "102": b"102 (sleep) Z 100 101 100 0 -1\n",  # zombie: already dead
+            "103": b"103 (other) S 1 103 103 0 -1\n",  # another session
+            "104": None,  # vanished while listed
+            "105": b"garbage",
+            "self": b"100 (sh) S 1 100 100\n",
+        })
+        self.assertEqual(sorted(session_pids(100, root) or []), [100, 101])
+        self.assertEqual(session_pids(103, root), [103])
+        self.assertEqual(session_pids(999, root), [])
+
+    def test_no_proc(self) -> None:
+        self.assertIsNone(session_pids(1, os.path.join(self.mktemp(), "none")))
+
+    def test_real_proc(self) -> None:
+        if not os.path.isdir("/proc/self"):
+            raise SkipTest("no /proc")
+        self.assertIn(os.getpid(), session_pids(os.getsid(0)) or [])
+
+
 class _FakeProcessTransport:
     def __init__(self) -> None:
         self.calls: list[str] = []
         self.producer: Any = None
-        self.pid = 4242
+        # Above Linux's PID_MAX_LIMIT: no signal sent to it can hit a process.
+        self.pid = 2**22 + 1
 
     def registerProducer(self, producer: Any, streaming: bool) -> None:
         self.producer = producer
@@ -641,21 +825,24 @@ class _FakeProcessReactor(Clock):
     def spawnProcess(self, proto: Any, executable: Any, args: Any,  # type: ignore[override]
                      *a: Any, **kw: Any) -> Any:
         t = _FakeProcessTransport()
+        for fd in (kw.get("usePTY") or ())[:2]:
+            os.close(fd)
         self.spawned.append((proto, args, t))
         proto.makeConnection(t)
         return t
 
 
 class FlowControlTests(SynchronousTestCase):
-    """Producer wiring: a full websocket pauses the children; a full child
-    stdin pauses the websocket."""
+    """Producer wiring: a full websocket pauses the children; a child that
+    does not read its stdin fills only its own (window-bounded) buffer."""
 
     def setUp(self) -> None:
         self.reactor = _FakeProcessReactor()
-        self.input_paused: list[bool] = []
+        self.sent: list[dict[str, Any]] = []
+        self.consumed: list[tuple[int, int]] = []
         self.group = ProcessGroup(self.reactor, RunAs.lookup(None, "/bin/sh"),
-                                  lambda h, b: None, lambda rid: None,
-                                  self.input_paused.append)
+                                  lambda h, b: self.sent.append(h), lambda rid: None,
+                                  lambda rid, n: self.consumed.append((rid, n)))
 
     def test_output_pause_reaches_children(self) -> None:
         self.group.start_exec(1, ("sh", "-c", "true"))
@@ -667,17 +854,56 @@ class FlowControlTests(SynchronousTestCase):
         self.group.start_exec(2, ("sh", "-c", "true"))
         self.assertEqual(self.reactor.spawned[1][2].calls, ["pause"])  # born paused
 
-    def test_stdin_pressure_pauses_input(self) -> None:
+    def test_ok_announces_window(self) -> None:
+        self.group.start_exec(1, ("cat",), 1234)
+        self.group.start_exec(2, ("no-such-command-xyz",), 1234)
+        self.assertEqual(self.sent[0], {"t": "ok", "id": 1, "window": 1234})
+        self.assertEqual([h["t"] for h in self.sent], ["ok", "error"])  # no ok if not started
+
+    def test_stdin_buffered_while_child_does_not_read(self) -> None:
+        """A child whose pipe is full pauses only its own input: vmc keeps
+        the bytes (the window bounds them) and returns credit as the child
+        takes them, per request."""
         self.group.start_exec(1, ("cat",))
         self.group.start_exec(2, ("cat",))
         t1 = self.reactor.spawned[0][2]
         t2 = self.reactor.spawned[1][2]
-        t1.producer.pauseProducing()
-        t2.producer.pauseProducing()
-        t1.producer.resumeProducing()
-        self.assertEqual(self.input_paused, [True])
-        t2.producer.resumeProducing()
-        self.assertEqual(self.input_paused, [True, False])
+        self.group.write_stdin(1, b"a" * 10)
+        self.assertEqual((t1.calls, self.consumed), (["write 10"], [(1, 10)]))
+        t1.producer.pauseProducing()  # the child's pipe is full
+        self.group.write_stdin(1, b"b" * 20)
+        self.group.write_stdin(1, b"c" * 30)
+        self.group.eof(1)
+        self.assertEqual((t1.calls, self.consumed), (["write 10"], [(1, 10)]))
+        self.assertEqual(self.group.buffered(1), 50)
+        self.group.write_stdin(2, b"d" * 5)  # the other child is not held up
+        self.assertEqual((t2.calls, self.consumed[-1]), (["write 5"], (2, 5)))
+        t1.producer.resumeProducing()  # it read: the rest goes on, then eof
+        self.assertEqual(t1.calls, ["write 10", "write 20", "write 30", "closeStdin"])
+        self.assertEqual(self.consumed[-1], (1, 50))
+        self.assertEqual(self.group.buffered(1), 0)
+
+    def test_child_closing_stdin_returns_credit(self) -> None:
+        self.group.start_exec(1, ("cat",))
+        t = self.reactor.spawned[0][2]
+        t.producer.pauseProducing()
+        self.group.write_stdin(1, b"x" * 100)
+        producer = t.producer
+        producer.stopProducing()  # the child closed its stdin: never writable
+        self.assertEqual(self.consumed, [(1, 100)])
+        self.group.write_stdin(1, b"y" * 7)  # dropped at once, credit back
+        self.assertEqual(self.consumed, [(1, 100), (1, 7)])
+        self.assertEqual(t.calls, [])
+
+    def test_shell_eof_is_in_order(self) -> None:
+        self.group.start_shell(1, "xterm", 24, 80)
+        [(_, _, t)] = self.reactor.spawned
+        t.producer.pauseProducing()
+        self.group.write_stdin(1, b"echo hi\n")
+        self.group.eof(1)
+        t.producer.resumeProducing()
+        self.assertEqual(t.calls, ["write 8", "write 1"])
+        self.assertEqual(self.consumed, [(1, 9)])
 
     def test_stdin_after_eof_is_dropped(self) -> None:
         """After eof the child's stdin has no producer any more: input that
@@ -691,7 +917,6 @@ class FlowControlTests(SynchronousTestCase):
         for _ in range(3):
             self.group.write_stdin(1, b"y" * 65536)
         self.assertEqual(t.calls, ["write 10", "closeStdin"])
-        self.assertEqual(self.input_paused, [])
 
     def test_exec_runs_in_own_process_group(self) -> None:
         self.group.start_exec(1, ("echo", "x"))

@@ -19,6 +19,10 @@ CHUNK = 65536
 #: Longest argv (total characters) and most arguments in an exec request.
 MAX_ARGV_CHARS = 131072
 MAX_ARGS = 4096
+#: Default stdin flow-control window of an exec/shell request: the most
+#: un-acknowledged ``stdin`` body bytes the frontend may have in flight (vmc
+#: announces its actual window in the request's ``ok``).
+WINDOW = 262144
 
 OPS = ("info", "exec", "shell", "authorize", "revoke", "users")
 
@@ -57,6 +61,13 @@ def decode(plaintext: bytes) -> tuple[dict[str, Any], bytes]:
                            or not 0 <= rid < 2**53):
         raise AppError("bad-message", "application header 'id' is not a non-negative int")
     return header, body
+
+
+def window_size(value: object) -> int | None:
+    """``value`` as a window size or credit (a positive int), else None."""
+    if isinstance(value, int) and not isinstance(value, bool) and 0 < value < 2**53:
+        return value
+    return None
 
 
 def chunks(data: bytes, size: int = CHUNK) -> list[bytes]:

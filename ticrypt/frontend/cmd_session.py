@@ -111,7 +111,9 @@ def _out(stream: Any) -> Any:
 
 def _pump_stdin(reactor: Any, session: Session, cmd: Command) -> terminal.InputReader:
     reader = terminal.InputReader(reactor, cmd.write, cmd.eof)
-    session.transport.registerProducer(reader, True)
+    # The reader pauses while the websocket is full and while the command's
+    # stdin window is exhausted (the VM has not taken what was sent yet).
+    session.transport.registerProducer(cmd.attach_input(reader), True)
     reader.start()
 
     def done(result: Any) -> Any:

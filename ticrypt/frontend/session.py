@@ -19,6 +19,7 @@ from ``vm_public_key`` (what rest registered).  Every failure is a
 from __future__ import annotations
 
 import json
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit
@@ -27,7 +28,9 @@ from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientPr
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from twisted.internet import defer
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
+from zope.interface import implementer
 
 from ticrypt import identity, tlsutil
 from ticrypt.channel import ChannelError, Delivered, Established, SendMessage, UserChannel, app
@@ -44,6 +47,7 @@ _EXPLAIN = {
                        "refusing to talk to it",
     "timeout": "timed out",
     "over-limit": "too many connections",
+    "window-exceeded": "this client sent the VM more input than it allowed (a client bug)",
 }
 _CODES = {4000: "bad-message", 4001: "vm-auth-failed", 4003: "ticket-refused",
           4004: "no-vm-available", 4008: "timeout", 4009: "over-limit", 4010: "peer-lost",
@@ -92,11 +96,48 @@ def close_error(code: int | None, reason: str | None) -> SessionError:
     return SessionError(stable, text)
 
 
+@implementer(IPushProducer)
+class _InputGate:
+    """Stands in for a local input source as the websocket's producer: the
+    source runs only while nothing holds it, neither a full websocket
+    (``socket``) nor an exhausted stdin window (``window``)."""
+
+    def __init__(self, source: IPushProducer):
+        self._source = source
+        self._holds: set[str] = set()
+
+    def hold(self, reason: str) -> None:
+        held = bool(self._holds)
+        self._holds.add(reason)
+        if not held:
+            self._source.pauseProducing()
+
+    def release(self, reason: str) -> None:
+        if reason in self._holds:
+            self._holds.discard(reason)
+            if not self._holds:
+                self._source.resumeProducing()
+
+    def pauseProducing(self) -> None:
+        self.hold("socket")
+
+    def resumeProducing(self) -> None:
+        self.release("socket")
+
+    def stopProducing(self) -> None:
+        self._source.stopProducing()
+
+
 class Command:
     """A running ``exec`` or ``shell`` on the VM.
 
     ``done`` fires with the exit status (or fails with a RemoteError);
     ``started`` fires when the VM accepted it (shell: its ``ok``; exec: at once).
+
+    Input (:meth:`write`, :meth:`eof`) is sent within the request's window:
+    nothing before the VM's ``ok`` announces it, then only as much as the VM
+    has acknowledged with ``window`` messages; the rest waits here
+    (:attr:`pending`).
     """
 
     def __init__(self, session: Session, rid: int, kind: str, on_stdout: Output | None,
@@ -109,17 +150,74 @@ class Command:
         self.done: defer.Deferred[int] = defer.Deferred()
         self.started: defer.Deferred[None] = defer.Deferred()
         self.finished = False
+        #: stdin body bytes sent so far.
+        self.sent = 0
+        self._credit = 0  # bytes the VM will take now
+        self._queue: deque[memoryview | None] = deque()  # None: an eof
+        self._queued = 0
+        self._eof = False
+        self._gate: _InputGate | None = None
+
+    @property
+    def pending(self) -> int:
+        """stdin bytes written but not sent yet (waiting for window)."""
+        return self._queued
 
     def write(self, data: bytes) -> None:
-        """Send stdin bytes (split into records)."""
-        if not self.finished:
-            for part in app.chunks(data):
-                if part:
-                    self._session._send({"t": "stdin", "id": self.rid}, part)
+        """Send stdin bytes (split into records, within the window)."""
+        if self.finished or self._eof or not data:
+            return
+        self._queue.append(memoryview(bytes(data)))
+        self._queued += len(data)
+        self._flush()
 
     def eof(self) -> None:
-        if not self.finished:
-            self._session._send({"t": "eof", "id": self.rid})
+        """exec: end of input (once); shell: the terminal's ^D."""
+        if self.finished or self._eof:
+            return
+        self._eof = self.kind == "exec"
+        self._queue.append(None)
+        self._flush()
+
+    def attach_input(self, source: IPushProducer) -> IPushProducer:
+        """Pause ``source`` (a local input such as the CLI's stdin reader)
+        while this command's window is exhausted, resume it on credit.
+
+        Returns the producer to register with the websocket's transport in
+        place of ``source``, so that a full websocket pauses it too.
+        """
+        self._gate = _InputGate(source)
+        if self._queue:
+            self._gate.hold("window")
+        return self._gate
+
+    def _flush(self) -> None:
+        while self._queue and not self.finished:
+            item = self._queue[0]
+            if item is None:
+                if self.kind == "shell":  # the VM counts a shell's ^D as one byte
+                    if self._credit < 1:
+                        break
+                    self._credit -= 1
+                self._queue.popleft()
+                self._session._send({"t": "eof", "id": self.rid})
+                continue
+            n = min(len(item), self._credit, app.CHUNK)
+            if n == 0:
+                break
+            if n == len(item):
+                self._queue.popleft()
+            else:
+                self._queue[0] = item[n:]
+            self._credit -= n
+            self._queued -= n
+            self.sent += n
+            self._session._send({"t": "stdin", "id": self.rid}, bytes(item[:n]))
+        if self._gate is not None:
+            if self._queue:
+                self._gate.hold("window")
+            else:
+                self._gate.release("window")
 
     def cancel(self) -> None:
         if not self.finished:
@@ -135,8 +233,14 @@ class Command:
             self.on_stdout(body)
         elif t == "stderr" and self.on_stderr is not None:
             self.on_stderr(body)
-        elif t == "ok" and not self.started.called:
-            self.started.callback(None)
+        elif t == "window":
+            self._credit += app.window_size(header.get("bytes")) or 0
+            self._flush()
+        elif t == "ok":
+            self._credit = app.window_size(header.get("window")) or app.WINDOW
+            if not self.started.called:
+                self.started.callback(None)
+            self._flush()
         elif t == "exit":
             status = header.get("status")
             self._finish(status if isinstance(status, int) else 255, None)
@@ -147,6 +251,8 @@ class Command:
         if self.finished:
             return
         self.finished = True
+        self._queue.clear()
+        self._queued = 0
         self._session._requests.pop(self.rid, None)
         if not self.started.called:
             if err is not None:
@@ -248,7 +354,8 @@ class Session:
 
     def exec(self, argv: list[str], stdin: bytes | None = None,
              on_stdout: Output | None = None, on_stderr: Output | None = None) -> Command:
-        """Start ``argv``; with ``stdin`` bytes, send them and end of input."""
+        """Start ``argv``; with ``stdin`` bytes, send them (as the window
+        allows) and end of input."""
         self._check_open()
         rid = self._rid()
         cmd = Command(self, rid, "exec", on_stdout, on_stderr)

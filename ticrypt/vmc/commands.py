@@ -6,6 +6,13 @@ enforces "owner only" for user management, answers ``info``/``users``/
 and turns ``exec``/``shell``/``stdin``/``eof``/``cancel``/``resize`` into
 actions that the process layer carries out.  It never touches a process, a
 transport or the reactor.
+
+It also keeps each running request's stdin flow-control window (PROTOCOL.md
+§5): ``stdin`` bytes use up credit, :meth:`Dispatcher.consumed` (the process
+layer passed bytes on to the child) gives it back as a ``window`` message, and
+input beyond the window is a :class:`Violation` that ends the channel.  So
+vmc holds at most ``window`` bytes of input per request and never has to stop
+reading the channel because a child is slow to read its stdin.
 """
 
 from __future__ import annotations
@@ -15,7 +22,7 @@ from typing import Any, Protocol, TypeAlias
 import attrs
 
 from ticrypt import identity
-from ticrypt.channel.app import MAX_ARGS, MAX_ARGV_CHARS, AppError
+from ticrypt.channel.app import MAX_ARGS, MAX_ARGV_CHARS, WINDOW, AppError
 
 _TERM_OK = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.+")
 
@@ -44,16 +51,22 @@ class Send:
 
 @attrs.frozen
 class StartExec:
+    """Start ``argv``; once started, announce ``window`` in the ``ok``."""
+
     rid: int
     argv: tuple[str, ...]
+    window: int = WINDOW
 
 
 @attrs.frozen
 class StartShell:
+    """Start a shell on a PTY; once started, announce ``window`` in the ``ok``."""
+
     rid: int
     term: str
     rows: int
     cols: int
+    window: int = WINDOW
 
 
 @attrs.frozen
@@ -86,7 +99,17 @@ class Revoked:
     key: bytes
 
 
-Action: TypeAlias = Send | StartExec | StartShell | Stdin | Eof | Cancel | Resize | Revoked
+@attrs.frozen
+class Violation:
+    """The frontend broke the protocol in a way that ends the channel
+    (``code`` stable, e.g. ``window-exceeded``; ``message`` human)."""
+
+    code: str
+    message: str
+
+
+Action: TypeAlias = (Send | StartExec | StartShell | Stdin | Eof | Cancel | Resize | Revoked
+                     | Violation)
 
 
 def error(rid: int | None, code: str, message: str) -> Send:
@@ -121,19 +144,48 @@ class Dispatcher:
     """Maps one channel's requests to actions.
 
     ``user_key`` is the authenticated peer; ``info`` the static part of the
-    ``info`` answer; ``max_processes`` bounds concurrent exec/shell requests.
+    ``info`` answer; ``max_processes`` bounds concurrent exec/shell requests;
+    ``window`` is the stdin window each exec/shell request gets.
     """
 
     store: UserStore
     user_key: bytes
     info: dict[str, Any]
     max_processes: int = 16
+    window: int = WINDOW
     _running: dict[int, str] = attrs.field(factory=dict)
     _used: set[int] = attrs.field(factory=set)
+    #: Per running request: stdin bytes the frontend may still send.
+    _credit: dict[int, int] = attrs.field(factory=dict)
+    #: exec requests whose stdin the frontend ended (``eof``).
+    _eof: set[int] = attrs.field(factory=set)
 
     def finished(self, rid: int) -> None:
         """The process of ``rid`` is gone (its ``exit`` has been sent)."""
         self._running.pop(rid, None)
+        self._credit.pop(rid, None)
+        self._eof.discard(rid)
+
+    def consumed(self, rid: int, n: int) -> list[Action]:
+        """The process layer passed ``n`` stdin bytes of ``rid`` on (written to
+        the child, or dropped because its stdin is closed): give the credit
+        back to the frontend."""
+        if rid not in self._credit or n <= 0:
+            return []
+        self._credit[rid] = min(self.window, self._credit[rid] + n)
+        return [Send({"t": "window", "id": rid, "bytes": n})]
+
+    def credit(self, rid: int) -> int | None:
+        """Stdin bytes the frontend may still send for ``rid`` (None: not running)."""
+        return self._credit.get(rid)
+
+    def _take(self, rid: int, n: int) -> Violation | None:
+        left = self._credit.get(rid, 0)
+        if n > left:
+            return Violation("window-exceeded", f"request {rid} sent {n} stdin bytes "
+                             f"with a window of {left}")
+        self._credit[rid] = left - n
+        return None
 
     @property
     def running(self) -> dict[int, str]:
@@ -173,13 +225,15 @@ class Dispatcher:
                         or not argv[0] or sum(map(len, argv)) > MAX_ARGV_CHARS):
                     raise AppError("bad-request", "argv must be a non-empty list of strings")
                 self._running[rid] = "exec"
-                return [StartExec(rid, tuple(argv))]
+                self._credit[rid] = self.window
+                return [StartExec(rid, tuple(argv), self.window)]
             term = header.get("term", "xterm-256color")
             if not isinstance(term, str) or not term or len(term) > 64 or not set(term) <= _TERM_OK:
                 raise AppError("bad-request", "term must be a terminal type name")
             rows, cols = _window(header)
             self._running[rid] = "shell"
-            return [StartShell(rid, term, rows, cols)]
+            self._credit[rid] = self.window
+            return [StartShell(rid, term, rows, cols, self.window)]
         if op in ("authorize", "revoke", "users"):
             if not self.store.is_owner(self.user_key):
                 raise AppError("not-owner", "only the VM owner may manage its users")
@@ -233,8 +287,17 @@ class Dispatcher:
                 return []  # the process already ended; late input is harmless
             raise AppError("no-such-request", "no running command with this id")
         if kind == "stdin":
-            return [Stdin(rid, body)] if body else []
+            if not body or rid in self._eof:
+                return []  # after eof (exec): dropped, and not counted
+            violation = self._take(rid, len(body))
+            return [violation or Stdin(rid, body)]
         if kind == "eof":
+            if self._running[rid] == "shell":
+                # A shell's eof is the ^D byte in its input: it takes one byte
+                # of the window like any other input (else repeated eofs
+                # could pile up in vmc unbounded).
+                return [self._take(rid, 1) or Eof(rid)]
+            self._eof.add(rid)
             return [Eof(rid)]
         if kind == "cancel":
             return [Cancel(rid)]

@@ -48,6 +48,7 @@ from ticrypt.vmc.commands import (
     StartExec,
     StartShell,
     Stdin,
+    Violation,
 )
 from ticrypt.vmc.processes import ProcessGroup, RunAs
 from ticrypt.vmc.state import VmState
@@ -266,7 +267,7 @@ class VmLeg(WebSocketClientProtocol):
         self.dispatcher = Dispatcher(pool.state, user_key, pool.info(),
                                      max_processes=pool.settings.max_processes)
         self.group = ProcessGroup(pool.reactor, pool.run_as, self._send_app,
-                                  self.dispatcher.finished, self._pause_input,
+                                  self.dispatcher.finished, self._stdin_consumed,
                                   kill_grace=pool.settings.kill_grace)
         # Children's output stops when the websocket's transport buffer is full.
         self.transport.registerProducer(self.group, True)  # type: ignore[union-attr]
@@ -285,12 +286,18 @@ class VmLeg(WebSocketClientProtocol):
             return
         self.close(4008, "timeout idle")
 
-    def _pause_input(self, paused: bool) -> None:
-        transport: Any = self.transport
-        if paused:
-            transport.pauseProducing()
-        else:
-            transport.resumeProducing()
+    def _stdin_consumed(self, rid: int, n: int) -> None:
+        """A child took ``n`` stdin bytes: the frontend may send that many more."""
+        if self.dispatcher is not None:
+            for action in self.dispatcher.consumed(rid, n):
+                if isinstance(action, Send):
+                    self._send_app(action.header, action.body)
+
+    def _violation(self, v: Violation) -> None:
+        self.pool.audit.write("session-error", vm=self.pool.vm_id, user=self.user,
+                              user_key=self._fp(), client=self.client, reason=v.code,
+                              result="closed")
+        self.close(4400, f"{v.code} {v.message}")
 
     def _send_app(self, header: dict[str, Any], body: bytes = b"") -> None:
         if self._close_sent or self.channel is None or self.phase != "established":
@@ -317,11 +324,12 @@ class VmLeg(WebSocketClientProtocol):
                 self.pool.audit.write("exec", vm=self.pool.vm_id, user=self.user,
                                       user_key=self._fp(), command=action.argv[0][:200],
                                       result="started")
-                group.start_exec(action.rid, action.argv)
+                group.start_exec(action.rid, action.argv, action.window)
             elif isinstance(action, StartShell):
                 self.pool.audit.write("shell", vm=self.pool.vm_id, user=self.user,
                                       user_key=self._fp(), result="started")
-                group.start_shell(action.rid, action.term, action.rows, action.cols)
+                group.start_shell(action.rid, action.term, action.rows, action.cols,
+                                  action.window)
             elif isinstance(action, Stdin):
                 group.write_stdin(action.rid, action.data)
             elif isinstance(action, Eof):
@@ -332,6 +340,9 @@ class VmLeg(WebSocketClientProtocol):
                 group.resize(action.rid, action.rows, action.cols)
             elif isinstance(action, Revoked):
                 self.pool.revoked(action.key)
+            elif isinstance(action, Violation):
+                self._violation(action)
+                return
 
 
 class _LegFactory(WebSocketClientFactory):
@@ -449,11 +460,12 @@ class ProxyPool(Service):
             slot.connect()
 
     def stopService(self) -> defer.Deferred[None]:
-        """Close every socket; fires once every child process is gone.
+        """Close every socket; fires once every child process is gone and
+        the SIGKILLs for what is left of their sessions went out.
 
         twistd keeps the reactor running until then, so the SIGKILL that
-        follows ``kill_grace`` after the SIGTERM still reaches children that
-        ignore SIGTERM instead of leaving them behind.
+        follows ``kill_grace`` after the SIGTERM still reaches children (and
+        their shells' jobs) that ignore SIGTERM instead of leaving them behind.
         """
         super().stopService()
         for slot in self.slots:

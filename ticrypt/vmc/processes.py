@@ -7,13 +7,18 @@ goes to ``send(header, body)``; flow control both ways:
   restart reading every child's stdout/stderr (the websocket leg registers
   the group as the streaming producer of its transport, so a slow user
   stops the children instead of filling memory);
-* input: each child's stdin is a consumer whose producer is a small
-  :class:`_InputPressure` adapter; while any child's stdin buffer is full,
-  ``pause_input(True)`` asks the leg to stop reading the websocket.
+* input: each child has a :class:`_Stdin` buffer, registered as the producer
+  of the child's stdin.  It passes bytes on while the child's pipe (or PTY)
+  takes them and reports every byte passed on through
+  ``on_stdin_consumed(rid, n)``, which returns the frontend's window credit
+  (PROTOCOL.md §5).  The dispatcher bounds the buffer by that window, so
+  vmc never stops reading the channel because one child does not read.
 
-Every exec child runs in its own process group (``setsid``), every shell in
-its own session (the PTY), so ``cancel`` and channel close can signal the
-whole group.
+Every exec child runs in its own session (``setsid``), every shell in its own
+session with the PTY as controlling terminal.  ``cancel`` and channel close
+SIGTERM the child's process group and every other process of its session
+(job control puts a shell's jobs in process groups of their own), then,
+after ``kill_grace``, SIGKILL them all.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import shutil
 import signal
 import struct
 import termios
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -41,7 +47,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from ticrypt.channel.app import chunks
+from ticrypt.channel.app import WINDOW, chunks
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
@@ -93,30 +99,124 @@ def set_window(fd: int, rows: int, cols: int) -> None:
     fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
 
 
-@implementer(IPushProducer)
-class _InputPressure:
-    """Producer for one child's stdin: its buffer is full -> pause the websocket."""
+def session_pids(sid: int, proc: str = "/proc") -> list[int] | None:
+    """PIDs of the live (not zombie) processes whose session id is ``sid``.
 
-    def __init__(self, group: ProcessGroup, rid: int):
-        self._group, self._rid = group, rid
+    Reads field 6 (``session``) of ``<proc>/<pid>/stat``; a process that ends
+    while we look is skipped.  None where there is no ``proc`` (not Linux):
+    callers then fall back to the process group alone.
+    """
+    try:
+        names = os.listdir(proc)
+    except OSError:
+        return None
+    found = []
+    for name in names:
+        if not name.isdigit():
+            continue
+        try:
+            with open(os.path.join(proc, name, "stat"), "rb") as f:
+                stat = f.read()
+            # "pid (comm) state ppid pgrp session ...": comm may hold spaces
+            # and parentheses, so split after its last ")".
+            fields = stat[stat.rindex(b")") + 1:].split()
+            if fields[0] != b"Z" and int(fields[3]) == sid:
+                found.append(int(name))
+        except (OSError, ValueError, IndexError):
+            continue  # vanished (or unreadable): nothing to signal
+    return found
+
+
+def _pid_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: exists, someone else's
+        return True
+    return True
+
+
+@implementer(IPushProducer)
+class _Stdin:
+    """vmc's buffer of one child's input, and the producer for its stdin.
+
+    Bytes are passed to the child's transport while it has not paused us (so
+    the transport holds at most about its ``bufferSize`` more); each batch
+    passed on, or dropped because the child's stdin is gone, is reported to
+    ``consumed(n)``.  What is buffered here is bounded by the request's
+    window, which the dispatcher enforces.
+    """
+
+    def __init__(self, transport: Any, consumed: Callable[[int], None]):
+        self._transport = transport
+        self._consumed = consumed
+        self._queue: deque[bytes] = deque()
+        self.buffered = 0
+        self._paused = False
+        self._gone = False  # the child's stdin is closed: input is dropped
+        self._eof = False  # exec: close the child's stdin once the buffer is written
+
+    def write(self, data: bytes) -> None:
+        if self._gone or self._eof:
+            self._consumed(len(data))
+            return
+        self._queue.append(data)
+        self.buffered += len(data)
+        self._flush()
+
+    def close_after(self) -> None:
+        """Close the child's stdin once everything buffered is written."""
+        if not self._gone and not self._eof:
+            self._eof = True
+            self._flush()
+
+    def discard(self) -> None:
+        """The child ended: drop the buffer (its request is over, no credit)."""
+        self._gone = True
+        self._queue.clear()
+        self.buffered = 0
+
+    def _flush(self) -> None:
+        passed = 0
+        while self._queue and not self._paused and not self._gone:
+            data = self._queue.popleft()
+            self.buffered -= len(data)
+            passed += len(data)
+            self._transport.write(data)  # may pause us at once
+        if self._eof and not self._queue and not self._gone:
+            self._gone = True
+            # A consumer with a registered producer never finishes closing:
+            # unregister first (what is already buffered is still written).
+            self._transport.unregisterProducer()
+            self._transport.closeStdin()
+        if passed:
+            self._consumed(passed)
 
     def pauseProducing(self) -> None:
-        self._group._input_pressure(self._rid, True)
+        self._paused = True
 
     def resumeProducing(self) -> None:
-        self._group._input_pressure(self._rid, False)
+        self._paused = False
+        self._flush()
 
     def stopProducing(self) -> None:
-        self._group._input_pressure(self._rid, False)
+        # The child's stdin went away (it closed it, or exited): what is
+        # buffered can never be written; give its credit back.
+        dropped = self.buffered
+        self.discard()
+        if dropped:
+            self._consumed(dropped)
 
 
 class _Child(protocol.ProcessProtocol):
     def __init__(self, group: ProcessGroup, rid: int, kind: str):
         self.group, self.rid, self.kind = group, rid, kind
         self.ended = False
-        #: exec: ``eof`` closed stdin; later input is dropped (it could only
-        #: pile up in the transport's buffer, with no producer to pause).
-        self.stdin_closed = False
+        #: The child's pid, kept after Twisted reaps it (``transport.pid``
+        #: is None from then on): it is also its session id.
+        self.pid: int | None = None
+        self.stdin: _Stdin | None = None
 
     def outReceived(self, data: bytes) -> None:
         self.group._output(self.rid, "stdout", data)
@@ -135,8 +235,8 @@ class ProcessGroup:
     """The children of one channel.
 
     ``send`` delivers application messages to the user; ``on_finished(rid)``
-    tells the dispatcher a request is over; ``pause_input(paused)`` asks the
-    websocket leg to stop/restart reading.
+    tells the dispatcher a request is over; ``on_stdin_consumed(rid, n)``
+    that ``n`` stdin bytes of ``rid`` left vmc's buffer (window credit).
     """
 
     log = Logger()
@@ -145,13 +245,13 @@ class ProcessGroup:
     run_as: RunAs
     send: Send
     on_finished: Callable[[int], None]
-    pause_input: Callable[[bool], None]
+    on_stdin_consumed: Callable[[int, int], None]
     kill_grace: float = 3.0
     _children: dict[int, tuple[_Child, Any]] = attrs.field(factory=dict)
-    _pressure: set[int] = attrs.field(factory=set)
     _paused: bool = False
     _closed: bool = False
-    _kill_timers: list[IDelayedCall] = attrs.field(factory=list)
+    #: Pending SIGKILLs, by the pid (= session id) of the child they are for.
+    _kill_timers: dict[int, IDelayedCall] = attrs.field(factory=dict)
     _empty_waiters: list[defer.Deferred[None]] = attrs.field(factory=list)
 
     def __attrs_post_init__(self) -> None:
@@ -159,7 +259,7 @@ class ProcessGroup:
 
     # -- starting --------------------------------------------------------
 
-    def start_exec(self, rid: int, argv: tuple[str, ...]) -> None:
+    def start_exec(self, rid: int, argv: tuple[str, ...], window: int = WINDOW) -> None:
         env = self.run_as.env()
         try:
             exe = argv[0] if "/" in argv[0] else shutil.which(argv[0], path=env["PATH"])
@@ -170,8 +270,9 @@ class ProcessGroup:
             self._fail(rid, "command-not-found", "command not found")
             return
         setsid = shutil.which("setsid")
-        # setsid(1) makes the child a process-group leader (same pid) so that
-        # cancel can signal every process it starts, not just the first.
+        # setsid(1) makes the child a session and process-group leader (same
+        # pid) so that cancel and close can signal every process it starts,
+        # not just the first.
         args = [setsid, exe, *argv[1:]] if setsid else [exe, *argv[1:]]
         child = _Child(self, rid, "exec")
         try:
@@ -189,9 +290,11 @@ class ProcessGroup:
         except ValueError:  # an argument not encodable for exec (UnicodeEncodeError)
             self._fail(rid, "spawn-failed", "cannot start command: invalid argument")
             return
+        self.send({"t": "ok", "id": rid, "window": window}, b"")
         self._started(rid, child, transport)
 
-    def start_shell(self, rid: int, term: str, rows: int, cols: int) -> None:
+    def start_shell(self, rid: int, term: str, rows: int, cols: int,
+                    window: int = WINDOW) -> None:
         master, slave = os.openpty()
         try:
             set_window(slave, rows, cols)
@@ -209,12 +312,14 @@ class ProcessGroup:
                     pass
             self._fail(rid, "spawn-failed", f"cannot start shell: {e.strerror}")
             return
-        self.send({"t": "ok", "id": rid}, b"")
+        self.send({"t": "ok", "id": rid, "window": window}, b"")
         self._started(rid, child, transport)
 
     def _started(self, rid: int, child: _Child, transport: Any) -> None:
         self._children[rid] = (child, transport)
-        transport.registerProducer(_InputPressure(self, rid), True)
+        child.pid = transport.pid
+        child.stdin = _Stdin(transport, lambda n: self._stdin_consumed(rid, n))
+        transport.registerProducer(child.stdin, True)
         if self._paused:
             transport.pauseProducing()
 
@@ -230,23 +335,26 @@ class ProcessGroup:
 
     def write_stdin(self, rid: int, data: bytes) -> None:
         entry = self._children.get(rid)
-        if entry is not None and not entry[0].ended and not entry[0].stdin_closed:
-            entry[1].write(data)
+        if entry is not None and not entry[0].ended and entry[0].stdin is not None:
+            entry[0].stdin.write(data)
+
+    def buffered(self, rid: int) -> int:
+        """Stdin bytes of ``rid`` that vmc holds (not yet passed to the child)."""
+        entry = self._children.get(rid)
+        stdin = entry[0].stdin if entry is not None else None
+        return stdin.buffered if stdin is not None else 0
 
     def eof(self, rid: int) -> None:
         entry = self._children.get(rid)
-        if entry is None or entry[0].ended:
+        stdin = entry[0].stdin if entry is not None and not entry[0].ended else None
+        if stdin is None:
             return
-        child, t = entry
-        if child.kind == "shell":
-            t.write(b"\x04")  # VEOF: what a terminal user types for end of input
-        elif not child.stdin_closed:
-            child.stdin_closed = True
-            # A consumer with a registered producer never finishes closing:
-            # unregister first (what is already buffered is still written).
-            t.unregisterProducer()
-            self._input_pressure(rid, False)
-            t.closeStdin()
+        if entry is not None and entry[0].kind == "shell":
+            # VEOF: what a terminal user types for end of input, in order
+            # after the input before it (the dispatcher counted its byte).
+            stdin.write(b"\x04")
+        else:
+            stdin.close_after()
 
     def resize(self, rid: int, rows: int, cols: int) -> None:
         t = self._transport(rid)
@@ -257,16 +365,49 @@ class ProcessGroup:
                 self.log.warn("resize failed: {error}", error=e.strerror)
 
     def cancel(self, rid: int) -> None:
-        t = self._transport(rid)
-        if t is not None:
-            self._kill(t.pid)
+        entry = self._children.get(rid)
+        if entry is not None and not entry[0].ended:
+            self._kill(*entry)
 
-    def _kill(self, pid: int | None) -> None:
+    # -- killing -------------------------------------------------------------
+    #
+    # A child's pid is its session id and its process group id.  Job control
+    # moves a shell's jobs to process groups of their own, so signalling the
+    # group is not enough: every process of the session is signalled too,
+    # found through /proc (Linux; elsewhere only the group).  A process that
+    # calls setsid() itself (a daemon, ``setsid cmd``) leaves the session and
+    # escapes; only a cgroup per channel would hold everything.
+    #
+    # Once Twisted has reaped a child its pid may be reused.  It cannot be
+    # while any process still has it as session or group id, so if a process
+    # with that pid exists again, the session is someone else's and is left
+    # alone; if none does, the processes found with that session id are the
+    # child's leftovers.
+
+    def _kill(self, child: _Child, transport: Any) -> None:
+        pid = child.pid
         if pid is None:
             return
-        self._signal(pid, signal.SIGTERM)
-        self._kill_timers.append(
-            self.reactor.callLater(self.kill_grace, self._signal, pid, signal.SIGKILL))
+        self._signal_session(pid, transport, signal.SIGTERM)
+        if pid not in self._kill_timers:
+            self._kill_timers[pid] = self.reactor.callLater(
+                self.kill_grace, self._kill_now, pid, transport)
+
+    def _kill_now(self, pid: int, transport: Any) -> None:
+        self._kill_timers.pop(pid, None)
+        self._signal_session(pid, transport, signal.SIGKILL)
+        self._maybe_empty()
+
+    def _signal_session(self, pid: int, transport: Any, sig: int) -> None:
+        if transport.pid is None and _pid_exists(pid):
+            return  # reaped, and the pid belongs to another process now
+        self._signal(pid, sig)
+        for other in session_pids(pid) or ():
+            if other != os.getpid():
+                try:
+                    os.kill(other, sig)
+                except OSError:
+                    pass  # gone meanwhile
 
     def _signal(self, pid: int, sig: int) -> None:
         try:
@@ -288,23 +429,30 @@ class ProcessGroup:
         self._closed = True
         for child, t in list(self._children.values()):
             if not child.ended:
-                self._kill(t.pid)
+                self._kill(child, t)
 
     def when_empty(self) -> defer.Deferred[None]:
-        """Fires once no child of this group is left (at once if none is)."""
+        """Fires once no child of this group is left and no SIGKILL is
+        pending (at once if so)."""
         d: defer.Deferred[None] = defer.Deferred()
-        if self._children:
-            self._empty_waiters.append(d)
-        else:
-            d.callback(None)
+        self._empty_waiters.append(d)
+        self._maybe_empty()
         return d
 
+    def _maybe_empty(self) -> None:
+        if self._children or self._kill_timers:
+            return
+        waiters, self._empty_waiters = self._empty_waiters, []
+        for d in waiters:
+            d.callback(None)
+
     def stop_timers(self) -> None:
-        """Cancel pending SIGKILL timers (children already gone)."""
-        for timer in self._kill_timers:
+        """Cancel pending SIGKILL timers."""
+        for timer in self._kill_timers.values():
             if timer.active():
                 timer.cancel()
         self._kill_timers.clear()
+        self._maybe_empty()
 
     # -- events from children --------------------------------------------
 
@@ -314,32 +462,37 @@ class ProcessGroup:
         for part in chunks(data):
             self.send({"t": stream, "id": rid}, part)
 
+    def _stdin_consumed(self, rid: int, n: int) -> None:
+        if not self._closed and rid in self._children:
+            self.on_stdin_consumed(rid, n)
+
     def _ended(self, rid: int, status: int) -> None:
         entry = self._children.pop(rid, None)
-        self._input_pressure(rid, False)
         if entry is not None:
+            child, transport = entry
+            if child.stdin is not None:
+                child.stdin.discard()
             try:
-                entry[1].unregisterProducer()
+                transport.unregisterProducer()
             except Exception:  # already unregistered by the closed pipe
                 pass
-        if not self._children:
-            self.stop_timers()
-            waiters, self._empty_waiters = self._empty_waiters, []
-            for d in waiters:
-                d.callback(None)
+            self._drop_kill(child)
+        self._maybe_empty()
         if self._closed:
             return
         self.on_finished(rid)
         self.send({"t": "exit", "id": rid, "status": status}, b"")
 
-    def _input_pressure(self, rid: int, paused: bool) -> None:
-        before = bool(self._pressure)
-        if paused:
-            self._pressure.add(rid)
-        else:
-            self._pressure.discard(rid)
-        if before != bool(self._pressure):
-            self.pause_input(bool(self._pressure))
+    def _drop_kill(self, child: _Child) -> None:
+        """The child ended: its pending SIGKILL is only needed for leftovers."""
+        timer = self._kill_timers.get(child.pid) if child.pid is not None else None
+        if timer is None or child.pid is None:
+            return
+        left = session_pids(child.pid)
+        if left == [] or (left is None and not self._children):
+            del self._kill_timers[child.pid]
+            if timer.active():
+                timer.cancel()
 
     @property
     def count(self) -> int:
@@ -361,4 +514,3 @@ class ProcessGroup:
 
     def stopProducing(self) -> None:
         self.close()
-
