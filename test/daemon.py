@@ -3,14 +3,16 @@
 
 from __future__ import annotations
 
+import os
+
 from twisted.internet import reactor
 from twisted.trial.unittest import TestCase
 
 from ticrypt.lab import daemons
 from ticrypt.lab.daemons import ROOT, Daemon, daemon_env, script_path, twistd_path
 
-__all__ = ["ROOT", "Daemon", "daemon_env", "run_command", "script_path", "spawn_daemon",
-           "start_daemon", "twistd_path"]
+__all__ = ["ROOT", "Daemon", "daemon_env", "kill_if_alive", "pid_alive", "run_command",
+           "script_path", "spawn_daemon", "start_daemon", "twistd_path"]
 
 
 def spawn_daemon(testcase: TestCase, plugin: str, config_path: str,
@@ -34,3 +36,18 @@ async def run_command(args: list[str], env: dict[str, str] | None = None,
     """Run a command to completion: (exit code, stdout, stderr)."""
     return await daemons.run_command(reactor, args, env=env, stdin=stdin, timeout=timeout,
                                      cwd=ROOT)
+
+
+def pid_alive(pid: int) -> bool:
+    """True while ``pid`` exists and is not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, IndexError):
+        return False
+
+
+def kill_if_alive(pid: int) -> None:
+    """Cleanup for a test's own child process when the test failed to end it."""
+    if pid_alive(pid):
+        os.kill(pid, 9)

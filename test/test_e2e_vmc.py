@@ -6,13 +6,14 @@ from __future__ import annotations
 import os
 import re
 import termios
+from typing import Any
 
 from twisted.internet import defer, protocol, reactor
 from twisted.internet.error import ProcessDone
 from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 
-from test.daemon import daemon_env
+from test.daemon import daemon_env, kill_if_alive, pid_alive
 from test.restfixture import script
 from test.vmcfixture import CapturingRelay, Trio, deferred_later, start_trio, ws_payloads
 from ticrypt import identity
@@ -71,20 +72,6 @@ async def eventually_exec(trio: Trio, user: str, attempts: int = 60) -> tuple[in
         return status, out
     raise AssertionError(f"exec never worked again: {last}")
 
-
-def _kill_if_alive(pid: int) -> None:
-    """Cleanup for a test's own child process when the test failed to end it."""
-    if _alive(pid):
-        os.kill(pid, 9)
-
-
-def _alive(pid: int) -> bool:
-    """True while ``pid`` exists and is not a zombie."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (FileNotFoundError, IndexError):
-        return False
 
 
 class ExecTests(TestCase):
@@ -161,13 +148,13 @@ class ExecTests(TestCase):
         while b"\n" not in out:
             await deferred_later(0.05)
         pid = int(out.split()[0])
-        self.assertTrue(_alive(pid))
+        self.assertTrue(pid_alive(pid))
         await s.close()
         for _ in range(200):  # bounded: 10 s
-            if not _alive(pid):
+            if not pid_alive(pid):
                 break
             await deferred_later(0.05)
-        self.assertFalse(_alive(pid), "the background child survived the channel")
+        self.assertFalse(pid_alive(pid), "the background child survived the channel")
 
     async def test_shell_pty(self) -> None:
         s = await self.trio.session("owen")
@@ -218,15 +205,15 @@ class StopTests(TestCase):
         while b"\n" not in out:
             await deferred_later(0.05)
         pid = int(out.split()[0])
-        self.addCleanup(_kill_if_alive, pid)  # only if the test failed
-        self.assertTrue(_alive(pid))
+        self.addCleanup(kill_if_alive, pid)  # only if the test failed
+        self.assertTrue(pid_alive(pid))
         await trio.vmc.stop()
         self.assertIn("Server Shut Down", trio.vmc.text())  # stopped, not SIGKILLed
         for _ in range(40):  # bounded: 2 s (the SIGKILL was sent before vmc exited)
-            if not _alive(pid):
+            if not pid_alive(pid):
                 break
             await deferred_later(0.05)
-        self.assertFalse(_alive(pid), "a child that ignores SIGTERM survived vmc's stop")
+        self.assertFalse(pid_alive(pid), "a child that ignores SIGTERM survived vmc's stop")
         closed = [r for r in trio.vmc_audit_lines() if r["event"] == "session-closed"]
         self.assertEqual([r["code"] for r in closed], [1000])  # a clean close, audited
         await s.closed
@@ -250,14 +237,14 @@ class SessionKillTests(TestCase):
                 break
             await deferred_later(0.05)
         pid = int(re.findall(rb"PID=(\d+)", out)[0])
-        self.addCleanup(_kill_if_alive, pid)  # only if the test failed
-        self.assertTrue(_alive(pid))
+        self.addCleanup(kill_if_alive, pid)  # only if the test failed
+        self.assertTrue(pid_alive(pid))
         self.assertNotEqual(os.getpgid(pid), os.getsid(pid))  # not in the shell's group
         return s, pid
 
     async def _gone(self, pid: int) -> None:
         for _ in range(200):  # bounded: 10 s
-            if not _alive(pid):
+            if not pid_alive(pid):
                 return
             await deferred_later(0.05)
         self.fail(f"process {pid} of the shell's session survived")
@@ -518,9 +505,10 @@ class CliTests(TestCase):
         self.assertIn("--key", err)
         self.assertEqual(len(err.strip().splitlines()), 1, err)
 
-    async def test_shell_on_a_real_terminal(self) -> None:
-        """Raw mode locally, the local window size reaches the remote PTY, the
-        exit status comes back and the local terminal is restored."""
+    async def _shell_on_pty(self, rows: int, cols: int) -> tuple[Any, int, Any]:
+        """``ticrypt shell`` on a fresh local PTY of ``rows`` x ``cols``, up to
+        the remote prompt; returns (process protocol, an fd that reads the
+        terminal's modes, the modes before the CLI started)."""
         trio = self.trio
         path = os.path.join(trio.dir, "client-owen", "client.ini")
         if not os.path.exists(path):
@@ -530,7 +518,7 @@ class CliTests(TestCase):
         # reports the slave's termios) without holding the slave open.
         keep = os.dup(master)
         self.addCleanup(os.close, keep)
-        set_window(slave, 37, 111)
+        set_window(slave, rows, cols)
         before = termios.tcgetattr(keep)
         proto = _PtyClient()
         reactor.spawnProcess(proto, script("ticrypt"),
@@ -538,6 +526,12 @@ class CliTests(TestCase):
                              env=daemon_env(), usePTY=(master, slave, os.ttyname(slave)))  # type: ignore[arg-type]
         while b"$ " not in proto.output and b"# " not in proto.output:
             await proto.next_output()
+        return proto, keep, before
+
+    async def test_shell_on_a_real_terminal(self) -> None:
+        """Raw mode locally, the local window size reaches the remote PTY, the
+        exit status comes back and the local terminal is restored."""
+        proto, keep, before = await self._shell_on_pty(37, 111)
         raw = termios.tcgetattr(keep)
         self.assertFalse(raw[3] & termios.ICANON)  # the CLI put the tty in raw mode
         proto.transport.write(b"stty size; exit 4\r")  # type: ignore[union-attr]
@@ -549,21 +543,7 @@ class CliTests(TestCase):
     async def test_sigterm_during_shell_restores_terminal(self) -> None:
         """``kill`` of the CLI while a shell runs (the reactor stops under the
         shell) leaves the local terminal as it found it, not in raw mode."""
-        trio = self.trio
-        path = os.path.join(trio.dir, "client-owen", "client.ini")
-        if not os.path.exists(path):
-            path = await trio.client_config("owen")
-        master, slave = os.openpty()
-        keep = os.dup(master)
-        self.addCleanup(os.close, keep)
-        set_window(slave, 24, 80)
-        before = termios.tcgetattr(keep)
-        proto = _PtyClient()
-        reactor.spawnProcess(proto, script("ticrypt"),
-                             [script("ticrypt"), "--config", path, "shell", trio.vm_id],
-                             env=daemon_env(), usePTY=(master, slave, os.ttyname(slave)))  # type: ignore[arg-type]
-        while b"$ " not in proto.output and b"# " not in proto.output:
-            await proto.next_output()
+        proto, keep, before = await self._shell_on_pty(24, 80)
         self.assertFalse(termios.tcgetattr(keep)[3] & termios.ICANON)  # raw now
         proto.transport.signalProcess("TERM")  # type: ignore[union-attr]
         await proto.ended

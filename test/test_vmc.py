@@ -18,6 +18,7 @@ from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 from zope.interface import implementer
 
+from test.daemon import kill_if_alive, pid_alive
 from ticrypt import identity
 from ticrypt.audit import AuditLog
 from ticrypt.channel import app
@@ -53,20 +54,6 @@ def _audit_lines(path: str) -> list[dict[str, Any]]:
     with open(path) as f:
         return [json.loads(line) for line in f]
 
-
-def _kill_if_alive(pid: int) -> None:
-    """Cleanup for a test's own child when the test failed to end it."""
-    if _alive(pid):
-        os.kill(pid, 9)
-
-
-def _alive(pid: int) -> bool:
-    """True while ``pid`` exists and is not a zombie."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (FileNotFoundError, IndexError):
-        return False
 
 
 class BackoffTests(SynchronousTestCase):
@@ -680,13 +667,13 @@ class ProcessGroupTests(TestCase):
             reactor.callLater(0.05, d.callback, None)
             await d
         background = int(self.out(11).split()[0])
-        self.addCleanup(_kill_if_alive, background)
+        self.addCleanup(kill_if_alive, background)
         empty = group.when_empty()
         self.assertNoResult(empty)
         group.close()
         group.close()  # idempotent
         await empty
-        self.assertFalse(_alive(background))
+        self.assertFalse(pid_alive(background))
         self.assertEqual(self.finished, [])  # closed: nothing more is reported
 
     async def test_close_kills_jobs_in_their_own_process_groups(self) -> None:
@@ -705,7 +692,7 @@ class ProcessGroupTests(TestCase):
             reactor.callLater(0.05, d.callback, None)
             await d
         job = int(re.findall(rb"PID=(\d+)", self.out(12))[0])
-        self.addCleanup(_kill_if_alive, job)
+        self.addCleanup(kill_if_alive, job)
         shell = group._children[12][0].pid
         self.assertNotEqual(os.getpgid(job), shell)  # job control: a group of its own
         self.assertEqual(os.getsid(job), shell)
@@ -713,12 +700,12 @@ class ProcessGroupTests(TestCase):
         group.close()
         await empty.addTimeout(20, reactor)  # the SIGKILLs went out after kill_grace
         for _ in range(200):  # bounded: 10 s for the kernel to finish it
-            if not _alive(job):
+            if not pid_alive(job):
                 break
             d2: defer.Deferred[None] = defer.Deferred()
             reactor.callLater(0.05, d2.callback, None)
             await d2
-        self.assertFalse(_alive(job), "a job in its own process group survived close")
+        self.assertFalse(pid_alive(job), "a job in its own process group survived close")
 
     async def test_cancel_kills_group(self) -> None:
         self.group.start_exec(4, ("sh", "-c", "sleep 300 & echo $!; sleep 301; echo never"))
@@ -732,12 +719,12 @@ class ProcessGroupTests(TestCase):
         self.assertEqual(status, 128 + 15)
         self.assertEqual(self.out(4), f"{background}\n".encode())
         for _ in range(200):  # the background sleep got the signal too (bounded wait)
-            if not _alive(background):
+            if not pid_alive(background):
                 break
             d2: defer.Deferred[None] = defer.Deferred()
             reactor.callLater(0.05, d2.callback, None)
             await d2
-        self.assertFalse(_alive(background))
+        self.assertFalse(pid_alive(background))
 
     async def test_shell_pty(self) -> None:
         self.group.start_shell(5, "xterm", 30, 91)
