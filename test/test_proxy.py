@@ -284,7 +284,22 @@ class ConfigTests(SynchronousTestCase):
         self.assertEqual([s.label for s in service.listeners()], ["proxy"])
 
 
-class ProxyTests(TestCase):
+class _ClosesClients:
+    """Cleanup for tests that open clients against an in-process proxy: abort
+    what is still open, then wait until the proxy has no connection left."""
+
+    clients: list[pf.WsClient]
+    proxy: Any
+
+    async def _all_closed(self) -> None:
+        for c in self.clients:
+            if c.close_info is None:
+                c.dropConnection(abort=True)
+        await defer.gatherResults([c.closed for c in self.clients])
+        await self.proxy.factory.all_closed()
+
+
+class ProxyTests(_ClosesClients, TestCase):
     """Real autobahn clients against the proxy in this process (127.0.0.1)."""
 
     limits: dict[str, Any] = {}
@@ -299,13 +314,6 @@ class ProxyTests(TestCase):
         self.port = self.proxy.port
         self.clients: list[pf.WsClient] = []
         self.addCleanup(self._all_closed)
-
-    async def _all_closed(self) -> None:
-        for c in self.clients:
-            if c.close_info is None:
-                c.dropConnection(abort=True)
-        await defer.gatherResults([c.closed for c in self.clients])
-        await self.proxy.factory.all_closed()
 
     def track(self, client: pf.WsClient) -> pf.WsClient:
         self.clients.append(client)
@@ -740,7 +748,7 @@ class TlsMemoryTests(SynchronousTestCase):
         self.assertTrue(tlsmem.release_bio_buffers(server))
 
 
-class IdleSocketMemoryTests(TestCase):
+class IdleSocketMemoryTests(_ClosesClients, TestCase):
     """The wss listener's TLS settings and what an idle VM leg keeps."""
 
     async def start(self, tls: bool) -> None:
@@ -756,13 +764,6 @@ class IdleSocketMemoryTests(TestCase):
             self, pf.write_proxy_config(self.dir, self.backend, listen=listen))
         self.clients: list[pf.WsClient] = []
         self.addCleanup(self._all_closed)
-
-    async def _all_closed(self) -> None:
-        for c in self.clients:
-            if c.close_info is None:
-                c.dropConnection(abort=True)
-        await defer.gatherResults([c.closed for c in self.clients])
-        await self.proxy.factory.all_closed()
 
     def waiting_leg(self, vm_id: str) -> Leg:
         legs = list(self.proxy.factory.table._vms[vm_id])
