@@ -412,6 +412,21 @@ class ProxyTests(_ClosesClients, TestCase):
         assert reason is not None
         self.assertTrue(reason.startswith("bad-message: "))
 
+    async def test_deeply_nested_control_message_on_both_paths(self) -> None:
+        """Thousands of ``[`` in the first message: an ordinary bad-message
+        close with an audit line, not a traceback and a dropped TCP connection."""
+        await self.start()
+        deep = b"[" * 4000 + b"]" * 4000
+        code, reason = await self._vm_refused(lambda c, n: c.sendMessage(deep, False))
+        self.assertEqual((code, reason), (4000, "bad-message: control message nested too deeply"))
+        client = await pf.open_ws(reactor, self.port, "/v1/user")
+        self.track(client)
+        client.sendMessage(deep, False)
+        _, code, reason = await client.closed
+        self.assertEqual((code, reason), (4000, "bad-message: control message nested too deeply"))
+        self.assertEqual([r["reason"] for r in self.audit("vm-refused") + self.audit("user-refused")],
+                         ["bad-message: control message nested too deeply"] * 2)
+
     async def test_too_many_waiting_sockets(self) -> None:
         await self.start(max_waiting_per_vm=2)
         await self.vm("vm1")

@@ -279,6 +279,7 @@ class ErrorTests(TestCase):
             ("POST", "/v1/auth/challenge", b"{}", "missing-field", 400),
             ("POST", "/v1/auth/challenge", b'{"user":5}', "invalid-field", 400),
             ("POST", "/v1/auth/challenge", b'{"user":"a b"}', "invalid-field", 400),
+            ("POST", "/v1/auth/challenge", b"[" * 2000, "malformed-json", 400),
             ("POST", "/v1/auth/challenge", b'{"user":"' + b"a" * 3000 + b'"}',
              "body-too-large", 413),
             ("GET", "/v1/nothing", None, "not-found", 404),

@@ -12,14 +12,13 @@ Connection tickets (rest -> frontend -> proxy) are tokens of purpose
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import attrs
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from ticrypt import identity
-from ticrypt.encoding import b64, canonical, unb64
+from ticrypt.encoding import b64, canonical, loads_bounded, unb64
 
 DOMAIN = b"ticrypt-signed-v1\x00"
 MAX_TOKEN = 4096
@@ -67,13 +66,19 @@ def open_token(raw_public: bytes, purpose: str, token: str) -> dict[str, Any]:
     try:
         body = unb64(parts[0])
         sig = unb64(parts[1], 64)
-        payload = json.loads(body)
     except ValueError:
-        raise TokenError("bad-token", "token is not valid base64url JSON") from None
+        raise TokenError("bad-token", "token is not valid base64url") from None
+    # The signature covers canonical(payload), which a valid token carries
+    # verbatim: check it over the raw bytes *before* parsing anything, so an
+    # unsigned payload never reaches the JSON parser.
+    if not identity.verify(raw_public, sig, DOMAIN + purpose.encode("ascii") + b"\x00" + body):
+        raise TokenError("bad-signature", "token signature is not valid")
+    try:
+        payload = loads_bounded(body, max_size=MAX_TOKEN)
+    except ValueError:
+        raise TokenError("bad-token", "token payload is not valid JSON") from None
     if not isinstance(payload, dict) or canonical(payload) != body:
         raise TokenError("bad-token", "token payload is not canonical JSON")
-    if not verify(raw_public, purpose, payload, sig):
-        raise TokenError("bad-signature", "token signature is not valid")
     return payload
 
 

@@ -11,6 +11,7 @@ import json
 from typing import Any
 
 from ticrypt.channel import MAX_PLAINTEXT
+from ticrypt.encoding import loads_bounded
 
 #: Longest header accepted (the body carries the bulk data).
 MAX_HEADER = 16384
@@ -51,8 +52,8 @@ def decode(plaintext: bytes) -> tuple[dict[str, Any], bytes]:
     if not sep or len(head) > MAX_HEADER:
         raise AppError("bad-message", "application message has no header line")
     try:
-        header = json.loads(head)
-    except (ValueError, RecursionError):  # RecursionError: deeply nested arrays
+        header = loads_bounded(head, max_size=MAX_HEADER)
+    except ValueError:
         raise AppError("bad-message", "application header is not JSON") from None
     if not isinstance(header, dict) or not isinstance(header.get("t"), str):
         raise AppError("bad-message", "application header is not an object with 't'")

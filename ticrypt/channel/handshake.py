@@ -6,7 +6,6 @@ Pure functions and value objects; the state machines live in
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import attrs
@@ -20,6 +19,7 @@ from ticrypt.channel.primitives import (
     X25519_SIZE,
     hkdf_sha256,
 )
+from ticrypt.encoding import loads_bounded
 
 VERSION = 1
 MAX_HANDSHAKE_CHARS = 4096
@@ -70,10 +70,6 @@ def derive_keys(shared: bytes, th1: bytes) -> SessionKeys:
     return SessionKeys(okm[0:32], okm[32:64], okm[64:96], okm[96:128])
 
 
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"non-JSON constant {name}")
-
-
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     result = dict(pairs)
     if len(result) != len(pairs):
@@ -90,7 +86,8 @@ def decode_handshake(text: str) -> dict[str, Any]:
     if len(text) > MAX_HANDSHAKE_CHARS:
         raise ChannelError("bad-message")
     try:
-        obj = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_reject_constant)
+        obj = loads_bounded(text, max_size=MAX_HANDSHAKE_CHARS,
+                            object_pairs_hook=_no_duplicates)
         if not isinstance(obj, dict) or canonical(obj) != text.encode("ascii"):
             raise ValueError("not a canonical JSON object")
     except (ValueError, RecursionError):

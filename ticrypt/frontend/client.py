@@ -27,7 +27,7 @@ from zope.interface import implementer
 
 from ticrypt import signed, tlsutil
 from ticrypt.config import Config
-from ticrypt.encoding import b64
+from ticrypt.encoding import b64, loads_bounded
 from ticrypt.frontend import clientconfig
 
 MAX_RESPONSE = 1024 * 1024
@@ -168,7 +168,7 @@ class RestClient:
         if response.code == 204:
             return None
         try:
-            obj = json.loads(raw) if raw else None
+            obj = loads_bounded(raw, max_size=self._max_response) if raw else None
         except ValueError:
             obj = None
         if 200 <= response.code < 300:

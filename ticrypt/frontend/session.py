@@ -34,6 +34,7 @@ from zope.interface import implementer
 
 from ticrypt import identity, tlsutil
 from ticrypt.channel import ChannelError, Delivered, Established, SendMessage, UserChannel, app
+from ticrypt.encoding import loads_bounded
 
 Output = Callable[[bytes], None]
 
@@ -52,6 +53,9 @@ _EXPLAIN = {
 _CODES = {4000: "bad-message", 4001: "vm-auth-failed", 4003: "ticket-refused",
           4004: "no-vm-available", 4008: "timeout", 4009: "over-limit", 4010: "peer-lost",
           4401: "not-authorized", 1009: "message-too-big"}
+
+#: Largest control message from the proxy (``paired``) we parse.
+MAX_CONTROL = 8192
 
 
 def one_line(text: object, limit: int = 300) -> str:
@@ -436,7 +440,7 @@ class UserLeg(WebSocketClientProtocol):
             return
         if self.phase == "connect-sent":
             try:
-                msg = json.loads(payload) if not isBinary else None
+                msg = loads_bounded(payload, max_size=MAX_CONTROL) if not isBinary else None
             except ValueError:
                 msg = None
             if not isinstance(msg, dict) or msg.get("type") != "paired":

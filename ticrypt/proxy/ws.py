@@ -38,7 +38,7 @@ from zope.interface import implementer
 
 from ticrypt import identity, signed
 from ticrypt.audit import AuditLog
-from ticrypt.encoding import b64, unb64
+from ticrypt.encoding import JsonError, b64, loads_bounded, unb64
 from ticrypt.proxy.pairing import Paired, PairingTable, Refused, Waiting
 from ticrypt.proxy.replay import TicketLedger, Use
 from ticrypt.proxy.tlsmem import release_bio_buffers
@@ -148,6 +148,10 @@ def _reason_bytes(reason: str) -> bytes:
     return raw.decode("utf-8", "ignore").encode("utf-8")
 
 
+_JSON_WHY = {"too-large": "too long", "too-deep": "nested too deeply",
+             "not-json": "is not JSON"}
+
+
 def _compact(obj: dict[str, Any]) -> bytes:
     return json.dumps(obj, separators=(",", ":"), sort_keys=True).encode()
 
@@ -167,12 +171,11 @@ def parse_control(payload: bytes, is_binary: bool, expected: str,
     ``type`` and ``fields``, all strings; ControlError(4000) otherwise."""
     if is_binary:
         raise ControlError(BAD_MESSAGE, "bad-message: control message must be text")
-    if len(payload) > MAX_CONTROL:
-        raise ControlError(BAD_MESSAGE, "bad-message: control message too long")
     try:
-        msg = json.loads(payload)
-    except ValueError:
-        raise ControlError(BAD_MESSAGE, "bad-message: control message is not JSON") from None
+        msg = loads_bounded(payload, max_size=MAX_CONTROL)
+    except JsonError as e:
+        raise ControlError(BAD_MESSAGE, f"bad-message: control message {_JSON_WHY[e.code]}"
+                           ) from None
     if not isinstance(msg, dict) or msg.get("type") != expected:
         raise ControlError(BAD_MESSAGE, f"bad-message: expected a {expected} message")
     if set(msg) != {"type", *fields} or not all(isinstance(msg[f], str) for f in fields):

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
-import json
 import math
 import os
 import re
@@ -15,7 +14,7 @@ from typing import Any, Protocol
 
 import attrs
 
-from ticrypt.encoding import b64, unb64
+from ticrypt.encoding import b64, loads_bounded, unb64
 
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 FINGERPRINT_RE = re.compile(r"sha256:[0-9a-f]{64}")
@@ -251,7 +250,7 @@ def parse_body(raw: bytes, fields: Mapping[str, Field]) -> dict[str, Any]:
         obj: Any = {}
     else:
         try:
-            obj = json.loads(raw.decode("utf-8"))
+            obj = loads_bounded(raw.decode("utf-8"), max_size=len(raw))
         except (UnicodeDecodeError, ValueError):
             raise ApiError(400, "malformed-json", "request body is not valid JSON") from None
     if not isinstance(obj, dict):

@@ -20,6 +20,7 @@ from twisted.web.iweb import IPolicyForHTTPS
 from zope.interface import implementer
 
 from ticrypt import tlsutil
+from ticrypt.encoding import loads_bounded
 
 MAX_BODY = 65536
 
@@ -93,7 +94,7 @@ async def post_json(reactor: Any, url: str, ca_file: str, body: dict[str, Any],
     except defer.CancelledError:
         raise EnrollError("timeout", "rest answer timed out", permanent=False) from None
     try:
-        return response.code, json.loads(raw)
+        return response.code, loads_bounded(raw, max_size=MAX_BODY)
     except ValueError:
         raise EnrollError("bad-response", f"rest answered HTTP {response.code} without JSON",
                           permanent=False) from None

@@ -36,7 +36,7 @@ from twisted.python.failure import Failure
 from ticrypt import __version__, identity, signed, tlsutil
 from ticrypt.audit import AuditLog
 from ticrypt.channel import ChannelError, Delivered, Established, SendMessage, VmChannel, app
-from ticrypt.encoding import b64, unb64
+from ticrypt.encoding import b64, loads_bounded, unb64
 from ticrypt.vmc.backoff import Backoff
 from ticrypt.vmc.commands import (
     Cancel,
@@ -168,9 +168,9 @@ class VmLeg(WebSocketClientProtocol):
 
     def _control(self, payload: bytes, is_binary: bool) -> None:
         try:
-            if is_binary or len(payload) > MAX_CONTROL:
+            if is_binary:
                 raise ValueError
-            msg = json.loads(payload)
+            msg = loads_bounded(payload, max_size=MAX_CONTROL)
             if not isinstance(msg, dict):
                 raise ValueError
             kind = msg.get("type")
