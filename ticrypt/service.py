@@ -20,6 +20,7 @@ from twisted.logger import Logger
 from twisted.python import usage
 
 from ticrypt.config import Config, ConfigError, Schema, load_config
+from ticrypt.tlsutil import alpn_http11
 
 READY_MARKER = "TICRYPT-READY"
 
@@ -46,13 +47,14 @@ def options_for(role: str, schema: Schema) -> type[usage.Options]:
 
 class ListenerService(Service):
     """Listen on a server endpoint; a failed bind raises from startService,
-    which makes twistd exit instead of running without its port."""
+    which makes twistd exit instead of running without its port.  TLS
+    endpoints get the ALPN policy of :func:`ticrypt.tlsutil.alpn_http11`."""
 
     log = Logger()
 
     def __init__(self, label: str, endpoint: Any, factory: IProtocolFactory):
         self.label = label
-        self.endpoint = endpoint
+        self.endpoint = alpn_http11(endpoint)
         self.factory = factory
         self.port: IListeningPort | None = None
         self.ready: defer.Deferred[IListeningPort] = defer.Deferred()

@@ -1,5 +1,6 @@
 """TLS material for deployments and tests: a private CA and server
-certificates, and client contexts that trust only that CA.
+certificates, client contexts that trust only that CA, and the ALPN policy
+of every TLS listener.
 
 ``ticrypt-admin`` and ``ticrypt-lab`` use :func:`make_ca` and
 :func:`make_server_cert` to produce PEM files; clients pin the CA file.
@@ -10,12 +11,14 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import os
+from typing import Any, TypeVar
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-from twisted.internet import ssl
+from OpenSSL import SSL
+from twisted.internet import endpoints, ssl
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
 
 from ticrypt.fsutil import atomic_write
@@ -90,6 +93,54 @@ def server_endpoint(port: int | str, pem_path: str, interface: str = "127.0.0.1"
     """A Twisted ``ssl:`` server endpoint string for a combined PEM file."""
     iface = interface.replace(":", "\\:")
     return f"ssl:{port}:interface={iface}:privateKey={pem_path}"
+
+
+#: What every TLS listener of ours speaks once the handshake is done: rest's
+#: HTTPS, the proxy's websockets and its status page are all HTTP/1.1.
+ALPN_PROTOCOLS: tuple[bytes, ...] = (b"http/1.1",)
+
+_E = TypeVar("_E")
+
+
+def select_alpn(conn: SSL.Connection, offered: list[bytes]) -> Any:
+    """The server's ALPN choice: the first of :data:`ALPN_PROTOCOLS` the client
+    offered, else none at all -- the handshake goes on without ALPN (RFC 7301
+    allows a server to ignore the extension), it is not aborted."""
+    for proto in ALPN_PROTOCOLS:
+        if proto in offered:
+            return proto
+    return SSL.NO_OVERLAPPING_PROTOCOLS
+
+
+def server_context(endpoint: Any) -> SSL.Context | None:
+    """The one ``SSL.Context`` a Twisted ``ssl:`` server endpoint hands to all
+    its connections (``CertificateOptions`` caches it), or None for an
+    endpoint without TLS.  Changes must be made before the first connection."""
+    creator = getattr(endpoint, "_sslContextFactory", None)
+    if creator is None:
+        if isinstance(endpoint, endpoints.SSL4ServerEndpoint):
+            # a Twisted that renamed the attribute: fail loudly rather than
+            # serve TLS without the settings below
+            raise TypeError(f"cannot find the TLS context of {endpoint!r}")
+        return None
+    ctx: SSL.Context = creator.getContext()
+    return ctx
+
+
+def alpn_http11(endpoint: _E) -> _E:
+    """Make TLS ``endpoint`` select ``http/1.1`` when a client offers it and
+    complete the handshake without ALPN otherwise; returns ``endpoint``.
+
+    Twisted's own select callback answers a client whose offer does not
+    overlap the server's (empty, for ``ssl:`` endpoint strings) with an empty
+    choice, which pyOpenSSL turns into a fatal ``internal_error`` alert: curl
+    (``h2,http/1.1``), browsers and Python's ``ssl`` could not connect.
+    :class:`ticrypt.service.ListenerService` applies this to every listener.
+    Other endpoints are returned unchanged."""
+    ctx = server_context(endpoint)
+    if ctx is not None:
+        ctx.set_alpn_select_callback(select_alpn)
+    return endpoint
 
 
 def client_options(hostname: str, ca_file: str) -> IOpenSSLClientConnectionCreator:

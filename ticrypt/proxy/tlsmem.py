@@ -27,6 +27,8 @@ from typing import Any
 from OpenSSL import SSL
 from twisted.logger import Logger
 
+from ticrypt.tlsutil import server_context
+
 log = Logger()
 
 try:  # the cffi bindings pyOpenSSL itself uses
@@ -62,9 +64,9 @@ def lean_endpoint(endpoint: Any) -> Any:
     :func:`lean_server_context` to the context its connections will use
     (``CertificateOptions`` caches the one context it hands to every
     ``TLSMemoryBIOProtocol``).  Other endpoints are returned unchanged."""
-    factory = getattr(endpoint, "_sslContextFactory", None)
-    if factory is not None:
-        lean_server_context(factory.getContext())
+    ctx = server_context(endpoint)
+    if ctx is not None:
+        lean_server_context(ctx)
     return endpoint
 
 
