@@ -134,7 +134,7 @@ class VmcControlTests(SynchronousTestCase):
         leg = Leg()
         leg.phase = "challenge"
         leg.onMessage(DEEP, False)
-        self.assertEqual(sent.closes, [(4000, "bad-message control message is not a JSON "
+        self.assertEqual(sent.closes, [(4000, "bad-message: control message is not a JSON "
                                         "object")])
 
 
@@ -150,6 +150,6 @@ class FrontendControlTests(SynchronousTestCase):
         leg = Leg()
         leg.phase = "connect-sent"
         leg.onMessage(DEEP, False)
-        self.assertEqual(sent.closes, [(4000, "bad-message expected paired")])
+        self.assertEqual(sent.closes, [(4000, "bad-message: expected paired")])
         assert isinstance(leg.ended, SessionError)
         self.assertEqual(leg.ended.code, "bad-message")

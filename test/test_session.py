@@ -13,16 +13,47 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from ticrypt.channel import app
 from ticrypt.frontend import cmd_session, terminal
 from ticrypt.frontend.cli import build_parser
-from ticrypt.frontend.session import Command, RemoteError, Session, SessionError, close_error
+from ticrypt.frontend.session import (
+    Command,
+    RemoteError,
+    Session,
+    SessionError,
+    close_error,
+    split_reason,
+)
 from ticrypt.vmc.processes import set_window
 
 
 class CloseErrorTests(SynchronousTestCase):
     def test_not_authorized(self) -> None:
-        e = close_error(4401, "not-authorized this user is not authorized on this VM")
+        e = close_error(4401, "not-authorized: this user is not authorized on this VM")
         self.assertEqual(e.code, "not-authorized")
         self.assertIn("ticrypt authorize", str(e))
-        self.assertIn("not authorized on this VM", str(e))
+        self.assertIn("(this user is not authorized on this VM)", str(e))
+
+    def test_reason_format(self) -> None:
+        """``name: text`` (PROTOCOL.md §4 Closing), or a bare name."""
+        self.assertEqual(split_reason("over-limit: too many sessions on this VM"),
+                         ("over-limit", "too many sessions on this VM"))
+        self.assertEqual(split_reason("bad-signature"), ("bad-signature", ""))
+        self.assertEqual(split_reason("peer-lost: the peer closed with code 1002"),
+                         ("peer-lost", "the peer closed with code 1002"))
+        self.assertEqual(split_reason("timeout: a: b"), ("timeout", "a: b"))
+        self.assertEqual(split_reason(""), ("", ""))
+
+    def test_vmc_0_1_reasons_still_read(self) -> None:
+        """vmc 0.1 wrote ``name text``: the name still comes out right (for
+        one release, while VMs upgrade)."""
+        self.assertEqual(split_reason("over-limit too many sessions on this VM"),
+                         ("over-limit", "too many sessions on this VM"))
+        e = close_error(4401, "not-authorized this user is not authorized on this VM")
+        self.assertEqual(e.code, "not-authorized")
+        self.assertIn("(this user is not authorized on this VM)", str(e))
+        e = close_error(4400, "window-exceeded request 1 sent 9 stdin bytes with a window of 0")
+        self.assertEqual(e.code, "window-exceeded")
+        e = close_error(4009, "over-limit too many sessions on this VM")
+        self.assertEqual(e.code, "over-limit")
+        self.assertIn("(too many sessions on this VM)", str(e))
 
     def test_channel_error_reason_is_code(self) -> None:
         e = close_error(4400, "bad-signature")
@@ -178,9 +209,10 @@ class SessionTests(SynchronousTestCase):
         self.assertEqual((self.stdin_sent(), cmd.pending), ([], 0))
 
     def test_window_exceeded_close_is_explained(self) -> None:
-        e = close_error(4400, "window-exceeded request 1 sent 9 stdin bytes with a window of 0")
+        e = close_error(4400, "window-exceeded: request 1 sent 9 stdin bytes with a window of 0")
         self.assertEqual(e.code, "window-exceeded")
         self.assertIn("more input than it allowed", str(e))
+        self.assertIn("(request 1 sent 9 stdin bytes", str(e))
 
     def test_request_ok_and_error(self) -> None:
         d = defer.ensureDeferred(self.session.info())

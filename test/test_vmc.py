@@ -513,7 +513,7 @@ class PoolReconnectTests(SynchronousTestCase):
         bob, carol = Leg(b"b" * 32), Leg(b"c" * 32)
         pool.sessions.update({bob, carol})
         pool.revoked(b"b" * 32)
-        self.assertEqual(bob.sent_close, [(4401, "not-authorized access revoked")])
+        self.assertEqual(bob.sent_close, [(4401, "not-authorized: access revoked")])
         self.assertEqual(bob.fake_group.closed, 1)
         self.assertEqual((carol.sent_close, carol.fake_group.closed), ([], 0))
 
@@ -566,7 +566,7 @@ class PoolReconnectTests(SynchronousTestCase):
         msg({"t": "stdin", "id": 1}, b"z")  # one byte over the window
         [(code, reason)] = leg.sent_close
         self.assertEqual(code, 4400)
-        self.assertTrue(reason.startswith("window-exceeded "), reason)
+        self.assertTrue(reason.startswith("window-exceeded: "), reason)
         self.assertEqual(audit[-1][0], "session-error")
         self.assertEqual(audit[-1][1]["reason"], "window-exceeded")
         self.assertEqual(leg.transport.producerState, "producing")

@@ -84,18 +84,35 @@ def _remote_error(header: dict[str, Any]) -> RemoteError:
                        one_line(header.get("message", "")))
 
 
+def split_reason(reason: str) -> tuple[str, str]:
+    """``(name, text)`` of a close reason ``name: text`` (PROTOCOL.md
+    §1.2); ``text`` is empty for a bare ``name``.
+
+    The name also ends at the first space (names never contain one), so the
+    ``name text`` form of vmc builds before this rule reads the same.
+    """
+    reason = reason.strip()
+    end = len(reason)
+    for sep in (":", " "):
+        at = reason.find(sep)
+        if at != -1:
+            end = min(end, at)
+    return reason[:end], reason[end:].lstrip(": ").strip()
+
+
 def close_error(code: int | None, reason: str | None) -> SessionError:
     """The SessionError for a websocket close (code, reason from the far end)."""
     reason = one_line(reason or "", 200).strip()
+    name, detail = split_reason(reason)
     if code == 4400:
-        stable = reason.split()[0] if reason else "channel-error"
+        stable = name or "channel-error"
     else:
-        stable = _CODES.get(code or 0) or (reason.split()[0] if reason else "closed")
+        stable = _CODES.get(code or 0) or name or "closed"
     explain = _EXPLAIN.get(stable)
     text = f"{stable}: {explain}" if explain else f"{stable}: connection closed ({code} {reason})"
-    if reason and explain and reason.split()[0] == stable and len(reason.split(None, 1)) > 1:
-        text += f" ({reason.split(None, 1)[1]})"
-    elif reason and explain and reason.split()[0] != stable:
+    if explain and name == stable and detail:
+        text += f" ({detail})"
+    elif explain and reason and name != stable:
         text += f" ({reason})"
     return SessionError(stable, text)
 
@@ -445,7 +462,7 @@ class UserLeg(WebSocketClientProtocol):
                 msg = None
             if not isinstance(msg, dict) or msg.get("type") != "paired":
                 self._fail(SessionError("bad-message", "bad-message: unexpected message from "
-                                        "the proxy"), 4000, "bad-message expected paired")
+                                        "the proxy"), 4000, "bad-message: expected paired")
                 return
             f = self.factory
             self.channel = UserChannel(f.user_key, f.vm_id, f.vm_public_key)
@@ -564,7 +581,7 @@ async def open_session(reactor: Any, proxy_url: str, ca_file: str, ticket: str,
     ready = factory.ready
     timer = reactor.callLater(timeout, lambda: None if ready.called else leg._fail(
         SessionError("timeout", f"timeout: no secure channel within {timeout:g}s"),
-        4008, "timeout handshake"))
+        4008, f"timeout: no secure channel within {timeout:g}s"))
     try:
         return await ready
     finally:

@@ -149,10 +149,11 @@ class VmLeg(WebSocketClientProtocol):
             self.pool.audit.write("session-refused", vm=self.pool.vm_id, user=self.user,
                                   client=self.client, reason="handshake-timeout",
                                   result="refused")
-        self.close(4008, f"timeout {what}")
+        self.close(4008, f"timeout: {what}")
 
     def close(self, code: int, reason: str) -> None:
-        """Close with a code and a short reason (starts with a stable code).
+        """Close with a code and a short reason, ``name: text`` or ``name``
+        (PROTOCOL.md §1.2; vmc keeps it under 120 characters).
 
         The children are signalled now, not when the close handshake ends
         (which the far end may delay): a revoked user loses access at once.
@@ -175,14 +176,14 @@ class VmLeg(WebSocketClientProtocol):
                 raise ValueError
             kind = msg.get("type")
         except ValueError:
-            self.close(4000, "bad-message control message is not a JSON object")
+            self.close(4000, "bad-message: control message is not a JSON object")
             return
         if kind == "challenge" and self.phase == "challenge":
             nonce = msg.get("nonce")
             try:
                 unb64(nonce, 32) if isinstance(nonce, str) else unb64("", 32)
             except ValueError:
-                self.close(4000, "bad-message challenge nonce")
+                self.close(4000, "bad-message: challenge nonce is not b64 of 32 bytes")
                 return
             sig = signed.sign(self.pool.state.vm_key, signed.PROXY_VM_AUTH,
                               {"nonce": nonce, "vm": self.pool.vm_id})
@@ -198,7 +199,7 @@ class VmLeg(WebSocketClientProtocol):
         elif kind == "paired" and self.phase == "waiting":
             self._paired(msg)
         else:
-            self.close(4000, "bad-message unexpected control message")
+            self.close(4000, "bad-message: unexpected control message")
 
     def _paired(self, msg: dict[str, Any]) -> None:
         self.phase = "paired"
@@ -208,7 +209,7 @@ class VmLeg(WebSocketClientProtocol):
         if over:
             self.pool.audit.write("session-refused", vm=self.pool.vm_id, user=self.user,
                                   client=self.client, reason="over-limit", result="refused")
-            self.close(4009, "over-limit too many sessions on this VM")
+            self.close(4009, "over-limit: too many sessions on this VM")
             return
         self.channel = VmChannel(self.pool.state.vm_key, self.pool.vm_id, self._authorize)
         self._arm(self.pool.settings.handshake_timeout, "secure channel handshake")
@@ -252,7 +253,7 @@ class VmLeg(WebSocketClientProtocol):
         self.pool.audit.write(event, vm=self.pool.vm_id, user=self.user, user_key=self._fp(),
                               client=self.client, reason=e.code, result="refused")
         if e.code == "not-authorized":
-            self.close(4401, "not-authorized this user is not authorized on this VM")
+            self.close(4401, "not-authorized: this user is not authorized on this VM")
         else:
             self.close(4400, e.code)
 
@@ -284,7 +285,7 @@ class VmLeg(WebSocketClientProtocol):
         if self.group is not None and self.group.count:
             self._touch()  # a running command is not idleness
             return
-        self.close(4008, "timeout idle")
+        self.close(4008, "timeout: idle")
 
     def _stdin_consumed(self, rid: int, n: int) -> None:
         """A child took ``n`` stdin bytes: the frontend may send that many more."""
@@ -297,7 +298,7 @@ class VmLeg(WebSocketClientProtocol):
         self.pool.audit.write("session-error", vm=self.pool.vm_id, user=self.user,
                               user_key=self._fp(), client=self.client, reason=v.code,
                               result="closed")
-        self.close(4400, f"{v.code} {v.message}")
+        self.close(4400, f"{v.code}: {v.message}")
 
     def _send_app(self, header: dict[str, Any], body: bytes = b"") -> None:
         if self._close_sent or self.channel is None or self.phase != "established":
@@ -395,7 +396,7 @@ class _Slot:
         if self.connecting is not None:
             self.connecting.cancel()
         if self.leg is not None:
-            self.leg.close(GOING_AWAY, "going-away vmc stopping")
+            self.leg.close(GOING_AWAY, "going-away: vmc stopping")
 
 
 class ProxyPool(Service):
@@ -475,7 +476,7 @@ class ProxyPool(Service):
             if leg.group is not None:
                 leg.group.close()  # SIGTERM now, SIGKILL after kill_grace
                 waits.append(leg.group.when_empty())
-            leg.close(GOING_AWAY, "going-away vmc stopping")
+            leg.close(GOING_AWAY, "going-away: vmc stopping")
         done = defer.gatherResults(waits, consumeErrors=True)
         # Bounded: a process stuck in the kernel must not block shutdown forever.
         done.addTimeout(self.settings.kill_grace + 5.0, self.clock)
@@ -520,4 +521,4 @@ class ProxyPool(Service):
         """Close every session of a user who just lost access."""
         for leg in list(self.sessions):
             if leg.user_key == key:
-                leg.close(4401, "not-authorized access revoked")
+                leg.close(4401, "not-authorized: access revoked")
