@@ -564,3 +564,34 @@ class CliTests(TestCase):
         self.assertEqual(code, 0, err)
         self.assertEqual(json.loads(out)["vm"], self.trio.vm_id)
 
+
+class RecordLimitTests(TestCase):
+    """A record over the channel's limit reaches the user as 4400
+    ``record-too-large`` (PROTOCOL.md §4 Records), never as a dropped
+    connection (4010 ``peer-lost``): within vmc's websocket limit the channel
+    refuses it, above that limit vmc refuses the message by its size."""
+
+    timeout = 120
+
+    async def setUp(self) -> None:  # type: ignore[override]
+        self.trio = await start_trio(self)
+
+    async def _send_record_of(self, size: int) -> SessionError | None:
+        session = await self.trio.session("owen")
+        leg = session._leg
+        leg.maxMessagePayloadSize = 0  # the frontend would not send it otherwise
+        # Version 1, sequence number 0, then zeros: refused by its length
+        # before any decryption.
+        leg.sendMessage(b"\x01" + bytes(size - 1), isBinary=True)
+        return await session.closed
+
+    async def test_oversized_records_are_record_too_large(self) -> None:
+        from ticrypt.channel import MAX_PLAINTEXT
+        from ticrypt.vmc.pool import MAX_MESSAGE
+
+        for size in (25 + MAX_PLAINTEXT + 1, MAX_MESSAGE + 1):
+            err = await self._send_record_of(size)
+            assert err is not None
+            self.assertEqual(err.code, "record-too-large", f"{size} bytes: {err}")
+        refused = [r for r in self.trio.vmc_audit_lines() if r["event"] == "session-error"]
+        self.assertEqual([r["reason"] for r in refused], ["record-too-large"] * 2)

@@ -3,11 +3,15 @@ app codec, pool reconnect schedule, child processes and the sample config."""
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 import os
 import random
+import re
 import shutil
 import stat
+import struct
 from typing import Any
 
 from twisted.internet import defer, reactor
@@ -21,8 +25,9 @@ from zope.interface import implementer
 from test.daemon import kill_if_alive, pid_alive
 from ticrypt import identity
 from ticrypt.audit import AuditLog
-from ticrypt.channel import app
+from ticrypt.channel import MAX_PLAINTEXT, Delivered, SendMessage, UserChannel, app
 from ticrypt.config import load_config
+from ticrypt.encoding import b64
 from ticrypt.vmc.backoff import Backoff
 from ticrypt.vmc.commands import (
     Cancel,
@@ -957,3 +962,188 @@ class SampleConfigTests(SynchronousTestCase):
         e = self.assertRaises(ConfigError, load_config, os.path.join(d, "vmc.ini"), SCHEMA)
         self.assertIn("[vmc] proxy_url", str(e))
         self.assertIn("wss://", str(e))
+
+
+def _server_frame(opcode: int, payload: bytes, length: int | None = None,
+                  fin: bool = True) -> bytes:
+    """An unmasked frame from the proxy to vmc; ``length`` may announce more
+    bytes than ``payload`` holds (the rest follows later, or never)."""
+    n = len(payload) if length is None else length
+    head = bytes([(0x80 if fin else 0) | opcode])
+    if n < 126:
+        head += bytes([n])
+    elif n < 65536:
+        head += bytes([126]) + struct.pack("!H", n)
+    else:
+        head += bytes([127]) + struct.pack("!Q", n)
+    return head + payload
+
+
+def _client_frames(data: bytes) -> list[tuple[int, bytes]]:
+    """``(opcode, payload)`` of the whole masked frames vmc wrote."""
+    out, i = [], 0
+    while i + 2 <= len(data):
+        opcode, n, j = data[i] & 0x0F, data[i + 1] & 0x7F, i + 2
+        if n == 126:
+            n, j = struct.unpack("!H", data[j:j + 2])[0], j + 2
+        elif n == 127:
+            n, j = struct.unpack("!Q", data[j:j + 8])[0], j + 8
+        mask, j = data[j:j + 4], j + 4
+        masked = data[j:j + n]
+        key = (mask * (n // 4 + 1))[:n]
+        out.append((opcode, (int.from_bytes(masked, "big") ^ int.from_bytes(key, "big"))
+                    .to_bytes(n, "big")))
+        i = j + n
+    return out
+
+
+class MessageLimitTests(SynchronousTestCase):
+    """vmc's websocket message limit (PROTOCOL.md §4 Records), through
+    autobahn's own frame parser, in memory: every record a user may send
+    fits, a record over the channel's limit is closed 4400 record-too-large
+    by the channel, and a message over ``max_message`` gets the same close
+    as soon as its frame header arrives (autobahn's 1009 used to reach the
+    user as 4010 peer-lost), without vmc reading it."""
+
+    def setUp(self) -> None:
+        from ticrypt.vmc.pool import PoolSettings, ProxyPool
+
+        self.clock = _FakeProcessReactor()
+        d = self.mktemp()
+        os.makedirs(d, mode=0o700)
+        state = VmState(d, AuditLog(None))
+        self.owner = identity.generate()
+        state.accept_enrollment(_enrollment(identity.public_bytes(self.owner)))
+        self.pool = ProxyPool(reactor=self.clock, clock=self.clock,
+                              random=random.Random(3).random,
+                              settings=PoolSettings(proxy_url="wss://127.0.0.1:1",
+                                                    ca_file="/nonexistent"),
+                              state=state, audit=AuditLog(None),
+                              run_as=RunAs.lookup(None, "/bin/sh"),
+                              endpoint=_FailingEndpoint(self.clock))
+        self.audit: list[tuple[str, dict[str, Any]]] = []
+        self.pool.audit = type("A", (), {  # type: ignore[assignment]
+            "write": lambda _, e, **kw: self.audit.append((e, kw))})()
+        # autobahn's own timers run on the global reactor: none in memory.
+        self.pool.factory.setProtocolOptions(openHandshakeTimeout=0, autoPingInterval=0,
+                                             autoPingTimeout=0, closeHandshakeTimeout=0)
+        self.leg = self.pool.factory.buildProtocol(None)
+        self.transport = StringTransport()
+        self.leg.makeConnection(self.transport)
+        request = self.transport.value().decode("latin-1")
+        self.transport.clear()
+        key = re.search(r"Sec-WebSocket-Key: (\S+)", request)
+        assert key is not None
+        accept = base64.b64encode(hashlib.sha1(
+            (key.group(1) + "258EAFA5-E914-47DA-95CA-C5AB0DC85B11").encode()).digest())
+        self.leg.dataReceived(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+                              b"Connection: Upgrade\r\nSec-WebSocket-Accept: " + accept
+                              + b"\r\n\r\n")
+        self.assertEqual(self.leg.phase, "challenge")
+
+    def sent(self) -> list[tuple[int, bytes]]:
+        frames = _client_frames(self.transport.value())
+        self.transport.clear()
+        return frames
+
+    def control(self, msg: dict[str, Any]) -> None:
+        self.leg.dataReceived(_server_frame(1, json.dumps(msg).encode()))
+
+    def pair(self) -> None:
+        self.control({"type": "challenge", "nonce": b64(bytes(32))})
+        self.control({"type": "waiting"})
+        self.control({"type": "paired", "user": "owen", "client": "127.0.0.1",
+                      "user_key": identity.public_text(self.owner)})
+        self.assertEqual(self.leg.phase, "paired")
+        self.sent()
+
+    def establish(self) -> UserChannel:
+        self.pair()
+        assert self.pool.state.enrollment is not None
+        user = UserChannel(self.owner, self.pool.vm_id,
+                           identity.public_bytes(self.pool.state.vm_key))
+        [hello] = user.start()
+        assert isinstance(hello.data, str)
+        self.leg.dataReceived(_server_frame(1, hello.data.encode()))
+        [(opcode, reply)] = self.sent()
+        finish, _ = user.receive(reply.decode())
+        assert isinstance(finish, SendMessage) and isinstance(finish.data, str)
+        self.leg.dataReceived(_server_frame(1, finish.data.encode()))
+        self.assertEqual(self.leg.phase, "established")
+        return user
+
+    def assert_closed(self, code: int, reason: str) -> None:
+        [(opcode, payload)] = self.sent()
+        self.assertEqual(opcode, 8)
+        self.assertEqual((struct.unpack("!H", payload[:2])[0], payload[2:].decode()),
+                         (code, reason))
+
+    def test_limit_is_above_the_largest_record(self) -> None:
+        """One value for the default, above 25 + 1 MiB; a config below it is refused."""
+        from ticrypt.vmc.pool import MAX_MESSAGE, MAX_RECORD, PoolSettings
+        from ticrypt.vmc.tap import SCHEMA
+
+        self.assertEqual(MAX_RECORD, 25 + MAX_PLAINTEXT)
+        self.assertGreater(MAX_MESSAGE, MAX_RECORD)
+        self.assertEqual(PoolSettings("wss://x", "ca").max_message, MAX_MESSAGE)
+        key = SCHEMA.sections["vmc"]["max_message"]
+        self.assertEqual(key.default, str(MAX_MESSAGE))
+        self.assertEqual(key.kind.min, MAX_RECORD + 1)  # type: ignore[attr-defined]
+
+    def test_largest_record_is_read(self) -> None:
+        """A record with 1 MiB of plaintext goes through and is answered."""
+        user = self.establish()
+        head = app.encode({"t": "req", "id": 1, "op": "info"})
+        record = user.seal(head + b"x" * (MAX_PLAINTEXT - len(head)))
+        self.assertEqual(len(record), 25 + MAX_PLAINTEXT)
+        self.leg.dataReceived(_server_frame(2, record))
+        [(opcode, answer)] = self.sent()
+        self.assertEqual(opcode, 2)
+        [delivered] = user.receive(answer)
+        assert isinstance(delivered, Delivered)
+        header, _ = app.decode(delivered.plaintext)
+        self.assertEqual((header["t"], header["id"]), ("ok", 1))
+
+    def test_record_over_the_channel_limit(self) -> None:
+        """One byte over the largest record: the channel's record-too-large."""
+        self.establish()
+        self.leg.dataReceived(_server_frame(2, b"\x01" + bytes(25 + MAX_PLAINTEXT)))
+        self.assert_closed(4400, "record-too-large")
+        self.assertEqual(self.audit[-1][0], "session-error")
+        self.assertEqual(self.audit[-1][1]["reason"], "record-too-large")
+
+    def test_message_over_max_message_is_not_read(self) -> None:
+        """Refused by the announced length, before the payload arrives; what
+        follows is dropped, not kept."""
+        self.establish()
+        limit = self.pool.settings.max_message
+        self.leg.dataReceived(_server_frame(2, b"\x01" + bytes(999), length=limit + 1))
+        self.assert_closed(4400, "record-too-large")
+        self.assertEqual(self.audit[-1][1]["reason"], "record-too-large")
+        for _ in range(limit // 65536 + 1):
+            self.leg.dataReceived(bytes(65536))
+        # (autobahn's buffer of the message being received stays empty)
+        self.assertEqual(sum(map(len, self.leg.frame_data or [])), 0)
+        self.assertEqual(self.sent(), [])
+
+    def test_fragments_count_together(self) -> None:
+        """The limit is on the message: fragments under it add up."""
+        self.establish()
+        limit = self.pool.settings.max_message
+        self.leg.dataReceived(_server_frame(2, bytes(limit // 2 + 1), fin=False))
+        self.assertEqual(self.sent(), [])
+        self.leg.dataReceived(_server_frame(0, b"", length=limit // 2 + 1))
+        self.assert_closed(4400, "record-too-large")
+
+    def test_codes_by_state(self) -> None:
+        """Judged by size alone, as the channel would judge that message."""
+        limit = self.pool.settings.max_message
+        self.leg.dataReceived(_server_frame(1, b"", length=limit + 1))
+        self.assert_closed(4000, f"bad-message: message over {limit} bytes")
+        for binary, established, code in ((True, False, "unexpected-message"),
+                                          (False, False, "bad-message"),
+                                          (False, True, "plaintext-after-handshake")):
+            self.setUp()
+            self.establish() if established else self.pair()
+            self.leg.dataReceived(_server_frame(2 if binary else 1, b"", length=limit + 1))
+            self.assert_closed(4400, code)

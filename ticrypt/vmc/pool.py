@@ -35,7 +35,16 @@ from twisted.python.failure import Failure
 
 from ticrypt import __version__, identity, signed, tlsutil
 from ticrypt.audit import AuditLog
-from ticrypt.channel import ChannelError, Delivered, Established, SendMessage, VmChannel, app
+from ticrypt.channel import (
+    MAX_PLAINTEXT,
+    ChannelError,
+    Delivered,
+    Established,
+    SendMessage,
+    VmChannel,
+    app,
+)
+from ticrypt.channel.records import MIN_RECORD_SIZE
 from ticrypt.encoding import b64, loads_bounded, unb64
 from ticrypt.vmc.backoff import Backoff
 from ticrypt.vmc.commands import (
@@ -54,6 +63,12 @@ from ticrypt.vmc.processes import ProcessGroup, RunAs
 from ticrypt.vmc.state import VmState
 
 MAX_CONTROL = 16384
+#: Largest valid record: version byte, sequence number, 1 MiB of plaintext, tag.
+MAX_RECORD = MIN_RECORD_SIZE + MAX_PLAINTEXT
+#: Default of ``[vmc] max_message``, the largest websocket message vmc reads.
+#: Above MAX_RECORD, so that a record one byte too large still reaches the
+#: channel and is refused ``record-too-large`` like any other bad record.
+MAX_MESSAGE = 1100000
 #: Close code when vmc stops.  Not 1001: autobahn lets an application send
 #: only 1000 or 3000-4999 (sendClose raises otherwise); the reason says why.
 GOING_AWAY = 1000
@@ -72,7 +87,7 @@ class PoolSettings:
     handshake_timeout: float = 15.0
     idle_timeout: float = 3600.0
     ping_interval: float = 30.0
-    max_message: int = 1048576 + 4096
+    max_message: int = MAX_MESSAGE
     max_sessions: int = 16
     max_processes: int = 16
     kill_grace: float = 3.0
@@ -95,6 +110,8 @@ class VmLeg(WebSocketClientProtocol):
     _timer: IDelayedCall | None = None
     _idle_timer: IDelayedCall | None = None
     _close_sent = False
+    _incoming = 0
+    _incoming_binary = False
 
     @property
     def pool(self) -> ProxyPool:
@@ -105,6 +122,25 @@ class VmLeg(WebSocketClientProtocol):
     def onOpen(self) -> None:
         self.phase = "challenge"
         self._arm(self.pool.settings.handshake_timeout, "proxy authentication")
+
+    def onMessageBegin(self, isBinary: bool) -> None:
+        super().onMessageBegin(isBinary)
+        self._incoming, self._incoming_binary = 0, isBinary
+
+    def onMessageFrameBegin(self, length: int) -> None:
+        # vmc bounds messages itself, not through autobahn, whose 1009 the
+        # user would see as 4010 peer-lost: a message over max_message is
+        # refused by its announced length as soon as a frame header says so
+        # (PROTOCOL.md §4 Records).
+        super().onMessageFrameBegin(length)
+        self._incoming += length
+        if self._incoming > self.pool.settings.max_message and not self._close_sent:
+            self._oversized()
+
+    def onMessageFrameData(self, payload: bytes) -> None:
+        if self._close_sent:
+            return  # closing: read nothing more into memory
+        super().onMessageFrameData(payload)
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         if self._close_sent:
@@ -256,6 +292,20 @@ class VmLeg(WebSocketClientProtocol):
             self.close(4401, "not-authorized: this user is not authorized on this VM")
         else:
             self.close(4400, e.code)
+
+    def _oversized(self) -> None:
+        """A message over ``max_message``: refused as the channel would refuse
+        it, judged by its size alone; before pairing, a bad control message."""
+        if self.phase not in ("paired", "established"):
+            self.close(4000, f"bad-message: message over {self.pool.settings.max_message} "
+                       "bytes")
+            return
+        established = self.phase == "established"
+        if self._incoming_binary:
+            code = "record-too-large" if established else "unexpected-message"
+        else:
+            code = "plaintext-after-handshake" if established else "bad-message"
+        self._channel_failed(ChannelError(code))
 
     def _established(self, user_key: bytes) -> None:
         self._disarm()
@@ -426,8 +476,9 @@ class ProxyPool(Service):
         self.factory.pool = self
         self.factory.noisy = False
         self.factory.setProtocolOptions(
-            maxMessagePayloadSize=settings.max_message,
-            maxFramePayloadSize=settings.max_message,
+            # none in autobahn: VmLeg.onMessageFrameBegin enforces max_message
+            maxMessagePayloadSize=0,
+            maxFramePayloadSize=0,
             openHandshakeTimeout=settings.handshake_timeout,
             closeHandshakeTimeout=5,
             autoPingInterval=settings.ping_interval,

@@ -34,7 +34,7 @@ from ticrypt.config import (
 from ticrypt.service import RoleService, options_for
 from ticrypt.vmc.backoff import Backoff
 from ticrypt.vmc.enroll import EnrollError, enroll
-from ticrypt.vmc.pool import PoolSettings, ProxyPool
+from ticrypt.vmc.pool import MAX_MESSAGE, MAX_RECORD, PoolSettings, ProxyPool
 from ticrypt.vmc.processes import RunAs
 from ticrypt.vmc.state import Enrollment, OwnerKeyChanged, StateError, VmState
 
@@ -73,7 +73,8 @@ SCHEMA = Schema(
             "handshake_timeout": Key(Duration(), "15s"),
             "idle_timeout": Key(Duration(), "1h"),
             "ping_interval": Key(Duration(), "30s"),
-            "max_message": Key(Size(min=65536, max=16 * 1024 * 1024), "1100000"),
+            "max_message": Key(Size(min=MAX_RECORD + 1, max=16 * 1024 * 1024), str(MAX_MESSAGE),
+                               doc="largest websocket message read; above the largest record"),
         },
         "exec": {
             "shell": Key(FilePath(), DEFAULT_SHELL, doc="shell for the shell command"),
