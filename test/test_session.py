@@ -41,9 +41,9 @@ class CloseErrorTests(SynchronousTestCase):
         self.assertEqual(split_reason("timeout: a: b"), ("timeout", "a: b"))
         self.assertEqual(split_reason(""), ("", ""))
 
-    def test_vmc_0_1_reasons_still_read(self) -> None:
-        """vmc 0.1 wrote ``name text``: the name still comes out right (for
-        one release, while VMs upgrade)."""
+    def test_reasons_without_colon_still_read(self) -> None:
+        """vmc builds before the rule wrote ``name text``: the name comes out
+        the same (names never contain a space)."""
         self.assertEqual(split_reason("over-limit too many sessions on this VM"),
                          ("over-limit", "too many sessions on this VM"))
         e = close_error(4401, "not-authorized this user is not authorized on this VM")
