@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import importlib.util
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -43,6 +44,16 @@ LOW_ORDER_POINTS = [
     b"\x01" + bytes(31),
     bytes.fromhex("e0eb7a7c3b41b8ae1656e3faf19fc46ada098deb9c32b1fd866205165f49b800"),
     bytes.fromhex("edffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f"),
+]
+#: Every X25519 public value with an all-zero result (libsodium's blocklist:
+#: 0, 1, the two order-8 points, p - 1, p, p + 1), and each with bit 255 set.
+LOW_ORDER_POINTS_ALL = [
+    bytes.fromhex(h[:62] + f"{int(h[62:], 16) | high:02x}")
+    for h in ("00" * 32, "01" + "00" * 31,
+              "e0eb7a7c3b41b8ae1656e3faf19fc46ada098deb9c32b1fd866205165f49b800",
+              "5f9c95bca3508c24b1d0b1559c83ef5b04445cc4581c8e86d8224eddd09f1157",
+              "ec" + "ff" * 30 + "7f", "ed" + "ff" * 30 + "7f", "ee" + "ff" * 30 + "7f")
+    for high in (0, 0x80)
 ]
 
 
@@ -348,6 +359,96 @@ class VectorTests(ChannelTestCase):
             self.assertEqual(record[:9], b"\x01" + seq)
             plaintext = AESGCM(key).decrypt(b"\x00" * 4 + seq, record[9:], b"\x01" + seq)
             self.assertEqual(plaintext.hex(), entry["plaintext"])
+
+
+class NegativeVectorTests(ChannelTestCase):
+    """The ``negative`` vectors of test/vectors/channel-v1.json (PROTOCOL.md
+    §4 "Test vectors"): each one is refused with exactly its code."""
+
+    def setUp(self) -> None:
+        self.v: dict[str, Any] = json.loads(VECTORS.read_text())
+
+    def hx(self, name: str) -> bytes:
+        return bytes.fromhex(self.v[name])
+
+    def receiver(self, state: str) -> UserChannel | VmChannel:
+        """A channel in ``state``, reached with the positive vectors."""
+        v = self.v
+        user_key = Ed25519PrivateKey.from_private_bytes(self.hx("user_ed25519_seed"))
+        vm_key = Ed25519PrivateKey.from_private_bytes(self.hx("vm_ed25519_seed"))
+        user = UserChannel(user_key, v["vm_id"], raw(vm_key), rng=FixedRng(self.hx("user_rng")))
+        vm = VmChannel(vm_key, v["vm_id"], lambda k: k == raw(user_key),
+                       rng=FixedRng(self.hx("vm_rng")))
+        if state == "vm-waiting-hello":
+            return vm
+        self.assertEqual(text_of(user.start()), v["client_hello"])
+        if state == "user-waiting-hello":
+            return user
+        self.assertEqual(text_of(vm.receive(v["client_hello"])), v["vm_hello"])
+        if state == "vm-waiting-finish":
+            return vm
+        self.assertEqual(text_of(user.receive(v["vm_hello"])), v["client_finish"])
+        self.assertEqual(vm.receive(v["client_finish"]), [Established(raw(user_key))])
+        return {"vm-established": vm, "user-established": user}[state]
+
+    def test_every_negative_vector_is_refused_with_its_code(self) -> None:
+        """All messages but the last are accepted; the last fails with
+        ``error`` and the channel is dead after it."""
+        negative = self.v["negative"]
+        names = [entry["name"] for entry in negative]
+        self.assertEqual(len(names), len(set(names)))
+        for entry in negative:
+            self.assertLessEqual(set(entry), {"name", "state", "messages", "error", "note"})
+            channel = self.receiver(entry["state"])
+            messages: list[str | bytes] = [
+                m["text"] if set(m) == {"text"} else bytes.fromhex(m["binary"])
+                for m in entry["messages"]]
+            try:
+                for message in messages[:-1]:
+                    channel.receive(message)
+                self.assert_fails(entry["error"], channel.receive, messages[-1])
+            except (self.failureException, ChannelError) as e:
+                raise self.failureException(f"{entry['name']}: {e!r}") from None
+
+    def test_what_the_negative_vectors_cover(self) -> None:
+        """Every code a peer can cause except record-too-large (a 1 MiB
+        record) and counter-exhausted (2^32 records); the 14 encodings of
+        small-order Ed25519 keys; 14 low-order X25519 values in each hello."""
+        negative = self.v["negative"]
+        codes = {entry["error"] for entry in negative}
+        self.assertEqual(set(MESSAGES) - codes,
+                         {"record-too-large", "counter-exhausted", "wrong-state", "closed"})
+        self.assertLessEqual(codes, set(MESSAGES))
+        keys = {json.loads(e["messages"][0]["text"])["key"] for e in negative
+                if e["name"].startswith("client-hello-small-order-key-")}
+        self.assertEqual(len(keys), 14)
+        self.assertEqual(set(map(len, map(unb64, keys))), {32})
+        for prefix in ("client-hello-low-order-eph-", "vm-hello-low-order-eph-"):
+            ephs = {json.loads(e["messages"][0]["text"])["eph"] for e in negative
+                    if e["name"].startswith(prefix)}
+            self.assertEqual(len(ephs), 14)
+            for eph in ephs:
+                self.assertIn(unb64(eph), LOW_ORDER_POINTS_ALL)
+
+    def test_small_order_keys_are_refused_by_policy(self) -> None:
+        """The small-order key vectors carry signatures that OpenSSL's plain
+        verification accepts: the refusal is the spec's key check."""
+        for entry in self.v["negative"]:
+            if entry["name"].startswith("client-hello-small-order-key-"):
+                hello = json.loads(entry["messages"][0]["text"])
+                body = {k: x for k, x in hello.items() if k != "sig"}
+                Ed25519PublicKey.from_public_bytes(unb64(hello["key"])).verify(
+                    unb64(hello["sig"]), b"ticrypt-channel-v1\x00user-hello\x00" + canonical(body))
+
+    def test_file_is_the_generator_output(self) -> None:
+        """test/vectors/make_channel_vectors.py writes exactly this file."""
+        spec = importlib.util.spec_from_file_location(
+            "make_channel_vectors", VECTORS.parent / "make_channel_vectors.py")
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        self.assertEqual(json.dumps(module.make_vectors(), indent=2) + "\n",
+                         VECTORS.read_text())
 
 
 class RecordFailureTests(ChannelTestCase):
