@@ -22,9 +22,12 @@ from ticrypt.frontend.client import PinnedCAPolicy, RestClient, RestError, _Byte
 
 
 async def raw(env: RestEnv, method: str, path: str, body: bytes | None = None,
-              headers: dict[bytes, list[bytes]] | None = None) -> tuple[int, Any, Headers]:
-    """One request with an arbitrary body; returns (status, decoded JSON or None, headers)."""
-    agent = webclient.Agent(reactor, contextFactory=PinnedCAPolicy(env.ca_file))
+              headers: dict[bytes, list[bytes]] | None = None,
+              source: str | None = None) -> tuple[int, Any, Headers]:
+    """One request with an arbitrary body (from the loopback address
+    ``source``, if given); returns (status, decoded JSON or None, headers)."""
+    agent = webclient.Agent(reactor, contextFactory=PinnedCAPolicy(env.ca_file),
+                            bindAddress=(source, 0) if source else None)
     response = await agent.request(method.encode(), (env.url + path).encode(),
                                    Headers(headers or {}),
                                    _Bytes(body) if body is not None else None)
@@ -139,22 +142,35 @@ class LoginTests(TestCase):
         self.assertEqual((e.exception.status, e.exception.code), (401, "login-failed"))
         self.assertEqual(audit_lines(env)[-1]["reason"], "user-disabled")
 
-    async def test_rate_limit_per_user(self) -> None:
-        env = await start_rest(self, overrides={"login_failures_per_user": "3",
-                                                "login_window": "1h"})
-        client = env.client()
-        for _ in range(3):
-            with self.assertRaises(RestError) as e:
-                await client.login("alice", identity.generate())
-            self.assertEqual(e.exception.code, "login-failed")
-        c = await client.challenge("alice")
-        sig = b64(signed.sign(env.admin_key, signed.LOGIN, {
+    async def _login_from(self, env: RestEnv, source: str, key: Any) -> tuple[int, Any,
+                                                                               Headers]:
+        """Log alice in with ``key`` from the loopback address ``source``."""
+        _, c, _ = await raw(env, "POST", "/v1/auth/challenge", b'{"user":"alice"}',
+                            source=source)
+        sig = b64(signed.sign(key, signed.LOGIN, {
             "challenge": c["challenge"], "challenge_id": c["challenge_id"], "user": "alice"}))
-        code, obj, headers = await raw(env, "POST", "/v1/auth/login", json.dumps(
-            {"user": "alice", "challenge_id": c["challenge_id"], "signature": sig}).encode())
+        return await raw(env, "POST", "/v1/auth/login", json.dumps(
+            {"user": "alice", "challenge_id": c["challenge_id"], "signature": sig}).encode(),
+            source=source)
+
+    async def test_rate_limit_per_user_and_address(self) -> None:
+        """Failures lock a user name out from the address they came from
+        only: the user still logs in from another address."""
+        env = await start_rest(self, overrides={"login_failures_per_user_and_address": "3",
+                                                "login_window": "1h"})
+        for _ in range(3):
+            code, obj, _ = await self._login_from(env, "127.0.0.3", identity.generate())
+            self.assertEqual((code, obj["error"]["code"]), (401, "login-failed"))
+        code, obj, headers = await self._login_from(env, "127.0.0.3", env.admin_key)
         self.assertEqual((code, obj["error"]["code"]), (429, "rate-limited"))
         retry = int(headers.getRawHeaders(b"retry-after")[0])
         self.assertTrue(3000 < retry <= 3600, retry)
+        code, obj, _ = await self._login_from(env, "127.0.0.4", env.admin_key)
+        self.assertEqual((code, obj["user"]), (200, "alice"))
+        events = [(e["event"], e["client"], e.get("reason")) for e in audit_lines(env)
+                  if e["event"].startswith("login")]
+        self.assertEqual(events, [("login-failed", "127.0.0.3", "bad-signature")] * 3 + [
+            ("login-failed", "127.0.0.3", "rate-limited"), ("login-ok", "127.0.0.4", None)])
 
     async def test_rate_limit_per_address(self) -> None:
         env = await start_rest(self, overrides={"login_failures_per_address": "2"})

@@ -185,7 +185,7 @@ class ApiTests(SynchronousTestCase):
                            proxy_url="wss://p:1", audit=self.audit,
                            session_ttl=100, challenge_ttl=30, ticket_ttl=60,
                            enrollment_ttl=50, login_window=60, login_failures_per_address=5,
-                           login_failures_per_user=2, challenges_per_address=8)
+                           login_failures_per_user_and_address=2, challenges_per_address=8)
 
     def call(self, handler: str, body: dict[str, Any] | None = None, params: tuple[str, ...] = (),
              token: str | None = None, client: str = "10.0.0.9") -> Any:
@@ -193,12 +193,13 @@ class ApiTests(SynchronousTestCase):
                  bearer=token)
         return result(getattr(self.api, handler)(c))
 
-    def login(self, key: Any = None, purpose: str = signed.LOGIN) -> Any:
-        _, c = self.call("challenge", {"user": "alice"})
+    def login(self, key: Any = None, purpose: str = signed.LOGIN,
+              client: str = "10.0.0.9") -> Any:
+        _, c = self.call("challenge", {"user": "alice"}, client=client)
         sig = signed.sign(key or self.alice, purpose, {
             "challenge": c["challenge"], "challenge_id": c["challenge_id"], "user": "alice"})
         return self.call("login", {"user": "alice", "challenge_id": c["challenge_id"],
-                                   "signature": b64(sig)})
+                                   "signature": b64(sig)}, client=client)
 
     def test_session_lifetime(self) -> None:
         status, s = self.login()
@@ -218,6 +219,29 @@ class ApiTests(SynchronousTestCase):
         with self.assertRaises(ApiError) as e:
             self.call("logout", token=s["token"])
         self.assertEqual(e.exception.code, "session-revoked")
+
+    def test_lockout_is_per_user_and_address(self) -> None:
+        """Bad logins for alice from one address lock alice out from that
+        address only; they never lock alice out everywhere."""
+        for _ in range(2):
+            self.assertRaises(ApiError, self.login, purpose=signed.TICKET)
+        with self.assertRaises(ApiError) as e:
+            self.login()
+        self.assertEqual(e.exception.code, "rate-limited")
+        self.assertEqual(self.login(client="10.0.0.8")[0], 200)
+
+    def test_lockout_per_address_counts_every_user_name(self) -> None:
+        """Spraying names from one address hits the per-address limit."""
+        for name in ("u1", "u2", "u3", "u4", "u5"):
+            _, c = self.call("challenge", {"user": name})
+            with self.assertRaises(ApiError) as e:
+                self.call("login", {"user": name, "challenge_id": c["challenge_id"],
+                                    "signature": b64(bytes(64))})
+            self.assertEqual(e.exception.code, "login-failed")
+        with self.assertRaises(ApiError) as e:
+            self.login()
+        self.assertEqual(e.exception.code, "rate-limited")
+        self.assertEqual(self.login(client="10.0.0.8")[0], 200)
 
     def test_wrong_purpose_then_rate_limited(self) -> None:
         for _ in range(2):
@@ -477,7 +501,11 @@ class ConfigTests(SynchronousTestCase):
         self.error("session_ttl", session_ttl="-1")
         self.error("challenge_ttl", challenge_ttl="1h")
         self.error("request_timeout", request_timeout="2h")
-        self.error("login_failures_per_user", login_failures_per_user="0")
+        self.error("login_failures_per_user_and_address",
+                   login_failures_per_user_and_address="0")
+        # the old per-user key is gone: named, not silently ignored
+        self.assertIn("unknown key", self.error("login_failures_per_user",
+                                                login_failures_per_user="10"))
         self.error("audit_log", audit_log="no/such/dir/audit.log")
         self.assertIn("ticrypt-admin init", self.error("database", database="other.db"))
         self.error("signing_key", signing_key="rest.ini")
@@ -539,7 +567,7 @@ class PurgeJobTests(SynchronousTestCase):
                       proxy_url="wss://p:1", audit=AuditLog(None, clock, "rest"),
                       session_ttl=100, challenge_ttl=30, ticket_ttl=60, enrollment_ttl=50,
                       login_window=60, login_failures_per_address=5,
-                      login_failures_per_user=2, challenges_per_address=8)
+                      login_failures_per_user_and_address=2, challenges_per_address=8)
         failures = ["sync", "async"]
 
         class FlakyDb:

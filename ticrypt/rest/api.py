@@ -153,7 +153,7 @@ class RestApi:
     def __init__(self, *, clock: Clock, db: Db, signing_key: Ed25519PrivateKey,
                  proxy_url: str, audit: AuditLog, session_ttl: float, challenge_ttl: float,
                  ticket_ttl: float, enrollment_ttl: float, login_window: float,
-                 login_failures_per_address: int, login_failures_per_user: int,
+                 login_failures_per_address: int, login_failures_per_user_and_address: int,
                  challenges_per_address: int,
                  random: Callable[[int], bytes] = os.urandom):
         self._clock = clock
@@ -168,8 +168,12 @@ class RestApi:
         self._random = random
         self.challenges = ChallengeTable(clock, challenge_ttl, challenges_per_address,
                                          random=random)
+        # Failures count per client address, and per (user name, address):
+        # never per user name alone, which would let anyone lock a named user
+        # out, and buys nothing against guessing Ed25519 signatures.
         self.address_limits = RateLimiter(clock, login_failures_per_address, login_window)
-        self.user_limits = RateLimiter(clock, login_failures_per_user, login_window)
+        self.user_address_limits = RateLimiter(clock, login_failures_per_user_and_address,
+                                               login_window)
 
     # ------------------------------------------------------------ helpers
 
@@ -238,18 +242,20 @@ class RestApi:
             self._session_ttl)
         if reason is not None or user is None:
             self.address_limits.failed(call.client)
-            self.user_limits.failed(name)
+            self.user_address_limits.failed(_user_at(name, call.client))
             self._audit.write("login-failed", user=name, client=call.client, reason=reason)
             raise ApiError(401, "login-failed", "login failed")
         self._audit.write("login-ok", user=name, client=call.client, user_role=user.role)
         return 200, {"token": token, "expires": expires, "user": name, "role": user.role}
 
     def _check_rate_limits(self, event: str, client: str, user: str | None = None) -> None:
-        """ApiError 429 if ``client`` (or ``user``) has failed too often.  The
-        refusal is audited once per lockout, not once per refused request, so
-        that a flood cannot grow the audit log without bound."""
+        """ApiError 429 if ``client`` (or ``user`` from ``client``) has failed
+        too often.  The refusal is audited once per lockout, not once per
+        refused request, so that a flood cannot grow the audit log without
+        bound."""
         locked = [(limiter, key) for limiter, key in (
-            (self.address_limits, client), (self.user_limits, user))
+            (self.address_limits, client),
+            (self.user_address_limits, None if user is None else _user_at(user, client)))
             if key is not None and limiter.retry_after(key)]
         if not locked:
             return
@@ -264,7 +270,7 @@ class RestApi:
         """Forget expired challenges and rate-limit entries (periodic job)."""
         self.challenges.purge()
         self.address_limits.purge()
-        self.user_limits.purge()
+        self.user_address_limits.purge()
 
     async def logout(self, call: Call) -> Result:
         parse_body(call.body, EMPTY_BODY)
@@ -373,6 +379,11 @@ class RestApi:
                      "proxy_url": self._proxy_url,
                      "backend_public_key": identity.public_text(self.public_key),
                      "vm_credential": credential}
+
+
+def _user_at(user: str, client: str) -> str:
+    """The rate-limit key of one user name from one address (names have no '@')."""
+    return f"{user}@{client}"
 
 
 def _login_txn(conn: Any, name: str, c: Challenge | None, signature: bytes, hashed: bytes,

@@ -35,7 +35,8 @@ _KEYS = {
     "login_window": Key(Duration(min=1, max=86400), "5m", "window of the login rate limits"),
     "login_failures_per_address": Key(Int(1, 100000), "20",
                                       "failed logins and enrollments per address"),
-    "login_failures_per_user": Key(Int(1, 100000), "10", "failed logins per user"),
+    "login_failures_per_user_and_address": Key(
+        Int(1, 100000), "10", "failed logins for one user name from one address"),
     "challenges_per_address": Key(Int(1, 100000), "64", "outstanding challenges per address"),
     "idle_timeout": Key(Duration(min=1, max=3600), "60s", "close idle HTTP connections"),
     "max_connections": Key(Int(1, 1000000), "1000", "open HTTP connections in total"),

@@ -57,7 +57,7 @@ def make_rest_service(cfg: Any, reactor: Any) -> RoleService:
         challenge_ttl=rest.challenge_ttl, ticket_ttl=rest.ticket_ttl,
         enrollment_ttl=rest.enrollment_ttl, login_window=rest.login_window,
         login_failures_per_address=rest.login_failures_per_address,
-        login_failures_per_user=rest.login_failures_per_user,
+        login_failures_per_user_and_address=rest.login_failures_per_user_and_address,
         challenges_per_address=rest.challenges_per_address,
     )
     site = RestSite(api, rest.max_body, rest.idle_timeout, reactor=reactor,
