@@ -3,13 +3,20 @@ atomic writes, encodings, the test-summary line."""
 
 from __future__ import annotations
 
+import base64
+import contextlib
+import hashlib
+import io
 import json
 import os
+import shutil
+import subprocess
 import tempfile
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from twisted.internet.task import Clock
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 from ticrypt import identity, signed
 from ticrypt.audit import AuditLog
@@ -181,3 +188,147 @@ class SummaryTests(SynchronousTestCase):
         self.assertEqual(summarize("FAILED (skips=2, failures=1, errors=3, successes=7)"),
                          (7, 4, 2))
         self.assertIsNone(summarize("PASSED\n"))
+
+
+#: DER of an unencrypted Ed25519 PKCS#8 key before its 32-byte seed
+#: (PROTOCOL.md §2 "Key files").
+PKCS8_ED25519_PREFIX = bytes.fromhex("302e020100300506032b657004220420")
+
+
+def _der(data: bytes) -> tuple[int, bytes, bytes]:
+    """``(tag, content, rest)`` of the first DER element of ``data``."""
+    tag, n, i = data[0], data[1], 2
+    if n & 0x80:
+        size = n & 0x7F
+        n, i = int.from_bytes(data[2:2 + size], "big"), 2 + size
+    return tag, data[i:i + n], data[i + n:]
+
+
+def _der_all(data: bytes) -> list[tuple[int, bytes]]:
+    out = []
+    while data:
+        tag, content, data = _der(data)
+        out.append((tag, content))
+    return out
+
+
+def _pem_body(text: str, label: str) -> bytes:
+    lines = text.splitlines()
+    assert lines[0] == f"-----BEGIN {label}-----" and lines[-1] == f"-----END {label}-----"
+    assert text.endswith("\n")
+    return base64.b64decode("".join(lines[1:-1]), validate=True)
+
+
+class KeyFileFormatTests(SynchronousTestCase):
+    """The key files are what PROTOCOL.md §2 "Key files" says, read back the
+    way a stranger would, from the description (not through identity)."""
+
+    SEED = bytes(range(32))
+
+    def setUp(self) -> None:
+        self.dir = tmpdir()
+        self.key = Ed25519PrivateKey.from_private_bytes(self.SEED)
+        self.raw = identity.public_bytes(self.key)
+
+    def path(self, name: str) -> str:
+        return os.path.join(self.dir, name)
+
+    def test_private_key_without_passphrase(self) -> None:
+        identity.save_private(self.path("k"), self.key)
+        self.assertEqual(os.stat(self.path("k")).st_mode & 0o777, 0o600)
+        with open(self.path("k")) as f:
+            der = _pem_body(f.read(), "PRIVATE KEY")
+        self.assertEqual(der, PKCS8_ED25519_PREFIX + self.SEED)
+
+    def test_private_key_with_passphrase_by_the_recipe(self) -> None:
+        """PBES2: PBKDF2-HMAC-SHA256 (16-byte salt, 2048 iterations) and
+        AES-256-CBC (16-byte IV) over the DER above; the passphrase as UTF-8."""
+        passphrase = "pässwörd ☃"
+        identity.save_private(self.path("k"), self.key, passphrase.encode("utf-8"))
+        with open(self.path("k")) as f:
+            der = _pem_body(f.read(), "ENCRYPTED PRIVATE KEY")
+        tag, info, rest = _der(der)
+        self.assertEqual((tag, rest), (0x30, b""))
+        [(_, algorithm), (octets, encrypted)] = _der_all(info)
+        self.assertEqual(octets, 0x04)
+        [(_, pbes2_oid), (_, pbes2_params)] = _der_all(algorithm)
+        self.assertEqual(pbes2_oid, bytes.fromhex("2a864886f70d01050d"))  # 1.2.840.113549.1.5.13
+        [(_, kdf), (_, cipher)] = _der_all(pbes2_params)
+        [(_, kdf_oid), (_, kdf_params)] = _der_all(kdf)
+        self.assertEqual(kdf_oid, bytes.fromhex("2a864886f70d01050c"))  # PBKDF2
+        params = _der_all(kdf_params)
+        salt, iterations = params[0][1], int.from_bytes(params[1][1], "big")
+        [(_, prf_oid), _null] = _der_all(params[-1][1])
+        self.assertEqual(prf_oid, bytes.fromhex("2a864886f70d0209"))  # hmacWithSHA256
+        self.assertEqual((len(salt), iterations), (16, 2048))
+        [(_, cipher_oid), (_, iv)] = _der_all(cipher)
+        self.assertEqual(cipher_oid, bytes.fromhex("60864801650304012a"))  # aes256-CBC
+        self.assertEqual(len(iv), 16)
+        aes_key = hashlib.pbkdf2_hmac("sha256", passphrase.encode("utf-8"), salt, iterations, 32)
+        decryptor = Cipher(algorithms.AES(aes_key), modes.CBC(iv)).decryptor()
+        padded = decryptor.update(encrypted) + decryptor.finalize()
+        plain = padded[:-padded[-1]]
+        self.assertEqual(padded[-padded[-1]:], bytes([padded[-1]]) * padded[-1])
+        self.assertEqual(plain, PKCS8_ED25519_PREFIX + self.SEED)
+
+    def test_openssl_reads_the_private_keys(self) -> None:
+        openssl = shutil.which("openssl")
+        if openssl is None:
+            raise SkipTest("no openssl binary")
+        identity.save_private(self.path("plain"), self.key)
+        identity.save_private(self.path("enc"), self.key, "pässwörd".encode())
+        env = dict(os.environ, TICRYPT_PASSPHRASE="pässwörd")
+        seed_hex = ":".join(f"{b:02x}" for b in self.SEED[:15])
+        for name, extra in (("plain", []), ("enc", ["-passin", "env:TICRYPT_PASSPHRASE"])):
+            out = subprocess.run([openssl, "pkey", "-in", self.path(name), "-noout", "-text",
+                                  *extra], env=env, capture_output=True, text=True, check=True)
+            self.assertIn("ED25519 Private-Key", out.stdout)
+            self.assertIn(seed_hex, out.stdout)
+        pub = subprocess.run([openssl, "pkey", "-in", self.path("plain"), "-pubout"],
+                             capture_output=True, text=True, check=True).stdout
+        with open(self.path("k.pem.pub"), "w") as f:
+            f.write(pub)
+        self.assertEqual(identity.load_public_file(self.path("k.pem.pub")), self.raw)
+
+    def test_public_key_file_written(self) -> None:
+        identity.save_public(self.path("backend.pub"), self.key, "ticrypt-backend")
+        identity.save_public(self.path("k.pub"), self.key)
+        self.assertEqual(os.stat(self.path("k.pub")).st_mode & 0o777, 0o644)
+        with open(self.path("backend.pub"), "rb") as f:
+            self.assertEqual(f.read(), f"ed25519:{b64(self.raw)} ticrypt-backend\n".encode())
+        with open(self.path("k.pub"), "rb") as f:
+            self.assertEqual(f.read(), f"ed25519:{b64(self.raw)}\n".encode())
+
+    def test_public_key_file_read(self) -> None:
+        """The first word is the key; the rest of the file is ignored; no
+        comment lines; ASCII only."""
+        key = b64(self.raw)
+        accepted = [f"ed25519:{key}\n", f"ed25519:{key}", f"{key}\n",
+                    f"ed25519:{key} ticrypt-backend\n", f"ed25519:{key}\tany comment here\r\n",
+                    f"\n\n  ed25519:{key}\n", f"ed25519:{key}\nmore lines\nare ignored\n"]
+        refused = ["", "\n", f"# the backend key\ned25519:{key}\n",
+                   f"ed25519:{key} café\n", f"ed25519:{key}=\n",
+                   f"ed25519:{b64(self.raw[:31])}\n", f"ED25519:{key}\n"]
+        for i, text in enumerate(accepted + refused):
+            path = self.path(f"p{i}.pub")
+            with open(path, "wb") as f:
+                f.write(text.encode("utf-8"))
+            if i < len(accepted):
+                self.assertEqual(identity.load_public_file(path), self.raw, text)
+            else:
+                self.assertRaises(identity.KeyFileError, identity.load_public_file, path)
+
+    def test_admin_init_writes_backend_pub(self) -> None:
+        """``ticrypt-admin init`` writes ``backend.pub`` beside the signing key."""
+        from test.restfixture import make_rest_dir
+        from ticrypt.admin.cli import main
+
+        env = make_rest_dir(os.path.join(self.dir, "rest"), "alice", None)
+        with contextlib.redirect_stdout(io.StringIO()):
+            code = main(["--config", env.config_path, "init", "--superadmin", "alice",
+                         "--public-key", env.admin_key_file[:-4] + ".pub"])
+        self.assertEqual(code, 0)
+        signing = identity.public_bytes(identity.load_private(env.signing_key))
+        path = os.path.join(os.path.dirname(env.signing_key), "backend.pub")
+        with open(path, "rb") as f:
+            self.assertEqual(f.read(), f"ed25519:{b64(signing)} ticrypt-backend\n".encode())
