@@ -49,11 +49,20 @@ class Backend:
                                          now=_now() if now is None else now)
 
     def ticket(self, vm_id: str, user: str = "alice", user_key: Ed25519PrivateKey | None = None,
-               client: str = "127.0.0.1", ttl: int = 300, now: float | None = None) -> str:
+               client: str = "127.0.0.1", ttl: int = 300, now: float | None = None,
+               session: str | None = None) -> str:
         user_key = user_key or identity.generate()
         return signed.make_ticket(self.key, user=user, user_key=identity.public_bytes(user_key),
                                   vm=vm_id, client=client, now=_now() if now is None else now,
-                                  ttl=ttl, ticket_id=f"t{next(_ids)}")
+                                  ttl=ttl, ticket_id=f"t{next(_ids)}",
+                                  session=session or b64(os.urandom(signed.SID_BYTES)))
+
+    def revocations(self, serial: int, users: dict[str, int] | None = None,
+                    sessions: list[str] | None = None, now: float | None = None) -> str:
+        """A signed revocation feed (what rest serves at GET /v1/revocations)."""
+        return signed.make_revocation_feed(self.key, serial=serial,
+                                           now=_now() if now is None else now,
+                                           users=users or {}, sessions=sessions or [])
 
 
 def _now() -> float:
@@ -64,15 +73,21 @@ def _now() -> float:
 def write_proxy_config(directory: str, backend: Backend, *,
                        listen: str = "tcp:0:interface=127.0.0.1",
                        status_listen: str = "tcp:0:interface=127.0.0.1",
-                       allow_plain: bool | None = None, **limits: Any) -> str:
+                       allow_plain: bool | None = None, rest_url: str = "off",
+                       feeds: dict[str, str] | None = None, **limits: Any) -> str:
     """Write ``proxy.ini`` into ``directory``; ``limits`` go to ``[limits]``
-    verbatim (e.g. ``user_wait_timeout="1s"``).  Returns its path."""
+    verbatim (e.g. ``user_wait_timeout="1s"``), ``feeds`` to ``[proxy]``
+    (``ca_file``, ``revocation_feed_secret``, ``revocation_poll_interval``).
+    Returns its path."""
     directory = os.path.abspath(directory)
     if allow_plain is None:
         allow_plain = not listen.startswith("ssl:")
     lines = ["[proxy]", f"listen = {listen}", f"allow_plain = {'yes' if allow_plain else 'no'}",
              f"status_listen = {status_listen}", f"backend_public_key = {backend.pub_path}",
-             f"audit_log = {os.path.join(directory, 'proxy-audit.log')}", "", "[limits]"]
+             f"audit_log = {os.path.join(directory, 'proxy-audit.log')}",
+             f"rest_url = {rest_url}"]
+    lines += [f"{k} = {v}" for k, v in (feeds or {}).items()]
+    lines += ["", "[limits]"]
     lines += [f"{k} = {v}" for k, v in limits.items()]
     path = os.path.join(directory, "proxy.ini")
     with open(path, "w") as f:

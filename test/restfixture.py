@@ -45,6 +45,8 @@ class RestEnv:
     admin_key: Ed25519PrivateKey
     admin_key_file: str
     settings: dict[str, str]
+    #: bearer secret of GET /v1/revocations (rest and the proxy share it)
+    feed_secret_file: str = ""
     daemon: Daemon | None = None
     url: str = ""
 
@@ -77,6 +79,14 @@ class RestEnv:
         return self.daemon
 
 
+def write_secret(path: str) -> str:
+    """A fresh bearer secret (64 hex digits) in ``path``, mode 0600."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(os.urandom(32).hex() + "\n")
+    return path
+
+
 def make_rest_dir(directory: str, admin_name: str = "alice",
                   overrides: Mapping[str, str] | None = None) -> RestEnv:
     """Create TLS files, the admin key and rest.ini in ``directory`` (no init)."""
@@ -89,12 +99,14 @@ def make_rest_dir(directory: str, admin_name: str = "alice",
     admin_key_file = os.path.join(directory, f"{admin_name}.key")
     identity.save_private(admin_key_file, admin_key)
     identity.save_public(admin_key_file[:-4] + ".pub", admin_key)
+    feed_secret = write_secret(os.path.join(directory, "feed.secret"))
     settings = {
         "listen": tlsutil.server_endpoint(0, pem),
         "database": "rest.db",
         "signing_key": "backend.key",
         "audit_log": "audit.log",
         "proxy_url": "wss://127.0.0.1:8444",
+        "revocation_feed_secret": "feed.secret",
     }
     settings.update(overrides or {})
     env = RestEnv(dir=directory, config_path=os.path.join(directory, "rest.ini"), ca_file=ca,
@@ -102,7 +114,7 @@ def make_rest_dir(directory: str, admin_name: str = "alice",
                   audit_log=os.path.join(directory, "audit.log"),
                   signing_key=os.path.join(directory, "backend.key"), backend_public=b"",
                   admin_name=admin_name, admin_key=admin_key, admin_key_file=admin_key_file,
-                  settings=settings)
+                  settings=settings, feed_secret_file=feed_secret)
     env.write_config()
     return env
 

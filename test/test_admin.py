@@ -12,7 +12,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from test.daemon import run_command
 from test.restfixture import make_rest_dir, script, start_rest
 from ticrypt import identity
-from ticrypt.rest import db
+from ticrypt.rest import db, store
 
 
 class AdminCliTests(TestCase):
@@ -99,6 +99,27 @@ class MigrationTests(SynchronousTestCase):
         conn = db.connect(path)  # idempotent
         self.assertEqual(db.schema_version(conn), db.LATEST)
         conn.close()
+
+    def test_version_1_database_gains_the_revocation_feed(self) -> None:
+        """A database of schema 1 (before the revocation feed) is migrated:
+        its disabled users enter the feed, its serial starts at 0."""
+        path = self.mktemp()
+        self.patch(db, "MIGRATIONS", db.MIGRATIONS[:1])
+        self.patch(db, "LATEST", 1)
+        conn = db.connect(path, create=True)
+        for name, disabled in (("ann", 0), ("bob", 1)):
+            conn.execute("INSERT INTO users (name, role, public_key, disabled, created) "
+                         "VALUES (?, 'user', ?, ?, 1)", (name, b"k" * 32, disabled))
+        conn.close()
+        self.patch(db, "MIGRATIONS", type(self).all_migrations)
+        self.patch(db, "LATEST", len(type(self).all_migrations))
+        conn = db.connect(path)
+        found = db.transaction(conn, store.revocations, write=False)
+        conn.close()
+        self.assertEqual((found.serial, list(found.users), found.sessions), (0, ["bob"], []))
+        self.assertGreater(found.users["bob"], 1_700_000_000)  # the time of the upgrade
+
+    all_migrations = db.MIGRATIONS
 
     def test_refuses_newer_and_foreign_databases(self) -> None:
         path = self.mktemp()

@@ -93,7 +93,8 @@ class SignedTests(SynchronousTestCase):
 
     def ticket(self, now: float = 1000.0, ttl: int = 60) -> str:
         return signed.make_ticket(self.backend, user="alice", user_key=self.user_key, vm="vm1",
-                                  client="127.0.0.1", now=now, ttl=ttl, ticket_id="j1")
+                                  client="127.0.0.1", now=now, ttl=ttl, ticket_id="j1",
+                                  session=b64(bytes(signed.SID_BYTES)))
 
     def test_ticket_roundtrip(self) -> None:
         t = signed.verify_ticket(self.pub, self.ticket(), vm="vm1", client="127.0.0.1",
@@ -114,7 +115,8 @@ class SignedTests(SynchronousTestCase):
         self.assertCode("wrong-client", self.ticket(), client="127.0.0.2")
         forged = signed.make_ticket(Ed25519PrivateKey.generate(), user="alice",
                                     user_key=self.user_key, vm="vm1", client="127.0.0.1",
-                                    now=1000, ttl=60, ticket_id="j1")
+                                    now=1000, ttl=60, ticket_id="j1",
+                                    session=b64(bytes(signed.SID_BYTES)))
         self.assertCode("bad-signature", forged)
         self.assertCode("bad-token", "garbage")
         self.assertCode("bad-token", "a.b.c")

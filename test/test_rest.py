@@ -19,6 +19,8 @@ from test.restfixture import RestEnv, start_rest
 from ticrypt import identity, signed, tlsutil
 from ticrypt.encoding import b64
 from ticrypt.frontend.client import PinnedCAPolicy, RestClient, RestError, _Bytes, _Collect
+from ticrypt.http import load_secret
+from ticrypt.rest.core import session_id, token_hash
 
 
 async def raw(env: RestEnv, method: str, path: str, body: bytes | None = None,
@@ -248,12 +250,15 @@ class EnrollmentTests(TestCase):
                                       client="127.0.0.1", now=time.time())
         self.assertEqual((ticket.user, ticket.user_key, ticket.expires),
                          ("alice", identity.public_bytes(env.admin_key), t["expires"]))
+        # it names the session it was issued under (so a logout revokes it)
+        assert client.token is not None
+        self.assertEqual(ticket.session, session_id(token_hash(client.token)))
         self.assertEqual(audit_lines(env)[-1]["event"], "ticket-issued")
         # A ticket forged with another key is refused by the proxy's check.
         forged = signed.make_ticket(identity.generate(), user="alice",
                                     user_key=identity.public_bytes(env.admin_key), vm=vm_id,
                                     client="127.0.0.1", now=time.time(), ttl=60,
-                                    ticket_id="x")
+                                    ticket_id="x", session=ticket.session)
         with self.assertRaises(signed.TokenError) as te:
             signed.verify_ticket(env.backend_public, forged, vm=vm_id, client="127.0.0.1",
                                  now=time.time())
@@ -394,6 +399,57 @@ class ErrorTests(TestCase):
         self.assertTrue(env.url.startswith("http://"))
         self.assertIn("allow_plain_http = yes is for tests only", daemon.text())
         self.assertIn("public_key", await RestClient(reactor, env.url).backend())
+
+
+class RevocationFeedTests(TestCase):
+    """GET /v1/revocations: what the proxy polls (PROTOCOL.md §3 "Revocation")."""
+
+    timeout = 120
+
+    async def feed(self, env: RestEnv) -> signed.RevocationFeed:
+        secret = load_secret(env.feed_secret_file)
+        code, obj, _ = await raw(env, "GET", "/v1/revocations",
+                                 headers={b"Authorization": [b"Bearer " + secret.encode()]})
+        self.assertEqual(code, 200, obj)
+        return signed.verify_revocation_feed(env.backend_public, obj["feed"], now=time.time(),
+                                             max_age=60)
+
+    async def test_feed_follows_logout_and_admin_disable(self) -> None:
+        env = await start_rest(self)
+        bob_key, bob_pub = env.new_user_key("bob")
+        self.assertEqual((await env.admin("user", "add", "bob", "--public-key", bob_pub))[0], 0)
+        first = await self.feed(env)
+        self.assertEqual((first.users, first.sessions), ({}, frozenset()))
+        bob, bob2 = env.client(), env.client()
+        await bob.login("bob", bob_key)
+        await bob2.login("bob", bob_key)
+        assert bob.token is not None
+        ended = session_id(token_hash(bob.token))
+        await bob.logout()
+        after_logout = await self.feed(env)
+        self.assertEqual((after_logout.users, after_logout.sessions), ({}, {ended}))
+        self.assertGreater(after_logout.serial, first.serial)
+        # ticrypt-admin writes the database directly: the feed still sees it
+        self.assertEqual((await env.admin("user", "disable", "bob"))[0], 0)
+        after_disable = await self.feed(env)
+        self.assertEqual(list(after_disable.users), ["bob"])
+        self.assertLessEqual(abs(after_disable.users["bob"] - time.time()), 60)
+        # bob's sessions are covered by his entry
+        self.assertEqual(after_disable.sessions, frozenset())
+        self.assertGreater(after_disable.serial, after_logout.serial)
+
+    async def test_feed_needs_its_secret(self) -> None:
+        env = await start_rest(self)
+        admin = env.client()
+        await admin.login("alice", env.admin_key)
+        assert admin.token is not None
+        for headers in ({}, {b"Authorization": [b"Bearer " + admin.token.encode()]}):
+            code, obj, _ = await raw(env, "GET", "/v1/revocations", headers=headers)
+            self.assertEqual((code, obj["error"]["code"]), (401, "invalid-token"))
+        refused = [e for e in audit_lines(env) if e["event"] == "feed-refused"]
+        self.assertEqual([e["reason"] for e in refused], ["missing-token", "invalid-token"])
+        with open(env.audit_log) as f:
+            self.assertNotIn(admin.token, f.read())
 
 
 class DurabilityTests(TestCase):

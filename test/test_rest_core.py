@@ -19,8 +19,18 @@ from ticrypt.encoding import b64
 from ticrypt.rest import db, store
 from ticrypt.rest.api import Call, RestApi
 from ticrypt.rest.config import SCHEMA
-from ticrypt.rest.core import ApiError, ChallengeTable, RateLimiter, parse_body, valid_host
+from ticrypt.rest.core import (
+    ApiError,
+    ChallengeTable,
+    RateLimiter,
+    parse_body,
+    session_id,
+    token_hash,
+    valid_host,
+)
 from ticrypt.rest.web import RestSite, match
+
+FEED_SECRET = "s" * 40
 
 
 class ChallengeTableTests(SynchronousTestCase):
@@ -185,7 +195,8 @@ class ApiTests(SynchronousTestCase):
                            proxy_url="wss://p:1", audit=self.audit,
                            session_ttl=100, challenge_ttl=30, ticket_ttl=60,
                            enrollment_ttl=50, login_window=60, login_failures_per_address=5,
-                           login_failures_per_user_and_address=2, challenges_per_address=8)
+                           login_failures_per_user_and_address=2, challenges_per_address=8,
+                           feed_secret=FEED_SECRET)
 
     def call(self, handler: str, body: dict[str, Any] | None = None, params: tuple[str, ...] = (),
              token: str | None = None, client: str = "10.0.0.9") -> Any:
@@ -242,6 +253,62 @@ class ApiTests(SynchronousTestCase):
             self.login()
         self.assertEqual(e.exception.code, "rate-limited")
         self.assertEqual(self.login(client="10.0.0.8")[0], 200)
+
+    def feed(self, token: str | None = FEED_SECRET) -> signed.RevocationFeed:
+        status, body = self.call("revocations", token=token)
+        self.assertEqual(status, 200)
+        return signed.verify_revocation_feed(identity.public_bytes(self.key), body["feed"],
+                                             now=self.clock.seconds(), max_age=60)
+
+    def test_revocation_feed(self) -> None:
+        feed = self.feed()
+        self.assertEqual((feed.serial, feed.issued, feed.users, feed.sessions),
+                         (0, int(self.clock.seconds()), {}, frozenset()))
+        _, kept = self.login()
+        _, ended = self.login()
+        vm, token, _ = result(self.api.add_vm("lab", "alice", "h:22"))
+        self.call("enroll", {"token": token, "vm_public_key": identity.public_text(
+            identity.generate()), "tls_fingerprint": "sha256:" + "1" * 64})
+        _, t = self.call("ticket", params=(vm.id,), token=ended["token"])
+        ticket = signed.verify_ticket(identity.public_bytes(self.key), t["ticket"], vm=vm.id,
+                                      client="10.0.0.9", now=self.clock.seconds())
+        self.call("logout", token=ended["token"])
+        self.clock.advance(5)
+        feed = self.feed()
+        # the ended session is listed by the id its tickets carry
+        self.assertEqual((feed.serial, feed.users, feed.sessions),
+                         (1, {}, {ticket.session}))
+        self.assertNotEqual(ticket.session, session_id(token_hash(kept["token"])))
+        disabled_at = self.clock.seconds()
+        db.transaction(self.db.conn, store.disable_user, "alice", disabled_at)
+        self.clock.advance(5)
+        feed = self.feed()
+        self.assertEqual((feed.serial, feed.users, feed.sessions),
+                         (2, {"alice": int(disabled_at)}, frozenset()))
+        db.transaction(self.db.conn, store.disable_user, "alice", self.clock.seconds())
+        self.assertEqual(self.feed().users, {"alice": int(disabled_at)})  # since: the first
+
+    def test_revocation_feed_needs_its_secret(self) -> None:
+        for token in (None, "x" * 40, FEED_SECRET + "x"):
+            with self.assertRaises(ApiError) as e:
+                self.feed(token)
+            self.assertEqual((e.exception.status, e.exception.code), (401, "invalid-token"))
+        self.assertEqual([e for e in self.audit_events() if e[0] == "feed-refused"],
+                         [("feed-refused", "missing-token")]
+                         + [("feed-refused", "invalid-token")] * 2)
+        for _ in range(2):
+            with self.assertRaises(ApiError) as e:
+                self.feed("y" * 40)
+            self.assertEqual(e.exception.code, "invalid-token")
+        with self.assertRaises(ApiError) as e:  # 5 per address, with failed logins
+            self.feed()
+        self.assertEqual(e.exception.code, "rate-limited")
+        self.assertEqual(self.call("revocations", token=FEED_SECRET, client="10.0.0.8")[0],
+                         200)
+        self.api._feed_secret = None
+        with self.assertRaises(ApiError) as e:
+            self.feed()
+        self.assertEqual((e.exception.status, e.exception.code), (404, "feed-disabled"))
 
     def test_wrong_purpose_then_rate_limited(self) -> None:
         for _ in range(2):
@@ -506,6 +573,18 @@ class ConfigTests(SynchronousTestCase):
         # the old per-user key is gone: named, not silently ignored
         self.assertIn("unknown key", self.error("login_failures_per_user",
                                                 login_failures_per_user="10"))
+        secret = os.path.join(self.dir, "feed.secret")
+        with open(os.open(secret, os.O_WRONLY | os.O_CREAT, 0o600), "w") as f:
+            f.write("too-short\n")
+        self.assertIn("32 to 1024 characters",
+                      self.error("revocation_feed_secret", revocation_feed_secret="feed.secret"))
+        with open(secret, "w") as f:
+            f.write("x" * 40 + "\n")
+        self.assertEqual(self.load(revocation_feed_secret="feed.secret").rest.
+                         revocation_feed_secret, secret)
+        os.chmod(secret, 0o644)
+        self.assertIn("chmod 600",
+                      self.error("revocation_feed_secret", revocation_feed_secret="feed.secret"))
         self.error("audit_log", audit_log="no/such/dir/audit.log")
         self.assertIn("ticrypt-admin init", self.error("database", database="other.db"))
         self.error("signing_key", signing_key="rest.ini")
@@ -532,16 +611,19 @@ class WorkedExampleTests(SynchronousTestCase):
         payload = {"challenge": b64(bytes([0xAA] * 32)), "challenge_id": b64(bytes([0x11] * 16)),
                    "user": "alice"}
         token = b64(bytes([0x55] * 32))
+        sid = session_id(token_hash(token))
         expected = [
             identity.public_text(user), identity.public_text(backend), identity.public_text(vm),
             signed.signing_input(signed.LOGIN, payload).decode().replace("\x00", "\\x00"),
             b64(signed.sign(user, signed.LOGIN, payload)),
-            token, hashlib.sha256(token.encode()).hexdigest(),
+            token, hashlib.sha256(token.encode()).hexdigest(), sid,
             signed.make_ticket(backend, user="alice", user_key=identity.public_bytes(user),
                                vm="vm-0123456789abcdef", client="127.0.0.1", now=1800000000,
-                               ttl=60, ticket_id=b64(bytes([0x22] * 16))),
+                               ttl=60, ticket_id=b64(bytes([0x22] * 16)), session=sid),
             signed.make_vm_credential(backend, vm="vm-0123456789abcdef",
                                       vm_key=identity.public_bytes(vm), now=1800000000),
+            signed.make_revocation_feed(backend, serial=7, now=1800000000,
+                                        users={"bob": 1799990000}, sessions=[sid]),
         ]
         for value in expected:
             self.assertIn(value, doc)

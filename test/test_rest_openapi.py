@@ -16,6 +16,7 @@ from test.restfixture import RestEnv, start_rest
 from test.test_rest import raw
 from ticrypt import identity, signed
 from ticrypt.encoding import b64
+from ticrypt.http import load_secret
 from ticrypt.rest import api
 
 DOC_PATH = os.path.join(os.path.dirname(api.__file__), "openapi.json")
@@ -141,6 +142,9 @@ class LiveTests(TestCase):
         await h(env, "POST", "/v1/users/{name}/disable", {"name": "bob"}, {}, token=tok,
                 expect=200)
         await h(env, "GET", "/v1/vms", {}, token=bob, expect=401)
+        feed_secret = load_secret(env.feed_secret_file)
+        await h(env, "GET", "/v1/revocations", {}, token=feed_secret, expect=200)
+        await h(env, "GET", "/v1/revocations", {}, token=tok, expect=401)
         await h(env, "POST", "/v1/auth/logout", {}, {}, token=tok, expect=204)
         await h(env, "POST", "/v1/auth/logout", {}, {}, token=tok, expect=401)
         for _ in range(25):

@@ -31,6 +31,7 @@ from test.restfixture import RestEnv, script, start_rest
 from ticrypt import identity, tlsutil
 from ticrypt.frontend import clientconfig
 from ticrypt.frontend.session import Session, open_session
+from ticrypt.lab.cli import free_port
 
 
 @attrs.define
@@ -122,8 +123,16 @@ class Trio:
     async def restart_proxy(self, testcase: TestCase) -> Daemon:
         """Start a new proxy on the same port (after :meth:`kill_proxy`)."""
         self.proxy = await start_daemon(testcase, "ticrypt-proxy",
-                                        _proxy_config(self.dir, self.rest, self.proxy_port))
+                                        _proxy_config(self.dir, self.rest, self.proxy_port,
+                                                      self.rest.url))
         return self.proxy
+
+    def proxy_audit_lines(self) -> list[dict[str, Any]]:
+        path = os.path.join(self.dir, "proxy", "audit.log")
+        if not os.path.exists(path):
+            return []
+        with open(path) as f:
+            return [json.loads(line) for line in f if line.strip()]
 
     # -- users' side -----------------------------------------------------------
 
@@ -159,12 +168,15 @@ class Trio:
         return await run_command([script("ticrypt"), "--config", path, *args], stdin=stdin)
 
 
-def _proxy_config(directory: str, rest: RestEnv, port: int = 0, **limits: str) -> str:
+def _proxy_config(directory: str, rest: RestEnv, port: int, rest_url: str,
+                  **limits: str) -> str:
     d = os.path.join(directory, "proxy")
     os.makedirs(d, mode=0o700, exist_ok=True)
     lines = ["[proxy]", f"listen = {tlsutil.server_endpoint(port, rest.server_pem)}",
              f"backend_public_key = {os.path.join(rest.dir, 'backend.pub')}",
-             f"audit_log = {os.path.join(d, 'audit.log')}", "", "[limits]"]
+             f"audit_log = {os.path.join(d, 'audit.log')}",
+             f"rest_url = {rest_url}", f"ca_file = {rest.ca_file}",
+             f"revocation_feed_secret = {rest.feed_secret_file}", "", "[limits]"]
     lines += [f"{k} = {v}" for k, v in limits.items()]
     path = os.path.join(d, "proxy.ini")
     with open(path, "w") as f:
@@ -182,8 +194,14 @@ async def start_trio(testcase: TestCase, *, enroll: bool = True,
     """
     rest = await start_rest(testcase, start=False)
     directory = rest.dir
+    # rest needs the proxy's URL and the proxy rest's (for the revocation
+    # feed): rest gets a port free now, the proxy polls it until it is up
+    rest_port = free_port()
+    rest.write_config(listen=tlsutil.server_endpoint(rest_port, rest.server_pem))
     proxy = await start_daemon(testcase, "ticrypt-proxy",
-                               _proxy_config(directory, rest, 0, **(proxy_limits or {})))
+                               _proxy_config(directory, rest, 0,
+                                             f"https://127.0.0.1:{rest_port}",
+                                             **(proxy_limits or {})))
     _, port = proxy.address("proxy")
     rest.write_config(proxy_url=f"wss://127.0.0.1:{port}")
     await rest.start(testcase)

@@ -7,7 +7,8 @@ other.  A *token* carries its payload: ``b64(canonical(payload)) "." b64(sig)``.
 
 Connection tickets (rest -> frontend -> proxy) are tokens of purpose
 ``connection-ticket-v1``; VM credentials (rest -> vmc -> proxy) of purpose
-``vm-credential-v1``.  PROTOCOL.md documents both.
+``vm-credential-v1``; the revocation feed (rest -> proxy) of purpose
+``revocations-v1``.  PROTOCOL.md documents all three.
 """
 
 from __future__ import annotations
@@ -27,6 +28,12 @@ LOGIN = "login-v1"
 TICKET = "connection-ticket-v1"
 VM_CREDENTIAL = "vm-credential-v1"
 PROXY_VM_AUTH = "proxy-vm-auth-v1"
+REVOCATIONS = "revocations-v1"
+
+#: Largest revocation feed token (characters); PROTOCOL.md §3 "Revocation".
+MAX_FEED = 4 * 1024 * 1024
+#: A session id in a ticket and the feed: b64 of this many bytes.
+SID_BYTES = 12
 
 #: Clock skew tolerated for "issued at" in the future.
 SKEW = 30
@@ -56,9 +63,11 @@ def make_token(key: Ed25519PrivateKey, purpose: str, payload: dict[str, Any]) ->
     return b64(canonical(payload)) + "." + b64(sign(key, purpose, payload))
 
 
-def open_token(raw_public: bytes, purpose: str, token: str) -> dict[str, Any]:
-    """Verify ``token`` and return its payload; TokenError otherwise."""
-    if not isinstance(token, str) or len(token) > MAX_TOKEN:
+def open_token(raw_public: bytes, purpose: str, token: str,
+               max_size: int = MAX_TOKEN) -> dict[str, Any]:
+    """Verify ``token`` (at most ``max_size`` characters) and return its
+    payload; TokenError otherwise."""
+    if not isinstance(token, str) or len(token) > max_size:
         raise TokenError("bad-token", "token missing or too long")
     parts = token.split(".")
     if len(parts) != 2:
@@ -74,7 +83,7 @@ def open_token(raw_public: bytes, purpose: str, token: str) -> dict[str, Any]:
     if not identity.verify(raw_public, sig, DOMAIN + purpose.encode("ascii") + b"\x00" + body):
         raise TokenError("bad-signature", "token signature is not valid")
     try:
-        payload = loads_bounded(body, max_size=MAX_TOKEN)
+        payload = loads_bounded(body, max_size=max_size)
     except ValueError:
         raise TokenError("bad-token", "token payload is not valid JSON") from None
     if not isinstance(payload, dict) or canonical(payload) != body:
@@ -93,6 +102,9 @@ class Ticket:
     issued: int
     expires: int
     ticket_id: str
+    #: the session id (``sid``) of the rest session the ticket was issued
+    #: under; empty only for a Ticket built by hand in a test
+    session: str = ""
 
 
 def make_ticket(
@@ -105,12 +117,14 @@ def make_ticket(
     now: float,
     ttl: int,
     ticket_id: str,
+    session: str,
 ) -> str:
     payload = {
         "client": client,
         "exp": int(now) + ttl,
         "iat": int(now),
         "jti": ticket_id,
+        "sid": session,
         "user": user,
         "user_key": b64(user_key),
         "vm": vm,
@@ -120,17 +134,21 @@ def make_ticket(
 
 def verify_ticket(backend_public: bytes, token: str, *, vm: str | None, client: str,
                   now: float) -> Ticket:
-    """Check signature, expiry, VM (when given) and client address."""
+    """Check signature, expiry, VM (when given) and client address.
+
+    A ticket without ``sid`` (issued by a rest older than the revocation
+    feed) is refused ``bad-token``: tickets live ``ticket_ttl`` (a minute by
+    default), so the frontend simply asks the upgraded rest for a new one."""
     p = open_token(backend_public, TICKET, token)
     try:
         t = Ticket(
             user=_s(p["user"]), user_key=unb64(_s(p["user_key"]), 32), vm=_s(p["vm"]),
             client=_s(p["client"]), issued=_i(p["iat"]), expires=_i(p["exp"]),
-            ticket_id=_s(p["jti"]),
+            ticket_id=_s(p["jti"]), session=_sid(p["sid"]),
         )
     except (KeyError, TypeError, ValueError):
         raise TokenError("bad-token", "ticket payload is malformed") from None
-    if set(p) != {"client", "exp", "iat", "jti", "user", "user_key", "vm"}:
+    if set(p) != {"client", "exp", "iat", "jti", "sid", "user", "user_key", "vm"}:
         raise TokenError("bad-token", "ticket payload has unexpected fields")
     if t.expires <= now:
         raise TokenError("expired", "ticket has expired")
@@ -165,6 +183,59 @@ def verify_vm_credential(backend_public: bytes, token: str) -> VmCredential:
                             issued=_i(p["iat"]))
     except (KeyError, TypeError, ValueError):
         raise TokenError("bad-token", "VM credential payload is malformed") from None
+
+
+@attrs.frozen
+class RevocationFeed:
+    """A verified revocation feed: who lost access, as of ``issued``."""
+
+    issued: int
+    serial: int
+    #: disabled user name -> since when (Unix seconds; informational)
+    users: dict[str, int]
+    #: session ids (``sid``) of ended sessions
+    sessions: frozenset[str]
+
+
+def make_revocation_feed(backend_key: Ed25519PrivateKey, *, serial: int, now: float,
+                         users: dict[str, int], sessions: list[str] | set[str]) -> str:
+    """The signed feed rest serves at ``GET /v1/revocations``."""
+    return make_token(backend_key, REVOCATIONS, {
+        "iat": int(now), "serial": serial, "users": dict(users),
+        "sessions": sorted(sessions)})
+
+
+def verify_revocation_feed(backend_public: bytes, token: str, *, now: float,
+                           max_age: float) -> RevocationFeed:
+    """Check signature, fields and freshness (``now - max_age <= iat <=
+    now + SKEW``; ``stale`` otherwise).  Ordering against the previous feed
+    (serial, iat) is the caller's job."""
+    p = open_token(backend_public, REVOCATIONS, token, max_size=MAX_FEED)
+    try:
+        if set(p) != {"iat", "serial", "sessions", "users"}:
+            raise ValueError
+        users, sessions = p["users"], p["sessions"]
+        if not isinstance(users, dict) or not isinstance(sessions, list):
+            raise TypeError
+        feed = RevocationFeed(
+            issued=_i(p["iat"]), serial=_i(p["serial"]),
+            users={_s(name): _i(since) for name, since in users.items()},
+            sessions=frozenset(_sid(sid) for sid in sessions))
+    except (KeyError, TypeError, ValueError):
+        raise TokenError("bad-token", "revocation feed payload is malformed") from None
+    if feed.serial < 0 or len(feed.sessions) != len(sessions):
+        raise TokenError("bad-token", "revocation feed payload is malformed")
+    if feed.issued > now + SKEW:
+        raise TokenError("bad-token", "revocation feed issued in the future")
+    if feed.issued < now - max_age:
+        raise TokenError("stale", f"revocation feed is older than {max_age:g}s")
+    return feed
+
+
+def _sid(v: Any) -> str:
+    """A session id: b64 of SID_BYTES bytes."""
+    unb64(_s(v), SID_BYTES)
+    return str(v)
 
 
 def _s(v: Any) -> str:

@@ -55,8 +55,11 @@ def _write(path: str, text: str, mode: int = 0o600) -> None:
 
 
 def write_configs(d: str, rest_port: int, proxy_port: int) -> dict[str, str]:
-    """Write rest.ini, proxy.ini and client.ini into ``d``; return their paths."""
+    """Write rest.ini, proxy.ini and client.ini (and feed.secret, the bearer
+    secret of rest's revocation feed, shared by rest and the proxy) into
+    ``d``; return their paths."""
     paths = {name: os.path.join(d, f"{name}.ini") for name in ("rest", "proxy", "client")}
+    _write(os.path.join(d, "feed.secret"), os.urandom(32).hex() + "\n")
     _write(paths["rest"], f"""\
 # ticrypt-lab: backend entry point (see etc/rest.ini for every key)
 [rest]
@@ -65,6 +68,7 @@ database = rest.db
 signing_key = backend.key
 audit_log = rest-audit.log
 proxy_url = wss://127.0.0.1:{proxy_port}
+revocation_feed_secret = feed.secret
 """)
     _write(paths["proxy"], f"""\
 # ticrypt-lab: websocket pairing relay (see etc/proxy.ini for every key)
@@ -72,6 +76,9 @@ proxy_url = wss://127.0.0.1:{proxy_port}
 listen = {tlsutil.server_endpoint(proxy_port, "tls/server.pem")}
 backend_public_key = backend.pub
 audit_log = proxy-audit.log
+rest_url = https://127.0.0.1:{rest_port}
+ca_file = tls/ca.pem
+revocation_feed_secret = feed.secret
 
 [limits]
 """)
@@ -187,7 +194,8 @@ class Lab:
                                  os.path.join(d, "tls", "ca.key"),
                                  os.path.join(d, "tls", "server.pem"))
         paths = write_configs(d, rest_port, proxy_port)
-        self.say("    wrote tls/ca.pem, tls/server.pem, rest.ini, proxy.ini, client.ini")
+        self.say("    wrote tls/ca.pem, tls/server.pem, rest.ini, proxy.ini, client.ini, "
+                 "feed.secret")
 
         self.step(f"The researcher {USER} creates an Ed25519 key pair")
         await self.run(["ticrypt", "--config", "client.ini", "keygen", "--no-passphrase"])

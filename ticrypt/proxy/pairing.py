@@ -79,6 +79,10 @@ class PairingTable(Generic[S]):
     def users_waiting(self, vm_id: str) -> int:
         return len(self._users.get(vm_id, ()))
 
+    def waiting_users(self) -> list[S]:
+        """Every user waiting for a VM socket (a copy: safe to remove from)."""
+        return [sock for queue in self._users.values() for sock in queue]
+
     def snapshot(self) -> dict[str, int]:
         """``{vm_id: waiting VM sockets}`` for every VM with at least one."""
         return {vm: len(q) for vm, q in sorted(self._vms.items()) if q}

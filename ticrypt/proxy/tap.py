@@ -26,12 +26,17 @@ from ticrypt.config import (
     Schema,
     ServerEndpoint,
     Size,
+    Url,
 )
+from ticrypt.http import load_secret
+from ticrypt.http.client import JsonClient
 from ticrypt.proxy.pairing import Limits, PairingTable
+from ticrypt.proxy.revocations import FEED_TIMEOUT, RevocationList, RevocationPoller, max_age
 from ticrypt.proxy.status import status_resource
 from ticrypt.proxy.tlsmem import lean_endpoint
 from ticrypt.proxy.ws import ProxyFactory, Settings
 from ticrypt.service import ListenerService, RoleService, options_for
+from ticrypt.signed import MAX_FEED
 
 log = Logger()
 
@@ -48,9 +53,43 @@ def _validate(cfg: Config) -> None:
         identity.load_public_file(cfg.proxy.backend_public_key)
     except identity.KeyFileError as e:
         raise cfg.error("proxy", "backend_public_key", str(e)) from None
+    _validate_revocations(cfg)
     lim = cfg.limits
     if lim.max_frame_size > lim.max_message_size:
         raise cfg.error("limits", "max_frame_size", "must not exceed max_message_size")
+
+
+def _validate_revocations(cfg: Config) -> None:
+    p = cfg.proxy
+    if p.rest_url is None:
+        return
+    if p.rest_url.startswith("https:") and p.ca_file is None:
+        raise cfg.error("proxy", "ca_file", "an https rest_url needs the CA file")
+    if p.rest_url.startswith("http:") and not p.allow_plain:
+        raise cfg.error("proxy", "rest_url", "http:// needs allow_plain = yes; use https://")
+    if p.revocation_feed_secret is None:
+        raise cfg.error("proxy", "revocation_feed_secret",
+                        "missing: rest_url is set, so the feed's bearer secret is needed")
+    try:
+        load_secret(p.revocation_feed_secret)
+    except ValueError as e:
+        raise cfg.error("proxy", "revocation_feed_secret", str(e)) from None
+
+
+@attrs.frozen
+class _OptionalUrl(Url):
+    """An https (or http) URL, or ``off``."""
+
+    schemes: tuple[str, ...] = ("https", "http")
+
+    @property
+    def expected(self) -> str:  # type: ignore[override]
+        return "an https:// URL, or off"
+
+    def parse(self, raw: str, ctx: Any) -> str | None:  # type: ignore[override]
+        if raw.strip().lower() == "off":
+            return None
+        return super().parse(raw, ctx)
 
 
 @attrs.frozen
@@ -74,6 +113,12 @@ SCHEMA = Schema(
                                  doc="read-only GET /v1/status listener"),
             "backend_public_key": Key(FilePath(), doc="backend.pub from ticrypt-admin init"),
             "audit_log": Key(FilePath(must_exist=False), doc="JSON-lines audit log"),
+            "rest_url": Key(_OptionalUrl(), doc="rest base URL for the revocation feed, or off"),
+            "ca_file": Key(FilePath(), None, doc="CA that signs rest's certificate"),
+            "revocation_feed_secret": Key(FilePath(secret=True), None,
+                                          doc="bearer secret of the feed (rest's too)"),
+            "revocation_poll_interval": Key(Duration(min=0.1, max=3600), "2s",
+                                            doc="how often the feed is fetched"),
         },
         "limits": {
             "max_message_size": Key(Size(min=1024), str(_D.max_message_size)),
@@ -118,12 +163,29 @@ def settings_from(cfg: Config) -> tuple[Settings, Limits]:
 def make_factory(cfg: Config, reactor: Any) -> ProxyFactory:
     """The websocket factory for ``cfg`` (shared by the service and tests)."""
     settings, limits = settings_from(cfg)
-    return ProxyFactory(
+    factory = ProxyFactory(
         reactor=reactor, clock=reactor,
         backend_key=identity.load_public_file(cfg.proxy.backend_public_key),
         table=PairingTable(limits), settings=settings,
         audit=AuditLog(cfg.proxy.audit_log, clock=reactor, role="proxy"),
         url=("wss" if cfg.proxy.listen.startswith("ssl:") else "ws") + "://localhost")
+    if cfg.proxy.rest_url is not None:
+        factory.revocations = RevocationList(factory.backend_key,
+                                             max_age(cfg.proxy.revocation_poll_interval))
+    return factory
+
+
+def make_poller(cfg: Config, reactor: Any, factory: ProxyFactory) -> RevocationPoller | None:
+    """The job that follows rest's revocation feed (None when rest_url = off)."""
+    p = cfg.proxy
+    if p.rest_url is None or factory.revocations is None:
+        return None
+    return RevocationPoller(
+        clock=reactor, client=JsonClient(reactor, p.ca_file, timeout=FEED_TIMEOUT,
+                                         max_response=2 * MAX_FEED, persistent=True),
+        rest_url=p.rest_url, secret=load_secret(p.revocation_feed_secret),
+        revocations=factory.revocations, apply=factory.revoke_pairs,
+        interval=p.revocation_poll_interval)
 
 
 def makeService(options: dict[str, Any], reactor: Any = None) -> RoleService:
@@ -145,4 +207,10 @@ def makeService(options: dict[str, Any], reactor: Any = None) -> RoleService:
         site.noisy = False
         ListenerService("status", endpoints.serverFromString(reactor, cfg.proxy.status_listen),
                         site).setServiceParent(top)
+    poller = make_poller(cfg, reactor, factory)
+    if poller is None:
+        log.warn("proxy: rest_url = off: disabling a user or ending a session at rest "
+                 "does not close the pairs already open")
+    else:
+        poller.setServiceParent(top)
     return top

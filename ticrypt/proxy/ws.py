@@ -41,6 +41,7 @@ from ticrypt.audit import AuditLog
 from ticrypt.encoding import JsonError, b64, loads_bounded, unb64
 from ticrypt.proxy.pairing import Paired, PairingTable, Refused, Waiting
 from ticrypt.proxy.replay import TicketLedger, Use
+from ticrypt.proxy.revocations import REVOKED, RevocationList
 from ticrypt.proxy.tlsmem import release_bio_buffers
 
 VM_PATH = "/v1/vm"
@@ -518,6 +519,9 @@ class Leg(WebSocketServerProtocol):
                                           now=self.factory.clock.seconds())
         except signed.TokenError as e:
             raise ControlError(TICKET_REFUSED, f"ticket-refused: {e.code}") from None
+        revocations = self.factory.revocations
+        if revocations is not None and revocations.reason(ticket) is not None:
+            raise ControlError(TICKET_REFUSED, "ticket-refused: revoked")
         use = self.factory.tickets.use(ticket.ticket_id, ticket.expires,
                                        self.factory.clock.seconds())
         if use is Use.REPLAYED:
@@ -611,6 +615,8 @@ class ProxyFactory(WebSocketServerFactory):
 
     protocol = Leg  # type: ignore[assignment]
     log = Logger()
+    #: rest's revocation feed as last verified (None: not followed)
+    revocations: RevocationList | None = None
 
     def __init__(self, *, reactor: Any, clock: IReactorTime, backend_key: bytes,
                  table: PairingTable[Leg], settings: Settings, audit: AuditLog,
@@ -696,6 +702,29 @@ class ProxyFactory(WebSocketServerFactory):
         self.pairs.discard(pair)
         for formed in self.table.pair_ended():
             self.start_pair(formed)
+
+    def revoke_pairs(self) -> int:
+        """Close every pair, and every waiting user, whose ticket's user or
+        session :attr:`revocations` lists: both legs with :data:`REVOKED`
+        (vmc ends the channel and its processes), audited ``pair-revoked``.
+        Returns how many were closed."""
+        if self.revocations is None:
+            return 0
+        closed = 0
+        # waiting users first: a pair that ends below may pair a waiting user
+        for leg in self.table.waiting_users():
+            reason = self.revocations.reason(leg.ticket) if leg.ticket else None
+            if reason is not None and leg.ticket is not None:
+                leg.refuse(REVOKED, reason, "user-refused", vm=leg.vm_id, user=leg.ticket.user)
+                closed += 1
+        for pair in list(self.pairs):
+            reason = self.revocations.reason(pair.ticket)
+            if reason is not None and not pair.ended:
+                self.audit_write("pair-revoked", vm=pair.vm_id, user=pair.ticket.user,
+                                 client=pair.ticket.client, reason=reason)
+                pair.end(None, REVOKED, reason)
+                closed += 1
+        return closed
 
     def status(self) -> dict[str, Any]:
         """``{"vms": {vm_id: waiting sockets}, "pairs": n}`` for /v1/status."""

@@ -8,6 +8,7 @@ of what the service serves; the OpenAPI document is checked against it.
 
 from __future__ import annotations
 
+import hmac
 import os
 import re
 from collections.abc import Awaitable, Callable
@@ -34,6 +35,7 @@ from ticrypt.rest.core import (
     new_token,
     parse_body,
     parse_token,
+    session_id,
     token_hash,
     valid_host,
 )
@@ -84,6 +86,7 @@ ROUTES: tuple[Route, ...] = (
     Route("GET", "/v1/vms/{id}", "get_vm"),
     Route("POST", "/v1/vms/{id}/ticket", "ticket"),
     Route("POST", "/v1/enroll", "enroll"),
+    Route("GET", "/v1/revocations", "revocations"),
 )
 
 
@@ -154,7 +157,7 @@ class RestApi:
                  proxy_url: str, audit: AuditLog, session_ttl: float, challenge_ttl: float,
                  ticket_ttl: float, enrollment_ttl: float, login_window: float,
                  login_failures_per_address: int, login_failures_per_user_and_address: int,
-                 challenges_per_address: int,
+                 challenges_per_address: int, feed_secret: str | None = None,
                  random: Callable[[int], bytes] = os.urandom):
         self._clock = clock
         self._db = db
@@ -174,6 +177,7 @@ class RestApi:
         self.address_limits = RateLimiter(clock, login_failures_per_address, login_window)
         self.user_address_limits = RateLimiter(clock, login_failures_per_user_and_address,
                                                login_window)
+        self._feed_secret = feed_secret.encode("ascii") if feed_secret is not None else None
 
     # ------------------------------------------------------------ helpers
 
@@ -347,10 +351,12 @@ class RestApi:
             raise ApiError(409, "vm-not-enrolled", "the VM has not enrolled yet")
         now = self._now()
         ticket_id = b64(self._random(16))
+        # the session's public id: a logout revokes the pairs of its tickets
+        sid = session_id(token_hash(call.bearer or ""))
         ticket = signed.make_ticket(self._key, user=session.user.name,
                                     user_key=session.user.public_key, vm=vm.id,
                                     client=call.client, now=now, ttl=self._ticket_ttl,
-                                    ticket_id=ticket_id)
+                                    ticket_id=ticket_id, session=sid)
         self._audit.write("ticket-issued", user=session.user.name, vm=vm.id,
                           client=call.client, ticket_id=ticket_id)
         return 200, {"ticket": ticket, "expires": int(now) + self._ticket_ttl,
@@ -379,6 +385,27 @@ class RestApi:
                      "proxy_url": self._proxy_url,
                      "backend_public_key": identity.public_text(self.public_key),
                      "vm_credential": credential}
+
+    async def revocations(self, call: Call) -> Result:
+        """The signed revocation feed, for the proxy (bearer: the shared
+        ``revocation_feed_secret``).  A wrong secret counts as a failure
+        against the address, like a failed login."""
+        parse_body(call.body, EMPTY_BODY)
+        if self._feed_secret is None:
+            raise ApiError(404, "feed-disabled", "the revocation feed is off "
+                           "(revocation_feed_secret is not set)")
+        self._check_rate_limits("feed-refused", call.client)
+        given = (call.bearer or "").encode("utf-8", "replace")
+        if not hmac.compare_digest(given, self._feed_secret):
+            self.address_limits.failed(call.client)
+            self._audit.write("feed-refused", client=call.client,
+                              reason="missing-token" if call.bearer is None else "invalid-token")
+            raise _unauthorized("invalid-token", "the revocation feed needs its bearer secret")
+        found: store.Revocations = await self._run(store.revocations, write=False)
+        feed = signed.make_revocation_feed(
+            self._key, serial=found.serial, now=self._now(), users=found.users,
+            sessions={session_id(h) for h in found.sessions})
+        return 200, {"feed": feed}
 
 
 def _user_at(user: str, client: str) -> str:

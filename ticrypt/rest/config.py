@@ -17,6 +17,7 @@ from ticrypt.config import (
     Size,
     Url,
 )
+from ticrypt.http import load_secret
 
 SECTION = "rest"
 
@@ -44,6 +45,9 @@ _KEYS = {
                                        "open HTTP connections from one client address"),
     "request_timeout": Key(Duration(min=1, max=3600), "30s",
                            "time for a whole request to arrive from its first byte"),
+    "revocation_feed_secret": Key(FilePath(secret=True), None,
+                                  "bearer secret of GET /v1/revocations (shared with "
+                                  "the proxy); unset: the feed is off"),
 }
 
 
@@ -59,6 +63,11 @@ def _validate_common(cfg: Config) -> None:
                         "ws:// needs allow_plain_http = yes; use wss://")
     if os.path.abspath(rest.database) == os.path.abspath(rest.signing_key):
         raise cfg.error(SECTION, "signing_key", "must not be the database file")
+    if rest.revocation_feed_secret is not None:
+        try:
+            load_secret(rest.revocation_feed_secret)
+        except ValueError as e:
+            raise cfg.error(SECTION, "revocation_feed_secret", str(e)) from None
 
 
 def _validate_daemon(cfg: Config) -> None:

@@ -1,5 +1,6 @@
 """Sans-IO pieces of rest: login challenges, failed-login rate limits, token
-hashing and request-body validation.  Clock and randomness are injected."""
+hashing, session ids and request-body validation.  Clock and randomness are
+injected."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from typing import Any, Protocol
 import attrs
 
 from ticrypt.encoding import b64, loads_bounded, unb64
+from ticrypt.signed import SID_BYTES
 
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 FINGERPRINT_RE = re.compile(r"sha256:[0-9a-f]{64}")
@@ -45,6 +47,14 @@ def new_token(random: Callable[[int], bytes] = os.urandom) -> str:
 def token_hash(token: str) -> bytes:
     """What the database keeps instead of a token."""
     return hashlib.sha256(token.encode("ascii")).digest()
+
+
+def session_id(hashed: bytes) -> str:
+    """The public id (``sid``) of the session whose token hashes to
+    ``hashed``: it names the session in tickets and in the revocation feed.
+    Derived from the stored hash (domain-separated, truncated to 96 bits), so
+    it reveals nothing that would let anyone use the session."""
+    return b64(hashlib.sha256(b"ticrypt-session-id-v1\x00" + hashed).digest()[:SID_BYTES])
 
 
 def parse_token(token: str) -> bytes | None:

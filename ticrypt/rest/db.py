@@ -56,6 +56,17 @@ MIGRATIONS: list[tuple[str, ...]] = [
             revoked INTEGER)""",
         "CREATE INDEX sessions_expires ON sessions(expires)",
     ),
+    (
+        # 2: the revocation feed (PROTOCOL.md §3 "Revocation"): since when a
+        # user is disabled, a serial bumped by every disable and logout, and
+        # the revoked sessions found without a table scan.
+        "ALTER TABLE users ADD COLUMN disabled_at INTEGER",
+        "UPDATE users SET disabled_at = CAST(strftime('%s', 'now') AS INTEGER) "
+        "WHERE disabled = 1",
+        "CREATE TABLE revocation_serial (serial INTEGER NOT NULL)",
+        "INSERT INTO revocation_serial VALUES (0)",
+        "CREATE INDEX sessions_revoked ON sessions(revoked) WHERE revoked IS NOT NULL",
+    ),
 ]
 
 LATEST = len(MIGRATIONS)

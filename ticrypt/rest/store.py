@@ -105,12 +105,15 @@ def add_user(conn: sqlite3.Connection, name: str, public_key: bytes, role: str,
 
 
 def disable_user(conn: sqlite3.Connection, name: str, now: float) -> User:
-    """Disable ``name`` and revoke its sessions."""
-    cur = conn.execute("UPDATE users SET disabled = 1 WHERE name = ?", (name,))
+    """Disable ``name`` and revoke its sessions (and tell the proxies: the
+    user enters the revocation feed)."""
+    cur = conn.execute("UPDATE users SET disabled = 1, disabled_at = coalesce(disabled_at, ?) "
+                       "WHERE name = ?", (int(now), name))
     if cur.rowcount == 0:
         raise StoreError("no-such-user", f"no user named {name}")
     conn.execute("UPDATE sessions SET revoked = ? WHERE user = ? AND revoked IS NULL",
                  (int(now), name))
+    _bump_revocation_serial(conn)
     user = get_user(conn, name)
     assert user is not None
     return user
@@ -206,7 +209,36 @@ def get_session(conn: sqlite3.Connection, token_hash: bytes) -> Session | None:
 def revoke_session(conn: sqlite3.Connection, token_hash: bytes, now: float) -> bool:
     cur = conn.execute("UPDATE sessions SET revoked = ? WHERE token_hash = ? "
                        "AND revoked IS NULL", (int(now), token_hash))
+    if cur.rowcount > 0:
+        _bump_revocation_serial(conn)
     return cur.rowcount > 0
+
+
+def _bump_revocation_serial(conn: sqlite3.Connection) -> None:
+    conn.execute("UPDATE revocation_serial SET serial = serial + 1")
+
+
+@attrs.frozen
+class Revocations:
+    """What the revocation feed lists (PROTOCOL.md §3 "Revocation")."""
+
+    serial: int
+    #: disabled user -> since when
+    users: dict[str, int]
+    #: token hashes of revoked sessions of users who are not disabled (a
+    #: disabled user's sessions are covered by the user's entry), kept until
+    #: :func:`prune` deletes them, a day after they expired
+    sessions: list[bytes]
+
+
+def revocations(conn: sqlite3.Connection) -> Revocations:
+    serial = int(conn.execute("SELECT serial FROM revocation_serial").fetchone()[0])
+    users = {name: int(since or 0) for name, since in conn.execute(
+        "SELECT name, disabled_at FROM users WHERE disabled = 1 ORDER BY name")}
+    sessions = [bytes(row[0]) for row in conn.execute(
+        "SELECT s.token_hash FROM sessions s JOIN users u ON u.name = s.user "
+        "WHERE s.revoked IS NOT NULL AND u.disabled = 0")]
+    return Revocations(serial=serial, users=users, sessions=sessions)
 
 
 def prune(conn: sqlite3.Connection, now: float, keep: float = 86400.0) -> int:

@@ -11,6 +11,7 @@ from twisted.logger import Logger
 
 from ticrypt import identity
 from ticrypt.audit import AuditLog
+from ticrypt.http import load_secret
 from ticrypt.rest import store
 from ticrypt.rest.api import RestApi
 from ticrypt.rest.config import SCHEMA
@@ -59,6 +60,8 @@ def make_rest_service(cfg: Any, reactor: Any) -> RoleService:
         login_failures_per_address=rest.login_failures_per_address,
         login_failures_per_user_and_address=rest.login_failures_per_user_and_address,
         challenges_per_address=rest.challenges_per_address,
+        feed_secret=(load_secret(rest.revocation_feed_secret)
+                     if rest.revocation_feed_secret is not None else None),
     )
     site = RestSite(api, rest.max_body, rest.idle_timeout, reactor=reactor,
                     request_timeout=rest.request_timeout)
