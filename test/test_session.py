@@ -108,6 +108,31 @@ class _FakeLeg:
         self.sent.append((header, body))
 
 
+class FramingTests(SynchronousTestCase):
+    """PROTOCOL.md §5 Framing as the frontend reads vmc's messages: an
+    unreadable one is skipped (with a warning), unknown keys are ignored,
+    any key order is fine."""
+
+    def test_unreadable_skipped_unknown_keys_ignored(self) -> None:
+        from ticrypt.channel import Delivered
+        from ticrypt.frontend.session import UserLeg
+
+        fake = _FakeLeg()
+        leg = UserLeg()
+        leg.session = Session(fake)  # type: ignore[arg-type]
+        d = defer.ensureDeferred(leg.session.info())
+        out = bytearray()
+        cmd = leg.session.exec(["cat"], on_stdout=out.extend)
+        leg._events([Delivered(b'{"t":"ok","id":1}'),  # no newline
+                     Delivered(b"[]\n"),
+                     Delivered(b'{"vm":"v","future":[1],"id":1,"t":"ok"}\n'),
+                     Delivered(b'{"id":2,"t":"stdout","x":1}\nline\n'),
+                     Delivered(b'{"t":"exit","id":2,"status":0}\nignored')])
+        self.assertEqual(self.successResultOf(d), {"vm": "v", "future": [1], "id": 1, "t": "ok"})
+        self.assertEqual(bytes(out), b"line\n")
+        self.assertEqual(self.successResultOf(cmd.done), 0)
+
+
 class SessionTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.leg = _FakeLeg()

@@ -1147,3 +1147,128 @@ class MessageLimitTests(SynchronousTestCase):
             self.establish() if established else self.pair()
             self.leg.dataReceived(_server_frame(2 if binary else 1, b"", length=limit + 1))
             self.assert_closed(4400, code)
+
+
+class FramingTests(SynchronousTestCase):
+    """PROTOCOL.md §5 Framing as vmc reads it: one record's plaintext in,
+    vmc's answers out (through VmLeg._app_message, as after a record)."""
+
+    def setUp(self) -> None:
+        from ticrypt.vmc.pool import PoolSettings, ProxyPool, VmLeg
+
+        fake = _FakeProcessReactor()
+        d = self.mktemp()
+        os.makedirs(d, mode=0o700)
+        state = VmState(d, AuditLog(None))
+        state.accept_enrollment(_enrollment(identity.public_bytes(identity.generate())))
+        pool = ProxyPool(reactor=fake, clock=fake, random=random.Random(3).random,
+                         settings=PoolSettings(proxy_url="wss://127.0.0.1:1",
+                                               ca_file="/nonexistent"),
+                         state=state, audit=AuditLog(None), run_as=RunAs.lookup(None, "/bin/sh"),
+                         endpoint=_FailingEndpoint(fake))
+        self.fake = fake
+
+        class Leg(VmLeg):
+            def __init__(self) -> None:
+                self.factory = type("F", (), {"pool": pool})()  # type: ignore[assignment]
+                self.transport = StringTransport()
+                self.app: list[tuple[dict[str, Any], bytes]] = []
+                self.sent_close: list[tuple[int, str]] = []
+
+            def _send_app(self, header: dict[str, Any], body: bytes = b"") -> None:
+                self.app.append((header, body))
+
+            def sendClose(self, code: int | None = None,  # type: ignore[override]
+                          reason: str | None = None) -> None:
+                self.sent_close.append((code or 0, reason or ""))
+
+        self.leg = Leg()
+        assert state.owner_key is not None
+        self.leg._established(state.owner_key)
+
+    def answers(self, plaintext: bytes) -> list[dict[str, Any]]:
+        self.leg.app.clear()
+        self.leg._app_message(plaintext)
+        self.assertEqual(self.leg.sent_close, [])  # the channel stays up
+        return [header for header, _ in self.leg.app]
+
+    def assert_unreadable(self, plaintext: bytes) -> None:
+        [answer] = self.answers(plaintext)
+        self.assertEqual((answer["t"], answer["code"]), ("error", "bad-message"), plaintext)
+        self.assertNotIn("id", answer)
+
+    def test_no_newline_is_unreadable(self) -> None:
+        """The header ends at the first newline; without one (the empty
+        plaintext included) the message is unreadable: an error without id."""
+        self.assert_unreadable(b"")
+        self.assert_unreadable(b'{"t":"req","id":1,"op":"info"}')
+        [ok] = self.answers(b'{"t":"req","id":1,"op":"info"}\n')
+        self.assertEqual((ok["t"], ok["id"]), ("ok", 1))
+
+    def test_unreadable_headers(self) -> None:
+        for header in (b"", b"[1]", b"null", b'"t"', b'{"id":1}', b'{"t":1,"id":1}',
+                       b'{"t":"req","id":-1,"op":"info"}', b'{"t":"req","id":true,"op":"info"}',
+                       b'{"t":"req","id":1.0,"op":"info"}', b'{"t":"req","id":"1","op":"info"}',
+                       b'{"t":"req","id":9007199254740992,"op":"info"}',
+                       b'{"t":"req","id":1,"x":NaN}', b"{", b"\xff",
+                       b"[" * 40 + b"]" * 40):
+            self.assert_unreadable(header + b"\n")
+
+    def test_header_limit_is_16384_bytes(self) -> None:
+        base = b'{"t":"req","id":1,"op":"info","pad":""}'
+        fill = app.MAX_HEADER - len(base)
+        [ok] = self.answers(base[:-2] + b"p" * fill + b'"}\n')
+        self.assertEqual(ok["t"], "ok")
+        self.assert_unreadable(base[:-2] + b"p" * (fill + 1) + b'"}\n')
+
+    def test_any_key_order_spacing_and_unknown_keys(self) -> None:
+        """Not canonical JSON: any key order and JSON whitespace (a newline
+        ends the header), UTF-8; keys vmc does not know are ignored."""
+        for rid, header in enumerate([
+                b'{"op":"info","id":1,"t":"req"}',
+                b' {\t"t" : "req" ,\r "id" : 2, "op": "info"} \r',
+                b'{"t":"req","id":3,"op":"info","future":{"x":[1,null]},"n":"\xc3\xa9"}',
+        ], start=1):
+            [ok] = self.answers(header + b"\n")
+            self.assertEqual((ok["t"], ok["id"]), ("ok", rid))
+
+    def test_duplicate_keys_take_the_last(self) -> None:
+        [ok] = self.answers(b'{"t":"req","id":1,"op":"nope","op":"info"}\n')
+        self.assertEqual(ok["t"], "ok")
+
+    def test_bodies(self) -> None:
+        """The body is every byte after the first newline (newlines
+        included); an empty stdin is nothing, a body where none belongs is
+        ignored."""
+        [ok] = self.answers(app.encode({"t": "req", "id": 1, "op": "exec", "argv": ["cat"]}))
+        self.assertEqual(ok["window"], app.WINDOW)
+        [(_, _, child)] = self.fake.spawned
+        self.assertEqual(self.answers(b'{"t":"stdin","id":1}\n'), [])
+        self.assertEqual(self.leg.dispatcher.credit(1), app.WINDOW)  # type: ignore[union-attr]
+        # the child took all 15 bytes of "\nline 1\nline 2\n"
+        self.assertEqual(self.answers(b'{"t":"stdin","id":1}\n\nline 1\nline 2\n'),
+                         [{"t": "window", "id": 1, "bytes": 15}])
+        self.assertIn("write 15", child.calls)
+        [ok] = self.answers(b'{"t":"req","id":2,"op":"info"}\nignored body')
+        self.assertEqual(ok["t"], "ok")
+
+    def test_unknown_type_does_not_use_the_id(self) -> None:
+        [err] = self.answers(b'{"t":"hello","id":7}\n')
+        self.assertEqual((err["t"], err["code"], err["id"]), ("error", "bad-message", 7))
+        [ok] = self.answers(b'{"t":"req","id":7,"op":"info"}\n')
+        self.assertEqual(ok["t"], "ok")
+        [err] = self.answers(b'{"t":"req","op":"info"}\n')
+        self.assertEqual(err["code"], "bad-message")
+        self.assertNotIn("id", err)
+
+    def test_error_about_a_stream_message_does_not_end_its_request(self) -> None:
+        """An error that answers a stream message (or a duplicate req)
+        carries the request's id, but the request goes on."""
+        self.answers(app.encode({"t": "req", "id": 1, "op": "exec", "argv": ["cat"]}))
+        [err] = self.answers(b'{"t":"resize","id":1,"rows":1,"cols":1}\n')
+        self.assertEqual((err["t"], err["code"], err["id"]), ("error", "bad-request", 1))
+        [err] = self.answers(b'{"t":"req","id":1,"op":"info"}\n')
+        self.assertEqual((err["code"], err["id"]), ("duplicate-id", 1))
+        self.assertEqual(self.leg.dispatcher.running, {1: "exec"})  # type: ignore[union-attr]
+        self.assertEqual(self.answers(b'{"t":"stdin","id":1}\nx'),
+                         [{"t": "window", "id": 1, "bytes": 1}])  # still running
