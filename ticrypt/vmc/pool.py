@@ -89,6 +89,7 @@ class PoolSettings:
     ping_interval: float = 30.0
     max_message: int = MAX_MESSAGE
     max_sessions: int = 16
+    max_sessions_per_user: int = 4
     max_processes: int = 16
     kill_grace: float = 3.0
 
@@ -244,8 +245,10 @@ class VmLeg(WebSocketClientProtocol):
         over = self.pool.leg_paired(self)
         if over:
             self.pool.audit.write("session-refused", vm=self.pool.vm_id, user=self.user,
-                                  client=self.client, reason="over-limit", result="refused")
-            self.close(4009, "over-limit: too many sessions on this VM")
+                                  client=self.client, reason="over-limit", limit=over,
+                                  result="refused")
+            self.close(4009, "over-limit: too many sessions "
+                       + ("for this user" if over == "max_sessions_per_user" else "on this VM"))
             return
         self.channel = VmChannel(self.pool.state.vm_key, self.pool.vm_id, self._authorize)
         self._arm(self.pool.settings.handshake_timeout, "secure channel handshake")
@@ -549,16 +552,20 @@ class ProxyPool(Service):
         if not self.ready.called:
             self.ready.callback(None)
 
-    def leg_paired(self, leg: VmLeg) -> bool:
-        """The leg became a session; refill its slot.  True if over the limit."""
+    def leg_paired(self, leg: VmLeg) -> str | None:
+        """The leg became a session; refill its slot.  The name of the limit
+        it is over (``max_sessions``, ``max_sessions_per_user``) or None."""
         slot = self._slot_of(leg)
         if slot is not None:
             slot.leg = None
             slot.connect()
         if len(self.sessions) >= self.settings.max_sessions:
-            return True
+            return "max_sessions"
+        if sum(1 for s in self.sessions if s.user == leg.user) \
+                >= self.settings.max_sessions_per_user:
+            return "max_sessions_per_user"
         self.sessions.add(leg)
-        return False
+        return None
 
     def leg_closed(self, leg: VmLeg, state: str, code: int | None, reason: str | None) -> None:
         self.sessions.discard(leg)

@@ -80,6 +80,7 @@ SCHEMA = Schema(
             "shell": Key(FilePath(), DEFAULT_SHELL, doc="shell for the shell command"),
             "run_as": Key(Str(allow_empty=True), "", doc="user commands run as"),
             "max_sessions": Key(Int(1, 10000), "16"),
+            "max_sessions_per_user": Key(Int(1, 10000), "4"),
             "max_processes": Key(Int(1, 1000), "16"),
             "kill_grace": Key(Duration(), "3s"),
         },
@@ -182,7 +183,8 @@ class VmcService(RoleService):
             backoff_max=v.backoff_max, connect_timeout=v.connect_timeout,
             handshake_timeout=v.handshake_timeout, idle_timeout=v.idle_timeout,
             ping_interval=v.ping_interval, max_message=v.max_message,
-            max_sessions=e.max_sessions, max_processes=e.max_processes,
+            max_sessions=e.max_sessions, max_sessions_per_user=e.max_sessions_per_user,
+            max_processes=e.max_processes,
             kill_grace=e.kill_grace)
         self.pool = ProxyPool(reactor=self._reactor, clock=self._reactor,
                               random=self._random.random, settings=settings, state=state,
