@@ -509,6 +509,41 @@ class BoundedBodyTests(SynchronousTestCase):
         self.assertTrue(t.disconnecting)
 
 
+class AccessLogTests(SynchronousTestCase):
+    """The proxy's polls of the revocation feed do not flood rest's log."""
+
+    def test_feed_polls_are_debug_lines(self) -> None:
+        from twisted.logger import LogLevel, globalLogPublisher
+
+        events: list[dict[str, Any]] = []
+
+        def observe(event: dict[str, Any]) -> None:
+            if event.get("log_format", "").startswith("{client} {method} {path}"):
+                events.append(event)
+
+        globalLogPublisher.addObserver(observe)
+        self.addCleanup(globalLogPublisher.removeObserver, observe)
+        site = RestSite(None, max_body=1024, idle_timeout=60,  # type: ignore[arg-type]
+                        reactor=task.Clock())
+
+        class Request:
+            method = b"GET"
+
+            def __init__(self, path: bytes, code: int):
+                self.path, self.code = path, code
+
+            def getClientAddress(self) -> Any:
+                return type("Addr", (), {"host": "10.0.0.1"})()
+
+        for path, code in ((b"/v1/revocations", 200), (b"/v1/revocations", 401),
+                           (b"/v1/me", 200)):
+            site.log(Request(path, code))
+        self.assertEqual([(e["path"], e["code"], e["log_level"]) for e in events],
+                         [("/v1/revocations", 200, LogLevel.debug),
+                          ("/v1/revocations", 401, LogLevel.info),
+                          ("/v1/me", 200, LogLevel.info)])
+
+
 class ConfigTests(SynchronousTestCase):
     """Each error path of the rest.ini schema names file, section and key."""
 

@@ -29,6 +29,9 @@ from twisted.web import http, resource, server
 from ticrypt.rest.api import ROUTES, Call, RestApi, Route
 from ticrypt.rest.core import ApiError
 
+#: Successful requests of this path are logged at debug level (polled).
+QUIET_PATH = "/v1/revocations"
+
 #: Bytes past ``max_body`` still read (and dropped) so that the client sees
 #: the 413 instead of a connection reset; beyond that we hang up.
 DRAIN_LIMIT = 1024 * 1024
@@ -288,11 +291,13 @@ class RestSite(server.Site):
 
     def log(self, request: Any) -> None:
         # Access lines without query strings or headers (no secrets either way).
-        self._access.info("{client} {method} {path} {code}",
-                          client=request.getClientAddress().host,
-                          method=request.method.decode("ascii", "replace"),
-                          path=request.path.decode("ascii", "replace")[:200],
-                          code=request.code)
+        path = request.path.decode("ascii", "replace")[:200]
+        # the proxy fetches the revocation feed every couple of seconds: its
+        # successful polls would drown every other line
+        emit = self._access.debug if (path, request.code) == (QUIET_PATH, 200) \
+            else self._access.info
+        emit("{client} {method} {path} {code}", client=request.getClientAddress().host,
+             method=request.method.decode("ascii", "replace"), path=path, code=request.code)
 
     _access = Logger(namespace="ticrypt.rest.access")
 
