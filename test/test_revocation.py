@@ -339,9 +339,12 @@ class PollerTests(TestCase):
                 key: Any = None) -> int:
         """Make the fake rest answer a new signed feed; returns its serial."""
         self.serial += 1
-        token = signed.make_revocation_feed(
-            key or self.backend.key, serial=self.serial if serial is None else serial,
-            now=reactor.seconds(), users=users or {}, sessions=sessions or [])
+        serial = self.serial if serial is None else serial
+        if key is None:
+            token = self.backend.revocations(serial, users, sessions)
+        else:  # forged: another key
+            token = signed.make_revocation_feed(key, serial=serial, now=reactor.seconds(),
+                                               users=users or {}, sessions=sessions or [])
         self.feed.answer = (200, json.dumps({"feed": token}).encode())
         return self.serial
 
