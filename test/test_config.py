@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import operator
 import os
-import subprocess
 import tempfile
 
 from twisted.trial.unittest import SynchronousTestCase
@@ -168,6 +167,58 @@ class LoadConfigTests(SynchronousTestCase):
         err = self.error("[main]\nname=x\nlisten=ssl:0:privateKey=missing.pem\n")
         self.assertNames(err, "main", "listen", "server endpoint")
 
+    def test_endpoint_port_out_of_range(self) -> None:
+        # Twisted's parser takes any integer; bind() would fail at start-up
+        self.make_pem("s.pem")
+        for listen in ("tcp:70000:interface=127.0.0.1", "tcp:-1", "ssl:65536:privateKey=s.pem"):
+            self.assertNames(self.error(f"[main]\nname=x\nlisten={listen}\n"), "main",
+                             "listen", "not in 0..65535")
+        cfg = load_config(self.write("[main]\nname=x\nlisten=tcp:65535\n"), SCHEMA)
+        self.assertEqual(cfg.main.listen, "tcp:65535")
+
+    def make_pem(self, name: str, mode: int = 0o600) -> str:
+        """A key + certificate PEM (what ssl: privateKey= reads) in the config dir."""
+        from ticrypt import tlsutil
+
+        ca, ca_key = os.path.join(self.dir, "ca.pem"), os.path.join(self.dir, "ca.key")
+        if not os.path.exists(ca):
+            tlsutil.make_ca(ca, ca_key)
+        path = os.path.join(self.dir, name)
+        tlsutil.make_server_cert(ca, ca_key, path)
+        os.chmod(path, mode)
+        return path
+
+    def test_tls_private_key_must_be_private(self) -> None:
+        self.make_pem("s.pem", 0o640)
+        err = self.error("[main]\nname=x\nlisten=ssl:0:privateKey=s.pem\n")
+        self.assertNames(err, "main", "listen", "readable by group or others")
+        self.assertIn("chmod 600", str(err))
+        self.make_pem("w.pem", 0o602)
+        self.assertNames(self.error("[main]\nname=x\nlisten=ssl:0:privateKey=w.pem\n"),
+                         "main", "listen", "writable by group or others")
+        self.make_pem("ok.pem")
+        cfg = load_config(self.write("[main]\nname=x\nlisten=ssl:0:privateKey=ok.pem\n"),
+                          SCHEMA)
+        self.assertIn(os.path.join(self.dir, "ok.pem"), cfg.main.listen)
+
+    def test_tls_cert_key_holding_a_key_must_be_private(self) -> None:
+        # certKey= defaults to privateKey= and may hold the key as well
+        with open(self.make_pem("k.pem")) as f:
+            pem = f.read()
+        self.write(pem, name="both.pem", mode=0o644)
+        err = self.error("[main]\nname=x\nlisten=ssl:0:privateKey=k.pem:certKey=both.pem\n")
+        self.assertNames(err, "main", "listen", "certKey")
+        self.assertIn("readable by group or others", str(err))
+        # a certificate alone is public
+        self.write(pem.split("-----END PRIVATE KEY-----\n", 1)[1], name="cert.pem", mode=0o644)
+        load_config(self.write("[main]\nname=x\nlisten=ssl:0:privateKey=k.pem:certKey=cert.pem\n"),
+                    SCHEMA)
+
+    def test_tls_endpoint_needs_private_key(self) -> None:
+        # Twisted would read server.pem from whatever the working directory is
+        self.assertNames(self.error("[main]\nname=x\nlisten=ssl:0\n"), "main", "listen",
+                         "needs privateKey=")
+
     def test_bad_url(self) -> None:
         self.assertNames(self.error("[main]\nname=x\nurl=http://h\n"), "main", "url", "https")
 
@@ -213,39 +264,37 @@ class OptionsTests(SynchronousTestCase):
         err = self.assertRaises(UsageError, opts.parseOptions, [])
         self.assertIn("--config", str(err))
 
-    def test_bad_config_is_usage_error(self) -> None:
-        from twisted.python.usage import UsageError
-
+    def bad_config(self) -> str:
         d = tempfile.mkdtemp()
         path = os.path.join(d, "t.ini")
         with open(path, "w") as f:
             f.write("[main]\nname=x\nport=0\n")
         os.chmod(path, 0o600)
+        return path
+
+    def test_bad_config_is_usage_error(self) -> None:
+        from twisted.python.usage import UsageError
+
+        path = self.bad_config()
         err = self.assertRaises(UsageError, options_for("demo", SCHEMA)().parseOptions,
                                 ["--config", path])
-        self.assertIn("[main] port", str(err))
+        self.assertTrue(str(err).startswith(f"{path}: [main] port: "), str(err))
 
+    def test_bad_config_under_twistd_is_one_line_and_exit(self) -> None:
+        # SystemExit(message): Python prints the one line and exits 1; from a
+        # UsageError twistd would print its usage text first
+        from twisted.python import usage
 
-class TwistdRefusesBadConfigTests(SynchronousTestCase):
-    """A real twistd start with a broken config exits non-zero and its last
-    line names the file, section and key."""
+        class Twistd(usage.Options):
+            subCommands = [["demo", None, options_for("demo", SCHEMA), "demo role"]]
 
-    def test_twistd_exit(self) -> None:
-        from test.daemon import daemon_env, twistd_path
-
-        d = tempfile.mkdtemp()
-        path = os.path.join(d, "rest.ini")
-        with open(path, "w") as f:
-            f.write("[rest]\nlisten = tcp:70000\n")
-        os.chmod(path, 0o600)
-        proc = subprocess.run([twistd_path(), "-n", "--pidfile=", "ticrypt-rest", "--config",
-                               path], capture_output=True, text=True, env=daemon_env(),
-                              timeout=60, stdin=subprocess.DEVNULL)
-        self.assertNotEqual(proc.returncode, 0)
-        last = (proc.stdout + proc.stderr).strip().splitlines()[-1]
-        self.assertIn(path, last)
-        self.assertIn("[rest]", last)
-        self.assertNotIn("Traceback", proc.stdout + proc.stderr)
+        path = self.bad_config()
+        err = self.assertRaises(SystemExit, Twistd().parseOptions,
+                                ["demo", "--config", path])
+        self.assertIsInstance(err.code, str)
+        self.assertTrue(str(err.code).startswith(f"ticrypt-demo: {path}: [main] port: "),
+                        err.code)
+        self.assertNotIn("\n", str(err.code))
 
 
 class SampleConfigTests(SynchronousTestCase):

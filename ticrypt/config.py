@@ -355,17 +355,51 @@ class DirPath(Kind):
 def _endpoint_check(kind: str, raw: str) -> str:
     # Parse against a MemoryReactor: the string is fully validated (including
     # TLS key and certificate files for ssl:) without opening any socket.
+    # A server endpoint is also "listened" on it, which records the port
+    # number the real reactor would bind: a port out of range would otherwise
+    # surface only at start-up, as a traceback from bind().
     from twisted.internet import endpoints
+    from twisted.internet.protocol import Factory
     from twisted.internet.testing import MemoryReactor
 
+    reactor = MemoryReactor()
     try:
         if kind == "server":
-            endpoints.serverFromString(MemoryReactor(), raw)
+            endpoints.serverFromString(reactor, raw).listen(Factory())
         else:
-            endpoints.clientFromString(MemoryReactor(), raw)
+            endpoints.clientFromString(reactor, raw)
     except Exception as e:  # endpoint parsers raise many types
         raise ValueError(f"got {raw!r} ({e})") from e
+    for port in [p[0] for p in reactor.tcpServers] + [p[0] for p in reactor.sslServers]:
+        if not 0 <= port <= 65535:
+            raise ValueError(f"got {raw!r} (port {port} is not in 0..65535)")
     return raw
+
+
+def _check_endpoint_files(raw: str, server: bool) -> None:
+    """The TLS private key of an endpoint (``privateKey=``, and ``certKey=``
+    when that file holds a key too) is a secret: refused when group or
+    others may read it, like every other private key file."""
+    args = _endpoint_paths(raw)
+    if server and raw.split(":", 1)[0] == "ssl" and "privateKey" not in args:
+        # Twisted would read server.pem from the daemon's working directory
+        raise ValueError(f"got {raw!r} (an ssl: endpoint needs privateKey=FILE)")
+    for name, path in args.items():
+        if name not in ("privateKey", "certKey") or not os.path.exists(path):
+            continue  # a missing file is reported by the endpoint parser
+        secret = name == "privateKey" or _holds_private_key(path)
+        try:
+            check_file_mode(path, secret=secret)
+        except ValueError as e:
+            raise ValueError(f"{name}: {e}") from None
+
+
+def _holds_private_key(path: str) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return b"PRIVATE KEY-----" in f.read(1024 * 1024)
+    except OSError:
+        return False  # the endpoint parser reports it
 
 
 @attrs.frozen
@@ -373,7 +407,9 @@ class ServerEndpoint(Kind):
     """A Twisted server endpoint string, e.g. ``ssl:8443:interface=127.0.0.1:...``.
 
     Relative ``privateKey=``/``certKey=``/``extraCertChain=``/``dhParameters=``
-    paths are resolved against the config file's directory.
+    paths are resolved against the config file's directory.  The port must
+    be in 0..65535; an ``ssl:`` endpoint needs ``privateKey=``, a file that
+    group and others can neither read nor write.
     """
 
     expected: str = "a server endpoint string such as tcp:8080:interface=127.0.0.1"
@@ -381,7 +417,9 @@ class ServerEndpoint(Kind):
     def parse(self, raw: str, ctx: _Ctx) -> str:
         if not raw:
             raise ValueError("empty")
-        return _endpoint_check("server", _resolve_endpoint_paths(raw, ctx))
+        resolved = _resolve_endpoint_paths(raw, ctx)
+        _check_endpoint_files(resolved, server=True)
+        return _endpoint_check("server", resolved)
 
 
 @attrs.frozen
@@ -391,11 +429,16 @@ class ClientEndpoint(Kind):
     def parse(self, raw: str, ctx: _Ctx) -> str:
         if not raw:
             raise ValueError("empty")
-        return _endpoint_check("client", _resolve_endpoint_paths(raw, ctx))
+        resolved = _resolve_endpoint_paths(raw, ctx)
+        _check_endpoint_files(resolved, server=False)
+        return _endpoint_check("client", resolved)
 
 
 _PATH_ARGS = ("privateKey", "certKey", "extraCertChain", "dhParameters", "caCertsDir",
               "certificate", "trustRoots")
+
+
+_PATH_ARG = re.compile(r"(?<![\w])(" + "|".join(_PATH_ARGS) + r")=((?:\\:|[^:])*)")
 
 
 def _resolve_endpoint_paths(raw: str, ctx: _Ctx) -> str:
@@ -405,8 +448,13 @@ def _resolve_endpoint_paths(raw: str, ctx: _Ctx) -> str:
             value = os.path.normpath(os.path.join(ctx.base_dir, value))
         return f"{name}={value}"
 
-    pattern = r"(?<![\w])(" + "|".join(_PATH_ARGS) + r")=((?:\\:|[^:])*)"
-    return re.sub(pattern, fix, raw)
+    return _PATH_ARG.sub(fix, raw)
+
+
+def _endpoint_paths(raw: str) -> dict[str, str]:
+    """``{argument: path}`` of the file arguments of an endpoint string
+    (``\\:`` unescaped)."""
+    return {m.group(1): m.group(2).replace("\\:", ":") for m in _PATH_ARG.finditer(raw)}
 
 
 @attrs.frozen

@@ -6,18 +6,27 @@ When all listeners of a role are up the role logs one line::
     TICRYPT-READY {"role": "rest", "listening": {"https": "127.0.0.1:8443"}}
 
 Tests and ``ticrypt-lab`` wait for that line instead of sleeping.
+
+A role that cannot start says so in one line and exits with status 1: a
+config error before twistd logs anything (no usage text, see
+:func:`options_for`), a listener that cannot bind as one log line naming the
+config key (:class:`RoleService`).
 """
 
 from __future__ import annotations
 
 import json
-from typing import Any
+import os
+import sys
+from typing import Any, NoReturn
 
 from twisted.application.service import MultiService, Service
 from twisted.internet import defer
+from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IReactorCore
 from twisted.logger import Logger
 from twisted.python import usage
+from twisted.python.failure import Failure
 
 from ticrypt.config import Config, ConfigError, Schema, load_config
 from ticrypt.tlsutil import alpn_http11
@@ -26,7 +35,13 @@ READY_MARKER = "TICRYPT-READY"
 
 
 def options_for(role: str, schema: Schema) -> type[usage.Options]:
-    """A twistd Options class: ``--config FILE`` loaded into ``self["cfg"]``."""
+    """A twistd Options class: ``--config FILE`` loaded into ``self["cfg"]``.
+
+    A config error is a ``UsageError`` naming file, section and key.  Under
+    twistd (a subcommand of its options) it ends the process instead, with
+    that one line on stderr and exit status 1 (``SystemExit`` with the
+    message): from a ``UsageError`` twistd would print its usage text
+    first, which says nothing about the error."""
 
     class Options(usage.Options):
         synopsis = f"--config {role}.ini"
@@ -39,33 +54,95 @@ def options_for(role: str, schema: Schema) -> type[usage.Options]:
             try:
                 self["cfg"] = load_config(self["config"], schema)
             except ConfigError as e:
+                if self.parent is not None:  # twistd's ServerOptions
+                    raise SystemExit(f"ticrypt-{role}: {e}") from None
                 raise usage.UsageError(str(e)) from None
 
     Options.__name__ = f"{role.capitalize()}Options"
     return Options
 
 
+class StartupError(Exception):
+    """A role cannot start.  ``message`` says what failed and why;
+    ``section``/``key`` name the config key at fault, if there is one."""
+
+    def __init__(self, message: str, section: str | None = None, key: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.section = section
+        self.key = key
+
+
+def _host_port(host: str, port: Any) -> str:
+    host = host or "*"
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def listen_error_text(error: BaseException) -> str:
+    """``cannot listen on 127.0.0.1:8443: address already in use``."""
+    if isinstance(error, CannotListenError):
+        why: Any = error.socketError
+        reason = getattr(why, "strerror", None) or str(why)
+        reason = reason[:1].lower() + reason[1:]
+        return f"cannot listen on {_host_port(error.interface, error.port)}: {reason}"
+    return f"cannot listen: {error}"
+
+
 class ListenerService(Service):
-    """Listen on a server endpoint; a failed bind raises from startService,
-    which makes twistd exit instead of running without its port.  TLS
-    endpoints get the ALPN policy of :func:`ticrypt.tlsutil.alpn_http11`."""
+    """Listen on a server endpoint whose string is config key ``key``
+    (``(section, key)``).
+
+    It listens in ``privilegedStartService``, like Twisted's
+    ``StreamServerEndpointService``: before any sibling starts threads or
+    timers, and before twistd sheds privileges.  A bind that fails there
+    raises :class:`StartupError`, which :class:`RoleService` turns into one
+    line and exit status 1.  TLS endpoints get the ALPN policy of
+    :func:`ticrypt.tlsutil.alpn_http11`."""
 
     log = Logger()
 
-    def __init__(self, label: str, endpoint: Any, factory: IProtocolFactory):
+    def __init__(self, label: str, endpoint: Any, factory: IProtocolFactory,
+                 key: tuple[str, str] | None = None):
         self.label = label
         self.endpoint = alpn_http11(endpoint)
         self.factory = factory
+        self.key = key
         self.port: IListeningPort | None = None
         self.ready: defer.Deferred[IListeningPort] = defer.Deferred()
+        self._listen_called = False
+
+    def privilegedStartService(self) -> None:
+        super().privilegedStartService()
+        self._listen()
 
     def startService(self) -> None:
         super().startService()
-        failures: list[Any] = []
-        d = self.endpoint.listen(self.factory)
-        d.addCallbacks(self._listening, failures.append)
-        if failures:
-            failures[0].raiseException()
+        if not self._listen_called:  # started without privilegedStartService
+            self._listen()
+
+    def _listen(self) -> None:
+        self._listen_called = True
+        now: list[BaseException] = []
+        later = False
+
+        def failed(f: Failure) -> None:
+            if later:  # an endpoint that binds asynchronously reports via ready
+                self.ready.errback(self.error(f.value))
+            else:
+                now.append(f.value)
+
+        self.endpoint.listen(self.factory).addCallbacks(self._listening, failed)
+        later = True
+        if now:  # the usual case: binding is synchronous
+            raise self.error(now[0])
+
+    def error(self, error: BaseException) -> StartupError:
+        """The :class:`StartupError` for a failed listen."""
+        section, key = self.key if self.key is not None else (None, None)
+        text = listen_error_text(error)
+        if self.key is None:
+            text = f"{self.label}: {text}"
+        return StartupError(text, section, key)
 
     def _listening(self, port: IListeningPort) -> IListeningPort:
         self.port = port
@@ -93,7 +170,15 @@ class ListenerService(Service):
 class RoleService(MultiService):
     """A role's top service.  Once every :class:`ListenerService` child is
     listening (and every ``extra_ready`` deferred has fired) it logs the
-    readiness line."""
+    readiness line.
+
+    A :class:`StartupError` from a child's start is logged as one line naming
+    the config file, section and key, and ends the process with status 1
+    (``SystemExit``: twistd has not run the reactor yet, so nothing is left
+    to stop).  One that arrives later (a listener that binds asynchronously,
+    an ``extra_ready`` that fails) stops the reactor and exits 1 after
+    shut-down, so that a supervisor sees a failure instead of a daemon that
+    runs without its port."""
 
     log = Logger()
 
@@ -102,21 +187,65 @@ class RoleService(MultiService):
         super().__init__()
         self.role = role
         self.config = config
+        self._reactor: Any = reactor  # subclasses may set it too (vmc)
         self.extra_ready: list[defer.Deferred[Any]] = []
         self.ready_info: dict[str, Any] = {}
 
     def listeners(self) -> list[ListenerService]:
         return [s for s in self if isinstance(s, ListenerService)]
 
+    def failure_line(self, error: StartupError) -> str:
+        """``ticrypt-rest: /etc/rest.ini: [rest] listen: cannot listen on ...``."""
+        if self.config is not None and error.section is not None:
+            text = str(self.config.error(error.section, error.key, error.message))
+        else:
+            text = error.message
+        return f"ticrypt-{self.role}: {text}"
+
+    def _refuse(self, error: StartupError) -> NoReturn:
+        self.log.critical("{line}", line=self.failure_line(error))
+        raise SystemExit(1)
+
+    def privilegedStartService(self) -> None:
+        try:
+            super().privilegedStartService()
+        except StartupError as e:
+            self._refuse(e)
+
     def startService(self) -> None:
-        super().startService()
+        try:
+            super().startService()
+        except StartupError as e:
+            self._refuse(e)
         waits = [s.ready for s in self.listeners()] + list(self.extra_ready)
         d = defer.gatherResults(waits, consumeErrors=True)
         d.addCallback(lambda _: self._announce())
-        d.addErrback(lambda f: self.log.failure("{role} failed to start", f, role=self.role))
+        d.addErrback(self._failed_later)
+
+    def _failed_later(self, failure: Failure) -> None:
+        if failure.check(defer.FirstError):
+            failure = failure.value.subFailure  # type: ignore[union-attr]
+        if isinstance(failure.value, StartupError):
+            self.log.critical("{line}", line=self.failure_line(failure.value))
+        else:
+            self.log.failure("ticrypt-{role} failed to start", failure, role=self.role)
+        reactor = self._reactor
+        if reactor is None:  # a role built without one: twistd's global reactor
+            from twisted.internet import reactor
+        # twistd exits 0 once the reactor stops; exit 1 after shut-down
+        reactor.addSystemEventTrigger("after", "shutdown", exit_failed)
+        reactor.callWhenRunning(reactor.stop)
 
     def _announce(self) -> None:
         info = {"role": self.role,
                 "listening": {s.label: s.address() for s in self.listeners()}}
         info.update(self.ready_info)
         self.log.info(READY_MARKER + " {ready}", ready=json.dumps(info, sort_keys=True))
+
+
+def exit_failed() -> None:
+    """Exit with status 1 now (an "after shutdown" trigger: twistd itself
+    has no way to report a failure once the reactor ran)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(1)

@@ -201,12 +201,12 @@ def makeService(options: dict[str, Any], reactor: Any = None) -> RoleService:
                  listen=cfg.proxy.listen)
     # ssl: listener: RELEASE_BUFFERS, no tickets, no session cache (tlsmem)
     endpoint = lean_endpoint(endpoints.serverFromString(reactor, cfg.proxy.listen))
-    ListenerService("proxy", endpoint, factory).setServiceParent(top)
+    ListenerService("proxy", endpoint, factory, key=("proxy", "listen")).setServiceParent(top)
     if cfg.proxy.status_listen is not None:
         site = Site(status_resource(factory.status))
         site.noisy = False
         ListenerService("status", endpoints.serverFromString(reactor, cfg.proxy.status_listen),
-                        site).setServiceParent(top)
+                        site, key=("proxy", "status_listen")).setServiceParent(top)
     poller = make_poller(cfg, reactor, factory)
     if poller is None:
         log.warn("proxy: rest_url = off: disabling a user or ending a session at rest "

@@ -48,7 +48,7 @@ def make_purge(api: RestApi, db: Any, clock: Any) -> Callable[[], defer.Deferred
 def make_rest_service(cfg: Any, reactor: Any) -> RoleService:
     """Wire database -> API -> site -> listener under one RoleService."""
     rest = cfg.rest
-    top = RoleService("rest", cfg)
+    top = RoleService("rest", cfg, reactor)
     db = Database(reactor, rest.database)
     db.setServiceParent(top)
     audit = AuditLog(rest.audit_log, reactor, role="rest")
@@ -72,7 +72,7 @@ def make_rest_service(cfg: Any, reactor: Any) -> RoleService:
     label = "http" if plain else "https"
     limited = ConnectionLimits(site, rest.max_connections, rest.max_connections_per_address)
     ListenerService(label, endpoints.serverFromString(reactor, rest.listen),
-                    limited).setServiceParent(top)
+                    limited, key=("rest", "listen")).setServiceParent(top)
 
     timer = TimerService(PRUNE_INTERVAL, make_purge(api, db, reactor))
     timer.clock = reactor

@@ -1,0 +1,262 @@
+"""A start-up failure is one line and a non-zero exit, for every role
+(CONVENTIONS.md, "Lessons"): real ``twistd -n ticrypt-<role>`` processes with
+a bad key, a port out of range, a port already in use and a world-readable
+TLS private key; then the same machinery in process.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+from typing import Any
+
+from twisted.internet import defer, endpoints, protocol
+from twisted.internet.testing import MemoryReactor
+from twisted.logger import Logger
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+
+from test import proxyfixture as pf
+from test.daemon import run_command, twistd_path
+from test.restfixture import RestEnv, make_rest_dir, start_rest
+from test.vmcfixture import Trio
+from ticrypt import tlsutil
+from ticrypt.config import Key, Schema, ServerEndpoint, load_config
+from ticrypt.service import ListenerService, RoleService, StartupError, exit_failed
+
+#: a refused start must end by itself well before this (then it is killed)
+DEADLINE = 60.0
+
+#: a log line below error level: twistd's banner ("twistd ... starting up"),
+#: a port's "Factory starting on 8444" ("[-]": legacy log.msg), a listener that
+#: did come up, a warning about the config; none of them is about the failure
+QUIET_LINE = re.compile(r"^\S+ \[(-|[^\]]*#(debug|info|warn))\] ")
+
+
+def _reactor() -> Any:
+    from twisted.internet import reactor
+
+    return reactor
+
+
+class TwistdRefusesTests(TestCase):
+    timeout = 4 * DEADLINE
+
+    async def refused(self, role: str, config: str) -> list[str]:
+        """Run the role on ``config``; assert it exits 1 by itself without a
+        traceback; return its non-empty output lines (stdout and stderr)."""
+        code, out, err = await run_command(
+            [twistd_path(), "-n", "--pidfile=", f"ticrypt-{role}", "--config", config],
+            timeout=DEADLINE)
+        text = out + err
+        self.assertNotEqual(code, 128 + signal.SIGKILL,
+                            f"ticrypt-{role} still ran after {DEADLINE}s:\n{text}")
+        self.assertEqual(code, 1, text)
+        self.assertNotIn("Traceback", text)
+        self.assertNotIn("TICRYPT-READY", text)
+        return [line for line in text.splitlines() if line.strip()]
+
+    def assertOneLine(self, lines: list[str], role: str, config: str, section: str,
+                      key: str, fragment: str) -> None:
+        """Exactly one line, naming the role, file, section and key (a config
+        error: twistd has printed nothing else, not even its usage text)."""
+        self.assertEqual(len(lines), 1, "\n".join(lines))
+        self.assertTrue(lines[0].startswith(f"ticrypt-{role}: {config}: [{section}] {key}: "),
+                        lines[0])
+        self.assertIn(fragment, lines[0])
+
+    def assertOneLogLine(self, lines: list[str], role: str, config: str, section: str,
+                         key: str, fragment: str) -> None:
+        """Exactly one line at error level or above, or outside the log (a
+        bind fails after twistd started logging), naming role, file, section
+        and key."""
+        ours = [line for line in lines if not QUIET_LINE.match(line)]
+        self.assertEqual(len(ours), 1, "\n".join(lines))
+        self.assertIn("#critical] ", ours[0])
+        self.assertIn(f"ticrypt-{role}: {config}: [{section}] {key}: {fragment}", ours[0])
+
+    def port_in_use(self) -> int:
+        port = _reactor().listenTCP(0, protocol.ServerFactory(), interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        return int(port.getHost().port)
+
+    # -- ticrypt-rest -----------------------------------------------------------
+
+    def rest_dir(self, **overrides: str) -> RestEnv:
+        return make_rest_dir(os.path.abspath(self.mktemp()), overrides=overrides)
+
+    async def test_rest_unknown_key(self) -> None:
+        env = self.rest_dir(listne="tcp:0")
+        lines = await self.refused("rest", env.config_path)
+        self.assertOneLine(lines, "rest", env.config_path, "rest", "listne", "unknown key")
+
+    async def test_rest_port_out_of_range(self) -> None:
+        env = await start_rest(self, start=False)  # initialised: only listen is wrong
+        env.write_config(listen=tlsutil.server_endpoint(70000, env.server_pem))
+        lines = await self.refused("rest", env.config_path)
+        self.assertOneLine(lines, "rest", env.config_path, "rest", "listen",
+                           "port 70000 is not in 0..65535")
+
+    async def test_rest_port_in_use(self) -> None:
+        env = await start_rest(self, start=False)  # initialised: only the bind fails
+        port = self.port_in_use()
+        env.write_config(listen=tlsutil.server_endpoint(port, env.server_pem))
+        lines = await self.refused("rest", env.config_path)
+        self.assertOneLogLine(lines, "rest", env.config_path, "rest", "listen",
+                              f"cannot listen on 127.0.0.1:{port}: address already in use")
+
+    async def test_rest_readable_tls_key(self) -> None:
+        env = await start_rest(self, start=False)
+        os.chmod(env.server_pem, 0o644)
+        lines = await self.refused("rest", env.config_path)
+        self.assertOneLine(lines, "rest", env.config_path, "rest", "listen",
+                           "readable by group or others")
+
+    # -- ticrypt-proxy ------------------------------------------------------------
+
+    def proxy_config(self, listen_port: int = 0, status_listen: str = "off",
+                     pem_mode: int = 0o600, **limits: str) -> str:
+        d = os.path.abspath(self.mktemp())
+        os.makedirs(d)
+        _, pem = pf.make_tls(d)
+        os.chmod(pem, pem_mode)
+        return pf.write_proxy_config(d, pf.Backend(d),
+                                     listen=tlsutil.server_endpoint(listen_port, pem),
+                                     status_listen=status_listen, **limits)
+
+    async def test_proxy_unknown_key(self) -> None:
+        config = self.proxy_config(max_pears="1")
+        lines = await self.refused("proxy", config)
+        self.assertOneLine(lines, "proxy", config, "limits", "max_pears", "unknown key")
+
+    async def test_proxy_port_out_of_range(self) -> None:
+        config = self.proxy_config(70000)
+        lines = await self.refused("proxy", config)
+        self.assertOneLine(lines, "proxy", config, "proxy", "listen", "not in 0..65535")
+
+    async def test_proxy_port_in_use(self) -> None:
+        port = self.port_in_use()
+        config = self.proxy_config(port)
+        lines = await self.refused("proxy", config)
+        self.assertOneLogLine(lines, "proxy", config, "proxy", "listen",
+                              f"cannot listen on 127.0.0.1:{port}: address already in use")
+
+    async def test_proxy_status_port_in_use(self) -> None:
+        port = self.port_in_use()
+        config = self.proxy_config(status_listen=f"tcp:{port}:interface=127.0.0.1")
+        lines = await self.refused("proxy", config)
+        self.assertOneLogLine(lines, "proxy", config, "proxy", "status_listen",
+                              f"cannot listen on 127.0.0.1:{port}: address already in use")
+
+    async def test_proxy_readable_tls_key(self) -> None:
+        config = self.proxy_config(pem_mode=0o644)
+        lines = await self.refused("proxy", config)
+        self.assertOneLine(lines, "proxy", config, "proxy", "listen",
+                           "readable by group or others")
+
+    # -- ticrypt-vmc (no listener; its endpoints are URLs) --------------------------
+
+    def vmc_config(self, **overrides: str) -> str:
+        rest = self.rest_dir()
+        rest.url = "https://127.0.0.1:8443"
+        # only write_vmc_config is used: no proxy daemon behind this Trio
+        trio = Trio(rest=rest, dir=rest.dir, proxy=None, proxy_port=0)  # type: ignore[arg-type]
+        return trio.write_vmc_config("token", **overrides)
+
+    async def test_vmc_unknown_key(self) -> None:
+        config = self.vmc_config(pool_sise="2")
+        lines = await self.refused("vmc", config)
+        self.assertOneLine(lines, "vmc", config, "vmc", "pool_sise", "unknown key")
+
+    async def test_vmc_port_out_of_range(self) -> None:
+        config = self.vmc_config(rest_url="https://127.0.0.1:70000")
+        lines = await self.refused("vmc", config)
+        self.assertOneLine(lines, "vmc", config, "vmc", "rest_url", "https")
+
+
+class _Never:
+    """A server endpoint whose listen result arrives later (``listen``)."""
+
+    def __init__(self) -> None:
+        self.result: defer.Deferred[Any] = defer.Deferred()
+
+    def listen(self, factory: Any) -> defer.Deferred[Any]:
+        return self.result
+
+
+class InProcessTests(SynchronousTestCase):
+    """ListenerService and RoleService without twistd."""
+
+    def setUp(self) -> None:
+        self.dir = os.path.abspath(self.mktemp())
+        os.makedirs(self.dir)
+        self.config_path = os.path.join(self.dir, "proxy.ini")
+        with open(self.config_path, "w") as f:
+            f.write("[proxy]\nlisten = tcp:0\n")
+        self.cfg = load_config(self.config_path,
+                               Schema({"proxy": {"listen": Key(ServerEndpoint())}}))
+        self.events: list[dict[str, Any]] = []
+
+    def role(self, reactor: Any = None) -> RoleService:
+        role = RoleService("proxy", self.cfg, reactor)
+        role.log = Logger(observer=self.events.append)
+        return role
+
+    def busy_port(self) -> int:
+        port = _reactor().listenTCP(0, protocol.ServerFactory(), interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        return int(port.getHost().port)
+
+    def test_listener_binds_in_privileged_start(self) -> None:
+        # before twistd sheds privileges, and before siblings start threads
+        reactor = MemoryReactor()
+        listener = ListenerService("x", endpoints.serverFromString(reactor, "tcp:8080"),
+                                   protocol.Factory(), key=("proxy", "listen"))
+        listener.privilegedStartService()
+        self.assertEqual(len(reactor.tcpServers), 1)
+        listener.startService()
+        self.assertEqual(len(reactor.tcpServers), 1)
+        self.assertIsNotNone(listener.port)
+
+    def test_listener_bind_failure(self) -> None:
+        port = self.busy_port()
+        endpoint = endpoints.serverFromString(_reactor(), f"tcp:{port}:interface=127.0.0.1")
+        listener = ListenerService("x", endpoint, protocol.Factory(), key=("proxy", "listen"))
+        err = self.assertRaises(StartupError, listener.privilegedStartService)
+        self.assertEqual((err.section, err.key), ("proxy", "listen"))
+        self.assertEqual(err.message,
+                         f"cannot listen on 127.0.0.1:{port}: address already in use")
+
+    def test_role_bind_failure_is_one_line_and_exit(self) -> None:
+        port = self.busy_port()
+        role = self.role()
+        endpoint = endpoints.serverFromString(_reactor(), f"tcp:{port}:interface=127.0.0.1")
+        ListenerService("proxy", endpoint, protocol.Factory(),
+                        key=("proxy", "listen")).setServiceParent(role)
+        err = self.assertRaises(SystemExit, role.privilegedStartService)
+        self.assertEqual(err.code, 1)
+        [event] = self.events
+        self.assertEqual(event["log_level"].name, "critical")
+        self.assertEqual(event["line"],
+                         f"ticrypt-proxy: {self.config_path}: [proxy] listen: "
+                         f"cannot listen on 127.0.0.1:{port}: address already in use")
+
+    def test_role_later_failure_stops_and_exits_1(self) -> None:
+        # a listener that fails after start-up must not leave a daemon
+        # running without its port: stop, and exit 1 once shut down
+        reactor = MemoryReactor()
+        reactor.running = True
+        role = self.role(reactor)
+        endpoint = _Never()
+        listener = ListenerService("proxy", endpoint, protocol.Factory(),
+                                   key=("proxy", "listen"))
+        listener.setServiceParent(role)
+        role.privilegedStartService()
+        role.startService()
+        self.assertFalse(reactor.hasStopped)
+        endpoint.result.errback(OSError("no such device"))
+        self.assertTrue(reactor.hasStopped)
+        self.assertEqual(reactor.triggers["after"]["shutdown"], [(exit_failed, (), {})])
+        [event] = self.events
+        self.assertEqual(event["line"], f"ticrypt-proxy: {self.config_path}: [proxy] listen: "
+                                        "cannot listen: no such device")
