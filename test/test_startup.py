@@ -17,12 +17,18 @@ from twisted.logger import Logger
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from test import proxyfixture as pf
-from test.daemon import run_command, twistd_path
+from test.daemon import kill_if_alive, run_command, twistd_path
 from test.restfixture import RestEnv, make_rest_dir, start_rest
 from test.vmcfixture import Trio
 from ticrypt import tlsutil
 from ticrypt.config import Key, Schema, ServerEndpoint, load_config
-from ticrypt.service import ListenerService, RoleService, StartupError, exit_failed
+from ticrypt.service import (
+    ListenerService,
+    RoleService,
+    StartupError,
+    StartupFailed,
+    exit_failed,
+)
 
 #: a refused start must end by itself well before this (then it is killed)
 DEADLINE = 60.0
@@ -31,6 +37,16 @@ DEADLINE = 60.0
 #: a port's "Factory starting on 8444" ("[-]": legacy log.msg), a listener that
 #: did come up, a warning about the config; none of them is about the failure
 QUIET_LINE = re.compile(r"^\S+ \[(-|[^\]]*#(debug|info|warn))\] ")
+
+
+def _kill_from_pidfile(pidfile: str) -> None:
+    """Cleanup for a daemonised twistd that did not end as it should."""
+    try:
+        with open(pidfile) as f:
+            pid = int(f.read().strip())
+    except (OSError, ValueError):
+        return
+    kill_if_alive(pid)
 
 
 def _reactor() -> Any:
@@ -102,6 +118,27 @@ class TwistdRefusesTests(TestCase):
         port = self.port_in_use()
         env.write_config(listen=tlsutil.server_endpoint(port, env.server_pem))
         lines = await self.refused("rest", env.config_path)
+        self.assertOneLogLine(lines, "rest", env.config_path, "rest", "listen",
+                              f"cannot listen on 127.0.0.1:{port}: address already in use")
+
+    async def test_rest_port_in_use_daemon_mode(self) -> None:
+        # without -n, twistd's parent waits on a pipe for the daemon's word:
+        # it must get it (a plain SystemExit left it waiting for ever)
+        env = await start_rest(self, start=False)
+        port = self.port_in_use()
+        env.write_config(listen=tlsutil.server_endpoint(port, env.server_pem))
+        pidfile, logfile = (os.path.join(env.dir, n) for n in ("twistd.pid", "twistd.log"))
+        self.addCleanup(_kill_from_pidfile, pidfile)
+        code, out, err = await run_command(
+            [twistd_path(), f"--pidfile={pidfile}", f"--logfile={logfile}", "ticrypt-rest",
+             "--config", env.config_path], timeout=DEADLINE)
+        self.assertEqual(code, 1, out + err)
+        # twistd's parent shows the first 100 bytes; the log has the line
+        self.assertIn("An error has occurred: b'ticrypt.service.StartupFailed: ticrypt-rest: ",
+                      err)
+        self.assertFalse(os.path.exists(pidfile), "pid file left behind")
+        with open(logfile) as f:
+            lines = [line for line in f.read().splitlines() if line.strip()]
         self.assertOneLogLine(lines, "rest", env.config_path, "rest", "listen",
                               f"cannot listen on 127.0.0.1:{port}: address already in use")
 
@@ -233,13 +270,16 @@ class InProcessTests(SynchronousTestCase):
         endpoint = endpoints.serverFromString(_reactor(), f"tcp:{port}:interface=127.0.0.1")
         ListenerService("proxy", endpoint, protocol.Factory(),
                         key=("proxy", "listen")).setServiceParent(role)
-        err = self.assertRaises(SystemExit, role.privilegedStartService)
-        self.assertEqual(err.code, 1)
-        [event] = self.events
-        self.assertEqual(event["log_level"].name, "critical")
-        self.assertEqual(event["line"],
-                         f"ticrypt-proxy: {self.config_path}: [proxy] listen: "
-                         f"cannot listen on 127.0.0.1:{port}: address already in use")
+        err = self.assertRaises(StartupFailed, role.privilegedStartService)
+        # a SystemExit: Python prints the line (no traceback) and exits 1; an
+        # Exception: twistd reports it to its daemon-mode parent first
+        self.assertIsInstance(err, SystemExit)
+        self.assertIsInstance(err, Exception)
+        line = (f"ticrypt-proxy: {self.config_path}: [proxy] listen: "
+                f"cannot listen on 127.0.0.1:{port}: address already in use")
+        self.assertEqual((err.code, str(err)), (1, line))
+        [event] = self.events  # the line is logged; Python prints nothing more
+        self.assertEqual((event["log_level"].name, event["line"]), ("critical", line))
 
     def test_role_later_failure_stops_and_exits_1(self) -> None:
         # a listener that fails after start-up must not leave a daemon

@@ -7,10 +7,10 @@ When all listeners of a role are up the role logs one line::
 
 Tests and ``ticrypt-lab`` wait for that line instead of sleeping.
 
-A role that cannot start says so in one line and exits with status 1: a
-config error before twistd logs anything (no usage text, see
-:func:`options_for`), a listener that cannot bind as one log line naming the
-config key (:class:`RoleService`).
+A role that cannot start says so in one line naming the config file,
+section and key, and exits with status 1 (:class:`StartupFailed`): a config
+error before twistd logs anything (no usage text, see :func:`options_for`),
+a listener that cannot bind once twistd logs (:class:`RoleService`).
 """
 
 from __future__ import annotations
@@ -39,9 +39,9 @@ def options_for(role: str, schema: Schema) -> type[usage.Options]:
 
     A config error is a ``UsageError`` naming file, section and key.  Under
     twistd (a subcommand of its options) it ends the process instead, with
-    that one line on stderr and exit status 1 (``SystemExit`` with the
-    message): from a ``UsageError`` twistd would print its usage text
-    first, which says nothing about the error."""
+    that one line on stderr and exit status 1 (:class:`StartupFailed`): from
+    a ``UsageError`` twistd would print its usage text first, which says
+    nothing about the error."""
 
     class Options(usage.Options):
         synopsis = f"--config {role}.ini"
@@ -55,7 +55,7 @@ def options_for(role: str, schema: Schema) -> type[usage.Options]:
                 self["cfg"] = load_config(self["config"], schema)
             except ConfigError as e:
                 if self.parent is not None:  # twistd's ServerOptions
-                    raise SystemExit(f"ticrypt-{role}: {e}") from None
+                    raise StartupFailed(f"ticrypt-{role}: {e}") from None
                 raise usage.UsageError(str(e)) from None
 
     Options.__name__ = f"{role.capitalize()}Options"
@@ -71,6 +71,24 @@ class StartupError(Exception):
         self.message = message
         self.section = section
         self.key = key
+
+
+class StartupFailed(SystemExit, Exception):
+    """Ends a role that cannot start: exit status 1, no traceback (how Python
+    ends on a ``SystemExit``).  ``str()`` is the one line; Python prints it
+    on stderr unless ``logged`` (it went to twistd's log already).
+
+    Also an ``Exception``, so that twistd's own start-up error handling runs
+    before it propagates: it removes the pid file and tells the parent that
+    waits in daemon mode through the status pipe (on a plain ``SystemExit``
+    that parent waits forever)."""
+
+    def __init__(self, line: str, logged: bool = False):
+        super().__init__(1 if logged else line)
+        self.line = line
+
+    def __str__(self) -> str:
+        return self.line
 
 
 def _host_port(host: str, port: Any) -> str:
@@ -172,10 +190,10 @@ class RoleService(MultiService):
     listening (and every ``extra_ready`` deferred has fired) it logs the
     readiness line.
 
-    A :class:`StartupError` from a child's start is logged as one line naming
-    the config file, section and key, and ends the process with status 1
-    (``SystemExit``: twistd has not run the reactor yet, so nothing is left
-    to stop).  One that arrives later (a listener that binds asynchronously,
+    A :class:`StartupError` from a child's start becomes
+    :class:`StartupFailed`: one line naming the config file, section and
+    key, and exit status 1 (twistd has not run the reactor yet, so nothing is
+    left to stop).  One that arrives later (a listener that binds asynchronously,
     an ``extra_ready`` that fails) stops the reactor and exits 1 after
     shut-down, so that a supervisor sees a failure instead of a daemon that
     runs without its port."""
@@ -203,8 +221,11 @@ class RoleService(MultiService):
         return f"ticrypt-{self.role}: {text}"
 
     def _refuse(self, error: StartupError) -> NoReturn:
-        self.log.critical("{line}", line=self.failure_line(error))
-        raise SystemExit(1)
+        # logged before twistd writes its status pipe: in daemon mode the
+        # line is in the log file by the time the parent exits
+        line = self.failure_line(error)
+        self.log.critical("{line}", line=line)
+        raise StartupFailed(line, logged=True) from None
 
     def privilegedStartService(self) -> None:
         try:
