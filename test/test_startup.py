@@ -121,6 +121,14 @@ class TwistdRefusesTests(TestCase):
         self.assertOneLogLine(lines, "rest", env.config_path, "rest", "listen",
                               f"cannot listen on 127.0.0.1:{port}: address already in use")
 
+    async def test_rest_broken_database(self) -> None:
+        env = await start_rest(self, start=False)  # initialised: then the file is ruined
+        with open(env.database, "r+b") as f:
+            f.write(b"this is not an SQLite database" * 10)
+        lines = await self.refused("rest", env.config_path)
+        self.assertOneLogLine(lines, "rest", env.config_path, "rest", "database",
+                              env.database)
+
     async def test_rest_port_in_use_daemon_mode(self) -> None:
         # without -n, twistd's parent waits on a pipe for the daemon's word:
         # it must get it (a plain SystemExit left it waiting for ever)

@@ -19,6 +19,8 @@ from twisted.internet import defer
 from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadpool import ThreadPool
 
+from ticrypt.service import StartupError
+
 T = TypeVar("T")
 
 #: Ordered forward migrations; migration N brings the schema to version N.
@@ -163,7 +165,10 @@ class Database(Service):
     def startService(self) -> None:
         # Opening and migrating happens here, synchronously, so that a broken
         # database stops twistd at start instead of failing the first request.
-        self._conn = connect(self.path)
+        try:
+            self._conn = connect(self.path)
+        except DatabaseError as e:
+            raise StartupError(str(e), "rest", "database") from None
         self._pool.start()
         super().startService()
 
