@@ -167,6 +167,11 @@ class AuditTests(SynchronousTestCase):
         self.assertRaises(ValueError, log.write, "login", token="abc")
         self.assertRaises(ValueError, log.write, "relay", payload=b"x")
 
+    def test_clock_is_required(self) -> None:
+        # no silent wall clock: every caller says which clock stamps its lines
+        self.assertRaises(TypeError, AuditLog, None)
+        self.assertRaises(TypeError, AuditLog, None, role="rest")
+
 
 class AtomicWriteTests(SynchronousTestCase):
     def test_replaces_and_keeps_old_on_failure(self) -> None:

@@ -154,7 +154,7 @@ def _factory(**settings: Any) -> ProxyFactory:
     from twisted.internet.task import Clock
     return ProxyFactory(reactor=reactor, clock=Clock(), backend_key=b"\x00" * 32,
                         table=PairingTable(Limits()), settings=Settings(**settings),
-                        audit=AuditLog(None))
+                        audit=AuditLog(None, Clock()))
 
 
 def _open_leg(case: SynchronousTestCase, factory: ProxyFactory) -> tuple[Leg, StringTransport]:

@@ -462,7 +462,7 @@ class PoolReconnectTests(SynchronousTestCase):
 
         d = self.mktemp()
         os.makedirs(d, mode=0o700)
-        audit = AuditLog(None)
+        audit = AuditLog(None, clock)
         state = VmState(d, audit)
         state.accept_enrollment(_enrollment(identity.public_bytes(identity.generate())))
         settings = PoolSettings(proxy_url="wss://127.0.0.1:1", ca_file="/nonexistent",
@@ -1011,14 +1011,14 @@ class MessageLimitTests(SynchronousTestCase):
         self.clock = _FakeProcessReactor()
         d = self.mktemp()
         os.makedirs(d, mode=0o700)
-        state = VmState(d, AuditLog(None))
+        state = VmState(d, AuditLog(None, self.clock))
         self.owner = identity.generate()
         state.accept_enrollment(_enrollment(identity.public_bytes(self.owner)))
         self.pool = ProxyPool(reactor=self.clock, clock=self.clock,
                               random=random.Random(3).random,
                               settings=PoolSettings(proxy_url="wss://127.0.0.1:1",
                                                     ca_file="/nonexistent"),
-                              state=state, audit=AuditLog(None),
+                              state=state, audit=AuditLog(None, self.clock),
                               run_as=RunAs.lookup(None, "/bin/sh"),
                               endpoint=_FailingEndpoint(self.clock))
         self.audit: list[tuple[str, dict[str, Any]]] = []
@@ -1159,12 +1159,12 @@ class FramingTests(SynchronousTestCase):
         fake = _FakeProcessReactor()
         d = self.mktemp()
         os.makedirs(d, mode=0o700)
-        state = VmState(d, AuditLog(None))
+        state = VmState(d, AuditLog(None, fake))
         state.accept_enrollment(_enrollment(identity.public_bytes(identity.generate())))
         pool = ProxyPool(reactor=fake, clock=fake, random=random.Random(3).random,
                          settings=PoolSettings(proxy_url="wss://127.0.0.1:1",
                                                ca_file="/nonexistent"),
-                         state=state, audit=AuditLog(None), run_as=RunAs.lookup(None, "/bin/sh"),
+                         state=state, audit=AuditLog(None, fake), run_as=RunAs.lookup(None, "/bin/sh"),
                          endpoint=_FailingEndpoint(fake))
         self.fake = fake
 

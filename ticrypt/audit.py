@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from typing import IO, Any, Protocol
 
 from twisted.logger import Logger
@@ -24,19 +23,18 @@ class _Clock(Protocol):
     def seconds(self) -> float: ...
 
 
-class _WallClock:
-    def seconds(self) -> float:
-        return time.time()
-
-
 class AuditLog:
     """Append-only JSON-lines audit log.  Each line is flushed as written so a
-    crash of the daemon loses nothing already logged."""
+    crash of the daemon loses nothing already logged.
+
+    ``clock`` (the role's reactor, or a ``task.Clock`` in tests) stamps each
+    line's ``ts``: it is required, so no line is stamped by a clock the
+    caller did not choose."""
 
     log = Logger()
 
-    def __init__(self, path: str | None, clock: _Clock | None = None, role: str = ""):
-        self._clock = clock or _WallClock()
+    def __init__(self, path: str | None, clock: _Clock, role: str = ""):
+        self._clock = clock
         self._role = role
         self._file: IO[str] | None = None
         self.path = path

@@ -76,7 +76,11 @@ def _open(cfg: Config, what: str) -> sqlite3.Connection:
 
 
 def _audit(cfg: Config, event: str, **fields: Any) -> None:
-    audit = AuditLog(cfg.rest.audit_log, role="admin")
+    # ticrypt-admin runs no event loop; the reactor is only its clock
+    # (IReactorTime), the same wall clock as the time.time() of its records
+    from twisted.internet import reactor
+
+    audit = AuditLog(cfg.rest.audit_log, reactor, role="admin")
     try:
         audit.write(event, by=_actor(), **fields)
     finally:
