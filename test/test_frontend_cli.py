@@ -117,6 +117,64 @@ class CliEndToEndTests(TestCase):
         self.assertEqual(code, 2)
 
 
+class KeygenBeforeTheCATests(TestCase):
+    """A new user creates a key before the administrator hands out the CA
+    file (and maybe before rest_url is known): keygen reads key_file alone."""
+
+    timeout = 60
+
+    async def test_keygen_without_the_ca_file(self) -> None:
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory, mode=0o700)
+        config = os.path.join(directory, "client.ini")
+        with open(config, "w") as f:
+            f.write("[client]\nrest_url = https://rest.example:8443\nca_file = tls/ca.pem\n"
+                    "key_file = keys/id_ed25519\nuser = bob\n")
+        os.makedirs(os.path.join(directory, "keys"), mode=0o700)
+        code, out, err = await ticrypt(config, "keygen", "--no-passphrase")
+        self.assertEqual(code, 0, err)
+        key_file = os.path.join(directory, "keys", "id_ed25519")
+        pub = identity.load_public_file(key_file + ".pub")
+        self.assertIn(f"public key  {key_file}.pub: {identity.public_text(pub)}", out)
+        self.assertFalse(os.path.exists(os.path.join(directory, "state")))
+        # everything else still needs the whole config, the CA file included
+        code, out, err = await ticrypt(config, "login")
+        self.assertEqual(code, 1)
+        self.assertEqual(err.strip().splitlines(), [
+            f"ticrypt: cannot load client config: {config}: [client] ca_file: expected a "
+            f"readable file not writable by others; {directory}/tls/ca.pem does not exist"])
+
+        # no rest_url yet either; a misspelt key is still refused
+        with open(config, "w") as f:
+            f.write("[client]\nkey_file = second\n")
+        code, out, err = await ticrypt(config, "keygen", "--no-passphrase")
+        self.assertEqual(code, 0, err)
+        self.assertTrue(os.path.exists(os.path.join(directory, "second.pub")))
+        with open(config, "a") as f:
+            f.write("keyfile = third\n")
+        code, out, err = await ticrypt(config, "keygen", "--no-passphrase")
+        self.assertEqual((code, err.strip()), (1, f"ticrypt: cannot load client config: "
+                                                  f"{config}: [client] keyfile: unknown key"))
+
+    async def test_keygen_without_client_ini(self) -> None:
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory, mode=0o700)
+        env = daemon_env()
+        env["XDG_CONFIG_HOME"] = directory
+        env.pop("TICRYPT_CLIENT_CONFIG", None)
+        code, out, err = await run_command([script("ticrypt"), "keygen", "--no-passphrase"],
+                                           env=env)
+        missing = os.path.join(directory, "ticrypt", "client.ini")
+        self.assertEqual((code, err.strip()), (1, (
+            f"ticrypt: keygen failed: {missing} does not exist; name the key with "
+            "--key-file PATH, or create client.ini with key_file = PATH")))
+        key_file = os.path.join(directory, "k")
+        code, out, err = await run_command([script("ticrypt"), "keygen", "--no-passphrase",
+                                            "--key-file", key_file], env=env)
+        self.assertEqual(code, 0, err)
+        self.assertTrue(os.path.exists(key_file + ".pub"))
+
+
 class ParserTests(SynchronousTestCase):
     def test_optional_modules_are_skipped(self) -> None:
         parser = cli.build_parser(("ticrypt.frontend.cmd_account",

@@ -35,6 +35,15 @@ SCHEMA = Schema({SECTION: {
 }}, validate=_validate)
 
 
+#: What ``ticrypt keygen`` reads: ``key_file`` alone.  The other keys are
+#: known (a misspelt one is still an error) but not checked: a new user
+#: creates a key before the administrator hands out the CA file, and maybe
+#: before rest_url is known.
+KEYGEN_SCHEMA = Schema({SECTION: {
+    name: key if name == "key_file" else Key(Str(allow_empty=True), "")
+    for name, key in SCHEMA.sections[SECTION].items()}})
+
+
 def default_path() -> str:
     env = os.environ.get("TICRYPT_CLIENT_CONFIG")
     if env:
@@ -46,6 +55,12 @@ def default_path() -> str:
 def load(path: str | None = None) -> Config:
     """Load the client config (ConfigError names file, section and key)."""
     return load_config(path or default_path(), SCHEMA)
+
+
+def load_key_file(path: str | None = None) -> str:
+    """The ``key_file`` of the client config, all that keygen needs
+    (ConfigError names file, section and key)."""
+    return str(load_config(path or default_path(), KEYGEN_SCHEMA).client.key_file)
 
 
 class SessionError(Exception):

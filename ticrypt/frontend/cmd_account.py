@@ -13,7 +13,7 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from ticrypt import identity
-from ticrypt.config import Config
+from ticrypt.config import Config, ConfigError
 from ticrypt.frontend import clientconfig
 from ticrypt.frontend.cli import CommandError, load_config, run_async
 from ticrypt.frontend.client import RestError, authenticated_client, client_from_config
@@ -70,8 +70,23 @@ def _new_passphrase(args: argparse.Namespace) -> bytes | None:
     return first.encode() or None
 
 
+def _key_file(args: argparse.Namespace) -> str:
+    """Where keygen writes: --key-file, else the key_file of client.ini,
+    which is read alone: no CA file or rest_url is needed yet."""
+    if args.key_file:
+        return str(args.key_file)
+    config = getattr(args, "config", None) or clientconfig.default_path()
+    if not os.path.exists(config):
+        raise CommandError("keygen failed", f"{config} does not exist; name the key with "
+                           "--key-file PATH, or create client.ini with key_file = PATH")
+    try:
+        return clientconfig.load_key_file(config)
+    except ConfigError as e:
+        raise CommandError("cannot load client config", str(e)) from None
+
+
 def cmd_keygen(args: argparse.Namespace) -> int:
-    path = args.key_file or load_config(args).client.key_file
+    path = _key_file(args)
     pub_path = path + ".pub"
     for p in (path, pub_path):
         if os.path.exists(p):
