@@ -19,6 +19,7 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from test import proxyfixture as pf
+from test import wsframes as wf
 from ticrypt import identity, signed, tlsutil
 from ticrypt.audit import AuditLog
 from ticrypt.config import ConfigError, load_config
@@ -163,57 +164,87 @@ def _open_leg(case: SynchronousTestCase, factory: ProxyFactory) -> tuple[Leg, St
     transport = StringTransport()
     leg.makeConnection(transport)
     leg.state = Leg.STATE_OPEN
+    leg.onOpen()
     # cancels autobahn's timers (handshake, ping, close) on the real reactor
     case.addCleanup(leg.connectionLost, Failure(ConnectionDone()))
     return leg, transport
 
 
+def _start_pair(factory: ProxyFactory, vm: Leg, user: Leg) -> Pair:
+    ticket = signed.Ticket(user="alice", user_key=b"\x01" * 32, vm="vm1",
+                           client="127.0.0.1", issued=0, expires=10, ticket_id="t")
+    factory.table.add_vm("vm1", vm)
+    user.ticket = ticket
+    paired = factory.table.add_user("vm1", user)
+    assert isinstance(paired, Paired)
+    factory.start_pair(paired)
+    assert vm.pair is not None
+    return vm.pair
+
+
 class BackpressureWiringTests(SynchronousTestCase):
     """Producer wiring seen through StringTransport (iosim cannot show it)."""
 
-    def test_full_buffer_pauses_partner(self) -> None:
-        factory = _factory(max_buffered=12345, ping_interval=0.0 + 30)
+    def test_full_buffer_pauses_partner_and_itself(self) -> None:
+        factory = _factory(max_buffered=12345, ping_interval=30.0)
         vm, vm_t = _open_leg(self, factory)
         user, user_t = _open_leg(self, factory)
-        vm.wire(user)
-        user.wire(vm)
-        # each leg's transport holds a streaming producer controlling the other
+        _start_pair(factory, vm, user)
+        # each leg's transport holds a streaming producer from open
         self.assertTrue(vm_t.streaming)
         self.assertTrue(user_t.streaming)
         self.assertEqual(vm_t.bufferSize, 12345)  # type: ignore[attr-defined]
-        # the VM's outgoing buffer is full: stop reading the user
+        # the VM's outgoing buffer is full: stop reading the user, and the
+        # VM itself (what it sends may cost output too: pongs)
         vm_t.producer.pauseProducing()
         self.assertEqual(user_t.producerState, "paused")
-        self.assertEqual(vm_t.producerState, "producing")
-        # and user's pings are suspended while we cannot read its pongs
+        self.assertEqual(vm_t.producerState, "paused")
+        # user's pings are suspended while we cannot read its pongs; the
+        # VM's own keep running (it is the one not reading)
         self.assertIsNone(user.autoPingTimeoutCall)
+        self.assertIsNone(user.autoPingPendingCall)
+        self.assertIsNotNone(vm.autoPingPendingCall)
         vm_t.producer.resumeProducing()
         self.assertEqual(user_t.producerState, "producing")
+        self.assertEqual(vm_t.producerState, "producing")
         self.assertIsNotNone(user.autoPingPendingCall)  # pings resume
-        # the other direction
+        # the other direction, and both at once: each is read again only
+        # when nothing holds it
         user_t.producer.pauseProducing()
         self.assertEqual(vm_t.producerState, "paused")
+        vm_t.producer.pauseProducing()
+        user_t.producer.resumeProducing()
+        self.assertEqual((vm_t.producerState, user_t.producerState), ("paused", "paused"))
+        self.assertIsNone(user.autoPingPendingCall)  # held for the VM only
+        self.assertIsNotNone(vm.autoPingPendingCall)  # held for its own buffer
+        vm_t.producer.resumeProducing()
+        self.assertEqual((vm_t.producerState, user_t.producerState),
+                         ("producing", "producing"))
+
+    def test_unpaired_leg_with_full_buffer_is_not_read(self) -> None:
+        """Before pairing a leg's output is the proxy's own (challenge,
+        pongs): when that backs up the leg is not read, pings go on."""
+        leg, t = _open_leg(self, _factory(ping_interval=30.0))
+        t.producer.pauseProducing()
+        self.assertEqual(t.producerState, "paused")
+        self.assertIsNotNone(leg.autoPingPendingCall)
+        t.producer.resumeProducing()
+        self.assertEqual(t.producerState, "producing")
 
     def test_pair_end_unwires_and_resumes(self) -> None:
         factory = _factory()
         vm, vm_t = _open_leg(self, factory)
         user, user_t = _open_leg(self, factory)
-        ticket = signed.Ticket(user="alice", user_key=b"\x01" * 32, vm="vm1",
-                               client="127.0.0.1", issued=0, expires=10, ticket_id="t")
-        factory.table.add_vm("vm1", vm)
-        user.ticket = ticket
-        paired = factory.table.add_user("vm1", user)
-        assert isinstance(paired, Paired)
-        factory.start_pair(paired)
-        self.assertIsNotNone(vm_t.producer)
+        pair = _start_pair(factory, vm, user)
         vm_t.producer.pauseProducing()
         self.assertEqual(user_t.producerState, "paused")
-        assert vm.pair is not None
-        vm.pair.end(vm, 1000, "bye")
-        # the partner may read its close reply; nobody holds a producer
+        pair.end(vm, 1000, "bye")
+        # the partner may read its close reply; the VM's full buffer no
+        # longer holds it
         self.assertEqual(user_t.producerState, "producing")
-        self.assertIsNone(vm_t.producer)
-        self.assertIsNone(user_t.producer)
+        vm_t.producer.resumeProducing()
+        vm_t.producer.pauseProducing()
+        self.assertEqual(user_t.producerState, "producing")
         self.assertEqual(factory.table.pairs, 0)
         self.assertEqual(user.phase, LegState.DONE)
 
@@ -289,18 +320,23 @@ class _ClosesClients:
     what is still open, then wait until the proxy has no connection left."""
 
     clients: list[pf.WsClient]
+    raws: list[wf.RawClient] = []
     proxy: Any
 
     async def _all_closed(self) -> None:
         for c in self.clients:
             if c.close_info is None:
                 c.dropConnection(abort=True)
-        await defer.gatherResults([c.closed for c in self.clients])
+        for r in self.raws:
+            r.abort()
+        await defer.gatherResults([c.closed for c in self.clients]
+                                  + [r.lost for r in self.raws])
         await self.proxy.factory.all_closed()
 
 
-class ProxyTests(_ClosesClients, TestCase):
-    """Real autobahn clients against the proxy in this process (127.0.0.1)."""
+class ProxyCase(_ClosesClients, TestCase):
+    """Helpers for real autobahn clients against the proxy in this process
+    (127.0.0.1); no tests of its own."""
 
     limits: dict[str, Any] = {}
 
@@ -313,6 +349,7 @@ class ProxyTests(_ClosesClients, TestCase):
         self.proxy = await pf.start_proxy(self, path)
         self.port = self.proxy.port
         self.clients: list[pf.WsClient] = []
+        self.raws = []
         self.addCleanup(self._all_closed)
 
     def track(self, client: pf.WsClient) -> pf.WsClient:
@@ -345,6 +382,10 @@ class ProxyTests(_ClosesClients, TestCase):
             self.assertNotIn(word, text)
         for secret in secrets:
             self.assertNotIn(secret.split(".")[-1], text)
+
+
+class ProxyTests(ProxyCase):
+    """Real autobahn clients against the proxy in this process (127.0.0.1)."""
 
     # -- VM authentication ---------------------------------------------------
 

@@ -1,11 +1,13 @@
 """ticrypt-proxy as a real daemon: ``twistd -n ticrypt-proxy`` over wss, and
-the memory bound with a reader that stops reading (RSS of the twistd process
-from /proc, a memory bound rather than a timing assertion)."""
+the memory bound with a reader that stops reading and under hostile frame
+patterns (RSS of the twistd process from /proc, a memory bound rather than a
+timing assertion)."""
 
 from __future__ import annotations
 
 import os
 import struct
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 from twisted.internet import defer, reactor, task
@@ -14,18 +16,59 @@ from twisted.trial.unittest import TestCase
 from zope.interface import implementer
 
 from test import proxyfixture as pf
+from test import wsframes as wf
 from test.daemon import start_daemon
 from ticrypt import identity, tlsutil
 
 MiB = 1024 * 1024
 
 
-def rss_bytes(pid: int) -> int:
+def rss_bytes(pid: int, field: str = "VmRSS") -> int:
+    """``VmRSS`` (or ``VmHWM``, the peak since start or :func:`reset_peak`)."""
     with open(f"/proc/{pid}/status") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmRSS")
+    raise RuntimeError(f"no {field}")
+
+
+def reset_peak(pid: int) -> None:
+    """From now on ``VmHWM`` is the peak since this call (Linux >= 4.0)."""
+    with open(f"/proc/{pid}/clear_refs", "w") as f:
+        f.write("5")
+
+
+def up_to(chunks: Iterable[bytes], limit: int) -> Iterator[bytes]:
+    """``chunks`` until about ``limit`` bytes were given."""
+    given = 0
+    for chunk in chunks:
+        if given >= limit:
+            return
+        given += len(chunk)
+        yield chunk
+
+
+async def reaches(client: pf.WsClient, probe: bytes) -> bool:
+    """True once a message ending in ``probe`` arrives at ``client``, False
+    if it is closed first."""
+    while True:
+        try:
+            payload, _ = await client.next()
+        except ConnectionError:
+            return False
+        if payload.endswith(probe):
+            return True
+
+
+async def relay_rounds(vm: pf.WsClient, user: pf.WsClient, rounds: int) -> None:
+    """A legitimate pair at work: 64 KiB up, echoed back down, ``rounds`` times."""
+    for i in range(rounds):
+        payload = bytes([i]) * 65536
+        user.sendMessage(payload, True)
+        got, _ = await vm.next()
+        vm.sendMessage(got, True)
+        back, _ = await user.next()
+        assert back == payload
 
 
 @implementer(IPushProducer)
@@ -203,3 +246,135 @@ class ProxyDaemonTests(TestCase):
         writer.sendClose(1000)
         await defer.gatherResults([reader.closed, writer.closed])
         await task.deferLater(reactor, 0, lambda: None)
+
+
+MAX_BUFFERED = 256 * 1024
+MAX_MESSAGE = 2 * MiB
+#: Interpreter and allocator slack on top of what the config allows.
+ALLOWANCE = 16 * MiB
+
+
+class FloodMemoryTests(TestCase):
+    """Hostile frame patterns (test/wsframes.py) against a real proxy: each
+    is cut off, the proxy's peak RSS stays within a bound derived from its
+    config, and a legitimate pair keeps relaying meanwhile."""
+
+    timeout = 300
+
+    def setUp(self) -> None:
+        self.dir = os.path.abspath(self.mktemp())
+        os.makedirs(self.dir)
+        self.backend = pf.Backend(self.dir)
+
+    async def start(self, **limits: Any) -> tuple[int, int]:
+        path = pf.write_proxy_config(self.dir, self.backend, max_buffered=MAX_BUFFERED,
+                                     max_message_size=MAX_MESSAGE, **limits)
+        daemon = await start_daemon(self, "ticrypt-proxy", path)
+        _, port = daemon.address("proxy")
+        return daemon.transport.pid, port  # type: ignore[union-attr]
+
+    def bound(self, connections: int) -> int:
+        """What the proxy may hold for ``connections`` legs (PROTOCOL.md §3,
+        "Backpressure and memory"): per leg its queued output and one socket
+        read (max_buffered each) and one partial message, plus ALLOWANCE."""
+        return connections * (2 * MAX_BUFFERED + MAX_MESSAGE) + ALLOWANCE
+
+    async def flood(self, pid: int, port: int, legit: tuple[pf.WsClient, pf.WsClient],
+                    name: str, chunks: Iterator[bytes], *, paired: bool,
+                    read: bool) -> tuple[str, int, bool]:
+        """One pattern: (name, peak RSS over the start, cut off by the proxy)."""
+        reset_peak(pid)
+        before = rss_bytes(pid)
+        vm = None
+        if paired:
+            vm = await pf.vm_connect(reactor, port, self.backend, name)
+            raw = await wf.connect_raw_user(reactor, port, self.backend.ticket(name))
+            await vm.next_json()
+        else:
+            raw = await wf.connect_raw(reactor, port, "/v1/user")
+        if not read:
+            raw.stop_reading()
+        work = defer.ensureDeferred(relay_rounds(*legit, rounds=20))
+        await raw.flood(chunks)
+        if raw.lost_reason is None:
+            # all offered and not cut off yet: did the proxy take it all? (a
+            # probe behind it); read again, to notice when the proxy ends it
+            probe = b"probe after " + name.encode()
+            raw.send(wf.frame(wf.CONT, probe) if name == "fragments-endless"
+                     else wf.frame(wf.BINARY, probe))
+            raw.resume_reading()
+        if vm is not None:
+            cut_off = not await reaches(vm, b"probe after " + name.encode())
+            raw.abort()
+        else:
+            cut_off = True  # the proxy refuses it at the handshake timeout anyway
+        await raw.lost
+        await work
+        if vm is not None and vm.close_info is None:
+            vm.dropConnection(abort=True)
+            await vm.closed
+        return name, rss_bytes(pid, "VmHWM") - before, cut_off
+
+    async def legit_pair(self, port: int) -> tuple[pf.WsClient, pf.WsClient]:
+        vm = await pf.vm_connect(reactor, port, self.backend, "vm-legit")
+        user = await pf.user_connect(reactor, port, self.backend.ticket("vm-legit"))
+        await user.next_json()
+        await vm.next_json()
+        return vm, user
+
+    def check(self, results: list[tuple[str, int, bool]], connections: int) -> None:
+        report = ", ".join(f"{name}: +{peak / MiB:.1f} MiB{'' if cut else ' NOT cut off'}"
+                           for name, peak, cut in results)
+        if os.environ.get("PROXY_TEST_VERBOSE"):
+            print(f"\npeak RSS over the start of each flood: {report}")
+        self.assertEqual([name for name, _, cut in results if not cut], [], report)
+        bound = self.bound(connections)
+        self.assertEqual([name for name, peak, _ in results if peak > bound], [],
+                         f"bound +{bound / MiB:.1f} MiB; {report}")
+
+    async def test_frame_floods(self) -> None:
+        # handshake_timeout: the proxy must not need it to stop the floods
+        pid, port = await self.start(ping_interval="60s", handshake_timeout="30s",
+                                     close_handshake_timeout="2s")
+        legit = await self.legit_pair(port)
+        results = [
+            await self.flood(pid, port, legit, "ping-flood-unauthenticated",
+                             up_to(wf.ping_flood(), 64 * MiB), paired=False, read=False),
+            await self.flood(pid, port, legit, "ping-flood-paired",
+                             up_to(wf.ping_flood(), 64 * MiB), paired=True, read=False),
+            await self.flood(pid, port, legit, "fragments",
+                             wf.one_byte_fragments(300_000), paired=True, read=True),
+            await self.flood(pid, port, legit, "fragments-endless",
+                             up_to(wf.empty_continuations(), 4 * MiB), paired=True, read=True),
+            await self.flood(pid, port, legit, "empty-messages",
+                             up_to(wf.empty_messages(), 4 * MiB), paired=True, read=True),
+        ]
+        # the hostile leg, its VM partner and the legitimate pair
+        self.check(results, connections=4)
+        audit = pf.read_audit(self.dir)
+        refused = [r["reason"] for r in audit if r["event"] == "user-refused"]
+        self.assertEqual(refused, ["over-limit: too many websocket frames"])
+        ends = [(r["vm"], r["close_code"], r["ended_by"]) for r in audit
+                if r["event"] == "pair-end"]
+        self.assertEqual(ends, [(name, 4009, "user") for name, _, _ in results[1:]])
+        legit[1].sendClose(1000)
+        await defer.gatherResults([legit[0].closed, legit[1].closed])
+
+    async def test_pongs_not_read(self) -> None:
+        """The bound on a leg's own output on its own: with the control-frame
+        cap out of the way, a peer that floods pings and reads nothing is not
+        read once its pongs fill max_buffered, and is dropped at the handshake
+        timeout (not paired) or by the proxy's unanswered pings (paired)."""
+        pid, port = await self.start(max_control_frames=1_000_000, handshake_timeout="15s",
+                                     ping_interval="5s", ping_timeout="5s",
+                                     close_handshake_timeout="2s")
+        legit = await self.legit_pair(port)
+        results = [
+            await self.flood(pid, port, legit, "pongs-unauthenticated",
+                             up_to(wf.ping_flood(), 256 * MiB), paired=False, read=False),
+            await self.flood(pid, port, legit, "pongs-paired",
+                             up_to(wf.ping_flood(), 256 * MiB), paired=True, read=False),
+        ]
+        self.check(results, connections=4)
+        legit[1].sendClose(1000)
+        await defer.gatherResults([legit[0].closed, legit[1].closed])

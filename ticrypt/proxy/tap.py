@@ -30,6 +30,7 @@ from ticrypt.config import (
 )
 from ticrypt.http import load_secret
 from ticrypt.http.client import JsonClient
+from ticrypt.proxy.framebudget import FrameLimits
 from ticrypt.proxy.pairing import Limits, PairingTable
 from ticrypt.proxy.revocations import FEED_TIMEOUT, RevocationList, RevocationPoller, max_age
 from ticrypt.proxy.status import status_resource
@@ -42,6 +43,7 @@ log = Logger()
 
 _D = Settings()
 _L = Limits()
+_F = FrameLimits()
 
 
 def _validate(cfg: Config) -> None:
@@ -136,6 +138,10 @@ SCHEMA = Schema(
             "max_recent_tickets": Key(Int(100, 10_000_000), str(_D.max_recent_tickets)),
             "open_handshake_timeout": Key(Duration(), f"{_D.open_handshake_timeout:g}s"),
             "close_handshake_timeout": Key(Duration(), f"{_D.close_handshake_timeout:g}s"),
+            "max_message_frames": Key(Int(1, 1_000_000), str(_F.max_message_frames)),
+            "max_control_frames": Key(Int(1, 1_000_000), str(_F.max_control_frames)),
+            "control_frames_interval": Key(Duration(max=3600),
+                                           f"{_F.control_frames_interval:g}s"),
         },
     },
     optional_sections=frozenset({"limits"}),
@@ -154,7 +160,10 @@ def settings_from(cfg: Config) -> tuple[Settings, Limits]:
         ping_interval=lim.ping_interval, ping_timeout=lim.ping_timeout,
         max_buffered=lim.max_buffered, max_recent_tickets=lim.max_recent_tickets,
         open_handshake_timeout=lim.open_handshake_timeout,
-        close_handshake_timeout=lim.close_handshake_timeout)
+        close_handshake_timeout=lim.close_handshake_timeout,
+        frames=FrameLimits(max_message_frames=lim.max_message_frames,
+                           max_control_frames=lim.max_control_frames,
+                           control_frames_interval=lim.control_frames_interval))
     limits = Limits(max_waiting_per_vm=lim.max_waiting_per_vm,
                     max_waiting_total=lim.max_waiting_total, max_pairs=lim.max_pairs)
     return settings, limits

@@ -13,8 +13,12 @@ Once paired the proxy relays whole websocket messages both ways, unchanged
 and in order (text stays text, binary stays binary; a fragmented message is
 reassembled by autobahn and forwarded as one message), and sends nothing
 else.  Each leg's outgoing buffer is bounded by ``max_buffered``: when it is
-full the proxy stops reading the other leg (Twisted streaming producers).
-A close on one leg closes the other with the same code and reason.
+full the proxy stops reading the other leg (Twisted streaming producers) and
+the leg itself (its pongs are output too).  Every leg's frames are counted
+(:mod:`ticrypt.proxy.framebudget`): a peer over a frame limit is dropped
+with 4009.  A close on one leg closes the other with the same code and reason.
+
+What reads or overrides autobahn internals lives in :mod:`ticrypt.proxy.wsmem`.
 """
 
 from __future__ import annotations
@@ -28,31 +32,27 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 import attrs
-from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
-from autobahn.websocket.protocol import WebSocketProtocol
+from autobahn.twisted.websocket import WebSocketServerFactory
 from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
 from twisted.internet import defer
-from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
-from zope.interface import implementer
 
 from ticrypt import identity, signed
 from ticrypt.audit import AuditLog
 from ticrypt.encoding import JsonError, b64, loads_bounded, unb64
+from ticrypt.proxy.framebudget import FrameBudget, FrameLimits, Violation
 from ticrypt.proxy.pairing import Paired, PairingTable, Refused, Waiting
 from ticrypt.proxy.replay import TicketLedger, Use
 from ticrypt.proxy.revocations import REVOKED, RevocationList
 from ticrypt.proxy.tlsmem import release_bio_buffers
+from ticrypt.proxy.wsmem import LeanWebSocket, OutputBatch
 
 VM_PATH = "/v1/vm"
 USER_PATH = "/v1/user"
 
 #: Largest control message (a ticket is at most signed.MAX_TOKEN characters).
 MAX_CONTROL = 8192
-#: autobahn is fed at most this much at a time (see Leg.dataReceived).
-FEED_SLICE = 16384
-#: Largest HTTP upgrade request we buffer before giving up on a peer.
-MAX_HTTP_REQUEST = 16384
 
 # close codes (PROTOCOL.md §1)
 NORMAL = 1000
@@ -66,20 +66,12 @@ TIMEOUT = 4008
 OVER_LIMIT = 4009
 PEER_LOST = 4010
 
-_OPEN = WebSocketProtocol.STATE_OPEN
-_MISSING = object()
+#: What the partner of a leg dropped for its frames is told (code OVER_LIMIT).
+PEER_OVER_FRAME_LIMIT = "over-limit: the peer sent too many websocket frames"
 
-#: autobahn attributes that only serve the opening handshake; released at
-#: open (idle sockets are the proxy's main memory cost).
-_HANDSHAKE_ONLY = {
-    "http_headers": None, "http_request_data": None, "http_response_data": None,
-    "http_status_line": None, "http_request_params": None, "http_request_uri": None,
-    "http_request_host": None, "websocket_protocols": (), "websocket_extensions": (),
-    "websocket_origin": None, "_wskey": None, "_transport_details": None,
-}
-#: autobahn copies every protocol option of the factory onto each protocol at
-#: connect; after open the unchanged ones are read from the factory instead.
-_CONFIG_ATTRS = frozenset(WebSocketServerProtocol.CONFIG_ATTRS)
+# why a leg is not being read (bits of Leg._held)
+_PARTNER_FULL = 1   # its partner's send buffer is full
+_OWN_FULL = 2       # its own send buffer is full
 
 
 @attrs.frozen
@@ -98,6 +90,7 @@ class Settings:
     max_recent_tickets: int = 100_000
     open_handshake_timeout: float = 10.0
     close_handshake_timeout: float = 5.0
+    frames: FrameLimits = FrameLimits()
 
 
 class LegState(enum.Enum):
@@ -185,25 +178,6 @@ def parse_control(payload: bytes, is_binary: bool, expected: str,
     return {f: msg[f] for f in fields}
 
 
-@implementer(IPushProducer)
-class _PauseReading:
-    """Registered on one leg's transport: when that leg's outgoing buffer is
-    full, stop reading the other leg (``reader``) until it drains."""
-
-    def __init__(self, reader: Leg):
-        self.reader = reader
-
-    def pauseProducing(self) -> None:
-        self.reader.pause_reading()
-
-    def resumeProducing(self) -> None:
-        self.reader.resume_reading()
-
-    def stopProducing(self) -> None:
-        # the writing leg is gone; the pair's end resumes and closes the reader
-        pass
-
-
 class Pair:
     """One VM leg joined with one user leg: relay, accounting, end."""
 
@@ -281,7 +255,7 @@ class Pair:
         self.factory.pair_ended(self)
 
 
-class Leg(WebSocketServerProtocol):
+class Leg(LeanWebSocket):
     """One websocket to the proxy, VM side or user side."""
 
     # autobahn's protocol already has ``log`` (a txaio logger it calls with
@@ -299,35 +273,10 @@ class Leg(WebSocketServerProtocol):
         self.pair: Pair | None = None
         self.nonce = ""
         self._timer: IDelayedCall | None = None
-        self._paused = False
-        self._wired = False
-
-    def __getattr__(self, name: str) -> Any:
-        # only reached for attributes missing from the instance: the protocol
-        # options released by _release_handshake_state live on the factory
-        if name in _CONFIG_ATTRS and "factory" in self.__dict__:
-            return getattr(self.factory, name)
-        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        self._held = 0        # _PARTNER_FULL | _OWN_FULL: why it is not read
+        self._wired = False   # paired: our full buffer also holds the partner
 
     # -- helpers ---------------------------------------------------------------
-
-    def _release_handshake_state(self) -> None:
-        """Drop what only the opening handshake needed (HTTP request and
-        response, headers) and the per-connection copies of the factory's
-        protocol options, then compact the instance dict."""
-        d = self.__dict__
-        for name, empty in _HANDSHAKE_ONLY.items():
-            if name in d:
-                d[name] = empty
-        factory = self.factory
-        for name in _CONFIG_ATTRS:
-            if name in d and d[name] is getattr(factory, name, _MISSING):
-                del d[name]
-        self.__dict__ = dict(d)  # a dict never shrinks in place
-
-    def ws_open(self) -> bool:
-        """The websocket is open (autobahn's ``state``)."""
-        return bool(self.state == _OPEN)
 
     def _cancel_timer(self) -> None:
         if self._timer is not None and self._timer.active():
@@ -337,9 +286,9 @@ class Leg(WebSocketServerProtocol):
     def close_with(self, code: int, reason: str) -> None:
         """Close this leg with ``code``/``reason`` (after queued data)."""
         self._cancel_timer()
-        self.resume_reading()
+        self.release(_PARTNER_FULL | _OWN_FULL)
         self.phase = LegState.DONE
-        if self.state == _OPEN:
+        if self.ws_open():
             self.sendCloseFrame(code=code, reasonUtf8=_reason_bytes(reason), isReply=False)
 
     def refuse(self, code: int, reason: str, event: str, **fields: Any) -> None:
@@ -358,52 +307,80 @@ class Leg(WebSocketServerProtocol):
             else:
                 self.factory.table.remove_user(self.vm_id, self)
 
+    @_guarded
+    def frames_exceeded(self, violation: Violation) -> None:
+        """Over a frame limit (LeanWebSocket parses no more of it): close it
+        4009 with an audit line, its partner too, and drop the connection
+        once the close frame is out (or after close_handshake_timeout)."""
+        self.plog.info("proxy: {role} from {address} over the frame limit "
+                       "({limit}, {allowed}): dropped", role=self.role,
+                       address=self.address, limit=violation.limit, allowed=violation.allowed)
+        if self.phase is LegState.PAIRED and self.pair is not None and not self.pair.ended:
+            self.pair.end(self, OVER_LIMIT, PEER_OVER_FRAME_LIMIT)
+            self.close_with(OVER_LIMIT, violation.reason)
+        elif self.phase in (LegState.HANDSHAKE, LegState.WAITING):
+            fields: dict[str, Any] = {"vm": self.vm_id}
+            if self.ticket is not None:
+                fields["user"] = self.ticket.user
+            self.refuse(OVER_LIMIT, violation.reason, f"{self.role}-refused", **fields)
+        else:  # already closing: it was audited then
+            self.close_with(OVER_LIMIT, violation.reason)
+        self.drop_after_close()
+
     # -- backpressure ----------------------------------------------------------
 
     def wire(self, partner: Leg) -> None:
-        """When our outgoing buffer passes ``max_buffered``, stop reading the
-        partner until it drains."""
-        self.transport.bufferSize = self.factory.settings.max_buffered  # type: ignore[union-attr]
-        self.transport.registerProducer(_PauseReading(partner), True)  # type: ignore[union-attr]
+        """Paired: when our outgoing buffer passes ``max_buffered``, stop
+        reading the partner (as well as ourselves) until it drains."""
         self._wired = True
+        if self._held & _OWN_FULL:
+            partner.hold(_PARTNER_FULL)
 
     def unwire(self) -> None:
-        if self._wired:
-            self._wired = False
-            try:
-                self.transport.unregisterProducer()  # type: ignore[union-attr]
-            except Exception:
-                self.plog.failure("proxy: unregisterProducer failed")
-        self.resume_reading()
+        """The pair ended: our buffer no longer holds the partner, nor the
+        partner's ours."""
+        self._wired = False
+        self.release(_PARTNER_FULL)
 
-    def pause_reading(self) -> None:
-        """Stop reading this leg (its partner is slow).  While paused we cannot
-        read its pongs either, so its liveness check is suspended; the slow
-        partner's own pings still detect a dead reader."""
-        if self._paused or self.state != _OPEN:
-            return
-        self._paused = True
-        self.transport.pauseProducing()  # type: ignore[union-attr]
-        for name in ("autoPingPendingCall", "autoPingTimeoutCall"):
-            call = getattr(self, name, None)
-            if call is not None:
-                call.cancel()
-                setattr(self, name, None)
-        self.autoPingPending = None
+    def output_full(self) -> None:
+        self.hold(_OWN_FULL)
+        if self._wired and self.pair is not None:
+            self.pair.partner(self).hold(_PARTNER_FULL)
 
-    def resume_reading(self) -> None:
-        if not self._paused:
+    def output_drained(self) -> None:
+        self.release(_OWN_FULL)
+        if self._wired and self.pair is not None:
+            self.pair.partner(self).release(_PARTNER_FULL)
+
+    def hold(self, why: int) -> None:
+        """Stop reading this leg, because its partner's send buffer is full
+        (``_PARTNER_FULL``) or its own (``_OWN_FULL``: it does not read its
+        pongs or what is relayed to it)."""
+        if not self.ws_open():
             return
-        self._paused = False
-        if self.state == WebSocketProtocol.STATE_CLOSED:
+        was = self._held
+        self._held |= why
+        if not was:
+            self.transport.pauseProducing()  # type: ignore[union-attr]
+        self._pings_follow_hold()
+
+    def release(self, why: int) -> None:
+        if not self._held & why:
             return
-        self.transport.resumeProducing()  # type: ignore[union-attr]
-        # autobahn copies autoPingInterval onto the protocol at connectionMade
-        interval = getattr(self, "autoPingInterval", 0)
-        if (interval and self.state == _OPEN
-                and self.autoPingPendingCall is None and self.autoPingTimeoutCall is None):
-            self.autoPingPendingCall = self.factory._batched_timer.call_later(
-                interval, self._sendAutoPing)
+        self._held &= ~why
+        if not self._held and not self.ws_closed():
+            self.transport.resumeProducing()  # type: ignore[union-attr]
+        self._pings_follow_hold()
+
+    def _pings_follow_hold(self) -> None:
+        """Held only for a slow partner, this leg cannot have its pongs read:
+        its pings are suspended (the slow partner's own pings detect a dead
+        reader).  A leg whose own buffer is full keeps its pings: a peer that
+        reads nothing is dropped within ping_interval + ping_timeout."""
+        if self._held == _PARTNER_FULL:
+            self.suspend_pings()
+        else:
+            self.resume_pings()
 
     # -- autobahn callbacks --------------------------------------------------------
 
@@ -418,21 +395,6 @@ class Leg(WebSocketServerProtocol):
         finally:
             self.factory.leg_gone()
 
-    def dataReceived(self, data: bytes) -> None:
-        # autobahn buffers the HTTP upgrade request without a bound
-        if self.state == WebSocketProtocol.STATE_CONNECTING and \
-                len(self.data) + len(data) > MAX_HTTP_REQUEST:
-            self.plog.info("proxy: upgrade request from {address} too long", address=self.address)
-            self.transport.abortConnection()  # type: ignore[union-attr]
-            return
-        if len(data) <= FEED_SLICE:
-            super().dataReceived(data)
-            return
-        # autobahn copies its whole receive buffer once per frame it parses:
-        # feed a large read (up to max_buffered) in slices so that stays linear
-        for i in range(0, len(data), FEED_SLICE):
-            super().dataReceived(data[i:i + FEED_SLICE])
-
     def onConnect(self, request: ConnectionRequest) -> None:
         if request.path == VM_PATH:
             self.role = "vm"
@@ -444,7 +406,10 @@ class Leg(WebSocketServerProtocol):
 
     @_guarded
     def onOpen(self) -> None:
-        self._release_handshake_state()
+        self.release_handshake_state()
+        settings = self.factory.settings
+        self.frame_budget = FrameBudget(settings.frames, self.factory.clock.seconds())
+        self.watch_output(settings.max_buffered)
         self.phase = LegState.HANDSHAKE
         self._timer = self.factory.clock.callLater(
             self.factory.settings.handshake_timeout, self._handshake_timed_out)
@@ -572,12 +537,12 @@ class Leg(WebSocketServerProtocol):
 
     @_guarded
     def onCloseFrame(self, code: int, reasonRaw: bytes) -> bool | None:  # type: ignore[override]
-        was_open = self.state == _OPEN
+        was_open = self.ws_open()
         result = super().onCloseFrame(code, reasonRaw)
         if was_open and self.pair is not None and not self.pair.ended:
             self.pair.end(self, *self._for_partner(self.remoteCloseCode,
                                                    self.remoteCloseReason,
-                                                   protocol_error=self.failedByMe))
+                                                   protocol_error=self.protocol_failed()))
         return result
 
     @staticmethod
@@ -595,14 +560,9 @@ class Leg(WebSocketServerProtocol):
     @_guarded
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
         self._cancel_timer()
-        # autobahn leaves this timer behind when the TCP connection ends first
-        if self.closeHandshakeTimeoutCall is not None:
-            self.closeHandshakeTimeoutCall.cancel()
-            self.closeHandshakeTimeoutCall = None
         self._leave_table()
         if self.pair is not None and not self.pair.ended:
-            why = self.wasNotCleanReason or "connection lost"
-            if "ping timeout" in why:
+            if self.lost_to_ping_timeout():
                 detail = "no answer to pings"
             else:
                 detail = "connection lost without a close frame"
@@ -629,6 +589,7 @@ class ProxyFactory(WebSocketServerFactory):
         self.audit = audit
         self.rng = rng
         self.pairs: set[Pair] = set()
+        self.output_batch = OutputBatch()
         self.tickets = TicketLedger(settings.max_recent_tickets)
         self.open_legs = 0
         self._idle_waiters: list[defer.Deferred[None]] = []

@@ -1,0 +1,316 @@
+"""Everything the proxy does to autobahn's internals, in one place.
+
+autobahn's server protocol is written for a few long-lived, well-behaved
+peers; the proxy holds tens of thousands of mostly idle ones, some hostile.
+:class:`LeanWebSocket` is autobahn's ``WebSocketServerProtocol`` with what
+that takes, all of it reading or overriding autobahn attributes and hooks
+that are not public API (checked against autobahn 26.10), so that an
+autobahn upgrade touches this file only:
+
+* **memory of idle sockets**: at open, the opening handshake's state and the
+  per-connection copies of the factory's protocol options are dropped
+  (:meth:`~LeanWebSocket.release_handshake_state`; the options are then read
+  from the factory through ``__getattr__``);
+* **input**: the HTTP upgrade request is bounded (autobahn buffers it
+  without a limit); large reads are fed to autobahn in slices (its frame
+  parser copies the whole receive buffer once per frame); every frame header
+  is counted by a :class:`~ticrypt.proxy.framebudget.FrameBudget`
+  (``onFrameBegin``), and a peer over a frame limit is not parsed any further;
+* **output**: every write made while one peer's read is parsed (relayed
+  messages, pongs, close frames) is joined into one transport write per leg
+  at the end of that read (:class:`OutputBatch`), so that Twisted's
+  byte-counted send buffer also bounds memory for tiny frames; a leg's own
+  transport holds a producer for the leg's whole open life
+  (:meth:`~LeanWebSocket.watch_output`), so a leg whose own send buffer is
+  full (its pongs and everything else) can stop being read;
+* **closing**: a graceful close that cannot finish because the peer does not
+  read is aborted after ``closeHandshakeTimeout``; autobahn arms no timer
+  for it (its close reply to a peer's close, or our own drop);
+* **pings**: autobahn's auto-ping timers are suspended and rescheduled
+  (:meth:`~LeanWebSocket.suspend_pings`, :meth:`~LeanWebSocket.resume_pings`).
+
+The protocol's factory must provide ``clock`` (an ``IReactorTime``) and
+``output_batch`` (an :class:`OutputBatch`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from autobahn.twisted.websocket import WebSocketServerProtocol
+from autobahn.websocket.protocol import WebSocketProtocol
+from twisted.internet.interfaces import IDelayedCall, IPushProducer
+from twisted.internet.protocol import connectionDone
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from ticrypt.proxy.framebudget import FrameBudget, Violation
+
+#: autobahn is fed at most this much at a time (see LeanWebSocket.dataReceived).
+FEED_SLICE = 16384
+#: Largest HTTP upgrade request we buffer before giving up on a peer.
+MAX_HTTP_REQUEST = 16384
+
+_OPEN = WebSocketProtocol.STATE_OPEN
+_CLOSED = WebSocketProtocol.STATE_CLOSED
+_CONNECTING = WebSocketProtocol.STATE_CONNECTING
+_MISSING = object()
+
+#: autobahn attributes that only serve the opening handshake; released at
+#: open (idle sockets are the proxy's main memory cost).
+_HANDSHAKE_ONLY = {
+    "http_headers": None, "http_request_data": None, "http_response_data": None,
+    "http_status_line": None, "http_request_params": None, "http_request_uri": None,
+    "http_request_host": None, "websocket_protocols": (), "websocket_extensions": (),
+    "websocket_origin": None, "_wskey": None, "_transport_details": None,
+}
+#: autobahn copies every protocol option of the factory onto each protocol at
+#: connect; after open the unchanged ones are read from the factory instead.
+_CONFIG_ATTRS = frozenset(WebSocketServerProtocol.CONFIG_ATTRS)
+
+
+class OutputBatch:
+    """Joins the writes made while input is parsed: one per leg per read.
+
+    autobahn writes every frame with its own ``transport.write``; a read of
+    tiny frames relayed to a partner (or pinged at us) would queue tens of
+    thousands of few-byte strings, each costing ~50 bytes of Python objects
+    that Twisted's ``bufferSize`` does not count.  One batch per factory."""
+
+    def __init__(self) -> None:
+        self._depth = 0
+        self._legs: list[LeanWebSocket] = []
+
+    @property
+    def open(self) -> bool:
+        return self._depth > 0
+
+    def begin(self) -> None:
+        self._depth += 1
+
+    def end(self) -> None:
+        self._depth -= 1
+        if self._depth:
+            return
+        while self._legs:
+            legs, self._legs = self._legs, []
+            for leg in legs:
+                leg.flush_output()
+
+    def add(self, leg: LeanWebSocket) -> None:
+        self._legs.append(leg)
+
+
+@implementer(IPushProducer)
+class _OutputFull:
+    """On a leg's own transport from open to close: tells the leg when its
+    send buffer passes ``bufferSize`` and when it has drained."""
+
+    def __init__(self, leg: LeanWebSocket):
+        self.leg = leg
+
+    def pauseProducing(self) -> None:
+        self.leg.output_full()
+
+    def resumeProducing(self) -> None:
+        self.leg.output_drained()
+
+    def stopProducing(self) -> None:
+        pass
+
+
+class LeanWebSocket(WebSocketServerProtocol):
+    """autobahn's server protocol, bounded.  Subclasses implement
+    :meth:`frames_exceeded`, :meth:`output_full` and :meth:`output_drained`."""
+
+    wlog = Logger()
+    factory: Any
+    #: counts this peer's frames once set (at open); None: not counted
+    frame_budget: FrameBudget | None = None
+    # class-level defaults: an idle socket keeps no instance entry for them
+    _input_closed = False
+    _out: list[bytes] | None = None
+    _abort_call: IDelayedCall | None = None
+
+    def __getattr__(self, name: str) -> Any:
+        # only reached for attributes missing from the instance: the protocol
+        # options released by release_handshake_state live on the factory
+        if name in _CONFIG_ATTRS and "factory" in self.__dict__:
+            return getattr(self.factory, name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    # -- hooks for the subclass -------------------------------------------------
+
+    def frames_exceeded(self, violation: Violation) -> None:
+        """The peer went over a frame limit; nothing more of it is parsed.
+        Close it (and say so); then call :meth:`drop_after_close`."""
+        raise NotImplementedError
+
+    def output_full(self) -> None:
+        """This leg's own send buffer passed ``bufferSize``."""
+        raise NotImplementedError
+
+    def output_drained(self) -> None:
+        """This leg's own send buffer has drained."""
+        raise NotImplementedError
+
+    # -- state ------------------------------------------------------------------
+
+    def ws_open(self) -> bool:
+        """The websocket is open (autobahn's ``state``)."""
+        return bool(self.state == _OPEN)
+
+    def ws_closed(self) -> bool:
+        return bool(self.state == _CLOSED)
+
+    def protocol_failed(self) -> bool:
+        """autobahn failed this websocket for a protocol error of the peer."""
+        return bool(self.failedByMe)
+
+    def lost_to_ping_timeout(self) -> bool:
+        """The connection was dropped because the peer did not answer a ping."""
+        return "ping timeout" in (self.wasNotCleanReason or "")
+
+    def release_handshake_state(self) -> None:
+        """Drop what only the opening handshake needed (HTTP request and
+        response, headers) and the per-connection copies of the factory's
+        protocol options, then compact the instance dict."""
+        d = self.__dict__
+        for name, empty in _HANDSHAKE_ONLY.items():
+            if name in d:
+                d[name] = empty
+        factory = self.factory
+        for name in _CONFIG_ATTRS:
+            if name in d and d[name] is getattr(factory, name, _MISSING):
+                del d[name]
+        self.__dict__ = dict(d)  # a dict never shrinks in place
+
+    # -- input ------------------------------------------------------------------
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._input_closed:
+            return
+        # autobahn buffers the HTTP upgrade request without a bound
+        if self.state == _CONNECTING and len(self.data) + len(data) > MAX_HTTP_REQUEST:
+            self.wlog.info("proxy: upgrade request from {peer} too long", peer=self.peer)
+            self.transport.abortConnection()  # type: ignore[union-attr]
+            return
+        batch: OutputBatch = self.factory.output_batch
+        batch.begin()
+        try:
+            if len(data) <= FEED_SLICE:
+                super().dataReceived(data)
+                return
+            # autobahn copies its whole receive buffer once per frame it
+            # parses: feed a large read (up to bufferSize) in slices so that
+            # stays linear
+            for i in range(0, len(data), FEED_SLICE):
+                if self._input_closed:
+                    return
+                super().dataReceived(data[i:i + FEED_SLICE])
+        finally:
+            batch.end()
+
+    def onFrameBegin(self) -> None:
+        budget = self.frame_budget
+        if budget is not None and not self._input_closed:
+            f = self.current_frame
+            violation = budget.frame(f.opcode, f.length, self.factory.clock.seconds())
+            if violation is not None:
+                self.close_input()
+                self.frames_exceeded(violation)
+        # autobahn finishes this frame's header bookkeeping; with the input
+        # closed no payload follows, and an empty frame is delivered to a
+        # leg that is closing (no pong, no message)
+        super().onFrameBegin()
+
+    def close_input(self) -> None:
+        """Parse nothing more from this peer (what is buffered is dropped)."""
+        self._input_closed = True
+        self.data = b""
+
+    # -- output -----------------------------------------------------------------
+
+    def watch_output(self, buffer_size: int) -> None:
+        """From now on, :meth:`output_full` / :meth:`output_drained` follow
+        this leg's send buffer (``buffer_size`` bytes; also Twisted's read size)."""
+        self.transport.bufferSize = buffer_size  # type: ignore[union-attr]
+        self.transport.registerProducer(_OutputFull(self), True)  # type: ignore[union-attr]
+
+    def sendData(self, data: bytes, sync: bool = False, chopsize: int | None = None) -> None:
+        batch: OutputBatch = self.factory.output_batch
+        if not sync and not chopsize:
+            if self._out is not None:
+                self._out.append(data)
+                return
+            if batch.open:
+                self._out = [data]
+                batch.add(self)
+                return
+        self.flush_output()
+        super().sendData(data, sync, chopsize)
+
+    def flush_output(self) -> None:
+        out = self._out
+        if out is not None:
+            del self._out  # back to the class default: no instance entry
+            super().sendData(out[0] if len(out) == 1 else b"".join(out))
+
+    def _closeConnection(self, abort: bool = False) -> None:
+        # (only called from dropConnection, which has unregistered our
+        # producer: a registered one would keep a graceful close from finishing)
+        self.flush_output()
+        super()._closeConnection(abort)
+        if not abort and self._abort_call is None:
+            # what is queued (our close frame, our close reply) goes out
+            # first; a peer that does not read gets no longer than this
+            self._abort_call = self.factory.clock.callLater(
+                self.closeHandshakeTimeout or 1.0, self._abort_now)
+
+    def _abort_now(self) -> None:
+        self._abort_call = None
+        self.wlog.info("proxy: {peer} did not read its close: connection aborted",
+                       peer=self.peer)
+        self.transport.abortConnection()  # type: ignore[union-attr]
+
+    def drop_after_close(self) -> None:
+        """Close the TCP connection once what is queued (our close frame) is
+        sent, without waiting for the peer's close reply; abort it if the
+        peer does not read that within ``closeHandshakeTimeout``."""
+        self.close_input()
+        self.dropConnection(abort=False)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        if self._abort_call is not None:
+            if self._abort_call.active():
+                self._abort_call.cancel()
+            self._abort_call = None
+        try:
+            super().connectionLost(reason)
+        finally:
+            # autobahn leaves this timer behind when the TCP connection ends first
+            call = self.closeHandshakeTimeoutCall
+            if call is not None:
+                call.cancel()
+                self.closeHandshakeTimeoutCall = None
+
+    # -- pings ------------------------------------------------------------------
+
+    def suspend_pings(self) -> None:
+        """Stop autobahn's pings (and the pong timeout) of this leg."""
+        for name in ("autoPingPendingCall", "autoPingTimeoutCall"):
+            call = getattr(self, name, None)
+            if call is not None:
+                call.cancel()
+                setattr(self, name, None)
+        self.autoPingPending = None
+
+    def resume_pings(self) -> None:
+        """Ping again after ``autoPingInterval`` unless a ping is scheduled
+        or awaits its pong."""
+        interval = self.autoPingInterval
+        if (interval and self.state == _OPEN
+                and self.autoPingPendingCall is None and self.autoPingTimeoutCall is None):
+            self.autoPingPendingCall = self.factory._batched_timer.call_later(
+                interval, self._sendAutoPing)
