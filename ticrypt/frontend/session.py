@@ -38,6 +38,11 @@ from ticrypt.encoding import loads_bounded
 
 Output = Callable[[bytes], None]
 
+#: Seconds a cancelled command may take to report its end before the
+#: frontend stops waiting (vmc ends it after ``[exec] kill_grace``, 3 s by
+#: default, even if an escaped process holds its output open).
+CANCEL_WAIT = 15.0
+
 #: Human explanations of close codes and end-to-end reasons.
 _EXPLAIN = {
     "not-authorized": "you are not authorized on this VM; ask its owner to run "
@@ -178,6 +183,8 @@ class Command:
         self._queued = 0
         self._eof = False
         self._gate: _InputGate | None = None
+        self._cancelled = False
+        self._cancel_timer: Any = None
 
     @property
     def pending(self) -> int:
@@ -240,9 +247,26 @@ class Command:
             else:
                 self._gate.release("window")
 
-    def cancel(self) -> None:
-        if not self.finished:
-            self._session._send({"t": "cancel", "id": self.rid})
+    def cancel(self, wait: float = CANCEL_WAIT) -> None:
+        """Ask the VM to end the command (SIGTERM; SIGKILL and the end after
+        its ``kill_grace``, PROTOCOL.md §5).  ``done`` fires with the status
+        the VM reports.  If none comes within ``wait`` seconds, or on a
+        second call, stop waiting: ``done`` fails with ``cancelled``."""
+        if self.finished:
+            return
+        if self._cancelled:
+            self._give_up("cancelled: stopped waiting for the VM to end the command")
+            return
+        self._cancelled = True
+        self._session._send({"t": "cancel", "id": self.rid})
+        clock = self._session._clock
+        if clock is not None:
+            self._cancel_timer = clock.callLater(
+                wait, self._give_up, f"cancelled: the VM did not report the end of the "
+                f"command within {wait:g}s; it may still be running")
+
+    def _give_up(self, message: str) -> None:
+        self._finish(None, SessionError("cancelled", message))
 
     def resize(self, rows: int, cols: int) -> None:
         if not self.finished and self.kind == "shell":
@@ -272,6 +296,8 @@ class Command:
         if self.finished:
             return
         self.finished = True
+        if self._cancel_timer is not None and self._cancel_timer.active():
+            self._cancel_timer.cancel()
         self._queue.clear()
         self._queued = 0
         self._session._requests.pop(self.rid, None)
