@@ -59,7 +59,7 @@ from ticrypt.vmc.commands import (
     Stdin,
     Violation,
 )
-from ticrypt.vmc.processes import ProcessGroup, RunAs
+from ticrypt.vmc.processes import ProcessGroup, RunAs, SessionChannel, Tracker
 from ticrypt.vmc.state import VmState
 
 MAX_CONTROL = 16384
@@ -322,7 +322,8 @@ class VmLeg(WebSocketClientProtocol):
                                      max_processes=pool.settings.max_processes)
         self.group = ProcessGroup(pool.reactor, pool.run_as, self._send_app,
                                   self.dispatcher.finished, self._stdin_consumed,
-                                  kill_grace=pool.settings.kill_grace)
+                                  kill_grace=pool.settings.kill_grace,
+                                  track=pool.tracker.channel() if pool.tracker else SessionChannel())
         # Children's output stops when the websocket's transport buffer is full.
         self.transport.registerProducer(self.group, True)  # type: ignore[union-attr]
         self._touch()
@@ -462,7 +463,7 @@ class ProxyPool(Service):
 
     def __init__(self, *, reactor: Any, clock: Any, random: Callable[[], float],
                  settings: PoolSettings, state: VmState, audit: AuditLog, run_as: RunAs,
-                 endpoint: Any | None = None):
+                 endpoint: Any | None = None, tracker: Tracker | None = None):
         assert state.enrollment is not None
         self.reactor = reactor
         self.clock = clock
@@ -470,6 +471,9 @@ class ProxyPool(Service):
         self.state = state
         self.audit = audit
         self.run_as = run_as
+        #: Keeps each channel's processes in a kernel-tracked group (None:
+        #: sessions and process groups only).
+        self.tracker = tracker
         self.vm_id = state.enrollment.vm_id
         self.credential = state.enrollment.vm_credential
         self.ready: defer.Deferred[None] = defer.Deferred()

@@ -31,11 +31,12 @@ from ticrypt.config import (
     Url,
     check_file_mode,
 )
-from ticrypt.service import RoleService, options_for
+from ticrypt.service import RoleService, StartupFailed, options_for
 from ticrypt.vmc.backoff import Backoff
+from ticrypt.vmc.cgroup import CgroupUnavailable
 from ticrypt.vmc.enroll import EnrollError, enroll
 from ticrypt.vmc.pool import MAX_MESSAGE, MAX_RECORD, PoolSettings, ProxyPool
-from ticrypt.vmc.processes import RunAs
+from ticrypt.vmc.processes import RunAs, Tracker, open_tracker
 from ticrypt.vmc.state import Enrollment, OwnerKeyChanged, StateError, VmState
 
 DEFAULT_SHELL = "/bin/bash" if os.path.exists("/bin/bash") else "/bin/sh"
@@ -84,8 +85,12 @@ SCHEMA = Schema(
             "max_processes": Key(Int(1, 1000), "16"),
             "kill_grace": Key(Duration(), "3s"),
         },
+        "processes": {
+            "cgroup": Key(Str(pattern=r"auto|off|/.*"), "auto",
+                          doc="parent cgroup of user processes: auto, off or a path"),
+        },
     },
-    optional_sections=frozenset({"exec"}),
+    optional_sections=frozenset({"exec", "processes"}),
     validate=_validate,
 )
 
@@ -104,6 +109,7 @@ class VmcService(RoleService):
         self.pool: ProxyPool | None = None
         self.state: VmState | None = None
         self.audit: AuditLog | None = None
+        self.tracker: Tracker | None = None
         self._pool_ready: defer.Deferred[None] = defer.Deferred()
         self.extra_ready.append(self._pool_ready)
 
@@ -115,11 +121,27 @@ class VmcService(RoleService):
             self.state = VmState(cfg.vmc.state_dir, self.audit)
         except StateError as e:
             raise SystemExit(f"ticrypt-vmc: {e}") from None
+        self._track_processes()
         self.ready_info.update(vm_public_key=identity.public_text(self.state.vm_key),
                                tls_fingerprint=self.state.tls_fingerprint)
         super().startService()
         d = defer.ensureDeferred(self._run())
         d.addErrback(self._fatal)
+
+    def _track_processes(self) -> None:
+        """Pick cgroups or the fallback; kill what a crashed run left."""
+        cfg, audit = self.config, self.audit
+        assert cfg is not None and audit is not None
+        try:
+            self.tracker = open_tracker(cfg.processes.cgroup, cfg.vmc.state_dir, self._reactor)
+        except CgroupUnavailable as e:
+            raise StartupFailed(f"ticrypt-vmc: {cfg.path}: [processes] cgroup: {e}") from None
+        self.log.info("user processes: {mode}", mode=self.tracker.describe())
+        left = self.tracker.clean_leftovers()
+        if left:
+            audit.write("leftover-processes-killed", mode=self.tracker.mode,
+                        groups=[name for name, _ in left],
+                        processes=sum(n for _, n in left), result="killed")
 
     async def _run(self) -> None:
         state = self.state
@@ -188,7 +210,8 @@ class VmcService(RoleService):
             kill_grace=e.kill_grace)
         self.pool = ProxyPool(reactor=self._reactor, clock=self._reactor,
                               random=self._random.random, settings=settings, state=state,
-                              audit=audit, run_as=RunAs.lookup(e.run_as or None, e.shell))
+                              audit=audit, run_as=RunAs.lookup(e.run_as or None, e.shell),
+                              tracker=self.tracker)
         self.pool.ready.chainDeferred(self._pool_ready)
         self.pool.setServiceParent(self)
 
@@ -207,7 +230,15 @@ class VmcService(RoleService):
         # The pool may wait for child processes to end: keep the audit log
         # open for the session-closed lines until it is done.
         d = defer.maybeDeferred(super().stopService)
-        audit = self.audit
+        audit, tracker = self.audit, self.tracker
+
+        def stop_tracking(result: Any) -> Any:
+            if tracker is None:
+                return result
+            # what the pool's kills left, if anything; then remove the cgroups
+            return tracker.shutdown().addBoth(lambda _: result)
+
+        d.addBoth(stop_tracking)
 
         def close_audit(result: Any) -> Any:
             if audit is not None:
