@@ -19,7 +19,7 @@ from test.vmcfixture import CapturingRelay, Trio, deferred_later, start_trio, ws
 from ticrypt import identity
 from ticrypt.channel import app
 from ticrypt.frontend.session import RemoteError, Session, SessionError
-from ticrypt.vmc.processes import set_window
+from ticrypt.vmc.processes import proc_info, set_window
 
 
 class _PtyClient(protocol.ProcessProtocol):
@@ -595,3 +595,122 @@ class RecordLimitTests(TestCase):
             self.assertEqual(err.code, "record-too-large", f"{size} bytes: {err}")
         refused = [r for r in self.trio.vmc_audit_lines() if r["event"] == "session-error"]
         self.assertEqual([r["reason"] for r in refused], ["record-too-large"] * 2)
+
+
+#: A command whose grandchild leaves the session (setsid) and its parent (the
+#: subshell ends at once: a double fork) and keeps stdout open; it prints its
+#: pid as ESC=<pid>.
+ESCAPE = "(setsid sh -c 'echo ESC=$$; exec sleep 1000' &); echo MAIN=$$; exec sleep 300"
+
+
+async def _tagged_pid(out: bytearray, tag: bytes, testcase: TestCase) -> tuple[int, int]:
+    """(pid, start time) that a command printed as ``TAG=<pid>``, bounded;
+    the process is killed in cleanup if the test failed to end it."""
+    for _ in range(400):  # bounded: 20 s
+        found = re.search(tag + rb"=(\d+)\n", bytes(out))
+        if found:
+            break
+        await deferred_later(0.05)
+    assert found, f"no {tag!r} in {bytes(out)!r}"
+    pid = int(found.group(1))
+    testcase.addCleanup(kill_if_alive, pid)
+    info = proc_info(pid)
+    assert info is not None, f"{tag!r} {pid} is not running"
+    return pid, info.start
+
+
+async def _ended(pid: int, start: int, seconds: float = 15.0) -> bool:
+    """Whether the process ``pid`` that started at ``start`` is gone (its pid
+    free, reused, or a zombie), polled with a bound."""
+    for _ in range(int(seconds / 0.05)):
+        info = proc_info(pid)
+        if info is None or info.start != start or info.state == "Z":
+            return True
+        await deferred_later(0.05)
+    return False
+
+
+class ContainmentTests(TestCase):
+    """Nothing a user starts outlives its request, its channel or vmc
+    (issue 6, defect 6): a cgroup per channel where cgroup v2 is usable
+    (``[processes] cgroup = auto``), else the documented fallback."""
+
+    timeout = 180
+
+    async def _fallback_trio(self) -> Trio:
+        trio = await start_trio(self, enroll=False, exec_kill_grace="1s")
+        with open(trio.vmc_config, "a") as f:
+            f.write("\n[processes]\ncgroup = off\n")
+        await trio.start_vmc(self)
+        assert trio.vmc is not None
+        self.assertIn("user processes: fallback", trio.vmc.text())
+        return trio
+
+    async def test_setsid_escape_killed_on_cancel(self) -> None:
+        trio = await start_trio(self, exec_kill_grace="1s")
+        assert trio.vmc is not None
+        self.assertIn("user processes: ", trio.vmc.text())  # the mode, named at start
+        s = await trio.session("owen")
+        out = bytearray()
+        cmd = s.exec(["sh", "-c", ESCAPE], on_stdout=out.extend)
+        pid, start = await _tagged_pid(out, b"ESC", self)
+        cmd.cancel()
+        self.assertEqual(await cmd.done.addTimeout(30, reactor), 128 + 15)
+        self.assertTrue(await _ended(pid, start), "a setsid'd double fork survived cancel")
+        await s.close()
+
+    async def _crash_and_restart(self, trio: Trio, cmd_line: str) -> None:
+        assert trio.vmc is not None
+        s = await trio.session("owen")
+        out = bytearray()
+        cmd = s.exec(["sh", "-c", cmd_line], on_stdout=out.extend)
+        cmd.done.addErrback(lambda f: f.trap(SessionError))  # ends with the channel
+        main = await _tagged_pid(out, b"MAIN", self)
+        escaped = await _tagged_pid(out, b"ESC", self)
+        if trio.vmc_state and os.path.exists(os.path.join(trio.vmc_state, "processes.json")):
+            # fallback: the orphan is recorded once vmc's reaper has seen it
+            for _ in range(200):  # bounded: 10 s
+                with open(os.path.join(trio.vmc_state, "processes.json")) as f:
+                    if f'"pid": {escaped[0]},' in f.read():
+                        break
+                await deferred_later(0.05)
+        await trio.vmc.kill()  # SIGKILL: no cleanup at all
+        self.assertFalse(await _ended(*main, seconds=0.5), "the test needs a survivor")
+        await trio.start_vmc(self)
+        self.assertTrue(await _ended(*main), "the command survived vmc's crash and restart")
+        self.assertTrue(await _ended(*escaped), "its escaped child survived the restart")
+        killed = [r for r in trio.vmc_audit_lines() if r["event"] == "leftover-processes-killed"]
+        self.assertEqual(len(killed), 1)
+        self.assertGreaterEqual(killed[0]["processes"], 2)
+
+    async def test_first_start_after_a_crash_kills_leftovers(self) -> None:
+        trio = await start_trio(self)
+        await self._crash_and_restart(trio, ESCAPE)
+
+    async def test_fallback_first_start_after_a_crash_kills_leftovers(self) -> None:
+        trio = await self._fallback_trio()
+        await self._crash_and_restart(trio, ESCAPE)
+
+    async def test_ctrl_c_ends_cli_while_an_escaped_process_holds_the_pipe(self) -> None:
+        """The fallback cannot find a process that left its session, lost
+        its parent and cleared its environment; it holds the command's
+        stdout.  Ctrl-C still ends ``ticrypt exec`` after the grace (vmc
+        ends the request), and vmc's stop kills the escapee (subreaper)."""
+        trio = await self._fallback_trio()
+        path = await trio.client_config("owen")
+        proto = _PtyClient()  # plain pipes here, no terminal
+        hidden = ("(setsid env -u TICRYPT_VMC_JOB sh -c 'echo ESC=$$; exec sleep 1000' &); "
+                  "echo started; exec sleep 300")
+        reactor.spawnProcess(proto, script("ticrypt"),  # type: ignore[attr-defined]
+                             [script("ticrypt"), "--config", path, "exec", "-n", trio.vm_id,
+                              "--", "sh", "-c", hidden], env=daemon_env())
+        pid, start = await _tagged_pid(proto.output, b"ESC", self)
+        while b"started" not in proto.output:
+            await proto.next_output()
+        proto.transport.signalProcess("INT")  # type: ignore[union-attr]
+        code = await proto.ended.addTimeout(30, reactor)
+        self.assertEqual(code, 128 + 15)  # the remote command's status
+        self.assertTrue(pid_alive(pid))  # nothing found it ...
+        assert trio.vmc is not None
+        await trio.vmc.stop()
+        self.assertTrue(await _ended(pid, start), "an orphan below vmc survived its stop")
