@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.resources
 import json
 import os
 import signal
@@ -20,14 +21,15 @@ from ticrypt import identity, signed, tlsutil
 from ticrypt.encoding import b64
 from ticrypt.frontend.client import PinnedCAPolicy, RestClient, RestError, _Bytes, _Collect
 from ticrypt.http import load_secret
+from ticrypt.rest import api
 from ticrypt.rest.core import session_id, token_hash
 
 
-async def raw(env: RestEnv, method: str, path: str, body: bytes | None = None,
-              headers: dict[bytes, list[bytes]] | None = None,
-              source: str | None = None) -> tuple[int, Any, Headers]:
+async def raw_bytes(env: RestEnv, method: str, path: str, body: bytes | None = None,
+                    headers: dict[bytes, list[bytes]] | None = None,
+                    source: str | None = None) -> tuple[int, bytes, Headers]:
     """One request with an arbitrary body (from the loopback address
-    ``source``, if given); returns (status, decoded JSON or None, headers)."""
+    ``source``, if given); returns (status, response body, headers)."""
     agent = webclient.Agent(reactor, contextFactory=PinnedCAPolicy(env.ca_file),
                             bindAddress=(source, 0) if source else None)
     response = await agent.request(method.encode(), (env.url + path).encode(),
@@ -35,8 +37,15 @@ async def raw(env: RestEnv, method: str, path: str, body: bytes | None = None,
                                    _Bytes(body) if body is not None else None)
     done: defer.Deferred[bytes] = defer.Deferred()
     response.deliverBody(_Collect(1 << 20, done))
-    data = await done
-    return response.code, json.loads(data) if data else None, response.headers
+    return response.code, await done, response.headers
+
+
+async def raw(env: RestEnv, method: str, path: str, body: bytes | None = None,
+              headers: dict[bytes, list[bytes]] | None = None,
+              source: str | None = None) -> tuple[int, Any, Headers]:
+    """:func:`raw_bytes`, the body decoded as JSON (None if empty)."""
+    status, data, response_headers = await raw_bytes(env, method, path, body, headers, source)
+    return status, json.loads(data) if data else None, response_headers
 
 
 def audit_lines(env: RestEnv) -> list[dict[str, Any]]:
@@ -399,6 +408,30 @@ class ErrorTests(TestCase):
         self.assertTrue(env.url.startswith("http://"))
         self.assertIn("allow_plain_http = yes is for tests only", daemon.text())
         self.assertIn("public_key", await RestClient(reactor, env.url).backend())
+
+
+class OpenApiTests(TestCase):
+    timeout = 120
+
+    async def test_document_is_served_without_auth(self) -> None:
+        env = await start_rest(self)
+        status, body, headers = await raw_bytes(env, "GET", "/v1/openapi.json")
+        self.assertEqual(status, 200)
+        self.assertEqual(headers.getRawHeaders(b"content-type"), [b"application/json"])
+        # byte for byte the file of the installed package, which is the source file
+        packaged = importlib.resources.files("ticrypt.rest").joinpath("openapi.json")
+        self.assertEqual(body, packaged.read_bytes())
+        with open(os.path.join(os.path.dirname(api.__file__), "openapi.json"), "rb") as f:
+            self.assertEqual(body, f.read())
+        self.assertIn("GET /v1/openapi.json", json.loads(body)["info"]["description"])
+        # a session token changes nothing; other methods are refused
+        token = (await env.client().login("alice", env.admin_key))["token"]
+        status, again, _ = await raw_bytes(env, "GET", "/v1/openapi.json",
+                                           headers={b"Authorization": [b"Bearer " +
+                                                                       token.encode()]})
+        self.assertEqual((status, again), (200, body))
+        status, obj, _ = await raw(env, "POST", "/v1/openapi.json", b"{}")
+        self.assertEqual((status, obj["error"]["code"]), (405, "method-not-allowed"))
 
 
 class RevocationFeedTests(TestCase):

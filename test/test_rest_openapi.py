@@ -90,6 +90,9 @@ class LiveTests(TestCase):
         env = await start_rest(self)
         h = self.hit
         await h(env, "GET", "/v1/backend", {}, expect=200)
+        await h(env, "GET", "/v1/backend", {}, {"x": 1}, expect=400)
+        served = await h(env, "GET", "/v1/openapi.json", {}, expect=200)
+        self.assertEqual(served, self.doc)
         c = await h(env, "POST", "/v1/auth/challenge", {}, {"user": "alice"}, expect=200)
         sig = b64(signed.sign(env.admin_key, signed.LOGIN, {
             "challenge": c["challenge"], "challenge_id": c["challenge_id"], "user": "alice"}))

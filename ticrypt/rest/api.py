@@ -3,12 +3,15 @@
 Each handler takes a :class:`Call` (method, path parameters, body bytes,
 client address, bearer token) and returns ``(status, json_or_None)`` or
 raises :class:`~ticrypt.rest.core.ApiError`.  :data:`ROUTES` is the one list
-of what the service serves; the OpenAPI document is checked against it.
+of what the service serves; the OpenAPI document (packaged beside this
+module, served at ``GET /v1/openapi.json``) is checked against it.
 """
 
 from __future__ import annotations
 
+import functools
 import hmac
+import importlib.resources
 import os
 import re
 from collections.abc import Awaitable, Callable
@@ -42,7 +45,9 @@ from ticrypt.rest.core import (
 from ticrypt.rest.store import StoreError
 
 Json = dict[str, Any]
-Result = tuple[int, Json | None]
+#: (status, body): a JSON object, bytes that are already JSON (sent as they
+#: are), or None for no body
+Result = tuple[int, Json | bytes | None]
 
 
 class Db(Protocol):
@@ -74,6 +79,7 @@ class Route:
 
 ROUTES: tuple[Route, ...] = (
     Route("GET", "/v1/backend", "backend"),
+    Route("GET", "/v1/openapi.json", "openapi"),
     Route("POST", "/v1/auth/challenge", "challenge"),
     Route("POST", "/v1/auth/login", "login"),
     Route("POST", "/v1/auth/logout", "logout"),
@@ -227,6 +233,10 @@ class RestApi:
         parse_body(call.body, EMPTY_BODY)
         return 200, {"public_key": identity.public_text(self.public_key),
                      "proxy_url": self._proxy_url, "version": ticrypt.__version__}
+
+    async def openapi(self, call: Call) -> Result:
+        """This API's OpenAPI document, byte for byte the packaged file."""
+        return 200, openapi_document()
 
     async def challenge(self, call: Call) -> Result:
         body = parse_body(call.body, CHALLENGE_BODY)
@@ -406,6 +416,12 @@ class RestApi:
             self._key, serial=found.serial, now=self._now(), users=found.users,
             sessions={session_id(h) for h in found.sessions})
         return 200, {"feed": feed}
+
+
+@functools.cache
+def openapi_document() -> bytes:
+    """``ticrypt/rest/openapi.json`` as installed (read once, on first use)."""
+    return importlib.resources.files("ticrypt.rest").joinpath("openapi.json").read_bytes()
 
 
 def _user_at(user: str, client: str) -> str:

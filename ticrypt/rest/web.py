@@ -241,7 +241,8 @@ class ApiResource(resource.Resource):
             status, obj = await getattr(self._api, route.handler)(call)
         except ApiError as e:
             return e.status, error_body(e.code, e.message), e.headers
-        body = None if obj is None else json.dumps(obj, separators=(",", ":")).encode()
+        body = obj if obj is None or isinstance(obj, bytes) else json.dumps(
+            obj, separators=(",", ":")).encode()
         return status, body, {}
 
 
