@@ -4,8 +4,11 @@ with real requests whose responses must match the documented schemas."""
 
 from __future__ import annotations
 
+import ast
+import glob
 import json
 import os
+import re
 from typing import Any
 
 from openapi_schema_validator import OAS30Validator
@@ -17,9 +20,10 @@ from test.test_rest import raw
 from ticrypt import identity, signed
 from ticrypt.encoding import b64
 from ticrypt.http import load_secret
-from ticrypt.rest import api
+from ticrypt.rest import api, store
 
 DOC_PATH = os.path.join(os.path.dirname(api.__file__), "openapi.json")
+PROTOCOL_PATH = os.path.join(os.path.dirname(__file__), os.pardir, "PROTOCOL.md")
 METHODS = ("get", "put", "post", "delete", "patch", "head", "options")
 
 
@@ -40,6 +44,99 @@ class DocumentTests(SynchronousTestCase):
     def test_documented_routes_equal_served_routes(self) -> None:
         served = {(r.method, r.template) for r in api.ROUTES}
         self.assertEqual(documented_routes(load_doc()), served)
+
+
+def rest_section() -> str:
+    """PROTOCOL.md §1.1, the REST API."""
+    with open(PROTOCOL_PATH, encoding="utf-8") as f:
+        text = f.read()
+    return text[text.index("### 1.1 REST API"):text.index("### 1.2 ")]
+
+
+def table_rows(text: str, first_cell: str) -> list[list[str]]:
+    """The cells of the table rows whose first cell matches ``first_cell``."""
+    return [[c.strip() for c in line.strip().strip("|").split("|")]
+            for line in text.splitlines() if re.match(r"\|\s*" + first_cell + r"\s*\|", line)]
+
+
+#: functions whose ApiError or error_body gets its code from a variable
+PASS_THROUGH = ("_store_error", "_unauthorized", "_handle")
+
+
+def raised_error_codes() -> set[tuple[int, str]]:
+    """Every (HTTP status, error code) rest can answer, read from its source:
+    ``ApiError(status, "code", ...)``, ``_unauthorized("code", ...)`` (401),
+    ``error_body("code", ...)`` beside a literal status, and every
+    ``StoreError("code", ...)`` with the status ``api._store_error`` gives it."""
+    found: set[tuple[int, str]] = set()
+    for path in sorted(glob.glob(os.path.join(os.path.dirname(api.__file__), "*.py"))):
+        with open(path, encoding="utf-8") as f:
+            tree = ast.parse(f.read(), path)
+        parents = {child: node for node in ast.walk(tree) for child in ast.iter_child_nodes(node)}
+        for node in ast.walk(tree):
+            if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)):
+                continue
+            name = node.func.id
+            literals = [a.value for a in node.args if isinstance(a, ast.Constant)]
+            codes = [v for v in literals if isinstance(v, str)]
+            if name in ("ApiError", "error_body") and not codes:
+                # only these pass a code through, from what is read here too:
+                # StoreError, _unauthorized's callers, a caught ApiError
+                func: ast.AST = node
+                while not isinstance(func, ast.FunctionDef | ast.AsyncFunctionDef):
+                    func = parents[func]
+                assert func.name in PASS_THROUGH, (path, ast.dump(node))
+            elif name == "ApiError":
+                status, code = node.args[:2]
+                assert isinstance(status, ast.Constant) and isinstance(code, ast.Constant), \
+                    (path, ast.dump(node))
+                found.add((status.value, code.value))
+            elif name == "_unauthorized":
+                found.add((401, codes[0]))
+            elif name == "error_body":
+                beside = parents[node]
+                items = beside.args if isinstance(beside, ast.Call) else beside.elts  # type: ignore
+                status = next(i.value for i in items if isinstance(i, ast.Constant)
+                              and isinstance(i.value, int))
+                found.add((status, codes[0]))
+            elif name == "StoreError" and codes:
+                found.add((api._store_error(store.StoreError(codes[0], "")).status, codes[0]))
+    return found
+
+
+class ProtocolTests(SynchronousTestCase):
+    """PROTOCOL.md §1.1 is enough to write a client: its tables name every
+    route rest serves and every error it answers, with the right statuses."""
+
+    def test_every_route_in_the_endpoint_table(self) -> None:
+        rows = table_rows(rest_section(), r"`(GET|POST|PUT|DELETE|PATCH) /v1/[^`]*`")
+        documented = {tuple(row[0].strip("`").split(" ", 1)) for row in rows}
+        self.assertEqual(documented, {(r.method, r.template) for r in api.ROUTES})
+        self.assertEqual(len(rows), len(documented))
+        # the success status is the one of the OpenAPI document, checked live below
+        doc = load_doc()
+        for row in rows:
+            method, template = row[0].strip("`").split(" ", 1)
+            ok = [s for s in doc["paths"][template][method.lower()]["responses"]
+                  if s.startswith("2")]
+            self.assertEqual([row[3].split()[0].rstrip(";")], ok, row)
+
+    def test_every_error_code_in_the_error_table(self) -> None:
+        rows = table_rows(rest_section(), r"`[a-z0-9]+(-[a-z0-9]+)*`")
+        documented = {(int(status), row[0].strip("`")) for row in rows
+                      for status in row[1].split(", ")}
+        self.assertEqual(documented, raised_error_codes())
+        self.assertEqual(len(rows), len({row[0] for row in rows}))
+        self.assertIn((404, "no-such-vm"), documented)
+
+    def test_own_errors_of_each_endpoint_are_in_the_error_table(self) -> None:
+        section = rest_section()
+        codes = {row[0].strip("`"): row[1] for row in
+                 table_rows(section, r"`[a-z0-9]+(-[a-z0-9]+)*`")}
+        for row in table_rows(section, r"`(GET|POST) /v1/[^`]*`"):
+            for status, code in re.findall(r"(\d{3}) `([a-z0-9-]+)`", row[4]):
+                self.assertIn(code, codes, row)
+                self.assertIn(status, codes[code].split(", "), row)
 
 
 class LiveTests(TestCase):
