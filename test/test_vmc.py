@@ -1,4 +1,4 @@
-"""Unit tests of ticrypt-vmc: backoff, state files, owner pin, dispatcher,
+"""Unit tests of ticrypt-vmc: state files, owner pin, dispatcher,
 app codec, pool reconnect schedule, child processes and the sample config."""
 
 from __future__ import annotations
@@ -25,10 +25,10 @@ from zope.interface import implementer
 from test.daemon import kill_if_alive, pid_alive
 from ticrypt import identity
 from ticrypt.audit import AuditLog
+from ticrypt.backoff import Backoff
 from ticrypt.channel import MAX_PLAINTEXT, Delivered, SendMessage, UserChannel, app
 from ticrypt.config import load_config
 from ticrypt.encoding import b64
-from ticrypt.vmc.backoff import Backoff
 from ticrypt.vmc.commands import (
     Cancel,
     Dispatcher,
@@ -59,31 +59,6 @@ def _audit_lines(path: str) -> list[dict[str, Any]]:
     with open(path) as f:
         return [json.loads(line) for line in f]
 
-
-
-class BackoffTests(SynchronousTestCase):
-    def test_grows_bounded_and_resets(self) -> None:
-        b = Backoff(1.0, 30.0, random.Random(7).random)
-        delays = [b.next_delay() for _ in range(12)]
-        bases = [min(30.0, 2.0**n) for n in range(12)]
-        for d, base in zip(delays, bases, strict=True):
-            self.assertTrue(base / 2 <= d <= base, (d, base))
-        self.assertLessEqual(max(delays), 30.0)
-        self.assertGreater(delays[5], delays[0])
-        b.reset()
-        self.assertLessEqual(b.next_delay(), 1.0)
-
-    def test_jitter_differs_per_seed(self) -> None:
-        a = [Backoff(1, 60, random.Random(1).random).next_delay() for _ in range(1)]
-        c = [Backoff(1, 60, random.Random(2).random).next_delay() for _ in range(1)]
-        self.assertNotEqual(a, c)
-
-    def test_huge_failure_count_stays_bounded(self) -> None:
-        b = Backoff(0.5, 10.0, lambda: 0.999, failures=10_000)
-        self.assertLessEqual(b.next_delay(), 10.0)
-
-    def test_rejects_bad_bounds(self) -> None:
-        self.assertRaises(ValueError, Backoff, 5.0, 1.0, random.random)
 
 
 class StateTests(SynchronousTestCase):

@@ -9,5 +9,5 @@ Layers: :mod:`~ticrypt.vmc.state` (files in ``state_dir``),
 :mod:`~ticrypt.channel.app` (application-protocol codec, shared with the
 frontend), :mod:`~ticrypt.vmc.commands` (sans-IO dispatcher),
 :mod:`~ticrypt.vmc.processes` (child processes), :mod:`~ticrypt.vmc.pool`
-(proxy websockets, backoff) and :mod:`~ticrypt.vmc.tap` (twistd wiring).
+(proxy websockets) and :mod:`~ticrypt.vmc.tap` (twistd wiring).
 """

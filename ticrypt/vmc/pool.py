@@ -4,7 +4,7 @@ and the VM end of the secure channel on each socket once a user is paired.
 Each of ``pool_size`` :class:`_Slot` s keeps one socket waiting at the proxy.
 When its socket gets ``paired`` the socket becomes a session and the slot
 opens a fresh one at once; when a connection fails the slot retries after an
-exponential, jittered, bounded delay (:class:`~ticrypt.vmc.backoff.Backoff`).
+exponential, jittered, bounded delay (:class:`~ticrypt.backoff.Backoff`).
 
 A :class:`VmLeg` goes through::
 
@@ -35,6 +35,7 @@ from twisted.python.failure import Failure
 
 from ticrypt import __version__, identity, signed, tlsutil
 from ticrypt.audit import AuditLog
+from ticrypt.backoff import Backoff
 from ticrypt.channel import (
     MAX_PLAINTEXT,
     ChannelError,
@@ -46,7 +47,6 @@ from ticrypt.channel import (
 )
 from ticrypt.channel.records import MIN_RECORD_SIZE
 from ticrypt.encoding import b64, loads_bounded, unb64
-from ticrypt.vmc.backoff import Backoff
 from ticrypt.vmc.commands import (
     Cancel,
     Dispatcher,

@@ -18,6 +18,7 @@ from twisted.logger import Logger
 
 from ticrypt import identity
 from ticrypt.audit import AuditLog
+from ticrypt.backoff import Backoff
 from ticrypt.config import (
     Config,
     DirPath,
@@ -32,7 +33,6 @@ from ticrypt.config import (
     check_file_mode,
 )
 from ticrypt.service import RoleService, StartupFailed, options_for
-from ticrypt.vmc.backoff import Backoff
 from ticrypt.vmc.cgroup import CgroupUnavailable
 from ticrypt.vmc.enroll import EnrollError, enroll
 from ticrypt.vmc.pool import MAX_MESSAGE, MAX_RECORD, PoolSettings, ProxyPool
