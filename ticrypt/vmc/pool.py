@@ -33,7 +33,7 @@ from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from ticrypt import __version__, identity, signed, tlsutil
+from ticrypt import __version__, closecodes, identity, signed, tlsutil
 from ticrypt.audit import AuditLog
 from ticrypt.backoff import Backoff
 from ticrypt.channel import (
@@ -69,9 +69,11 @@ MAX_RECORD = MIN_RECORD_SIZE + MAX_PLAINTEXT
 #: Above MAX_RECORD, so that a record one byte too large still reaches the
 #: channel and is refused ``record-too-large`` like any other bad record.
 MAX_MESSAGE = 1100000
-#: Close code when vmc stops.  Not 1001: autobahn lets an application send
-#: only 1000 or 3000-4999 (sendClose raises otherwise); the reason says why.
-GOING_AWAY = 1000
+#: Close when vmc stops: 1000 with the reason ``going-away``.  Not 1001
+#: (:data:`~ticrypt.closecodes.GOING_AWAY`): autobahn lets an application
+#: send only 1000 or 3000-4999 (sendClose raises otherwise).
+STOPPING = (closecodes.NORMAL.code, closecodes.reason(closecodes.GOING_AWAY.name,
+                                                      "vmc stopping"))
 
 
 @attrs.frozen
@@ -186,7 +188,7 @@ class VmLeg(WebSocketClientProtocol):
             self.pool.audit.write("session-refused", vm=self.pool.vm_id, user=self.user,
                                   client=self.client, reason="handshake-timeout",
                                   result="refused")
-        self.close(4008, f"timeout: {what}")
+        self.close(closecodes.TIMEOUT.code, closecodes.reason(closecodes.TIMEOUT.name, what))
 
     def close(self, code: int, reason: str) -> None:
         """Close with a code and a short reason, ``name: text`` or ``name``
@@ -204,6 +206,10 @@ class VmLeg(WebSocketClientProtocol):
 
     # -- proxy control messages ------------------------------------------
 
+    def _bad_message(self, text: str) -> None:
+        self.close(closecodes.BAD_MESSAGE.code, closecodes.reason(closecodes.BAD_MESSAGE.name,
+                                                                  text))
+
     def _control(self, payload: bytes, is_binary: bool) -> None:
         try:
             if is_binary:
@@ -213,14 +219,14 @@ class VmLeg(WebSocketClientProtocol):
                 raise ValueError
             kind = msg.get("type")
         except ValueError:
-            self.close(4000, "bad-message: control message is not a JSON object")
+            self._bad_message("control message is not a JSON object")
             return
         if kind == "challenge" and self.phase == "challenge":
             nonce = msg.get("nonce")
             try:
                 unb64(nonce, 32) if isinstance(nonce, str) else unb64("", 32)
             except ValueError:
-                self.close(4000, "bad-message: challenge nonce is not b64 of 32 bytes")
+                self._bad_message("challenge nonce is not b64 of 32 bytes")
                 return
             sig = signed.sign(self.pool.state.vm_key, signed.PROXY_VM_AUTH,
                               {"nonce": nonce, "vm": self.pool.vm_id})
@@ -236,7 +242,7 @@ class VmLeg(WebSocketClientProtocol):
         elif kind == "paired" and self.phase == "waiting":
             self._paired(msg)
         else:
-            self.close(4000, "bad-message: unexpected control message")
+            self._bad_message("unexpected control message")
 
     def _paired(self, msg: dict[str, Any]) -> None:
         self.phase = "paired"
@@ -247,8 +253,9 @@ class VmLeg(WebSocketClientProtocol):
             self.pool.audit.write("session-refused", vm=self.pool.vm_id, user=self.user,
                                   client=self.client, reason="over-limit", limit=over,
                                   result="refused")
-            self.close(4009, "over-limit: too many sessions "
-                       + ("for this user" if over == "max_sessions_per_user" else "on this VM"))
+            self.close(closecodes.OVER_LIMIT.code, closecodes.reason(
+                closecodes.OVER_LIMIT.name, "too many sessions "
+                + ("for this user" if over == "max_sessions_per_user" else "on this VM")))
             return
         self.channel = VmChannel(self.pool.state.vm_key, self.pool.vm_id, self._authorize)
         self._arm(self.pool.settings.handshake_timeout, "secure channel handshake")
@@ -292,16 +299,17 @@ class VmLeg(WebSocketClientProtocol):
         self.pool.audit.write(event, vm=self.pool.vm_id, user=self.user, user_key=self._fp(),
                               client=self.client, reason=e.code, result="refused")
         if e.code == "not-authorized":
-            self.close(4401, "not-authorized: this user is not authorized on this VM")
+            self.close(closecodes.NOT_AUTHORIZED.code, closecodes.reason(
+                closecodes.NOT_AUTHORIZED.name, "this user is not authorized on this VM"))
         else:
-            self.close(4400, e.code)
+            # 4400 carries the channel's own error name (PROTOCOL.md §1.2)
+            self.close(closecodes.CHANNEL_ERROR.code, closecodes.reason(e.code))
 
     def _oversized(self) -> None:
         """A message over ``max_message``: refused as the channel would refuse
         it, judged by its size alone; before pairing, a bad control message."""
         if self.phase not in ("paired", "established"):
-            self.close(4000, f"bad-message: message over {self.pool.settings.max_message} "
-                       "bytes")
+            self._bad_message(f"message over {self.pool.settings.max_message} bytes")
             return
         established = self.phase == "established"
         if self._incoming_binary:
@@ -339,7 +347,7 @@ class VmLeg(WebSocketClientProtocol):
         if self.group is not None and self.group.count:
             self._touch()  # a running command is not idleness
             return
-        self.close(4008, "timeout: idle")
+        self.close(closecodes.TIMEOUT.code, closecodes.reason(closecodes.TIMEOUT.name, "idle"))
 
     def _stdin_consumed(self, rid: int, n: int) -> None:
         """A child took ``n`` stdin bytes: the frontend may send that many more."""
@@ -352,7 +360,7 @@ class VmLeg(WebSocketClientProtocol):
         self.pool.audit.write("session-error", vm=self.pool.vm_id, user=self.user,
                               user_key=self._fp(), client=self.client, reason=v.code,
                               result="closed")
-        self.close(4400, f"{v.code}: {v.message}")
+        self.close(closecodes.CHANNEL_ERROR.code, closecodes.reason(v.code, v.message))
 
     def _send_app(self, header: dict[str, Any], body: bytes = b"") -> None:
         if self._close_sent or self.channel is None or self.phase != "established":
@@ -450,7 +458,7 @@ class _Slot:
         if self.connecting is not None:
             self.connecting.cancel()
         if self.leg is not None:
-            self.leg.close(GOING_AWAY, "going-away: vmc stopping")
+            self.leg.close(*STOPPING)
 
 
 class ProxyPool(Service):
@@ -534,7 +542,7 @@ class ProxyPool(Service):
             if leg.group is not None:
                 leg.group.close()  # SIGTERM now, SIGKILL after kill_grace
                 waits.append(leg.group.when_empty())
-            leg.close(GOING_AWAY, "going-away: vmc stopping")
+            leg.close(*STOPPING)
         done = defer.gatherResults(waits, consumeErrors=True)
         # Bounded: a process stuck in the kernel must not block shutdown forever.
         done.addTimeout(self.settings.kill_grace + 5.0, self.clock)
@@ -583,4 +591,5 @@ class ProxyPool(Service):
         """Close every session of a user who just lost access."""
         for leg in list(self.sessions):
             if leg.user_key == key:
-                leg.close(4401, "not-authorized: access revoked")
+                leg.close(closecodes.NOT_AUTHORIZED.code,
+                          closecodes.reason(closecodes.NOT_AUTHORIZED.name, "access revoked"))
