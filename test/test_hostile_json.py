@@ -122,20 +122,11 @@ class _Sent:
 
 class VmcControlTests(SynchronousTestCase):
     def test_deep_control_message_from_the_proxy(self) -> None:
-        from ticrypt.vmc.pool import VmLeg
+        from ticrypt.vmc.control import Close, VmControl
 
-        sent = _Sent()
-
-        class Leg(VmLeg):
-            def sendClose(self, code: int | None = None,  # type: ignore[override]
-                          reason: str | None = None) -> None:
-                sent.closes.append((code or 0, reason or ""))
-
-        leg = Leg()
-        leg.phase = "challenge"
-        leg.onMessage(DEEP, False)
-        self.assertEqual(sent.closes, [(4000, "bad-message: control message is not a JSON "
-                                        "object")])
+        machine = VmControl(identity.generate(), "vm-1", "credential", 1 << 20)
+        self.assertEqual(machine.message(DEEP, False),
+                         [Close(4000, "bad-message: control message is not a JSON object")])
 
 
 class FrontendControlTests(SynchronousTestCase):

@@ -41,6 +41,8 @@ from ticrypt.vmc.commands import (
     Stdin,
     Violation,
 )
+from ticrypt.vmc.control import State as ControlState
+from ticrypt.vmc.pool import Phase
 from ticrypt.vmc.processes import ProcessGroup, RunAs, session_pids
 from ticrypt.vmc.state import Enrollment, OwnerKeyChanged, StateError, VmState
 
@@ -1014,7 +1016,7 @@ class MessageLimitTests(SynchronousTestCase):
         self.leg.dataReceived(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
                               b"Connection: Upgrade\r\nSec-WebSocket-Accept: " + accept
                               + b"\r\n\r\n")
-        self.assertEqual(self.leg.phase, "challenge")
+        self.assertIs(self.leg.control.state, ControlState.CHALLENGE)
 
     def sent(self) -> list[tuple[int, bytes]]:
         frames = _client_frames(self.transport.value())
@@ -1029,7 +1031,7 @@ class MessageLimitTests(SynchronousTestCase):
         self.control({"type": "waiting"})
         self.control({"type": "paired", "user": "owen", "client": "127.0.0.1",
                       "user_key": identity.public_text(self.owner)})
-        self.assertEqual(self.leg.phase, "paired")
+        self.assertIs(self.leg.phase, Phase.HANDSHAKE)
         self.sent()
 
     def establish(self) -> UserChannel:
@@ -1044,7 +1046,7 @@ class MessageLimitTests(SynchronousTestCase):
         finish, _ = user.receive(reply.decode())
         assert isinstance(finish, SendMessage) and isinstance(finish.data, str)
         self.leg.dataReceived(_server_frame(1, finish.data.encode()))
-        self.assertEqual(self.leg.phase, "established")
+        self.assertIs(self.leg.phase, Phase.ESTABLISHED)
         return user
 
     def assert_closed(self, code: int, reason: str) -> None:

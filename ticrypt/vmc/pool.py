@@ -18,7 +18,7 @@ protocol (:mod:`ticrypt.channel.app`).
 
 from __future__ import annotations
 
-import json
+import enum
 import socket
 from collections.abc import Callable
 from typing import Any
@@ -33,7 +33,7 @@ from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from ticrypt import __version__, closecodes, identity, signed, tlsutil
+from ticrypt import __version__, closecodes, identity, tlsutil
 from ticrypt.audit import AuditLog
 from ticrypt.backoff import Backoff
 from ticrypt.channel import (
@@ -46,7 +46,6 @@ from ticrypt.channel import (
     app,
 )
 from ticrypt.channel.records import MIN_RECORD_SIZE
-from ticrypt.encoding import b64, loads_bounded, unb64
 from ticrypt.vmc.commands import (
     Cancel,
     Dispatcher,
@@ -59,10 +58,12 @@ from ticrypt.vmc.commands import (
     Stdin,
     Violation,
 )
+from ticrypt.vmc.control import Action as ControlAction
+from ticrypt.vmc.control import Close, Paired, VmControl, Waiting
+from ticrypt.vmc.control import Send as SendText
 from ticrypt.vmc.processes import ProcessGroup, RunAs, SessionChannel, Tracker
 from ticrypt.vmc.state import VmState
 
-MAX_CONTROL = 16384
 #: Largest valid record: version byte, sequence number, 1 MiB of plaintext, tag.
 MAX_RECORD = MIN_RECORD_SIZE + MAX_PLAINTEXT
 #: Default of ``[vmc] max_message``, the largest websocket message vmc reads.
@@ -96,6 +97,14 @@ class PoolSettings:
     kill_grace: float = 3.0
 
 
+class Phase(enum.Enum):
+    CONNECTING = "connecting"
+    CONTROL = "control"  # the proxy's control exchange (VmLeg.control)
+    HANDSHAKE = "handshake"  # paired: the secure channel's handshake
+    ESTABLISHED = "established"  # the channel carries the application protocol
+    CLOSED = "closed"
+
+
 class VmLeg(WebSocketClientProtocol):
     """One websocket to the proxy: control dance, then the secure channel."""
 
@@ -103,7 +112,8 @@ class VmLeg(WebSocketClientProtocol):
     plog = Logger()
     factory: _LegFactory
 
-    phase = "connecting"
+    phase = Phase.CONNECTING
+    control: VmControl
     channel: VmChannel | None = None
     dispatcher: Dispatcher | None = None
     group: ProcessGroup | None = None
@@ -123,7 +133,9 @@ class VmLeg(WebSocketClientProtocol):
     # -- autobahn callbacks ------------------------------------------------
 
     def onOpen(self) -> None:
-        self.phase = "challenge"
+        self.phase = Phase.CONTROL
+        self.control = VmControl(self.pool.state.vm_key, self.pool.vm_id,
+                                 self.pool.credential, self.pool.settings.max_message)
         self._arm(self.pool.settings.handshake_timeout, "proxy authentication")
 
     def onMessageBegin(self, isBinary: bool) -> None:
@@ -148,13 +160,13 @@ class VmLeg(WebSocketClientProtocol):
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         if self._close_sent:
             return
-        if self.phase in ("challenge", "auth-sent", "waiting"):
-            self._control(payload, isBinary)
-        elif self.phase in ("paired", "established"):
+        if self.phase is Phase.CONTROL:
+            self._control_actions(self.control.message(payload, isBinary))
+        elif self.phase in (Phase.HANDSHAKE, Phase.ESTABLISHED):
             self._channel_message(payload, isBinary)
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
-        previous, self.phase = self.phase, "closed"
+        previous, self.phase = self.phase, Phase.CLOSED
         self._disarm()
         if self._idle_timer is not None and self._idle_timer.active():
             self._idle_timer.cancel()
@@ -162,7 +174,7 @@ class VmLeg(WebSocketClientProtocol):
             self.group.close()
         if self.channel is not None:
             self.channel.close()
-        if previous == "established":
+        if previous is Phase.ESTABLISHED:
             self.pool.audit.write("session-closed", vm=self.pool.vm_id, user=self.user,
                                   user_key=self._fp(), client=self.client, code=code,
                                   result="closed")
@@ -184,7 +196,10 @@ class VmLeg(WebSocketClientProtocol):
 
     def _timed_out(self, what: str) -> None:
         self.plog.info("{what} timed out", what=what)
-        if self.phase == "paired":
+        if self.phase is Phase.CONTROL:
+            self._control_actions(self.control.timed_out())
+            return
+        if self.phase is Phase.HANDSHAKE:
             self.pool.audit.write("session-refused", vm=self.pool.vm_id, user=self.user,
                                   client=self.client, reason="handshake-timeout",
                                   result="refused")
@@ -206,48 +221,21 @@ class VmLeg(WebSocketClientProtocol):
 
     # -- proxy control messages ------------------------------------------
 
-    def _bad_message(self, text: str) -> None:
-        self.close(closecodes.BAD_MESSAGE.code, closecodes.reason(closecodes.BAD_MESSAGE.name,
-                                                                  text))
+    def _control_actions(self, actions: list[ControlAction]) -> None:
+        for action in actions:
+            if isinstance(action, SendText):
+                self.sendMessage(action.text.encode(), isBinary=False)
+            elif isinstance(action, Close):
+                self.close(action.code, action.reason)
+            elif isinstance(action, Waiting):
+                self._disarm()
+                self.pool.leg_waiting(self)
+            elif isinstance(action, Paired):
+                self._paired(action)
 
-    def _control(self, payload: bytes, is_binary: bool) -> None:
-        try:
-            if is_binary:
-                raise ValueError
-            msg = loads_bounded(payload, max_size=MAX_CONTROL)
-            if not isinstance(msg, dict):
-                raise ValueError
-            kind = msg.get("type")
-        except ValueError:
-            self._bad_message("control message is not a JSON object")
-            return
-        if kind == "challenge" and self.phase == "challenge":
-            nonce = msg.get("nonce")
-            try:
-                unb64(nonce, 32) if isinstance(nonce, str) else unb64("", 32)
-            except ValueError:
-                self._bad_message("challenge nonce is not b64 of 32 bytes")
-                return
-            sig = signed.sign(self.pool.state.vm_key, signed.PROXY_VM_AUTH,
-                              {"nonce": nonce, "vm": self.pool.vm_id})
-            self.sendMessage(json.dumps({"type": "vm-auth",
-                                         "credential": self.pool.credential,
-                                         "signature": b64(sig)},
-                                        separators=(",", ":")).encode(), isBinary=False)
-            self.phase = "auth-sent"
-        elif kind == "waiting" and self.phase == "auth-sent":
-            self._disarm()
-            self.phase = "waiting"
-            self.pool.leg_waiting(self)
-        elif kind == "paired" and self.phase == "waiting":
-            self._paired(msg)
-        else:
-            self._bad_message("unexpected control message")
-
-    def _paired(self, msg: dict[str, Any]) -> None:
-        self.phase = "paired"
-        self.user = str(msg.get("user", ""))[:128]
-        self.client = str(msg.get("client", ""))[:64]
+    def _paired(self, paired: Paired) -> None:
+        self.phase = Phase.HANDSHAKE
+        self.user, self.client = paired.user, paired.client
         over = self.pool.leg_paired(self)
         if over:
             self.pool.audit.write("session-refused", vm=self.pool.vm_id, user=self.user,
@@ -295,7 +283,7 @@ class VmLeg(WebSocketClientProtocol):
     def _channel_failed(self, e: ChannelError) -> None:
         key = self.channel.peer_key if self.channel is not None else None
         self.user_key = self.user_key or key
-        event = "session-refused" if self.phase == "paired" else "session-error"
+        event = "session-refused" if self.phase is Phase.HANDSHAKE else "session-error"
         self.pool.audit.write(event, vm=self.pool.vm_id, user=self.user, user_key=self._fp(),
                               client=self.client, reason=e.code, result="refused")
         if e.code == "not-authorized":
@@ -308,10 +296,10 @@ class VmLeg(WebSocketClientProtocol):
     def _oversized(self) -> None:
         """A message over ``max_message``: refused as the channel would refuse
         it, judged by its size alone; before pairing, a bad control message."""
-        if self.phase not in ("paired", "established"):
-            self._bad_message(f"message over {self.pool.settings.max_message} bytes")
+        if self.phase is Phase.CONTROL:
+            self._control_actions(self.control.oversized())
             return
-        established = self.phase == "established"
+        established = self.phase is Phase.ESTABLISHED
         if self._incoming_binary:
             code = "record-too-large" if established else "unexpected-message"
         else:
@@ -320,7 +308,7 @@ class VmLeg(WebSocketClientProtocol):
 
     def _established(self, user_key: bytes) -> None:
         self._disarm()
-        self.phase = "established"
+        self.phase = Phase.ESTABLISHED
         self.user_key = user_key
         pool = self.pool
         owner = pool.state.is_owner(user_key)
@@ -363,7 +351,7 @@ class VmLeg(WebSocketClientProtocol):
         self.close(closecodes.CHANNEL_ERROR.code, closecodes.reason(v.code, v.message))
 
     def _send_app(self, header: dict[str, Any], body: bytes = b"") -> None:
-        if self._close_sent or self.channel is None or self.phase != "established":
+        if self._close_sent or self.channel is None or self.phase is not Phase.ESTABLISHED:
             return
         try:
             record = self.channel.seal(app.encode(header, body))
@@ -579,7 +567,7 @@ class ProxyPool(Service):
         self.sessions.add(leg)
         return None
 
-    def leg_closed(self, leg: VmLeg, state: str, code: int | None, reason: str | None) -> None:
+    def leg_closed(self, leg: VmLeg, state: Phase, code: int | None, reason: str | None) -> None:
         self.sessions.discard(leg)
         slot = self._slot_of(leg)
         if slot is not None:
