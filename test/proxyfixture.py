@@ -85,6 +85,7 @@ def write_proxy_config(directory: str, backend: Backend, *,
     lines = ["[proxy]", f"listen = {listen}", f"allow_plain = {'yes' if allow_plain else 'no'}",
              f"status_listen = {status_listen}", f"backend_public_key = {backend.pub_path}",
              f"audit_log = {os.path.join(directory, 'proxy-audit.log')}",
+             f"ticket_ledger = {os.path.join(directory, 'proxy-tickets.ledger')}",
              f"rest_url = {rest_url}"]
     lines += [f"{k} = {v}" for k, v in (feeds or {}).items()]
     lines += ["", "[limits]"]

@@ -314,6 +314,20 @@ class ConfigTests(SynchronousTestCase):
         service = tap.makeService({"cfg": cfg}, reactor=reactor)
         self.assertEqual([s.label for s in service.listeners()], ["proxy"])
 
+    def test_unusable_ticket_ledger_stops_start_up(self) -> None:
+        """The ledger is opened before anything listens; if it cannot be
+        written the proxy does not start (one line naming the key)."""
+        path = pf.write_proxy_config(self.dir, self.backend)
+        os.makedirs(os.path.join(self.dir, "proxy-tickets.ledger"))  # not a file
+        cfg = load_config(path, tap.SCHEMA)
+        service = tap.makeService({"cfg": cfg}, reactor=reactor)
+        lines: list[str] = []
+        self.patch(service, "failure_line",
+                   lambda e: lines.append(type(service).failure_line(service, e)) or lines[-1])
+        self.assertRaises(SystemExit, service.startService)
+        self.assertIn("[proxy] ticket_ledger: cannot use ", lines[0])
+        self.assertEqual({s.port for s in service.listeners()}, {None})  # none listens
+
 
 class _ClosesClients:
     """Cleanup for tests that open clients against an in-process proxy: abort
@@ -522,6 +536,18 @@ class ProxyTests(ProxyCase):
         ticket = pf.Backend(d).ticket("vm1")
         self.assertEqual(await self._user_refused(ticket),
                          (4003, "ticket-refused: bad-signature"))
+
+    async def test_ticket_not_recorded_is_refused(self) -> None:
+        """A ticket whose use cannot be written to the ledger is refused
+        (fail closed): a restart could not tell it was used."""
+        await self.start()
+        await self.vm("vm1")
+        journal = self.proxy.factory.tickets
+        self.patch(journal, "_append", lambda line: False)
+        self.assertEqual(await self._user_refused(self.backend.ticket("vm1")),
+                         (1011, "server-error: cannot record the ticket"))
+        self.assertEqual([r["reason"] for r in self.audit("user-refused")],
+                         ["server-error: cannot record the ticket"])
 
     async def test_ticket_is_single_use(self) -> None:
         """A ticket that paired once is refused the second time, even while

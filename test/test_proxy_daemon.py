@@ -152,6 +152,37 @@ class ProxyDaemonTests(TestCase):
         events = [r["event"] for r in pf.read_audit(self.dir)]
         self.assertEqual(events[:3], ["vm-connected", "pair-start", "pair-end"])
 
+    async def test_ticket_replayed_across_restart(self) -> None:
+        """A ticket used before the proxy was killed (-9) is refused after it
+        starts again with the same config; a fresh ticket still pairs."""
+        path = pf.write_proxy_config(self.dir, self.backend)
+        first = await start_daemon(self, "ticrypt-proxy", path)
+        _, port = first.address("proxy")
+        vm = await pf.vm_connect(reactor, port, self.backend, "vm-r")
+        ticket = self.backend.ticket("vm-r", "dave")
+        user = await pf.user_connect(reactor, port, ticket)
+        self.assertEqual(await user.next_json(), {"type": "paired", "vm": "vm-r"})
+        await first.kill()
+        await defer.gatherResults([vm.closed, user.closed])
+        again = await start_daemon(self, "ticrypt-proxy", path)
+        _, port = again.address("proxy")
+        vm = await pf.vm_connect(reactor, port, self.backend, "vm-r")
+        replay = await pf.user_connect(reactor, port, ticket)
+        try:
+            accepted: dict[str, Any] | None = await replay.next_json()
+        except ConnectionError:
+            accepted = None
+        self.assertIsNone(accepted, "the replayed ticket was accepted")
+        _, code, reason = await replay.closed
+        self.assertEqual((code, reason), (4003, "ticket-refused: replayed"))
+        fresh = await pf.user_connect(reactor, port, self.backend.ticket("vm-r", "dave"))
+        self.assertEqual(await fresh.next_json(), {"type": "paired", "vm": "vm-r"})
+        self.assertEqual((await vm.next_json())["user"], "dave")
+        refused = [r for r in pf.read_audit(self.dir) if r["event"] == "user-refused"]
+        self.assertEqual([r["reason"] for r in refused], ["ticket-refused: replayed"])
+        fresh.sendClose(1000)
+        await defer.gatherResults([vm.closed, fresh.closed])
+
     async def test_slow_reader_memory_bound(self) -> None:
         """A reader that stops reading while the writer offers >1 GiB: the
         proxy stops reading the writer and its RSS stays under 200 MiB."""

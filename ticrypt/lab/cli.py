@@ -76,6 +76,7 @@ revocation_feed_secret = feed.secret
 listen = {tlsutil.server_endpoint(proxy_port, "tls/server.pem")}
 backend_public_key = backend.pub
 audit_log = proxy-audit.log
+ticket_ledger = proxy-tickets.ledger
 rest_url = https://127.0.0.1:{rest_port}
 ca_file = tls/ca.pem
 revocation_feed_secret = feed.secret

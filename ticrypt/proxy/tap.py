@@ -32,11 +32,12 @@ from ticrypt.http import load_secret
 from ticrypt.http.client import JsonClient
 from ticrypt.proxy.framebudget import FrameLimits
 from ticrypt.proxy.pairing import Limits, PairingTable
+from ticrypt.proxy.replay import TicketJournal, TicketLedger, TicketLedgerService, TicketUses
 from ticrypt.proxy.revocations import FEED_TIMEOUT, RevocationList, RevocationPoller, max_age
 from ticrypt.proxy.status import status_resource
 from ticrypt.proxy.tlsmem import lean_endpoint
 from ticrypt.proxy.ws import ProxyFactory, Settings
-from ticrypt.service import ListenerService, RoleService, options_for
+from ticrypt.service import ListenerService, RoleService, StartupError, options_for
 from ticrypt.signed import MAX_FEED
 
 log = Logger()
@@ -115,6 +116,8 @@ SCHEMA = Schema(
                                  doc="read-only GET /v1/status listener"),
             "backend_public_key": Key(FilePath(), doc="backend.pub from ticrypt-admin init"),
             "audit_log": Key(FilePath(must_exist=False), doc="JSON-lines audit log"),
+            "ticket_ledger": Key(FilePath(must_exist=False), "proxy-tickets.ledger",
+                                 doc="ids of used tickets, kept across restarts"),
             "rest_url": Key(_OptionalUrl(), doc="rest base URL for the revocation feed, or off"),
             "ca_file": Key(FilePath(), None, doc="CA that signs rest's certificate"),
             "revocation_feed_secret": Key(FilePath(secret=True), None,
@@ -169,15 +172,17 @@ def settings_from(cfg: Config) -> tuple[Settings, Limits]:
     return settings, limits
 
 
-def make_factory(cfg: Config, reactor: Any) -> ProxyFactory:
-    """The websocket factory for ``cfg`` (shared by the service and tests)."""
+def make_factory(cfg: Config, reactor: Any, tickets: TicketUses | None = None) -> ProxyFactory:
+    """The websocket factory for ``cfg`` (shared by the service and tests);
+    without ``tickets`` the ticket ledger is in memory only."""
     settings, limits = settings_from(cfg)
     factory = ProxyFactory(
         reactor=reactor, clock=reactor,
         backend_key=identity.load_public_file(cfg.proxy.backend_public_key),
         table=PairingTable(limits), settings=settings,
         audit=AuditLog(cfg.proxy.audit_log, clock=reactor, role="proxy"),
-        url=("wss" if cfg.proxy.listen.startswith("ssl:") else "ws") + "://localhost")
+        url=("wss" if cfg.proxy.listen.startswith("ssl:") else "ws") + "://localhost",
+        tickets=tickets)
     if cfg.proxy.rest_url is not None:
         factory.revocations = RevocationList(factory.backend_key,
                                              max_age(cfg.proxy.revocation_poll_interval))
@@ -202,8 +207,13 @@ def makeService(options: dict[str, Any], reactor: Any = None) -> RoleService:
         from twisted.internet import reactor as _reactor
         reactor = _reactor
     cfg: Config = options["cfg"]
-    factory = make_factory(cfg, reactor)
+    journal = TicketJournal(cfg.proxy.ticket_ledger,
+                            TicketLedger(cfg.limits.max_recent_tickets))
+    factory = make_factory(cfg, reactor, tickets=journal)
     top = RoleService("proxy", cfg)
+    # opened (loaded, compacted) at start, before any connection is read
+    TicketLedgerService(journal, reactor, lambda text: StartupError(
+        text, "proxy", "ticket_ledger")).setServiceParent(top)
     if not cfg.proxy.listen.startswith("ssl:"):
         log.warn("proxy: listening WITHOUT TLS on {listen} (allow_plain = yes); "
                  "use only on a trusted network or behind a TLS terminator",

@@ -43,7 +43,7 @@ from ticrypt.audit import AuditLog
 from ticrypt.encoding import JsonError, b64, loads_bounded, unb64
 from ticrypt.proxy.framebudget import FrameBudget, FrameLimits, Violation
 from ticrypt.proxy.pairing import Paired, PairingTable, Refused, Waiting
-from ticrypt.proxy.replay import TicketLedger, Use
+from ticrypt.proxy.replay import TicketLedger, TicketUses, Use
 from ticrypt.proxy.revocations import REVOKED, RevocationList
 from ticrypt.proxy.tlsmem import release_bio_buffers
 from ticrypt.proxy.wsmem import LeanWebSocket, OutputBatch
@@ -58,6 +58,7 @@ MAX_CONTROL = 8192
 NORMAL = 1000
 GOING_AWAY = 1001
 TOO_BIG = 1009
+SERVER_ERROR = 1011
 BAD_MESSAGE = 4000
 VM_AUTH_FAILED = 4001
 TICKET_REFUSED = 4003
@@ -493,6 +494,8 @@ class Leg(LeanWebSocket):
             raise ControlError(TICKET_REFUSED, "ticket-refused: replayed")
         if use is Use.FULL:
             raise ControlError(OVER_LIMIT, "over-limit: too many recent tickets")
+        if use is not Use.FIRST:  # not written to the ledger: fail closed
+            raise ControlError(SERVER_ERROR, "server-error: cannot record the ticket")
         self.ticket = ticket
         self.vm_id = ticket.vm
         self._cancel_timer()
@@ -580,7 +583,8 @@ class ProxyFactory(WebSocketServerFactory):
 
     def __init__(self, *, reactor: Any, clock: IReactorTime, backend_key: bytes,
                  table: PairingTable[Leg], settings: Settings, audit: AuditLog,
-                 rng: Callable[[int], bytes] = os.urandom, url: str = "wss://localhost"):
+                 rng: Callable[[int], bytes] = os.urandom, url: str = "wss://localhost",
+                 tickets: TicketUses | None = None):
         super().__init__(url=url, reactor=reactor, server="ticrypt-proxy")
         self.clock = clock
         self.backend_key = backend_key
@@ -590,7 +594,10 @@ class ProxyFactory(WebSocketServerFactory):
         self.rng = rng
         self.pairs: set[Pair] = set()
         self.output_batch = OutputBatch()
-        self.tickets = TicketLedger(settings.max_recent_tickets)
+        # single-use tickets: a TicketJournal (kept across restarts) from
+        # tap.makeService, else this memory-only ledger
+        self.tickets: TicketUses = (tickets if tickets is not None
+                                    else TicketLedger(settings.max_recent_tickets))
         self.open_legs = 0
         self._idle_waiters: list[defer.Deferred[None]] = []
         s = settings
