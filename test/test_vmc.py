@@ -10,6 +10,7 @@ import os
 import random
 import re
 import shutil
+import signal
 import stat
 import struct
 from typing import Any
@@ -42,8 +43,9 @@ from ticrypt.vmc.commands import (
     Violation,
 )
 from ticrypt.vmc.control import State as ControlState
-from ticrypt.vmc.pool import Phase
-from ticrypt.vmc.processes import ProcessGroup, RunAs, session_pids
+from ticrypt.vmc.leg import Phase
+from ticrypt.vmc.processes import ProcessGroup, RunAs, SessionChannel, session_pids
+from ticrypt.vmc.session import Peer
 from ticrypt.vmc.state import Enrollment, OwnerKeyChanged, StateError, VmState
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -469,91 +471,6 @@ class PoolReconnectTests(SynchronousTestCase):
         self.assertEqual(len(ep.attempts), n)  # stopped: no more attempts
         self.flushLoggedErrors()
 
-    def test_revoke_signals_children_at_once(self) -> None:
-        """A revoked user's running commands are signalled when the owner
-        revokes, not when (or if) the far end completes the close handshake."""
-        from ticrypt.vmc.pool import VmLeg
-
-        class Group:
-            closed = 0
-
-            def close(self) -> None:
-                self.closed += 1
-
-        class Leg(VmLeg):
-            def __init__(self, key: bytes) -> None:
-                self.user_key, self.fake_group = key, Group()
-                self.group = self.fake_group  # type: ignore[assignment]
-                self.sent_close: list[tuple[int, str]] = []
-
-            def sendClose(self, code: int | None = None,  # type: ignore[override]
-                          reason: str | None = None) -> None:
-                self.sent_close.append((code or 0, reason or ""))
-
-        clock = Clock()
-        pool = self.make_pool(clock, _FailingEndpoint(clock))
-        bob, carol = Leg(b"b" * 32), Leg(b"c" * 32)
-        pool.sessions.update({bob, carol})
-        pool.revoked(b"b" * 32)
-        self.assertEqual(bob.sent_close, [(4401, "not-authorized: access revoked")])
-        self.assertEqual(bob.fake_group.closed, 1)
-        self.assertEqual((carol.sent_close, carol.fake_group.closed), ([], 0))
-
-    def test_stdin_never_pauses_the_channel(self) -> None:
-        """A child that does not read its stdin does not stop vmc reading the
-        websocket: other requests are still answered, window credit comes
-        back as the child reads, and input beyond the window closes the
-        channel with window-exceeded."""
-        from ticrypt.vmc.pool import VmLeg
-
-        fake = _FakeProcessReactor()
-        pool = self.make_pool(fake, _FailingEndpoint(fake))
-        audit: list[tuple[str, dict[str, Any]]] = []
-        pool.audit = type("A", (), {"write": lambda _, e, **kw: audit.append((e, kw))})()
-
-        class Leg(VmLeg):
-            def __init__(self) -> None:
-                self.factory = type("F", (), {"pool": pool})()  # type: ignore[assignment]
-                self.transport = StringTransport()
-                self.app: list[dict[str, Any]] = []
-                self.sent_close: list[tuple[int, str]] = []
-
-            def _send_app(self, header: dict[str, Any], body: bytes = b"") -> None:
-                self.app.append(header)
-
-            def sendClose(self, code: int | None = None,  # type: ignore[override]
-                          reason: str | None = None) -> None:
-                self.sent_close.append((code or 0, reason or ""))
-
-        def msg(header: dict[str, Any], body: bytes = b"") -> None:
-            leg._app_message(app.encode(header, body))
-
-        leg = Leg()
-        assert pool.state.owner_key is not None
-        leg._established(pool.state.owner_key)
-        msg({"t": "req", "id": 1, "op": "exec", "argv": ["cat"]})
-        self.assertEqual(leg.app, [{"t": "ok", "id": 1, "window": app.WINDOW}])
-        [(_, _, child)] = fake.spawned
-        child.producer.pauseProducing()  # the child stops reading
-        for _ in range(app.WINDOW // app.CHUNK):
-            msg({"t": "stdin", "id": 1}, b"x" * app.CHUNK)
-        self.assertEqual(leg.transport.producerState, "producing")  # still reading
-        msg({"t": "req", "id": 2, "op": "info"})
-        self.assertEqual(leg.app[-1]["t"], "ok")
-        child.producer.resumeProducing()  # it reads: credit for all of it
-        self.assertEqual(leg.app[-1], {"t": "window", "id": 1, "bytes": app.WINDOW})
-        child.producer.pauseProducing()
-        msg({"t": "stdin", "id": 1}, b"y" * app.WINDOW)
-        self.assertEqual(leg.sent_close, [])
-        msg({"t": "stdin", "id": 1}, b"z")  # one byte over the window
-        [(code, reason)] = leg.sent_close
-        self.assertEqual(code, 4400)
-        self.assertTrue(reason.startswith("window-exceeded: "), reason)
-        self.assertEqual(audit[-1][0], "session-error")
-        self.assertEqual(audit[-1][1]["reason"], "window-exceeded")
-        self.assertEqual(leg.transport.producerState, "producing")
-        self.assertEqual(child.calls.count(f"write {app.CHUNK}"), app.WINDOW // app.CHUNK)
-
     def test_pool_size_sockets(self) -> None:
         clock = Clock()
         ep = _FailingEndpoint(clock)
@@ -974,37 +891,14 @@ def _client_frames(data: bytes) -> list[tuple[int, bytes]]:
     return out
 
 
-class MessageLimitTests(SynchronousTestCase):
-    """vmc's websocket message limit (PROTOCOL.md §4 Records), through
-    autobahn's own frame parser, in memory: every record a user may send
-    fits, a record over the channel's limit is closed 4400 record-too-large
-    by the channel, and a message over ``max_message`` gets the same close
-    as soon as its frame header arrives (autobahn's 1009 used to reach the
-    user as 4010 peer-lost), without vmc reading it."""
+class _Wire:
+    """One :class:`VmLeg` of ``pool`` on a ``StringTransport``, through
+    autobahn's own handshake and frame parser, and a user's end of its
+    secure channel."""
 
-    def setUp(self) -> None:
-        from ticrypt.vmc.pool import PoolSettings, ProxyPool
-
-        self.clock = _FakeProcessReactor()
-        d = self.mktemp()
-        os.makedirs(d, mode=0o700)
-        state = VmState(d, AuditLog(None, self.clock))
-        self.owner = identity.generate()
-        state.accept_enrollment(_enrollment(identity.public_bytes(self.owner)))
-        self.pool = ProxyPool(reactor=self.clock, clock=self.clock,
-                              random=random.Random(3).random,
-                              settings=PoolSettings(proxy_url="wss://127.0.0.1:1",
-                                                    ca_file="/nonexistent"),
-                              state=state, audit=AuditLog(None, self.clock),
-                              run_as=RunAs.lookup(None, "/bin/sh"),
-                              endpoint=_FailingEndpoint(self.clock))
-        self.audit: list[tuple[str, dict[str, Any]]] = []
-        self.pool.audit = type("A", (), {  # type: ignore[assignment]
-            "write": lambda _, e, **kw: self.audit.append((e, kw))})()
-        # autobahn's own timers run on the global reactor: none in memory.
-        self.pool.factory.setProtocolOptions(openHandshakeTimeout=0, autoPingInterval=0,
-                                             autoPingTimeout=0, closeHandshakeTimeout=0)
-        self.leg = self.pool.factory.buildProtocol(None)
+    def __init__(self, pool: Any) -> None:
+        self.pool = pool
+        self.leg = pool.slots[0].factory.buildProtocol(None)
         self.transport = StringTransport()
         self.leg.makeConnection(self.transport)
         request = self.transport.value().decode("latin-1")
@@ -1016,7 +910,7 @@ class MessageLimitTests(SynchronousTestCase):
         self.leg.dataReceived(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
                               b"Connection: Upgrade\r\nSec-WebSocket-Accept: " + accept
                               + b"\r\n\r\n")
-        self.assertIs(self.leg.control.state, ControlState.CHALLENGE)
+        self.user: UserChannel | None = None
 
     def sent(self) -> list[tuple[int, bytes]]:
         frames = _client_frames(self.transport.value())
@@ -1026,26 +920,176 @@ class MessageLimitTests(SynchronousTestCase):
     def control(self, msg: dict[str, Any]) -> None:
         self.leg.dataReceived(_server_frame(1, json.dumps(msg).encode()))
 
-    def pair(self) -> None:
+    def pair(self, user: str = "owen") -> None:
         self.control({"type": "challenge", "nonce": b64(bytes(32))})
         self.control({"type": "waiting"})
-        self.control({"type": "paired", "user": "owen", "client": "127.0.0.1",
-                      "user_key": identity.public_text(self.owner)})
-        self.assertIs(self.leg.phase, Phase.HANDSHAKE)
+        self.control({"type": "paired", "user": user, "client": "127.0.0.1"})
         self.sent()
 
-    def establish(self) -> UserChannel:
-        self.pair()
-        assert self.pool.state.enrollment is not None
-        user = UserChannel(self.owner, self.pool.vm_id,
-                           identity.public_bytes(self.pool.state.vm_key))
-        [hello] = user.start()
+    def establish(self, key: Any, user: str = "owen") -> UserChannel:
+        self.pair(user)
+        self.user = UserChannel(key, self.pool.vm_id,
+                                identity.public_bytes(self.pool.state.vm_key))
+        [hello] = self.user.start()
         assert isinstance(hello.data, str)
         self.leg.dataReceived(_server_frame(1, hello.data.encode()))
         [(opcode, reply)] = self.sent()
-        finish, _ = user.receive(reply.decode())
+        finish, _ = self.user.receive(reply.decode())
         assert isinstance(finish, SendMessage) and isinstance(finish.data, str)
         self.leg.dataReceived(_server_frame(1, finish.data.encode()))
+        return self.user
+
+    def send_app(self, header: dict[str, Any], body: bytes = b"") -> None:
+        assert self.user is not None
+        self.leg.dataReceived(_server_frame(2, self.user.seal(app.encode(header, body))))
+
+    def answers(self) -> list[dict[str, Any]]:
+        """The application messages vmc sent since the last look."""
+        assert self.user is not None
+        out = []
+        for opcode, payload in self.sent():
+            if opcode == 2:
+                [delivered] = self.user.receive(payload)
+                assert isinstance(delivered, Delivered)
+                out.append(app.decode(delivered.plaintext)[0])
+        return out
+
+    def close_frame(self) -> tuple[int, str] | None:
+        frames = [p for opcode, p in _client_frames(self.transport.value()) if opcode == 8]
+        if not frames:
+            return None
+        return struct.unpack("!H", frames[0][:2])[0], frames[0][2:].decode()
+
+
+def _leg_pool(test: SynchronousTestCase, tracker: Any = None) -> Any:
+    """A pool whose legs run in memory (``_Wire``) on a fake process reactor;
+    its audit lines go to ``pool.audit_lines``."""
+    from ticrypt.vmc.pool import PoolSettings, ProxyPool
+
+    clock = _FakeProcessReactor()
+    d = test.mktemp()
+    os.makedirs(d, mode=0o700)
+    state = VmState(d, AuditLog(None, clock))
+    owner = identity.generate()
+    state.accept_enrollment(_enrollment(identity.public_bytes(owner)))
+    pool = ProxyPool(reactor=clock, clock=clock, random=random.Random(3).random,
+                     settings=PoolSettings(proxy_url="wss://127.0.0.1:1",
+                                           ca_file="/nonexistent"),
+                     state=state, audit=AuditLog(None, clock),
+                     run_as=RunAs.lookup(None, "/bin/sh"), endpoint=_FailingEndpoint(clock),
+                     tracker=tracker)
+    pool.owner = owner
+    pool.audit_lines = []
+    pool.audit = type("A", (), {"write": lambda _, e, **kw: pool.audit_lines.append((e, kw))})()
+    # autobahn's own timers run on the global reactor: none in memory.
+    pool.slots[0].factory.setProtocolOptions(openHandshakeTimeout=0, autoPingInterval=0,
+                                             autoPingTimeout=0, closeHandshakeTimeout=0)
+    return pool
+
+
+class LegTests(SynchronousTestCase):
+    """A leg and its session, in memory."""
+
+    def test_revoke_signals_children_at_once(self) -> None:
+        """A revoked user's running commands are signalled when the owner
+        revokes, not when (or if) the far end completes the close handshake;
+        other users' sessions go on."""
+        signals: list[tuple[int | None, int]] = []
+
+        class Track(SessionChannel):
+            def signal(self, rid: int | None, sig: int) -> None:
+                signals.append((rid, sig))
+
+        pool = _leg_pool(self, tracker=type("T", (), {"channel": lambda _: Track()})())
+        bob, carol = identity.generate(), identity.generate()
+        for name, key in (("bob", bob), ("carol", carol)):
+            pool.state.authorize(identity.public_bytes(key), name, pool.state.owner_key)
+        wires = {}
+        for name, key in (("bob", bob), ("carol", carol)):
+            wires[name] = w = _Wire(pool)
+            w.establish(key, name)
+            w.send_app({"t": "req", "id": 1, "op": "exec", "argv": ["cat"]})
+            self.assertEqual(w.answers(), [{"t": "ok", "id": 1, "window": app.WINDOW}])
+        pool.revoked(identity.public_bytes(bob))
+        self.assertEqual(wires["bob"].close_frame(), (4401, "not-authorized: access revoked"))
+        self.assertEqual(signals, [(None, signal.SIGTERM)])  # bob's one channel, now
+        self.assertIsNone(wires["carol"].close_frame())
+
+    def test_stdin_never_pauses_the_channel(self) -> None:
+        """A child that does not read its stdin does not stop vmc reading the
+        websocket: other requests are still answered, window credit comes
+        back as the child reads, and input beyond the window closes the
+        channel with window-exceeded."""
+        pool = _leg_pool(self)
+        w = _Wire(pool)
+        w.establish(pool.owner)
+        w.send_app({"t": "req", "id": 1, "op": "exec", "argv": ["cat"]})
+        self.assertEqual(w.answers(), [{"t": "ok", "id": 1, "window": app.WINDOW}])
+        [(_, _, child)] = pool.reactor.spawned
+        child.producer.pauseProducing()  # the child stops reading
+        for _ in range(app.WINDOW // app.CHUNK):
+            w.send_app({"t": "stdin", "id": 1}, b"x" * app.CHUNK)
+        self.assertEqual(w.transport.producerState, "producing")  # still reading
+        w.send_app({"t": "req", "id": 2, "op": "info"})
+        self.assertEqual(w.answers()[-1]["t"], "ok")
+        child.producer.resumeProducing()  # it reads: credit for all of it
+        self.assertEqual(w.answers(), [{"t": "window", "id": 1, "bytes": app.WINDOW}])
+        child.producer.pauseProducing()
+        w.send_app({"t": "stdin", "id": 1}, b"y" * app.WINDOW)
+        self.assertIsNone(w.close_frame())
+        w.send_app({"t": "stdin", "id": 1}, b"z")  # one byte over the window
+        frame = w.close_frame()
+        assert frame is not None
+        self.assertEqual(frame[0], 4400)
+        self.assertTrue(frame[1].startswith("window-exceeded: "), frame[1])
+        event, fields = pool.audit_lines[-1]
+        self.assertEqual((event, fields["reason"]), ("session-error", "window-exceeded"))
+        self.assertEqual(w.transport.producerState, "producing")
+        self.assertEqual(child.calls.count(f"write {app.CHUNK}"), app.WINDOW // app.CHUNK)
+
+    def test_session_audit_lines(self) -> None:
+        """session-open, exec and session-closed name the VM, the user, the
+        key's fingerprint and the client."""
+        pool = _leg_pool(self)
+        w = _Wire(pool)
+        w.establish(pool.owner)
+        w.send_app({"t": "req", "id": 1, "op": "exec", "argv": ["cat", "-u"]})
+        w.leg.onClose(True, 1000, "bye")
+        fp = identity.fingerprint(identity.public_bytes(pool.owner))
+        who = {"vm": pool.vm_id, "user": "owen", "user_key": fp}
+        self.assertEqual(pool.audit_lines, [
+            ("session-open", {**who, "client": "127.0.0.1", "owner": True, "result": "ok"}),
+            ("exec", {**who, "command": "cat", "result": "started"}),
+            ("session-closed", {**who, "client": "127.0.0.1", "code": 1000,
+                                "result": "closed"})])
+        self.assertEqual(pool.sessions, set())
+
+
+class MessageLimitTests(SynchronousTestCase):
+    """vmc's websocket message limit (PROTOCOL.md §4 Records), through
+    autobahn's own frame parser, in memory: every record a user may send
+    fits, a record over the channel's limit is closed 4400 record-too-large
+    by the channel, and a message over ``max_message`` gets the same close
+    as soon as its frame header arrives (autobahn's 1009 used to reach the
+    user as 4010 peer-lost), without vmc reading it."""
+
+    def setUp(self) -> None:
+        self.pool = _leg_pool(self)
+        self.owner = self.pool.owner
+        self.audit = self.pool.audit_lines
+        self.wire = _Wire(self.pool)
+        self.leg, self.transport = self.wire.leg, self.wire.transport
+        self.assertIs(self.leg.control.state, ControlState.CHALLENGE)
+
+    def sent(self) -> list[tuple[int, bytes]]:
+        return self.wire.sent()
+
+    def pair(self) -> None:
+        self.wire.pair()
+        self.assertIs(self.leg.phase, Phase.HANDSHAKE)
+
+    def establish(self) -> UserChannel:
+        user = self.wire.establish(self.owner)
         self.assertIs(self.leg.phase, Phase.ESTABLISHED)
         return user
 
@@ -1128,46 +1172,22 @@ class MessageLimitTests(SynchronousTestCase):
 
 class FramingTests(SynchronousTestCase):
     """PROTOCOL.md §5 Framing as vmc reads it: one record's plaintext in,
-    vmc's answers out (through VmLeg._app_message, as after a record)."""
+    vmc's answers out (through VmSession.received, as after a record)."""
 
     def setUp(self) -> None:
-        from ticrypt.vmc.pool import PoolSettings, ProxyPool, VmLeg
-
-        fake = _FakeProcessReactor()
-        d = self.mktemp()
-        os.makedirs(d, mode=0o700)
-        state = VmState(d, AuditLog(None, fake))
-        state.accept_enrollment(_enrollment(identity.public_bytes(identity.generate())))
-        pool = ProxyPool(reactor=fake, clock=fake, random=random.Random(3).random,
-                         settings=PoolSettings(proxy_url="wss://127.0.0.1:1",
-                                               ca_file="/nonexistent"),
-                         state=state, audit=AuditLog(None, fake), run_as=RunAs.lookup(None, "/bin/sh"),
-                         endpoint=_FailingEndpoint(fake))
-        self.fake = fake
-
-        class Leg(VmLeg):
-            def __init__(self) -> None:
-                self.factory = type("F", (), {"pool": pool})()  # type: ignore[assignment]
-                self.transport = StringTransport()
-                self.app: list[tuple[dict[str, Any], bytes]] = []
-                self.sent_close: list[tuple[int, str]] = []
-
-            def _send_app(self, header: dict[str, Any], body: bytes = b"") -> None:
-                self.app.append((header, body))
-
-            def sendClose(self, code: int | None = None,  # type: ignore[override]
-                          reason: str | None = None) -> None:
-                self.sent_close.append((code or 0, reason or ""))
-
-        self.leg = Leg()
-        assert state.owner_key is not None
-        self.leg._established(state.owner_key)
+        pool = _leg_pool(self)
+        self.fake = pool.reactor
+        self.app: list[tuple[dict[str, Any], bytes]] = []
+        self.closes: list[tuple[int, str]] = []
+        peer = Peer(pool.vm_id, "owen", "127.0.0.1", identity.public_bytes(pool.owner))
+        self.session = pool.open_session(peer, lambda h, b: self.app.append((h, b)),
+                                         lambda code, reason: self.closes.append((code, reason)))
 
     def answers(self, plaintext: bytes) -> list[dict[str, Any]]:
-        self.leg.app.clear()
-        self.leg._app_message(plaintext)
-        self.assertEqual(self.leg.sent_close, [])  # the channel stays up
-        return [header for header, _ in self.leg.app]
+        self.app.clear()
+        self.session.received(plaintext)
+        self.assertEqual(self.closes, [])  # the channel stays up
+        return [header for header, _ in self.app]
 
     def assert_unreadable(self, plaintext: bytes) -> None:
         [answer] = self.answers(plaintext)
@@ -1221,7 +1241,7 @@ class FramingTests(SynchronousTestCase):
         self.assertEqual(ok["window"], app.WINDOW)
         [(_, _, child)] = self.fake.spawned
         self.assertEqual(self.answers(b'{"t":"stdin","id":1}\n'), [])
-        self.assertEqual(self.leg.dispatcher.credit(1), app.WINDOW)  # type: ignore[union-attr]
+        self.assertEqual(self.session.dispatcher.credit(1), app.WINDOW)
         # the child took all 15 bytes of "\nline 1\nline 2\n"
         self.assertEqual(self.answers(b'{"t":"stdin","id":1}\n\nline 1\nline 2\n'),
                          [{"t": "window", "id": 1, "bytes": 15}])
@@ -1246,6 +1266,6 @@ class FramingTests(SynchronousTestCase):
         self.assertEqual((err["t"], err["code"], err["id"]), ("error", "bad-request", 1))
         [err] = self.answers(b'{"t":"req","id":1,"op":"info"}\n')
         self.assertEqual((err["code"], err["id"]), ("duplicate-id", 1))
-        self.assertEqual(self.leg.dispatcher.running, {1: "exec"})  # type: ignore[union-attr]
+        self.assertEqual(self.session.dispatcher.running, {1: "exec"})
         self.assertEqual(self.answers(b'{"t":"stdin","id":1}\nx'),
                          [{"t": "window", "id": 1, "bytes": 1}])  # still running

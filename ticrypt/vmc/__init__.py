@@ -8,6 +8,10 @@ Layers: :mod:`~ticrypt.vmc.state` (files in ``state_dir``),
 :mod:`~ticrypt.vmc.enroll` (one HTTPS call to rest),
 :mod:`~ticrypt.channel.app` (application-protocol codec, shared with the
 frontend), :mod:`~ticrypt.vmc.commands` (sans-IO dispatcher),
-:mod:`~ticrypt.vmc.processes` (child processes), :mod:`~ticrypt.vmc.pool`
-(proxy websockets) and :mod:`~ticrypt.vmc.tap` (twistd wiring).
+:mod:`~ticrypt.vmc.control` (sans-IO proxy control exchange),
+:mod:`~ticrypt.vmc.processes` (child processes), :mod:`~ticrypt.vmc.session`
+(one established channel: dispatcher, processes, audit, idle timer),
+:mod:`~ticrypt.vmc.leg` (one websocket to the proxy), :mod:`~ticrypt.vmc.pool`
+(the sockets waiting at the proxy, the session limits) and
+:mod:`~ticrypt.vmc.tap` (twistd wiring).
 """
