@@ -7,9 +7,10 @@ A :class:`VmLeg` goes through::
 In CONTROL it feeds the proxy's control exchange, a sans-IO machine
 (:class:`~ticrypt.vmc.control.VmControl`), and does what it answers.  Once
 paired, every message belongs to the secure channel
-(:class:`~ticrypt.channel.VmChannel`): handshake text messages, then sealed
-binary records carrying the application protocol, whose plaintext goes to
-the channel's :class:`~ticrypt.vmc.session.VmSession`.
+(:class:`~ticrypt.channel.VmChannel`, fed by a :class:`~ticrypt.ws.ChannelPump`):
+handshake text messages, then sealed binary records carrying the application
+protocol, whose plaintext goes to the channel's
+:class:`~ticrypt.vmc.session.VmSession`.
 
 A leg knows nothing of the pool: it reports to the :class:`LegCallbacks` it
 is built with, and gets its session from its :class:`LegContext`'s
@@ -30,11 +31,12 @@ from twisted.logger import Logger
 
 from ticrypt import closecodes, identity
 from ticrypt.audit import AuditLog
-from ticrypt.channel import ChannelError, Delivered, Established, SendMessage, VmChannel, app
+from ticrypt.channel import ChannelError, VmChannel, app
 from ticrypt.vmc.control import Action, Close, Paired, Send, VmControl, Waiting
 from ticrypt.vmc.processes import Send as SendApp
 from ticrypt.vmc.session import Peer, VmSession
 from ticrypt.vmc.state import VmState
+from ticrypt.ws import ChannelPump
 
 #: Close when vmc stops: 1000 with the reason ``going-away``.  Not 1001
 #: (:data:`~ticrypt.closecodes.GOING_AWAY`): autobahn lets an application
@@ -98,7 +100,8 @@ class VmLeg(WebSocketClientProtocol):
         self.control = VmControl(context.state.vm_key, enrollment.vm_id,
                                  enrollment.vm_credential, context.max_message)
         self.phase = Phase.CONNECTING
-        self.channel: VmChannel | None = None
+        #: The secure channel once paired, and what feeds it.
+        self.pump: ChannelPump | None = None
         self.session: VmSession | None = None
         #: Who the proxy paired this socket with, and the key the channel names.
         self.user = ""
@@ -140,15 +143,16 @@ class VmLeg(WebSocketClientProtocol):
         if self.phase is Phase.CONTROL:
             self._act(self.control.message(payload, isBinary))
         elif self.phase in (Phase.HANDSHAKE, Phase.ESTABLISHED):
-            self._channel_message(payload, isBinary)
+            assert self.pump is not None
+            self.pump.feed(payload, isBinary)
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
         self.phase = Phase.CLOSED
         self._disarm()
         if self.session is not None:
             self.session.closed(code)
-        if self.channel is not None:
-            self.channel.close()
+        if self.pump is not None:
+            self.pump.channel.close()
         self._callbacks.on_closed(self, code, reason)
 
     # -- for the pool --------------------------------------------------------
@@ -189,7 +193,8 @@ class VmLeg(WebSocketClientProtocol):
             self._act(self.control.timed_out())
             return
         self._context.audit.write("session-refused", vm=self._vm_id, user=self.user,
-                          client=self.client, reason="handshake-timeout", result="refused")
+                                  client=self.client, reason="handshake-timeout",
+                                  result="refused")
         self.close(closecodes.TIMEOUT.code, closecodes.reason(closecodes.TIMEOUT.name, what))
 
     # -- the proxy's control exchange ------------------------------------------
@@ -212,13 +217,17 @@ class VmLeg(WebSocketClientProtocol):
         over = self._callbacks.on_paired(self)
         if over:
             self._context.audit.write("session-refused", vm=self._vm_id, user=self.user,
-                              client=self.client, reason="over-limit", limit=over,
-                              result="refused")
+                                      client=self.client, reason="over-limit", limit=over,
+                                      result="refused")
             self.close(closecodes.OVER_LIMIT.code, closecodes.reason(
                 closecodes.OVER_LIMIT.name, "too many sessions "
                 + ("for this user" if over == "max_sessions_per_user" else "on this VM")))
             return
-        self.channel = VmChannel(self._context.state.vm_key, self._vm_id, self._authorize)
+        self.pump = ChannelPump(VmChannel(self._context.state.vm_key, self._vm_id,
+                                          self._authorize),
+                                send=self.sendMessage, on_established=self._established,
+                                on_delivered=self._delivered, on_failed=self._channel_failed,
+                                stopped=lambda: self._close_sent)
         self._arm(self._context.handshake_timeout, "secure channel handshake")
 
     # -- the secure channel ----------------------------------------------------
@@ -227,57 +236,30 @@ class VmLeg(WebSocketClientProtocol):
         self.user_key = user_key  # for the audit line, also when refused
         return self._context.state.is_authorized(user_key)
 
-    def _channel_message(self, payload: bytes, is_binary: bool) -> None:
-        assert self.channel is not None
-        try:
-            message: bytes | str = payload if is_binary else payload.decode("utf-8")
-            events = self.channel.receive(message)
-        except UnicodeDecodeError:
-            self._channel_failed(ChannelError("bad-message"))
-            return
-        except ChannelError as e:
-            self._channel_failed(e)
-            return
-        for event in events:
-            if isinstance(event, SendMessage):
-                data = event.data
-                if isinstance(data, str):
-                    self.sendMessage(data.encode("utf-8"), isBinary=False)
-                else:
-                    self.sendMessage(data, isBinary=True)
-            elif isinstance(event, Established):
-                self._established(event.peer_key)
-            elif isinstance(event, Delivered) and self.session is not None:
-                self.session.received(event.plaintext)
-            if self._close_sent:
-                return
-
     def _established(self, user_key: bytes) -> None:
         self._disarm()
         self.phase = Phase.ESTABLISHED
         self.user_key = user_key
-        self.session = self._context.open_session(Peer(self._vm_id, self.user, self.client, user_key),
-                                          self._send_app, self.close)
+        self.session = self._context.open_session(
+            Peer(self._vm_id, self.user, self.client, user_key), self._send_app, self.close)
         # Children's output stops when the websocket's transport buffer is full.
         self.transport.registerProducer(self.session.group, True)  # type: ignore[union-attr]
 
+    def _delivered(self, plaintext: bytes) -> None:
+        if self.session is not None:
+            self.session.received(plaintext)
+
     def _send_app(self, header: dict[str, Any], body: bytes = b"") -> None:
-        if self._close_sent or self.channel is None or self.phase is not Phase.ESTABLISHED:
-            return
-        try:
-            record = self.channel.seal(app.encode(header, body))
-        except ChannelError as e:
-            self._channel_failed(e)
-            return
-        self.sendMessage(record, isBinary=True)
+        if self.pump is not None and self.phase is Phase.ESTABLISHED:
+            self.pump.send_app(app.encode(header, body))
 
     def _channel_failed(self, e: ChannelError) -> None:
-        key = self.channel.peer_key if self.channel is not None else None
+        key = self.pump.channel.peer_key if self.pump is not None else None
         self.user_key = self.user_key or key
         event = "session-refused" if self.phase is Phase.HANDSHAKE else "session-error"
         fingerprint = identity.fingerprint(self.user_key) if self.user_key else ""
         self._context.audit.write(event, vm=self._vm_id, user=self.user, user_key=fingerprint,
-                          client=self.client, reason=e.code, result="refused")
+                                  client=self.client, reason=e.code, result="refused")
         if e.code == "not-authorized":
             self.close(closecodes.NOT_AUTHORIZED.code, closecodes.reason(
                 closecodes.NOT_AUTHORIZED.name, "this user is not authorized on this VM"))

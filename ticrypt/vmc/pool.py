@@ -16,17 +16,15 @@ from __future__ import annotations
 import socket
 from collections.abc import Callable
 from typing import Any
-from urllib.parse import urlsplit
 
 import attrs
 from twisted.application.service import Service
 from twisted.internet import defer
-from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from ticrypt import __version__, closecodes, tlsutil
+from ticrypt import __version__, closecodes
 from ticrypt.audit import AuditLog
 from ticrypt.backoff import Backoff
 from ticrypt.channel import MAX_PLAINTEXT
@@ -36,6 +34,7 @@ from ticrypt.vmc.processes import RunAs, SessionChannel, Tracker
 from ticrypt.vmc.processes import Send as SendApp
 from ticrypt.vmc.session import Peer, VmSession
 from ticrypt.vmc.state import VmState
+from ticrypt.ws import set_limits, ws_endpoint
 
 #: Largest valid record: version byte, sequence number, 1 MiB of plaintext, tag.
 MAX_RECORD = MIN_RECORD_SIZE + MAX_PLAINTEXT
@@ -168,35 +167,22 @@ class ProxyPool(Service):
         #: Legs paired with a user (counted against the session limits).
         self.sessions: set[VmLeg] = set()
         self.url = settings.proxy_url.rstrip("/") + "/v1/vm"
-        self.endpoint = endpoint if endpoint is not None else self._endpoint(self.url)
+        # ws:// only if rest enrolled this VM with it (rest's allow_plain_http);
+        # the schema refuses it in [vmc] proxy_url
+        self.endpoint = endpoint if endpoint is not None else ws_endpoint(
+            reactor, self.url, settings.ca_file, timeout=settings.connect_timeout,
+            allow_plain=True)
         self.slots = [_Slot(self, Backoff(settings.backoff_initial, settings.backoff_max,
                                           random)) for _ in range(settings.pool_size)]
 
-    def _endpoint(self, url: str) -> Any:
-        parts = urlsplit(url)
-        host = parts.hostname or ""
-        secure = parts.scheme == "wss"
-        port = parts.port or (443 if secure else 80)
-        ep = HostnameEndpoint(self.reactor, host, port, timeout=self.settings.connect_timeout)
-        if secure:
-            return wrapClientTLS(tlsutil.client_options(host, self.settings.ca_file), ep)
-        return ep
-
     def leg_factory(self, build: Callable[[], VmLeg]) -> LegFactory:
         """The websocket factory of one slot: its legs come from ``build()``."""
+        s = self.settings
         factory = LegFactory(build, url=self.url, reactor=self.reactor)
         factory.noisy = False
-        factory.setProtocolOptions(
-            # none in autobahn: VmLeg.onMessageFrameBegin enforces max_message
-            maxMessagePayloadSize=0,
-            maxFramePayloadSize=0,
-            openHandshakeTimeout=self.settings.handshake_timeout,
-            closeHandshakeTimeout=5,
-            autoPingInterval=self.settings.ping_interval,
-            autoPingTimeout=self.settings.ping_interval,
-            perMessageCompressionOffers=[],
-        )
-        return factory
+        # max_message 0: none in autobahn, VmLeg.onMessageFrameBegin enforces it
+        return set_limits(factory, self.url, max_message=0,
+                          handshake_timeout=s.handshake_timeout, ping_interval=s.ping_interval)
 
     def new_leg(self, callbacks: LegCallbacks) -> VmLeg:
         s = self.settings
