@@ -176,8 +176,11 @@ class KeygenBeforeTheCATests(TestCase):
 
 
 class ParserTests(SynchronousTestCase):
-    def test_optional_modules_are_skipped(self) -> None:
-        parser = cli.build_parser(("ticrypt.frontend.cmd_account",
-                                   "ticrypt.frontend.no_such_module"))
+    def test_commands_come_from_their_registers(self) -> None:
+        from ticrypt.frontend import cmd_account
+
+        parser = cli.build_parser((cmd_account.register,))
         args = parser.parse_args(["vm", "show", "x"])
         self.assertEqual((args.vm_id, args.func.__name__), ("x", "cmd_vm_show"))
+        args = cli.build_parser().parse_args(["info", "x"])
+        self.assertEqual(args.func.__name__, "cmd_info")

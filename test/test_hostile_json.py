@@ -18,7 +18,9 @@ from ticrypt import identity, signed
 from ticrypt.channel import ChannelError, app
 from ticrypt.channel.handshake import decode_handshake
 from ticrypt.encoding import MAX_JSON_DEPTH, JsonError, b64, json_depth, loads_bounded
-from ticrypt.frontend.session import SessionError, UserLeg
+from ticrypt.frontend.control import Phase
+from ticrypt.frontend.errors import SessionError
+from ticrypt.frontend.leg import UserLeg
 from ticrypt.proxy.ws import BAD_MESSAGE, ControlError, parse_control
 from ticrypt.rest.core import ApiError, Field, parse_body
 
@@ -139,7 +141,7 @@ class FrontendControlTests(SynchronousTestCase):
                 sent.closes.append((code or 0, reason or ""))
 
         leg = Leg()
-        leg.phase = "connect-sent"
+        leg.control.phase = Phase.CONNECT_SENT
         leg.onMessage(DEEP, False)
         self.assertEqual(sent.closes, [(4000, "bad-message: expected paired")])
         assert isinstance(leg.ended, SessionError)

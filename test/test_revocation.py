@@ -26,7 +26,7 @@ from test.vmcfixture import Trio, start_trio
 from ticrypt import identity, signed
 from ticrypt.audit import AuditLog
 from ticrypt.encoding import b64, canonical, unb64
-from ticrypt.frontend.session import Session, SessionError, open_session
+from ticrypt.frontend.session import SessionError, VmSession, open_session
 from ticrypt.proxy import revocations as rv
 from ticrypt.proxy.pairing import Limits, Paired, PairingTable, Waiting
 from ticrypt.proxy.ws import Leg, LegState, ProxyFactory, Settings
@@ -429,7 +429,7 @@ class PollerTests(TestCase):
 
 # ---------------------------------------------------------------- end to end
 
-async def _long_command(session: Session) -> int:
+async def _long_command(session: VmSession) -> int:
     """Start ``sleep 1000`` on the VM; return its pid once it runs."""
     out = bytearray()
     cmd = session.exec(["sh", "-c", "echo $$; exec sleep 1000"], on_stdout=out.extend)
@@ -448,15 +448,16 @@ class EndToEndTests(TestCase):
     async def setUp(self) -> None:  # type: ignore[override]
         self.trio: Trio = await start_trio(self)
 
-    async def assert_revoked(self, session: Session, pid: int, reason: str) -> None:
+    async def assert_revoked(self, session: VmSession, pid: int, reason: str) -> None:
         trio = self.trio
         ended: list[Any] = []
         session.closed.addBoth(lambda r: (ended.append(r), r)[1])
         await wait_for(lambda: ended, "the session closed")
         err = ended[0]
         assert isinstance(err, SessionError), err
-        self.assertIn("4011", str(err))
-        self.assertIn(reason, str(err))
+        self.assertEqual(err.code, "revoked")  # 4011, explained (ticrypt.closecodes)
+        self.assertIn("access was revoked", str(err))
+        self.assertIn(reason.partition(": ")[2], str(err))
         revoked = await wait_for(lambda: [e for e in trio.proxy_audit_lines()
                                           if e["event"] == "pair-revoked"],
                                  "pair-revoked audited")

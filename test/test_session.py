@@ -8,19 +8,15 @@ import termios
 from typing import Any
 
 from twisted.internet import defer, reactor
+from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from ticrypt.channel import app
+from ticrypt.closecodes import split_reason
 from ticrypt.frontend import cmd_session, terminal
 from ticrypt.frontend.cli import build_parser
-from ticrypt.frontend.session import (
-    Command,
-    RemoteError,
-    Session,
-    SessionError,
-    close_error,
-    split_reason,
-)
+from ticrypt.frontend.errors import close_error
+from ticrypt.frontend.session import Command, RemoteError, SessionError, VmSession
 from ticrypt.vmc.processes import set_window
 
 
@@ -83,14 +79,14 @@ class FarEndTextTests(SynchronousTestCase):
         self.assertEqual(close_error(4400, "\x1b[2Jbad-signature").code, "?[2Jbad-signature")
 
     def test_remote_error_from_vm(self) -> None:
-        session = Session(_FakeLeg())  # type: ignore[arg-type]
+        session = VmSession(_FakeLeg(), Clock())
         d = defer.ensureDeferred(session.info())
-        session._deliver({"t": "error", "id": 1, "code": "x\ny", "message": "a\x1b[31m\nb"},
+        session.app_message({"t": "error", "id": 1, "code": "x\ny", "message": "a\x1b[31m\nb"},
                          b"")
         err = self.failureResultOf(d, RemoteError).value
         self.assertEqual((err.code, err.message), ("x?y", "a?[31m?b"))
         cmd = session.exec(["true"])
-        session._deliver({"t": "error", "id": 2, "code": "c", "message": "\u202eevil"}, b"")
+        session.app_message({"t": "error", "id": 2, "code": "c", "message": "\u202eevil"}, b"")
         self.assertEqual(self.failureResultOf(cmd.done, RemoteError).value.message, "?evil")
 
 
@@ -99,13 +95,16 @@ class _FakeLeg:
 
     def __init__(self) -> None:
         self.sent: list[tuple[dict[str, Any], bytes]] = []
+        self.closes: list[tuple[int, str]] = []
         self.ended: SessionError | None = None
-        self.channel = None
         self.transport = None
 
     def send_app(self, header: dict[str, Any], body: bytes = b"") -> None:
         app.encode(header, body)  # must be encodable
         self.sent.append((header, body))
+
+    def close(self, code: int, reason: str) -> None:
+        self.closes.append((code, reason))
 
 
 class FramingTests(SynchronousTestCase):
@@ -114,20 +113,20 @@ class FramingTests(SynchronousTestCase):
     any key order is fine."""
 
     def test_unreadable_skipped_unknown_keys_ignored(self) -> None:
-        from ticrypt.channel import Delivered
-        from ticrypt.frontend.session import UserLeg
+        from ticrypt.frontend.leg import UserLeg
 
-        fake = _FakeLeg()
         leg = UserLeg()
-        leg.session = Session(fake)  # type: ignore[arg-type]
-        d = defer.ensureDeferred(leg.session.info())
+        session = VmSession(_FakeLeg(), Clock())
+        leg.receiver = session
+        d = defer.ensureDeferred(session.info())
         out = bytearray()
-        cmd = leg.session.exec(["cat"], on_stdout=out.extend)
-        leg._events([Delivered(b'{"t":"ok","id":1}'),  # no newline
-                     Delivered(b"[]\n"),
-                     Delivered(b'{"vm":"v","future":[1],"id":1,"t":"ok"}\n'),
-                     Delivered(b'{"id":2,"t":"stdout","x":1}\nline\n'),
-                     Delivered(b'{"t":"exit","id":2,"status":0}\nignored')])
+        cmd = session.exec(["cat"], on_stdout=out.extend)
+        for plaintext in (b'{"t":"ok","id":1}',  # no newline
+                          b"[]\n",
+                          b'{"vm":"v","future":[1],"id":1,"t":"ok"}\n',
+                          b'{"id":2,"t":"stdout","x":1}\nline\n',
+                          b'{"t":"exit","id":2,"status":0}\nignored'):
+            leg._delivered(plaintext)
         self.assertEqual(self.successResultOf(d), {"vm": "v", "future": [1], "id": 1, "t": "ok"})
         self.assertEqual(bytes(out), b"line\n")
         self.assertEqual(self.successResultOf(cmd.done), 0)
@@ -136,7 +135,8 @@ class FramingTests(SynchronousTestCase):
 class SessionTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.leg = _FakeLeg()
-        self.session = Session(self.leg)  # type: ignore[arg-type]
+        self.clock = Clock()
+        self.session = VmSession(self.leg, self.clock)
 
     def test_exec_streams_and_exit(self) -> None:
         out, err = bytearray(), bytearray()
@@ -145,13 +145,13 @@ class SessionTests(SynchronousTestCase):
         # no input before the VM's ok (it announces the window)
         self.assertEqual([h for h, _ in self.leg.sent],
                          [{"t": "req", "id": 1, "op": "exec", "argv": ["cat"]}])
-        self.session._deliver({"t": "ok", "id": 1, "window": 100}, b"")
+        self.session.app_message({"t": "ok", "id": 1, "window": 100}, b"")
         self.assertEqual([h for h, _ in self.leg.sent[1:]],
                          [{"t": "stdin", "id": 1}, {"t": "eof", "id": 1}])
         self.assertEqual(self.leg.sent[1][1], b"abc")
-        self.session._deliver({"t": "stdout", "id": 1}, b"abc")
-        self.session._deliver({"t": "stderr", "id": 1}, b"warn")
-        self.session._deliver({"t": "exit", "id": 1, "status": 3}, b"")
+        self.session.app_message({"t": "stdout", "id": 1}, b"abc")
+        self.session.app_message({"t": "stderr", "id": 1}, b"warn")
+        self.session.app_message({"t": "exit", "id": 1, "status": 3}, b"")
         self.assertEqual(self.successResultOf(cmd.done), 3)
         self.assertEqual((bytes(out), bytes(err)), (b"abc", b"warn"))
         cmd.write(b"late")  # ignored after exit
@@ -159,7 +159,7 @@ class SessionTests(SynchronousTestCase):
 
     def test_big_stdin_is_split(self) -> None:
         cmd = self.session.exec(["cat"])
-        self.session._deliver({"t": "ok", "id": 1, "window": app.WINDOW}, b"")
+        self.session.app_message({"t": "ok", "id": 1, "window": app.WINDOW}, b"")
         cmd.write(b"x" * (app.CHUNK * 2 + 1))
         sizes = [len(b) for h, b in self.leg.sent if h["t"] == "stdin"]
         self.assertEqual(sizes, [app.CHUNK, app.CHUNK, 1])
@@ -172,15 +172,15 @@ class SessionTests(SynchronousTestCase):
         and eof follows the last byte."""
         cmd = self.session.exec(["cat"], stdin=b"0123456789" * 3)
         self.assertEqual(self.stdin_sent(), [])
-        self.session._deliver({"t": "ok", "id": 1, "window": 12}, b"")
+        self.session.app_message({"t": "ok", "id": 1, "window": 12}, b"")
         self.assertEqual(self.stdin_sent(), [("stdin", b"012345678901")])
         self.assertEqual((cmd.sent, cmd.pending), (12, 18))
-        self.session._deliver({"t": "window", "id": 1, "bytes": 5}, b"")
+        self.session.app_message({"t": "window", "id": 1, "bytes": 5}, b"")
         self.assertEqual(self.stdin_sent()[-1], ("stdin", b"23456"))
         for bad in (0, -3, True, "9", None):  # malformed credit is ignored
-            self.session._deliver({"t": "window", "id": 1, "bytes": bad}, b"")
+            self.session.app_message({"t": "window", "id": 1, "bytes": bad}, b"")
         self.assertEqual(len(self.stdin_sent()), 2)
-        self.session._deliver({"t": "window", "id": 1, "bytes": 100}, b"")
+        self.session.app_message({"t": "window", "id": 1, "bytes": 100}, b"")
         self.assertEqual(self.stdin_sent()[2:], [("stdin", b"7890123456789"), ("eof", b"")])
         self.assertEqual((cmd.sent, cmd.pending), (30, 0))
         cmd.write(b"after eof")  # ignored
@@ -188,11 +188,11 @@ class SessionTests(SynchronousTestCase):
 
     def test_shell_eof_takes_a_window_byte(self) -> None:
         cmd = self.session.shell("xterm", 24, 80)
-        self.session._deliver({"t": "ok", "id": 1, "window": 3}, b"")
+        self.session.app_message({"t": "ok", "id": 1, "window": 3}, b"")
         cmd.write(b"abc")
         cmd.eof()
         self.assertEqual(self.stdin_sent(), [("stdin", b"abc")])
-        self.session._deliver({"t": "window", "id": 1, "bytes": 1}, b"")
+        self.session.app_message({"t": "window", "id": 1, "bytes": 1}, b"")
         self.assertEqual(self.stdin_sent(), [("stdin", b"abc"), ("eof", b"")])
 
     def test_attach_input_pauses_source(self) -> None:
@@ -214,12 +214,12 @@ class SessionTests(SynchronousTestCase):
         gate = cmd.attach_input(Source())  # type: ignore[arg-type]
         cmd.write(b"x" * 10)  # before the ok: nothing may be sent
         self.assertEqual(calls, ["pause"])
-        self.session._deliver({"t": "ok", "id": 1, "window": 16}, b"")
+        self.session.app_message({"t": "ok", "id": 1, "window": 16}, b"")
         self.assertEqual(calls, ["pause", "resume"])
         cmd.write(b"y" * 10)  # 4 over the window
         self.assertEqual((calls[-1], cmd.pending), ("pause", 4))
         gate.pauseProducing()  # the websocket is full too
-        self.session._deliver({"t": "window", "id": 1, "bytes": 10}, b"")
+        self.session.app_message({"t": "window", "id": 1, "bytes": 10}, b"")
         self.assertEqual(calls, ["pause", "resume", "pause"])  # the socket still holds it
         gate.resumeProducing()
         self.assertEqual(calls, ["pause", "resume", "pause", "resume"])
@@ -228,7 +228,7 @@ class SessionTests(SynchronousTestCase):
 
     def test_error_drops_pending_input(self) -> None:
         cmd = self.session.exec(["nope"], stdin=b"data")
-        self.session._deliver({"t": "error", "id": 1, "code": "command-not-found",
+        self.session.app_message({"t": "error", "id": 1, "code": "command-not-found",
                                "message": "command not found"}, b"")
         self.failureResultOf(cmd.done, RemoteError)
         self.assertEqual((self.stdin_sent(), cmd.pending), ([], 0))
@@ -241,18 +241,16 @@ class SessionTests(SynchronousTestCase):
 
     def test_request_ok_and_error(self) -> None:
         d = defer.ensureDeferred(self.session.info())
-        self.session._deliver({"t": "ok", "id": 1, "vm": "v"}, b"")
+        self.session.app_message({"t": "ok", "id": 1, "vm": "v"}, b"")
         self.assertEqual(self.successResultOf(d)["vm"], "v")
         d2 = defer.ensureDeferred(self.session.users())
-        self.session._deliver({"t": "error", "id": 2, "code": "not-owner", "message": "no"}, b"")
+        self.session.app_message({"t": "error", "id": 2, "code": "not-owner", "message": "no"}, b"")
         f = self.failureResultOf(d2, RemoteError)
         self.assertEqual(f.value.code, "not-owner")
 
     def test_request_timeout(self) -> None:
-        from twisted.internet.task import Clock
-
         clock = Clock()
-        session = Session(self.leg, clock, request_timeout=5)  # type: ignore[arg-type]
+        session = VmSession(self.leg, clock, request_timeout=5)
         d = defer.ensureDeferred(session.info())
         clock.advance(4)
         self.assertNoResult(d)
@@ -269,7 +267,7 @@ class SessionTests(SynchronousTestCase):
         out = bytearray()
         cmd = self.session.shell("xterm", 10, 20, on_output=out.extend)
         self.assertNoResult(cmd.started)
-        self.session._deliver({"t": "ok", "id": 1}, b"")
+        self.session.app_message({"t": "ok", "id": 1}, b"")
         self.successResultOf(cmd.started)
         cmd.resize(30, 40)
         self.assertEqual(self.leg.sent[-1][0], {"t": "resize", "id": 1, "rows": 30, "cols": 40})
@@ -277,16 +275,23 @@ class SessionTests(SynchronousTestCase):
     def test_connection_end_fails_pending(self) -> None:
         cmd = self.session.exec(["sleep", "9"])
         d = defer.ensureDeferred(self.session.info())
-        self.session._ended(SessionError("peer-lost", "peer-lost: gone"))
+        self.session.leg_closed(SessionError("peer-lost", "peer-lost: gone"))
         self.assertEqual(self.failureResultOf(cmd.done, SessionError).value.code, "peer-lost")
         self.failureResultOf(d, SessionError)
         ended = self.successResultOf(self.session.closed)
         assert ended is not None
         self.assertEqual(ended.code, "peer-lost")
 
+    def test_cancel_wait_needs_no_answer(self) -> None:
+        """The session's clock bounds the wait for a cancelled command."""
+        cmd = self.session.exec(["sleep", "9"])
+        cmd.cancel(wait=2)
+        self.clock.advance(2)
+        self.assertEqual(self.failureResultOf(cmd.done, SessionError).value.code, "cancelled")
+
     def test_exec_error_fails_done(self) -> None:
         cmd: Command = self.session.exec(["nope"])
-        self.session._deliver({"t": "error", "id": 1, "code": "command-not-found",
+        self.session.app_message({"t": "error", "id": 1, "code": "command-not-found",
                                "message": "command not found"}, b"")
         self.assertEqual(self.failureResultOf(cmd.done, RemoteError).value.code,
                          "command-not-found")

@@ -63,7 +63,7 @@ def load_key_file(path: str | None = None) -> str:
     return str(load_config(path or default_path(), KEYGEN_SCHEMA).client.key_file)
 
 
-class SessionError(Exception):
+class NotLoggedIn(Exception):
     """No usable stored session; ``str()`` says what to do."""
 
 
@@ -92,7 +92,7 @@ def clear_session(cfg: Config) -> None:
 
 
 def load_session(cfg: Config, now: float | None = None) -> StoredSession:
-    """The stored session for this config's rest_url; SessionError if there is
+    """The stored session for this config's rest_url; NotLoggedIn if there is
     none, it is for another server, or it has expired (when ``now`` is given)."""
     path = session_path(cfg)
     try:
@@ -101,11 +101,11 @@ def load_session(cfg: Config, now: float | None = None) -> StoredSession:
         s = StoredSession(rest_url=str(data["rest_url"]), user=str(data["user"]),
                           token=str(data["token"]), expires=int(data["expires"]))
     except FileNotFoundError:
-        raise SessionError("not logged in; run: ticrypt login") from None
+        raise NotLoggedIn("not logged in; run: ticrypt login") from None
     except (OSError, ValueError, KeyError, TypeError):
-        raise SessionError(f"{path} is unreadable; run: ticrypt login") from None
+        raise NotLoggedIn(f"{path} is unreadable; run: ticrypt login") from None
     if s.rest_url != cfg.client.rest_url:
-        raise SessionError("the stored session is for another server; run: ticrypt login")
+        raise NotLoggedIn("the stored session is for another server; run: ticrypt login")
     if now is not None and s.expires <= now:
-        raise SessionError("the session has expired; run: ticrypt login")
+        raise NotLoggedIn("the session has expired; run: ticrypt login")
     return s

@@ -15,8 +15,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from ticrypt import identity
 from ticrypt.config import Config, ConfigError
 from ticrypt.frontend import clientconfig
-from ticrypt.frontend.cli import CommandError, load_config, run_async
 from ticrypt.frontend.client import RestError, authenticated_client, client_from_config
+from ticrypt.frontend.runner import CommandError, load_config, run_async
 
 PASSPHRASE_ENV = "TICRYPT_PASSPHRASE"
 
@@ -155,7 +155,7 @@ def cmd_logout(args: argparse.Namespace) -> int:
     async def run(reactor: Any) -> int:
         try:
             session = clientconfig.load_session(cfg)
-        except clientconfig.SessionError:
+        except clientconfig.NotLoggedIn:
             print("not logged in")
             return 0
         client = client_from_config(reactor, cfg, session.token)

@@ -18,9 +18,11 @@ from typing import Any
 from ticrypt import identity
 from ticrypt.config import Config
 from ticrypt.frontend import terminal
-from ticrypt.frontend.cli import CommandError, load_config, run_async
 from ticrypt.frontend.client import RestError, authenticated_client
-from ticrypt.frontend.session import Command, RemoteError, Session, SessionError, open_session
+from ticrypt.frontend.cmd_account import load_user_key
+from ticrypt.frontend.errors import RemoteError, SessionError
+from ticrypt.frontend.runner import CommandError, load_config, run_async
+from ticrypt.frontend.session import Command, VmSession, open_session
 
 #: Exit status when the command does not exist on the VM (as shells use).
 NOT_FOUND = 127
@@ -64,10 +66,8 @@ def register(subparsers: Any) -> None:
     p.set_defaults(func=cmd_info)
 
 
-async def connect(reactor: Any, cfg: Config, vm_id: str) -> Session:
+async def connect(reactor: Any, cfg: Config, vm_id: str) -> VmSession:
     """Ticket from rest, then a secure session with the VM."""
-    from ticrypt.frontend.cmd_account import load_user_key
-
     user_key = load_user_key(cfg)
     client = authenticated_client(reactor, cfg)
     what = f"cannot connect to VM {vm_id}"
@@ -96,7 +96,7 @@ def _run(args: argparse.Namespace, what: str, body: Any) -> int:
         except SessionError as e:
             raise CommandError(what, str(e)) from None
         finally:
-            if session._leg.ended is None:
+            if session.is_open:
                 await session.close()
 
     return run_async(what, run)
@@ -109,7 +109,7 @@ def _out(stream: Any) -> Any:
     return write
 
 
-def _pump_stdin(reactor: Any, session: Session, cmd: Command) -> terminal.InputReader:
+def _pump_stdin(reactor: Any, session: VmSession, cmd: Command) -> terminal.InputReader:
     reader = terminal.InputReader(reactor, cmd.write, cmd.eof)
     # The reader pauses while the websocket is full and while the command's
     # stdin window is exhausted (the VM has not taken what was sent yet).
@@ -118,7 +118,7 @@ def _pump_stdin(reactor: Any, session: Session, cmd: Command) -> terminal.InputR
 
     def done(result: Any) -> Any:
         reader.stopProducing()
-        if session._leg.ended is None:
+        if session.is_open:
             session.transport.unregisterProducer()
         return result
 
@@ -134,7 +134,7 @@ def cmd_exec(args: argparse.Namespace) -> int:
         raise CommandError("exec", "no command given; usage: ticrypt exec VM -- CMD [ARG...]")
     what = f"exec on {args.vm_id} failed"
 
-    async def body(reactor: Any, session: Session) -> int:
+    async def body(reactor: Any, session: VmSession) -> int:
         cmd = session.exec(argv, on_stdout=_out(sys.stdout), on_stderr=_out(sys.stderr))
         if args.no_stdin:
             cmd.eof()
@@ -160,7 +160,7 @@ def cmd_shell(args: argparse.Namespace) -> int:
     what = f"shell on {args.vm_id} failed"
     term = args.term or os.environ.get("TERM") or "xterm-256color"
 
-    async def body(reactor: Any, session: Session) -> int:
+    async def body(reactor: Any, session: VmSession) -> int:
         rows, cols = terminal.window_size(1) or terminal.window_size(0) or (24, 80)
         cmd = session.shell(term, rows, cols, on_output=_out(sys.stdout))
         try:
@@ -217,7 +217,7 @@ def cmd_authorize(args: argparse.Namespace) -> int:
                 return str(u["public_key"])
         raise CommandError(what, f"rest knows no user {args.user!r}")
 
-    async def body(reactor: Any, session: Session) -> int:
+    async def body(reactor: Any, session: VmSession) -> int:
         text = key or await lookup(reactor)
         result = await session.authorize(text, args.user)
         verb = "authorized" if result.get("added") else "updated"
@@ -231,7 +231,7 @@ def cmd_authorize(args: argparse.Namespace) -> int:
 def cmd_revoke(args: argparse.Namespace) -> int:
     what = f"cannot revoke {args.user} on {args.vm_id}"
 
-    async def body(reactor: Any, session: Session) -> int:
+    async def body(reactor: Any, session: VmSession) -> int:
         result = await session.revoke(args.user)
         print(f"revoked {result.get('name', args.user)} on {args.vm_id}")
         return 0
@@ -242,7 +242,7 @@ def cmd_revoke(args: argparse.Namespace) -> int:
 def cmd_users(args: argparse.Namespace) -> int:
     what = f"cannot list the users of {args.vm_id}"
 
-    async def body(reactor: Any, session: Session) -> int:
+    async def body(reactor: Any, session: VmSession) -> int:
         result = await session.users()
         if args.json:
             print(json.dumps({"owner": result.get("owner"), "users": result.get("users")},
@@ -261,7 +261,7 @@ def cmd_users(args: argparse.Namespace) -> int:
 def cmd_info(args: argparse.Namespace) -> int:
     what = f"cannot get info from {args.vm_id}"
 
-    async def body(reactor: Any, session: Session) -> int:
+    async def body(reactor: Any, session: VmSession) -> int:
         result = {k: v for k, v in (await session.info()).items() if k not in ("t", "id")}
         if args.json:
             print(json.dumps(result, sort_keys=True))

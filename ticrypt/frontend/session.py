@@ -9,32 +9,35 @@
     status = await cmd.done
     await session.close()
 
-:func:`open_session` connects to the proxy's ``/v1/user``, presents the
-ticket, waits for ``paired`` and runs the user end of the secure channel
-(:class:`~ticrypt.channel.UserChannel`), which refuses a VM whose key differs
-from ``vm_public_key`` (what rest registered).  Every failure is a
-:class:`SessionError` with a stable ``code`` and one human line.
+:func:`open_session` opens the websocket leg (:mod:`ticrypt.frontend.leg`):
+it presents the ticket, waits for ``paired`` and runs the user end of the
+secure channel (:class:`~ticrypt.channel.UserChannel`), which refuses a VM
+whose key differs from ``vm_public_key`` (what rest registered).  Then a
+:class:`VmSession` multiplexes requests over it (PROTOCOL.md §5), talking
+to the leg only through :class:`Leg`.  Every failure is a
+:class:`~ticrypt.frontend.errors.SessionError` with a stable ``code`` and
+one human line.
 """
 
 from __future__ import annotations
 
-import json
 from collections import deque
 from collections.abc import Callable
-from typing import Any
-from urllib.parse import urlsplit
+from typing import Any, Protocol
 
-from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from twisted.internet import defer
-from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
-from twisted.internet.interfaces import IPushProducer
+from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from ticrypt import identity, tlsutil
-from ticrypt.channel import ChannelError, Delivered, Established, SendMessage, UserChannel, app
-from ticrypt.encoding import loads_bounded
+from ticrypt import closecodes, identity
+from ticrypt.channel import app
+from ticrypt.frontend.errors import RemoteError, SessionError, one_line, remote_error
+from ticrypt.frontend.leg import UserLeg, open_leg
+
+__all__ = ["CANCEL_WAIT", "Command", "Leg", "RemoteError", "SessionError", "VmSession",
+           "open_session", "one_line"]
 
 Output = Callable[[bytes], None]
 
@@ -43,83 +46,26 @@ Output = Callable[[bytes], None]
 #: default, even if an escaped process holds its output open).
 CANCEL_WAIT = 15.0
 
-#: Human explanations of close codes and end-to-end reasons.
-_EXPLAIN = {
-    "not-authorized": "you are not authorized on this VM; ask its owner to run "
-                      "'ticrypt authorize VM YOU'",
-    "no-vm-available": "the VM is not connected to the proxy (is it running?)",
-    "ticket-refused": "the proxy refused the connection ticket",
-    "vm-key-mismatch": "the VM presented a key other than the one registered in rest; "
-                       "refusing to talk to it",
-    "timeout": "timed out",
-    "over-limit": "too many connections",
-    "window-exceeded": "this client sent the VM more input than it allowed (a client bug)",
-}
-_CODES = {4000: "bad-message", 4001: "vm-auth-failed", 4003: "ticket-refused",
-          4004: "no-vm-available", 4008: "timeout", 4009: "over-limit", 4010: "peer-lost",
-          4401: "not-authorized", 1009: "message-too-big"}
-
-#: Largest control message from the proxy (``paired``) we parse.
-MAX_CONTROL = 8192
+#: The close reason of a session the user ends (PROTOCOL.md §1.2).
+BYE = "bye"
 
 
-def one_line(text: object, limit: int = 300) -> str:
-    """``text`` from the far end as one printable line of at most ``limit``
-    characters: control characters (newlines, terminal escape sequences,
-    bidi overrides) become ``?``, so a hostile proxy or VM cannot forge
-    extra lines or drive the user's terminal through an error message."""
-    return "".join(c if c.isprintable() else "?" for c in str(text)[:limit])
+class Leg(Protocol):
+    """What a VmSession needs of its websocket (:class:`~ticrypt.frontend.leg.UserLeg`)."""
 
+    @property
+    def ended(self) -> SessionError | None:
+        """Why the connection ended or is ending; None while usable."""
 
-class SessionError(Exception):
-    """The session failed or was refused: ``code`` stable, ``str()`` one human line."""
+    @property
+    def transport(self) -> Any:
+        """The websocket's transport (to register an input producer on)."""
 
-    def __init__(self, code: str, message: str):
-        self.code = code
-        self.message = message
-        super().__init__(message)
+    def send_app(self, header: dict[str, Any], body: bytes = b"") -> None:
+        """Send one application message to the VM."""
 
-
-class RemoteError(SessionError):
-    """The VM answered a request with ``{"t":"error"}``."""
-
-
-def _remote_error(header: dict[str, Any]) -> RemoteError:
-    return RemoteError(one_line(header.get("code", "error"), 64),
-                       one_line(header.get("message", "")))
-
-
-def split_reason(reason: str) -> tuple[str, str]:
-    """``(name, text)`` of a close reason ``name: text`` (PROTOCOL.md
-    §1.2); ``text`` is empty for a bare ``name``.
-
-    The name also ends at the first space (names never contain one), so the
-    ``name text`` form of vmc builds before this rule reads the same.
-    """
-    reason = reason.strip()
-    end = len(reason)
-    for sep in (":", " "):
-        at = reason.find(sep)
-        if at != -1:
-            end = min(end, at)
-    return reason[:end], reason[end:].lstrip(": ").strip()
-
-
-def close_error(code: int | None, reason: str | None) -> SessionError:
-    """The SessionError for a websocket close (code, reason from the far end)."""
-    reason = one_line(reason or "", 200).strip()
-    name, detail = split_reason(reason)
-    if code == 4400:
-        stable = name or "channel-error"
-    else:
-        stable = _CODES.get(code or 0) or name or "closed"
-    explain = _EXPLAIN.get(stable)
-    text = f"{stable}: {explain}" if explain else f"{stable}: connection closed ({code} {reason})"
-    if explain and name == stable and detail:
-        text += f" ({detail})"
-    elif explain and reason and name != stable:
-        text += f" ({reason})"
-    return SessionError(stable, text)
+    def close(self, code: int, reason: str) -> None:
+        """Close the websocket."""
 
 
 @implementer(IPushProducer)
@@ -166,7 +112,7 @@ class Command:
     (:attr:`pending`).
     """
 
-    def __init__(self, session: Session, rid: int, kind: str, on_stdout: Output | None,
+    def __init__(self, session: VmSession, rid: int, kind: str, on_stdout: Output | None,
                  on_stderr: Output | None):
         self._session = session
         self.rid = rid
@@ -184,7 +130,7 @@ class Command:
         self._eof = False
         self._gate: _InputGate | None = None
         self._cancelled = False
-        self._cancel_timer: Any = None
+        self._cancel_timer: IDelayedCall | None = None
 
     @property
     def pending(self) -> int:
@@ -259,11 +205,9 @@ class Command:
             return
         self._cancelled = True
         self._session._send({"t": "cancel", "id": self.rid})
-        clock = self._session._clock
-        if clock is not None:
-            self._cancel_timer = clock.callLater(
-                wait, self._give_up, f"cancelled: the VM did not report the end of the "
-                f"command within {wait:g}s; it may still be running")
+        self._cancel_timer = self._session._clock.callLater(
+            wait, self._give_up, f"cancelled: the VM did not report the end of the "
+            f"command within {wait:g}s; it may still be running")
 
     def _give_up(self, message: str) -> None:
         self._finish(None, SessionError("cancelled", message))
@@ -290,7 +234,7 @@ class Command:
             status = header.get("status")
             self._finish(status if isinstance(status, int) else 255, None)
         elif t == "error":
-            self._finish(None, _remote_error(header))
+            self._finish(None, remote_error(header))
 
     def _finish(self, status: int | None, err: SessionError | None) -> None:
         if self.finished:
@@ -324,33 +268,42 @@ class _Pending:
         if header["t"] == "ok":
             self.d.callback(header)
         elif header["t"] == "error":
-            self.d.errback(_remote_error(header))
+            self.d.errback(remote_error(header))
 
     def _finish(self, status: int | None, err: SessionError | None) -> None:
         if not self.d.called and err is not None:
             self.d.errback(err)
 
 
-class Session:
-    """An established secure channel to one VM; requests multiplex over it."""
+class VmSession:
+    """An established secure channel to one VM; requests multiplex over it.
+
+    ``clock`` times requests out (``request_timeout``) and bounds the wait
+    for a cancelled command; ``vm_key`` is the VM's key as verified in the
+    handshake.
+    """
 
     log = Logger()
 
-    def __init__(self, leg: UserLeg, clock: Any = None, request_timeout: float = 60.0):
+    def __init__(self, leg: Leg, clock: IReactorTime, *, request_timeout: float = 60.0,
+                 vm_key: bytes = b""):
         self._leg = leg
         self._clock = clock
         self._request_timeout = request_timeout
         self._next_id = 1
         self._requests: dict[int, Command | _Pending] = {}
         self.closed: defer.Deferred[SessionError | None] = defer.Deferred()
-        channel = leg.channel
-        #: The VM's key as verified in the handshake.
-        self.vm_key: bytes = (channel.peer_key or b"") if channel is not None else b""
+        self.vm_key = vm_key
 
     @property
     def transport(self) -> Any:
         """The websocket's transport (to register an input producer on)."""
         return self._leg.transport
+
+    @property
+    def is_open(self) -> bool:
+        """Neither ended by a failure nor closed."""
+        return self._leg.ended is None
 
     def _rid(self) -> int:
         rid = self._next_id
@@ -371,8 +324,7 @@ class Session:
         pending = _Pending()
         self._requests[rid] = pending
         self._send({"t": "req", "id": rid, "op": op, **fields})
-        if self._clock is not None:
-            pending.d.addTimeout(self._request_timeout, self._clock)
+        pending.d.addTimeout(self._request_timeout, self._clock)
         try:
             return await pending.d
         except defer.TimeoutError:
@@ -427,10 +379,13 @@ class Session:
 
     def close(self) -> defer.Deferred[SessionError | None]:
         """Close the websocket (1000); fires when it is closed."""
-        self._leg.close(1000, "bye")
+        self._leg.close(closecodes.NORMAL.code, BYE)
         return _chain(self.closed)
 
-    def _deliver(self, header: dict[str, Any], body: bytes) -> None:
+    # -- from the leg (ticrypt.frontend.leg.AppReceiver) ---------------------
+
+    def app_message(self, header: dict[str, Any], body: bytes) -> None:
+        """One application message from the VM."""
         rid = header.get("id")
         target = self._requests.get(rid) if isinstance(rid, int) else None
         if target is not None:
@@ -438,7 +393,8 @@ class Session:
         elif header.get("t") == "error":
             self.log.warn("VM reported {code}", code=str(header.get("code"))[:64])
 
-    def _ended(self, err: SessionError | None) -> None:
+    def leg_closed(self, err: SessionError | None) -> None:
+        """The websocket is closed: every open request fails."""
         failure = err or SessionError("closed", "closed: the connection to the VM ended")
         for target in list(self._requests.values()):
             target._finish(None, failure)
@@ -461,121 +417,13 @@ def _chain(d: defer.Deferred[Any]) -> defer.Deferred[Any]:
     return out
 
 
-class UserLeg(WebSocketClientProtocol):
-    """The frontend's websocket to the proxy's ``/v1/user``."""
-
-    # autobahn owns ``log`` (txaio) and ``state``; ours are plog and phase.
-    plog = Logger()
-    factory: _UserFactory
-    phase = "connecting"
-    channel: UserChannel | None = None
-    session: Session | None = None
-    ended: SessionError | None = None
-    _close_sent = False
-
-    def onOpen(self) -> None:
-        self.phase = "connect-sent"
-        self.sendMessage(json.dumps({"type": "connect", "ticket": self.factory.ticket},
-                                    separators=(",", ":")).encode(), isBinary=False)
-
-    def onMessage(self, payload: bytes, isBinary: bool) -> None:
-        if self._close_sent:
-            return
-        if self.phase == "connect-sent":
-            try:
-                msg = loads_bounded(payload, max_size=MAX_CONTROL) if not isBinary else None
-            except ValueError:
-                msg = None
-            if not isinstance(msg, dict) or msg.get("type") != "paired":
-                self._fail(SessionError("bad-message", "bad-message: unexpected message from "
-                                        "the proxy"), 4000, "bad-message: expected paired")
-                return
-            f = self.factory
-            self.channel = UserChannel(f.user_key, f.vm_id, f.vm_public_key)
-            self.phase = "handshake"
-            self._events(self.channel.start())
-            return
-        assert self.channel is not None
-        try:
-            message: bytes | str = payload if isBinary else payload.decode("utf-8")
-            events = self.channel.receive(message)
-        except (ChannelError, UnicodeDecodeError) as e:
-            code = e.code if isinstance(e, ChannelError) else "bad-message"
-            human = e.message if isinstance(e, ChannelError) else "not UTF-8"
-            explain = _EXPLAIN.get(code, human)
-            self._fail(SessionError(code, f"{code}: {explain}"), 4400, code)
-            return
-        self._events(events)
-
-    def _events(self, events: list[Any]) -> None:
-        for event in events:
-            if isinstance(event, SendMessage):
-                if isinstance(event.data, str):
-                    self.sendMessage(event.data.encode("utf-8"), isBinary=False)
-                else:
-                    self.sendMessage(event.data, isBinary=True)
-            elif isinstance(event, Established):
-                self.phase = "established"
-                self.session = Session(self, self.factory.clock,
-                                       self.factory.request_timeout)
-                if not self.factory.ready.called:
-                    self.factory.ready.callback(self.session)
-            elif isinstance(event, Delivered) and self.session is not None:
-                try:
-                    header, body = app.decode(event.plaintext)
-                except app.AppError:
-                    self.plog.warn("malformed application message from the VM")
-                    continue
-                self.session._deliver(header, body)
-
-    def send_app(self, header: dict[str, Any], body: bytes = b"") -> None:
-        if self._close_sent or self.channel is None or not self.channel.established:
-            return
-        self.sendMessage(self.channel.seal(app.encode(header, body)), isBinary=True)
-
-    def _fail(self, err: SessionError, code: int, reason: str) -> None:
-        self.ended = err
-        self.close(code, reason)
-
-    def close(self, code: int, reason: str) -> None:
-        if not self._close_sent:
-            self._close_sent = True
-            self.sendClose(code, reason[:120])
-
-    def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
-        self.phase = "closed"
-        if self.channel is not None:
-            self.channel.close()
-        err = self.ended  # a failure detected here wins over the far end's code
-        if err is None and not (code == 1000 and self.session is not None):
-            if code in (None, 1006):
-                err = SessionError("connection-lost", "connection-lost: the connection to "
-                                   "the proxy was lost")
-            else:
-                err = close_error(code, reason)
-        self.ended = err or SessionError("closed", "closed: the session is closed")
-        if not self.factory.ready.called:
-            self.factory.ready.errback(self.ended)
-        if self.session is not None:
-            self.session._ended(err)
-
-
-class _UserFactory(WebSocketClientFactory):
-    protocol = UserLeg  # type: ignore[assignment]
-    ticket: str
-    user_key: Ed25519PrivateKey
-    vm_id: str
-    vm_public_key: bytes
-    ready: defer.Deferred[Session]
-    clock: Any
-    request_timeout: float
 
 
 async def open_session(reactor: Any, proxy_url: str, ca_file: str, ticket: str,
                        user_key: Ed25519PrivateKey, vm_id: str, vm_public_key: bytes | str,
                        *, timeout: float = 30.0, request_timeout: float = 60.0,
-                       max_message: int = 1100000) -> Session:
-    """Connect, present the ticket, pair, run the handshake; the Session.
+                       max_message: int = 1100000) -> VmSession:
+    """Connect, present the ticket, pair, run the handshake; the VmSession.
 
     ``vm_public_key`` is the VM key rest reported (raw or ``ed25519:..``).
     ``timeout`` bounds the whole set-up, ``request_timeout`` each
@@ -583,33 +431,9 @@ async def open_session(reactor: Any, proxy_url: str, ca_file: str, ticket: str,
     """
     if isinstance(vm_public_key, str):
         vm_public_key = identity.parse_public(vm_public_key)
-    url = proxy_url.rstrip("/") + "/v1/user"
-    parts = urlsplit(url)
-    host = parts.hostname or ""
-    secure = parts.scheme == "wss"
-    port = parts.port or (443 if secure else 80)
-    factory = _UserFactory(url=url, reactor=reactor)
-    factory.setProtocolOptions(maxMessagePayloadSize=max_message,
-                               maxFramePayloadSize=max_message, openHandshakeTimeout=timeout,
-                               closeHandshakeTimeout=5, perMessageCompressionOffers=[])
-    factory.ticket, factory.user_key, factory.vm_id = ticket, user_key, vm_id
-    factory.vm_public_key = vm_public_key
-    factory.clock, factory.request_timeout = reactor, request_timeout
-    factory.ready = defer.Deferred()
-    endpoint: Any = HostnameEndpoint(reactor, host, port, timeout=timeout)
-    if secure:
-        endpoint = wrapClientTLS(tlsutil.client_options(host, ca_file), endpoint)
-    try:
-        leg = await endpoint.connect(factory)
-    except Exception as e:
-        raise SessionError("unreachable", f"unreachable: cannot connect to the proxy at "
-                           f"{host}:{port} ({e.__class__.__name__})") from None
-    ready = factory.ready
-    timer = reactor.callLater(timeout, lambda: None if ready.called else leg._fail(
-        SessionError("timeout", f"timeout: no secure channel within {timeout:g}s"),
-        4008, f"timeout: no secure channel within {timeout:g}s"))
-    try:
-        return await ready
-    finally:
-        if timer.active():
-            timer.cancel()
+
+    def session(leg: UserLeg) -> VmSession:
+        return VmSession(leg, reactor, request_timeout=request_timeout, vm_key=leg.peer_key)
+
+    return await open_leg(reactor, proxy_url, ca_file, ticket, user_key, vm_id, vm_public_key,
+                          session, timeout=timeout, max_message=max_message)

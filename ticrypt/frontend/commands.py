@@ -1,0 +1,25 @@
+"""Every ``ticrypt`` subcommand, registered in one place.
+
+Each command module exposes ``register(subparsers) -> None`` and sets
+``func=`` on every subparser it adds; ``func(args) -> int`` returns the exit
+code.  Command modules import their helpers from
+:mod:`ticrypt.frontend.runner`, never from :mod:`ticrypt.frontend.cli`,
+so nothing imports back up.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from ticrypt.frontend import cmd_account, cmd_session
+
+Register = Callable[[Any], None]
+
+#: In the order ``ticrypt --help`` lists them.
+REGISTER: tuple[Register, ...] = (cmd_account.register, cmd_session.register)
+
+
+def register_all(subparsers: Any, registers: tuple[Register, ...] = REGISTER) -> None:
+    for register in registers:
+        register(subparsers)
