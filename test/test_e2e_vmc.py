@@ -166,6 +166,20 @@ class ExecTests(TestCase):
         self.assertIn(b"hi\r\n", bytes(out))  # the PTY turns \n into \r\n
         await s.close()
 
+    async def test_refused_resize_keeps_the_shell(self) -> None:
+        """vmc refuses a 0x0 resize with an error carrying the shell's id;
+        the shell keeps running (PROTOCOL.md §5 Errors)."""
+        s = await self.trio.session("owen")
+        out, warnings = bytearray(), []
+        cmd = s.shell("xterm", 24, 80, on_output=out.extend, on_warning=warnings.append)
+        await cmd.started
+        cmd.resize(0, 0)
+        cmd.write(b"stty size; exit 4\n")
+        self.assertEqual(await cmd.done, 4)
+        self.assertIn(b"24 80", bytes(out))
+        self.assertEqual([w.code for w in warnings], ["bad-request"])
+        await s.close()
+
     async def test_second_start_does_not_enroll_again(self) -> None:
         trio = self.trio
         assert trio.vmc is not None

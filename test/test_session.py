@@ -282,6 +282,46 @@ class SessionTests(SynchronousTestCase):
         assert ended is not None
         self.assertEqual(ended.code, "peer-lost")
 
+    def test_refused_stream_message_does_not_end_a_running_request(self) -> None:
+        """PROTOCOL.md §5 Errors: once the VM accepted a request (its ok), an
+        error about a stream message (a bad resize) or a reused id carries
+        the request's id but the request keeps running until its exit."""
+        warnings: list[RemoteError] = []
+        out = bytearray()
+        cmd = self.session.shell("xterm", 24, 80, on_output=out.extend,
+                                 on_warning=warnings.append)
+        self.session.app_message({"t": "ok", "id": 1, "window": 16}, b"")
+        cmd.resize(0, 0)
+        self.session.app_message({"t": "error", "id": 1, "code": "bad-request",
+                                  "message": "rows and cols must be integers in 1..10000"}, b"")
+        self.session.app_message({"t": "error", "id": 1, "code": "duplicate-id",
+                                  "message": "request id already used on this channel"}, b"")
+        self.assertEqual([(w.code, w.message[:4]) for w in warnings],
+                         [("bad-request", "rows"), ("duplicate-id", "requ")])
+        self.assertNoResult(cmd.done)
+        self.assertFalse(cmd.finished)
+        cmd.write(b"ls\r")  # the shell still takes input
+        self.assertEqual(self.stdin_sent(), [("stdin", b"ls\r")])
+        self.session.app_message({"t": "stdout", "id": 1}, b"still here")
+        self.session.app_message({"t": "exit", "id": 1, "status": 0}, b"")
+        self.assertEqual((self.successResultOf(cmd.done), bytes(out)), (0, b"still here"))
+
+    def test_refusal_without_on_warning_is_logged(self) -> None:
+        cmd = self.session.exec(["cat"])
+        self.session.app_message({"t": "ok", "id": 1, "window": 16}, b"")
+        self.session.app_message({"t": "error", "id": 1, "code": "bad-request",
+                                  "message": "resize applies to a shell only"}, b"")
+        self.assertNoResult(cmd.done)
+
+    def test_error_before_ok_ends_the_request(self) -> None:
+        """The error answering the req itself (no ok yet) is the request's end."""
+        cmd = self.session.shell("xterm", 24, 80, on_warning=self.fail)
+        self.session.app_message({"t": "error", "id": 1, "code": "spawn-failed",
+                                  "message": "cannot start shell"}, b"")
+        self.assertEqual(self.failureResultOf(cmd.done, RemoteError).value.code,
+                         "spawn-failed")
+        self.assertTrue(cmd.finished)
+
     def test_cancel_wait_needs_no_answer(self) -> None:
         """The session's clock bounds the wait for a cancelled command."""
         cmd = self.session.exec(["sleep", "9"])

@@ -109,6 +109,15 @@ def _out(stream: Any) -> Any:
     return write
 
 
+def _warn(vm_id: str, end: str = "\n") -> Any:
+    """Print the VM's refusal of a message of a running command (PROTOCOL.md
+    §5 Errors: the command goes on); ``end`` is ``\r\n`` on a raw terminal."""
+    def warn(e: RemoteError) -> None:
+        sys.stderr.write(f"ticrypt: warning: {vm_id} refused: {e.code}: {e.message}{end}")
+        sys.stderr.flush()
+    return warn
+
+
 def _pump_stdin(reactor: Any, session: VmSession, cmd: Command) -> terminal.InputReader:
     reader = terminal.InputReader(reactor, cmd.write, cmd.eof)
     # The reader pauses while the websocket is full and while the command's
@@ -135,7 +144,8 @@ def cmd_exec(args: argparse.Namespace) -> int:
     what = f"exec on {args.vm_id} failed"
 
     async def body(reactor: Any, session: VmSession) -> int:
-        cmd = session.exec(argv, on_stdout=_out(sys.stdout), on_stderr=_out(sys.stderr))
+        cmd = session.exec(argv, on_stdout=_out(sys.stdout), on_stderr=_out(sys.stderr),
+                           on_warning=_warn(args.vm_id))
         if args.no_stdin:
             cmd.eof()
         else:
@@ -162,7 +172,8 @@ def cmd_shell(args: argparse.Namespace) -> int:
 
     async def body(reactor: Any, session: VmSession) -> int:
         rows, cols = terminal.window_size(1) or terminal.window_size(0) or (24, 80)
-        cmd = session.shell(term, rows, cols, on_output=_out(sys.stdout))
+        cmd = session.shell(term, rows, cols, on_output=_out(sys.stdout),
+                            on_warning=_warn(args.vm_id, "\r\n"))
         try:
             await cmd.started
         except SessionError:

@@ -40,6 +40,7 @@ __all__ = ["CANCEL_WAIT", "Command", "Leg", "RemoteError", "SessionError", "VmSe
            "open_session", "one_line"]
 
 Output = Callable[[bytes], None]
+OnWarning = Callable[[RemoteError], None]
 
 #: Seconds a cancelled command may take to report its end before the
 #: frontend stops waiting (vmc ends it after ``[exec] kill_grace``, 3 s by
@@ -105,6 +106,10 @@ class Command:
 
     ``done`` fires with the exit status (or fails with a RemoteError);
     ``started`` fires when the VM accepted it (shell: its ``ok``; exec: at once).
+    Once the VM accepted it (its ``ok``), the request ends only with its
+    ``exit``: an ``error`` about a stream message (a refused ``resize``) or
+    a reused id is a warning (PROTOCOL.md §5 Errors), given to
+    ``on_warning`` (default: logged).
 
     Input (:meth:`write`, :meth:`eof`) is sent within the request's window:
     nothing before the VM's ``ok`` announces it, then only as much as the VM
@@ -112,16 +117,21 @@ class Command:
     (:attr:`pending`).
     """
 
+    log = Logger()
+
     def __init__(self, session: VmSession, rid: int, kind: str, on_stdout: Output | None,
-                 on_stderr: Output | None):
+                 on_stderr: Output | None, on_warning: OnWarning | None = None):
         self._session = session
         self.rid = rid
         self.kind = kind
         self.on_stdout = on_stdout
         self.on_stderr = on_stderr
+        self.on_warning = on_warning
         self.done: defer.Deferred[int] = defer.Deferred()
         self.started: defer.Deferred[None] = defer.Deferred()
         self.finished = False
+        #: The VM's ``ok`` came: the request runs until its ``exit``.
+        self.accepted = False
         #: stdin body bytes sent so far.
         self.sent = 0
         self._credit = 0  # bytes the VM will take now
@@ -226,6 +236,7 @@ class Command:
             self._credit += app.window_size(header.get("bytes")) or 0
             self._flush()
         elif t == "ok":
+            self.accepted = True
             self._credit = app.window_size(header.get("window")) or app.WINDOW
             if not self.started.called:
                 self.started.callback(None)
@@ -234,7 +245,14 @@ class Command:
             status = header.get("status")
             self._finish(status if isinstance(status, int) else 255, None)
         elif t == "error":
-            self._finish(None, remote_error(header))
+            err = remote_error(header)
+            if not self.accepted:  # it answers the req: the request failed
+                self._finish(None, err)
+            elif self.on_warning is not None:
+                self.on_warning(err)
+            else:
+                self.log.warn("the VM refused a message of request {rid}: {code}: {message}",
+                              rid=self.rid, code=err.code, message=err.message)
 
     def _finish(self, status: int | None, err: SessionError | None) -> None:
         if self.finished:
@@ -352,12 +370,13 @@ class VmSession:
         return await self.request("revoke", name=who)
 
     def exec(self, argv: list[str], stdin: bytes | None = None,
-             on_stdout: Output | None = None, on_stderr: Output | None = None) -> Command:
+             on_stdout: Output | None = None, on_stderr: Output | None = None,
+             on_warning: OnWarning | None = None) -> Command:
         """Start ``argv``; with ``stdin`` bytes, send them (as the window
         allows) and end of input."""
         self._check_open()
         rid = self._rid()
-        cmd = Command(self, rid, "exec", on_stdout, on_stderr)
+        cmd = Command(self, rid, "exec", on_stdout, on_stderr, on_warning)
         self._requests[rid] = cmd
         self._send({"t": "req", "id": rid, "op": "exec", "argv": list(argv)})
         cmd.started.callback(None)
@@ -367,11 +386,11 @@ class VmSession:
         return cmd
 
     def shell(self, term: str = "xterm-256color", rows: int = 24, cols: int = 80,
-              on_output: Output | None = None) -> Command:
+              on_output: Output | None = None, on_warning: OnWarning | None = None) -> Command:
         """Start a shell on a PTY; output (stdout and stderr merged) to ``on_output``."""
         self._check_open()
         rid = self._rid()
-        cmd = Command(self, rid, "shell", on_output, on_output)
+        cmd = Command(self, rid, "shell", on_output, on_output, on_warning)
         self._requests[rid] = cmd
         self._send({"t": "req", "id": rid, "op": "shell", "term": term, "rows": rows,
                     "cols": cols})
