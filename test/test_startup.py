@@ -72,6 +72,25 @@ class TwistdRefusesTests(TestCase):
         self.assertNotIn("TICRYPT-READY", text)
         return [line for line in text.splitlines() if line.strip()]
 
+    async def refused_daemon(self, role: str, config: str) -> list[str]:
+        """Run the role as a daemon (no -n) on ``config``: twistd's parent
+        must hear of the failure and exit 1 (it waits on a pipe for the
+        daemon's word), and no pid file is left; returns the daemon's log
+        lines."""
+        d = os.path.dirname(config)
+        pidfile, logfile = (os.path.join(d, n) for n in ("twistd.pid", "twistd.log"))
+        self.addCleanup(_kill_from_pidfile, pidfile)
+        code, out, err = await run_command(
+            [twistd_path(), f"--pidfile={pidfile}", f"--logfile={logfile}", f"ticrypt-{role}",
+             "--config", config], timeout=DEADLINE)
+        self.assertEqual(code, 1, out + err)
+        # twistd's parent shows the first 100 bytes; the log has the line
+        self.assertIn("An error has occurred: b'ticrypt.service.StartupFailed: "
+                      f"ticrypt-{role}: ", err)
+        self.assertFalse(os.path.exists(pidfile), "pid file left behind")
+        with open(logfile) as f:
+            return [line for line in f.read().splitlines() if line.strip()]
+
     def assertOneLine(self, lines: list[str], role: str, config: str, section: str,
                       key: str, fragment: str) -> None:
         """Exactly one line, naming the role, file, section and key (a config
@@ -135,18 +154,7 @@ class TwistdRefusesTests(TestCase):
         env = await start_rest(self, start=False)
         port = self.port_in_use()
         env.write_config(listen=tlsutil.server_endpoint(port, env.server_pem))
-        pidfile, logfile = (os.path.join(env.dir, n) for n in ("twistd.pid", "twistd.log"))
-        self.addCleanup(_kill_from_pidfile, pidfile)
-        code, out, err = await run_command(
-            [twistd_path(), f"--pidfile={pidfile}", f"--logfile={logfile}", "ticrypt-rest",
-             "--config", env.config_path], timeout=DEADLINE)
-        self.assertEqual(code, 1, out + err)
-        # twistd's parent shows the first 100 bytes; the log has the line
-        self.assertIn("An error has occurred: b'ticrypt.service.StartupFailed: ticrypt-rest: ",
-                      err)
-        self.assertFalse(os.path.exists(pidfile), "pid file left behind")
-        with open(logfile) as f:
-            lines = [line for line in f.read().splitlines() if line.strip()]
+        lines = await self.refused_daemon("rest", env.config_path)
         self.assertOneLogLine(lines, "rest", env.config_path, "rest", "listen",
                               f"cannot listen on 127.0.0.1:{port}: address already in use")
 
@@ -217,6 +225,31 @@ class TwistdRefusesTests(TestCase):
         config = self.vmc_config(rest_url="https://127.0.0.1:70000")
         lines = await self.refused("vmc", config)
         self.assertOneLine(lines, "vmc", config, "vmc", "rest_url", "https")
+
+
+    def broken_state_dir(self) -> tuple[str, str]:
+        """A vmc config whose state_dir holds a users.json that is not JSON;
+        (config, that file)."""
+        config = self.vmc_config()
+        state = os.path.join(os.path.dirname(config), "state")
+        os.makedirs(state, mode=0o700)
+        users = os.path.join(state, "users.json")
+        with open(os.open(users, os.O_WRONLY | os.O_CREAT, 0o600), "w") as f:
+            f.write("not json")
+        return config, users
+
+    async def test_vmc_broken_state_dir(self) -> None:
+        config, users = self.broken_state_dir()
+        lines = await self.refused("vmc", config)
+        self.assertOneLogLine(lines, "vmc", config, "vmc", "state_dir",
+                              f"{users}: unreadable (")
+
+    async def test_vmc_broken_state_dir_daemon_mode(self) -> None:
+        # a plain SystemExit left twistd's waiting parent hanging
+        config, users = self.broken_state_dir()
+        lines = await self.refused_daemon("vmc", config)
+        self.assertOneLogLine(lines, "vmc", config, "vmc", "state_dir",
+                              f"{users}: unreadable (")
 
 
 class _Never:

@@ -1,24 +1,14 @@
 """twistd wiring for ``ticrypt-vmc``: config schema, Options, makeService.
 
-Start-up: load (or create) the VM key and TLS certificate in ``state_dir``;
-if not yet enrolled, enroll with rest using the single-use token; then keep
-``pool_size`` sockets waiting at the proxy.  The readiness line is logged
-once the first socket waits at the proxy.
+The role itself (state, enrollment, the pool) is
+:class:`ticrypt.vmc.service.VmcService`.
 """
 
 from __future__ import annotations
 
 import os
-import random
-import sys
 from typing import Any
 
-from twisted.internet import defer
-from twisted.logger import Logger
-
-from ticrypt import identity
-from ticrypt.audit import AuditLog
-from ticrypt.backoff import Backoff
 from ticrypt.config import (
     Config,
     DirPath,
@@ -30,14 +20,11 @@ from ticrypt.config import (
     Size,
     Str,
     Url,
-    check_file_mode,
 )
-from ticrypt.service import RoleService, StartupFailed, options_for
-from ticrypt.vmc.cgroup import CgroupUnavailable
-from ticrypt.vmc.enroll import EnrollError, enroll
-from ticrypt.vmc.pool import MAX_MESSAGE, MAX_RECORD, PoolSettings, ProxyPool
-from ticrypt.vmc.processes import RunAs, Tracker, open_tracker
-from ticrypt.vmc.state import Enrollment, OwnerKeyChanged, StateError, VmState
+from ticrypt.service import options_for
+from ticrypt.vmc.pool import MAX_MESSAGE, MAX_RECORD
+from ticrypt.vmc.processes import RunAs
+from ticrypt.vmc.service import VmcService
 
 DEFAULT_SHELL = "/bin/bash" if os.path.exists("/bin/bash") else "/bin/sh"
 
@@ -95,169 +82,6 @@ SCHEMA = Schema(
 )
 
 Options = options_for("vmc", SCHEMA)
-
-
-class VmcService(RoleService):
-    """Loads the state, enrolls if needed, then runs the proxy pool."""
-
-    log = Logger()
-
-    def __init__(self, config: Config, reactor: Any, rng: random.Random | None = None):
-        super().__init__("vmc", config)
-        self._reactor = reactor
-        self._random = rng or random.SystemRandom()
-        self.pool: ProxyPool | None = None
-        self.state: VmState | None = None
-        self.audit: AuditLog | None = None
-        self.tracker: Tracker | None = None
-        self._pool_ready: defer.Deferred[None] = defer.Deferred()
-        self.extra_ready.append(self._pool_ready)
-
-    def startService(self) -> None:
-        cfg = self.config
-        assert cfg is not None
-        self.audit = AuditLog(cfg.vmc.audit_log, self._reactor, role="vmc")
-        try:
-            self.state = VmState(cfg.vmc.state_dir, self.audit)
-        except StateError as e:
-            raise SystemExit(f"ticrypt-vmc: {e}") from None
-        self._track_processes()
-        self.ready_info.update(vm_public_key=identity.public_text(self.state.vm_key),
-                               tls_fingerprint=self.state.tls_fingerprint)
-        super().startService()
-        d = defer.ensureDeferred(self._run())
-        d.addErrback(self._fatal)
-
-    def _track_processes(self) -> None:
-        """Pick cgroups or the fallback; kill what a crashed run left."""
-        cfg, audit = self.config, self.audit
-        assert cfg is not None and audit is not None
-        try:
-            self.tracker = open_tracker(cfg.processes.cgroup, cfg.vmc.state_dir, self._reactor)
-        except CgroupUnavailable as e:
-            raise StartupFailed(f"ticrypt-vmc: {cfg.path}: [processes] cgroup: {e}") from None
-        self.log.info("user processes: {mode}", mode=self.tracker.describe())
-        left = self.tracker.clean_leftovers()
-        if left:
-            audit.write("leftover-processes-killed", mode=self.tracker.mode,
-                        groups=[name for name, _ in left],
-                        processes=sum(n for _, n in left), result="killed")
-
-    async def _run(self) -> None:
-        state = self.state
-        assert state is not None and self.config is not None
-        if state.enrollment is None:
-            await self._enroll()
-        assert state.enrollment is not None
-        self.ready_info["vm_id"] = state.enrollment.vm_id
-        self._start_pool()
-
-    async def _enroll(self) -> None:
-        cfg, state, audit = self.config, self.state, self.audit
-        assert cfg is not None and state is not None and audit is not None
-        path = cfg.vmc.enrollment_token_file
-        try:
-            if not path:
-                raise ValueError("[vmc] enrollment_token_file is not set and this VM is "
-                                 "not enrolled yet")
-            check_file_mode(path, secret=True)
-            with open(path, encoding="utf-8") as f:
-                token = f.read(4096).strip()
-        except (OSError, ValueError) as e:
-            raise EnrollError("no-token", f"cannot read the enrollment token: {e}",
-                              permanent=True) from None
-        backoff = Backoff(cfg.vmc.backoff_initial, cfg.vmc.backoff_max, self._random.random)
-        while True:
-            try:
-                answer = await enroll(
-                    self._reactor, cfg.vmc.rest_url, cfg.vmc.ca_file, token=token,
-                    vm_public_key=identity.public_text(state.vm_key),
-                    tls_fingerprint=state.tls_fingerprint,
-                    timeout=cfg.vmc.request_timeout)
-                enrollment = Enrollment.from_json(answer)
-                break
-            except ValueError as e:
-                raise EnrollError("bad-response", f"malformed enrollment answer: {e}",
-                                  permanent=True) from None
-            except EnrollError as e:
-                audit.write("enroll", result="failed", reason=e.code)
-                if e.permanent:
-                    raise
-                delay = backoff.next_delay()
-                self.log.warn("enrollment failed ({why}); retrying in {delay:.1f}s",
-                              why=str(e), delay=delay)
-                await _sleep(self._reactor, delay)
-        try:
-            state.accept_enrollment(enrollment)
-        except OwnerKeyChanged as e:
-            raise EnrollError("owner-key-change-refused", str(e), permanent=True) from None
-        audit.write("enroll", vm=enrollment.vm_id, owner=enrollment.owner, result="ok")
-        self.log.info("enrolled as VM {vm}", vm=enrollment.vm_id)
-
-    def _start_pool(self) -> None:
-        cfg, state, audit = self.config, self.state, self.audit
-        assert cfg is not None and state is not None and audit is not None
-        assert state.enrollment is not None
-        v, e = cfg.vmc, cfg["exec"]
-        settings = PoolSettings(
-            proxy_url=v.proxy_url or state.enrollment.proxy_url, ca_file=v.ca_file,
-            pool_size=v.pool_size, backoff_initial=v.backoff_initial,
-            backoff_max=v.backoff_max, connect_timeout=v.connect_timeout,
-            handshake_timeout=v.handshake_timeout, idle_timeout=v.idle_timeout,
-            ping_interval=v.ping_interval, max_message=v.max_message,
-            max_sessions=e.max_sessions, max_sessions_per_user=e.max_sessions_per_user,
-            max_processes=e.max_processes,
-            kill_grace=e.kill_grace)
-        self.pool = ProxyPool(reactor=self._reactor, clock=self._reactor,
-                              random=self._random.random, settings=settings, state=state,
-                              audit=audit, run_as=RunAs.lookup(e.run_as or None, e.shell),
-                              tracker=self.tracker)
-        self.pool.ready.chainDeferred(self._pool_ready)
-        self.pool.setServiceParent(self)
-
-    def _fatal(self, failure: Any) -> None:
-        if failure.check(EnrollError):
-            self.log.critical("ticrypt-vmc cannot start: {why}", why=str(failure.value))
-        else:
-            self.log.failure("ticrypt-vmc cannot start", failure)
-        if self._reactor.running:
-            # twistd has no way to report a failure after start-up; exit 1 once
-            # shut down so that a supervisor sees the failure instead of a stop.
-            self._reactor.addSystemEventTrigger("after", "shutdown", _exit_failed)
-            self._reactor.stop()
-
-    def stopService(self) -> Any:
-        # The pool may wait for child processes to end: keep the audit log
-        # open for the session-closed lines until it is done.
-        d = defer.maybeDeferred(super().stopService)
-        audit, tracker = self.audit, self.tracker
-
-        def stop_tracking(result: Any) -> Any:
-            if tracker is None:
-                return result
-            # what the pool's kills left, if anything; then remove the cgroups
-            return tracker.shutdown().addBoth(lambda _: result)
-
-        d.addBoth(stop_tracking)
-
-        def close_audit(result: Any) -> Any:
-            if audit is not None:
-                audit.close()
-            return result
-
-        return d.addBoth(close_audit)
-
-
-def _exit_failed() -> None:
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(1)
-
-
-def _sleep(reactor: Any, seconds: float) -> defer.Deferred[None]:
-    d: defer.Deferred[None] = defer.Deferred()
-    reactor.callLater(seconds, d.callback, None)
-    return d
 
 
 def makeService(options: Any) -> VmcService:
