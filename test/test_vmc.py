@@ -826,6 +826,32 @@ class SampleConfigTests(SynchronousTestCase):
         self.assertEqual(cfg["exec"].shell, "/bin/sh")
         self.assertTrue(os.path.isdir(os.path.join(d, "vmc-state")))
 
+    def test_one_default_per_setting(self) -> None:
+        """A config that leaves every pool setting out gets PoolSettings'
+        defaults (the schema takes them from there), and every other field
+        of PoolSettings is a key of [vmc] or [exec]."""
+        import attrs
+
+        from ticrypt.vmc.pool import PoolSettings
+        from ticrypt.vmc.service import pool_settings
+        from ticrypt.vmc.tap import SCHEMA
+
+        d = os.path.abspath(self.mktemp())
+        os.makedirs(d)
+        with open(os.path.join(d, "ca.pem"), "w") as f:
+            f.write("x")
+        with open(os.path.join(d, "vmc.ini"), "w") as f:
+            f.write("[vmc]\nrest_url = https://127.0.0.1:1\nca_file = ca.pem\n"
+                    "state_dir = s\naudit_log = a.log\n")
+        cfg = load_config(os.path.join(d, "vmc.ini"), SCHEMA)
+        defaults = PoolSettings("wss://p.example", cfg.vmc.ca_file)
+        self.assertEqual(pool_settings(cfg, "wss://p.example"), defaults)
+        keys = {**SCHEMA.sections["vmc"], **SCHEMA.sections["exec"]}
+        for field in attrs.fields(PoolSettings):
+            self.assertIn(field.name, keys)
+            if field.default is not attrs.NOTHING:
+                self.assertEqual(keys[field.name].default, str(field.default), field.name)
+
     def test_bad_backoff_named(self) -> None:
         from ticrypt.config import ConfigError
         from ticrypt.vmc.tap import SCHEMA

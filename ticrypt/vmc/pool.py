@@ -46,7 +46,9 @@ MAX_MESSAGE = 1100000
 
 @attrs.frozen
 class PoolSettings:
-    """Tunables of the pool (from ``[vmc]``, ``[exec]`` and ``[limits]``)."""
+    """Tunables of the pool: each field is the ``[vmc]`` or ``[exec]`` key of
+    its name, and its default is that key's default (:mod:`ticrypt.vmc.tap`
+    takes it from here)."""
 
     proxy_url: str
     ca_file: str

@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import attrs
+
 from ticrypt.config import (
     Config,
     DirPath,
@@ -16,13 +18,14 @@ from ticrypt.config import (
     FilePath,
     Int,
     Key,
+    Kind,
     Schema,
     Size,
     Str,
     Url,
 )
 from ticrypt.service import options_for
-from ticrypt.vmc.pool import MAX_MESSAGE, MAX_RECORD
+from ticrypt.vmc.pool import MAX_RECORD, PoolSettings
 from ticrypt.vmc.processes import RunAs
 from ticrypt.vmc.service import VmcService
 
@@ -43,6 +46,12 @@ def _validate(cfg: Config) -> None:
         raise cfg.error("exec", "run_as", f"no such user {e.run_as!r}") from None
 
 
+def _pool_key(kind: Kind, name: str, doc: str = "") -> Key:
+    """The key ``name``, whose default is :class:`PoolSettings`' (each
+    default exists once), written as a config file would write it."""
+    return Key(kind, str(attrs.fields_dict(PoolSettings)[name].default), doc=doc)
+
+
 SCHEMA = Schema(
     sections={
         "vmc": {
@@ -53,24 +62,25 @@ SCHEMA = Schema(
                                          doc="single-use token file (0600)"),
             "audit_log": Key(FilePath(must_exist=False), doc="JSON-lines audit log"),
             "proxy_url": Key(Str(allow_empty=True), "", doc="override the enrolled proxy URL"),
-            "pool_size": Key(Int(1, 64), "2"),
-            "backoff_initial": Key(Duration(), "1s"),
-            "backoff_max": Key(Duration(), "60s"),
-            "connect_timeout": Key(Duration(), "10s"),
+            "pool_size": _pool_key(Int(1, 64), "pool_size"),
+            "backoff_initial": _pool_key(Duration(), "backoff_initial"),
+            "backoff_max": _pool_key(Duration(), "backoff_max"),
+            "connect_timeout": _pool_key(Duration(), "connect_timeout"),
             "request_timeout": Key(Duration(), "30s"),
-            "handshake_timeout": Key(Duration(), "15s"),
-            "idle_timeout": Key(Duration(), "1h"),
-            "ping_interval": Key(Duration(), "30s"),
-            "max_message": Key(Size(min=MAX_RECORD + 1, max=16 * 1024 * 1024), str(MAX_MESSAGE),
-                               doc="largest websocket message read; above the largest record"),
+            "handshake_timeout": _pool_key(Duration(), "handshake_timeout"),
+            "idle_timeout": _pool_key(Duration(), "idle_timeout"),
+            "ping_interval": _pool_key(Duration(), "ping_interval"),
+            "max_message": _pool_key(Size(min=MAX_RECORD + 1, max=16 * 1024 * 1024),
+                                     "max_message", doc="largest websocket message read; "
+                                     "above the largest record"),
         },
         "exec": {
             "shell": Key(FilePath(), DEFAULT_SHELL, doc="shell for the shell command"),
             "run_as": Key(Str(allow_empty=True), "", doc="user commands run as"),
-            "max_sessions": Key(Int(1, 10000), "16"),
-            "max_sessions_per_user": Key(Int(1, 10000), "4"),
-            "max_processes": Key(Int(1, 1000), "16"),
-            "kill_grace": Key(Duration(), "3s"),
+            "max_sessions": _pool_key(Int(1, 10000), "max_sessions"),
+            "max_sessions_per_user": _pool_key(Int(1, 10000), "max_sessions_per_user"),
+            "max_processes": _pool_key(Int(1, 1000), "max_processes"),
+            "kill_grace": _pool_key(Duration(), "kill_grace"),
         },
         "processes": {
             "cgroup": Key(Str(pattern=r"auto|off|/.*"), "auto",
