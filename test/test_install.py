@@ -418,6 +418,11 @@ class SystemdUnitTests(SynchronousTestCase):
                 self.assertEqual(s["ProtectSystem"], ["strict"], tapname)
                 self.assertEqual(s["PrivateTmp"], ["yes"], tapname)
                 self.assertEqual(s["CapabilityBoundingSet"], [""], tapname)
+            # every role keeps state across restarts (rest's database, the
+            # proxy's ticket ledger, vmc's keys): under ProtectSystem=strict
+            # only its StateDirectory is writable
+            self.assertEqual(s["StateDirectory"], [f"ticrypt/{tapname.removeprefix('ticrypt-')}"],
+                             tapname)
 
     def test_unit_commands_parse(self) -> None:
         """Every unit's ExecStart, pointed at the installed sample config,
