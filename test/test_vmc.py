@@ -826,6 +826,17 @@ class SampleConfigTests(SynchronousTestCase):
         self.assertEqual(cfg["exec"].shell, "/bin/sh")
         self.assertTrue(os.path.isdir(os.path.join(d, "vmc-state")))
 
+    def minimal_config(self, more: str = "") -> str:
+        """A vmc.ini with only the required keys (and ``more`` lines)."""
+        d = os.path.abspath(self.mktemp())
+        os.makedirs(d)
+        with open(os.path.join(d, "ca.pem"), "w") as f:
+            f.write("x")
+        with open(os.path.join(d, "vmc.ini"), "w") as f:
+            f.write("[vmc]\nrest_url = https://127.0.0.1:1\nca_file = ca.pem\n"
+                    "state_dir = s\naudit_log = a.log\n" + more)
+        return os.path.join(d, "vmc.ini")
+
     def test_one_default_per_setting(self) -> None:
         """A config that leaves every pool setting out gets PoolSettings'
         defaults (the schema takes them from there), and every other field
@@ -836,14 +847,7 @@ class SampleConfigTests(SynchronousTestCase):
         from ticrypt.vmc.service import pool_settings
         from ticrypt.vmc.tap import SCHEMA
 
-        d = os.path.abspath(self.mktemp())
-        os.makedirs(d)
-        with open(os.path.join(d, "ca.pem"), "w") as f:
-            f.write("x")
-        with open(os.path.join(d, "vmc.ini"), "w") as f:
-            f.write("[vmc]\nrest_url = https://127.0.0.1:1\nca_file = ca.pem\n"
-                    "state_dir = s\naudit_log = a.log\n")
-        cfg = load_config(os.path.join(d, "vmc.ini"), SCHEMA)
+        cfg = load_config(self.minimal_config(), SCHEMA)
         defaults = PoolSettings("wss://p.example", cfg.vmc.ca_file)
         self.assertEqual(pool_settings(cfg, "wss://p.example"), defaults)
         keys = {**SCHEMA.sections["vmc"], **SCHEMA.sections["exec"]}
@@ -856,15 +860,8 @@ class SampleConfigTests(SynchronousTestCase):
         from ticrypt.config import ConfigError
         from ticrypt.vmc.tap import SCHEMA
 
-        d = os.path.abspath(self.mktemp())
-        os.makedirs(d)
-        with open(os.path.join(d, "ca.pem"), "w") as f:
-            f.write("x")
-        with open(os.path.join(d, "vmc.ini"), "w") as f:
-            f.write("[vmc]\nrest_url = https://127.0.0.1:1\nca_file = ca.pem\n"
-                    "state_dir = s\naudit_log = a.log\nbackoff_initial = 9s\n"
-                    "backoff_max = 2s\n")
-        e = self.assertRaises(ConfigError, load_config, os.path.join(d, "vmc.ini"), SCHEMA)
+        path = self.minimal_config("backoff_initial = 9s\nbackoff_max = 2s\n")
+        e = self.assertRaises(ConfigError, load_config, path, SCHEMA)
         self.assertIn("[vmc] backoff_initial", str(e))
 
     def test_plain_ws_proxy_url_refused(self) -> None:
@@ -872,14 +869,8 @@ class SampleConfigTests(SynchronousTestCase):
         from ticrypt.config import ConfigError
         from ticrypt.vmc.tap import SCHEMA
 
-        d = os.path.abspath(self.mktemp())
-        os.makedirs(d)
-        with open(os.path.join(d, "ca.pem"), "w") as f:
-            f.write("x")
-        with open(os.path.join(d, "vmc.ini"), "w") as f:
-            f.write("[vmc]\nrest_url = https://127.0.0.1:1\nca_file = ca.pem\n"
-                    "state_dir = s\naudit_log = a.log\nproxy_url = ws://127.0.0.1:1\n")
-        e = self.assertRaises(ConfigError, load_config, os.path.join(d, "vmc.ini"), SCHEMA)
+        path = self.minimal_config("proxy_url = ws://127.0.0.1:1\n")
+        e = self.assertRaises(ConfigError, load_config, path, SCHEMA)
         self.assertIn("[vmc] proxy_url", str(e))
         self.assertIn("wss://", str(e))
 
