@@ -83,7 +83,8 @@ async def main(reactor: Any, args: argparse.Namespace) -> None:
     from test.daemon import start_daemon
     from test.restfixture import make_rest_dir
     from ticrypt.admin import cli as admin_cli
-    from ticrypt.frontend.client import PinnedCAPolicy, RestClient, _Collect
+    from ticrypt.frontend.client import RestClient
+    from ticrypt.http.client import PinnedCAPolicy
 
     cleanups = _Cleanups()
     tmp = tempfile.mkdtemp(prefix="bench-rest-")
@@ -133,9 +134,7 @@ async def main(reactor: Any, args: argparse.Namespace) -> None:
 
         async def hello_get() -> None:
             response = await agent.request(b"GET", hello_url, Headers({}))
-            done: defer.Deferred[bytes] = defer.Deferred()
-            response.deliverBody(_Collect(1 << 16, done))
-            assert (await done) == b'{"hello":"world"}'
+            assert (await webclient.readBody(response)) == b'{"hello":"world"}'
 
         # warm up connections and code paths
         for fn in (login, list_vms, hello_get):

@@ -19,8 +19,9 @@ from test.daemon import run_command, twistd_path
 from test.restfixture import RestEnv, start_rest
 from ticrypt import identity, signed, tlsutil
 from ticrypt.encoding import b64
-from ticrypt.frontend.client import PinnedCAPolicy, RestClient, RestError, _Bytes, _Collect
+from ticrypt.frontend.client import RestClient, RestError
 from ticrypt.http import load_secret
+from ticrypt.http.client import BytesProducer, PinnedCAPolicy
 from ticrypt.rest import api
 from ticrypt.rest.core import session_id, token_hash
 
@@ -34,10 +35,8 @@ async def raw_bytes(env: RestEnv, method: str, path: str, body: bytes | None = N
                             bindAddress=(source, 0) if source else None)
     response = await agent.request(method.encode(), (env.url + path).encode(),
                                    Headers(headers or {}),
-                                   _Bytes(body) if body is not None else None)
-    done: defer.Deferred[bytes] = defer.Deferred()
-    response.deliverBody(_Collect(1 << 20, done))
-    return response.code, await done, response.headers
+                                   BytesProducer(body) if body is not None else None)
+    return response.code, await webclient.readBody(response), response.headers
 
 
 async def raw(env: RestEnv, method: str, path: str, body: bytes | None = None,

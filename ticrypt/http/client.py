@@ -16,7 +16,7 @@ Used by the proxy (the revocation feed) and vmc (enrollment).
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, NoReturn
 
 from twisted.internet import defer, error, protocol
 from twisted.internet.interfaces import IConsumer, IOpenSSLClientConnectionCreator
@@ -33,10 +33,12 @@ MAX_RESPONSE = 1024 * 1024
 
 
 class HttpError(Exception):
-    """No usable answer: ``code`` is stable, ``str()`` one human line."""
+    """No usable answer: ``code`` is stable, ``str()`` one human line;
+    ``status`` is the HTTP status of an answer that was not JSON (0: none)."""
 
-    def __init__(self, code: str, message: str):
+    def __init__(self, code: str, message: str, *, status: int = 0):
         self.code = code
+        self.status = status
         super().__init__(message)
 
 
@@ -117,16 +119,18 @@ class JsonClient:
     """Requests to one or more URLs, with one CA and one set of bounds.
 
     ``persistent`` keeps connections open between requests (a poller);
-    :meth:`close` then drops the idle ones (call it when stopping)."""
+    :meth:`close` then drops the idle ones (call it when stopping).
+    ``pool`` shares a connection pool of the caller's instead (a benchmark)."""
 
     def __init__(self, reactor: Any, ca_file: str | None, *, timeout: float,
                  max_response: int = MAX_RESPONSE, persistent: bool = False,
-                 idle_keep: int = 30):
+                 idle_keep: int = 30, pool: webclient.HTTPConnectionPool | None = None):
         self._reactor = reactor
         self._timeout = timeout
         self._max_response = max_response
-        self._pool = webclient.HTTPConnectionPool(reactor, persistent=persistent)
-        if persistent:
+        self._pool = (pool if pool is not None
+                      else webclient.HTTPConnectionPool(reactor, persistent=persistent))
+        if persistent and pool is None:
             self._pool.maxPersistentPerHost = 1
             self._pool.cachedConnectionTimeout = int(idle_keep)
             self._pool.retryAutomatically = False
@@ -146,7 +150,7 @@ class JsonClient:
         if url.startswith("https:") and not self._https:
             raise HttpError("tls-error", "an https URL needs a CA file")
         d = defer.ensureDeferred(self._request(method, url, body, headers or {}))
-        d.addTimeout(self._timeout, self._reactor)
+        d.addTimeout(self._timeout, self._reactor, onTimeoutCancel=_deadline_passed)
         try:
             return await d
         except HttpError:
@@ -177,7 +181,14 @@ class JsonClient:
             return response.code, loads_bounded(raw, max_size=self._max_response)
         except ValueError:
             raise HttpError("bad-response", f"{_origin(url)} answered HTTP {response.code} "
-                            "without JSON") from None
+                            "without JSON", status=response.code) from None
+
+
+def _deadline_passed(result: object, timeout: float) -> NoReturn:
+    """Whatever a request cancelled at its deadline failed with (the agent
+    wraps the cancellation, e.g. ResponseNeverReceived while waiting for
+    the headers), it is a timeout."""
+    raise defer.TimeoutError(f"no answer within {timeout:g}s")
 
 
 def _origin(url: str) -> str:
