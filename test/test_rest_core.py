@@ -22,7 +22,6 @@ from ticrypt.rest.config import SCHEMA
 from ticrypt.rest.core import (
     ApiError,
     ChallengeTable,
-    RateLimiter,
     parse_body,
     session_id,
     token_hash,
@@ -73,54 +72,6 @@ class ChallengeTableTests(SynchronousTestCase):
         self.table.purge()
         self.assertEqual(len(self.table), 1)
         self.assertEqual(self.table.take(live.challenge_id, "alice"), live)
-
-
-class RateLimiterTests(SynchronousTestCase):
-    def test_sliding_window(self) -> None:
-        clock = task.Clock()
-        limiter = RateLimiter(clock, limit=2, window=10)
-        self.assertEqual(limiter.retry_after("k"), 0)
-        limiter.failed("k")
-        clock.advance(4)
-        limiter.failed("k")
-        self.assertEqual(limiter.retry_after("k"), 6)
-        self.assertEqual(limiter.retry_after("other"), 0)
-        clock.advance(6)
-        self.assertEqual(limiter.retry_after("k"), 0)
-
-    def test_refusals_reported_once_per_lockout(self) -> None:
-        clock = task.Clock()
-        limiter = RateLimiter(clock, limit=2, window=10)
-        limiter.failed("k")
-        limiter.failed("k")
-        self.assertTrue(limiter.retry_after("k"))
-        self.assertEqual([limiter.first_refusal("k") for _ in range(3)], [True, False, False])
-        clock.advance(10)
-        self.assertEqual(limiter.retry_after("k"), 0)
-        limiter.failed("k")
-        limiter.failed("k")
-        self.assertTrue(limiter.first_refusal("k"))  # a new lockout is reported again
-
-    def test_purge_forgets_stale_keys(self) -> None:
-        clock = task.Clock()
-        limiter = RateLimiter(clock, limit=5, window=10)
-        limiter.failed("old")
-        clock.advance(5)
-        limiter.failed("new")
-        clock.advance(5)
-        limiter.purge()
-        self.assertEqual(len(limiter), 1)
-        self.assertEqual(limiter.retry_after("new"), 0)
-        clock.advance(5)
-        limiter.purge()
-        self.assertEqual(len(limiter), 0)
-
-    def test_bounded_keys(self) -> None:
-        limiter = RateLimiter(task.Clock(), limit=1, window=10, max_keys=2)
-        for key in ("a", "b", "c"):
-            limiter.failed(key)
-        self.assertEqual(limiter.retry_after("a"), 0)  # forgotten
-        self.assertEqual(limiter.retry_after("c"), 10)
 
 
 class BodyTests(SynchronousTestCase):

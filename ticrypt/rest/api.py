@@ -25,15 +25,14 @@ import ticrypt
 from ticrypt import identity, signed
 from ticrypt.audit import AuditLog
 from ticrypt.encoding import b64, unb64
+from ticrypt.ratelimit import Clock, RateLimiter
 from ticrypt.rest import store
 from ticrypt.rest.core import (
     FINGERPRINT_RE,
     ApiError,
     Challenge,
     ChallengeTable,
-    Clock,
     Field,
-    RateLimiter,
     check_name,
     new_token,
     parse_body,

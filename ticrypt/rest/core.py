@@ -1,30 +1,26 @@
-"""Sans-IO pieces of rest: login challenges, failed-login rate limits, token
-hashing, session ids and request-body validation.  Clock and randomness are
-injected."""
+"""Sans-IO pieces of rest: login challenges, token hashing, session ids and
+request-body validation.  Clock and randomness are injected (the failed-login
+limits are :class:`ticrypt.ratelimit.RateLimiter`)."""
 
 from __future__ import annotations
 
 import hashlib
 import ipaddress
-import math
 import os
 import re
 from collections import OrderedDict, deque
 from collections.abc import Callable, Mapping
-from typing import Any, Protocol
+from typing import Any
 
 import attrs
 
 from ticrypt.encoding import b64, loads_bounded, unb64
+from ticrypt.ratelimit import Clock
 from ticrypt.signed import SID_BYTES
 
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 FINGERPRINT_RE = re.compile(r"sha256:[0-9a-f]{64}")
 TOKEN_BYTES = 32
-
-
-class Clock(Protocol):
-    def seconds(self) -> float: ...
 
 
 class ApiError(Exception):
@@ -162,76 +158,6 @@ class ChallengeTable:
             if first.expires > now:
                 break
             self._drop(first.challenge_id)
-
-
-# ---------------------------------------------------------------- rate limits
-
-class RateLimiter:
-    """At most ``limit`` failures per key within a sliding ``window`` seconds.
-
-    Tracks at most ``max_keys`` keys (the least recently failed is forgotten),
-    so spraying names or addresses cannot exhaust memory."""
-
-    def __init__(self, clock: Clock, limit: int, window: float, max_keys: int = 100_000):
-        self._clock = clock
-        self._limit = limit
-        self._window = window
-        self._max_keys = max_keys
-        self._failures: OrderedDict[str, deque[float]] = OrderedDict()
-        # key -> time of the last failure of the lockout already reported
-        self._reported: dict[str, float] = {}
-
-    def __len__(self) -> int:
-        return len(self._failures)
-
-    def retry_after(self, key: str) -> int:
-        """0 if ``key`` may try now, else whole seconds until it may."""
-        times = self._failures.get(key)
-        if times is None:
-            return 0
-        now = self._clock.seconds()
-        while times and times[0] <= now - self._window:
-            times.popleft()
-        if not times:
-            self._forget(key)
-            return 0
-        if len(times) < self._limit:
-            return 0
-        return max(1, math.ceil(times[0] + self._window - now))
-
-    def first_refusal(self, key: str) -> bool:
-        """True the first time it is asked during one lockout of ``key`` (call
-        it when :meth:`retry_after` refused), so that a flood of refused
-        attempts is reported (audited) once rather than once per attempt."""
-        times = self._failures.get(key)
-        if not times:
-            return True
-        if self._reported.get(key) == times[-1]:
-            return False
-        self._reported[key] = times[-1]
-        return True
-
-    def failed(self, key: str) -> None:
-        now = self._clock.seconds()
-        times = self._failures.pop(key, None) or deque(maxlen=self._limit)
-        times.append(now)
-        self._failures[key] = times
-        while len(self._failures) > self._max_keys:
-            self._forget(next(iter(self._failures)))
-
-    def purge(self) -> None:
-        """Forget every key whose failures have all left the window."""
-        horizon = self._clock.seconds() - self._window
-        # Keys are in order of their last failure: stop at the first live one.
-        while self._failures:
-            key, times = next(iter(self._failures.items()))
-            if times and times[-1] > horizon:
-                break
-            self._forget(key)
-
-    def _forget(self, key: str) -> None:
-        self._failures.pop(key, None)
-        self._reported.pop(key, None)
 
 
 # ---------------------------------------------------------------- bodies
