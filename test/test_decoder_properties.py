@@ -15,12 +15,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
-from ticrypt import identity, signed
+from ticrypt import closecodes, identity, signed
 from ticrypt.channel import ChannelError, app
 from ticrypt.channel.handshake import decode_handshake
 from ticrypt.channel.records import RecordOpener, RecordSealer
 from ticrypt.encoding import JsonError, b64, canonical, loads_bounded, unb64
-from ticrypt.proxy.ws import BAD_MESSAGE, ControlError, parse_control
+from ticrypt.proxy.ws import ControlError, parse_control
 from ticrypt.rest.core import ApiError, Field, parse_body
 
 PROPS = settings(max_examples=150, deadline=None,
@@ -101,7 +101,7 @@ class ControlMessageProperties(SynchronousTestCase):
         try:
             msg = parse_control(raw, binary, "connect", ("ticket",))
         except ControlError as e:
-            self.assertEqual(e.code, BAD_MESSAGE)
+            self.assertEqual(e.code, closecodes.BAD_MESSAGE.code)
             self.assertTrue(e.reason.startswith("bad-message: "))
         else:
             self.assertEqual(set(msg), {"ticket"})

@@ -14,14 +14,14 @@ from typing import Any
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from ticrypt import identity, signed
+from ticrypt import closecodes, identity, signed
 from ticrypt.channel import ChannelError, app
 from ticrypt.channel.handshake import decode_handshake
 from ticrypt.encoding import MAX_JSON_DEPTH, JsonError, b64, json_depth, loads_bounded
 from ticrypt.frontend.control import Phase
 from ticrypt.frontend.errors import SessionError
 from ticrypt.frontend.leg import UserLeg
-from ticrypt.proxy.ws import BAD_MESSAGE, ControlError, parse_control
+from ticrypt.proxy.ws import ControlError, parse_control
 from ticrypt.rest.core import ApiError, Field, parse_body
 
 #: Deep enough to overflow the interpreter's recursion limit, small enough
@@ -104,7 +104,7 @@ class ParserTests(SynchronousTestCase):
             e = self.assertRaises(ControlError, parse_control, raw, False, "connect",
                                   ("ticket",))
             self.assertEqual((e.code, e.reason),
-                             (BAD_MESSAGE, "bad-message: control message nested too deeply"))
+                             (closecodes.BAD_MESSAGE.code, "bad-message: control message nested too deeply"))
 
     def test_rest_body(self) -> None:
         e = self.assertRaises(ApiError, parse_body, DEEP, {"user": Field(str)})

@@ -20,19 +20,18 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from test import proxyfixture as pf
 from test import wsframes as wf
-from ticrypt import identity, signed, tlsutil
+from ticrypt import closecodes, identity, signed, tlsutil
 from ticrypt.audit import AuditLog
 from ticrypt.config import ConfigError, load_config
 from ticrypt.encoding import b64
 from ticrypt.proxy import tap, tlsmem, ws
 from ticrypt.proxy.pairing import Limits, Paired, PairingTable, Refused, Waiting
 from ticrypt.proxy.ws import (
-    BAD_MESSAGE,
     ControlError,
     Leg,
     LegState,
     Pair,
-    ProxyFactory,
+    RelayFactory,
     Settings,
     parse_control,
 )
@@ -147,18 +146,18 @@ class ControlMessageTests(SynchronousTestCase):
         ]:
             with self.assertRaises(ControlError) as cm:
                 parse_control(payload, binary, "connect", ("ticket",))
-            self.assertEqual(cm.exception.code, BAD_MESSAGE)
+            self.assertEqual(cm.exception.code, closecodes.BAD_MESSAGE.code)
             self.assertTrue(cm.exception.reason.startswith("bad-message: "))
 
 
-def _factory(**settings: Any) -> ProxyFactory:
+def _factory(**settings: Any) -> RelayFactory:
     from twisted.internet.task import Clock
-    return ProxyFactory(reactor=reactor, clock=Clock(), backend_key=b"\x00" * 32,
+    return RelayFactory(reactor=reactor, clock=Clock(), backend_key=b"\x00" * 32,
                         table=PairingTable(Limits()), settings=Settings(**settings),
                         audit=AuditLog(None, Clock()))
 
 
-def _open_leg(case: SynchronousTestCase, factory: ProxyFactory) -> tuple[Leg, StringTransport]:
+def _open_leg(case: SynchronousTestCase, factory: RelayFactory) -> tuple[Leg, StringTransport]:
     leg = Leg()
     leg.factory = factory
     transport = StringTransport()
@@ -170,7 +169,7 @@ def _open_leg(case: SynchronousTestCase, factory: ProxyFactory) -> tuple[Leg, St
     return leg, transport
 
 
-def _start_pair(factory: ProxyFactory, vm: Leg, user: Leg) -> Pair:
+def _start_pair(factory: RelayFactory, vm: Leg, user: Leg) -> Pair:
     ticket = signed.Ticket(user="alice", user_key=b"\x01" * 32, vm="vm1",
                            client="127.0.0.1", issued=0, expires=10, ticket_id="t")
     factory.table.add_vm("vm1", vm)

@@ -25,11 +25,13 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from test import wsframes as wf
 from test.test_proxy import ProxyCase, _factory, _start_pair
+from ticrypt import closecodes
 from ticrypt.proxy import ws
 from ticrypt.proxy.framebudget import REASON, FrameBudget, FrameLimits, Violation
-from ticrypt.proxy.ws import OVER_LIMIT, PEER_OVER_FRAME_LIMIT, Leg, LegState
+from ticrypt.proxy.ws import PEER_OVER_FRAME_LIMIT, Leg, LegState
 
 _ZERO = b"\x00\x00\x00\x00"
+OVER_LIMIT = closecodes.OVER_LIMIT.code
 
 
 class FrameBudgetTests(SynchronousTestCase):
@@ -96,7 +98,7 @@ def _close_frames(data: bytes) -> list[tuple[int, str]]:
     return out
 
 
-def _ws_leg(case: SynchronousTestCase, factory: ws.ProxyFactory,
+def _ws_leg(case: SynchronousTestCase, factory: ws.RelayFactory,
             path: str = "/v1/user") -> tuple[Leg, StringTransport]:
     """A leg on a StringTransport that went through the HTTP upgrade."""
     leg = factory.buildProtocol(None)

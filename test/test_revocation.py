@@ -23,13 +23,13 @@ from zope.interface import implementer
 from test import proxyfixture as pf
 from test.daemon import pid_alive
 from test.vmcfixture import Trio, start_trio
-from ticrypt import identity, signed
+from ticrypt import closecodes, identity, signed
 from ticrypt.audit import AuditLog
 from ticrypt.encoding import b64, canonical, unb64
 from ticrypt.frontend.session import SessionError, VmSession, open_session
 from ticrypt.proxy import revocations as rv
 from ticrypt.proxy.pairing import Limits, Paired, PairingTable, Waiting
-from ticrypt.proxy.ws import Leg, LegState, ProxyFactory, Settings
+from ticrypt.proxy.ws import Leg, LegState, RelayFactory, Settings
 
 NOW = 1_800_000_000
 
@@ -173,7 +173,7 @@ class RevocationListTests(SynchronousTestCase):
 
 # ---------------------------------------------------------------- the factory
 
-def _open_leg(case: SynchronousTestCase, factory: ProxyFactory) -> tuple[Leg, StringTransport]:
+def _open_leg(case: SynchronousTestCase, factory: RelayFactory) -> tuple[Leg, StringTransport]:
     leg = Leg()
     leg.factory = factory
     transport = StringTransport()
@@ -189,7 +189,7 @@ def _close_frame(code: int, reason: str) -> bytes:
 
 
 class RevokePairsTests(SynchronousTestCase):
-    """ProxyFactory.revoke_pairs and the ticket check, on StringTransports."""
+    """RelayFactory.revoke_pairs and the ticket check, on StringTransports."""
 
     def setUp(self) -> None:
         self.key = identity.generate()
@@ -198,7 +198,7 @@ class RevokePairsTests(SynchronousTestCase):
         self.audit_path = self.mktemp()
         audit = AuditLog(self.audit_path, self.clock, "proxy")
         self.addCleanup(audit.close)
-        self.factory = ProxyFactory(reactor=reactor, clock=self.clock,
+        self.factory = RelayFactory(reactor=reactor, clock=self.clock,
                                     backend_key=identity.public_bytes(self.key),
                                     table=PairingTable(Limits()), settings=Settings(),
                                     audit=audit)
@@ -234,7 +234,7 @@ class RevokePairsTests(SynchronousTestCase):
         self.assertEqual(self.factory.table.add_user("vm3", waiting), Waiting(1))
         waiting.phase = LegState.WAITING
         self.assertEqual(self.revoke(users={"bob": NOW - 5}), 3)
-        frame = _close_frame(rv.REVOKED, rv.USER_DISABLED)
+        frame = _close_frame(closecodes.REVOKED.code, rv.USER_DISABLED)
         for t in (bob_vm, bob_user, bob2_vm, bob2_user, waiting_t):
             self.assertTrue(t.value().endswith(frame), t.value()[-60:])
         for t in (alice_vm, alice_user):
@@ -245,14 +245,14 @@ class RevokePairsTests(SynchronousTestCase):
                   for e in self.audit() if e["event"] not in ("pair-start",)]
         self.assertEqual(events, [("user-refused", "bob", rv.USER_DISABLED, None)] + [
             ("pair-revoked", "bob", rv.USER_DISABLED, None),
-            ("pair-end", "bob", None, rv.REVOKED)] * 2)
+            ("pair-end", "bob", None, closecodes.REVOKED.code)] * 2)
         self.assertEqual(self.revoke(users={"bob": NOW - 5}), 0)  # nothing left
 
     def test_ended_session_loses_its_pairs_only(self) -> None:
         ended_vm, ended_user = self.pair(ticket("bob", session=sid(1)))
         kept_vm, kept_user = self.pair(ticket("bob", session=sid(2)))
         self.assertEqual(self.revoke(sessions=[sid(1)]), 1)
-        frame = _close_frame(rv.REVOKED, rv.SESSION_ENDED)
+        frame = _close_frame(closecodes.REVOKED.code, rv.SESSION_ENDED)
         self.assertTrue(ended_vm.value().endswith(frame))
         self.assertTrue(ended_user.value().endswith(frame))
         self.assertFalse(kept_user.value().endswith(frame))
@@ -367,10 +367,10 @@ class PollerTests(TestCase):
         ann2_vm, ann2 = await self.paired("ann", sid(3))
         self.publish(users={"bob": 1})
         for client in (bob, bob_vm):
-            self.assertEqual(await client.closed, (True, rv.REVOKED, rv.USER_DISABLED))
+            self.assertEqual(await client.closed, (True, closecodes.REVOKED.code, rv.USER_DISABLED))
         self.publish(users={"bob": 1}, sessions=[sid(2)])
         for client in (ann, ann_vm):
-            self.assertEqual(await client.closed, (True, rv.REVOKED, rv.SESSION_ENDED))
+            self.assertEqual(await client.closed, (True, closecodes.REVOKED.code, rv.SESSION_ENDED))
         # ann's other session is untouched and still relays
         ann2.sendMessage(b"still here", True)
         self.assertEqual(await ann2_vm.next(), (b"still here", True))
@@ -467,7 +467,7 @@ class EndToEndTests(TestCase):
         closed = await wait_for(lambda: [e for e in trio.vmc_audit_lines()
                                          if e["event"] == "session-closed"],
                                 "vmc ended the channel")
-        self.assertEqual(closed[-1]["code"], rv.REVOKED)
+        self.assertEqual(closed[-1]["code"], closecodes.REVOKED.code)
 
     async def test_disable_closes_the_users_open_session(self) -> None:
         session = await self.trio.session("owen")

@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import attrs
 
+from ticrypt import closecodes
+
 CONTINUATION = 0x0
 TEXT = 0x1
 BINARY = 0x2
@@ -31,7 +33,7 @@ PING = 0x9
 PONG = 0xA
 
 #: The close reason for the peer that exceeded a frame limit (code 4009).
-REASON = "over-limit: too many websocket frames"
+REASON = closecodes.reason(closecodes.OVER_LIMIT.name, "too many websocket frames")
 
 
 @attrs.frozen

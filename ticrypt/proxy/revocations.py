@@ -8,7 +8,7 @@ sessions, and the job that fetches it (wire format: PROTOCOL.md §3
 * :class:`RevocationPoller` (a Service) GETs the feed from rest every
   ``revocation_poll_interval`` over HTTPS pinned to ``ca_file`` with the
   shared bearer secret; after each verified feed it has the factory close
-  every pair and waiting user the list revokes (close code :data:`REVOKED`).
+  every pair and waiting user the list revokes (close code 4011 ``revoked``).
   While rest cannot be reached, or answers with a feed it should not, the
   last good list stays in force, the outage is logged once, and polling goes
   on.
@@ -23,14 +23,13 @@ from twisted.application.service import Service
 from twisted.internet import defer, task
 from twisted.logger import Logger
 
-from ticrypt import signed
+from ticrypt import closecodes, signed
 from ticrypt.http.client import HttpError, JsonClient
 
-#: Close code of a leg whose user was disabled or whose session ended
-#: (PROTOCOL.md §1.2: the proxy's own codes are 40xx; 44xx are end-to-end).
-REVOKED = 4011
-USER_DISABLED = "revoked: the user was disabled"
-SESSION_ENDED = "revoked: the session was ended"
+#: Close reasons of a leg whose user was disabled or whose session ended
+#: (code :data:`ticrypt.closecodes.REVOKED`, 4011).
+USER_DISABLED = closecodes.reason(closecodes.REVOKED.name, "the user was disabled")
+SESSION_ENDED = closecodes.reason(closecodes.REVOKED.name, "the session was ended")
 
 #: Path of the feed at rest.
 FEED_PATH = "/v1/revocations"
@@ -83,7 +82,7 @@ class RevocationList:
 
 class RevocationPoller(Service):
     """Fetch the feed every ``interval`` seconds; ``apply`` (the factory's
-    :meth:`~ticrypt.proxy.ws.ProxyFactory.revoke_pairs`) runs after every
+    :meth:`~ticrypt.proxy.ws.RelayFactory.revoke_pairs`) runs after every
     verified feed, so that a pair formed since the last one is closed too."""
 
     log = Logger()

@@ -36,7 +36,7 @@ from ticrypt.proxy.replay import TicketJournal, TicketLedger, TicketLedgerServic
 from ticrypt.proxy.revocations import FEED_TIMEOUT, RevocationList, RevocationPoller, max_age
 from ticrypt.proxy.status import status_resource
 from ticrypt.proxy.tlsmem import lean_endpoint
-from ticrypt.proxy.ws import ProxyFactory, Settings
+from ticrypt.proxy.ws import RelayFactory, Settings
 from ticrypt.service import ListenerService, RoleService, StartupError, options_for
 from ticrypt.signed import MAX_FEED
 
@@ -172,11 +172,11 @@ def settings_from(cfg: Config) -> tuple[Settings, Limits]:
     return settings, limits
 
 
-def make_factory(cfg: Config, reactor: Any, tickets: TicketUses | None = None) -> ProxyFactory:
+def make_factory(cfg: Config, reactor: Any, tickets: TicketUses | None = None) -> RelayFactory:
     """The websocket factory for ``cfg`` (shared by the service and tests);
     without ``tickets`` the ticket ledger is in memory only."""
     settings, limits = settings_from(cfg)
-    factory = ProxyFactory(
+    factory = RelayFactory(
         reactor=reactor, clock=reactor,
         backend_key=identity.load_public_file(cfg.proxy.backend_public_key),
         table=PairingTable(limits), settings=settings,
@@ -189,7 +189,7 @@ def make_factory(cfg: Config, reactor: Any, tickets: TicketUses | None = None) -
     return factory
 
 
-def make_poller(cfg: Config, reactor: Any, factory: ProxyFactory) -> RevocationPoller | None:
+def make_poller(cfg: Config, reactor: Any, factory: RelayFactory) -> RevocationPoller | None:
     """The job that follows rest's revocation feed (None when rest_url = off)."""
     p = cfg.proxy
     if p.rest_url is None or factory.revocations is None:

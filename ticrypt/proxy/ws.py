@@ -38,13 +38,14 @@ from twisted.internet import defer
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
+from ticrypt import closecodes as cc
 from ticrypt import identity, signed
 from ticrypt.audit import AuditLog
 from ticrypt.encoding import JsonError, b64, loads_bounded, unb64
 from ticrypt.proxy.framebudget import FrameBudget, FrameLimits, Violation
 from ticrypt.proxy.pairing import Paired, PairingTable, Refused, Waiting
 from ticrypt.proxy.replay import TicketLedger, TicketUses, Use
-from ticrypt.proxy.revocations import REVOKED, RevocationList
+from ticrypt.proxy.revocations import RevocationList
 from ticrypt.proxy.tlsmem import release_bio_buffers
 from ticrypt.proxy.wsmem import LeanWebSocket, OutputBatch
 
@@ -54,21 +55,8 @@ USER_PATH = "/v1/user"
 #: Largest control message (a ticket is at most signed.MAX_TOKEN characters).
 MAX_CONTROL = 8192
 
-# close codes (PROTOCOL.md §1)
-NORMAL = 1000
-GOING_AWAY = 1001
-TOO_BIG = 1009
-SERVER_ERROR = 1011
-BAD_MESSAGE = 4000
-VM_AUTH_FAILED = 4001
-TICKET_REFUSED = 4003
-NO_VM = 4004
-TIMEOUT = 4008
-OVER_LIMIT = 4009
-PEER_LOST = 4010
-
-#: What the partner of a leg dropped for its frames is told (code OVER_LIMIT).
-PEER_OVER_FRAME_LIMIT = "over-limit: the peer sent too many websocket frames"
+#: What the partner of a leg dropped for its frames is told (code 4009).
+PEER_OVER_FRAME_LIMIT = cc.reason(cc.OVER_LIMIT.name, "the peer sent too many websocket frames")
 
 # why a leg is not being read (bits of Leg._held)
 _PARTNER_FULL = 1   # its partner's send buffer is full
@@ -137,12 +125,6 @@ def _peer_ip(transport: Any) -> str:
     return str(addr)
 
 
-def _reason_bytes(reason: str) -> bytes:
-    """A close reason fits in 123 bytes of UTF-8 (RFC 6455 5.5.1)."""
-    raw = reason.encode("utf-8")[:123]
-    return raw.decode("utf-8", "ignore").encode("utf-8")
-
-
 _JSON_WHY = {"too-large": "too long", "too-deep": "nested too deeply",
              "not-json": "is not JSON"}
 
@@ -152,12 +134,13 @@ def _compact(obj: dict[str, Any]) -> bytes:
 
 
 class ControlError(Exception):
-    """A control message was refused: close with ``code`` and ``reason``."""
+    """A control message was refused: close with ``code`` and ``reason``
+    (``name: text``, the name from ``close``)."""
 
-    def __init__(self, code: int, reason: str):
-        self.code = code
-        self.reason = reason
-        super().__init__(reason)
+    def __init__(self, close: cc.CloseCode, text: str):
+        self.code = close.code
+        self.reason = cc.reason(close.name, text)
+        super().__init__(self.reason)
 
 
 def parse_control(payload: bytes, is_binary: bool, expected: str,
@@ -165,16 +148,16 @@ def parse_control(payload: bytes, is_binary: bool, expected: str,
     """A control message: a text message of compact JSON with exactly
     ``type`` and ``fields``, all strings; ControlError(4000) otherwise."""
     if is_binary:
-        raise ControlError(BAD_MESSAGE, "bad-message: control message must be text")
+        raise ControlError(cc.BAD_MESSAGE, "control message must be text")
     try:
         msg = loads_bounded(payload, max_size=MAX_CONTROL)
     except JsonError as e:
-        raise ControlError(BAD_MESSAGE, f"bad-message: control message {_JSON_WHY[e.code]}"
+        raise ControlError(cc.BAD_MESSAGE, f"control message {_JSON_WHY[e.code]}"
                            ) from None
     if not isinstance(msg, dict) or msg.get("type") != expected:
-        raise ControlError(BAD_MESSAGE, f"bad-message: expected a {expected} message")
+        raise ControlError(cc.BAD_MESSAGE, f"expected a {expected} message")
     if set(msg) != {"type", *fields} or not all(isinstance(msg[f], str) for f in fields):
-        raise ControlError(BAD_MESSAGE, f"bad-message: {expected} needs exactly "
+        raise ControlError(cc.BAD_MESSAGE, f"{expected} needs exactly "
                            + ", ".join(fields))
     return {f: msg[f] for f in fields}
 
@@ -184,7 +167,7 @@ class Pair:
 
     log = Logger()
 
-    def __init__(self, factory: ProxyFactory, vm_id: str, ticket: signed.Ticket,
+    def __init__(self, factory: RelayFactory, vm_id: str, ticket: signed.Ticket,
                  vm_leg: Leg, user_leg: Leg):
         self.factory = factory
         self.vm_id = vm_id
@@ -230,7 +213,8 @@ class Pair:
         if remaining > 0:
             self._idle = self.factory.clock.callLater(remaining, self._check_idle)
             return
-        self.end(None, TIMEOUT, f"timeout: idle for {self.factory.settings.idle_timeout:g}s")
+        self.end(None, cc.TIMEOUT.code, cc.reason(
+            cc.TIMEOUT.name, f"idle for {self.factory.settings.idle_timeout:g}s"))
 
     def end(self, src: Leg | None, code: int, reason: str) -> None:
         """``src`` ended (None: the proxy ends the pair); close the other
@@ -262,7 +246,7 @@ class Leg(LeanWebSocket):
     # autobahn's protocol already has ``log`` (a txaio logger it calls with
     # its own formats); ours is a separate Twisted Logger.
     plog = Logger()
-    factory: ProxyFactory
+    factory: RelayFactory
 
     def __init__(self) -> None:
         super().__init__()
@@ -290,7 +274,9 @@ class Leg(LeanWebSocket):
         self.release(_PARTNER_FULL | _OWN_FULL)
         self.phase = LegState.DONE
         if self.ws_open():
-            self.sendCloseFrame(code=code, reasonUtf8=_reason_bytes(reason), isReply=False)
+            # (cc.reason with no text: the reason cut to 123 bytes of UTF-8)
+            self.sendCloseFrame(code=code, reasonUtf8=cc.reason(reason).encode("utf-8"),
+                                isReply=False)
 
     def refuse(self, code: int, reason: str, event: str, **fields: Any) -> None:
         """Refuse this leg before pairing: audit (no secrets), close."""
@@ -317,15 +303,15 @@ class Leg(LeanWebSocket):
                        "({limit}, {allowed}): dropped", role=self.role,
                        address=self.address, limit=violation.limit, allowed=violation.allowed)
         if self.phase is LegState.PAIRED and self.pair is not None and not self.pair.ended:
-            self.pair.end(self, OVER_LIMIT, PEER_OVER_FRAME_LIMIT)
-            self.close_with(OVER_LIMIT, violation.reason)
+            self.pair.end(self, cc.OVER_LIMIT.code, PEER_OVER_FRAME_LIMIT)
+            self.close_with(cc.OVER_LIMIT.code, violation.reason)
         elif self.phase in (LegState.HANDSHAKE, LegState.WAITING):
             fields: dict[str, Any] = {"vm": self.vm_id}
             if self.ticket is not None:
                 fields["user"] = self.ticket.user
-            self.refuse(OVER_LIMIT, violation.reason, f"{self.role}-refused", **fields)
+            self.refuse(cc.OVER_LIMIT.code, violation.reason, f"{self.role}-refused", **fields)
         else:  # already closing: it was audited then
-            self.close_with(OVER_LIMIT, violation.reason)
+            self.close_with(cc.OVER_LIMIT.code, violation.reason)
         self.drop_after_close()
 
     # -- backpressure ----------------------------------------------------------
@@ -423,7 +409,8 @@ class Leg(LeanWebSocket):
         self._timer = None
         if self.phase is LegState.HANDSHAKE:
             t = self.factory.settings.handshake_timeout
-            self.refuse(TIMEOUT, f"timeout: no control message within {t:g}s",
+            self.refuse(cc.TIMEOUT.code, cc.reason(cc.TIMEOUT.name,
+                                                   f"no control message within {t:g}s"),
                         f"{self.role}-refused")
 
     @_guarded
@@ -441,7 +428,8 @@ class Leg(LeanWebSocket):
                 self.refuse(e.code, e.reason, f"{self.role}-refused",
                             **({"vm": self.vm_id} if self.vm_id else {}))
         elif self.phase is LegState.WAITING:
-            self.refuse(BAD_MESSAGE, "bad-message: unexpected message before pairing",
+            self.refuse(cc.BAD_MESSAGE.code,
+                        cc.reason(cc.BAD_MESSAGE.name, "unexpected message before pairing"),
                         f"{self.role}-refused", vm=self.vm_id)
         # DONE: closing; drop whatever still arrives
 
@@ -450,20 +438,20 @@ class Leg(LeanWebSocket):
         try:
             cred = signed.verify_vm_credential(self.factory.backend_key, msg["credential"])
         except signed.TokenError as e:
-            raise ControlError(VM_AUTH_FAILED, f"vm-auth-failed: credential {e.code}") from None
+            raise ControlError(cc.VM_AUTH_FAILED, f"credential {e.code}") from None
         self.vm_id = cred.vm
         try:
             sig = unb64(msg["signature"], 64)
         except ValueError:
-            raise ControlError(VM_AUTH_FAILED, "vm-auth-failed: bad-signature") from None
+            raise ControlError(cc.VM_AUTH_FAILED, "bad-signature") from None
         if not signed.verify(cred.vm_key, signed.PROXY_VM_AUTH,
                              {"nonce": self.nonce, "vm": cred.vm}, sig):
-            raise ControlError(VM_AUTH_FAILED, "vm-auth-failed: bad-signature")
+            raise ControlError(cc.VM_AUTH_FAILED, "bad-signature")
         self.nonce = ""  # single use
         self._cancel_timer()
         result = self.factory.table.add_vm(cred.vm, self)
         if isinstance(result, Refused):
-            raise ControlError(OVER_LIMIT, f"over-limit: {result.reason}")
+            raise ControlError(cc.OVER_LIMIT, result.reason)
         self.factory.audit_write("vm-connected", vm=cred.vm, address=self.address,
                                  key=identity.fingerprint(cred.vm_key))
         if isinstance(result, Waiting):
@@ -484,24 +472,24 @@ class Leg(LeanWebSocket):
                                           client=self.address,
                                           now=self.factory.clock.seconds())
         except signed.TokenError as e:
-            raise ControlError(TICKET_REFUSED, f"ticket-refused: {e.code}") from None
+            raise ControlError(cc.TICKET_REFUSED, e.code) from None
         revocations = self.factory.revocations
         if revocations is not None and revocations.reason(ticket) is not None:
-            raise ControlError(TICKET_REFUSED, "ticket-refused: revoked")
+            raise ControlError(cc.TICKET_REFUSED, "revoked")
         use = self.factory.tickets.use(ticket.ticket_id, ticket.expires,
                                        self.factory.clock.seconds())
         if use is Use.REPLAYED:
-            raise ControlError(TICKET_REFUSED, "ticket-refused: replayed")
+            raise ControlError(cc.TICKET_REFUSED, "replayed")
         if use is Use.FULL:
-            raise ControlError(OVER_LIMIT, "over-limit: too many recent tickets")
+            raise ControlError(cc.OVER_LIMIT, "too many recent tickets")
         if use is not Use.FIRST:  # not written to the ledger: fail closed
-            raise ControlError(SERVER_ERROR, "server-error: cannot record the ticket")
+            raise ControlError(cc.SERVER_ERROR, "cannot record the ticket")
         self.ticket = ticket
         self.vm_id = ticket.vm
         self._cancel_timer()
         result = self.factory.table.add_user(ticket.vm, self)
         if isinstance(result, Refused):
-            raise ControlError(OVER_LIMIT, f"over-limit: {result.reason}")
+            raise ControlError(cc.OVER_LIMIT, result.reason)
         if isinstance(result, Waiting):
             self.phase = LegState.WAITING
             self._timer = self.factory.clock.callLater(
@@ -521,7 +509,7 @@ class Leg(LeanWebSocket):
         self._timer = None
         if self.phase is LegState.WAITING:
             t = self.factory.settings.user_wait_timeout
-            self.refuse(NO_VM, f"no-vm-available: no VM socket within {t:g}s",
+            self.refuse(cc.NO_VM.code, cc.reason(cc.NO_VM.name, f"no VM socket within {t:g}s"),
                         "user-refused", vm=self.vm_id,
                         user=self.ticket.user if self.ticket else None)
 
@@ -531,12 +519,12 @@ class Leg(LeanWebSocket):
         # autobahn itself fails a leg (1009 too big, 1002 protocol error,
         # 1007 bad UTF-8) through here: end the pair at once.
         if not isReply and self.pair is not None and not self.pair.ended:
-            if code == TOO_BIG:
-                self.pair.end(self, TOO_BIG, "message-too-big: the peer sent a message "
-                              "over the proxy limit")
+            if code == cc.TOO_BIG.code:
+                self.pair.end(self, cc.TOO_BIG.code, cc.reason(
+                    cc.TOO_BIG.name, "the peer sent a message over the proxy limit"))
             else:
-                self.pair.end(self, PEER_LOST, "peer-lost: the peer broke the websocket "
-                              f"protocol ({code})")
+                self.pair.end(self, cc.PEER_LOST.code, cc.reason(
+                    cc.PEER_LOST.name, f"the peer broke the websocket protocol ({code})"))
 
     @_guarded
     def onCloseFrame(self, code: int, reasonRaw: bytes) -> bool | None:  # type: ignore[override]
@@ -553,12 +541,13 @@ class Leg(LeanWebSocket):
                      protocol_error: bool = False) -> tuple[int, str]:
         """What the partner is told when this leg's peer closed."""
         if protocol_error:
-            return PEER_LOST, "peer-lost: the peer broke the websocket protocol"
+            return cc.PEER_LOST.code, cc.reason(cc.PEER_LOST.name,
+                                                "the peer broke the websocket protocol")
         if code is None:
-            return NORMAL, ""
-        if code in (NORMAL, GOING_AWAY) or 4000 <= code <= 4999:
+            return cc.NORMAL.code, ""
+        if code in (cc.NORMAL.code, cc.GOING_AWAY.code) or 4000 <= code <= 4999:
             return code, reason or ""
-        return PEER_LOST, f"peer-lost: the peer closed with code {code}"
+        return cc.PEER_LOST.code, cc.reason(cc.PEER_LOST.name, f"the peer closed with code {code}")
 
     @_guarded
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
@@ -569,11 +558,11 @@ class Leg(LeanWebSocket):
                 detail = "no answer to pings"
             else:
                 detail = "connection lost without a close frame"
-            self.pair.end(self, PEER_LOST, f"peer-lost: {detail}")
+            self.pair.end(self, cc.PEER_LOST.code, cc.reason(cc.PEER_LOST.name, detail))
         self.phase = LegState.DONE
 
 
-class ProxyFactory(WebSocketServerFactory):
+class RelayFactory(WebSocketServerFactory):
     """Shared state of the relay: the pairing table, keys, settings, audit."""
 
     protocol = Leg  # type: ignore[assignment]
@@ -673,7 +662,7 @@ class ProxyFactory(WebSocketServerFactory):
 
     def revoke_pairs(self) -> int:
         """Close every pair, and every waiting user, whose ticket's user or
-        session :attr:`revocations` lists: both legs with :data:`REVOKED`
+        session :attr:`revocations` lists: both legs with 4011 ``revoked``
         (vmc ends the channel and its processes), audited ``pair-revoked``.
         Returns how many were closed."""
         if self.revocations is None:
@@ -683,14 +672,14 @@ class ProxyFactory(WebSocketServerFactory):
         for leg in self.table.waiting_users():
             reason = self.revocations.reason(leg.ticket) if leg.ticket else None
             if reason is not None and leg.ticket is not None:
-                leg.refuse(REVOKED, reason, "user-refused", vm=leg.vm_id, user=leg.ticket.user)
+                leg.refuse(cc.REVOKED.code, reason, "user-refused", vm=leg.vm_id, user=leg.ticket.user)
                 closed += 1
         for pair in list(self.pairs):
             reason = self.revocations.reason(pair.ticket)
             if reason is not None and not pair.ended:
                 self.audit_write("pair-revoked", vm=pair.vm_id, user=pair.ticket.user,
                                  client=pair.ticket.client, reason=reason)
-                pair.end(None, REVOKED, reason)
+                pair.end(None, cc.REVOKED.code, reason)
                 closed += 1
         return closed
 
