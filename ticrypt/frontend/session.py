@@ -33,11 +33,11 @@ from zope.interface import implementer
 
 from ticrypt import closecodes, identity
 from ticrypt.channel import app
-from ticrypt.frontend.errors import RemoteError, SessionError, one_line, remote_error
+from ticrypt.frontend.errors import RemoteError, SessionError, remote_error
 from ticrypt.frontend.leg import UserLeg, open_leg
 
 __all__ = ["CANCEL_WAIT", "Command", "Leg", "RemoteError", "SessionError", "VmSession",
-           "open_session", "one_line"]
+           "open_session"]
 
 Output = Callable[[bytes], None]
 OnWarning = Callable[[RemoteError], None]
