@@ -21,8 +21,8 @@ from ticrypt.encoding import MAX_JSON_DEPTH, JsonError, b64, json_depth, loads_b
 from ticrypt.frontend.control import Phase
 from ticrypt.frontend.errors import SessionError
 from ticrypt.frontend.leg import UserLeg
+from ticrypt.http.server import ApiError, Field, parse_body
 from ticrypt.proxy.ws import ControlError, parse_control
-from ticrypt.rest.core import ApiError, Field, parse_body
 
 #: Deep enough to overflow the interpreter's recursion limit, small enough
 #: to fit every size limit (8 KiB control messages, 4 KiB tokens).

@@ -7,27 +7,24 @@ import os
 from typing import Any
 
 from twisted.internet import defer, task
-from twisted.internet.error import ConnectionDone
 from twisted.internet.testing import StringTransport
-from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from ticrypt import identity, signed
 from ticrypt.audit import AuditLog
 from ticrypt.config import ConfigError, load_config
 from ticrypt.encoding import b64
+from ticrypt.http.server import ApiError, match
 from ticrypt.rest import db, store
-from ticrypt.rest.api import Call, RestApi
+from ticrypt.rest.api import ROUTES, Call, RestApi
 from ticrypt.rest.config import SCHEMA
 from ticrypt.rest.core import (
-    ApiError,
     ChallengeTable,
-    parse_body,
     session_id,
     token_hash,
     valid_host,
 )
-from ticrypt.rest.web import RestSite, match
+from ticrypt.rest.web import rest_site
 
 FEED_SECRET = "s" * 40
 
@@ -74,22 +71,8 @@ class ChallengeTableTests(SynchronousTestCase):
         self.assertEqual(self.table.take(live.challenge_id, "alice"), live)
 
 
-class BodyTests(SynchronousTestCase):
-    fields = {"user": __import__("ticrypt.rest.core", fromlist=["Field"]).Field(str)}
-
-    def code(self, raw: bytes) -> str:
-        with self.assertRaises(ApiError) as e:
-            parse_body(raw, self.fields)
-        return e.exception.code
-
-    def test_errors(self) -> None:
-        self.assertEqual(self.code(b"{"), "malformed-json")
-        self.assertEqual(self.code(b"\xff"), "malformed-json")
-        self.assertEqual(self.code(b'"x"'), "invalid-body")
-        self.assertEqual(self.code(b'{"user":"a","b":1}'), "unknown-field")
-        self.assertEqual(self.code(b"{}"), "missing-field")
-        self.assertEqual(self.code(b'{"user":true}'), "invalid-field")
-        self.assertEqual(parse_body(b'{"user":"a"}', self.fields), {"user": "a"})
+class FieldAndRouteTests(SynchronousTestCase):
+    """rest's own field checks and route table (decoding is test_http_server's)."""
 
     def test_hosts(self) -> None:
         for good in ("h:1", "10.0.0.5:2201", "[::1]:22", "a.b-c.d:65535"):
@@ -98,13 +81,13 @@ class BodyTests(SynchronousTestCase):
             self.assertFalse(valid_host(bad), bad)
 
     def test_routes(self) -> None:
-        route, params = match("GET", "/v1/vms/vm-1")
+        route, params = match(ROUTES, "GET", "/v1/vms/vm-1")
         self.assertEqual((route.handler, params), ("get_vm", ("vm-1",)))
         with self.assertRaises(ApiError) as e:
-            match("PUT", "/v1/vms/vm-1")
+            match(ROUTES, "PUT", "/v1/vms/vm-1")
         self.assertEqual((e.exception.status, e.exception.headers), (405, {"Allow": "GET"}))
         with self.assertRaises(ApiError) as e:
-            match("GET", "/v1/vms/a/b")
+            match(ROUTES, "GET", "/v1/vms/a/b")
         self.assertEqual(e.exception.status, 404)
 
 
@@ -336,128 +319,44 @@ class ApiTests(SynchronousTestCase):
                                  client="10.0.0.8", now=self.clock.seconds())
 
 
-class BoundedBodyTests(SynchronousTestCase):
-    """The body limit is enforced while reading, through the real HTTP parser."""
+class RestSiteTests(SynchronousTestCase):
+    """rest on the bounded JSON server (whose bounds test_http_server checks):
+    each route reaches the RestApi method it names as a Call, under rest's
+    limits."""
 
     def setUp(self) -> None:
-        self.seen: list[bytes] = []
-        api = self
+        self.calls: list[Call] = []
+        calls = self.calls
 
         class FakeApi:
-            async def challenge(self, call: Call) -> Any:
-                api.seen.append(call.body)
+            async def get_vm(self, call: Call) -> Any:
+                calls.append(call)
                 return 200, {"ok": True}
 
-            async def login(self, call: Call) -> Any:
-                raise RuntimeError("secret internals")
+        self.site = rest_site(FakeApi(), reactor=task.Clock(),  # type: ignore[arg-type]
+                              max_body=16, idle_timeout=60, request_timeout=30)
 
-        self.clock = task.Clock()
-        self.site = RestSite(FakeApi(), max_body=1024, idle_timeout=60,  # type: ignore
-                             reactor=self.clock, request_timeout=30)
-
-    def send(self, head: bytes, body: bytes) -> tuple[StringTransport, Any]:
-        proto = self.site.buildProtocol(None)
-        transport = StringTransport()
-        proto.makeConnection(transport)
-        proto.dataReceived(b"POST /v1/auth/challenge HTTP/1.1\r\nHost: x\r\n" + head
-                           + b"\r\n" + body)
-        return transport, proto
-
-    def test_within_limit(self) -> None:
-        t, _ = self.send(b"Content-Length: 1024\r\n", b"a" * 1024)
-        self.assertIn(b"200 OK", t.value())
-        self.assertEqual(self.seen, [b"a" * 1024])
-
-    def test_declared_too_large(self) -> None:
-        t, _ = self.send(b"Content-Length: 1025\r\n", b"a" * 1025)
-        self.assertIn(b"413", t.value().split(b"\r\n")[0])
-        self.assertIn(b'"body-too-large"', t.value())
-        self.assertEqual(self.seen, [])
-
-    def test_chunked_too_large_is_not_kept(self) -> None:
-        chunk = b"200\r\n" + b"b" * 512 + b"\r\n"
-        t, proto = self.send(b"Transfer-Encoding: chunked\r\n", chunk * 3 + b"0\r\n\r\n")
-        self.assertIn(b"413", t.value().split(b"\r\n")[0])
-        self.assertEqual(self.seen, [])
-
-    def test_unexpected_error_is_a_logged_json_500(self) -> None:
+    def send(self, data: bytes) -> bytes:
         proto = self.site.buildProtocol(None)
         t = StringTransport()
         proto.makeConnection(t)
-        proto.dataReceived(b"POST /v1/auth/login HTTP/1.1\r\nHost: x\r\n"
-                           b"Content-Length: 2\r\n\r\n{}")
-        head, _, body = t.value().partition(b"\r\n\r\n")
-        self.assertIn(b"500", head.split(b"\r\n")[0])
-        self.assertEqual(json.loads(body), {"error": {"code": "internal-error",
-                                                      "message": "internal error"}})
-        self.assertNotIn(b"secret internals", t.value())
-        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        proto.dataReceived(data)
+        return t.value()
 
-    def test_trickling_client_is_cut_off_despite_the_idle_timeout(self) -> None:
-        proto = self.site.buildProtocol(None)
-        t = StringTransport()
-        proto.makeConnection(t)
-        request = b"POST /v1/auth/challenge HTTP/1.1\r\nHost: x\r\n"
-        for i in range(3):  # one byte every 10s keeps the idle timeout away
-            proto.dataReceived(request[i:i + 1])
-            self.clock.advance(10)
-        self.assertIn(b"408", t.value().split(b"\r\n")[0])
-        self.assertIn(b'"request-timeout"', t.value())
-        self.assertTrue(t.disconnecting)
-        self.assertEqual(self.seen, [])
+    def test_a_call_per_route(self) -> None:
+        out = self.send(b"GET /v1/vms/vm-1 HTTP/1.1\r\nHost: x\r\n"
+                        b"Authorization: Bearer tok\r\nContent-Length: 2\r\n\r\n{}")
+        self.assertIn(b"200 OK", out)
+        self.assertEqual(self.calls, [Call(method="GET", params=("vm-1",), body=b"{}",
+                                           client="192.168.1.1", bearer="tok")])
 
-    def test_request_timeout_does_not_cut_keep_alive_idle_time(self) -> None:
-        proto = self.site.buildProtocol(None)
-        t = StringTransport()
-        proto.makeConnection(t)
-        request = (b"POST /v1/auth/challenge HTTP/1.1\r\nHost: x\r\n"
-                   b"Content-Length: 2\r\n\r\n{}")
-        proto.dataReceived(request[:10])
-        self.clock.advance(29)
-        proto.dataReceived(request[10:])
-        self.assertIn(b"200 OK", t.value())
-        self.clock.advance(50)  # idle between requests: only idle_timeout applies
-        self.assertFalse(t.disconnecting)
-        proto.dataReceived(request)
-        self.assertEqual(t.value().count(b"200 OK"), 2)
-        self.assertEqual(self.seen, [b"{}", b"{}"])
-        self.clock.advance(61)
-        self.assertTrue(t.disconnecting)  # the idle timeout still works
-
-    def test_connection_limits_total_and_per_address(self) -> None:
-        from twisted.internet.address import IPv4Address
-
-        from ticrypt.rest.web import ConnectionLimits
-
-        limited = ConnectionLimits(self.site, max_total=3, per_address=2)
-
-        def connect(host: str) -> tuple[Any, StringTransport]:
-            addr = IPv4Address("TCP", host, 40000)
-            proto = limited.buildProtocol(addr)
-            transport = StringTransport(peerAddress=addr)
-            proto.makeConnection(transport)
-            return proto, transport
-
-        a1, t1 = connect("10.0.0.1")
-        connect("10.0.0.1")
-        _, refused = connect("10.0.0.1")
-        self.assertTrue(refused.disconnected)  # third from one address
-        connect("10.0.0.2")
-        _, refused = connect("10.0.0.3")
-        self.assertTrue(refused.disconnected)  # fourth in total
-        self.assertEqual((len(limited), limited.refused), (3, 2))
-        a1.dataReceived(b"POST /v1/auth/challenge HTTP/1.1\r\nHost: x\r\n"
-                        b"Content-Length: 2\r\n\r\n{}")
-        self.assertIn(b"200 OK", t1.value())  # admitted connections work
-        a1.connectionLost(Failure(ConnectionDone()))
-        _, t = connect("10.0.0.3")
-        self.assertFalse(t.disconnecting)  # a slot is free again
-        self.assertEqual(len(limited), 3)
-
-    def test_far_too_large_is_cut_off_early(self) -> None:
-        t, _ = self.send(b"Content-Length: %d\r\n" % (50 * 1024 * 1024), b"c" * 4096)
-        self.assertIn(b"413", t.value().split(b"\r\n")[0])
-        self.assertTrue(t.disconnecting)
+    def test_rest_limits(self) -> None:
+        out = self.send(b"GET /v1/vms/vm-1 HTTP/1.1\r\nHost: x\r\n"
+                        b"Content-Length: 17\r\n\r\n" + b"a" * 17)
+        self.assertIn(b"413", out.split(b"\r\n")[0])
+        self.assertIn(b"request body is larger than 16 bytes", out)
+        self.assertEqual(self.calls, [])
+        self.assertEqual((self.site.timeOut, self.site.request_timeout), (60, 30))
 
 
 class AccessLogTests(SynchronousTestCase):
@@ -474,8 +373,8 @@ class AccessLogTests(SynchronousTestCase):
 
         globalLogPublisher.addObserver(observe)
         self.addCleanup(globalLogPublisher.removeObserver, observe)
-        site = RestSite(None, max_body=1024, idle_timeout=60,  # type: ignore[arg-type]
-                        reactor=task.Clock())
+        site = rest_site(None, reactor=task.Clock(), max_body=1024,  # type: ignore[arg-type]
+                         idle_timeout=60, request_timeout=30)
 
         class Request:
             method = b"GET"

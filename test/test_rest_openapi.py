@@ -20,6 +20,7 @@ from test.test_rest import raw
 from ticrypt import identity, signed
 from ticrypt.encoding import b64
 from ticrypt.http import load_secret
+from ticrypt.http import server as http_server
 from ticrypt.rest import api, store
 
 DOC_PATH = os.path.join(os.path.dirname(api.__file__), "openapi.json")
@@ -60,16 +61,18 @@ def table_rows(text: str, first_cell: str) -> list[list[str]]:
 
 
 #: functions whose ApiError or error_body gets its code from a variable
-PASS_THROUGH = ("_store_error", "_unauthorized", "_handle")
+PASS_THROUGH = ("_store_error", "_unauthorized", "_answer")
 
 
 def raised_error_codes() -> set[tuple[int, str]]:
-    """Every (HTTP status, error code) rest can answer, read from its source:
+    """Every (HTTP status, error code) rest can answer, read from its source
+    and from the JSON server it runs on (ticrypt/http/server.py):
     ``ApiError(status, "code", ...)``, ``_unauthorized("code", ...)`` (401),
     ``error_body("code", ...)`` beside a literal status, and every
     ``StoreError("code", ...)`` with the status ``api._store_error`` gives it."""
     found: set[tuple[int, str]] = set()
-    for path in sorted(glob.glob(os.path.join(os.path.dirname(api.__file__), "*.py"))):
+    for path in [*sorted(glob.glob(os.path.join(os.path.dirname(api.__file__), "*.py"))),
+                 http_server.__file__]:
         with open(path, encoding="utf-8") as f:
             tree = ast.parse(f.read(), path)
         parents = {child: node for node in ast.walk(tree) for child in ast.iter_child_nodes(node)}

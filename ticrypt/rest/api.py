@@ -2,7 +2,7 @@
 
 Each handler takes a :class:`Call` (method, path parameters, body bytes,
 client address, bearer token) and returns ``(status, json_or_None)`` or
-raises :class:`~ticrypt.rest.core.ApiError`.  :data:`ROUTES` is the one list
+raises :class:`~ticrypt.http.server.ApiError`.  :data:`ROUTES` is the one list
 of what the service serves; the OpenAPI document (packaged beside this
 module, served at ``GET /v1/openapi.json``) is checked against it.
 """
@@ -13,7 +13,6 @@ import functools
 import hmac
 import importlib.resources
 import os
-import re
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
@@ -25,28 +24,21 @@ import ticrypt
 from ticrypt import identity, signed
 from ticrypt.audit import AuditLog
 from ticrypt.encoding import b64, unb64
+from ticrypt.http.server import ApiError, Field, Result, Route, parse_body
 from ticrypt.ratelimit import Clock, RateLimiter
 from ticrypt.rest import store
 from ticrypt.rest.core import (
     FINGERPRINT_RE,
-    ApiError,
     Challenge,
     ChallengeTable,
-    Field,
     check_name,
     new_token,
-    parse_body,
     parse_token,
     session_id,
     token_hash,
     valid_host,
 )
 from ticrypt.rest.store import StoreError
-
-Json = dict[str, Any]
-#: (status, body): a JSON object, bytes that are already JSON (sent as they
-#: are), or None for no body
-Result = tuple[int, Json | bytes | None]
 
 
 class Db(Protocol):
@@ -62,18 +54,6 @@ class Call:
     body: bytes
     client: str
     bearer: str | None
-
-
-@attrs.frozen
-class Route:
-    method: str
-    template: str  # OpenAPI-style path, e.g. /v1/vms/{id}
-    handler: str
-    regex: re.Pattern[str] = attrs.field(init=False)
-
-    def __attrs_post_init__(self) -> None:
-        pattern = re.sub(r"\\\{[a-z_]+\\\}", "([^/]+)", re.escape(self.template))
-        object.__setattr__(self, "regex", re.compile(pattern))
 
 
 ROUTES: tuple[Route, ...] = (

@@ -1,6 +1,7 @@
 """Sans-IO pieces of rest: login challenges, token hashing, session ids and
-request-body validation.  Clock and randomness are injected (the failed-login
-limits are :class:`ticrypt.ratelimit.RateLimiter`)."""
+the checks of its body fields (names, hosts).  Clock and randomness are
+injected.  The failed-login limits are :class:`ticrypt.ratelimit.RateLimiter`,
+body decoding is :func:`ticrypt.http.server.parse_body`."""
 
 from __future__ import annotations
 
@@ -9,30 +10,17 @@ import ipaddress
 import os
 import re
 from collections import OrderedDict, deque
-from collections.abc import Callable, Mapping
-from typing import Any
+from collections.abc import Callable
 
 import attrs
 
-from ticrypt.encoding import b64, loads_bounded, unb64
+from ticrypt.encoding import b64, unb64
 from ticrypt.ratelimit import Clock
 from ticrypt.signed import SID_BYTES
 
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 FINGERPRINT_RE = re.compile(r"sha256:[0-9a-f]{64}")
 TOKEN_BYTES = 32
-
-
-class ApiError(Exception):
-    """A failure shown to the client as ``{"error": {"code", "message"}}``."""
-
-    def __init__(self, status: int, code: str, message: str,
-                 headers: Mapping[str, str] | None = None):
-        self.status = status
-        self.code = code
-        self.message = message
-        self.headers = dict(headers or {})
-        super().__init__(f"{status} {code}: {message}")
 
 
 def new_token(random: Callable[[int], bytes] = os.urandom) -> str:
@@ -160,51 +148,9 @@ class ChallengeTable:
             self._drop(first.challenge_id)
 
 
-# ---------------------------------------------------------------- bodies
-
-@attrs.frozen
-class Field:
-    """One JSON body field: a Python type and an optional check returning an
-    error message (or None)."""
-
-    type: type
-    required: bool = True
-    check: Callable[[Any], str | None] | None = None
-
+# ---------------------------------------------------------------- body fields
 
 def check_name(value: str) -> str | None:
     return None if NAME_RE.fullmatch(value) else (
         "must be 1-64 characters of letters, digits, '.', '_' or '-', "
         "starting with a letter or digit")
-
-
-def parse_body(raw: bytes, fields: Mapping[str, Field]) -> dict[str, Any]:
-    """Decode a JSON object and check it against ``fields``; ApiError 400 with
-    codes ``malformed-json``, ``invalid-body``, ``unknown-field``,
-    ``missing-field`` or ``invalid-field``.  An empty body counts as ``{}``."""
-    if raw.strip() == b"":
-        obj: Any = {}
-    else:
-        try:
-            obj = loads_bounded(raw.decode("utf-8"), max_size=len(raw))
-        except (UnicodeDecodeError, ValueError):
-            raise ApiError(400, "malformed-json", "request body is not valid JSON") from None
-    if not isinstance(obj, dict):
-        raise ApiError(400, "invalid-body", "request body must be a JSON object")
-    for key in obj:
-        if key not in fields:
-            raise ApiError(400, "unknown-field", f"unknown field {key!r}")
-    for key, spec in fields.items():
-        if key not in obj:
-            if spec.required:
-                raise ApiError(400, "missing-field", f"missing field {key!r}")
-            continue
-        value = obj[key]
-        if not isinstance(value, spec.type) or isinstance(value, bool) != (spec.type is bool):
-            raise ApiError(400, "invalid-field",
-                           f"field {key!r} must be a {spec.type.__name__}")
-        if spec.check is not None:
-            problem = spec.check(value)
-            if problem:
-                raise ApiError(400, "invalid-field", f"field {key!r} {problem}")
-    return obj

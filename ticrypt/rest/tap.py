@@ -12,11 +12,12 @@ from twisted.logger import Logger
 from ticrypt import identity
 from ticrypt.audit import AuditLog
 from ticrypt.http import load_secret
+from ticrypt.http.server import LimitedFactory
 from ticrypt.rest import store
 from ticrypt.rest.api import RestApi
 from ticrypt.rest.config import SCHEMA
 from ticrypt.rest.db import Database
-from ticrypt.rest.web import ConnectionLimits, RestSite
+from ticrypt.rest.web import rest_site
 from ticrypt.service import ListenerService, RoleService, options_for
 
 Options = options_for("rest", SCHEMA)
@@ -63,14 +64,14 @@ def make_rest_service(cfg: Any, reactor: Any) -> RoleService:
         feed_secret=(load_secret(rest.revocation_feed_secret)
                      if rest.revocation_feed_secret is not None else None),
     )
-    site = RestSite(api, rest.max_body, rest.idle_timeout, reactor=reactor,
-                    request_timeout=rest.request_timeout)
+    site = rest_site(api, reactor=reactor, max_body=rest.max_body,
+                     idle_timeout=rest.idle_timeout, request_timeout=rest.request_timeout)
     plain = not rest.listen.startswith("ssl:")
     if plain:
         log.warn("listening without TLS ({listen}): allow_plain_http = yes is for tests only",
                  listen=rest.listen)
     label = "http" if plain else "https"
-    limited = ConnectionLimits(site, rest.max_connections, rest.max_connections_per_address)
+    limited = LimitedFactory(site, rest.max_connections, rest.max_connections_per_address)
     ListenerService(label, endpoints.serverFromString(reactor, rest.listen),
                     limited, key=("rest", "listen")).setServiceParent(top)
 
