@@ -21,7 +21,7 @@ from ticrypt.channel.handshake import decode_handshake
 from ticrypt.channel.records import RecordOpener, RecordSealer
 from ticrypt.encoding import JsonError, b64, canonical, loads_bounded, unb64
 from ticrypt.http.server import ApiError, Field, parse_body
-from ticrypt.proxy.ws import ControlError, parse_control
+from ticrypt.proxy.control import ControlError, parse_control
 
 PROPS = settings(max_examples=150, deadline=None,
                  suppress_health_check=[HealthCheck.too_slow])

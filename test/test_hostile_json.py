@@ -22,7 +22,7 @@ from ticrypt.frontend.control import Phase
 from ticrypt.frontend.errors import SessionError
 from ticrypt.frontend.leg import UserLeg
 from ticrypt.http.server import ApiError, Field, parse_body
-from ticrypt.proxy.ws import ControlError, parse_control
+from ticrypt.proxy.control import ControlError, parse_control
 
 #: Deep enough to overflow the interpreter's recursion limit, small enough
 #: to fit every size limit (8 KiB control messages, 4 KiB tokens).

@@ -11,7 +11,9 @@ import json
 import os
 from typing import Any
 
+from autobahn.websocket.types import ConnectionRequest
 from twisted.internet import defer, reactor
+from twisted.internet.address import IPv4Address
 from twisted.internet.error import ConnectionDone
 from twisted.internet.testing import StringTransport
 from twisted.python import usage
@@ -24,17 +26,10 @@ from ticrypt import closecodes, identity, signed, tlsutil
 from ticrypt.audit import AuditLog
 from ticrypt.config import ConfigError, load_config
 from ticrypt.encoding import b64
-from ticrypt.proxy import tap, tlsmem, ws
+from ticrypt.proxy import tap, tlsmem, wsmem
+from ticrypt.proxy.control import ControlError, LegState, UserLegMachine, parse_control
 from ticrypt.proxy.pairing import Limits, Paired, PairingTable, Refused, Waiting
-from ticrypt.proxy.ws import (
-    ControlError,
-    Leg,
-    LegState,
-    Pair,
-    RelayFactory,
-    Settings,
-    parse_control,
-)
+from ticrypt.proxy.ws import Leg, Pair, RelayFactory, Settings
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -157,11 +152,15 @@ def _factory(**settings: Any) -> RelayFactory:
                         audit=AuditLog(None, Clock()))
 
 
-def _open_leg(case: SynchronousTestCase, factory: RelayFactory) -> tuple[Leg, StringTransport]:
+def open_leg(case: SynchronousTestCase, factory: RelayFactory, path: str = "/v1/user",
+             address: str = "192.168.1.1") -> tuple[Leg, StringTransport]:
+    """An open leg of ``path`` on a StringTransport from ``address``
+    (autobahn's own opening handshake skipped)."""
     leg = Leg()
     leg.factory = factory
-    transport = StringTransport()
+    transport = StringTransport(peerAddress=IPv4Address("TCP", address, 40000))
     leg.makeConnection(transport)
+    leg.onConnect(ConnectionRequest(None, {}, "localhost", path, {}, 13, None, [], []))
     leg.state = Leg.STATE_OPEN
     leg.onOpen()
     # cancels autobahn's timers (handshake, ping, close) on the real reactor
@@ -169,12 +168,15 @@ def _open_leg(case: SynchronousTestCase, factory: RelayFactory) -> tuple[Leg, St
     return leg, transport
 
 
-def _start_pair(factory: RelayFactory, vm: Leg, user: Leg) -> Pair:
-    ticket = signed.Ticket(user="alice", user_key=b"\x01" * 32, vm="vm1",
-                           client="127.0.0.1", issued=0, expires=10, ticket_id="t")
-    factory.table.add_vm("vm1", vm)
-    user.ticket = ticket
-    paired = factory.table.add_user("vm1", user)
+def start_pair(factory: RelayFactory, vm: Leg, user: Leg,
+               ticket: signed.Ticket | None = None) -> Pair:
+    """Pair ``vm`` and ``user`` (whose ticket this is) in ``factory``."""
+    ticket = ticket or signed.Ticket(user="alice", user_key=b"\x01" * 32, vm="vm1",
+                                     client="127.0.0.1", issued=0, expires=10, ticket_id="t")
+    factory.table.add_vm(ticket.vm, vm)
+    assert isinstance(user.machine, UserLegMachine)
+    user.machine.ticket = ticket
+    paired = factory.table.add_user(ticket.vm, user)
     assert isinstance(paired, Paired)
     factory.start_pair(paired)
     assert vm.pair is not None
@@ -186,9 +188,9 @@ class BackpressureWiringTests(SynchronousTestCase):
 
     def test_full_buffer_pauses_partner_and_itself(self) -> None:
         factory = _factory(max_buffered=12345, ping_interval=30.0)
-        vm, vm_t = _open_leg(self, factory)
-        user, user_t = _open_leg(self, factory)
-        _start_pair(factory, vm, user)
+        vm, vm_t = open_leg(self, factory, "/v1/vm")
+        user, user_t = open_leg(self, factory)
+        start_pair(factory, vm, user)
         # each leg's transport holds a streaming producer from open
         self.assertTrue(vm_t.streaming)
         self.assertTrue(user_t.streaming)
@@ -223,7 +225,7 @@ class BackpressureWiringTests(SynchronousTestCase):
     def test_unpaired_leg_with_full_buffer_is_not_read(self) -> None:
         """Before pairing a leg's output is the proxy's own (challenge,
         pongs): when that backs up the leg is not read, pings go on."""
-        leg, t = _open_leg(self, _factory(ping_interval=30.0))
+        leg, t = open_leg(self, _factory(ping_interval=30.0))
         t.producer.pauseProducing()
         self.assertEqual(t.producerState, "paused")
         self.assertIsNotNone(leg.autoPingPendingCall)
@@ -232,9 +234,9 @@ class BackpressureWiringTests(SynchronousTestCase):
 
     def test_pair_end_unwires_and_resumes(self) -> None:
         factory = _factory()
-        vm, vm_t = _open_leg(self, factory)
-        user, user_t = _open_leg(self, factory)
-        pair = _start_pair(factory, vm, user)
+        vm, vm_t = open_leg(self, factory, "/v1/vm")
+        user, user_t = open_leg(self, factory)
+        pair = start_pair(factory, vm, user)
         vm_t.producer.pauseProducing()
         self.assertEqual(user_t.producerState, "paused")
         pair.end(vm, 1000, "bye")
@@ -249,9 +251,10 @@ class BackpressureWiringTests(SynchronousTestCase):
 
     def test_relay_counts_and_keeps_type(self) -> None:
         factory = _factory()
-        vm, vm_t = _open_leg(self, factory)
-        user, user_t = _open_leg(self, factory)
-        vm.phase = user.phase = LegState.PAIRED
+        vm, vm_t = open_leg(self, factory, "/v1/vm")
+        user, user_t = open_leg(self, factory)
+        assert vm.machine is not None and user.machine is not None
+        vm.machine.state = user.machine.state = LegState.PAIRED
         ticket = signed.Ticket(user="alice", user_key=b"\x01" * 32, vm="vm1",
                                client="127.0.0.1", issued=0, expires=10, ticket_id="t")
         factory.table.pairs = 1
@@ -861,7 +864,7 @@ class IdleSocketMemoryTests(_ClosesClients, TestCase):
                 called.callback(None)
             return results[-1]
 
-        self.patch(ws, "release_bio_buffers", spy)
+        self.patch(wsmem, "release_bio_buffers", spy)
         return results, called
 
     async def test_wss_listener_context_is_lean_and_idle_vm_releases_bios(self) -> None:
@@ -908,7 +911,7 @@ class IdleSocketMemoryTests(_ClosesClients, TestCase):
         state = vars(leg)
         for name in ("http_headers", "http_request_data", "http_response_data", "_wskey"):
             self.assertIsNone(state[name], name)
-        self.assertEqual(leg.nonce, "")
+        self.assertEqual(leg.machine.nonce, "")  # type: ignore[union-attr]
         # protocol options are read from the factory, not copied per socket
         settings = self.proxy.factory.settings
         for name, value in (("maxMessagePayloadSize", settings.max_message_size),

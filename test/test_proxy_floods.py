@@ -24,11 +24,12 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from test import wsframes as wf
-from test.test_proxy import ProxyCase, _factory, _start_pair
+from test.test_proxy import ProxyCase, _factory, start_pair
 from ticrypt import closecodes
 from ticrypt.proxy import ws
+from ticrypt.proxy.control import LegState
 from ticrypt.proxy.framebudget import REASON, FrameBudget, FrameLimits, Violation
-from ticrypt.proxy.ws import PEER_OVER_FRAME_LIMIT, Leg, LegState
+from ticrypt.proxy.ws import PEER_OVER_FRAME_LIMIT, Leg
 
 _ZERO = b"\x00\x00\x00\x00"
 OVER_LIMIT = closecodes.OVER_LIMIT.code
@@ -159,7 +160,7 @@ class LegFrameTests(SynchronousTestCase):
     def test_paired_leg_over_the_limit_ends_its_pair(self) -> None:
         vm, vm_t = _ws_leg(self, self.factory, "/v1/vm")
         user, user_t = _ws_leg(self, self.factory)
-        _start_pair(self.factory, vm, user)
+        start_pair(self.factory, vm, user)
         vm_t.clear()
         user_t.clear()
         user.dataReceived(wf.frame(wf.BINARY, b"x", fin=False, mask=_ZERO)

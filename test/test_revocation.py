@@ -12,24 +12,24 @@ from collections.abc import Callable
 from typing import Any
 
 from twisted.internet import endpoints, reactor, task
-from twisted.internet.error import ConnectionDone
 from twisted.internet.testing import StringTransport
 from twisted.logger import ILogObserver, globalLogPublisher
-from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web import resource, server
 from zope.interface import implementer
 
 from test import proxyfixture as pf
 from test.daemon import pid_alive
+from test.test_proxy import open_leg, start_pair
 from test.vmcfixture import Trio, start_trio
 from ticrypt import closecodes, identity, signed
 from ticrypt.audit import AuditLog
 from ticrypt.encoding import b64, canonical, unb64
 from ticrypt.frontend.session import SessionError, VmSession, open_session
 from ticrypt.proxy import revocations as rv
-from ticrypt.proxy.pairing import Limits, Paired, PairingTable, Waiting
-from ticrypt.proxy.ws import Leg, LegState, RelayFactory, Settings
+from ticrypt.proxy.control import LegState
+from ticrypt.proxy.pairing import Limits, PairingTable
+from ticrypt.proxy.ws import Leg, RelayFactory, Settings
 
 NOW = 1_800_000_000
 
@@ -173,16 +173,6 @@ class RevocationListTests(SynchronousTestCase):
 
 # ---------------------------------------------------------------- the factory
 
-def _open_leg(case: SynchronousTestCase, factory: RelayFactory) -> tuple[Leg, StringTransport]:
-    leg = Leg()
-    leg.factory = factory
-    transport = StringTransport()
-    leg.makeConnection(transport)
-    leg.state = Leg.STATE_OPEN
-    case.addCleanup(leg.connectionLost, Failure(ConnectionDone()))
-    return leg, transport
-
-
 def _close_frame(code: int, reason: str) -> bytes:
     body = struct.pack("!H", code) + reason.encode()
     return bytes([0x88, len(body)]) + body
@@ -205,14 +195,19 @@ class RevokePairsTests(SynchronousTestCase):
         self.factory.revocations = rv.RevocationList(identity.public_bytes(self.key), 60)
 
     def pair(self, t: signed.Ticket) -> tuple[StringTransport, StringTransport]:
-        vm, vm_t = _open_leg(self, self.factory)
-        user, user_t = _open_leg(self, self.factory)
-        user.ticket, vm.role, user.role = t, "vm", "user"
-        self.factory.table.add_vm(t.vm, vm)
-        paired = self.factory.table.add_user(t.vm, user)
-        assert isinstance(paired, Paired)
-        self.factory.start_pair(paired)
+        vm, vm_t = open_leg(self, self.factory, "/v1/vm")
+        user, user_t = open_leg(self, self.factory)
+        start_pair(self.factory, vm, user, t)
         return vm_t, user_t
+
+    def connect(self, user: str, session: str, vm: str = "vm1") -> tuple[Leg, StringTransport]:
+        """A user leg that sent ``connect`` with a ticket of ``user`` and ``session``."""
+        leg, t = open_leg(self, self.factory, address="127.0.0.1")
+        token = signed.make_ticket(self.key, user=user, user_key=b"\x01" * 32, vm=vm,
+                                   client="127.0.0.1", now=NOW, ttl=60,
+                                   ticket_id=os.urandom(4).hex(), session=session)
+        leg.onMessage(json.dumps({"type": "connect", "ticket": token}).encode(), False)
+        return leg, t
 
     def revoke(self, **kw: Any) -> int:
         assert self.factory.revocations is not None
@@ -229,10 +224,9 @@ class RevokePairsTests(SynchronousTestCase):
         bob_vm, bob_user = self.pair(ticket("bob"))
         bob2_vm, bob2_user = self.pair(ticket("bob", vm="vm2"))
         alice_vm, alice_user = self.pair(ticket("alice"))
-        waiting, waiting_t = _open_leg(self, self.factory)
-        waiting.role, waiting.ticket, waiting.vm_id = "user", ticket("bob", vm="vm3"), "vm3"
-        self.assertEqual(self.factory.table.add_user("vm3", waiting), Waiting(1))
-        waiting.phase = LegState.WAITING
+        waiting, waiting_t = self.connect("bob", sid(9), vm="vm3")
+        self.assertEqual(waiting.phase, LegState.WAITING)
+        self.assertEqual(self.factory.table.users_waiting("vm3"), 1)
         self.assertEqual(self.revoke(users={"bob": NOW - 5}), 3)
         frame = _close_frame(closecodes.REVOKED.code, rv.USER_DISABLED)
         for t in (bob_vm, bob_user, bob2_vm, bob2_user, waiting_t):
@@ -261,12 +255,7 @@ class RevokePairsTests(SynchronousTestCase):
     def test_tickets_of_revoked_users_and_sessions_are_refused(self) -> None:
         self.revoke(users={"bob": NOW}, sessions=[sid(1)])
         for user, session in (("bob", sid(2)), ("alice", sid(1))):
-            leg, t = _open_leg(self, self.factory)
-            leg.role, leg.address, leg.phase = "user", "127.0.0.1", LegState.HANDSHAKE
-            token = signed.make_ticket(self.key, user=user, user_key=b"\x01" * 32, vm="vm1",
-                                       client="127.0.0.1", now=NOW, ttl=60,
-                                       ticket_id=os.urandom(4).hex(), session=session)
-            leg.onMessage(json.dumps({"type": "connect", "ticket": token}).encode(), False)
+            leg, t = self.connect(user, session)
             self.assertTrue(t.value().endswith(_close_frame(4003, "ticket-refused: revoked")))
         self.assertEqual(self.factory.table.users_waiting("vm1"), 0)
 

@@ -1,13 +1,12 @@
 """The proxy's websocket legs (autobahn on Twisted) and the relay between them.
 
-Two paths on one listener (wire format: ``PROTOCOL.md`` §3):
-
-* ``/v1/vm``: the proxy sends a challenge, the vmc answers ``vm-auth`` (a VM
-  credential signed by the backend and a signature over the nonce with the VM
-  key); the socket then waits in the :class:`~ticrypt.proxy.pairing.PairingTable`.
-* ``/v1/user``: the frontend sends ``connect`` with a connection ticket, which
-  is verified offline with the backend public key; the user takes the oldest
-  waiting VM socket of the ticket's VM or waits up to ``user_wait_timeout``.
+Two paths on one listener (wire format: ``PROTOCOL.md`` §3): ``/v1/vm``
+(vmc's sockets: challenge, ``vm-auth``, then they wait in the
+:class:`~ticrypt.proxy.pairing.PairingTable`) and ``/v1/user`` (the
+frontend's: ``connect`` with a ticket, then the oldest waiting VM socket of
+its VM, or a wait of up to ``user_wait_timeout``).  The control exchange of
+each is a sans-IO machine (:mod:`ticrypt.proxy.control`); :class:`Leg`
+does what it says.
 
 Once paired the proxy relays whole websocket messages both ways, unchanged
 and in order (text stays text, binary stays binary; a fragmented message is
@@ -23,12 +22,10 @@ What reads or overrides autobahn internals lives in :mod:`ticrypt.proxy.wsmem`.
 
 from __future__ import annotations
 
-import enum
 import functools
 import ipaddress
-import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
 import attrs
@@ -39,21 +36,18 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
 from ticrypt import closecodes as cc
-from ticrypt import identity, signed
+from ticrypt import signed
 from ticrypt.audit import AuditLog
-from ticrypt.encoding import JsonError, b64, loads_bounded, unb64
+from ticrypt.proxy import control as ctl
+from ticrypt.proxy.control import ControlContext, LegMachine, LegState, UserLegMachine, VmLegMachine
 from ticrypt.proxy.framebudget import FrameBudget, FrameLimits, Violation
 from ticrypt.proxy.pairing import Paired, PairingTable, Refused, Waiting
-from ticrypt.proxy.replay import TicketLedger, TicketUses, Use
+from ticrypt.proxy.replay import TicketLedger, TicketUses
 from ticrypt.proxy.revocations import RevocationList
-from ticrypt.proxy.tlsmem import release_bio_buffers
 from ticrypt.proxy.wsmem import LeanWebSocket, OutputBatch
 
 VM_PATH = "/v1/vm"
 USER_PATH = "/v1/user"
-
-#: Largest control message (a ticket is at most signed.MAX_TOKEN characters).
-MAX_CONTROL = 8192
 
 #: What the partner of a leg dropped for its frames is told (code 4009).
 PEER_OVER_FRAME_LIMIT = cc.reason(cc.OVER_LIMIT.name, "the peer sent too many websocket frames")
@@ -82,14 +76,6 @@ class Settings:
     frames: FrameLimits = FrameLimits()
 
 
-class LegState(enum.Enum):
-    CONNECTING = "connecting"   # websocket opening handshake
-    HANDSHAKE = "handshake"     # open, control message not yet accepted
-    WAITING = "waiting"         # in the pairing table
-    PAIRED = "paired"           # relaying
-    DONE = "done"               # refused, closing or closed
-
-
 F = TypeVar("F", bound=Callable[..., Any])
 
 
@@ -105,7 +91,8 @@ def _guarded(method: F) -> F:
             self.plog.failure("proxy: unexpected error in {name} from {address}",
                               name=method.__name__, address=self.address)
             try:
-                self.phase = LegState.DONE
+                if self.machine is not None:
+                    self._run(self.machine.lost())
                 self.dropConnection(abort=True)
             except Exception:
                 self.plog.failure("proxy: could not drop the connection")
@@ -123,43 +110,6 @@ def _peer_ip(transport: Any) -> str:
     if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
         return str(addr.ipv4_mapped)
     return str(addr)
-
-
-_JSON_WHY = {"too-large": "too long", "too-deep": "nested too deeply",
-             "not-json": "is not JSON"}
-
-
-def _compact(obj: dict[str, Any]) -> bytes:
-    return json.dumps(obj, separators=(",", ":"), sort_keys=True).encode()
-
-
-class ControlError(Exception):
-    """A control message was refused: close with ``code`` and ``reason``
-    (``name: text``, the name from ``close``)."""
-
-    def __init__(self, close: cc.CloseCode, text: str):
-        self.code = close.code
-        self.reason = cc.reason(close.name, text)
-        super().__init__(self.reason)
-
-
-def parse_control(payload: bytes, is_binary: bool, expected: str,
-                  fields: tuple[str, ...]) -> dict[str, str]:
-    """A control message: a text message of compact JSON with exactly
-    ``type`` and ``fields``, all strings; ControlError(4000) otherwise."""
-    if is_binary:
-        raise ControlError(cc.BAD_MESSAGE, "control message must be text")
-    try:
-        msg = loads_bounded(payload, max_size=MAX_CONTROL)
-    except JsonError as e:
-        raise ControlError(cc.BAD_MESSAGE, f"control message {_JSON_WHY[e.code]}"
-                           ) from None
-    if not isinstance(msg, dict) or msg.get("type") != expected:
-        raise ControlError(cc.BAD_MESSAGE, f"expected a {expected} message")
-    if set(msg) != {"type", *fields} or not all(isinstance(msg[f], str) for f in fields):
-        raise ControlError(cc.BAD_MESSAGE, f"{expected} needs exactly "
-                           + ", ".join(fields))
-    return {f: msg[f] for f in fields}
 
 
 class Pair:
@@ -241,58 +191,106 @@ class Pair:
 
 
 class Leg(LeanWebSocket):
-    """One websocket to the proxy, VM side or user side."""
+    """One websocket to the proxy, VM side or user side: the adapter between
+    autobahn, the leg's control machine (:mod:`ticrypt.proxy.control`) and,
+    once paired, its :class:`Pair`."""
 
     # autobahn's protocol already has ``log`` (a txaio logger it calls with
     # its own formats); ours is a separate Twisted Logger.
     plog = Logger()
     factory: RelayFactory
+    # class-level defaults: an idle socket keeps no instance entry for them
+    address = "?"
+    #: the control exchange, from the opening handshake's path on
+    machine: LegMachine | None = None
+    pair: Pair | None = None
+    _timer: IDelayedCall | None = None
+    _held = 0        # _PARTNER_FULL | _OWN_FULL: why it is not read
+    _wired = False   # paired: our full buffer also holds the partner
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.phase = LegState.CONNECTING
-        self.role = ""
-        self.address = "?"
-        self.vm_id: str | None = None
-        self.ticket: signed.Ticket | None = None
-        self.pair: Pair | None = None
-        self.nonce = ""
-        self._timer: IDelayedCall | None = None
-        self._held = 0        # _PARTNER_FULL | _OWN_FULL: why it is not read
-        self._wired = False   # paired: our full buffer also holds the partner
+    @property
+    def phase(self) -> LegState:
+        return self.machine.state if self.machine is not None else LegState.CONNECTING
 
-    # -- helpers ---------------------------------------------------------------
+    @property
+    def role(self) -> str:
+        return self.machine.role if self.machine is not None else ""
+
+    # -- what the machine says ---------------------------------------------------
+
+    def _run(self, actions: Iterable[ctl.Action]) -> None:
+        for action in actions:
+            self._do(action)
+
+    def _do(self, action: ctl.Action) -> None:
+        match action:
+            case ctl.Send(payload):
+                self.sendMessage(payload, False)
+            case ctl.Close(code, reason):
+                self.plog.info("proxy: refused {role} from {address}: {reason}",
+                               role=self.role, address=self.address, reason=reason)
+                self.close_with(code, reason)
+            case ctl.Audit(event, fields):
+                self.factory.audit_write(event, **fields)
+            case ctl.ArmTimer(seconds):
+                self._cancel_timer()
+                self._timer = self.factory.clock.callLater(seconds, self._timed_out)
+            case ctl.CancelTimer():
+                self._cancel_timer()
+            case ctl.Join(role, vm_id):
+                assert self.machine is not None
+                self._run(self.machine.joined(self.factory.join(self, role, vm_id)))
+            case ctl.Leave(role, vm_id):
+                self.factory.leave(self, role, vm_id)
+            case ctl.Idle():
+                self.factory.clock.callLater(0, self._idle)
+            case ctl.StartRelay(paired):
+                self.factory.start_pair(paired)
 
     def _cancel_timer(self) -> None:
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
 
+    @_guarded
+    def _timed_out(self) -> None:
+        self._timer = None
+        if self.machine is not None:
+            self._run(self.machine.timed_out())
+
+    @_guarded
+    def _idle(self) -> None:
+        # waiting, possibly for hours: drop the TLS handshake's buffers
+        if self.phase is LegState.WAITING:
+            self.release_tls_buffers()
+
+    # -- for the factory and the pair ------------------------------------------
+
+    def join_pair(self, pair: Pair) -> None:
+        """Paired: tell the peer, relay from now on."""
+        assert self.machine is not None
+        self.pair = pair
+        self._run(self.machine.paired(pair.vm_id, pair.ticket))
+
+    def revoked(self, revocations: RevocationList) -> bool:
+        """Close this leg if it is a waiting user that ``revocations``
+        revokes; returns whether it did."""
+        if not isinstance(self.machine, UserLegMachine):
+            return False
+        actions = self.machine.revoked(revocations)
+        self._run(actions)
+        return bool(actions)
+
     def close_with(self, code: int, reason: str) -> None:
         """Close this leg with ``code``/``reason`` (after queued data)."""
         self._cancel_timer()
         self.release(_PARTNER_FULL | _OWN_FULL)
-        self.phase = LegState.DONE
+        if self.machine is not None:
+            self.machine.closing()
         if self.ws_open():
             # (cc.reason with no text: the reason cut to 123 bytes of UTF-8)
             self.sendCloseFrame(code=code, reasonUtf8=cc.reason(reason).encode("utf-8"),
                                 isReply=False)
-
-    def refuse(self, code: int, reason: str, event: str, **fields: Any) -> None:
-        """Refuse this leg before pairing: audit (no secrets), close."""
-        self._leave_table()
-        self.plog.info("proxy: refused {role} from {address}: {reason}",
-                       role=self.role, address=self.address, reason=reason)
-        self.factory.audit_write(event, reason=reason, address=self.address, **fields)
-        self.close_with(code, reason)
-
-    def _leave_table(self) -> None:
-        if self.phase is LegState.WAITING and self.vm_id is not None:
-            if self.role == "vm":
-                if self.factory.table.remove_vm(self.vm_id, self):
-                    self.factory.depth_changed(self.vm_id)
-            else:
-                self.factory.table.remove_user(self.vm_id, self)
 
     @_guarded
     def frames_exceeded(self, violation: Violation) -> None:
@@ -302,15 +300,12 @@ class Leg(LeanWebSocket):
         self.plog.info("proxy: {role} from {address} over the frame limit "
                        "({limit}, {allowed}): dropped", role=self.role,
                        address=self.address, limit=violation.limit, allowed=violation.allowed)
-        if self.phase is LegState.PAIRED and self.pair is not None and not self.pair.ended:
-            self.pair.end(self, cc.OVER_LIMIT.code, PEER_OVER_FRAME_LIMIT)
-            self.close_with(cc.OVER_LIMIT.code, violation.reason)
-        elif self.phase in (LegState.HANDSHAKE, LegState.WAITING):
-            fields: dict[str, Any] = {"vm": self.vm_id}
-            if self.ticket is not None:
-                fields["user"] = self.ticket.user
-            self.refuse(cc.OVER_LIMIT.code, violation.reason, f"{self.role}-refused", **fields)
-        else:  # already closing: it was audited then
+        refusal = self.machine.over_frame_limit(violation.reason) if self.machine else []
+        if refusal:
+            self._run(refusal)
+        else:  # paired, or already closing (it was audited then)
+            if self.pair is not None and not self.pair.ended:
+                self.pair.end(self, cc.OVER_LIMIT.code, PEER_OVER_FRAME_LIMIT)
             self.close_with(cc.OVER_LIMIT.code, violation.reason)
         self.drop_after_close()
 
@@ -383,12 +378,14 @@ class Leg(LeanWebSocket):
             self.factory.leg_gone()
 
     def onConnect(self, request: ConnectionRequest) -> None:
+        machine: type[LegMachine]
         if request.path == VM_PATH:
-            self.role = "vm"
+            machine = VmLegMachine
         elif request.path == USER_PATH:
-            self.role = "user"
+            machine = UserLegMachine
         else:
             raise ConnectionDeny(ConnectionDeny.NOT_FOUND, "unknown path")
+        self.machine = machine(self.factory.control, self.address)
         return None
 
     @_guarded
@@ -397,121 +394,15 @@ class Leg(LeanWebSocket):
         settings = self.factory.settings
         self.frame_budget = FrameBudget(settings.frames, self.factory.clock.seconds())
         self.watch_output(settings.max_buffered)
-        self.phase = LegState.HANDSHAKE
-        self._timer = self.factory.clock.callLater(
-            self.factory.settings.handshake_timeout, self._handshake_timed_out)
-        if self.role == "vm":
-            self.nonce = b64(self.factory.rng(32))
-            self.sendMessage(_compact({"type": "challenge", "nonce": self.nonce}), False)
-
-    @_guarded
-    def _handshake_timed_out(self) -> None:
-        self._timer = None
-        if self.phase is LegState.HANDSHAKE:
-            t = self.factory.settings.handshake_timeout
-            self.refuse(cc.TIMEOUT.code, cc.reason(cc.TIMEOUT.name,
-                                                   f"no control message within {t:g}s"),
-                        f"{self.role}-refused")
+        assert self.machine is not None
+        self._run(self.machine.opened())
 
     @_guarded
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
-        if self.phase is LegState.PAIRED:
-            assert self.pair is not None
+        if self.pair is not None:
             self.pair.relay(self, payload, isBinary)
-        elif self.phase is LegState.HANDSHAKE:
-            try:
-                if self.role == "vm":
-                    self._vm_auth(payload, isBinary)
-                else:
-                    self._user_connect(payload, isBinary)
-            except ControlError as e:
-                self.refuse(e.code, e.reason, f"{self.role}-refused",
-                            **({"vm": self.vm_id} if self.vm_id else {}))
-        elif self.phase is LegState.WAITING:
-            self.refuse(cc.BAD_MESSAGE.code,
-                        cc.reason(cc.BAD_MESSAGE.name, "unexpected message before pairing"),
-                        f"{self.role}-refused", vm=self.vm_id)
-        # DONE: closing; drop whatever still arrives
-
-    def _vm_auth(self, payload: bytes, is_binary: bool) -> None:
-        msg = parse_control(payload, is_binary, "vm-auth", ("credential", "signature"))
-        try:
-            cred = signed.verify_vm_credential(self.factory.backend_key, msg["credential"])
-        except signed.TokenError as e:
-            raise ControlError(cc.VM_AUTH_FAILED, f"credential {e.code}") from None
-        self.vm_id = cred.vm
-        try:
-            sig = unb64(msg["signature"], 64)
-        except ValueError:
-            raise ControlError(cc.VM_AUTH_FAILED, "bad-signature") from None
-        if not signed.verify(cred.vm_key, signed.PROXY_VM_AUTH,
-                             {"nonce": self.nonce, "vm": cred.vm}, sig):
-            raise ControlError(cc.VM_AUTH_FAILED, "bad-signature")
-        self.nonce = ""  # single use
-        self._cancel_timer()
-        result = self.factory.table.add_vm(cred.vm, self)
-        if isinstance(result, Refused):
-            raise ControlError(cc.OVER_LIMIT, result.reason)
-        self.factory.audit_write("vm-connected", vm=cred.vm, address=self.address,
-                                 key=identity.fingerprint(cred.vm_key))
-        if isinstance(result, Waiting):
-            self.phase = LegState.WAITING
-            self.sendMessage(_compact({"type": "waiting"}), False)
-            self.factory.depth_changed(cred.vm)
-            # idle from now on, possibly for hours: once this read is over,
-            # drop the TLS handshake's buffers
-            self.factory.clock.callLater(0, self._release_tls_buffers)
-        else:
-            self.sendMessage(_compact({"type": "waiting"}), False)
-            self.factory.start_pair(result)
-
-    def _user_connect(self, payload: bytes, is_binary: bool) -> None:
-        msg = parse_control(payload, is_binary, "connect", ("ticket",))
-        try:
-            ticket = signed.verify_ticket(self.factory.backend_key, msg["ticket"], vm=None,
-                                          client=self.address,
-                                          now=self.factory.clock.seconds())
-        except signed.TokenError as e:
-            raise ControlError(cc.TICKET_REFUSED, e.code) from None
-        revocations = self.factory.revocations
-        if revocations is not None and revocations.reason(ticket) is not None:
-            raise ControlError(cc.TICKET_REFUSED, "revoked")
-        use = self.factory.tickets.use(ticket.ticket_id, ticket.expires,
-                                       self.factory.clock.seconds())
-        if use is Use.REPLAYED:
-            raise ControlError(cc.TICKET_REFUSED, "replayed")
-        if use is Use.FULL:
-            raise ControlError(cc.OVER_LIMIT, "too many recent tickets")
-        if use is not Use.FIRST:  # not written to the ledger: fail closed
-            raise ControlError(cc.SERVER_ERROR, "cannot record the ticket")
-        self.ticket = ticket
-        self.vm_id = ticket.vm
-        self._cancel_timer()
-        result = self.factory.table.add_user(ticket.vm, self)
-        if isinstance(result, Refused):
-            raise ControlError(cc.OVER_LIMIT, result.reason)
-        if isinstance(result, Waiting):
-            self.phase = LegState.WAITING
-            self._timer = self.factory.clock.callLater(
-                self.factory.settings.user_wait_timeout, self._wait_timed_out)
-        else:
-            self.factory.start_pair(result)
-
-    @_guarded
-    def _release_tls_buffers(self) -> None:
-        if self.phase is LegState.WAITING and self.transport is not None:
-            get_handle = getattr(self.transport, "getHandle", None)
-            if get_handle is not None:
-                release_bio_buffers(get_handle())
-
-    @_guarded
-    def _wait_timed_out(self) -> None:
-        self._timer = None
-        if self.phase is LegState.WAITING:
-            t = self.factory.settings.user_wait_timeout
-            self.refuse(cc.NO_VM.code, cc.reason(cc.NO_VM.name, f"no VM socket within {t:g}s"),
-                        "user-refused", vm=self.vm_id,
-                        user=self.ticket.user if self.ticket else None)
+        elif self.machine is not None:
+            self._run(self.machine.message(payload, isBinary, self.factory.clock.seconds()))
 
     def sendCloseFrame(self, code: int | None = None, reasonUtf8: bytes | None = None,
                        isReply: bool = False) -> None:
@@ -552,14 +443,14 @@ class Leg(LeanWebSocket):
     @_guarded
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
         self._cancel_timer()
-        self._leave_table()
+        if self.machine is not None:
+            self._run(self.machine.lost())
         if self.pair is not None and not self.pair.ended:
             if self.lost_to_ping_timeout():
                 detail = "no answer to pings"
             else:
                 detail = "connection lost without a close frame"
             self.pair.end(self, cc.PEER_LOST.code, cc.reason(cc.PEER_LOST.name, detail))
-        self.phase = LegState.DONE
 
 
 class RelayFactory(WebSocketServerFactory):
@@ -567,8 +458,6 @@ class RelayFactory(WebSocketServerFactory):
 
     protocol = Leg  # type: ignore[assignment]
     log = Logger()
-    #: rest's revocation feed as last verified (None: not followed)
-    revocations: RevocationList | None = None
 
     def __init__(self, *, reactor: Any, clock: IReactorTime, backend_key: bytes,
                  table: PairingTable[Leg], settings: Settings, audit: AuditLog,
@@ -580,13 +469,16 @@ class RelayFactory(WebSocketServerFactory):
         self.table = table
         self.settings = settings
         self.audit = audit
-        self.rng = rng
         self.pairs: set[Pair] = set()
         self.output_batch = OutputBatch()
-        # single-use tickets: a TicketJournal (kept across restarts) from
-        # tap.makeService, else this memory-only ledger
-        self.tickets: TicketUses = (tickets if tickets is not None
-                                    else TicketLedger(settings.max_recent_tickets))
+        self.control = ControlContext(
+            backend_key=backend_key,
+            # single-use tickets: a TicketJournal (kept across restarts) from
+            # tap.makeService, else this memory-only ledger
+            tickets=tickets if tickets is not None else TicketLedger(settings.max_recent_tickets),
+            handshake_timeout=settings.handshake_timeout,
+            user_wait_timeout=settings.user_wait_timeout, rng=rng)
+        self._revocations: RevocationList | None = None
         self.open_legs = 0
         self._idle_waiters: list[defer.Deferred[None]] = []
         s = settings
@@ -608,6 +500,20 @@ class RelayFactory(WebSocketServerFactory):
             trustXForwardedFor=0,
             perMessageCompressionAccept=lambda offers: None,
         )
+
+    @property
+    def tickets(self) -> TicketUses:
+        """The single-use ledger of ticket ids."""
+        return self.control.tickets
+
+    @property
+    def revocations(self) -> RevocationList | None:
+        """rest's revocation feed as last verified (None: not followed)."""
+        return self._revocations
+
+    @revocations.setter
+    def revocations(self, revocations: RevocationList | None) -> None:
+        self._revocations = self.control.revocations = revocations
 
     def leg_gone(self) -> None:
         self.open_legs -= 1
@@ -635,22 +541,34 @@ class RelayFactory(WebSocketServerFactory):
                        vm=vm_id, depth=self.table.depth(vm_id),
                        total=self.table.waiting_total)
 
+    def join(self, leg: Leg, role: str, vm_id: str) -> Paired[Leg] | Waiting | Refused:
+        """``leg`` authenticated as a ``role`` socket of ``vm_id``: into the
+        pairing table."""
+        if role == "vm":
+            result = self.table.add_vm(vm_id, leg)
+            if isinstance(result, Waiting):
+                self.depth_changed(vm_id)
+            return result
+        return self.table.add_user(vm_id, leg)
+
+    def leave(self, leg: Leg, role: str, vm_id: str) -> None:
+        """``leg`` no longer waits in the pairing table."""
+        if role == "vm":
+            if self.table.remove_vm(vm_id, leg):
+                self.depth_changed(vm_id)
+        else:
+            self.table.remove_user(vm_id, leg)
+
     def start_pair(self, paired: Paired[Leg]) -> None:
         vm_leg, user_leg = paired.vm, paired.user
-        assert user_leg.ticket is not None
-        ticket = user_leg.ticket
-        for leg in (vm_leg, user_leg):
-            leg._cancel_timer()
-            leg.phase = LegState.PAIRED
+        assert isinstance(user_leg.machine, UserLegMachine) and user_leg.machine.ticket
+        ticket = user_leg.machine.ticket
         pair = Pair(self, paired.vm_id, ticket, vm_leg, user_leg)
-        vm_leg.pair = user_leg.pair = pair
         self.pairs.add(pair)
         vm_leg.wire(user_leg)
         user_leg.wire(vm_leg)
-        vm_leg.sendMessage(_compact({"type": "paired", "user": ticket.user,
-                                     "user_key": identity.public_text(ticket.user_key),
-                                     "client": ticket.client}), False)
-        user_leg.sendMessage(_compact({"type": "paired", "vm": paired.vm_id}), False)
+        vm_leg.join_pair(pair)
+        user_leg.join_pair(pair)
         self.depth_changed(paired.vm_id)
         self.audit_write("pair-start", vm=paired.vm_id, user=ticket.user,
                          client=ticket.client, vm_address=vm_leg.address)
@@ -670,9 +588,7 @@ class RelayFactory(WebSocketServerFactory):
         closed = 0
         # waiting users first: a pair that ends below may pair a waiting user
         for leg in self.table.waiting_users():
-            reason = self.revocations.reason(leg.ticket) if leg.ticket else None
-            if reason is not None and leg.ticket is not None:
-                leg.refuse(cc.REVOKED.code, reason, "user-refused", vm=leg.vm_id, user=leg.ticket.user)
+            if leg.revoked(self.revocations):
                 closed += 1
         for pair in list(self.pairs):
             reason = self.revocations.reason(pair.ticket)

@@ -27,7 +27,10 @@ autobahn upgrade touches this file only:
   read is aborted after ``closeHandshakeTimeout``; autobahn arms no timer
   for it (its close reply to a peer's close, or our own drop);
 * **pings**: autobahn's auto-ping timers are suspended and rescheduled
-  (:meth:`~LeanWebSocket.suspend_pings`, :meth:`~LeanWebSocket.resume_pings`).
+  (:meth:`~LeanWebSocket.suspend_pings`, :meth:`~LeanWebSocket.resume_pings`);
+* **TLS**: a socket that waits frees what the TLS handshake left in its
+  memory BIOs (:meth:`~LeanWebSocket.release_tls_buffers`, through
+  :mod:`ticrypt.proxy.tlsmem`).
 
 The protocol's factory must provide ``clock`` (an ``IReactorTime``) and
 ``output_batch`` (an :class:`OutputBatch`).
@@ -46,6 +49,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from ticrypt.proxy.framebudget import FrameBudget, Violation
+from ticrypt.proxy.tlsmem import release_bio_buffers
 
 #: autobahn is fed at most this much at a time (see LeanWebSocket.dataReceived).
 FEED_SLICE = 16384
@@ -171,6 +175,13 @@ class LeanWebSocket(WebSocketServerProtocol):
     def lost_to_ping_timeout(self) -> bool:
         """The connection was dropped because the peer did not answer a ping."""
         return "ping timeout" in (self.wasNotCleanReason or "")
+
+    def release_tls_buffers(self) -> bool:
+        """Give an idle TLS connection fresh, empty memory BIOs (freeing the
+        handshake flights' buffers); returns whether it did (a plain
+        connection has none)."""
+        get_handle = getattr(self.transport, "getHandle", None)
+        return get_handle is not None and release_bio_buffers(get_handle())
 
     def release_handshake_state(self) -> None:
         """Drop what only the opening handshake needed (HTTP request and
