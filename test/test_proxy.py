@@ -19,6 +19,7 @@ from twisted.internet.testing import StringTransport
 from twisted.python import usage
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
+from zope.interface.verify import verifyObject
 
 from test import proxyfixture as pf
 from test import wsframes as wf
@@ -29,7 +30,8 @@ from ticrypt.encoding import b64
 from ticrypt.proxy import tap, tlsmem, wsmem
 from ticrypt.proxy.control import ControlError, LegState, UserLegMachine, parse_control
 from ticrypt.proxy.pairing import Limits, Paired, PairingTable, Refused, Waiting
-from ticrypt.proxy.ws import Leg, Pair, RelayFactory, Settings
+from ticrypt.proxy.relay import IRelayEnd, Pair
+from ticrypt.proxy.ws import Leg, RelayFactory, Settings
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -249,23 +251,18 @@ class BackpressureWiringTests(SynchronousTestCase):
         self.assertEqual(factory.table.pairs, 0)
         self.assertEqual(user.phase, LegState.DONE)
 
-    def test_relay_counts_and_keeps_type(self) -> None:
+    def test_paired_legs_relay_whole_messages(self) -> None:
         factory = _factory()
-        vm, vm_t = open_leg(self, factory, "/v1/vm")
-        user, user_t = open_leg(self, factory)
-        assert vm.machine is not None and user.machine is not None
-        vm.machine.state = user.machine.state = LegState.PAIRED
-        ticket = signed.Ticket(user="alice", user_key=b"\x01" * 32, vm="vm1",
-                               client="127.0.0.1", issued=0, expires=10, ticket_id="t")
-        factory.table.pairs = 1
-        pair = Pair(factory, "vm1", ticket, vm, user)
-        vm.pair = user.pair = pair
+        vm, _ = open_leg(self, factory, "/v1/vm")
+        user, _ = open_leg(self, factory)
+        pair = start_pair(factory, vm, user)
         sent: list[tuple[bytes, bool]] = []
         vm.sendMessage = lambda p, b=False: sent.append((p, b))  # type: ignore[method-assign]
-        pair.relay(user, b"\x00\x01", True)
-        pair.relay(user, b"hi", False)
+        user.onMessage(b"\x00\x01", True)
+        user.onMessage(b"hi", False)
         self.assertEqual(sent, [(b"\x00\x01", True), (b"hi", False)])
         self.assertEqual((pair.bytes_up, pair.bytes_down), (4, 0))
+        self.assertTrue(verifyObject(IRelayEnd, vm))
 
 
 class ConfigTests(SynchronousTestCase):

@@ -26,10 +26,10 @@ from twisted.trial.unittest import SynchronousTestCase
 from test import wsframes as wf
 from test.test_proxy import ProxyCase, _factory, start_pair
 from ticrypt import closecodes
-from ticrypt.proxy import ws
 from ticrypt.proxy.control import LegState
 from ticrypt.proxy.framebudget import REASON, FrameBudget, FrameLimits, Violation
-from ticrypt.proxy.ws import PEER_OVER_FRAME_LIMIT, Leg
+from ticrypt.proxy.relay import OWN_FULL, PEER_OVER_FRAME_LIMIT
+from ticrypt.proxy.ws import Leg, RelayFactory
 
 _ZERO = b"\x00\x00\x00\x00"
 OVER_LIMIT = closecodes.OVER_LIMIT.code
@@ -99,7 +99,7 @@ def _close_frames(data: bytes) -> list[tuple[int, str]]:
     return out
 
 
-def _ws_leg(case: SynchronousTestCase, factory: ws.RelayFactory,
+def _ws_leg(case: SynchronousTestCase, factory: RelayFactory,
             path: str = "/v1/user") -> tuple[Leg, StringTransport]:
     """A leg on a StringTransport that went through the HTTP upgrade."""
     leg = factory.buildProtocol(None)
@@ -241,19 +241,19 @@ class FloodTests(ProxyCase):
         await self.start_floods(max_control_frames=1_000_000, max_buffered="16KiB",
                                 handshake_timeout="2s", close_handshake_timeout="300ms")
         full: defer.Deferred[Leg] = defer.Deferred()
-        output_full = Leg.output_full
+        pause_reading = Leg.pause_reading
 
-        def spy(leg: Leg) -> None:
-            output_full(leg)
-            if not full.called:
+        def spy(leg: Leg, why: int) -> None:
+            pause_reading(leg, why)
+            if why & OWN_FULL and not full.called:
                 full.callback(leg)
 
-        self.patch(Leg, "output_full", spy)
+        self.patch(Leg, "pause_reading", spy)
         raw = await self.raw()
         raw.stop_reading()
         flooded = raw.flood(wf.ping_flood())
         leg = await full
-        self.assertTrue(leg._held & ws._OWN_FULL)
+        self.assertTrue(leg.send_buffer_full())
         await flooded
         await raw.lost
         self.assertEqual([r["reason"] for r in self.audit("user-refused")],

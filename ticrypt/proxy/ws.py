@@ -1,21 +1,19 @@
-"""The proxy's websocket legs (autobahn on Twisted) and the relay between them.
+"""The proxy's websocket legs (autobahn on Twisted) and their factory.
 
 Two paths on one listener (wire format: ``PROTOCOL.md`` §3): ``/v1/vm``
 (vmc's sockets: challenge, ``vm-auth``, then they wait in the
 :class:`~ticrypt.proxy.pairing.PairingTable`) and ``/v1/user`` (the
 frontend's: ``connect`` with a ticket, then the oldest waiting VM socket of
-its VM, or a wait of up to ``user_wait_timeout``).  The control exchange of
-each is a sans-IO machine (:mod:`ticrypt.proxy.control`); :class:`Leg`
-does what it says.
-
-Once paired the proxy relays whole websocket messages both ways, unchanged
-and in order (text stays text, binary stays binary; a fragmented message is
-reassembled by autobahn and forwarded as one message), and sends nothing
-else.  Each leg's outgoing buffer is bounded by ``max_buffered``: when it is
-full the proxy stops reading the other leg (Twisted streaming producers) and
-the leg itself (its pongs are output too).  Every leg's frames are counted
-(:mod:`ticrypt.proxy.framebudget`): a peer over a frame limit is dropped
-with 4009.  A close on one leg closes the other with the same code and reason.
+its VM, or a wait of up to ``user_wait_timeout``).  A :class:`Leg` is an
+adapter: before pairing it feeds its control machine
+(:mod:`ticrypt.proxy.control`, sans-IO) and does what it answers; once
+paired it is an :class:`~ticrypt.proxy.relay.IRelayEnd` of a
+:class:`~ticrypt.proxy.relay.Pair`, which relays whole messages both ways,
+unchanged and in order, holds each leg's partner while the leg's send
+buffer (``max_buffered``) is full, and closes one leg when the other closes.
+Every leg's frames are counted (:mod:`ticrypt.proxy.framebudget`): a peer
+over a frame limit is dropped with 4009.  :class:`RelayFactory` holds what
+the legs share: the pairing table, the settings, the audit log.
 
 What reads or overrides autobahn internals lives in :mod:`ticrypt.proxy.wsmem`.
 """
@@ -34,27 +32,31 @@ from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
 from twisted.internet import defer
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
+from zope.interface import implementer
 
 from ticrypt import closecodes as cc
-from ticrypt import signed
 from ticrypt.audit import AuditLog
 from ticrypt.proxy import control as ctl
 from ticrypt.proxy.control import ControlContext, LegMachine, LegState, UserLegMachine, VmLegMachine
 from ticrypt.proxy.framebudget import FrameBudget, FrameLimits, Violation
 from ticrypt.proxy.pairing import Paired, PairingTable, Refused, Waiting
+from ticrypt.proxy.relay import (
+    OWN_FULL,
+    PARTNER_FULL,
+    PEER_OVER_FRAME_LIMIT,
+    IRelayEnd,
+    Pair,
+    SendBufferWatch,
+    peer_closed,
+    peer_failed,
+    peer_lost,
+)
 from ticrypt.proxy.replay import TicketLedger, TicketUses
 from ticrypt.proxy.revocations import RevocationList
 from ticrypt.proxy.wsmem import LeanWebSocket, OutputBatch
 
 VM_PATH = "/v1/vm"
 USER_PATH = "/v1/user"
-
-#: What the partner of a leg dropped for its frames is told (code 4009).
-PEER_OVER_FRAME_LIMIT = cc.reason(cc.OVER_LIMIT.name, "the peer sent too many websocket frames")
-
-# why a leg is not being read (bits of Leg._held)
-_PARTNER_FULL = 1   # its partner's send buffer is full
-_OWN_FULL = 2       # its own send buffer is full
 
 
 @attrs.frozen
@@ -112,88 +114,11 @@ def _peer_ip(transport: Any) -> str:
     return str(addr)
 
 
-class Pair:
-    """One VM leg joined with one user leg: relay, accounting, end."""
-
-    log = Logger()
-
-    def __init__(self, factory: RelayFactory, vm_id: str, ticket: signed.Ticket,
-                 vm_leg: Leg, user_leg: Leg):
-        self.factory = factory
-        self.vm_id = vm_id
-        self.ticket = ticket
-        self.vm_leg = vm_leg
-        self.user_leg = user_leg
-        self.started = factory.clock.seconds()
-        self.last_activity = self.started
-        self.bytes_up = 0     # user -> VM
-        self.bytes_down = 0   # VM -> user
-        self.ended = False
-        self._idle: IDelayedCall | None = factory.clock.callLater(
-            factory.settings.idle_timeout, self._check_idle)
-
-    def partner(self, leg: Leg) -> Leg:
-        return self.user_leg if leg is self.vm_leg else self.vm_leg
-
-    def relay(self, src: Leg, payload: bytes, is_binary: bool) -> None:
-        """Forward one whole message from ``src`` to its partner."""
-        if self.ended:
-            return
-        dst = self.partner(src)
-        if src is self.user_leg:
-            self.bytes_up += len(payload)
-        else:
-            self.bytes_down += len(payload)
-        self.last_activity = self.factory.clock.seconds()
-        if dst.phase is LegState.PAIRED and dst.ws_open():
-            dst.sendMessage(payload, is_binary)
-
-    def _check_idle(self) -> None:
-        try:
-            self._check_idle_now()
-        except Exception:
-            self.log.failure("proxy: idle check failed for {vm}", vm=self.vm_id)
-
-    def _check_idle_now(self) -> None:
-        self._idle = None
-        if self.ended:
-            return
-        idle_for = self.factory.clock.seconds() - self.last_activity
-        remaining = self.factory.settings.idle_timeout - idle_for
-        if remaining > 0:
-            self._idle = self.factory.clock.callLater(remaining, self._check_idle)
-            return
-        self.end(None, cc.TIMEOUT.code, cc.reason(
-            cc.TIMEOUT.name, f"idle for {self.factory.settings.idle_timeout:g}s"))
-
-    def end(self, src: Leg | None, code: int, reason: str) -> None:
-        """``src`` ended (None: the proxy ends the pair); close the other
-        leg(s) with ``code``/``reason`` after everything already relayed."""
-        if self.ended:
-            return
-        self.ended = True
-        if self._idle is not None and self._idle.active():
-            self._idle.cancel()
-        self._idle = None
-        for leg in (self.vm_leg, self.user_leg):
-            leg.unwire()
-        for leg in (self.vm_leg, self.user_leg):
-            if leg is not src:
-                leg.close_with(code, reason)
-        ended_by = "proxy" if src is None else ("vm" if src is self.vm_leg else "user")
-        now = self.factory.clock.seconds()
-        self.factory.audit_write(
-            "pair-end", vm=self.vm_id, user=self.ticket.user, client=self.ticket.client,
-            duration=round(now - self.started, 3), bytes_up=self.bytes_up,
-            bytes_down=self.bytes_down, close_code=code, close_reason=reason,
-            ended_by=ended_by)
-        self.factory.pair_ended(self)
-
-
+@implementer(IRelayEnd)
 class Leg(LeanWebSocket):
     """One websocket to the proxy, VM side or user side: the adapter between
     autobahn, the leg's control machine (:mod:`ticrypt.proxy.control`) and,
-    once paired, its :class:`Pair`."""
+    once paired, its :class:`~ticrypt.proxy.relay.Pair`."""
 
     # autobahn's protocol already has ``log`` (a txaio logger it calls with
     # its own formats); ours is a separate Twisted Logger.
@@ -205,8 +130,6 @@ class Leg(LeanWebSocket):
     machine: LegMachine | None = None
     pair: Pair | None = None
     _timer: IDelayedCall | None = None
-    _held = 0        # _PARTNER_FULL | _OWN_FULL: why it is not read
-    _wired = False   # paired: our full buffer also holds the partner
 
     @property
     def phase(self) -> LegState:
@@ -264,7 +187,7 @@ class Leg(LeanWebSocket):
         if self.phase is LegState.WAITING:
             self.release_tls_buffers()
 
-    # -- for the factory and the pair ------------------------------------------
+    # -- for the factory and the pair (IRelayEnd) ----------------------------------
 
     def join_pair(self, pair: Pair) -> None:
         """Paired: tell the peer, relay from now on."""
@@ -281,10 +204,17 @@ class Leg(LeanWebSocket):
         self._run(actions)
         return bool(actions)
 
+    def send(self, payload: bytes, is_binary: bool) -> None:
+        if self.phase is LegState.PAIRED and self.ws_open():
+            self.sendMessage(payload, is_binary)
+
+    def send_buffer_full(self) -> bool:
+        return self.reading_held(OWN_FULL)
+
     def close_with(self, code: int, reason: str) -> None:
         """Close this leg with ``code``/``reason`` (after queued data)."""
         self._cancel_timer()
-        self.release(_PARTNER_FULL | _OWN_FULL)
+        self.resume_reading(PARTNER_FULL | OWN_FULL)
         if self.machine is not None:
             self.machine.closing()
         if self.ws_open():
@@ -308,61 +238,6 @@ class Leg(LeanWebSocket):
                 self.pair.end(self, cc.OVER_LIMIT.code, PEER_OVER_FRAME_LIMIT)
             self.close_with(cc.OVER_LIMIT.code, violation.reason)
         self.drop_after_close()
-
-    # -- backpressure ----------------------------------------------------------
-
-    def wire(self, partner: Leg) -> None:
-        """Paired: when our outgoing buffer passes ``max_buffered``, stop
-        reading the partner (as well as ourselves) until it drains."""
-        self._wired = True
-        if self._held & _OWN_FULL:
-            partner.hold(_PARTNER_FULL)
-
-    def unwire(self) -> None:
-        """The pair ended: our buffer no longer holds the partner, nor the
-        partner's ours."""
-        self._wired = False
-        self.release(_PARTNER_FULL)
-
-    def output_full(self) -> None:
-        self.hold(_OWN_FULL)
-        if self._wired and self.pair is not None:
-            self.pair.partner(self).hold(_PARTNER_FULL)
-
-    def output_drained(self) -> None:
-        self.release(_OWN_FULL)
-        if self._wired and self.pair is not None:
-            self.pair.partner(self).release(_PARTNER_FULL)
-
-    def hold(self, why: int) -> None:
-        """Stop reading this leg, because its partner's send buffer is full
-        (``_PARTNER_FULL``) or its own (``_OWN_FULL``: it does not read its
-        pongs or what is relayed to it)."""
-        if not self.ws_open():
-            return
-        was = self._held
-        self._held |= why
-        if not was:
-            self.transport.pauseProducing()  # type: ignore[union-attr]
-        self._pings_follow_hold()
-
-    def release(self, why: int) -> None:
-        if not self._held & why:
-            return
-        self._held &= ~why
-        if not self._held and not self.ws_closed():
-            self.transport.resumeProducing()  # type: ignore[union-attr]
-        self._pings_follow_hold()
-
-    def _pings_follow_hold(self) -> None:
-        """Held only for a slow partner, this leg cannot have its pongs read:
-        its pings are suspended (the slow partner's own pings detect a dead
-        reader).  A leg whose own buffer is full keeps its pings: a peer that
-        reads nothing is dropped within ping_interval + ping_timeout."""
-        if self._held == _PARTNER_FULL:
-            self.suspend_pings()
-        else:
-            self.resume_pings()
 
     # -- autobahn callbacks --------------------------------------------------------
 
@@ -393,7 +268,7 @@ class Leg(LeanWebSocket):
         self.release_handshake_state()
         settings = self.factory.settings
         self.frame_budget = FrameBudget(settings.frames, self.factory.clock.seconds())
-        self.watch_output(settings.max_buffered)
+        self.watch_output(settings.max_buffered, SendBufferWatch(self))
         assert self.machine is not None
         self._run(self.machine.opened())
 
@@ -410,35 +285,16 @@ class Leg(LeanWebSocket):
         # autobahn itself fails a leg (1009 too big, 1002 protocol error,
         # 1007 bad UTF-8) through here: end the pair at once.
         if not isReply and self.pair is not None and not self.pair.ended:
-            if code == cc.TOO_BIG.code:
-                self.pair.end(self, cc.TOO_BIG.code, cc.reason(
-                    cc.TOO_BIG.name, "the peer sent a message over the proxy limit"))
-            else:
-                self.pair.end(self, cc.PEER_LOST.code, cc.reason(
-                    cc.PEER_LOST.name, f"the peer broke the websocket protocol ({code})"))
+            self.pair.end(self, *peer_failed(code))
 
     @_guarded
     def onCloseFrame(self, code: int, reasonRaw: bytes) -> bool | None:  # type: ignore[override]
         was_open = self.ws_open()
         result = super().onCloseFrame(code, reasonRaw)
         if was_open and self.pair is not None and not self.pair.ended:
-            self.pair.end(self, *self._for_partner(self.remoteCloseCode,
-                                                   self.remoteCloseReason,
-                                                   protocol_error=self.protocol_failed()))
+            self.pair.end(self, *peer_closed(self.remoteCloseCode, self.remoteCloseReason,
+                                             protocol_error=self.protocol_failed()))
         return result
-
-    @staticmethod
-    def _for_partner(code: int | None, reason: str | None,
-                     protocol_error: bool = False) -> tuple[int, str]:
-        """What the partner is told when this leg's peer closed."""
-        if protocol_error:
-            return cc.PEER_LOST.code, cc.reason(cc.PEER_LOST.name,
-                                                "the peer broke the websocket protocol")
-        if code is None:
-            return cc.NORMAL.code, ""
-        if code in (cc.NORMAL.code, cc.GOING_AWAY.code) or 4000 <= code <= 4999:
-            return code, reason or ""
-        return cc.PEER_LOST.code, cc.reason(cc.PEER_LOST.name, f"the peer closed with code {code}")
 
     @_guarded
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
@@ -446,11 +302,7 @@ class Leg(LeanWebSocket):
         if self.machine is not None:
             self._run(self.machine.lost())
         if self.pair is not None and not self.pair.ended:
-            if self.lost_to_ping_timeout():
-                detail = "no answer to pings"
-            else:
-                detail = "connection lost without a close frame"
-            self.pair.end(self, cc.PEER_LOST.code, cc.reason(cc.PEER_LOST.name, detail))
+            self.pair.end(self, *peer_lost(self.lost_to_ping_timeout()))
 
 
 class RelayFactory(WebSocketServerFactory):
@@ -563,17 +415,18 @@ class RelayFactory(WebSocketServerFactory):
         vm_leg, user_leg = paired.vm, paired.user
         assert isinstance(user_leg.machine, UserLegMachine) and user_leg.machine.ticket
         ticket = user_leg.machine.ticket
-        pair = Pair(self, paired.vm_id, ticket, vm_leg, user_leg)
+        pair = Pair(vm_id=paired.vm_id, ticket=ticket, vm=vm_leg, user=user_leg,
+                    clock=self.clock, idle_timeout=self.settings.idle_timeout,
+                    audit=self.audit_write, on_end=self._pair_ended)
         self.pairs.add(pair)
-        vm_leg.wire(user_leg)
-        user_leg.wire(vm_leg)
         vm_leg.join_pair(pair)
         user_leg.join_pair(pair)
+        pair.start()
         self.depth_changed(paired.vm_id)
         self.audit_write("pair-start", vm=paired.vm_id, user=ticket.user,
                          client=ticket.client, vm_address=vm_leg.address)
 
-    def pair_ended(self, pair: Pair) -> None:
+    def _pair_ended(self, pair: Pair) -> None:
         self.pairs.discard(pair)
         for formed in self.table.pair_ended():
             self.start_pair(formed)

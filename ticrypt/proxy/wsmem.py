@@ -22,12 +22,14 @@ autobahn upgrade touches this file only:
   byte-counted send buffer also bounds memory for tiny frames; a leg's own
   transport holds a producer for the leg's whole open life
   (:meth:`~LeanWebSocket.watch_output`), so a leg whose own send buffer is
-  full (its pongs and everything else) can stop being read;
+  full (its pongs and everything else) can stop being read
+  (:meth:`~LeanWebSocket.pause_reading`);
 * **closing**: a graceful close that cannot finish because the peer does not
   read is aborted after ``closeHandshakeTimeout``; autobahn arms no timer
   for it (its close reply to a peer's close, or our own drop);
-* **pings**: autobahn's auto-ping timers are suspended and rescheduled
-  (:meth:`~LeanWebSocket.suspend_pings`, :meth:`~LeanWebSocket.resume_pings`);
+* **pings**: autobahn's auto-ping timers are suspended while a leg is not
+  read only for its partner's sake (its pongs could not be read), and
+  rescheduled when it is read again;
 * **TLS**: a socket that waits frees what the TLS handshake left in its
   memory BIOs (:meth:`~LeanWebSocket.release_tls_buffers`, through
   :mod:`ticrypt.proxy.tlsmem`).
@@ -46,9 +48,9 @@ from twisted.internet.interfaces import IDelayedCall, IPushProducer
 from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from zope.interface import implementer
 
 from ticrypt.proxy.framebudget import FrameBudget, Violation
+from ticrypt.proxy.relay import PARTNER_FULL
 from ticrypt.proxy.tlsmem import release_bio_buffers
 
 #: autobahn is fed at most this much at a time (see LeanWebSocket.dataReceived).
@@ -106,27 +108,9 @@ class OutputBatch:
         self._legs.append(leg)
 
 
-@implementer(IPushProducer)
-class _OutputFull:
-    """On a leg's own transport from open to close: tells the leg when its
-    send buffer passes ``bufferSize`` and when it has drained."""
-
-    def __init__(self, leg: LeanWebSocket):
-        self.leg = leg
-
-    def pauseProducing(self) -> None:
-        self.leg.output_full()
-
-    def resumeProducing(self) -> None:
-        self.leg.output_drained()
-
-    def stopProducing(self) -> None:
-        pass
-
-
 class LeanWebSocket(WebSocketServerProtocol):
     """autobahn's server protocol, bounded.  Subclasses implement
-    :meth:`frames_exceeded`, :meth:`output_full` and :meth:`output_drained`."""
+    :meth:`frames_exceeded`."""
 
     wlog = Logger()
     factory: Any
@@ -136,6 +120,7 @@ class LeanWebSocket(WebSocketServerProtocol):
     _input_closed = False
     _out: list[bytes] | None = None
     _abort_call: IDelayedCall | None = None
+    _held = 0  # why this leg is not read (bits: ticrypt.proxy.relay OWN_FULL, PARTNER_FULL)
 
     def __getattr__(self, name: str) -> Any:
         # only reached for attributes missing from the instance: the protocol
@@ -149,14 +134,6 @@ class LeanWebSocket(WebSocketServerProtocol):
     def frames_exceeded(self, violation: Violation) -> None:
         """The peer went over a frame limit; nothing more of it is parsed.
         Close it (and say so); then call :meth:`drop_after_close`."""
-        raise NotImplementedError
-
-    def output_full(self) -> None:
-        """This leg's own send buffer passed ``bufferSize``."""
-        raise NotImplementedError
-
-    def output_drained(self) -> None:
-        """This leg's own send buffer has drained."""
         raise NotImplementedError
 
     # -- state ------------------------------------------------------------------
@@ -243,11 +220,46 @@ class LeanWebSocket(WebSocketServerProtocol):
 
     # -- output -----------------------------------------------------------------
 
-    def watch_output(self, buffer_size: int) -> None:
-        """From now on, :meth:`output_full` / :meth:`output_drained` follow
-        this leg's send buffer (``buffer_size`` bytes; also Twisted's read size)."""
+    def watch_output(self, buffer_size: int, producer: IPushProducer) -> None:
+        """From now on ``producer`` is paused when this leg's send buffer
+        passes ``buffer_size`` bytes (also Twisted's read size) and resumed
+        when it has drained."""
         self.transport.bufferSize = buffer_size  # type: ignore[union-attr]
-        self.transport.registerProducer(_OutputFull(self), True)  # type: ignore[union-attr]
+        self.transport.registerProducer(producer, True)  # type: ignore[union-attr]
+
+    def pause_reading(self, why: int) -> None:
+        """Stop reading this leg, because its partner's send buffer is full
+        (``PARTNER_FULL``) or its own (``OWN_FULL``: it does not read its
+        pongs or what is relayed to it)."""
+        if not self.ws_open():
+            return
+        was = self._held
+        self._held |= why
+        if not was:
+            self.transport.pauseProducing()  # type: ignore[union-attr]
+        self._pings_follow_reading()
+
+    def resume_reading(self, why: int) -> None:
+        """``why`` no longer holds this leg; it is read once nothing does."""
+        if not self._held & why:
+            return
+        self._held &= ~why
+        if not self._held and not self.ws_closed():
+            self.transport.resumeProducing()  # type: ignore[union-attr]
+        self._pings_follow_reading()
+
+    def reading_held(self, why: int) -> bool:
+        return bool(self._held & why)
+
+    def _pings_follow_reading(self) -> None:
+        """Held only for a slow partner, this leg cannot have its pongs read:
+        its pings are suspended (the slow partner's own pings detect a dead
+        reader).  A leg whose own buffer is full keeps its pings: a peer that
+        reads nothing is dropped within ping_interval + ping_timeout."""
+        if self._held == PARTNER_FULL:
+            self._suspend_pings()
+        else:
+            self._resume_pings()
 
     def sendData(self, data: bytes, sync: bool = False, chopsize: int | None = None) -> None:
         batch: OutputBatch = self.factory.output_batch
@@ -308,7 +320,7 @@ class LeanWebSocket(WebSocketServerProtocol):
 
     # -- pings ------------------------------------------------------------------
 
-    def suspend_pings(self) -> None:
+    def _suspend_pings(self) -> None:
         """Stop autobahn's pings (and the pong timeout) of this leg."""
         for name in ("autoPingPendingCall", "autoPingTimeoutCall"):
             call = getattr(self, name, None)
@@ -317,7 +329,7 @@ class LeanWebSocket(WebSocketServerProtocol):
                 setattr(self, name, None)
         self.autoPingPending = None
 
-    def resume_pings(self) -> None:
+    def _resume_pings(self) -> None:
         """Ping again after ``autoPingInterval`` unless a ping is scheduled
         or awaits its pong."""
         interval = self.autoPingInterval
