@@ -18,7 +18,7 @@ from test.restfixture import script
 from test.vmcfixture import CapturingRelay, Trio, deferred_later, start_trio, ws_payloads
 from ticrypt import identity
 from ticrypt.channel import app
-from ticrypt.frontend.session import RemoteError, SessionError, VmSession
+from ticrypt.frontend.session import ChannelSession, RemoteError, SessionError
 from ticrypt.vmc.processes import proc_info, set_window
 
 
@@ -48,7 +48,7 @@ class _PtyClient(protocol.ProcessProtocol):
         self.ended.callback(code if code is not None else -1)
 
 
-async def run(session: VmSession, argv: list[str], stdin: bytes | None = b""
+async def run(session: ChannelSession, argv: list[str], stdin: bytes | None = b""
               ) -> tuple[int, bytes, bytes]:
     out, err = bytearray(), bytearray()
     cmd = session.exec(argv, stdin=stdin, on_stdout=out.extend, on_stderr=err.extend)
@@ -237,7 +237,7 @@ class StopTests(TestCase):
 class SessionKillTests(TestCase):
     timeout = 120
 
-    async def _shell_job(self, trio: Trio) -> tuple[VmSession, int]:
+    async def _shell_job(self, trio: Trio) -> tuple[ChannelSession, int]:
         """A shell on the VM that started a job in a process group of its own
         (job control) that ignores SIGTERM; the job's pid."""
         s = await trio.session("owen")

@@ -25,7 +25,7 @@ from test.vmcfixture import Trio, start_trio
 from ticrypt import closecodes, identity, signed
 from ticrypt.audit import AuditLog
 from ticrypt.encoding import b64, canonical, unb64
-from ticrypt.frontend.session import SessionError, VmSession, open_session
+from ticrypt.frontend.session import ChannelSession, SessionError, open_session
 from ticrypt.proxy import revocations as rv
 from ticrypt.proxy.control import LegState
 from ticrypt.proxy.pairing import Limits, PairingTable
@@ -418,7 +418,7 @@ class PollerTests(TestCase):
 
 # ---------------------------------------------------------------- end to end
 
-async def _long_command(session: VmSession) -> int:
+async def _long_command(session: ChannelSession) -> int:
     """Start ``sleep 1000`` on the VM; return its pid once it runs."""
     out = bytearray()
     cmd = session.exec(["sh", "-c", "echo $$; exec sleep 1000"], on_stdout=out.extend)
@@ -437,7 +437,7 @@ class EndToEndTests(TestCase):
     async def setUp(self) -> None:  # type: ignore[override]
         self.trio: Trio = await start_trio(self)
 
-    async def assert_revoked(self, session: VmSession, pid: int, reason: str) -> None:
+    async def assert_revoked(self, session: ChannelSession, pid: int, reason: str) -> None:
         trio = self.trio
         ended: list[Any] = []
         session.closed.addBoth(lambda r: (ended.append(r), r)[1])

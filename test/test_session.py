@@ -16,7 +16,7 @@ from ticrypt.closecodes import split_reason
 from ticrypt.frontend import cmd_session, terminal
 from ticrypt.frontend.cli import build_parser
 from ticrypt.frontend.errors import close_error
-from ticrypt.frontend.session import Command, RemoteError, SessionError, VmSession
+from ticrypt.frontend.session import ChannelSession, Command, RemoteError, SessionError
 from ticrypt.vmc.processes import set_window
 
 
@@ -79,7 +79,7 @@ class FarEndTextTests(SynchronousTestCase):
         self.assertEqual(close_error(4400, "\x1b[2Jbad-signature").code, "?[2Jbad-signature")
 
     def test_remote_error_from_vm(self) -> None:
-        session = VmSession(_FakeLeg(), Clock())
+        session = ChannelSession(_FakeLeg(), Clock())
         d = defer.ensureDeferred(session.info())
         session.app_message({"t": "error", "id": 1, "code": "x\ny", "message": "a\x1b[31m\nb"},
                          b"")
@@ -116,7 +116,7 @@ class FramingTests(SynchronousTestCase):
         from ticrypt.frontend.leg import UserLeg
 
         leg = UserLeg()
-        session = VmSession(_FakeLeg(), Clock())
+        session = ChannelSession(_FakeLeg(), Clock())
         leg.receiver = session
         d = defer.ensureDeferred(session.info())
         out = bytearray()
@@ -136,7 +136,7 @@ class SessionTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.leg = _FakeLeg()
         self.clock = Clock()
-        self.session = VmSession(self.leg, self.clock)
+        self.session = ChannelSession(self.leg, self.clock)
 
     def test_exec_streams_and_exit(self) -> None:
         out, err = bytearray(), bytearray()
@@ -250,7 +250,7 @@ class SessionTests(SynchronousTestCase):
 
     def test_request_timeout(self) -> None:
         clock = Clock()
-        session = VmSession(self.leg, clock, request_timeout=5)
+        session = ChannelSession(self.leg, clock, request_timeout=5)
         d = defer.ensureDeferred(session.info())
         clock.advance(4)
         self.assertNoResult(d)

@@ -30,7 +30,7 @@ from test.daemon import Daemon, run_command, start_daemon
 from test.restfixture import RestEnv, script, start_rest
 from ticrypt import identity, tlsutil
 from ticrypt.frontend import clientconfig
-from ticrypt.frontend.session import VmSession, open_session
+from ticrypt.frontend.session import ChannelSession, open_session
 from ticrypt.lab.cli import free_port
 
 
@@ -136,7 +136,7 @@ class Trio:
 
     # -- users' side -----------------------------------------------------------
 
-    async def session(self, user: str, vm_id: str | None = None, **kw: Any) -> VmSession:
+    async def session(self, user: str, vm_id: str | None = None, **kw: Any) -> ChannelSession:
         """Log ``user`` in, get a ticket, open a secure session to the VM."""
         vm_id = vm_id or self.vm_id
         client = self.rest.client()

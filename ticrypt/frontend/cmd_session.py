@@ -22,7 +22,7 @@ from ticrypt.frontend.client import RestError, authenticated_client
 from ticrypt.frontend.cmd_account import load_user_key
 from ticrypt.frontend.errors import RemoteError, SessionError
 from ticrypt.frontend.runner import CommandError, load_config, run_async
-from ticrypt.frontend.session import Command, VmSession, open_session
+from ticrypt.frontend.session import ChannelSession, Command, open_session
 
 #: Exit status when the command does not exist on the VM (as shells use).
 NOT_FOUND = 127
@@ -66,7 +66,7 @@ def register(subparsers: Any) -> None:
     p.set_defaults(func=cmd_info)
 
 
-async def connect(reactor: Any, cfg: Config, vm_id: str) -> VmSession:
+async def connect(reactor: Any, cfg: Config, vm_id: str) -> ChannelSession:
     """Ticket from rest, then a secure session with the VM."""
     user_key = load_user_key(cfg)
     client = authenticated_client(reactor, cfg)
@@ -118,7 +118,7 @@ def _warn(vm_id: str, end: str = "\n") -> Any:
     return warn
 
 
-def _pump_stdin(reactor: Any, session: VmSession, cmd: Command) -> terminal.InputReader:
+def _pump_stdin(reactor: Any, session: ChannelSession, cmd: Command) -> terminal.InputReader:
     reader = terminal.InputReader(reactor, cmd.write, cmd.eof)
     # The reader pauses while the websocket is full and while the command's
     # stdin window is exhausted (the VM has not taken what was sent yet).
@@ -143,7 +143,7 @@ def cmd_exec(args: argparse.Namespace) -> int:
         raise CommandError("exec", "no command given; usage: ticrypt exec VM -- CMD [ARG...]")
     what = f"exec on {args.vm_id} failed"
 
-    async def body(reactor: Any, session: VmSession) -> int:
+    async def body(reactor: Any, session: ChannelSession) -> int:
         cmd = session.exec(argv, on_stdout=_out(sys.stdout), on_stderr=_out(sys.stderr),
                            on_warning=_warn(args.vm_id))
         if args.no_stdin:
@@ -170,7 +170,7 @@ def cmd_shell(args: argparse.Namespace) -> int:
     what = f"shell on {args.vm_id} failed"
     term = args.term or os.environ.get("TERM") or "xterm-256color"
 
-    async def body(reactor: Any, session: VmSession) -> int:
+    async def body(reactor: Any, session: ChannelSession) -> int:
         rows, cols = terminal.window_size(1) or terminal.window_size(0) or (24, 80)
         cmd = session.shell(term, rows, cols, on_output=_out(sys.stdout),
                             on_warning=_warn(args.vm_id, "\r\n"))
@@ -228,7 +228,7 @@ def cmd_authorize(args: argparse.Namespace) -> int:
                 return str(u["public_key"])
         raise CommandError(what, f"rest knows no user {args.user!r}")
 
-    async def body(reactor: Any, session: VmSession) -> int:
+    async def body(reactor: Any, session: ChannelSession) -> int:
         text = key or await lookup(reactor)
         result = await session.authorize(text, args.user)
         verb = "authorized" if result.get("added") else "updated"
@@ -242,7 +242,7 @@ def cmd_authorize(args: argparse.Namespace) -> int:
 def cmd_revoke(args: argparse.Namespace) -> int:
     what = f"cannot revoke {args.user} on {args.vm_id}"
 
-    async def body(reactor: Any, session: VmSession) -> int:
+    async def body(reactor: Any, session: ChannelSession) -> int:
         result = await session.revoke(args.user)
         print(f"revoked {result.get('name', args.user)} on {args.vm_id}")
         return 0
@@ -253,7 +253,7 @@ def cmd_revoke(args: argparse.Namespace) -> int:
 def cmd_users(args: argparse.Namespace) -> int:
     what = f"cannot list the users of {args.vm_id}"
 
-    async def body(reactor: Any, session: VmSession) -> int:
+    async def body(reactor: Any, session: ChannelSession) -> int:
         result = await session.users()
         if args.json:
             print(json.dumps({"owner": result.get("owner"), "users": result.get("users")},
@@ -272,7 +272,7 @@ def cmd_users(args: argparse.Namespace) -> int:
 def cmd_info(args: argparse.Namespace) -> int:
     what = f"cannot get info from {args.vm_id}"
 
-    async def body(reactor: Any, session: VmSession) -> int:
+    async def body(reactor: Any, session: ChannelSession) -> int:
         result = {k: v for k, v in (await session.info()).items() if k not in ("t", "id")}
         if args.json:
             print(json.dumps(result, sort_keys=True))

@@ -13,7 +13,7 @@
 it presents the ticket, waits for ``paired`` and runs the user end of the
 secure channel (:class:`~ticrypt.channel.UserChannel`), which refuses a VM
 whose key differs from ``vm_public_key`` (what rest registered).  Then a
-:class:`VmSession` multiplexes requests over it (PROTOCOL.md §5), talking
+:class:`ChannelSession` multiplexes requests over it (PROTOCOL.md §5), talking
 to the leg only through :class:`Leg`.  Every failure is a
 :class:`~ticrypt.frontend.errors.SessionError` with a stable ``code`` and
 one human line.
@@ -36,8 +36,8 @@ from ticrypt.channel import app
 from ticrypt.frontend.errors import RemoteError, SessionError, remote_error
 from ticrypt.frontend.leg import UserLeg, open_leg
 
-__all__ = ["CANCEL_WAIT", "Command", "Leg", "RemoteError", "SessionError", "VmSession",
-           "open_session"]
+__all__ = ["CANCEL_WAIT", "ChannelSession", "Command", "Leg", "RemoteError",
+           "SessionError", "open_session"]
 
 Output = Callable[[bytes], None]
 OnWarning = Callable[[RemoteError], None]
@@ -52,7 +52,7 @@ BYE = "bye"
 
 
 class Leg(Protocol):
-    """What a VmSession needs of its websocket (:class:`~ticrypt.frontend.leg.UserLeg`)."""
+    """What a ChannelSession needs of its websocket (:class:`~ticrypt.frontend.leg.UserLeg`)."""
 
     @property
     def ended(self) -> SessionError | None:
@@ -119,7 +119,7 @@ class Command:
 
     log = Logger()
 
-    def __init__(self, session: VmSession, rid: int, kind: str, on_stdout: Output | None,
+    def __init__(self, session: ChannelSession, rid: int, kind: str, on_stdout: Output | None,
                  on_stderr: Output | None, on_warning: OnWarning | None = None):
         self._session = session
         self.rid = rid
@@ -293,7 +293,7 @@ class _Pending:
             self.d.errback(err)
 
 
-class VmSession:
+class ChannelSession:
     """An established secure channel to one VM; requests multiplex over it.
 
     ``clock`` times requests out (``request_timeout``) and bounds the wait
@@ -441,8 +441,8 @@ def _chain(d: defer.Deferred[Any]) -> defer.Deferred[Any]:
 async def open_session(reactor: Any, proxy_url: str, ca_file: str, ticket: str,
                        user_key: Ed25519PrivateKey, vm_id: str, vm_public_key: bytes | str,
                        *, timeout: float = 30.0, request_timeout: float = 60.0,
-                       max_message: int = 1100000) -> VmSession:
-    """Connect, present the ticket, pair, run the handshake; the VmSession.
+                       max_message: int = 1100000) -> ChannelSession:
+    """Connect, present the ticket, pair, run the handshake; the ChannelSession.
 
     ``vm_public_key`` is the VM key rest reported (raw or ``ed25519:..``).
     ``timeout`` bounds the whole set-up, ``request_timeout`` each
@@ -451,8 +451,8 @@ async def open_session(reactor: Any, proxy_url: str, ca_file: str, ticket: str,
     if isinstance(vm_public_key, str):
         vm_public_key = identity.parse_public(vm_public_key)
 
-    def session(leg: UserLeg) -> VmSession:
-        return VmSession(leg, reactor, request_timeout=request_timeout, vm_key=leg.peer_key)
+    def session(leg: UserLeg) -> ChannelSession:
+        return ChannelSession(leg, reactor, request_timeout=request_timeout, vm_key=leg.peer_key)
 
     return await open_leg(reactor, proxy_url, ca_file, ticket, user_key, vm_id, vm_public_key,
                           session, timeout=timeout, max_message=max_message)
