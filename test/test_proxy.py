@@ -265,6 +265,27 @@ class BackpressureWiringTests(SynchronousTestCase):
         self.assertTrue(verifyObject(IRelayEnd, vm))
 
 
+class GuardTests(SynchronousTestCase):
+    def test_unexpected_error_drops_only_that_leg(self) -> None:
+        """An exception in a leg's handling is logged, the leg leaves the
+        pairing table and its connection is aborted; nothing escapes."""
+        factory = _factory()
+        leg, t = open_leg(self, factory)
+        assert isinstance(leg.machine, UserLegMachine)
+        leg.machine.state, leg.machine.vm_id = LegState.WAITING, "vm1"
+        factory.table.add_user("vm1", leg)
+
+        def boom(*args: Any) -> Any:
+            raise RuntimeError("surprise")
+
+        self.patch(UserLegMachine, "message", boom)
+        leg.onMessage(b"x", False)
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        self.assertEqual(factory.table.users_waiting("vm1"), 0)
+        self.assertIs(leg.phase, LegState.DONE)
+        self.assertTrue(t.disconnecting)
+
+
 class ConfigTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.dir = self.mktemp()

@@ -217,10 +217,7 @@ class Leg(LeanWebSocket):
         self.resume_reading(PARTNER_FULL | OWN_FULL)
         if self.machine is not None:
             self.machine.closing()
-        if self.ws_open():
-            # (cc.reason with no text: the reason cut to 123 bytes of UTF-8)
-            self.sendCloseFrame(code=code, reasonUtf8=cc.reason(reason).encode("utf-8"),
-                                isReply=False)
+        self.send_close(code, reason)
 
     @_guarded
     def frames_exceeded(self, violation: Violation) -> None:
@@ -234,7 +231,7 @@ class Leg(LeanWebSocket):
         if refusal:
             self._run(refusal)
         else:  # paired, or already closing (it was audited then)
-            if self.pair is not None and not self.pair.ended:
+            if self.pair is not None:
                 self.pair.end(self, cc.OVER_LIMIT.code, PEER_OVER_FRAME_LIMIT)
             self.close_with(cc.OVER_LIMIT.code, violation.reason)
         self.drop_after_close()
@@ -279,29 +276,23 @@ class Leg(LeanWebSocket):
         elif self.machine is not None:
             self._run(self.machine.message(payload, isBinary, self.factory.clock.seconds()))
 
-    def sendCloseFrame(self, code: int | None = None, reasonUtf8: bytes | None = None,
-                       isReply: bool = False) -> None:
-        super().sendCloseFrame(code=code, reasonUtf8=reasonUtf8, isReply=isReply)
-        # autobahn itself fails a leg (1009 too big, 1002 protocol error,
-        # 1007 bad UTF-8) through here: end the pair at once.
-        if not isReply and self.pair is not None and not self.pair.ended:
+    def close_sent(self, code: int | None) -> None:
+        # (a pair that ended first, closing this leg, is not ended again)
+        if self.pair is not None:
             self.pair.end(self, *peer_failed(code))
 
     @_guarded
-    def onCloseFrame(self, code: int, reasonRaw: bytes) -> bool | None:  # type: ignore[override]
-        was_open = self.ws_open()
-        result = super().onCloseFrame(code, reasonRaw)
-        if was_open and self.pair is not None and not self.pair.ended:
-            self.pair.end(self, *peer_closed(self.remoteCloseCode, self.remoteCloseReason,
-                                             protocol_error=self.protocol_failed()))
-        return result
+    def close_received(self, code: int | None, reason: str | None,
+                       protocol_error: bool) -> None:
+        if self.pair is not None:
+            self.pair.end(self, *peer_closed(code, reason, protocol_error))
 
     @_guarded
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
         self._cancel_timer()
         if self.machine is not None:
             self._run(self.machine.lost())
-        if self.pair is not None and not self.pair.ended:
+        if self.pair is not None:
             self.pair.end(self, *peer_lost(self.lost_to_ping_timeout()))
 
 

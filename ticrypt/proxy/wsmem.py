@@ -24,9 +24,14 @@ autobahn upgrade touches this file only:
   (:meth:`~LeanWebSocket.watch_output`), so a leg whose own send buffer is
   full (its pongs and everything else) can stop being read
   (:meth:`~LeanWebSocket.pause_reading`);
-* **closing**: a graceful close that cannot finish because the peer does not
-  read is aborted after ``closeHandshakeTimeout``; autobahn arms no timer
-  for it (its close reply to a peer's close, or our own drop);
+* **closing**: a close frame may carry any code (:meth:`~LeanWebSocket.send_close`:
+  the proxy passes 1009 on, which autobahn's ``sendClose`` refuses); the
+  subclass hears of every close frame sent and received
+  (:meth:`~LeanWebSocket.close_sent`, :meth:`~LeanWebSocket.close_received`),
+  autobahn failing the websocket included; a graceful close that cannot
+  finish because the peer does not read is aborted after
+  ``closeHandshakeTimeout``; autobahn arms no timer for it (its close reply
+  to a peer's close, or our own drop);
 * **pings**: autobahn's auto-ping timers are suspended while a leg is not
   read only for its partner's sake (its pongs could not be read), and
   rescheduled when it is read again;
@@ -49,6 +54,7 @@ from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from ticrypt import closecodes
 from ticrypt.proxy.framebudget import FrameBudget, Violation
 from ticrypt.proxy.relay import PARTNER_FULL
 from ticrypt.proxy.tlsmem import release_bio_buffers
@@ -110,7 +116,7 @@ class OutputBatch:
 
 class LeanWebSocket(WebSocketServerProtocol):
     """autobahn's server protocol, bounded.  Subclasses implement
-    :meth:`frames_exceeded`."""
+    :meth:`frames_exceeded`, :meth:`close_sent` and :meth:`close_received`."""
 
     wlog = Logger()
     factory: Any
@@ -134,6 +140,18 @@ class LeanWebSocket(WebSocketServerProtocol):
     def frames_exceeded(self, violation: Violation) -> None:
         """The peer went over a frame limit; nothing more of it is parsed.
         Close it (and say so); then call :meth:`drop_after_close`."""
+        raise NotImplementedError
+
+    def close_sent(self, code: int | None) -> None:
+        """A close frame with ``code`` went out that the peer did not ask
+        for: ours, or autobahn failing the websocket (1009 message too big,
+        1002 protocol error, 1007 bad UTF-8)."""
+        raise NotImplementedError
+
+    def close_received(self, code: int | None, reason: str | None,
+                       protocol_error: bool) -> None:
+        """The peer's close frame arrived on the open websocket
+        (``protocol_error``: a malformed one, which autobahn failed)."""
         raise NotImplementedError
 
     # -- state ------------------------------------------------------------------
@@ -296,6 +314,27 @@ class LeanWebSocket(WebSocketServerProtocol):
         self.wlog.info("proxy: {peer} did not read its close: connection aborted",
                        peer=self.peer)
         self.transport.abortConnection()  # type: ignore[union-attr]
+
+    def send_close(self, code: int, reason: str) -> None:
+        """Send a close frame with ``code`` (any: 1009 too) and ``reason``
+        (cut to 123 bytes of UTF-8) if the websocket is open."""
+        if self.ws_open():
+            self.sendCloseFrame(code=code, reasonUtf8=closecodes.reason(reason).encode("utf-8"),
+                                isReply=False)
+
+    def sendCloseFrame(self, code: int | None = None, reasonUtf8: bytes | None = None,
+                       isReply: bool = False) -> None:
+        super().sendCloseFrame(code=code, reasonUtf8=reasonUtf8, isReply=isReply)
+        if not isReply:
+            self.close_sent(code)
+
+    def onCloseFrame(self, code: int, reasonRaw: bytes) -> bool | None:  # type: ignore[override]
+        was_open = self.ws_open()
+        result = super().onCloseFrame(code, reasonRaw)
+        if was_open:
+            self.close_received(self.remoteCloseCode, self.remoteCloseReason,
+                                self.protocol_failed())
+        return result
 
     def drop_after_close(self) -> None:
         """Close the TCP connection once what is queued (our close frame) is
