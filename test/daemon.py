@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import os
 
-from twisted.internet import reactor
+from twisted.internet import reactor, task
 from twisted.trial.unittest import TestCase
 
 from ticrypt.lab import daemons
 from ticrypt.lab.daemons import ROOT, Daemon, daemon_env, script_path, twistd_path
 
-__all__ = ["ROOT", "Daemon", "daemon_env", "kill_if_alive", "pid_alive", "run_command",
+__all__ = ["ROOT", "Daemon", "daemon_env", "kill_if_alive", "pid_alive", "pid_gone", "run_command",
            "script_path", "spawn_daemon", "start_daemon", "twistd_path"]
 
 
@@ -45,6 +45,17 @@ def pid_alive(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
     except (FileNotFoundError, IndexError):
         return False
+
+
+async def pid_gone(pid: int, seconds: float = 10.0) -> bool:
+    """Wait (polling on the reactor, at most ``seconds``) until ``pid`` is
+    gone or a zombie; whether it is.  A SIGKILL is delivered when the target
+    next runs, so a test checks its effect with this, not at once."""
+    for _ in range(max(1, int(seconds / 0.05))):
+        if not pid_alive(pid):
+            return True
+        await task.deferLater(reactor, 0.05, lambda: None)
+    return not pid_alive(pid)
 
 
 def kill_if_alive(pid: int) -> None:

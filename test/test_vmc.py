@@ -23,7 +23,7 @@ from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 from zope.interface import implementer
 
-from test.daemon import kill_if_alive, pid_alive
+from test.daemon import kill_if_alive, pid_gone
 from ticrypt import identity
 from ticrypt.audit import AuditLog
 from ticrypt.backoff import Backoff
@@ -572,7 +572,7 @@ class ProcessGroupTests(TestCase):
         group.close()
         group.close()  # idempotent
         await empty
-        self.assertFalse(pid_alive(background))
+        self.assertTrue(await pid_gone(background), "a child that ignores SIGTERM survived close")
         self.assertEqual(self.finished, [])  # closed: nothing more is reported
 
     async def test_close_kills_jobs_in_their_own_process_groups(self) -> None:
@@ -598,13 +598,7 @@ class ProcessGroupTests(TestCase):
         empty = group.when_empty()
         group.close()
         await empty.addTimeout(20, reactor)  # the SIGKILLs went out after kill_grace
-        for _ in range(200):  # bounded: 10 s for the kernel to finish it
-            if not pid_alive(job):
-                break
-            d2: defer.Deferred[None] = defer.Deferred()
-            reactor.callLater(0.05, d2.callback, None)
-            await d2
-        self.assertFalse(pid_alive(job), "a job in its own process group survived close")
+        self.assertTrue(await pid_gone(job), "a job in its own process group survived close")
 
     async def test_cancel_kills_group(self) -> None:
         self.group.start_exec(4, ("sh", "-c", "sleep 300 & echo $!; sleep 301; echo never"))
@@ -617,13 +611,8 @@ class ProcessGroupTests(TestCase):
         status = await self.wait(4)
         self.assertEqual(status, 128 + 15)
         self.assertEqual(self.out(4), f"{background}\n".encode())
-        for _ in range(200):  # the background sleep got the signal too (bounded wait)
-            if not pid_alive(background):
-                break
-            d2: defer.Deferred[None] = defer.Deferred()
-            reactor.callLater(0.05, d2.callback, None)
-            await d2
-        self.assertFalse(pid_alive(background))
+        # the background sleep got the signal too
+        self.assertTrue(await pid_gone(background), "the background child survived cancel")
 
     async def test_shell_pty(self) -> None:
         self.group.start_shell(5, "xterm", 30, 91)
