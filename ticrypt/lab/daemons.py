@@ -1,7 +1,8 @@
 """Run ticrypt daemons as real ``twistd -n`` processes and wait for their
 ``TICRYPT-READY`` line (event-driven, with a deadline; never a sleep).
 
-Used by ``ticrypt-lab`` and by the integration tests (test/daemon.py).
+Used by ``ticrypt-lab``, the benchmarks and the integration tests
+(test/daemon.py); :mod:`ticrypt.lab.deploy` writes the files they read.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import json
 import os
 import signal
 import sys
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from twisted.internet import defer, protocol
@@ -182,6 +184,16 @@ async def run_command(reactor: Any, args: list[str], *, env: dict[str, str] | No
     if timer.active():
         timer.cancel()
     return code, out.decode("utf-8", "replace"), err.decode("utf-8", "replace")
+
+
+def runner(reactor: Any, *, cwd: str | None = None, env: dict[str, str] | None = None,
+           timeout: float = 60.0) -> Callable[[list[str]], Awaitable[tuple[int, str, str]]]:
+    """:func:`run_command` for console scripts: ``argv[0]`` is a name such as
+    ``ticrypt-admin``, found beside this Python (:func:`script_path`)."""
+    async def run(args: list[str]) -> tuple[int, str, str]:
+        return await run_command(reactor, [script_path(args[0]), *args[1:]], env=env,
+                                 timeout=timeout, cwd=cwd)
+    return run
 
 
 def _kill(transport: Any) -> None:
