@@ -1,5 +1,6 @@
 """Real daemons for integration tests: thin trial wrappers around
-:mod:`ticrypt.lab.daemons` that stop every process in cleanup."""
+:mod:`ticrypt.lab.daemons` that stop every process in cleanup, and the
+``run``/``start`` callables :class:`ticrypt.lab.deploy.Deployment` takes."""
 
 from __future__ import annotations
 
@@ -10,9 +11,10 @@ from twisted.trial.unittest import TestCase
 
 from ticrypt.lab import daemons
 from ticrypt.lab.daemons import ROOT, Daemon, daemon_env, script_path, twistd_path
+from ticrypt.lab.deploy import Run, Start
 
 __all__ = ["ROOT", "Daemon", "daemon_env", "kill_if_alive", "pid_alive", "pid_gone", "run_command",
-           "script_path", "spawn_daemon", "start_daemon", "twistd_path"]
+           "runner", "script_path", "spawn_daemon", "start_daemon", "starter", "twistd_path"]
 
 
 def spawn_daemon(testcase: TestCase, plugin: str, config_path: str,
@@ -36,6 +38,17 @@ async def run_command(args: list[str], env: dict[str, str] | None = None,
     """Run a command to completion: (exit code, stdout, stderr)."""
     return await daemons.run_command(reactor, args, env=env, stdin=stdin, timeout=timeout,
                                      cwd=ROOT)
+
+
+def runner() -> Run:
+    """Runs console scripts for a :class:`~ticrypt.lab.deploy.Deployment`."""
+    return daemons.runner(reactor, cwd=ROOT)
+
+
+def starter(testcase: TestCase) -> Start:
+    """Starts daemons for a :class:`~ticrypt.lab.deploy.Deployment`; each is
+    stopped in ``testcase``'s cleanup."""
+    return lambda plugin, config: start_daemon(testcase, plugin, config)
 
 
 def pid_alive(pid: int) -> bool:

@@ -9,8 +9,8 @@ import stat
 
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from test.daemon import run_command
-from test.restfixture import make_rest_dir, script, start_rest
+from test.daemon import run_command, script_path
+from test.restfixture import make_rest_dir, start_rest
 from ticrypt import identity
 from ticrypt.rest import db, store
 
@@ -28,7 +28,7 @@ class AdminCliTests(TestCase):
         self.assertEqual(env.backend_public,
                          identity.public_bytes(identity.load_private(env.signing_key)))
         code, out, err = await env.admin("init", "--superadmin", "x", "--public-key",
-                                         env.admin_key_file[:-4] + ".pub")
+                                         env.admin_pub_file)
         self.assertEqual(code, 1)
         self.one_line(err, f"ticrypt-admin: init failed: database {env.database} already "
                            "exists; refusing to initialise it again")
@@ -66,13 +66,13 @@ class AdminCliTests(TestCase):
 
     async def test_missing_config_and_tls_init(self) -> None:
         missing = os.path.abspath("nope.ini")
-        code, out, err = await run_command([script("ticrypt-admin"), "--config", missing,
+        code, out, err = await run_command([script_path("ticrypt-admin"), "--config", missing,
                                             "user", "list"])
         self.assertEqual(code, 1)
         self.one_line(err, f"ticrypt-admin: cannot load config: {missing}: config file does "
                            "not exist")
         directory = os.path.abspath(self.mktemp())
-        args = [script("ticrypt-admin"), "tls", "init", "--dir", directory, "--name",
+        args = [script_path("ticrypt-admin"), "tls", "init", "--dir", directory, "--name",
                 "rest.example", "--name", "127.0.0.1"]
         code, out, err = await run_command(args)
         self.assertEqual(code, 0, err)

@@ -13,8 +13,7 @@ from twisted.internet.error import ProcessDone
 from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 
-from test.daemon import daemon_env, kill_if_alive, pid_alive
-from test.restfixture import script
+from test.daemon import daemon_env, kill_if_alive, pid_alive, script_path
 from test.vmcfixture import CapturingRelay, Trio, deferred_later, start_trio, ws_payloads
 from ticrypt import identity
 from ticrypt.channel import app
@@ -184,7 +183,7 @@ class ExecTests(TestCase):
         trio = self.trio
         assert trio.vmc is not None
         await trio.vmc.stop()
-        os.unlink(os.path.join(trio.dir, "vmc", "enroll.token"))  # single use anyway
+        os.unlink(trio.vmc_token_file)  # single use anyway
         await trio.start_vmc(self)
         status, out = await eventually_exec(trio, "owen")
         self.assertEqual((status, out), (0, b"back\n"))
@@ -524,9 +523,7 @@ class CliTests(TestCase):
         the remote prompt; returns (process protocol, an fd that reads the
         terminal's modes, the modes before the CLI started)."""
         trio = self.trio
-        path = os.path.join(trio.dir, "client-owen", "client.ini")
-        if not os.path.exists(path):
-            path = await trio.client_config("owen")
+        path = await trio.client_config("owen")
         master, slave = os.openpty()
         # A second master fd reads the terminal's modes (on Linux the master
         # reports the slave's termios) without holding the slave open.
@@ -535,8 +532,8 @@ class CliTests(TestCase):
         set_window(slave, rows, cols)
         before = termios.tcgetattr(keep)
         proto = _PtyClient()
-        reactor.spawnProcess(proto, script("ticrypt"),
-                             [script("ticrypt"), "--config", path, "shell", trio.vm_id],
+        reactor.spawnProcess(proto, script_path("ticrypt"),
+                             [script_path("ticrypt"), "--config", path, "shell", trio.vm_id],
                              env=daemon_env(), usePTY=(master, slave, os.ttyname(slave)))  # type: ignore[arg-type]
         while b"$ " not in proto.output and b"# " not in proto.output:
             await proto.next_output()
@@ -715,8 +712,8 @@ class ContainmentTests(TestCase):
         proto = _PtyClient()  # plain pipes here, no terminal
         hidden = ("(setsid env -u TICRYPT_VMC_JOB sh -c 'echo ESC=$$; exec sleep 1000' &); "
                   "echo started; exec sleep 300")
-        reactor.spawnProcess(proto, script("ticrypt"),  # type: ignore[attr-defined]
-                             [script("ticrypt"), "--config", path, "exec", "-n", trio.vm_id,
+        reactor.spawnProcess(proto, script_path("ticrypt"),  # type: ignore[attr-defined]
+                             [script_path("ticrypt"), "--config", path, "exec", "-n", trio.vm_id,
                               "--", "sh", "-c", hidden], env=daemon_env())
         pid, start = await _tagged_pid(proto.output, b"ESC", self)
         while b"started" not in proto.output:

@@ -333,7 +333,7 @@ class KeyFileFormatTests(SynchronousTestCase):
         env = make_rest_dir(os.path.join(self.dir, "rest"), "alice", None)
         with contextlib.redirect_stdout(io.StringIO()):
             code = main(["--config", env.config_path, "init", "--superadmin", "alice",
-                         "--public-key", env.admin_key_file[:-4] + ".pub"])
+                         "--public-key", env.admin_pub_file])
         self.assertEqual(code, 0)
         signing = identity.public_bytes(identity.load_private(env.signing_key))
         path = os.path.join(os.path.dirname(env.signing_key), "backend.pub")

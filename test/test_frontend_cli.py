@@ -7,27 +7,23 @@ import stat
 
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from test.daemon import daemon_env, run_command
-from test.restfixture import RestEnv, script, start_rest
+from test.daemon import daemon_env, run_command, script_path
+from test.restfixture import RestEnv, start_rest
 from ticrypt import identity, tlsutil
 from ticrypt.frontend import cli
 
 
 def write_client_config(env: RestEnv, user: str, ca_file: str | None = None) -> str:
-    directory = os.path.join(env.dir, f"client-{user}")
-    os.makedirs(directory, mode=0o700, exist_ok=True)
-    path = os.path.join(directory, "client.ini")
-    with open(path, "w") as f:
-        f.write(f"[client]\nrest_url = {env.url}\nca_file = {ca_file or env.ca_file}\n"
-                f"key_file = id_ed25519\nuser = {user}\nstate_dir = state\n")
-    return path
+    """``client-USER.ini`` (key ``USER.key``, state in ``client-USER-state``)."""
+    extra = {"ca_file": ca_file} if ca_file else {}
+    return env.deployment.client_ini(user, f"client-{user}", **extra)
 
 
 async def ticrypt(config: str, *args: str, **extra_env: str) -> tuple[int, str, str]:
     env = daemon_env()
     env.pop("TICRYPT_PASSPHRASE", None)
     env.update(extra_env)
-    return await run_command([script("ticrypt"), "--config", config, *args], env=env)
+    return await run_command([script_path("ticrypt"), "--config", config, *args], env=env)
 
 
 class CliEndToEndTests(TestCase):
@@ -40,7 +36,7 @@ class CliEndToEndTests(TestCase):
     async def test_keygen_login_whoami_vms_logout(self) -> None:
         env = await start_rest(self)
         config = write_client_config(env, "bob")
-        key_file = os.path.join(os.path.dirname(config), "id_ed25519")
+        key_file = env.deployment.path("bob.key")
 
         code, out, err = await ticrypt(config, "keygen", "--passphrase-from-env", "PW",
                                        PW="correct horse")
@@ -73,7 +69,7 @@ class CliEndToEndTests(TestCase):
         code, out, err = await ticrypt(config, "login", TICRYPT_PASSPHRASE="correct horse")
         self.assertEqual(code, 0, err)
         self.assertIn("logged in as bob (user)", out)
-        session = os.path.join(os.path.dirname(config), "state", "session.json")
+        session = env.deployment.path("client-bob-state/session.json")
         self.assertEqual(stat.S_IMODE(os.stat(session).st_mode), 0o600)
 
         code, out, err = await ticrypt(config, "whoami")
@@ -103,7 +99,6 @@ class CliEndToEndTests(TestCase):
         other_ca = os.path.join(env.dir, "other-ca.pem")
         tlsutil.make_ca(other_ca, os.path.join(env.dir, "other-ca.key"))
         config = write_client_config(env, "alice", ca_file=other_ca)
-        os.rename(env.admin_key_file, os.path.join(os.path.dirname(config), "id_ed25519"))
         code, out, err = await ticrypt(config, "login")
         self.assertEqual(code, 1)
         self.one_line(err, "ticrypt: login failed: TLS with https://127.0.0.1:")
@@ -162,14 +157,14 @@ class KeygenBeforeTheCATests(TestCase):
         env = daemon_env()
         env["XDG_CONFIG_HOME"] = directory
         env.pop("TICRYPT_CLIENT_CONFIG", None)
-        code, out, err = await run_command([script("ticrypt"), "keygen", "--no-passphrase"],
+        code, out, err = await run_command([script_path("ticrypt"), "keygen", "--no-passphrase"],
                                            env=env)
         missing = os.path.join(directory, "ticrypt", "client.ini")
         self.assertEqual((code, err.strip()), (1, (
             f"ticrypt: keygen failed: {missing} does not exist; name the key with "
             "--key-file PATH, or create client.ini with key_file = PATH")))
         key_file = os.path.join(directory, "k")
-        code, out, err = await run_command([script("ticrypt"), "keygen", "--no-passphrase",
+        code, out, err = await run_command([script_path("ticrypt"), "keygen", "--no-passphrase",
                                             "--key-file", key_file], env=env)
         self.assertEqual(code, 0, err)
         self.assertTrue(os.path.exists(key_file + ".pub"))

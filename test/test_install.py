@@ -457,7 +457,7 @@ class InstalledDaemonTests(TestCase):
         code, out, err = await daemons.run_command(
             reactor, [self.inst.bin("ticrypt-admin"), "--config", rest.config_path, "init",
                       "--superadmin", rest.admin_name, "--public-key",
-                      rest.admin_key_file[:-4] + ".pub"],
+                      rest.admin_pub_file],
             env=self.inst.env(), cwd=self.inst.home, timeout=30)
         self.assertEqual(code, 0, out + err)
         proc = self.spawn("ticrypt-rest", rest.config_path)

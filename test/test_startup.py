@@ -19,7 +19,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from test import proxyfixture as pf
 from test.daemon import kill_if_alive, run_command, twistd_path
 from test.restfixture import RestEnv, make_rest_dir, start_rest
-from test.vmcfixture import Trio
+from test.vmcfixture import write_vmc_config
 from ticrypt import tlsutil
 from ticrypt.config import Key, Schema, ServerEndpoint, load_config
 from ticrypt.service import (
@@ -211,10 +211,8 @@ class TwistdRefusesTests(TestCase):
 
     def vmc_config(self, **overrides: str) -> str:
         rest = self.rest_dir()
-        rest.url = "https://127.0.0.1:8443"
-        # only write_vmc_config is used: no proxy daemon behind this Trio
-        trio = Trio(rest=rest, dir=rest.dir, proxy=None, proxy_port=0)  # type: ignore[arg-type]
-        return trio.write_vmc_config("token", **overrides)
+        rest.deployment.addresses.rest_port = 8443
+        return write_vmc_config(rest.deployment, "token", **overrides)
 
     async def test_vmc_unknown_key(self) -> None:
         config = self.vmc_config(pool_sise="2")
@@ -231,7 +229,7 @@ class TwistdRefusesTests(TestCase):
         """A vmc config whose state_dir holds a users.json that is not JSON;
         (config, that file)."""
         config = self.vmc_config()
-        state = os.path.join(os.path.dirname(config), "state")
+        state = os.path.join(os.path.dirname(config), "vmc-state")
         os.makedirs(state, mode=0o700)
         users = os.path.join(state, "users.json")
         with open(os.open(users, os.O_WRONLY | os.O_CREAT, 0o600), "w") as f:

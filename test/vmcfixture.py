@@ -1,5 +1,6 @@
-"""A running rest + proxy + vmc trio on 127.0.0.1 for integration tests (and
-the lab): real twistd daemons, real TLS, a private CA.
+"""A running rest + proxy + vmc trio on 127.0.0.1 for integration tests:
+real twistd daemons, real TLS, a private CA; a trial wrapper over
+:class:`ticrypt.lab.deploy.Deployment` (which also builds ``ticrypt-lab``).
 
     trio = await start_trio(self)                 # self: a trial TestCase
     session = await trio.session("owen")          # the VM owner
@@ -26,20 +27,44 @@ from twisted.internet import defer, endpoints, protocol, reactor
 from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 
-from test.daemon import Daemon, run_command, start_daemon
-from test.restfixture import RestEnv, script, start_rest
-from ticrypt import identity, tlsutil
+from test.daemon import Daemon, run_command, runner, script_path, start_daemon, starter
+from test.restfixture import RestEnv, start_rest
+from ticrypt import tlsutil
 from ticrypt.frontend import clientconfig
 from ticrypt.frontend.session import ChannelSession, open_session
-from ticrypt.lab.cli import free_port
+from ticrypt.lab.deploy import Addresses, Deployment
+
+#: vmc settings of every test trio: quick reconnects, a shell every box has
+VMC_TEST_SETTINGS = {"backoff_initial": "100ms", "backoff_max": "1s",
+                     "handshake_timeout": "20s"}
+
+
+def write_vmc_config(deployment: Deployment, token: str, name: str = "vmc",
+                     **overrides: str) -> str:
+    """``NAME.ini`` with :data:`VMC_TEST_SETTINGS`; ``exec_KEY`` overrides go
+    to ``[exec]``, the others to ``[vmc]``."""
+    exec_settings = {"shell": "/bin/sh"}
+    settings = dict(VMC_TEST_SETTINGS)
+    for k, v in overrides.items():
+        if k.startswith("exec_"):
+            exec_settings[k[5:]] = v
+        else:
+            settings[k] = v
+    return deployment.vmc_ini(token, name, exec_settings, **settings)
+
+
+def read_json_lines(path: str) -> list[dict[str, Any]]:
+    """The records of a JSON-lines audit log ([] before it exists)."""
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
 
 
 @attrs.define
 class Trio:
     rest: RestEnv
-    dir: str
     proxy: Daemon
-    proxy_port: int
     keys: dict[str, Ed25519PrivateKey] = attrs.field(factory=dict)
     vm_id: str = ""
     token: str = ""
@@ -47,72 +72,47 @@ class Trio:
     vmc_config: str = ""
     vmc_state: str = ""
     vmc_audit: str = ""
+    vmc_token_file: str = ""
+    deployment: Deployment = attrs.field(init=False)
+    dir: str = attrs.field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self.deployment = self.rest.deployment
+        self.dir = self.deployment.dir
+
+    @property
+    def proxy_port(self) -> int:
+        return self.deployment.addresses.proxy_port
 
     @property
     def proxy_url(self) -> str:
-        return f"wss://127.0.0.1:{self.proxy_port}"
+        return self.deployment.addresses.proxy_url
 
     # -- users and VMs ----------------------------------------------------
 
     async def add_user(self, name: str, role: str = "user") -> Ed25519PrivateKey:
-        key, pub = self.rest.new_user_key(name)
-        code, out, err = await self.rest.admin("user", "add", name, "--public-key", pub,
-                                               "--role", role)
-        if code != 0:
-            raise RuntimeError(f"user add {name} failed: {err}{out}")
-        self.keys[name] = key
-        key_file = os.path.join(self.dir, f"{name}.key")
-        if not os.path.exists(key_file):
-            identity.save_private(key_file, key)
-        return key
+        self.keys[name] = await self.deployment.add_user(runner(), name, role)
+        return self.keys[name]
 
     async def add_vm(self, owner: str, name: str = "vm1") -> tuple[str, str]:
         """Create a VM in rest; returns (vm_id, enrollment token)."""
-        code, out, err = await self.rest.admin("--json", "vm", "add", name, "--owner", owner,
-                                               "--host", "127.0.0.1:2201")
-        if code != 0:
-            raise RuntimeError(f"vm add failed: {err}{out}")
-        result = json.loads(out)
-        return result["vm"]["id"], result["enrollment_token"]
+        return await self.deployment.add_vm(runner(), owner, name)
 
     # -- vmc ---------------------------------------------------------------
 
     def write_vmc_config(self, token: str, name: str = "vmc", **overrides: str) -> str:
-        d = os.path.join(self.dir, name)
-        os.makedirs(d, mode=0o700, exist_ok=True)
-        token_file = os.path.join(d, "enroll.token")
-        with open(os.open(token_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
-            f.write(token + "\n")
-        settings = {
-            "rest_url": self.rest.url, "ca_file": self.rest.ca_file,
-            "state_dir": os.path.join(d, "state"), "enrollment_token_file": token_file,
-            "audit_log": os.path.join(d, "audit.log"), "backoff_initial": "100ms",
-            "backoff_max": "1s", "handshake_timeout": "20s",
-        }
-        exec_settings = {"shell": "/bin/sh"}
-        for k, v in overrides.items():
-            if k.startswith("exec_"):
-                exec_settings[k[5:]] = v
-            else:
-                settings[k] = v
-        lines = ["[vmc]"] + [f"{k} = {v}" for k, v in settings.items()]
-        lines += ["", "[exec]"] + [f"{k} = {v}" for k, v in exec_settings.items()]
-        path = os.path.join(d, "vmc.ini")
-        with open(path, "w") as f:
-            f.write("\n".join(lines) + "\n")
-        self.vmc_config, self.vmc_state = path, settings["state_dir"]
-        self.vmc_audit = settings["audit_log"]
-        return path
+        self.vmc_config = write_vmc_config(self.deployment, token, name, **overrides)
+        self.vmc_state = self.deployment.path(f"{name}-state")
+        self.vmc_audit = self.deployment.path(f"{name}-audit.log")
+        self.vmc_token_file = self.deployment.path(f"{name}-enroll.token")
+        return self.vmc_config
 
     async def start_vmc(self, testcase: TestCase, config: str | None = None) -> Daemon:
         self.vmc = await start_daemon(testcase, "ticrypt-vmc", config or self.vmc_config)
         return self.vmc
 
     def vmc_audit_lines(self) -> list[dict[str, Any]]:
-        if not os.path.exists(self.vmc_audit):
-            return []
-        with open(self.vmc_audit) as f:
-            return [json.loads(line) for line in f if line.strip()]
+        return read_json_lines(self.vmc_audit)
 
     # -- proxy ---------------------------------------------------------------
 
@@ -122,17 +122,11 @@ class Trio:
 
     async def restart_proxy(self, testcase: TestCase) -> Daemon:
         """Start a new proxy on the same port (after :meth:`kill_proxy`)."""
-        self.proxy = await start_daemon(testcase, "ticrypt-proxy",
-                                        _proxy_config(self.dir, self.rest, self.proxy_port,
-                                                      self.rest.url))
+        self.proxy = await self.deployment.start_proxy(starter(testcase))
         return self.proxy
 
     def proxy_audit_lines(self) -> list[dict[str, Any]]:
-        path = os.path.join(self.dir, "proxy", "audit.log")
-        if not os.path.exists(path):
-            return []
-        with open(path) as f:
-            return [json.loads(line) for line in f if line.strip()]
+        return read_json_lines(self.deployment.path("proxy_audit"))
 
     # -- users' side -----------------------------------------------------------
 
@@ -146,42 +140,23 @@ class Trio:
                                   self.keys[user], vm_id, t["vm_public_key"], **kw)
 
     async def client_config(self, user: str) -> str:
-        """A client.ini for ``user`` with a stored session (as after ``ticrypt login``)."""
-        d = os.path.join(self.dir, f"client-{user}")
-        os.makedirs(d, mode=0o700, exist_ok=True)
-        path = os.path.join(d, "client.ini")
-        with open(path, "w") as f:
-            f.write(f"[client]\nrest_url = {self.rest.url}\nca_file = {self.rest.ca_file}\n"
-                    f"key_file = {os.path.join(self.dir, user + '.key')}\nuser = {user}\n"
-                    f"state_dir = {os.path.join(d, 'state')}\n")
+        """``user``'s client.ini with a stored session (as after ``ticrypt
+        login``), made on the first call."""
+        name = f"client-{user}"
+        path = self.deployment.path(f"{name}.ini")
+        if os.path.exists(path):
+            return path
+        self.deployment.client_ini(user, name)
         cfg = clientconfig.load(path)
-        client = self.rest.client()
-        result = await client.login(user, self.keys[user])
+        result = await self.rest.client().login(user, self.keys[user])
         clientconfig.save_session(cfg, result["token"], user, int(result["expires"]))
         return path
 
     async def cli(self, user: str, *args: str, stdin: bytes = b"") -> tuple[int, str, str]:
         """Run ``ticrypt --config <user's client.ini> ARGS``."""
-        path = os.path.join(self.dir, f"client-{user}", "client.ini")
-        if not os.path.exists(path):
-            path = await self.client_config(user)
-        return await run_command([script("ticrypt"), "--config", path, *args], stdin=stdin)
-
-
-def _proxy_config(directory: str, rest: RestEnv, port: int, rest_url: str,
-                  **limits: str) -> str:
-    d = os.path.join(directory, "proxy")
-    os.makedirs(d, mode=0o700, exist_ok=True)
-    lines = ["[proxy]", f"listen = {tlsutil.server_endpoint(port, rest.server_pem)}",
-             f"backend_public_key = {os.path.join(rest.dir, 'backend.pub')}",
-             f"audit_log = {os.path.join(d, 'audit.log')}",
-             f"rest_url = {rest_url}", f"ca_file = {rest.ca_file}",
-             f"revocation_feed_secret = {rest.feed_secret_file}", "", "[limits]"]
-    lines += [f"{k} = {v}" for k, v in limits.items()]
-    path = os.path.join(d, "proxy.ini")
-    with open(path, "w") as f:
-        f.write("\n".join(lines) + "\n")
-    return path
+        path = await self.client_config(user)
+        return await run_command([script_path("ticrypt"), "--config", path, *args],
+                                 stdin=stdin)
 
 
 async def start_trio(testcase: TestCase, *, enroll: bool = True,
@@ -192,26 +167,16 @@ async def start_trio(testcase: TestCase, *, enroll: bool = True,
     With ``enroll=False`` the VM exists in rest but no vmc is started
     (``trio.token`` holds the enrollment token).
     """
-    rest = await start_rest(testcase, start=False)
-    directory = rest.dir
-    # rest needs the proxy's URL and the proxy rest's (for the revocation
-    # feed): rest gets a port free now, the proxy polls it until it is up
-    rest_port = free_port()
-    rest.write_config(listen=tlsutil.server_endpoint(rest_port, rest.server_pem))
-    proxy = await start_daemon(testcase, "ticrypt-proxy",
-                               _proxy_config(directory, rest, 0,
-                                             f"https://127.0.0.1:{rest_port}",
-                                             **(proxy_limits or {})))
-    _, port = proxy.address("proxy")
-    rest.write_config(proxy_url=f"wss://127.0.0.1:{port}")
-    await rest.start(testcase)
-    trio = Trio(rest=rest, dir=directory, proxy=proxy, proxy_port=port)
+    rest = await start_rest(testcase, start=False, addresses=Addresses())
+    deployment = rest.deployment
+    deployment.proxy_ini(proxy_limits)
+    proxy, rest.daemon = await deployment.start_backend(starter(testcase))
+    trio = Trio(rest=rest, proxy=proxy)
     trio.keys["alice"] = rest.admin_key
     await trio.add_user("owen")
     await trio.add_user("bob")
-    trio.vm_id, token = await trio.add_vm("owen")
-    trio.token = token
-    trio.write_vmc_config(token, **vmc_overrides)
+    trio.vm_id, trio.token = await trio.add_vm("owen")
+    trio.write_vmc_config(trio.token, **vmc_overrides)
     if enroll:
         await trio.start_vmc(testcase)
     return trio

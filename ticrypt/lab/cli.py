@@ -14,13 +14,11 @@ folder removed (unless it was given with ``--dir``).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import shlex
 import shutil
 import signal
-import socket
 import sys
 import tempfile
 from collections.abc import Callable
@@ -28,8 +26,9 @@ from typing import Any, TextIO
 
 from twisted.internet import defer, task
 
-from ticrypt import identity, tlsutil
+from ticrypt import identity
 from ticrypt.lab import daemons
+from ticrypt.lab.deploy import Addresses, DeployError, Deployment, Run, free_port
 
 PROG = "ticrypt-lab"
 USER = "alice"
@@ -38,80 +37,6 @@ VM_NAME = "labvm"
 
 class LabError(Exception):
     """A step failed; ``str()`` is the line to show."""
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A port the kernel considers free right now (the daemons bind it next)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
-
-
-def _write(path: str, text: str, mode: int = 0o600) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.chmod(path, mode)
-
-
-def write_configs(d: str, rest_port: int, proxy_port: int) -> dict[str, str]:
-    """Write rest.ini, proxy.ini and client.ini (and feed.secret, the bearer
-    secret of rest's revocation feed, shared by rest and the proxy) into
-    ``d``; return their paths."""
-    paths = {name: os.path.join(d, f"{name}.ini") for name in ("rest", "proxy", "client")}
-    _write(os.path.join(d, "feed.secret"), os.urandom(32).hex() + "\n")
-    _write(paths["rest"], f"""\
-# ticrypt-lab: backend entry point (see etc/rest.ini for every key)
-[rest]
-listen = {tlsutil.server_endpoint(rest_port, "tls/server.pem")}
-database = rest.db
-signing_key = backend.key
-audit_log = rest-audit.log
-proxy_url = wss://127.0.0.1:{proxy_port}
-revocation_feed_secret = feed.secret
-""")
-    _write(paths["proxy"], f"""\
-# ticrypt-lab: websocket pairing relay (see etc/proxy.ini for every key)
-[proxy]
-listen = {tlsutil.server_endpoint(proxy_port, "tls/server.pem")}
-backend_public_key = backend.pub
-audit_log = proxy-audit.log
-ticket_ledger = proxy-tickets.ledger
-rest_url = https://127.0.0.1:{rest_port}
-ca_file = tls/ca.pem
-revocation_feed_secret = feed.secret
-
-[limits]
-""")
-    _write(paths["client"], f"""\
-# ticrypt-lab: the researcher's CLI config (see etc/client.ini)
-[client]
-rest_url = https://127.0.0.1:{rest_port}
-ca_file = tls/ca.pem
-key_file = {USER}.key
-user = {USER}
-state_dir = client-state
-""")
-    return paths
-
-
-def write_vmc_config(d: str, rest_port: int, token: str) -> str:
-    token_path = os.path.join(d, "vmc-enroll.token")
-    _write(token_path, token + "\n")
-    path = os.path.join(d, "vmc.ini")
-    _write(path, f"""\
-# ticrypt-lab: the lab VM's controller (see etc/vmc.ini for every key)
-[vmc]
-rest_url = https://127.0.0.1:{rest_port}
-ca_file = tls/ca.pem
-state_dir = vmc-state
-enrollment_token_file = vmc-enroll.token
-audit_log = vmc-audit.log
-backoff_max = 5s
-
-[exec]
-""")
-    return path
 
 
 class Lab:
@@ -124,7 +49,10 @@ class Lab:
         self.procs: list[daemons.Daemon] = []
         self.logs: dict[str, TextIO] = {}
         self.env = daemons.daemon_env()
-        self.client_ini = os.path.join(workdir, "client.ini")
+        self.deployment = Deployment(workdir, Addresses(
+            rest_port=free_port(), proxy_port=free_port(), vm_host="127.0.0.1:2222"),
+            comment=PROG)
+        self.client_ini = self.deployment.client_ini(USER)
         self.env["TICRYPT_CLIENT_CONFIG"] = self.client_ini
         self.step_no = 0
         self.vm_id = ""
@@ -142,7 +70,7 @@ class Lab:
         """Run a CLI, print it and its output; LabError if its status is not ``expect``."""
         name = args[0]
         argv = [daemons.script_path(name), *args[1:]]
-        shown = " ".join(shlex.quote(a) for a in args)
+        shown = " ".join(shlex.quote(self._short(a)) for a in args)
         if stdin:
             escaped = stdin.decode().replace("\\", "\\\\").replace("\n", "\\n")
             shown = f"printf {shlex.quote(escaped)} | {shown}"
@@ -153,9 +81,19 @@ class Lab:
             for line in _printable(out + err).rstrip("\n").splitlines():
                 self.say(f"      {line}")
         if expect is not None and code != expect:
-            raise LabError(f"{name} {args[1] if len(args) > 1 else ''} exited {code} "
+            rest = args[3:] if args[1:2] == ["--config"] else args[1:]
+            what = next((a for a in rest if not a.startswith("-")), "")
+            raise LabError(f"{name} {what} exited {code} "
                            f"(expected {expect}): {(err or out).strip().splitlines()[-1:]}")
         return code, out, err
+
+    def _short(self, arg: str) -> str:
+        """A path in the working folder as the folder's own name for it."""
+        return os.path.relpath(arg, self.dir) if arg.startswith(self.dir + os.sep) else arg
+
+    def runner(self, show: bool = True) -> Run:
+        """:meth:`run` for :class:`Deployment`'s commands."""
+        return lambda args: self.run(args, show=show)
 
     async def start(self, plugin: str, config: str) -> daemons.Daemon:
         log = open(os.path.join(self.dir, f"{plugin}.log"), "a", encoding="utf-8")  # noqa: SIM115
@@ -185,16 +123,13 @@ class Lab:
             log.close()
 
     async def main(self, keep: bool) -> None:
-        d = self.dir
-        rest_port, proxy_port = free_port(), free_port()
+        d, dep = self.dir, self.deployment
 
         self.step(f"Working folder {d}: private CA and a TLS certificate for 127.0.0.1")
-        os.makedirs(os.path.join(d, "tls"), mode=0o700, exist_ok=True)
-        tlsutil.make_ca(os.path.join(d, "tls", "ca.pem"), os.path.join(d, "tls", "ca.key"))
-        tlsutil.make_server_cert(os.path.join(d, "tls", "ca.pem"),
-                                 os.path.join(d, "tls", "ca.key"),
-                                 os.path.join(d, "tls", "server.pem"))
-        paths = write_configs(d, rest_port, proxy_port)
+        dep.ca()
+        dep.feed_secret()
+        dep.rest_ini()
+        dep.proxy_ini()
         self.say("    wrote tls/ca.pem, tls/server.pem, rest.ini, proxy.ini, client.ini, "
                  "feed.secret")
 
@@ -202,22 +137,16 @@ class Lab:
         await self.run(["ticrypt", "--config", "client.ini", "keygen", "--no-passphrase"])
 
         self.step("The operator initializes the backend with a first superadmin")
-        await self.run(["ticrypt-admin", "--config", "rest.ini", "init", "--superadmin", USER,
-                        "--public-key", f"{USER}.key.pub"])
+        await dep.init(self.runner(), USER)
 
         self.step("Start ticrypt-proxy and ticrypt-rest")
-        await self.start("ticrypt-proxy", paths["proxy"])
-        await self.start("ticrypt-rest", paths["rest"])
+        await dep.start_backend(self.start)
 
         self.step(f"Register the VM {VM_NAME!r} owned by {USER}; rest issues a single-use "
                   "enrollment token")
-        _, out, _ = await self.run(["ticrypt-admin", "--config", "rest.ini", "--json", "vm",
-                                    "add", VM_NAME, "--owner", USER, "--host",
-                                    "127.0.0.1:2222"], show=False)
-        added = json.loads(out)
-        self.vm_id = added["vm"]["id"]
+        self.vm_id, token = await dep.add_vm(self.runner(show=False), USER, VM_NAME)
+        vmc_ini = dep.vmc_ini(token, backoff_max="5s")
         self.say(f"      vm_id {self.vm_id}, enrollment token written to vmc-enroll.token")
-        vmc_ini = write_vmc_config(d, rest_port, added["enrollment_token"])
 
         self.step("Start the VM controller: it makes its VM key, enrolls, pins the owner key "
                   "and keeps websockets open to the proxy")
@@ -315,7 +244,7 @@ def main(argv: list[str] | None = None) -> None:
         try:
             await lab.main(args.keep)
             lab.say(f"\n{PROG}: all steps passed")
-        except (LabError, identity.KeyFileError, OSError) as e:
+        except (LabError, DeployError, identity.KeyFileError, OSError) as e:
             lab.say(f"\n{PROG}: {e}")
             status["code"] = 1
             await lab.stop_all()
