@@ -31,6 +31,7 @@ async def run(reactor: Any, opts: argparse.Namespace) -> None:
     opts.only = "a"
     b = bp.Bench(reactor, opts)
     try:
+        await b.start()
         small, big = (20000, 1000) if opts.quick else (100000, 8000)
         for size, count in ((64, small), (65536, big)):
             rates = {}
@@ -68,7 +69,7 @@ async def run(reactor: Any, opts: argparse.Namespace) -> None:
                       "tls": b.tls, "proxy_over_direct": round(rates["proxy"]
                                                                / rates["direct"], 2)})
     finally:
-        b.close()
+        await b.close()
 
 
 def main() -> None:

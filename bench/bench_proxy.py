@@ -23,6 +23,7 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import struct
 import subprocess
 import sys
@@ -42,9 +43,9 @@ from twisted.internet import defer, endpoints, task  # noqa: E402
 from twisted.internet.interfaces import IPushProducer  # noqa: E402
 from zope.interface import implementer  # noqa: E402
 
-from test import proxyfixture as pf  # noqa: E402
 from ticrypt import identity, tlsutil  # noqa: E402
-from ticrypt.service import READY_MARKER  # noqa: E402
+from ticrypt.lab import daemons, peers  # noqa: E402
+from ticrypt.lab.deploy import Backend, Deployment  # noqa: E402
 
 MiB = 1024 * 1024
 
@@ -69,36 +70,6 @@ def percentile(values: list[float], p: float) -> float:
 
 
 # -- processes -------------------------------------------------------------------
-
-
-class Proxy:
-    """twistd -n ticrypt-proxy in a subprocess; waits for the ready line."""
-
-    def __init__(self, config: str):
-        env = dict(os.environ, PYTHONPATH=ROOT)
-        twistd = os.path.join(os.path.dirname(sys.executable), "twistd")
-        self.proc = subprocess.Popen([twistd, "-n", "--pidfile=", "ticrypt-proxy", "--config",
-                                      config], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                                     stderr=subprocess.STDOUT, text=True,
-                                     preexec_fn=lambda: raise_nofile(20000))
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            if READY_MARKER in line:
-                self.info = json.loads(line.split(READY_MARKER, 1)[1])
-                break
-        else:
-            raise RuntimeError("proxy did not start")
-        # keep draining its output so it never blocks on a full pipe
-        import threading
-        threading.Thread(target=lambda: [None for _ in self.proc.stdout],  # type: ignore
-                         daemon=True).start()
-
-    def port(self, label: str = "proxy") -> int:
-        return int(self.info["listening"][label].rpartition(":")[2])
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(30)
 
 
 class Child:
@@ -210,11 +181,10 @@ class Counter:
 
 
 async def sink_main(reactor: Any, args: dict[str, Any]) -> None:
+    """The far end, until the bench stops it (SIGTERM: the one way this
+    process ends, so its reactor is stopped once)."""
     raise_nofile(20000)
-    backend = pf.Backend.__new__(pf.Backend)
-    from cryptography.hazmat.primitives.serialization import load_pem_private_key
-    backend.key = load_pem_private_key(args["backend_key"].encode(), None)  # type: ignore
-    backend.public = identity.public_bytes(backend.key)
+    backend = Backend(identity.load_private(Deployment(args["dir"]).path("backend_key")))
     ca = args.get("ca")
     mode = args["mode"]
     done: defer.Deferred[None] = defer.Deferred()
@@ -236,7 +206,7 @@ async def sink_main(reactor: Any, args: dict[str, Any]) -> None:
         await done
     elif mode == "vm":
         counter = Counter(args["count"], args.get("channel"))
-        client = await pf.vm_connect(reactor, args["port"], backend, args["vm"], ca=ca,
+        client = await peers.vm_connect(reactor, args["port"], backend, args["vm"], ca=ca,
                                      maxMessagePayloadSize=4 * MiB)
         emit({"waiting": 1})
         await client.next_json()  # paired
@@ -244,14 +214,15 @@ async def sink_main(reactor: Any, args: dict[str, Any]) -> None:
         def on_message(payload: bytes, is_binary: bool) -> None:
             counter.got(client, payload, is_binary)
 
-        client.onMessage = on_message  # type: ignore[method-assign]
+        client.onMessage = on_message  # type: ignore[method-assign,assignment]
         await client.closed
+        await done
     elif mode == "pool":
         # keep ``size`` VM sockets waiting; replace each as soon as it pairs
         async def one() -> None:
             try:
                 while True:
-                    c = await pf.vm_connect(reactor, args["port"], backend, args["vm"], ca=ca)
+                    c = await peers.vm_connect(reactor, args["port"], backend, args["vm"], ca=ca)
                     await c.next_json()
                     c.onMessage = lambda *a: None  # type: ignore[method-assign]
                     # then at once a fresh socket for the next user, like vmc
@@ -268,10 +239,9 @@ async def sink_main(reactor: Any, args: dict[str, Any]) -> None:
 
         async def connect(i: int) -> None:
             key = identity.generate()
-            clients.append(await pf.vm_connect(reactor, args["port"], backend,
-                                               f"idle-{i:05d}", key, ca=ca))
-        await defer.gatherResults([sem.run(lambda i=i: defer.ensureDeferred(connect(i)))
-                                   for i in range(n)])
+            clients.append(await peers.vm_connect(reactor, args["port"], backend,
+                                                  f"idle-{i:05d}", key, ca=ca))
+        await defer.gatherResults([sem.run(connect, i) for i in range(n)])
         emit({"idle": len(clients)})
         await done
 
@@ -280,30 +250,44 @@ async def sink_main(reactor: Any, args: dict[str, Any]) -> None:
 
 
 class Bench:
+    """The proxy under twistd, with a deployment in a temp folder; call
+    :meth:`start` first and :meth:`close` at the end."""
+
     def __init__(self, reactor: Any, opts: argparse.Namespace):
         self.reactor = reactor
         self.opts = opts
-        self.dir = tempfile.mkdtemp(prefix="bench-proxy-")
-        self.backend = pf.Backend(self.dir)
-        from cryptography.hazmat.primitives import serialization
-        self.backend_pem = self.backend.key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption()).decode()
-        self.ca, self.pem = pf.make_tls(self.dir)
+        self.deployment = Deployment(tempfile.mkdtemp(prefix="bench-proxy-"))
+        self.dir = self.deployment.dir
+        self.backend = self.deployment.backend()
+        self.ca, self.pem = self.deployment.ca()
         self.tls = not opts.plain
+        self.results: list[dict[str, Any]] = []
+        self.proxy: daemons.Daemon | None = None
+        self.port = 0
+
+    async def start(self) -> None:
         listen = (tlsutil.server_endpoint(0, self.pem) if self.tls
                   else "tcp:0:interface=127.0.0.1")
-        config = pf.write_proxy_config(
-            self.dir, self.backend, listen=listen, max_waiting_per_vm=100000,
-            max_waiting_total=100000, max_connections=100000, ping_interval="60s",
-            ping_timeout="60s", user_wait_timeout="30s", handshake_timeout="60s",
-            max_pairs=100000, max_buffered=opts.max_buffered)
-        self.proxy = Proxy(config)
-        self.port = self.proxy.port()
-        self.results: list[dict[str, Any]] = []
+        limits = {"max_waiting_per_vm": "100000", "max_waiting_total": "100000",
+                  "max_connections": "100000", "ping_interval": "60s", "ping_timeout": "60s",
+                  "user_wait_timeout": "30s", "handshake_timeout": "60s",
+                  "max_pairs": "100000", "max_buffered": self.opts.max_buffered}
+        config = self.deployment.proxy_ini(
+            limits, listen=listen, allow_plain="no" if self.tls else "yes",
+            status_listen="tcp:0:interface=127.0.0.1", rest_url="off", ca_file=None,
+            revocation_feed_secret=None)
+        # the proxy inherits this process's RLIMIT_NOFILE (raise_nofile)
+        self.proxy = daemons.spawn(self.reactor, "ticrypt-proxy", config, timeout=60)
+        await self.proxy.ready
+        self.port = self.proxy.address("proxy")[1]
+
+    @property
+    def proxy_pid(self) -> int:
+        assert self.proxy is not None and self.proxy.transport is not None
+        return int(self.proxy.transport.pid)  # type: ignore[attr-defined]
 
     def child(self, **args: Any) -> Child:
-        args.setdefault("backend_key", self.backend_pem)
+        args.setdefault("dir", self.dir)
         if self.tls:
             args.setdefault("ca", self.ca)
             args.setdefault("pem", self.pem)
@@ -333,13 +317,13 @@ class Bench:
             vm = f"tp-{size}-{os.getpid()}-{time.monotonic_ns()}"
             sink = self.child(mode="vm", port=self.port, vm=vm, count=count, **extra)
             await sink.read_async()
-            writer = await pf.user_connect(self.reactor, self.port, self.backend.ticket(vm),
+            writer = await peers.user_connect(self.reactor, self.port, self.backend.ticket(vm),
                                            ca=ca, maxMessagePayloadSize=4 * MiB)
             await writer.next_json()
         else:
             sink = self.child(mode="direct", count=count, **extra)
             port = (await sink.read_async())["port"]
-            writer = await pf.open_ws(self.reactor, port, "/", ca,
+            writer = await peers.open_ws(self.reactor, port, "/", ca,
                                       maxMessagePayloadSize=4 * MiB)
         if user_setup is not None:
             seal.append(await user_setup(writer))
@@ -370,7 +354,7 @@ class Bench:
         async def user_loop() -> None:
             while started[0] < total:
                 started[0] += 1
-                client = await pf.open_ws(self.reactor, self.port, "/v1/user", ca)
+                client = await peers.open_ws(self.reactor, self.port, "/v1/user", ca)
                 t0 = time.perf_counter()
                 client.send_json({"type": "connect", "ticket": self.backend.ticket(vm)})
                 msg = await client.next_json()
@@ -392,7 +376,7 @@ class Bench:
                      "note": "rate includes TLS + websocket handshakes and close per user"})
 
     async def idle(self, count: int) -> None:
-        pid = self.proxy.proc.pid
+        pid = self.proxy_pid
         # warm up: one socket, so imports and allocator arenas exist already
         warm = self.child(mode="idle", port=self.port, count=10)
         await warm.read_async()
@@ -403,7 +387,8 @@ class Bench:
         r = await sink.read_async()
         await task.deferLater(self.reactor, 1.0, lambda: None)
         after = rss(pid)
-        status = await pf.get_status(self.reactor, self.proxy.port("status"))
+        assert self.proxy is not None
+        status = await peers.get_status(self.reactor, self.proxy.address("status")[1])
         sink.stop()
         self.record({"bench": "idle-memory", "tls": self.tls, "sockets": r["idle"],
                      "waiting_in_status": sum(status["vms"].values()),
@@ -411,14 +396,17 @@ class Bench:
                      "rss_after_MiB": round(after / MiB, 1),
                      "KiB_per_socket": round((after - before) / r["idle"] / 1024, 1)})
 
-    def close(self) -> None:
-        self.proxy.stop()
+    async def close(self) -> None:
+        if self.proxy is not None:
+            await self.proxy.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 async def bench_main(reactor: Any, opts: argparse.Namespace) -> None:
     raise_nofile(20000)
     b = Bench(reactor, opts)
     try:
+        await b.start()
         if "a" in opts.only:
             small, big = (20000, 1000) if opts.quick else (100000, 8000)
             for size, count in ((64, small), (65536, big)):
@@ -432,7 +420,7 @@ async def bench_main(reactor: Any, opts: argparse.Namespace) -> None:
         if "c" in opts.only:
             await b.idle(opts.idle)
     finally:
-        b.close()
+        await b.close()
 
 
 def main() -> None:

@@ -14,8 +14,6 @@ ratios.  Not a test.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
 import os
 import shutil
 import sys
@@ -48,16 +46,6 @@ def hello_server(pem: str) -> None:
     reactor.run()  # type: ignore[attr-defined]
 
 
-class _Cleanups:
-    """Stands in for a TestCase so test/daemon.py can be reused here."""
-
-    def __init__(self) -> None:
-        self.calls: list[Callable[[], Any]] = []
-
-    def addCleanup(self, f: Callable[..., Any], *args: Any) -> None:
-        self.calls.append(lambda: f(*args))
-
-
 async def drive(reactor: Any, concurrency: int, total: int,
                 one: Callable[[], Awaitable[Any]]) -> float:
     """Run ``one()`` ``total`` times with ``concurrency`` workers; return ops/s."""
@@ -80,23 +68,28 @@ async def main(reactor: Any, args: argparse.Namespace) -> None:
     from twisted.web import client as webclient
     from twisted.web.http_headers import Headers
 
-    from test.daemon import start_daemon
-    from test.restfixture import make_rest_dir
-    from ticrypt.admin import cli as admin_cli
     from ticrypt.frontend.client import RestClient
     from ticrypt.http.client import PinnedCAPolicy
+    from ticrypt.lab import daemons
+    from ticrypt.lab.deploy import Deployment
 
-    cleanups = _Cleanups()
     tmp = tempfile.mkdtemp(prefix="bench-rest-")
-    env = make_rest_dir(os.path.join(tmp, "rest"), overrides={
-        "login_failures_per_address": "100000"})
-    with contextlib.redirect_stdout(io.StringIO()):
-        assert admin_cli.main(["--config", env.config_path, "init", "--superadmin", "alice",
-                               "--public-key", env.admin_key_file[:-4] + ".pub"]) == 0
+    dep = Deployment(tmp)
+    dep.ca()
+    dep.feed_secret()
+    alice, _ = dep.user_key("alice")
+    dep.rest_ini(login_failures_per_address="100000")
+    started: list[daemons.Daemon] = []
+
+    async def start(plugin: str, config: str) -> daemons.Daemon:
+        started.append(daemons.spawn(reactor, plugin, config))
+        await started[-1].ready
+        return started[-1]
+
     try:
-        daemon = await start_daemon(cleanups, "ticrypt-rest", env.config_path)  # type: ignore
-        host, port = daemon.address("https")
-        env.url = f"https://{host}:{port}"
+        await dep.init(daemons.runner(reactor, cwd=tmp), "alice")
+        await dep.start_rest(start)
+        url, ca_file = dep.addresses.rest_url, dep.ca_file
 
         hello_done: defer.Deferred[int] = defer.Deferred()
 
@@ -110,26 +103,26 @@ async def main(reactor: Any, args: argparse.Namespace) -> None:
 
         hello = HelloProc()
         hp = reactor.spawnProcess(hello, sys.executable, [
-            sys.executable, os.path.abspath(__file__), "--hello-server", env.server_pem],
+            sys.executable, os.path.abspath(__file__), "--hello-server", dep.server_pem],
             env=dict(os.environ, PYTHONPATH=ROOT))
         hello_port = await hello_done
 
         pool = webclient.HTTPConnectionPool(reactor, persistent=True)
         pool.maxPersistentPerHost = args.concurrency
-        client = RestClient(reactor, env.url, env.ca_file, pool=pool)
-        await client.login("alice", env.admin_key)
+        client = RestClient(reactor, url, ca_file, pool=pool)
+        await client.login("alice", alice)
         for i in range(10):
             await client.create_vm(f"vm{i}", "alice", f"10.0.0.{i + 1}:2200")
 
         async def login() -> None:
-            await RestClient(reactor, env.url, env.ca_file, pool=pool).login(
-                "alice", env.admin_key)
+            await RestClient(reactor, url, ca_file, pool=pool).login(
+                "alice", alice)
 
         async def list_vms() -> None:
             vms = await client.list_vms()
             assert len(vms) == 10
 
-        agent = webclient.Agent(reactor, contextFactory=PinnedCAPolicy(env.ca_file), pool=pool)
+        agent = webclient.Agent(reactor, contextFactory=PinnedCAPolicy(ca_file), pool=pool)
         hello_url = f"https://127.0.0.1:{hello_port}/".encode()
 
         async def hello_get() -> None:
@@ -151,8 +144,8 @@ async def main(reactor: Any, args: argparse.Namespace) -> None:
         await pool.closeCachedConnections()
         hp.signalProcess("TERM")
     finally:
-        for call in reversed(cleanups.calls):
-            await call()
+        for proc in started:
+            await proc.stop()
         shutil.rmtree(tmp, ignore_errors=True)
 
 
