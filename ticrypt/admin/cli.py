@@ -25,6 +25,7 @@ from typing import Any
 
 from ticrypt import identity, tlsutil
 from ticrypt.audit import AuditLog
+from ticrypt.cliutil import OneLineError, fail
 from ticrypt.config import Config, ConfigError, load_config
 from ticrypt.rest import db, store
 from ticrypt.rest.api import new_vm_id
@@ -34,13 +35,8 @@ from ticrypt.rest.core import check_name, new_token, token_hash, valid_host
 PROG = "ticrypt-admin"
 
 
-class AdminError(Exception):
+class AdminError(OneLineError):
     """One line for the user: ``what`` failed because ``why``."""
-
-    def __init__(self, what: str, why: str):
-        self.what = what
-        self.why = why
-        super().__init__(f"{what}: {why}")
 
 
 def _default_config() -> str:
@@ -296,8 +292,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         code = int(args.func(args))
     except AdminError as e:
-        print(f"{PROG}: {e.what}: {e.why}", file=sys.stderr)
-        code = 1
+        code = fail(PROG, e.what, e.why)
     except (sqlite3.Error, db.DatabaseError) as e:
         print(f"{PROG}: database error: {e}", file=sys.stderr)
         code = 1

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import argparse
 import getpass
-import json
 import os
 import sys
 import time
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -15,8 +15,13 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from ticrypt import identity
 from ticrypt.config import Config, ConfigError
 from ticrypt.frontend import clientconfig
-from ticrypt.frontend.client import RestError, authenticated_client, client_from_config
-from ticrypt.frontend.runner import CommandError, load_config, run_async
+from ticrypt.frontend.client import (
+    RestClient,
+    RestError,
+    authenticated_client,
+    client_from_config,
+)
+from ticrypt.frontend.runner import CommandError, add_command, load_config, run_async, show
 
 PASSPHRASE_ENV = "TICRYPT_PASSPHRASE"
 
@@ -31,23 +36,15 @@ def register(subparsers: Any) -> None:
                    help="where to write the key (default: key_file of client.ini)")
     p.set_defaults(func=cmd_keygen)
 
-    p = subparsers.add_parser("login", help="sign in to rest with your key")
-    p.set_defaults(func=cmd_login)
-    p = subparsers.add_parser("logout", help="end the session")
-    p.set_defaults(func=cmd_logout)
-    p = subparsers.add_parser("whoami", help="show who the session belongs to")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_whoami)
+    add_command(subparsers, "login", cmd_login, "sign in to rest with your key")
+    add_command(subparsers, "logout", cmd_logout, "end the session")
+    add_command(subparsers, "whoami", cmd_whoami, "show who the session belongs to",
+                with_json=True)
 
     vm = subparsers.add_parser("vm", help="your VMs").add_subparsers(
         dest="vm_command", required=True, metavar="COMMAND")
-    p = vm.add_parser("list", help="list your VMs")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_vm_list)
-    p = vm.add_parser("show", help="show one VM")
-    p.add_argument("vm_id", metavar="ID")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_vm_show)
+    add_command(vm, "list", cmd_vm_list, "list your VMs", with_json=True)
+    add_command(vm, "show", cmd_vm_show, "show one VM", vm="ID", with_json=True)
 
 
 # ---------------------------------------------------------------- keys
@@ -171,49 +168,44 @@ def cmd_logout(args: argparse.Namespace) -> int:
     return run_async("logout failed", run)
 
 
-def cmd_whoami(args: argparse.Namespace) -> int:
+def _ask_rest(args: argparse.Namespace, what: str,
+              ask: Callable[[RestClient], Awaitable[Any]],
+              lines: Callable[[Any], Iterable[str]]) -> int:
+    """Ask rest (signed in) with ``ask(client)`` and :func:`show` the answer."""
     cfg = load_config(args)
 
     async def run(reactor: Any) -> int:
-        me = await authenticated_client(reactor, cfg).me()
-        print(json.dumps(me, sort_keys=True) if args.json else
-              f"{me['user']} ({me['role']}) {me['public_key']}")
-        return 0
+        return show(args, await ask(authenticated_client(reactor, cfg)), lines)
 
-    return run_async("whoami failed", run)
+    return run_async(what, run)
+
+
+def cmd_whoami(args: argparse.Namespace) -> int:
+    return _ask_rest(args, "whoami failed", lambda client: client.me(),
+                     lambda me: [f"{me['user']} ({me['role']}) {me['public_key']}"])
 
 
 def cmd_vm_list(args: argparse.Namespace) -> int:
-    cfg = load_config(args)
+    async def ask(client: RestClient) -> dict[str, Any]:
+        return {"vms": await client.list_vms()}
 
-    async def run(reactor: Any) -> int:
-        vms = await authenticated_client(reactor, cfg).list_vms()
-        if args.json:
-            print(json.dumps({"vms": vms}, sort_keys=True))
-            return 0
-        print(f"{'ID':<20} {'NAME':<16} {'OWNER':<16} STATE")
-        for v in vms:
-            print(f"{v['id']:<20} {v['name']:<16} {v['owner']:<16} {v['state']}")
-        return 0
+    def lines(result: dict[str, Any]) -> Iterator[str]:
+        yield f"{'ID':<20} {'NAME':<16} {'OWNER':<16} STATE"
+        for v in result["vms"]:
+            yield f"{v['id']:<20} {v['name']:<16} {v['owner']:<16} {v['state']}"
 
-    return run_async("vm list failed", run)
+    return _ask_rest(args, "vm list failed", ask, lines)
 
 
 def cmd_vm_show(args: argparse.Namespace) -> int:
-    cfg = load_config(args)
-
-    async def run(reactor: Any) -> int:
-        vm = await authenticated_client(reactor, cfg).get_vm(args.vm_id)
-        if args.json:
-            print(json.dumps(vm, sort_keys=True))
-            return 0
+    def lines(vm: dict[str, Any]) -> Iterator[str]:
         for key in ("id", "name", "owner", "owner_key", "host", "state", "public_key",
                     "tls_fingerprint"):
             value = vm.get(key)
-            print(f"{key + ':':<17}{'-' if value is None else value}")
-        return 0
+            yield f"{key + ':':<17}{'-' if value is None else value}"
 
-    return run_async(f"vm show {args.vm_id} failed", run)
+    return _ask_rest(args, f"vm show {args.vm_id} failed",
+                     lambda client: client.get_vm(args.vm_id), lines)
 
 
 def _when(ts: int) -> str:

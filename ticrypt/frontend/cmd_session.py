@@ -9,10 +9,10 @@ proxy (:func:`ticrypt.frontend.session.open_session`) and, for ``exec`` and
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import signal
 import sys
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from typing import Any
 
 from ticrypt import identity
@@ -21,7 +21,7 @@ from ticrypt.frontend import terminal
 from ticrypt.frontend.client import RestError, authenticated_client
 from ticrypt.frontend.cmd_account import load_user_key
 from ticrypt.frontend.errors import RemoteError, SessionError
-from ticrypt.frontend.runner import CommandError, load_config, run_async
+from ticrypt.frontend.runner import CommandError, add_command, load_config, run_async, show
 from ticrypt.frontend.session import ChannelSession, Command, open_session
 
 #: Exit status when the command does not exist on the VM (as shells use).
@@ -29,41 +29,29 @@ NOT_FOUND = 127
 
 
 def register(subparsers: Any) -> None:
-    p = subparsers.add_parser("exec", help="run a command on a VM",
-                              description="Run CMD on VM; exits with its exit status.")
-    p.add_argument("vm_id", metavar="VM")
+    p = add_command(subparsers, "exec", cmd_exec, "run a command on a VM", vm="VM",
+                    description="Run CMD on VM; exits with its exit status.")
     p.add_argument("-n", "--no-stdin", action="store_true",
                    help="send no input (like ssh -n)")
     p.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- CMD ...")
-    p.set_defaults(func=cmd_exec)
 
-    p = subparsers.add_parser("shell", help="open a terminal on a VM")
-    p.add_argument("vm_id", metavar="VM")
+    p = add_command(subparsers, "shell", cmd_shell, "open a terminal on a VM", vm="VM")
     p.add_argument("--term", default=None, help="terminal type (default: $TERM)")
-    p.set_defaults(func=cmd_shell)
 
-    p = subparsers.add_parser("authorize", help="let another user use your VM")
-    p.add_argument("vm_id", metavar="VM")
+    p = add_command(subparsers, "authorize", cmd_authorize, "let another user use your VM",
+                    vm="VM")
     p.add_argument("user", metavar="USER")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--key", metavar="ed25519:...", help="USER's public key")
     g.add_argument("--key-file", metavar="FILE", help="file with USER's public key")
-    p.set_defaults(func=cmd_authorize)
 
-    p = subparsers.add_parser("revoke", help="take a user's access to your VM away")
-    p.add_argument("vm_id", metavar="VM")
+    p = add_command(subparsers, "revoke", cmd_revoke, "take a user's access to your VM away",
+                    vm="VM")
     p.add_argument("user", metavar="USER", help="user name or ed25519:... key")
-    p.set_defaults(func=cmd_revoke)
 
-    p = subparsers.add_parser("users", help="list the users authorized on your VM")
-    p.add_argument("vm_id", metavar="VM")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_users)
-
-    p = subparsers.add_parser("info", help="ask a VM about itself")
-    p.add_argument("vm_id", metavar="VM")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_info)
+    add_command(subparsers, "users", cmd_users, "list the users authorized on your VM",
+                vm="VM", with_json=True)
+    add_command(subparsers, "info", cmd_info, "ask a VM about itself", vm="VM", with_json=True)
 
 
 async def connect(reactor: Any, cfg: Config, vm_id: str) -> ChannelSession:
@@ -239,46 +227,40 @@ def cmd_authorize(args: argparse.Namespace) -> int:
     return _run(args, what, body)
 
 
-def cmd_revoke(args: argparse.Namespace) -> int:
-    what = f"cannot revoke {args.user} on {args.vm_id}"
-
+def _ask_vm(args: argparse.Namespace, what: str,
+            ask: Callable[[ChannelSession], Awaitable[Any]],
+            lines: Callable[[Any], Iterable[str]]) -> int:
+    """Ask the VM with ``ask(session)`` and :func:`show` the answer."""
     async def body(reactor: Any, session: ChannelSession) -> int:
-        result = await session.revoke(args.user)
-        print(f"revoked {result.get('name', args.user)} on {args.vm_id}")
-        return 0
+        return show(args, await ask(session), lines)
 
     return _run(args, what, body)
+
+
+def cmd_revoke(args: argparse.Namespace) -> int:
+    return _ask_vm(args, f"cannot revoke {args.user} on {args.vm_id}",
+                   lambda session: session.revoke(args.user),
+                   lambda result: [f"revoked {result.get('name', args.user)} on {args.vm_id}"])
 
 
 def cmd_users(args: argparse.Namespace) -> int:
-    what = f"cannot list the users of {args.vm_id}"
-
-    async def body(reactor: Any, session: ChannelSession) -> int:
+    async def ask(session: ChannelSession) -> dict[str, Any]:
         result = await session.users()
-        if args.json:
-            print(json.dumps({"owner": result.get("owner"), "users": result.get("users")},
-                             sort_keys=True))
-            return 0
-        owner = result.get("owner") or {}
-        print(f"{'NAME':<24} {'ROLE':<8} KEY")
-        print(f"{str(owner.get('name')):<24} {'owner':<8} {owner.get('key')}")
-        for u in result.get("users") or []:
-            print(f"{str(u.get('name')):<24} {'user':<8} {u.get('key')}")
-        return 0
+        return {"owner": result.get("owner"), "users": result.get("users")}
 
-    return _run(args, what, body)
+    def lines(result: dict[str, Any]) -> Iterator[str]:
+        owner = result["owner"] or {}
+        yield f"{'NAME':<24} {'ROLE':<8} KEY"
+        yield f"{str(owner.get('name')):<24} {'owner':<8} {owner.get('key')}"
+        for u in result["users"] or []:
+            yield f"{str(u.get('name')):<24} {'user':<8} {u.get('key')}"
+
+    return _ask_vm(args, f"cannot list the users of {args.vm_id}", ask, lines)
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    what = f"cannot get info from {args.vm_id}"
+    async def ask(session: ChannelSession) -> dict[str, Any]:
+        return {k: v for k, v in (await session.info()).items() if k not in ("t", "id")}
 
-    async def body(reactor: Any, session: ChannelSession) -> int:
-        result = {k: v for k, v in (await session.info()).items() if k not in ("t", "id")}
-        if args.json:
-            print(json.dumps(result, sort_keys=True))
-        else:
-            for k in sorted(result):
-                print(f"{k}: {result[k]}")
-        return 0
-
-    return _run(args, what, body)
+    return _ask_vm(args, f"cannot get info from {args.vm_id}", ask,
+                   lambda result: [f"{k}: {result[k]}" for k in sorted(result)])

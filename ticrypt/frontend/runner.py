@@ -14,10 +14,12 @@ for an authenticated REST client use
 from __future__ import annotations
 
 import argparse
-import sys
-from collections.abc import Awaitable, Callable
+import json
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
+from ticrypt import cliutil
+from ticrypt.cliutil import OneLineError
 from ticrypt.config import Config, ConfigError
 from ticrypt.frontend import clientconfig
 from ticrypt.frontend.client import RestError
@@ -25,18 +27,38 @@ from ticrypt.frontend.client import RestError
 PROG = "ticrypt"
 
 
-class CommandError(Exception):
+class CommandError(OneLineError):
     """An expected failure: ``what`` failed because ``why``."""
-
-    def __init__(self, what: str, why: str):
-        self.what = what
-        self.why = why
-        super().__init__(f"{what}: {why}")
 
 
 def fail(what: str, why: str) -> int:
-    print(f"{PROG}: {what}: {why}", file=sys.stderr)
-    return 1
+    """Print ``ticrypt: <what>: <why>``; return the exit code 1."""
+    return cliutil.fail(PROG, what, why)
+
+
+def add_command(subparsers: Any, name: str, func: Callable[[argparse.Namespace], int],
+                help: str, *, vm: str | None = None, with_json: bool = False,
+                **kwargs: Any) -> argparse.ArgumentParser:
+    """Add subcommand ``name`` that runs ``func(args)``: with a positional
+    ``vm_id`` shown as ``vm`` if given, and a ``--json`` switch if ``with_json``."""
+    p = subparsers.add_parser(name, help=help, **kwargs)
+    if vm is not None:
+        p.add_argument("vm_id", metavar=vm)
+    if with_json:
+        p.add_argument("--json", action="store_true")
+    p.set_defaults(func=func)
+    return p
+
+
+def show(args: argparse.Namespace, result: Any, lines: Callable[[Any], Iterable[str]]) -> int:
+    """Print ``result`` as one line of sorted JSON with ``--json``, else
+    ``lines(result)``; return the exit code 0."""
+    if getattr(args, "json", False):
+        print(json.dumps(result, sort_keys=True))
+    else:
+        for line in lines(result):
+            print(line)
+    return 0
 
 
 def load_config(args: argparse.Namespace) -> Config:
