@@ -11,7 +11,7 @@ import re
 import signal
 from typing import Any
 
-from twisted.internet import defer, endpoints, protocol
+from twisted.internet import defer, endpoints, protocol, task
 from twisted.internet.testing import MemoryReactor
 from twisted.logger import Logger
 from twisted.trial.unittest import SynchronousTestCase, TestCase
@@ -87,6 +87,12 @@ class TwistdRefusesTests(TestCase):
         # twistd's parent shows the first 100 bytes; the log has the line
         self.assertIn("An error has occurred: b'ticrypt.service.StartupFailed: "
                       f"ticrypt-{role}: ", err)
+        # twistd's daemon writes its word to the parent, *then* removes the
+        # pid file: the parent may exit first (bounded wait, no sleep)
+        for _ in range(200):
+            if not os.path.exists(pidfile):
+                break
+            await task.deferLater(_reactor(), 0.05, lambda: None)
         self.assertFalse(os.path.exists(pidfile), "pid file left behind")
         with open(logfile) as f:
             return [line for line in f.read().splitlines() if line.strip()]
