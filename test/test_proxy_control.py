@@ -379,6 +379,84 @@ class UserLegMachineTests(_EitherLeg, _Case):
         self.assert_done(self.m)
 
 
+class PendingPerUserTests(_Case):
+    """A user's waiting connections are capped (``PendingUsers.limit``):
+    the next is refused 4009 and audited before its ticket is recorded;
+    each way out of waiting (paired, gave up, refused, lost, closed) frees
+    its place."""
+
+    def user(self, ticket_id: str, user: str = "alice") -> tuple[UserLegMachine, list[Any]]:
+        m = UserLegMachine(self.context, ADDRESS)
+        m.opened()
+        actions = m.message(json.dumps({"type": "connect", "ticket": self.ticket(
+            user=user, ticket_id=ticket_id)}).encode(), False, NOW)
+        if actions == [CancelTimer(), Join("user", "vm1")]:
+            m.joined(Waiting(1))
+        return m, actions
+
+    def fill(self) -> list[UserLegMachine]:
+        legs = []
+        for i in range(self.context.pending.limit):
+            m, actions = self.user(f"j{i}")
+            self.assertIs(m.state, LegState.WAITING, actions)
+            legs.append(m)
+        return legs
+
+    def assert_over(self, ticket_id: str) -> None:
+        m, actions = self.user(ticket_id)
+        self.assertEqual(actions, _refusal(
+            "user", 4009, "over-limit: too many pending connections for this user",
+            vm="vm1", user="alice"))
+        self.assert_done(m)
+
+    def test_default_limit(self) -> None:
+        self.assertEqual(ControlContext(b"", TicketLedger(1), 1.0, 1.0, os.urandom)
+                         .pending.limit, 4)
+
+    def test_over_the_limit_refused_and_not_recorded(self) -> None:
+        self.fill()
+        recorded = len(self.context.tickets)  # type: ignore[arg-type]
+        self.assert_over("over")
+        self.assertEqual(len(self.context.tickets), recorded)  # type: ignore[arg-type]
+        m, actions = self.user("bob1", user="bob")  # other users are not held up
+        self.assertIs(m.state, LegState.WAITING, actions)
+        self.assertEqual(self.context.pending.held("alice"), self.context.pending.limit)
+
+    def test_every_way_out_frees_a_place(self) -> None:
+        ways = {
+            "paired": lambda m: m.paired("vm1", m.ticket),
+            "gave up": lambda m: m.timed_out(),
+            "refused": lambda m: m.message(b"early", True, NOW),
+            "revoked": lambda m: m.revoked(_Revoked("alice")),
+            "lost": lambda m: m.lost(),
+            "closed": lambda m: m.closing(),
+        }
+        for n, (way, leave) in enumerate(ways.items()):
+            with self.subTest(way=way):
+                self.setUp()
+                legs = self.fill()
+                leave(legs[0])
+                leave(legs[0])  # twice: counted once
+                m, actions = self.user(f"again{n}")
+                self.assertIs(m.state, LegState.WAITING, actions)
+                self.assert_over(f"over{n}")
+
+    def test_table_refusal_and_ledger_refusal_hold_nothing(self) -> None:
+        for i in range(self.context.pending.limit + 1):
+            m = UserLegMachine(self.context, ADDRESS)
+            m.opened()
+            m.message(json.dumps({"type": "connect", "ticket": self.ticket(
+                ticket_id=f"t{i}")}).encode(), False, NOW)
+            m.joined(Refused("too many pairs (max 1)"))
+        self.assertEqual(self.context.pending.held("alice"), 0)
+        self.context.tickets = _Ledger(Use.FULL)
+        for i in range(self.context.pending.limit + 1):
+            self.user(f"f{i}")
+        self.assertEqual(self.context.pending.held("alice"), 0)
+        self.context.tickets = TicketLedger(100)
+        self.fill()
+
+
 class ShapeTests(SynchronousTestCase):
     def test_no_autobahn_no_reactor(self) -> None:
         """control.py is sans-IO: it imports neither autobahn nor Twisted."""

@@ -18,7 +18,7 @@ from typing import Any
 
 from twisted.internet import defer, reactor
 from twisted.internet.error import ConnectionDone
-from twisted.internet.task import Clock
+from twisted.internet.task import Clock, deferLater
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
@@ -338,6 +338,42 @@ class FloodTests(ProxyCase):
         user.sendClose(1000)
         _, code, _ = await vm.closed
         self.assertEqual(code, 1000)
+
+class PendingPerUserTests(ProxyCase):
+    """One user with valid tickets cannot fill the waiting queues alone: past
+    ``PendingUsers.limit`` waiting connections (over all VMs) the next is
+    refused 4009 with an audit line; other users still wait, and a place
+    comes back when one of the user's connections pairs."""
+
+    async def held(self, user: str, n: int) -> None:
+        """Until the proxy counts ``n`` pending connections of ``user``."""
+        pending = self.proxy.factory.control.pending
+        for _ in range(500):
+            if pending.held(user) == n:
+                return
+            await deferLater(reactor, 0.01, lambda: None)
+        self.fail(f"{user} holds {pending.held(user)} pending connections, not {n}")
+
+    async def test_pending_connections_per_user(self) -> None:
+        await self.start()
+        limit = self.proxy.factory.control.pending.limit
+        waiting = [await self.user(f"vm{i}") for i in range(limit)]
+        await self.held("alice", limit)
+        over = await self.user("vm9")
+        _, code, reason = await over.closed
+        self.assertEqual((code, reason),
+                         (OVER_LIMIT, "over-limit: too many pending connections for this user"))
+        [refused] = self.audit("user-refused")
+        self.assertEqual((refused["user"], refused["vm"]), ("alice", "vm9"))
+        bob = await self.user("vm9", ticket=self.backend.ticket("vm9", "bob"))
+        await self.held("bob", 1)
+        vm = await self.vm("vm0")  # alice's first pairs: her place is free again
+        self.assertEqual(await waiting[0].next_json(), {"type": "paired", "vm": "vm0"})
+        self.assertEqual((await vm.next_json())["type"], "paired")
+        await self.held("alice", limit - 1)
+        await self.user("vm9")
+        await self.held("alice", limit)
+        self.assertFalse(bob.closed.called)  # bob still waits
 
 
 del ProxyCase  # its (absent) tests are not this module's

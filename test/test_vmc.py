@@ -1071,6 +1071,37 @@ class LegTests(SynchronousTestCase):
         self.assertEqual(pool.sessions, set())
 
 
+    def test_pending_handshakes_count_against_the_user(self) -> None:
+        """A channel counts against ``max_sessions_per_user`` from pairing,
+        before its secure handshake: a user who is not authorized on the VM
+        and never completes a handshake holds at most that many sessions;
+        the next is refused 4009 (audited) and other users still get in."""
+        pool = _leg_pool(self)
+        limit = pool.settings.max_sessions_per_user
+
+        def paired(user: str) -> _Wire:
+            w = _Wire(pool)
+            w.control({"type": "challenge", "nonce": b64(bytes(32))})
+            w.control({"type": "waiting"})
+            w.control({"type": "paired", "user": user, "client": "127.0.0.1"})
+            return w
+
+        held = [paired("mallory") for _ in range(limit)]  # no ClientHello ever
+        self.assertEqual([w.close_frame() for w in held], [None] * limit)
+        over = paired("mallory")
+        self.assertEqual(over.close_frame(),
+                         (4009, "over-limit: too many sessions for this user"))
+        event, fields = pool.audit_lines[-1]
+        self.assertEqual((event, fields["user"], fields["limit"]),
+                         ("session-refused", "mallory", "max_sessions_per_user"))
+        w = _Wire(pool)
+        w.establish(pool.owner)  # another user is not held up
+        w.send_app({"t": "req", "id": 1, "op": "info"})
+        self.assertEqual(w.answers()[-1]["t"], "ok")
+        held[0].leg.onClose(True, 1000, "bye")  # a pending one ends: its slot is free
+        self.assertIsNone(paired("mallory").close_frame())
+
+
 class MessageLimitTests(SynchronousTestCase):
     """vmc's websocket message limit (PROTOCOL.md §4 Records), through
     autobahn's own frame parser, in memory: every record a user may send

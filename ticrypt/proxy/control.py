@@ -11,7 +11,8 @@ belongs to the relay (:mod:`ticrypt.proxy.relay`).  One machine per leg::
 
 (A join that finds a partner at once skips WAITING.)  The machines check the
 challenge nonce and the VM credential (:class:`VmLegMachine`), the ticket,
-the revocation list and the single-use ledger (:class:`UserLegMachine`), and
+the revocation list, the user's count of pending connections
+(:class:`PendingUsers`) and the single-use ledger (:class:`UserLegMachine`), and
 return what to do: :class:`Send` a message, :class:`Close` (a refusal,
 already audited), :class:`Audit`, :class:`ArmTimer` / :class:`CancelTimer`
 (one timer per leg; :meth:`~_LegMachine.timed_out` when it fires),
@@ -176,6 +177,31 @@ class Revocations(Protocol):
 
 
 @attrs.define(eq=False)
+class PendingUsers:
+    """Users whose ticket the proxy accepted and who are not paired yet
+    (waiting for a VM socket, or on their way into the pairing table),
+    counted per user name against ``limit``: a user with valid tickets
+    cannot fill the VMs' waiting queues alone (PROTOCOL.md §3 Limits)."""
+
+    limit: int = 4
+    _held: dict[str, int] = attrs.field(factory=dict, init=False)
+
+    def full(self, user: str) -> bool:
+        return self._held.get(user, 0) >= self.limit
+
+    def add(self, user: str) -> None:
+        self._held[user] = self._held.get(user, 0) + 1
+
+    def remove(self, user: str) -> None:
+        left = self._held.pop(user) - 1
+        if left:
+            self._held[user] = left
+
+    def held(self, user: str) -> int:
+        return self._held.get(user, 0)
+
+
+@attrs.define(eq=False)
 class ControlContext:
     """What the control exchanges of all legs share."""
 
@@ -187,6 +213,8 @@ class ControlContext:
     rng: Callable[[int], bytes]
     #: rest's revocation feed as last verified (None: not followed)
     revocations: Revocations | None = None
+    #: users not paired yet, per user name
+    pending: PendingUsers = attrs.field(factory=PendingUsers)
 
 
 @attrs.define(eq=False)
@@ -348,6 +376,8 @@ class UserLegMachine(_LegMachine):
     role: ClassVar[str] = "user"
     #: the verified ticket
     ticket: signed.Ticket | None = None
+    #: counted in ``context.pending`` (from the accepted ticket until paired or done)
+    _pending: bool = attrs.field(default=False, init=False)
 
     def timed_out(self) -> list[Action]:
         if self.state is LegState.WAITING:
@@ -376,6 +406,10 @@ class UserLegMachine(_LegMachine):
             raise ControlError(cc.TICKET_REFUSED, e.code) from None
         if ctx.revocations is not None and ctx.revocations.reason(ticket) is not None:
             raise ControlError(cc.TICKET_REFUSED, "revoked")
+        if ctx.pending.full(ticket.user):  # before the ledger: its room is bounded too
+            return self._refuse(cc.OVER_LIMIT.code, cc.reason(
+                cc.OVER_LIMIT.name, "too many pending connections for this user"),
+                vm=ticket.vm, user=ticket.user)
         use = ctx.tickets.use(ticket.ticket_id, ticket.expires, now)
         if use is Use.REPLAYED:
             raise ControlError(cc.TICKET_REFUSED, "replayed")
@@ -385,7 +419,30 @@ class UserLegMachine(_LegMachine):
             raise ControlError(cc.SERVER_ERROR, "cannot record the ticket")
         self.ticket = ticket
         self.vm_id = ticket.vm
+        ctx.pending.add(ticket.user)
+        self._pending = True
         return [CancelTimer(), Join(self.role, ticket.vm)]
+
+    def paired(self, vm_id: str, ticket: signed.Ticket) -> list[Action]:
+        self._not_pending()
+        return super().paired(vm_id, ticket)
+
+    def closing(self) -> None:
+        self._not_pending()
+        super().closing()
+
+    def lost(self) -> list[Action]:
+        self._not_pending()
+        return super().lost()
+
+    def _refuse(self, code: int, reason: str, **fields: Any) -> list[Action]:
+        self._not_pending()
+        return super()._refuse(code, reason, **fields)
+
+    def _not_pending(self) -> None:
+        if self._pending and self.ticket is not None:
+            self.context.pending.remove(self.ticket.user)
+        self._pending = False
 
     def _joined(self, outcome: Paired[Any] | Waiting) -> list[Action]:
         if isinstance(outcome, Waiting):
