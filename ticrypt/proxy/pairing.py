@@ -98,14 +98,7 @@ class PairingTable(Generic[S]):
             self._take(self._users, vm_id, user)
             self.pairs += 1
             return Paired(vm_id, sock, user)
-        if self.depth(vm_id) >= self.limits.max_waiting_per_vm:
-            return Refused(f"too many waiting sockets for this VM "
-                           f"(max {self.limits.max_waiting_per_vm})")
-        if self._waiting_total >= self.limits.max_waiting_total:
-            return Refused(f"too many waiting sockets (max {self.limits.max_waiting_total})")
-        self._vms.setdefault(vm_id, {})[sock] = None
-        self._waiting_total += 1
-        return Waiting(self.depth(vm_id))
+        return self._queue(self._vms, vm_id, sock, "waiting sockets")
 
     def add_user(self, vm_id: str, sock: S) -> Paired[S] | Waiting | Refused:
         """A user with a valid ticket for ``vm_id`` arrives: take the oldest
@@ -118,14 +111,7 @@ class PairingTable(Generic[S]):
             self._take(self._vms, vm_id, vm)
             self.pairs += 1
             return Paired(vm_id, vm, sock)
-        if self.users_waiting(vm_id) >= self.limits.max_waiting_per_vm:
-            return Refused(f"too many users waiting for this VM "
-                           f"(max {self.limits.max_waiting_per_vm})")
-        if self._waiting_total >= self.limits.max_waiting_total:
-            return Refused(f"too many waiting sockets (max {self.limits.max_waiting_total})")
-        self._users.setdefault(vm_id, {})[sock] = None
-        self._waiting_total += 1
-        return Waiting(self.users_waiting(vm_id))
+        return self._queue(self._users, vm_id, sock, "users waiting")
 
     def remove_vm(self, vm_id: str, sock: S) -> bool:
         """A waiting VM socket went away; True if it was waiting."""
@@ -152,6 +138,21 @@ class PairingTable(Generic[S]):
                 self.pairs += 1
                 formed.append(Paired(vm_id, vm, user))
         return formed
+
+    def _queue(self, table: dict[str, dict[S, None]], vm_id: str, sock: S,
+               what: str) -> Waiting | Refused:
+        """Queue ``sock`` last in ``table``'s queue of ``vm_id`` (``what`` it
+        holds, for the refusal) unless the queue or all queues are full."""
+        queue = table.get(vm_id, {})
+        if len(queue) >= self.limits.max_waiting_per_vm:
+            return Refused(f"too many {what} for this VM "
+                           f"(max {self.limits.max_waiting_per_vm})")
+        if self._waiting_total >= self.limits.max_waiting_total:
+            return Refused(f"too many waiting sockets (max {self.limits.max_waiting_total})")
+        table[vm_id] = queue
+        queue[sock] = None
+        self._waiting_total += 1
+        return Waiting(len(queue))
 
     def _take(self, table: dict[str, dict[S, None]], vm_id: str, sock: S) -> bool:
         queue = table.get(vm_id)
