@@ -87,11 +87,12 @@ async def start_proxy(testcase: TestCase, config_path: str, reactor: Any = None)
     """Run the proxy service in-process; returns the RoleService with
     ``.port`` and ``.status_port`` set.  Stopped in cleanup."""
     from ticrypt.proxy import tap
+    from ticrypt.proxy.config import ProxyConfig
 
     if reactor is None:
         from twisted.internet import reactor as _r
         reactor = _r
-    cfg = load_config(config_path, tap.SCHEMA)
+    cfg = load_config(config_path, ProxyConfig)
     service: Any = tap.makeService({"cfg": cfg}, reactor=reactor)
     service.startService()
     testcase.addCleanup(service.stopService)

@@ -6,6 +6,7 @@ import operator
 import os
 import tempfile
 
+import attrs
 from twisted.trial.unittest import SynchronousTestCase
 
 from ticrypt.config import (
@@ -19,13 +20,18 @@ from ticrypt.config import (
     Key,
     Port,
     PortRange,
+    RoleConfig,
     Schema,
     ServerEndpoint,
     Size,
     Str,
     StrList,
     Url,
+    group,
     load_config,
+    schema_of,
+    section,
+    setting,
 )
 from ticrypt.service import options_for
 
@@ -256,6 +262,72 @@ class LoadConfigTests(SynchronousTestCase):
         self.assertNames(err, "main", "name", "must not be bad")
 
 
+@attrs.frozen
+class _Inner:
+    depth: int = setting(Int(1, 9), 2, "nesting depth")
+
+
+@attrs.frozen(kw_only=True)
+class _Main:
+    name: str = setting(Str(), doc="a name")
+    timeout: float = setting(Duration(), 30.0, "a timeout")
+    out: str = setting(FilePath(must_exist=False), "out.log", "read like ini text")
+    inner: _Inner = group(_Inner)
+
+
+@attrs.frozen(kw_only=True)
+class _Extra:
+    flag: bool = setting(Bool(), False, "a flag")
+
+
+@attrs.frozen(kw_only=True)
+class _Demo(RoleConfig):
+    main: _Main = section(_Main)
+    extra: _Extra = section(_Extra, optional=True)
+
+    def check(self) -> None:
+        if self.main.name == "bad":
+            raise self.error("main", "name", "must not be bad")
+
+
+class TypedConfigTests(SynchronousTestCase):
+    """A role's config as frozen attrs classes: the loader fills them."""
+
+    def write(self, text: str) -> str:
+        d = tempfile.mkdtemp()
+        path = os.path.join(d, "t.ini")
+        with open(path, "w") as f:
+            f.write(text)
+        os.chmod(path, 0o600)
+        return path
+
+    def test_defaults_groups_and_optional_sections(self) -> None:
+        path = self.write("[main]\nname = x\ndepth = 5\n")
+        cfg = load_config(path, _Demo)
+        self.assertIsInstance(cfg, _Demo)
+        self.assertEqual(cfg.path, os.path.abspath(path))
+        self.assertEqual(cfg.main.name, "x")
+        self.assertEqual(cfg.main.timeout, 30.0)
+        self.assertEqual(cfg.main.inner, _Inner(depth=5))
+        self.assertEqual(cfg.main.out, os.path.join(os.path.dirname(path), "out.log"))
+        self.assertEqual(cfg.extra, _Extra())
+
+    def test_errors_name_file_section_and_key(self) -> None:
+        for text, where in [("[main]\n", "[main] name: missing"),
+                            ("[main]\nname = x\ndepth = 10\n", "[main] depth: expected"),
+                            ("[main]\nname = x\n[extra]\nnope = 1\n", "[extra] nope: unknown"),
+                            ("[main]\nname = bad\n", "[main] name: must not be bad")]:
+            path = self.write(text)
+            err = self.assertRaises(ConfigError, load_config, path, _Demo)
+            self.assertTrue(str(err).startswith(f"{path}: {where}"), str(err))
+
+    def test_schema_view(self) -> None:
+        schema = schema_of(_Demo)
+        self.assertEqual(list(schema.sections["main"]), ["name", "timeout", "out", "depth"])
+        self.assertEqual(schema.optional_sections, frozenset({"extra"}))
+        self.assertEqual(schema.sections["main"]["depth"].doc, "nesting depth")
+
+
 class OptionsTests(SynchronousTestCase):
     def test_config_required(self) -> None:
         from twisted.python.usage import UsageError
@@ -300,24 +372,25 @@ class OptionsTests(SynchronousTestCase):
 class SampleConfigTests(SynchronousTestCase):
     """etc/rest.ini and etc/client.ini set and document every key of their schema."""
 
-    def check(self, name: str, schema: Schema) -> None:
+    def check(self, name: str, spec: Schema | type[RoleConfig]) -> None:
         import configparser
 
+        schema = schema_of(spec)
         path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                             "etc", name)
         with open(path) as f:
             lines = f.read().splitlines()
         parser = configparser.ConfigParser(interpolation=None)
         parser.read_string("\n".join(lines))
-        for section, keys in schema.sections.items():
-            self.assertEqual(sorted(parser[section]), sorted(keys), f"{name} [{section}]")
+        for part, keys in schema.sections.items():
+            self.assertEqual(sorted(parser[part]), sorted(keys), f"{name} [{part}]")
             for key in keys:
                 at = next(i for i, line in enumerate(lines) if line.startswith(f"{key} ="))
                 self.assertTrue(lines[at - 1].startswith("#"),
                                 f"{name}: {key} has no comment above it")
 
     def test_rest(self) -> None:
-        from ticrypt.rest.config import SCHEMA as REST
+        from ticrypt.rest.config import RestConfig as REST
 
         self.check("rest.ini", REST)
 

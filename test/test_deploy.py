@@ -16,16 +16,17 @@ from twisted.internet import defer
 from twisted.trial.unittest import SynchronousTestCase
 
 from ticrypt import identity, signed
-from ticrypt.config import Schema, load_config
+from ticrypt.config import RoleConfig, Schema, load_config, schema_of
 from ticrypt.frontend.clientconfig import SCHEMA as CLIENT
 from ticrypt.lab.daemons import ROOT
 from ticrypt.lab.deploy import START_ORDER, Addresses, Deployment, render_ini
-from ticrypt.proxy.tap import SCHEMA as PROXY
-from ticrypt.rest.config import SCHEMA as REST
+from ticrypt.proxy.config import ProxyConfig as PROXY
+from ticrypt.rest.config import RestConfig as REST
 from ticrypt.vmc.tap import SCHEMA as VMC
 
 #: role -> (its schema, the sample in etc/)
-ROLES: dict[str, Schema] = {"rest": REST, "proxy": PROXY, "vmc": VMC, "client": CLIENT}
+ROLES: dict[str, Schema | type[RoleConfig]] = {
+    "rest": REST, "proxy": PROXY, "vmc": VMC, "client": CLIENT}
 
 
 def sections(path: str) -> dict[str, set[str]]:
@@ -54,12 +55,12 @@ def build(dep: Deployment) -> dict[str, str]:
 class InStepTests(SynchronousTestCase):
     def check_deployment(self, dep: Deployment) -> None:
         for role, path in build(dep).items():
-            schema = ROLES[role]
+            schema = schema_of(ROLES[role])
             for section, keys in sections(path).items():
                 self.assertIn(section, schema.sections, f"{role}: [{section}]")
                 self.assertLessEqual(keys, set(schema.sections[section]),
                                      f"{role} [{section}]: keys the schema does not know")
-            load_config(path, schema)  # raises ConfigError naming the key
+            load_config(path, ROLES[role])  # raises ConfigError naming the key
 
     def test_generated_configs_load_with_each_role_schema(self) -> None:
         self.check_deployment(Deployment(self.mktemp()))
@@ -83,11 +84,15 @@ class InStepTests(SynchronousTestCase):
         self.assertLessEqual({"10.77.0.1", "10.77.0.2", "127.0.0.1"}, ips)
 
     def test_samples_set_every_key_of_their_schema(self) -> None:
-        for role, schema in ROLES.items():
+        for role, spec in ROLES.items():
+            schema = schema_of(spec)
             sample = sections(os.path.join(ROOT, "etc", f"{role}.ini"))
             self.assertEqual(set(sample), set(schema.sections), f"etc/{role}.ini sections")
             for section, keys in schema.sections.items():
                 self.assertEqual(sample[section], set(keys), f"etc/{role}.ini [{section}]")
+                for key, spec_key in keys.items():
+                    if not isinstance(spec, Schema):  # typed: every field says what it is
+                        self.assertTrue(spec_key.doc, f"{role} [{section}] {key}: no doc")
 
 
 

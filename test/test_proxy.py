@@ -25,9 +25,10 @@ from test import proxyfixture as pf
 from test import wsframes as wf
 from ticrypt import closecodes, identity, signed, tlsutil
 from ticrypt.audit import AuditLog
-from ticrypt.config import ConfigError, load_config
+from ticrypt.config import ConfigError, load_config, schema_of
 from ticrypt.encoding import b64
 from ticrypt.proxy import tap, tlsmem, wsmem
+from ticrypt.proxy.config import ProxyConfig
 from ticrypt.proxy.control import ControlError, LegState, UserLegMachine, parse_control
 from ticrypt.proxy.pairing import Limits, Paired, PairingTable, Refused, Waiting
 from ticrypt.proxy.relay import IRelayEnd, Pair
@@ -295,7 +296,7 @@ class ConfigTests(SynchronousTestCase):
     def test_sample_documents_every_key(self) -> None:
         with open(os.path.join(ROOT, "etc", "proxy.ini")) as f:
             lines = f.read().splitlines()
-        for section, keys in tap.SCHEMA.sections.items():
+        for section, keys in schema_of(ProxyConfig).sections.items():
             self.assertIn(f"[{section}]", lines)
             for key in keys:
                 idx = next((i for i, line in enumerate(lines)
@@ -306,16 +307,17 @@ class ConfigTests(SynchronousTestCase):
 
     def test_defaults(self) -> None:
         path = pf.write_proxy_config(self.dir, self.backend)
-        cfg = load_config(path, tap.SCHEMA)
-        settings, limits = tap.settings_from(cfg)
-        self.assertEqual(settings, Settings())
-        self.assertEqual(limits, Limits())
-        self.assertEqual(settings.max_message_size, 2 * 1024 * 1024)
+        cfg = load_config(path, ProxyConfig)
+        self.assertEqual(cfg.limits, Settings())
+        self.assertEqual(cfg.limits.pairing, Limits())
+        self.assertEqual(cfg.limits.max_message_size, 2 * 1024 * 1024)
+        self.assertEqual(cfg.proxy.ticket_ledger,
+                         os.path.join(os.path.abspath(self.dir), "proxy-tickets.ledger"))
 
     def test_plain_needs_allow_plain(self) -> None:
         path = pf.write_proxy_config(self.dir, self.backend, allow_plain=False)
         with self.assertRaises(ConfigError) as cm:
-            load_config(path, tap.SCHEMA)
+            load_config(path, ProxyConfig)
         self.assertIn("[proxy] listen", str(cm.exception))
         self.assertIn("allow_plain", str(cm.exception))
 
@@ -330,7 +332,7 @@ class ConfigTests(SynchronousTestCase):
 
     def test_status_off(self) -> None:
         path = pf.write_proxy_config(self.dir, self.backend, status_listen="off")
-        cfg = load_config(path, tap.SCHEMA)
+        cfg = load_config(path, ProxyConfig)
         service = tap.makeService({"cfg": cfg}, reactor=reactor)
         self.assertEqual([s.label for s in service.listeners()], ["proxy"])
 
@@ -339,7 +341,7 @@ class ConfigTests(SynchronousTestCase):
         written the proxy does not start (one line naming the key)."""
         path = pf.write_proxy_config(self.dir, self.backend)
         os.makedirs(os.path.join(self.dir, "proxy-tickets.ledger"))  # not a file
-        cfg = load_config(path, tap.SCHEMA)
+        cfg = load_config(path, ProxyConfig)
         service = tap.makeService({"cfg": cfg}, reactor=reactor)
         lines: list[str] = []
         self.patch(service, "failure_line",

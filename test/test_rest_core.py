@@ -16,8 +16,8 @@ from ticrypt.config import ConfigError, load_config
 from ticrypt.encoding import b64
 from ticrypt.http.server import ApiError, match
 from ticrypt.rest import db, store
-from ticrypt.rest.api import ROUTES, Call, RestApi
-from ticrypt.rest.config import SCHEMA
+from ticrypt.rest.api import ROUTES, ApiSettings, Call, RestApi
+from ticrypt.rest.config import RestConfig
 from ticrypt.rest.core import (
     ChallengeTable,
     session_id,
@@ -27,6 +27,9 @@ from ticrypt.rest.core import (
 from ticrypt.rest.web import rest_site
 
 FEED_SECRET = "s" * 40
+SETTINGS = ApiSettings(session_ttl=100, challenge_ttl=30, ticket_ttl=60, enrollment_ttl=50,
+                       login_window=60, login_failures_per_address=5,
+                       login_failures_per_user_and_address=2, challenges_per_address=8)
 
 
 class ChallengeTableTests(SynchronousTestCase):
@@ -126,10 +129,7 @@ class ApiTests(SynchronousTestCase):
         self.audit = AuditLog(self.audit_path, self.clock, "rest")
         self.addCleanup(self.audit.close)
         self.api = RestApi(clock=self.clock, db=self.db, signing_key=self.key,
-                           proxy_url="wss://p:1", audit=self.audit,
-                           session_ttl=100, challenge_ttl=30, ticket_ttl=60,
-                           enrollment_ttl=50, login_window=60, login_failures_per_address=5,
-                           login_failures_per_user_and_address=2, challenges_per_address=8,
+                           proxy_url="wss://p:1", audit=self.audit, settings=SETTINGS,
                            feed_secret=FEED_SECRET)
 
     def call(self, handler: str, body: dict[str, Any] | None = None, params: tuple[str, ...] = (),
@@ -422,7 +422,7 @@ class ConfigTests(SynchronousTestCase):
         path = os.path.join(self.dir, "rest.ini")
         with open(path, "w") as f:
             f.write("[rest]\n" + "".join(f"{k} = {v}\n" for k, v in settings.items()))
-        return load_config(path, SCHEMA)
+        return load_config(path, RestConfig)
 
     def error(self, key: str, **changes: str | None) -> str:
         with self.assertRaises(ConfigError) as e:
@@ -532,9 +532,7 @@ class PurgeJobTests(SynchronousTestCase):
                        10.0)
         api = RestApi(clock=clock, db=sync, signing_key=identity.generate(),
                       proxy_url="wss://p:1", audit=AuditLog(None, clock, "rest"),
-                      session_ttl=100, challenge_ttl=30, ticket_ttl=60, enrollment_ttl=50,
-                      login_window=60, login_failures_per_address=5,
-                      login_failures_per_user_and_address=2, challenges_per_address=8)
+                      settings=SETTINGS)
         failures = ["sync", "async"]
 
         class FlakyDb:

@@ -1,6 +1,25 @@
 """One config loader for every role: an ini file becomes a frozen, typed object.
 
-Each role declares a :class:`Schema` (sections -> keys -> kinds).  Loading
+Each role declares its config as frozen attrs classes: one class per
+``[section]``, whose fields are declared with :func:`setting` (kind, default
+and doc in the field's metadata), gathered in a :class:`RoleConfig` whose
+fields are declared with :func:`section`.  A section class may also gather
+the keys of a smaller settings class with :func:`group` (the proxy's
+``[limits]`` holds its pairing table's and frame budget's limits), so each
+default is written once, in the class that uses it::
+
+    @attrs.frozen(kw_only=True)
+    class Limits:
+        max_buffered: int = setting(Size(min=4096), 256 * KiB, "...")
+
+    @attrs.frozen(kw_only=True)
+    class ProxyConfig(RoleConfig):
+        proxy: ProxySection = section(ProxySection)
+        limits: Limits = section(Limits, optional=True)
+
+``load_config(path, ProxyConfig)`` returns a ``ProxyConfig``, so mypy sees
+every ``cfg.section.key``.  (Roles not yet converted still declare a
+:class:`Schema` (sections -> keys -> kinds) and get a :class:`Config`.)  Loading
 refuses anything it does not understand and reports one line that names the
 file, the section and the key, and what was expected::
 
@@ -19,7 +38,7 @@ import re
 import stat
 from collections.abc import Callable, Iterator, Mapping
 from types import MappingProxyType
-from typing import Any
+from typing import Any, TypeVar, overload
 from urllib.parse import urlsplit
 
 import attrs
@@ -37,6 +56,7 @@ __all__ = [
     "Int",
     "Key",
     "Port",
+    "RoleConfig",
     "PortRange",
     "Schema",
     "ServerEndpoint",
@@ -45,7 +65,12 @@ __all__ = [
     "StrList",
     "Url",
     "check_file_mode",
+    "group",
     "load_config",
+    "schema_of",
+    "section",
+    "section_from",
+    "setting",
 ]
 
 
@@ -540,8 +565,110 @@ class Config(Mapping[str, Section]):
         return ConfigError(self.path, section, key, message)
 
 
-def load_config(path: str, schema: Schema) -> Config:
-    """Read and validate ``path`` against ``schema``; raise ConfigError."""
+# --- typed sections ---------------------------------------------------------
+
+_KEY = "ticrypt.config.key"
+_GROUP = "ticrypt.config.group"
+_SECTION = "ticrypt.config.section"
+
+T = TypeVar("T")
+R = TypeVar("R", bound="RoleConfig")
+
+
+def setting(kind: Kind, default: T = REQUIRED, doc: str = "") -> T:
+    """A field of a section class: one ini key of ``kind``.
+
+    Without ``default`` the key is required.  A ``str`` default is read like
+    ini text by the loader (so a relative path is resolved against the
+    config's directory); any other default is the value itself."""
+    key = Key(kind, default, doc)
+    if default is REQUIRED:
+        return attrs.field(metadata={_KEY: key})  # type: ignore[no-any-return]
+    return attrs.field(default=default, metadata={_KEY: key})  # type: ignore[no-any-return]
+
+
+def group(cls: type[T]) -> T:
+    """A field of a section class holding a smaller settings class whose
+    keys sit in the same ini section (its defaults are that class's)."""
+    return attrs.field(factory=cls, metadata={_GROUP: cls})  # type: ignore[no-any-return]
+
+
+def section(cls: type[T], optional: bool = False) -> T:
+    """A field of a :class:`RoleConfig`: the ini section of the field's name.
+    An ``optional`` section may be absent; its keys then take their defaults."""
+    if optional:
+        return attrs.field(factory=cls, metadata={_SECTION: cls})  # type: ignore[no-any-return]
+    return attrs.field(metadata={_SECTION: cls})  # type: ignore[no-any-return]
+
+
+@attrs.frozen(kw_only=True)
+class RoleConfig:
+    """Base of a role's typed config: ``path`` is the file it was read from.
+
+    Cross-key checks go in :meth:`check`, raising :meth:`error`."""
+
+    path: str = ""
+
+    def error(self, section: str, key: str | None, message: str) -> ConfigError:
+        """A ConfigError naming this file, ``section`` and ``key``."""
+        return ConfigError(self.path, section, key, message)
+
+    def check(self) -> None:
+        """Cross-key validation after loading; raise :meth:`error`."""
+
+
+def _section_keys(cls: type) -> dict[str, Key]:
+    keys: dict[str, Key] = {}
+    for f in attrs.fields(cls):
+        if _KEY in f.metadata:
+            keys[f.name] = f.metadata[_KEY]
+        elif _GROUP in f.metadata:
+            inner = _section_keys(f.metadata[_GROUP])
+            if twice := inner.keys() & keys.keys():
+                raise TypeError(f"{cls.__name__}: keys declared twice: {sorted(twice)}")
+            keys.update(inner)
+    return keys
+
+
+def section_from(cls: type[T], values: Mapping[str, Any]) -> T:
+    """A section class from parsed values ``{key: value}`` (groups included)."""
+    kwargs: dict[str, Any] = {}
+    for f in attrs.fields(cls):  # type: ignore[arg-type]
+        if _KEY in f.metadata:
+            kwargs[f.name] = values[f.name]
+        elif _GROUP in f.metadata:
+            kwargs[f.name] = section_from(f.metadata[_GROUP], values)
+    return cls(**kwargs)
+
+
+def schema_of(spec: Schema | type[RoleConfig]) -> Schema:
+    """The :class:`Schema` view of a typed config (sections, keys, kinds,
+    defaults, docs), for the loader and the sample-documentation checks;
+    a Schema is returned as it is."""
+    if isinstance(spec, Schema):
+        return spec
+    sections: dict[str, Mapping[str, Key]] = {}
+    optional: set[str] = set()
+    for f in attrs.fields(spec):
+        if _SECTION not in f.metadata:
+            continue
+        sections[f.name] = _section_keys(f.metadata[_SECTION])
+        if f.default is not attrs.NOTHING:
+            optional.add(f.name)
+    return Schema(sections, frozenset(optional))
+
+
+@overload
+def load_config(path: str, schema: Schema) -> Config: ...
+@overload
+def load_config(path: str, schema: type[R]) -> R: ...
+
+
+def load_config(path: str, schema: Schema | type[RoleConfig]) -> Config | RoleConfig:
+    """Read and validate ``path`` against ``schema`` (a typed
+    :class:`RoleConfig` class, or a :class:`Schema`); raise ConfigError."""
+    typed = None if isinstance(schema, Schema) else schema
+    schema = schema_of(schema)
     shown = path
     if not os.path.exists(path):
         raise ConfigError(shown, None, None, "config file does not exist")
@@ -605,6 +732,12 @@ def load_config(path: str, schema: Schema) -> Config:
             else:
                 values[key] = spec.default
         out[section] = Section(section, values)
+    if typed is not None:
+        kwargs = {f.name: section_from(f.metadata[_SECTION], out[f.name])
+                  for f in attrs.fields(typed) if _SECTION in f.metadata}
+        role = typed(path=os.path.abspath(path), **kwargs)
+        role.check()
+        return role
     config = Config(os.path.abspath(path), out)
     if schema.validate is not None:
         schema.validate(config)

@@ -28,14 +28,15 @@ from twisted.logger import Logger
 from twisted.python import usage
 from twisted.python.failure import Failure
 
-from ticrypt.config import Config, ConfigError, Schema, load_config
+from ticrypt.config import Config, ConfigError, RoleConfig, Schema, load_config
 from ticrypt.tlsutil import alpn_http11
 
 READY_MARKER = "TICRYPT-READY"
 
 
-def options_for(role: str, schema: Schema) -> type[usage.Options]:
-    """A twistd Options class: ``--config FILE`` loaded into ``self["cfg"]``.
+def options_for(role: str, schema: Schema | type[RoleConfig]) -> type[usage.Options]:
+    """A twistd Options class: ``--config FILE`` loaded into ``self["cfg"]``
+    (an instance of ``schema`` when that is a role's typed config class).
 
     A config error is a ``UsageError`` naming file, section and key.  Under
     twistd (a subcommand of its options) it ends the process instead, with
@@ -200,7 +201,7 @@ class RoleService(MultiService):
 
     log = Logger()
 
-    def __init__(self, role: str, config: Config | None = None,
+    def __init__(self, role: str, config: Config | RoleConfig | None = None,
                  reactor: IReactorCore | None = None):
         super().__init__()
         self.role = role

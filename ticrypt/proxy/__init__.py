@@ -8,6 +8,7 @@ Layers: :mod:`~ticrypt.proxy.pairing` (sans-IO table),
 to autobahn's and OpenSSL's internals), :mod:`~ticrypt.proxy.replay` and
 :mod:`~ticrypt.proxy.revocations` (single-use tickets, rest's revocation
 feed), :mod:`~ticrypt.proxy.status` (read-only status resource),
-:mod:`~ticrypt.proxy.tap` (config schema and service).
+:mod:`~ticrypt.proxy.config` (the typed config) and
+:mod:`~ticrypt.proxy.tap` (options and service).
 Wire format: ``PROTOCOL.md §3``.
 """

@@ -24,6 +24,7 @@ from __future__ import annotations
 import attrs
 
 from ticrypt import closecodes
+from ticrypt.config import Duration, Int, setting
 
 CONTINUATION = 0x0
 TEXT = 0x1
@@ -41,9 +42,12 @@ class FrameLimits:
     """The frame limits of ``[limits]`` (defaults far above any client of ours:
     they send unfragmented messages and a ping every 30 s)."""
 
-    max_message_frames: int = 1024
-    max_control_frames: int = 100
-    control_frames_interval: float = 10.0
+    max_message_frames: int = setting(Int(1, 1_000_000), 1024,
+                                      "frames of one message, continuations included")
+    max_control_frames: int = setting(Int(1, 1_000_000), 100,
+                                      "control frames (and empty first frames) per interval")
+    control_frames_interval: float = setting(Duration(max=3600), 10.0,
+                                             "the interval of max_control_frames")
 
 
 @attrs.frozen

@@ -16,19 +16,21 @@ from typing import Generic, TypeVar
 
 import attrs
 
+from ticrypt.config import Int, setting
+
 S = TypeVar("S", bound=Hashable)
 
 
 @attrs.frozen
 class Limits:
-    """The table's limits; all must be >= 1."""
+    """The table's limits (keys of the proxy's ``[limits]``); all must be >= 1."""
 
-    #: VM sockets waiting per VM id (also: users waiting per VM id).
-    max_waiting_per_vm: int = 8
-    #: All waiting sockets together, VM sockets and users waiting for a VM.
-    max_waiting_total: int = 10000
-    #: Pairs relaying at the same time.
-    max_pairs: int = 10000
+    max_waiting_per_vm: int = setting(
+        Int(1, 100_000), 8, "VM sockets waiting per VM id (also: users waiting per VM id)")
+    max_waiting_total: int = setting(
+        Int(1, 10_000_000), 10000,
+        "all waiting sockets together, VM sockets and users waiting for a VM")
+    max_pairs: int = setting(Int(1, 10_000_000), 10000, "pairs relaying at the same time")
 
 
 @attrs.frozen

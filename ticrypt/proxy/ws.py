@@ -36,10 +36,11 @@ from zope.interface import implementer
 
 from ticrypt import closecodes as cc
 from ticrypt.audit import AuditLog
+from ticrypt.config import Duration, Int, Size, group, setting
 from ticrypt.proxy import control as ctl
 from ticrypt.proxy.control import ControlContext, LegMachine, LegState, UserLegMachine, VmLegMachine
 from ticrypt.proxy.framebudget import FrameBudget, FrameLimits, Violation
-from ticrypt.proxy.pairing import Paired, PairingTable, Refused, Waiting
+from ticrypt.proxy.pairing import Limits, Paired, PairingTable, Refused, Waiting
 from ticrypt.proxy.relay import (
     OWN_FULL,
     PARTNER_FULL,
@@ -61,21 +62,29 @@ USER_PATH = "/v1/user"
 
 @attrs.frozen
 class Settings:
-    """The limits and timeouts of ``[limits]`` (seconds and bytes)."""
+    """The proxy's ``[limits]`` section (seconds and bytes): the websocket
+    limits and timeouts, the frame budget's and the pairing table's."""
 
-    max_message_size: int = 2 * 1024 * 1024
-    max_frame_size: int = 2 * 1024 * 1024
-    max_connections: int = 30000
-    user_wait_timeout: float = 10.0
-    handshake_timeout: float = 10.0
-    idle_timeout: float = 3600.0
-    ping_interval: float = 30.0
-    ping_timeout: float = 30.0
-    max_buffered: int = 256 * 1024
-    max_recent_tickets: int = 100_000
-    open_handshake_timeout: float = 10.0
-    close_handshake_timeout: float = 5.0
-    frames: FrameLimits = FrameLimits()
+    max_message_size: int = setting(Size(min=1024), 2 * 1024 * 1024,
+                                    "largest websocket message")
+    max_frame_size: int = setting(Size(min=1024), 2 * 1024 * 1024,
+                                  "largest websocket frame (<= max_message_size)")
+    max_connections: int = setting(Int(1, 10_000_000), 30000, "open websockets")
+    user_wait_timeout: float = setting(Duration(), 10.0,
+                                       "how long a user waits for a VM socket")
+    handshake_timeout: float = setting(Duration(), 10.0,
+                                       "from TCP accept to the leg's first message")
+    idle_timeout: float = setting(Duration(), 3600.0, "a pair with no traffic is closed")
+    ping_interval: float = setting(Duration(), 30.0, "websocket ping interval")
+    ping_timeout: float = setting(Duration(), 30.0, "a ping not answered closes the leg")
+    max_buffered: int = setting(Size(min=4096), 256 * 1024,
+                                "bytes queued towards a peer before its partner is paused")
+    max_recent_tickets: int = setting(Int(100, 10_000_000), 100_000,
+                                      "ticket ids remembered against replay")
+    open_handshake_timeout: float = setting(Duration(), 10.0, "websocket opening handshake")
+    close_handshake_timeout: float = setting(Duration(), 5.0, "websocket closing handshake")
+    frames: FrameLimits = group(FrameLimits)
+    pairing: Limits = group(Limits)
 
 
 F = TypeVar("F", bound=Callable[..., Any])

@@ -23,6 +23,7 @@ from twisted.logger import Logger
 import ticrypt
 from ticrypt import identity, signed
 from ticrypt.audit import AuditLog
+from ticrypt.config import Duration, Int, setting
 from ticrypt.encoding import b64, unb64
 from ticrypt.http.server import ApiError, Field, Result, Route, parse_body
 from ticrypt.ratelimit import Clock, RateLimiter
@@ -133,16 +134,36 @@ def _unauthorized(code: str, message: str) -> ApiError:
     return ApiError(401, code, message, {"WWW-Authenticate": 'Bearer realm="ticrypt"'})
 
 
+@attrs.frozen(kw_only=True)
+class ApiSettings:
+    """Lifetimes and login limits of the API (keys of ``[rest]``)."""
+
+    session_ttl: float = setting(Duration(min=1, max=30 * 86400), 8 * 3600.0,
+                                 "session lifetime")
+    challenge_ttl: float = setting(Duration(min=1, max=600), 60.0,
+                                   "login challenge lifetime")
+    ticket_ttl: float = setting(Duration(min=1, max=3600), 60.0,
+                                "connection ticket lifetime")
+    enrollment_ttl: float = setting(Duration(min=1, max=30 * 86400), 24 * 3600.0,
+                                    "enrollment token lifetime")
+    login_window: float = setting(Duration(min=1, max=86400), 300.0,
+                                  "window of the login rate limits")
+    login_failures_per_address: int = setting(Int(1, 100000), 20,
+                                              "failed logins and enrollments per address")
+    login_failures_per_user_and_address: int = setting(
+        Int(1, 100000), 10, "failed logins for one user name from one address")
+    challenges_per_address: int = setting(Int(1, 100000), 64,
+                                          "outstanding challenges per address")
+
+
 class RestApi:
     """State and operations of one rest service."""
 
     log = Logger()
 
     def __init__(self, *, clock: Clock, db: Db, signing_key: Ed25519PrivateKey,
-                 proxy_url: str, audit: AuditLog, session_ttl: float, challenge_ttl: float,
-                 ticket_ttl: float, enrollment_ttl: float, login_window: float,
-                 login_failures_per_address: int, login_failures_per_user_and_address: int,
-                 challenges_per_address: int, feed_secret: str | None = None,
+                 proxy_url: str, audit: AuditLog, settings: ApiSettings,
+                 feed_secret: str | None = None,
                  random: Callable[[int], bytes] = os.urandom):
         self._clock = clock
         self._db = db
@@ -150,18 +171,19 @@ class RestApi:
         self.public_key = identity.public_bytes(signing_key)
         self._proxy_url = proxy_url
         self._audit = audit
-        self._session_ttl = session_ttl
-        self._ticket_ttl = max(1, int(ticket_ttl))
-        self._enrollment_ttl = enrollment_ttl
+        self._session_ttl = settings.session_ttl
+        self._ticket_ttl = max(1, int(settings.ticket_ttl))
+        self._enrollment_ttl = settings.enrollment_ttl
         self._random = random
-        self.challenges = ChallengeTable(clock, challenge_ttl, challenges_per_address,
-                                         random=random)
+        self.challenges = ChallengeTable(clock, settings.challenge_ttl,
+                                         settings.challenges_per_address, random=random)
         # Failures count per client address, and per (user name, address):
         # never per user name alone, which would let anyone lock a named user
         # out, and buys nothing against guessing Ed25519 signatures.
-        self.address_limits = RateLimiter(clock, login_failures_per_address, login_window)
-        self.user_address_limits = RateLimiter(clock, login_failures_per_user_and_address,
-                                               login_window)
+        self.address_limits = RateLimiter(clock, settings.login_failures_per_address,
+                                          settings.login_window)
+        self.user_address_limits = RateLimiter(
+            clock, settings.login_failures_per_user_and_address, settings.login_window)
         self._feed_secret = feed_secret.encode("ascii") if feed_secret is not None else None
 
     # ------------------------------------------------------------ helpers

@@ -1,90 +1,112 @@
-"""Schema of ``rest.ini`` (documented key by key in ``etc/rest.ini``)."""
+"""The config of ``rest.ini`` (documented key by key in ``etc/rest.ini``).
+
+``[rest]`` is :class:`RestSection`; its lifetimes and login limits are the
+API's own :class:`~ticrypt.rest.api.ApiSettings`, handed to
+:class:`~ticrypt.rest.api.RestApi` as they are.
+"""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
+
+import attrs
 
 from ticrypt import identity
 from ticrypt.config import (
     Bool,
     Config,
+    ConfigError,
     Duration,
     FilePath,
     Int,
-    Key,
+    RoleConfig,
     Schema,
     ServerEndpoint,
     Size,
     Url,
+    group,
+    schema_of,
+    section,
+    section_from,
+    setting,
 )
 from ticrypt.http import load_secret
+from ticrypt.rest.api import ApiSettings
 
 SECTION = "rest"
 
-_KEYS = {
-    "listen": Key(ServerEndpoint(), doc="where rest listens (ssl: endpoint)"),
-    "allow_plain_http": Key(Bool(), False, "allow a tcp: listen endpoint (tests only)"),
-    "database": Key(FilePath(must_exist=False), doc="SQLite database file"),
-    "signing_key": Key(FilePath(must_exist=False), doc="backend Ed25519 private key (0600)"),
-    "audit_log": Key(FilePath(must_exist=False), doc="JSON-lines audit log"),
-    "proxy_url": Key(Url(schemes=("wss", "ws")), doc="proxy websocket URL given to clients"),
-    "max_body": Key(Size(min=1024, max=16 * 1024 * 1024), "64KiB", "largest request body"),
-    "session_ttl": Key(Duration(min=1, max=30 * 86400), "8h", "session lifetime"),
-    "challenge_ttl": Key(Duration(min=1, max=600), "60s", "login challenge lifetime"),
-    "ticket_ttl": Key(Duration(min=1, max=3600), "60s", "connection ticket lifetime"),
-    "enrollment_ttl": Key(Duration(min=1, max=30 * 86400), "24h", "enrollment token lifetime"),
-    "login_window": Key(Duration(min=1, max=86400), "5m", "window of the login rate limits"),
-    "login_failures_per_address": Key(Int(1, 100000), "20",
-                                      "failed logins and enrollments per address"),
-    "login_failures_per_user_and_address": Key(
-        Int(1, 100000), "10", "failed logins for one user name from one address"),
-    "challenges_per_address": Key(Int(1, 100000), "64", "outstanding challenges per address"),
-    "idle_timeout": Key(Duration(min=1, max=3600), "60s", "close idle HTTP connections"),
-    "max_connections": Key(Int(1, 1000000), "1000", "open HTTP connections in total"),
-    "max_connections_per_address": Key(Int(1, 1000000), "64",
-                                       "open HTTP connections from one client address"),
-    "request_timeout": Key(Duration(min=1, max=3600), "30s",
-                           "time for a whole request to arrive from its first byte"),
-    "revocation_feed_secret": Key(FilePath(secret=True), None,
-                                  "bearer secret of GET /v1/revocations (shared with "
-                                  "the proxy); unset: the feed is off"),
-}
+_Error = Callable[[str, "str | None", str], ConfigError]
 
 
-def _validate_common(cfg: Config) -> None:
-    rest = cfg.rest
-    kind = rest.listen.split(":", 1)[0]
-    if kind != "ssl" and not rest.allow_plain_http:
-        raise cfg.error(SECTION, "allow_plain_http",
+@attrs.frozen(kw_only=True)
+class RestSection:
+    """``[rest]``."""
+
+    listen: str = setting(ServerEndpoint(), doc="where rest listens (ssl: endpoint)")
+    allow_plain_http: bool = setting(Bool(), False, "allow a tcp: listen endpoint (tests only)")
+    database: str = setting(FilePath(must_exist=False), doc="SQLite database file")
+    signing_key: str = setting(FilePath(must_exist=False),
+                               doc="backend Ed25519 private key (0600)")
+    audit_log: str = setting(FilePath(must_exist=False), doc="JSON-lines audit log")
+    proxy_url: str = setting(Url(schemes=("wss", "ws")),
+                             doc="proxy websocket URL given to clients")
+    max_body: int = setting(Size(min=1024, max=16 * 1024 * 1024), 64 * 1024,
+                            "largest request body")
+    api: ApiSettings = group(ApiSettings)
+    idle_timeout: float = setting(Duration(min=1, max=3600), 60.0,
+                                  "close idle HTTP connections")
+    max_connections: int = setting(Int(1, 1000000), 1000, "open HTTP connections in total")
+    max_connections_per_address: int = setting(
+        Int(1, 1000000), 64, "open HTTP connections from one client address")
+    request_timeout: float = setting(Duration(min=1, max=3600), 30.0,
+                                     "time for a whole request to arrive from its first byte")
+    revocation_feed_secret: str | None = setting(
+        FilePath(secret=True), None,
+        "bearer secret of GET /v1/revocations (shared with the proxy); unset: the feed is off")
+
+    def check_common(self, error: _Error) -> None:
+        """The checks ``ticrypt-admin`` needs too (before ``init`` made the
+        key and the database)."""
+        kind = self.listen.split(":", 1)[0]
+        if kind != "ssl" and not self.allow_plain_http:
+            raise error(SECTION, "allow_plain_http",
                         f"listen is a plain {kind}: endpoint; use an ssl: endpoint, "
                         "or set allow_plain_http = yes (tests only)")
-    if rest.proxy_url.startswith("ws:") and not rest.allow_plain_http:
-        raise cfg.error(SECTION, "proxy_url",
-                        "ws:// needs allow_plain_http = yes; use wss://")
-    if os.path.abspath(rest.database) == os.path.abspath(rest.signing_key):
-        raise cfg.error(SECTION, "signing_key", "must not be the database file")
-    if rest.revocation_feed_secret is not None:
+        if self.proxy_url.startswith("ws:") and not self.allow_plain_http:
+            raise error(SECTION, "proxy_url", "ws:// needs allow_plain_http = yes; use wss://")
+        if os.path.abspath(self.database) == os.path.abspath(self.signing_key):
+            raise error(SECTION, "signing_key", "must not be the database file")
+        if self.revocation_feed_secret is not None:
+            try:
+                load_secret(self.revocation_feed_secret)
+            except ValueError as e:
+                raise error(SECTION, "revocation_feed_secret", str(e)) from None
+
+
+@attrs.frozen(kw_only=True)
+class RestConfig(RoleConfig):
+    """``rest.ini`` for the daemon: the signing key and the database must exist."""
+
+    rest: RestSection = section(RestSection)
+
+    def check(self) -> None:
+        rest = self.rest
+        rest.check_common(self.error)
         try:
-            load_secret(rest.revocation_feed_secret)
-        except ValueError as e:
-            raise cfg.error(SECTION, "revocation_feed_secret", str(e)) from None
+            identity.load_private(rest.signing_key)
+        except identity.KeyFileError as e:
+            raise self.error(SECTION, "signing_key",
+                             f"{e} (ticrypt-admin init creates it)") from None
+        if not os.path.exists(rest.database):
+            raise self.error(SECTION, "database",
+                             f"{rest.database} does not exist; create it with ticrypt-admin init")
 
 
-def _validate_daemon(cfg: Config) -> None:
-    _validate_common(cfg)
-    rest = cfg.rest
-    try:
-        identity.load_private(rest.signing_key)
-    except identity.KeyFileError as e:
-        raise cfg.error(SECTION, "signing_key",
-                        f"{e} (ticrypt-admin init creates it)") from None
-    if not os.path.exists(rest.database):
-        raise cfg.error(SECTION, "database",
-                        f"{rest.database} does not exist; create it with ticrypt-admin init")
+def _validate_admin(cfg: Config) -> None:
+    section_from(RestSection, cfg.rest).check_common(cfg.error)
 
 
-#: Schema for the daemon: the signing key and the database must exist.
-SCHEMA = Schema({SECTION: _KEYS}, validate=_validate_daemon)
-
-#: Schema for ``ticrypt-admin``: ``init`` creates the key and database.
-ADMIN_SCHEMA = Schema({SECTION: _KEYS}, validate=_validate_common)
+#: For ``ticrypt-admin`` (``init`` creates the key and database): the same
+#: keys, untyped until the admin tool moves to a typed config.
+ADMIN_SCHEMA = Schema(schema_of(RestConfig).sections, validate=_validate_admin)

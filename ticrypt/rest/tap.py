@@ -15,12 +15,12 @@ from ticrypt.http import load_secret
 from ticrypt.http.server import LimitedFactory
 from ticrypt.rest import store
 from ticrypt.rest.api import RestApi
-from ticrypt.rest.config import SCHEMA
+from ticrypt.rest.config import RestConfig
 from ticrypt.rest.db import Database
 from ticrypt.rest.web import rest_site
 from ticrypt.service import ListenerService, RoleService, options_for
 
-Options = options_for("rest", SCHEMA)
+Options = options_for("rest", RestConfig)
 
 log = Logger(namespace="ticrypt.rest")
 
@@ -46,7 +46,7 @@ def make_purge(api: RestApi, db: Any, clock: Any) -> Callable[[], defer.Deferred
     return purge
 
 
-def make_rest_service(cfg: Any, reactor: Any) -> RoleService:
+def make_rest_service(cfg: RestConfig, reactor: Any) -> RoleService:
     """Wire database -> API -> site -> listener under one RoleService."""
     rest = cfg.rest
     top = RoleService("rest", cfg, reactor)
@@ -55,12 +55,7 @@ def make_rest_service(cfg: Any, reactor: Any) -> RoleService:
     audit = AuditLog(rest.audit_log, reactor, role="rest")
     api = RestApi(
         clock=reactor, db=db, signing_key=identity.load_private(rest.signing_key),
-        proxy_url=rest.proxy_url, audit=audit, session_ttl=rest.session_ttl,
-        challenge_ttl=rest.challenge_ttl, ticket_ttl=rest.ticket_ttl,
-        enrollment_ttl=rest.enrollment_ttl, login_window=rest.login_window,
-        login_failures_per_address=rest.login_failures_per_address,
-        login_failures_per_user_and_address=rest.login_failures_per_user_and_address,
-        challenges_per_address=rest.challenges_per_address,
+        proxy_url=rest.proxy_url, audit=audit, settings=rest.api,
         feed_secret=(load_secret(rest.revocation_feed_secret)
                      if rest.revocation_feed_secret is not None else None),
     )

@@ -44,6 +44,7 @@ class VmcService(RoleService):
     """Loads the state, enrolls if needed, then runs the proxy pool."""
 
     log = Logger()
+    config: Config
 
     def __init__(self, config: Config, reactor: Any, rng: random.Random | None = None):
         super().__init__("vmc", config)
