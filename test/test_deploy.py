@@ -22,7 +22,7 @@ from ticrypt.lab.daemons import ROOT
 from ticrypt.lab.deploy import START_ORDER, Addresses, Deployment, render_ini
 from ticrypt.proxy.config import ProxyConfig as PROXY
 from ticrypt.rest.config import RestConfig as REST
-from ticrypt.vmc.tap import SCHEMA as VMC
+from ticrypt.vmc.config import VmcConfig as VMC
 
 #: role -> (its schema, the sample in etc/)
 ROLES: dict[str, Schema | type[RoleConfig]] = {

@@ -437,7 +437,7 @@ class PoolReconnectTests(SynchronousTestCase):
     """The reconnect schedule when the proxy is unreachable."""
 
     def make_pool(self, clock: Clock, endpoint: Any, pool_size: int = 1) -> Any:
-        from ticrypt.vmc.pool import PoolSettings, ProxyPool
+        from ticrypt.vmc.pool import LinkSettings, PoolSettings, ProxyPool
 
         d = self.mktemp()
         os.makedirs(d, mode=0o700)
@@ -445,7 +445,8 @@ class PoolReconnectTests(SynchronousTestCase):
         state = VmState(d, audit)
         state.accept_enrollment(_enrollment(identity.public_bytes(identity.generate())))
         settings = PoolSettings(proxy_url="wss://127.0.0.1:1", ca_file="/nonexistent",
-                                pool_size=pool_size, backoff_initial=1.0, backoff_max=8.0)
+                                links=LinkSettings(pool_size=pool_size, backoff_initial=1.0,
+                                                   backoff_max=8.0))
         return ProxyPool(reactor=clock, clock=clock, random=random.Random(3).random,
                          settings=settings, state=state, audit=audit,
                          run_as=RunAs.lookup(None, "/bin/sh"), endpoint=endpoint)
@@ -803,16 +804,16 @@ class FlowControlTests(SynchronousTestCase):
 
 class SampleConfigTests(SynchronousTestCase):
     def test_sample_loads(self) -> None:
-        from ticrypt.vmc.tap import SCHEMA
+        from ticrypt.vmc.config import VmcConfig
 
         d = os.path.abspath(self.mktemp())
         os.makedirs(d)
         shutil.copy(os.path.join(ROOT, "etc", "vmc.ini"), d)
         with open(os.path.join(d, "ca.pem"), "w") as f:
             f.write("x")
-        cfg = load_config(os.path.join(d, "vmc.ini"), SCHEMA)
-        self.assertEqual(cfg.vmc.pool_size, 2)
-        self.assertEqual(cfg["exec"].shell, "/bin/sh")
+        cfg = load_config(os.path.join(d, "vmc.ini"), VmcConfig)
+        self.assertEqual(cfg.vmc.links.pool_size, 2)
+        self.assertEqual(cfg.exec.shell, "/bin/sh")
         self.assertTrue(os.path.isdir(os.path.join(d, "vmc-state")))
 
     def minimal_config(self, more: str = "") -> str:
@@ -827,39 +828,31 @@ class SampleConfigTests(SynchronousTestCase):
         return os.path.join(d, "vmc.ini")
 
     def test_one_default_per_setting(self) -> None:
-        """A config that leaves every pool setting out gets PoolSettings'
-        defaults (the schema takes them from there), and every other field
-        of PoolSettings is a key of [vmc] or [exec]."""
-        import attrs
-
+        """A config that leaves every pool setting out gets the pool's own
+        defaults: [vmc] and [exec] hold the pool's settings classes."""
+        from ticrypt.vmc.config import VmcConfig
         from ticrypt.vmc.pool import PoolSettings
         from ticrypt.vmc.service import pool_settings
-        from ticrypt.vmc.tap import SCHEMA
 
-        cfg = load_config(self.minimal_config(), SCHEMA)
-        defaults = PoolSettings("wss://p.example", cfg.vmc.ca_file)
+        cfg = load_config(self.minimal_config(), VmcConfig)
+        defaults = PoolSettings(proxy_url="wss://p.example", ca_file=cfg.vmc.ca_file)
         self.assertEqual(pool_settings(cfg, "wss://p.example"), defaults)
-        keys = {**SCHEMA.sections["vmc"], **SCHEMA.sections["exec"]}
-        for field in attrs.fields(PoolSettings):
-            self.assertIn(field.name, keys)
-            if field.default is not attrs.NOTHING:
-                self.assertEqual(keys[field.name].default, str(field.default), field.name)
 
     def test_bad_backoff_named(self) -> None:
         from ticrypt.config import ConfigError
-        from ticrypt.vmc.tap import SCHEMA
+        from ticrypt.vmc.config import VmcConfig
 
         path = self.minimal_config("backoff_initial = 9s\nbackoff_max = 2s\n")
-        e = self.assertRaises(ConfigError, load_config, path, SCHEMA)
+        e = self.assertRaises(ConfigError, load_config, path, VmcConfig)
         self.assertIn("[vmc] backoff_initial", str(e))
 
     def test_plain_ws_proxy_url_refused(self) -> None:
         """The VM credential crosses to the proxy: never over plain ws://."""
         from ticrypt.config import ConfigError
-        from ticrypt.vmc.tap import SCHEMA
+        from ticrypt.vmc.config import VmcConfig
 
         path = self.minimal_config("proxy_url = ws://127.0.0.1:1\n")
-        e = self.assertRaises(ConfigError, load_config, path, SCHEMA)
+        e = self.assertRaises(ConfigError, load_config, path, VmcConfig)
         self.assertIn("[vmc] proxy_url", str(e))
         self.assertIn("wss://", str(e))
 
@@ -1077,7 +1070,7 @@ class LegTests(SynchronousTestCase):
         and never completes a handshake holds at most that many sessions;
         the next is refused 4009 (audited) and other users still get in."""
         pool = _leg_pool(self)
-        limit = pool.settings.max_sessions_per_user
+        limit = pool.settings.sessions.max_sessions_per_user
 
         def paired(user: str) -> _Wire:
             w = _Wire(pool)
@@ -1138,14 +1131,15 @@ class MessageLimitTests(SynchronousTestCase):
 
     def test_limit_is_above_the_largest_record(self) -> None:
         """One value for the default, above 25 + 1 MiB; a config below it is refused."""
-        from ticrypt.vmc.pool import MAX_MESSAGE, MAX_RECORD, PoolSettings
-        from ticrypt.vmc.tap import SCHEMA
+        from ticrypt.config import schema_of
+        from ticrypt.vmc.config import VmcConfig
+        from ticrypt.vmc.pool import MAX_MESSAGE, MAX_RECORD, LinkSettings
 
         self.assertEqual(MAX_RECORD, 25 + MAX_PLAINTEXT)
         self.assertGreater(MAX_MESSAGE, MAX_RECORD)
-        self.assertEqual(PoolSettings("wss://x", "ca").max_message, MAX_MESSAGE)
-        key = SCHEMA.sections["vmc"]["max_message"]
-        self.assertEqual(key.default, str(MAX_MESSAGE))
+        self.assertEqual(LinkSettings().max_message, MAX_MESSAGE)
+        key = schema_of(VmcConfig).sections["vmc"]["max_message"]
+        self.assertEqual(key.default, MAX_MESSAGE)
         self.assertEqual(key.kind.min, MAX_RECORD + 1)  # type: ignore[attr-defined]
 
     def test_largest_record_is_read(self) -> None:
@@ -1174,7 +1168,7 @@ class MessageLimitTests(SynchronousTestCase):
         """Refused by the announced length, before the payload arrives; what
         follows is dropped, not kept."""
         self.establish()
-        limit = self.pool.settings.max_message
+        limit = self.pool.settings.links.max_message
         self.leg.dataReceived(_server_frame(2, b"\x01" + bytes(999), length=limit + 1))
         self.assert_closed(4400, "record-too-large")
         self.assertEqual(self.audit[-1][1]["reason"], "record-too-large")
@@ -1187,7 +1181,7 @@ class MessageLimitTests(SynchronousTestCase):
     def test_fragments_count_together(self) -> None:
         """The limit is on the message: fragments under it add up."""
         self.establish()
-        limit = self.pool.settings.max_message
+        limit = self.pool.settings.links.max_message
         self.leg.dataReceived(_server_frame(2, bytes(limit // 2 + 1), fin=False))
         self.assertEqual(self.sent(), [])
         self.leg.dataReceived(_server_frame(0, b"", length=limit // 2 + 1))
@@ -1195,7 +1189,7 @@ class MessageLimitTests(SynchronousTestCase):
 
     def test_codes_by_state(self) -> None:
         """Judged by size alone, as the channel would judge that message."""
-        limit = self.pool.settings.max_message
+        limit = self.pool.settings.links.max_message
         self.leg.dataReceived(_server_frame(1, b"", length=limit + 1))
         self.assert_closed(4000, f"bad-message: message over {limit} bytes")
         for binary, established, code in ((True, False, "unexpected-message"),

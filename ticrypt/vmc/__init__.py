@@ -12,6 +12,7 @@ frontend), :mod:`~ticrypt.vmc.commands` (sans-IO dispatcher),
 :mod:`~ticrypt.vmc.processes` (child processes), :mod:`~ticrypt.vmc.session`
 (one established channel: dispatcher, processes, audit, idle timer),
 :mod:`~ticrypt.vmc.leg` (one websocket to the proxy), :mod:`~ticrypt.vmc.pool`
-(the sockets waiting at the proxy, the session limits) and
-:mod:`~ticrypt.vmc.tap` (twistd wiring).
+(the sockets waiting at the proxy, the session limits),
+:mod:`~ticrypt.vmc.config` (the typed config) and :mod:`~ticrypt.vmc.tap`
+(twistd wiring).
 """

@@ -29,6 +29,7 @@ from ticrypt.audit import AuditLog
 from ticrypt.backoff import Backoff
 from ticrypt.channel import MAX_PLAINTEXT
 from ticrypt.channel.records import MIN_RECORD_SIZE
+from ticrypt.config import Duration, Int, Size, setting
 from ticrypt.vmc.leg import LegCallbacks, LegContext, LegFactory, VmLeg
 from ticrypt.vmc.processes import RunAs, SessionChannel, Tracker
 from ticrypt.vmc.processes import Send as SendApp
@@ -44,26 +45,40 @@ MAX_RECORD = MIN_RECORD_SIZE + MAX_PLAINTEXT
 MAX_MESSAGE = 1100000
 
 
-@attrs.frozen
+@attrs.frozen(kw_only=True)
+class LinkSettings:
+    """The pool's sockets to the proxy (keys of ``[vmc]``)."""
+
+    pool_size: int = setting(Int(1, 64), 2, "sockets kept waiting at the proxy")
+    backoff_initial: float = setting(Duration(), 1.0, "first retry delay (also enrollment)")
+    backoff_max: float = setting(Duration(), 60.0, "longest retry delay (also enrollment)")
+    connect_timeout: float = setting(Duration(), 10.0, "TCP and TLS connect to the proxy")
+    handshake_timeout: float = setting(Duration(), 15.0, "websocket and channel handshakes")
+    idle_timeout: float = setting(Duration(), 3600.0, "a session with no traffic is closed")
+    ping_interval: float = setting(Duration(), 30.0, "websocket ping interval")
+    max_message: int = setting(Size(min=MAX_RECORD + 1, max=16 * 1024 * 1024), MAX_MESSAGE,
+                               "largest websocket message read; above the largest record")
+
+
+@attrs.frozen(kw_only=True)
+class SessionLimits:
+    """What paired users may run (keys of ``[exec]``)."""
+
+    max_sessions: int = setting(Int(1, 10000), 16, "sessions at the same time")
+    max_sessions_per_user: int = setting(Int(1, 10000), 4, "sessions of one user")
+    max_processes: int = setting(Int(1, 1000), 16, "running requests per session")
+    kill_grace: float = setting(Duration(), 3.0, "from SIGTERM to SIGKILL")
+
+
+@attrs.frozen(kw_only=True)
 class PoolSettings:
-    """Tunables of the pool: each field is the ``[vmc]`` or ``[exec]`` key of
-    its name, and its default is that key's default (:mod:`ticrypt.vmc.tap`
-    takes it from here)."""
+    """Tunables of the pool: the proxy's URL (enrolled, or ``[vmc]
+    proxy_url``), the CA, and the ``[vmc]`` and ``[exec]`` settings."""
 
     proxy_url: str
     ca_file: str
-    pool_size: int = 2
-    backoff_initial: float = 1.0
-    backoff_max: float = 60.0
-    connect_timeout: float = 10.0
-    handshake_timeout: float = 15.0
-    idle_timeout: float = 3600.0
-    ping_interval: float = 30.0
-    max_message: int = MAX_MESSAGE
-    max_sessions: int = 16
-    max_sessions_per_user: int = 4
-    max_processes: int = 16
-    kill_grace: float = 3.0
+    links: LinkSettings = attrs.Factory(LinkSettings)
+    sessions: SessionLimits = attrs.Factory(SessionLimits)
 
 
 @attrs.define(eq=False)
@@ -172,14 +187,15 @@ class ProxyPool(Service):
         # ws:// only if rest enrolled this VM with it (rest's allow_plain_http);
         # the schema refuses it in [vmc] proxy_url
         self.endpoint = endpoint if endpoint is not None else ws_endpoint(
-            reactor, self.url, settings.ca_file, timeout=settings.connect_timeout,
+            reactor, self.url, settings.ca_file, timeout=settings.links.connect_timeout,
             allow_plain=True)
-        self.slots = [_Slot(self, Backoff(settings.backoff_initial, settings.backoff_max,
-                                          random)) for _ in range(settings.pool_size)]
+        links = settings.links
+        self.slots = [_Slot(self, Backoff(links.backoff_initial, links.backoff_max, random))
+                      for _ in range(links.pool_size)]
 
     def leg_factory(self, build: Callable[[], VmLeg]) -> LegFactory:
         """The websocket factory of one slot: its legs come from ``build()``."""
-        s = self.settings
+        s = self.settings.links
         factory = LegFactory(build, url=self.url, reactor=self.reactor)
         factory.noisy = False
         # max_message 0: none in autobahn, VmLeg.onMessageFrameBegin enforces it
@@ -187,7 +203,7 @@ class ProxyPool(Service):
                           handshake_timeout=s.handshake_timeout, ping_interval=s.ping_interval)
 
     def new_leg(self, callbacks: LegCallbacks) -> VmLeg:
-        s = self.settings
+        s = self.settings.links
         return VmLeg(LegContext(clock=self.clock, state=self.state, audit=self.audit,
                                 max_message=s.max_message,
                                 handshake_timeout=s.handshake_timeout,
@@ -201,8 +217,8 @@ class ProxyPool(Service):
             peer=peer, state=self.state, info=self.info(), audit=self.audit,
             reactor=self.reactor, clock=self.clock, run_as=self.run_as,
             track=self.tracker.channel() if self.tracker else SessionChannel(),
-            max_processes=s.max_processes, kill_grace=s.kill_grace,
-            idle_timeout=s.idle_timeout, send_app=send_app, close=close,
+            max_processes=s.sessions.max_processes, kill_grace=s.sessions.kill_grace,
+            idle_timeout=s.links.idle_timeout, send_app=send_app, close=close,
             on_revoked=self.revoked)
         session.start()
         return session
@@ -234,7 +250,7 @@ class ProxyPool(Service):
         waits = [leg.stop() for leg in list(self.sessions)]
         done = defer.gatherResults(waits, consumeErrors=True)
         # Bounded: a process stuck in the kernel must not block shutdown forever.
-        done.addTimeout(self.settings.kill_grace + 5.0, self.clock)
+        done.addTimeout(self.settings.sessions.kill_grace + 5.0, self.clock)
         done.addErrback(lambda f: self.log.warn("child processes still running at stop"))
         result: defer.Deferred[None] = done.addCallback(lambda _: None)
         return result
@@ -251,10 +267,10 @@ class ProxyPool(Service):
         """A leg was paired: it counts as a session unless that is over a
         limit, whose name (``max_sessions``, ``max_sessions_per_user``) is
         returned."""
-        if len(self.sessions) >= self.settings.max_sessions:
+        if len(self.sessions) >= self.settings.sessions.max_sessions:
             return "max_sessions"
         if sum(1 for s in self.sessions if s.user == leg.user) \
-                >= self.settings.max_sessions_per_user:
+                >= self.settings.sessions.max_sessions_per_user:
             return "max_sessions_per_user"
         self.sessions.add(leg)
         return None

@@ -13,40 +13,35 @@ from __future__ import annotations
 import random
 from typing import Any
 
-import attrs
 from twisted.internet import defer
 from twisted.logger import Logger
 
 from ticrypt import identity
 from ticrypt.audit import AuditLog
 from ticrypt.backoff import Backoff
-from ticrypt.config import Config, check_file_mode
+from ticrypt.config import check_file_mode
 from ticrypt.service import RoleService, StartupError, StartupFailed, exit_failed
 from ticrypt.vmc.cgroup import CgroupUnavailable
+from ticrypt.vmc.config import VmcConfig
 from ticrypt.vmc.enroll import EnrollError, enroll
 from ticrypt.vmc.pool import PoolSettings, ProxyPool
 from ticrypt.vmc.processes import RunAs, Tracker, open_tracker
 from ticrypt.vmc.state import Enrollment, OwnerKeyChanged, StateError, VmState
 
 
-def pool_settings(cfg: Config, proxy_url: str) -> PoolSettings:
-    """The pool's settings from ``[vmc]`` and ``[exec]`` (each field of
-    :class:`PoolSettings` is the key of the same name)."""
-    values: dict[str, Any] = {"proxy_url": proxy_url, "ca_file": cfg.vmc.ca_file}
-    for name in attrs.fields_dict(PoolSettings):
-        for section in ("vmc", "exec"):
-            if name not in values and name in cfg[section]:
-                values[name] = cfg[section][name]
-    return PoolSettings(**values)
+def pool_settings(cfg: VmcConfig, proxy_url: str) -> PoolSettings:
+    """The pool's settings: ``proxy_url``, and ``[vmc]`` and ``[exec]`` as loaded."""
+    return PoolSettings(proxy_url=proxy_url, ca_file=cfg.vmc.ca_file,
+                        links=cfg.vmc.links, sessions=cfg.exec.limits)
 
 
 class VmcService(RoleService):
     """Loads the state, enrolls if needed, then runs the proxy pool."""
 
     log = Logger()
-    config: Config
+    config: VmcConfig
 
-    def __init__(self, config: Config, reactor: Any, rng: random.Random | None = None):
+    def __init__(self, config: VmcConfig, reactor: Any, rng: random.Random | None = None):
         super().__init__("vmc", config)
         self._reactor = reactor
         self._random = rng or random.SystemRandom()
@@ -117,7 +112,8 @@ class VmcService(RoleService):
         cfg, state, audit = self.config, self.state, self.audit
         assert cfg is not None and state is not None and audit is not None
         token = self._read_token()
-        backoff = Backoff(cfg.vmc.backoff_initial, cfg.vmc.backoff_max, self._random.random)
+        links = cfg.vmc.links
+        backoff = Backoff(links.backoff_initial, links.backoff_max, self._random.random)
         while True:
             try:
                 answer = await enroll(
@@ -149,7 +145,7 @@ class VmcService(RoleService):
         cfg, state, audit = self.config, self.state, self.audit
         assert cfg is not None and state is not None and audit is not None
         assert state.enrollment is not None
-        e = cfg["exec"]
+        e = cfg.exec
         self.pool = ProxyPool(reactor=self._reactor, clock=self._reactor,
                               random=self._random.random,
                               settings=pool_settings(

@@ -1,0 +1,82 @@
+"""The vmc's config (documented key by key in ``etc/vmc.ini``).
+
+The pool's tunables are the pool's own classes: ``[vmc]`` gathers
+:class:`~ticrypt.vmc.pool.LinkSettings`, ``[exec]``
+:class:`~ticrypt.vmc.pool.SessionLimits`; each default is written once.
+"""
+
+from __future__ import annotations
+
+import os
+
+import attrs
+
+from ticrypt.config import (
+    DirPath,
+    Duration,
+    FilePath,
+    RoleConfig,
+    Str,
+    Url,
+    group,
+    section,
+    setting,
+)
+from ticrypt.vmc.pool import LinkSettings, SessionLimits
+from ticrypt.vmc.processes import RunAs
+
+DEFAULT_SHELL = "/bin/bash" if os.path.exists("/bin/bash") else "/bin/sh"
+
+
+@attrs.frozen(kw_only=True)
+class VmcSection:
+    """``[vmc]``: rest, state, audit and the pool's sockets."""
+
+    rest_url: str = setting(Url(("https",)), doc="rest base URL")
+    ca_file: str = setting(FilePath(), doc="CA that signs rest's and proxy's certificates")
+    state_dir: str = setting(DirPath(), doc="keys, enrollment, owner pin, users")
+    enrollment_token_file: str | None = setting(FilePath(must_exist=False), None,
+                                                "single-use token file (0600)")
+    audit_log: str = setting(FilePath(must_exist=False), doc="JSON-lines audit log")
+    proxy_url: str = setting(Str(allow_empty=True), "", "override the enrolled proxy URL")
+    request_timeout: float = setting(Duration(), 30.0, "enrollment request to rest")
+    links: LinkSettings = group(LinkSettings)
+
+
+@attrs.frozen(kw_only=True)
+class ExecSection:
+    """``[exec]``: what users run and how much of it."""
+
+    shell: str = setting(FilePath(), DEFAULT_SHELL, "shell for the shell command")
+    run_as: str = setting(Str(allow_empty=True), "", "user commands run as")
+    limits: SessionLimits = group(SessionLimits)
+
+
+@attrs.frozen(kw_only=True)
+class ProcessesSection:
+    """``[processes]``: where user processes are tracked."""
+
+    cgroup: str = setting(Str(pattern=r"auto|off|/.*"), "auto",
+                          "parent cgroup of user processes: auto, off or a path")
+
+
+@attrs.frozen(kw_only=True)
+class VmcConfig(RoleConfig):
+    """``vmc.ini``."""
+
+    vmc: VmcSection = section(VmcSection)
+    exec: ExecSection = section(ExecSection, optional=True)
+    processes: ProcessesSection = section(ProcessesSection, optional=True)
+
+    def check(self) -> None:
+        v, e = self.vmc, self.exec
+        if v.links.backoff_initial > v.links.backoff_max:
+            raise self.error("vmc", "backoff_initial", "must not exceed backoff_max")
+        if v.proxy_url and not v.proxy_url.startswith("wss://"):
+            raise self.error("vmc", "proxy_url", f"expected a wss:// URL; got {v.proxy_url!r}")
+        if not os.access(e.shell, os.X_OK):
+            raise self.error("exec", "shell", f"{e.shell} is not an executable file")
+        try:
+            RunAs.lookup(e.run_as or None, e.shell)
+        except KeyError:
+            raise self.error("exec", "run_as", f"no such user {e.run_as!r}") from None
