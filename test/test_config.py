@@ -395,6 +395,6 @@ class SampleConfigTests(SynchronousTestCase):
         self.check("rest.ini", REST)
 
     def test_client(self) -> None:
-        from ticrypt.frontend.clientconfig import SCHEMA as CLIENT
+        from ticrypt.frontend.clientconfig import ClientConfig as CLIENT
 
         self.check("client.ini", CLIENT)

@@ -17,7 +17,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from ticrypt import identity, signed
 from ticrypt.config import RoleConfig, Schema, load_config, schema_of
-from ticrypt.frontend.clientconfig import SCHEMA as CLIENT
+from ticrypt.frontend.clientconfig import ClientConfig as CLIENT
 from ticrypt.lab.daemons import ROOT
 from ticrypt.lab.deploy import START_ORDER, Addresses, Deployment, render_ini
 from ticrypt.proxy.config import ProxyConfig as PROXY

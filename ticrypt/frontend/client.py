@@ -21,9 +21,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from twisted.web import client as webclient
 
 from ticrypt import signed
-from ticrypt.config import Config
 from ticrypt.encoding import b64
 from ticrypt.frontend import clientconfig
+from ticrypt.frontend.clientconfig import ClientConfig
 from ticrypt.http.client import MAX_RESPONSE, HttpError, JsonClient
 
 TIMEOUT = 30.0
@@ -168,11 +168,11 @@ def _segment(value: str) -> str:
     return quote(value, safe="")
 
 
-def client_from_config(reactor: Any, cfg: Config, token: str | None = None) -> RestClient:
+def client_from_config(reactor: Any, cfg: ClientConfig, token: str | None = None) -> RestClient:
     return RestClient(reactor, cfg.client.rest_url, cfg.client.ca_file, token)
 
 
-def authenticated_client(reactor: Any, cfg: Config) -> RestClient:
+def authenticated_client(reactor: Any, cfg: ClientConfig) -> RestClient:
     """A RestClient carrying the stored session of ``cfg``;
     :class:`~ticrypt.frontend.clientconfig.NotLoggedIn` if not logged in."""
     session = clientconfig.load_session(cfg, now=reactor.seconds())

@@ -12,27 +12,48 @@ from typing import Any
 
 import attrs
 
-from ticrypt.config import Config, DirPath, FilePath, Key, Schema, Str, Url, load_config
+from ticrypt.config import (
+    DirPath,
+    FilePath,
+    Key,
+    RoleConfig,
+    Schema,
+    Str,
+    Url,
+    load_config,
+    schema_of,
+    section,
+    setting,
+)
 from ticrypt.fsutil import atomic_write
 
 SECTION = "client"
 SESSION_FILE = "session.json"
 
 
-def _validate(cfg: Config) -> None:
-    c = cfg.client
-    if c.rest_url.startswith("https:") and c.ca_file is None:
-        raise cfg.error(SECTION, "ca_file", "missing; an https rest_url needs the CA file "
-                        "that signed the rest and proxy certificates")
+@attrs.frozen(kw_only=True)
+class ClientSection:
+    """``[client]``."""
+
+    rest_url: str = setting(Url(), doc="https://HOST:PORT of ticrypt-rest")
+    ca_file: str | None = setting(FilePath(), None, "CA certificate trusted for rest and proxy")
+    key_file: str = setting(FilePath(must_exist=False), "id_ed25519",
+                            "your Ed25519 private key")
+    user: str = setting(Str(pattern=r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}"), doc="your user name")
+    state_dir: str = setting(DirPath(), "state", "where the session token is kept")
 
 
-SCHEMA = Schema({SECTION: {
-    "rest_url": Key(Url(), doc="https://HOST:PORT of ticrypt-rest"),
-    "ca_file": Key(FilePath(), None, "CA certificate trusted for rest and proxy"),
-    "key_file": Key(FilePath(must_exist=False), "id_ed25519", "your Ed25519 private key"),
-    "user": Key(Str(pattern=r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}"), doc="your user name"),
-    "state_dir": Key(DirPath(), "state", "where the session token is kept"),
-}}, validate=_validate)
+@attrs.frozen(kw_only=True)
+class ClientConfig(RoleConfig):
+    """``client.ini``."""
+
+    client: ClientSection = section(ClientSection)
+
+    def check(self) -> None:
+        c = self.client
+        if c.rest_url.startswith("https:") and c.ca_file is None:
+            raise self.error(SECTION, "ca_file", "missing; an https rest_url needs the CA file "
+                             "that signed the rest and proxy certificates")
 
 
 #: What ``ticrypt keygen`` reads: ``key_file`` alone.  The other keys are
@@ -41,7 +62,7 @@ SCHEMA = Schema({SECTION: {
 #: before rest_url is known.
 KEYGEN_SCHEMA = Schema({SECTION: {
     name: key if name == "key_file" else Key(Str(allow_empty=True), "")
-    for name, key in SCHEMA.sections[SECTION].items()}})
+    for name, key in schema_of(ClientConfig).sections[SECTION].items()}})
 
 
 def default_path() -> str:
@@ -52,9 +73,9 @@ def default_path() -> str:
     return os.path.join(base, "ticrypt", "client.ini")
 
 
-def load(path: str | None = None) -> Config:
+def load(path: str | None = None) -> ClientConfig:
     """Load the client config (ConfigError names file, section and key)."""
-    return load_config(path or default_path(), SCHEMA)
+    return load_config(path or default_path(), ClientConfig)
 
 
 def load_key_file(path: str | None = None) -> str:
@@ -75,23 +96,23 @@ class StoredSession:
     expires: int
 
 
-def session_path(cfg: Config) -> str:
+def session_path(cfg: ClientConfig) -> str:
     return os.path.join(cfg.client.state_dir, SESSION_FILE)
 
 
-def save_session(cfg: Config, token: str, user: str, expires: int) -> None:
+def save_session(cfg: ClientConfig, token: str, user: str, expires: int) -> None:
     data = {"rest_url": cfg.client.rest_url, "user": user, "token": token, "expires": expires}
     atomic_write(session_path(cfg), json.dumps(data).encode(), 0o600)
 
 
-def clear_session(cfg: Config) -> None:
+def clear_session(cfg: ClientConfig) -> None:
     try:
         os.unlink(session_path(cfg))
     except FileNotFoundError:
         pass
 
 
-def load_session(cfg: Config, now: float | None = None) -> StoredSession:
+def load_session(cfg: ClientConfig, now: float | None = None) -> StoredSession:
     """The stored session for this config's rest_url; NotLoggedIn if there is
     none, it is for another server, or it has expired (when ``now`` is given)."""
     path = session_path(cfg)

@@ -13,7 +13,7 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from ticrypt import identity
-from ticrypt.config import Config, ConfigError
+from ticrypt.config import ConfigError
 from ticrypt.frontend import clientconfig
 from ticrypt.frontend.client import (
     RestClient,
@@ -21,6 +21,7 @@ from ticrypt.frontend.client import (
     authenticated_client,
     client_from_config,
 )
+from ticrypt.frontend.clientconfig import ClientConfig
 from ticrypt.frontend.runner import CommandError, add_command, load_config, run_async, show
 
 PASSPHRASE_ENV = "TICRYPT_PASSPHRASE"
@@ -103,7 +104,7 @@ def cmd_keygen(args: argparse.Namespace) -> int:
     return 0
 
 
-def load_user_key(cfg: Config) -> Ed25519PrivateKey:
+def load_user_key(cfg: ClientConfig) -> Ed25519PrivateKey:
     """The user's private key; the passphrase comes from $TICRYPT_PASSPHRASE or
     a prompt when the key is encrypted."""
     path = cfg.client.key_file

@@ -16,9 +16,9 @@ from collections.abc import Awaitable, Callable, Iterable, Iterator
 from typing import Any
 
 from ticrypt import identity
-from ticrypt.config import Config
 from ticrypt.frontend import terminal
 from ticrypt.frontend.client import RestError, authenticated_client
+from ticrypt.frontend.clientconfig import ClientConfig
 from ticrypt.frontend.cmd_account import load_user_key
 from ticrypt.frontend.errors import RemoteError, SessionError
 from ticrypt.frontend.runner import CommandError, add_command, load_config, run_async, show
@@ -54,14 +54,19 @@ def register(subparsers: Any) -> None:
     add_command(subparsers, "info", cmd_info, "ask a VM about itself", vm="VM", with_json=True)
 
 
-async def connect(reactor: Any, cfg: Config, vm_id: str) -> ChannelSession:
+async def connect(reactor: Any, cfg: ClientConfig, vm_id: str) -> ChannelSession:
     """Ticket from rest, then a secure session with the VM."""
     user_key = load_user_key(cfg)
     client = authenticated_client(reactor, cfg)
     what = f"cannot connect to VM {vm_id}"
     try:
         t = await client.ticket(vm_id)
-        return await open_session(reactor, t["proxy_url"], cfg.client.ca_file, t["ticket"],
+        proxy_url, ca_file = t["proxy_url"], cfg.client.ca_file
+        if ca_file is None and not str(proxy_url).startswith("ws://"):
+            # the config needs ca_file only with an https rest_url
+            raise CommandError(what, f"{cfg.path}: [client] ca_file: missing; the proxy "
+                               f"{proxy_url} needs the CA file")
+        return await open_session(reactor, proxy_url, ca_file or "", t["ticket"],
                                   user_key, vm_id, t["vm_public_key"])
     except RestError as e:
         raise CommandError(what, str(e)) from None

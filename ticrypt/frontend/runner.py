@@ -20,9 +20,10 @@ from typing import Any
 
 from ticrypt import cliutil
 from ticrypt.cliutil import OneLineError
-from ticrypt.config import Config, ConfigError
+from ticrypt.config import ConfigError
 from ticrypt.frontend import clientconfig
 from ticrypt.frontend.client import RestError
+from ticrypt.frontend.clientconfig import ClientConfig
 
 PROG = "ticrypt"
 
@@ -61,7 +62,7 @@ def show(args: argparse.Namespace, result: Any, lines: Callable[[Any], Iterable[
     return 0
 
 
-def load_config(args: argparse.Namespace) -> Config:
+def load_config(args: argparse.Namespace) -> ClientConfig:
     """The client config named by ``--config`` / $TICRYPT_CLIENT_CONFIG / default."""
     try:
         return clientconfig.load(getattr(args, "config", None))
