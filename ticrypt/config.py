@@ -18,8 +18,10 @@ default is written once, in the class that uses it::
         limits: Limits = section(Limits, optional=True)
 
 ``load_config(path, ProxyConfig)`` returns a ``ProxyConfig``, so mypy sees
-every ``cfg.section.key``.  (Roles not yet converted still declare a
-:class:`Schema` (sections -> keys -> kinds) and get a :class:`Config`.)  Loading
+every ``cfg.section.key``.  :func:`schema_of` gives the plain
+:class:`Schema` view (sections -> keys -> kinds, defaults, docs) that the
+sample checks read; a :class:`Schema` also loads on its own, untyped, into
+a :class:`Config` (``ticrypt keygen`` reads one key that way).  Loading
 refuses anything it does not understand and reports one line that names the
 file, the section and the key, and what was expected::
 
@@ -69,7 +71,6 @@ __all__ = [
     "load_config",
     "schema_of",
     "section",
-    "section_from",
     "setting",
 ]
 
@@ -630,14 +631,14 @@ def _section_keys(cls: type) -> dict[str, Key]:
     return keys
 
 
-def section_from(cls: type[T], values: Mapping[str, Any]) -> T:
+def _section_from(cls: type[T], values: Mapping[str, Any]) -> T:
     """A section class from parsed values ``{key: value}`` (groups included)."""
     kwargs: dict[str, Any] = {}
     for f in attrs.fields(cls):  # type: ignore[arg-type]
         if _KEY in f.metadata:
             kwargs[f.name] = values[f.name]
         elif _GROUP in f.metadata:
-            kwargs[f.name] = section_from(f.metadata[_GROUP], values)
+            kwargs[f.name] = _section_from(f.metadata[_GROUP], values)
     return cls(**kwargs)
 
 
@@ -733,7 +734,7 @@ def load_config(path: str, schema: Schema | type[RoleConfig]) -> Config | RoleCo
                 values[key] = spec.default
         out[section] = Section(section, values)
     if typed is not None:
-        kwargs = {f.name: section_from(f.metadata[_SECTION], out[f.name])
+        kwargs = {f.name: _section_from(f.metadata[_SECTION], out[f.name])
                   for f in attrs.fields(typed) if _SECTION in f.metadata}
         role = typed(path=os.path.abspath(path), **kwargs)
         role.check()

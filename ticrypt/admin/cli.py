@@ -26,10 +26,10 @@ from typing import Any
 from ticrypt import identity, tlsutil
 from ticrypt.audit import AuditLog
 from ticrypt.cliutil import OneLineError, fail
-from ticrypt.config import Config, ConfigError, load_config
+from ticrypt.config import ConfigError, load_config
 from ticrypt.rest import db, store
 from ticrypt.rest.api import new_vm_id
-from ticrypt.rest.config import ADMIN_SCHEMA
+from ticrypt.rest.config import RestAdminConfig
 from ticrypt.rest.core import check_name, new_token, token_hash, valid_host
 
 PROG = "ticrypt-admin"
@@ -43,9 +43,9 @@ def _default_config() -> str:
     return os.environ.get("TICRYPT_REST_CONFIG") or os.path.join("etc", "rest.ini")
 
 
-def _load(args: argparse.Namespace) -> Config:
+def _load(args: argparse.Namespace) -> RestAdminConfig:
     try:
-        return load_config(args.config, ADMIN_SCHEMA)
+        return load_config(args.config, RestAdminConfig)
     except ConfigError as e:
         raise AdminError("cannot load config", str(e)) from None
 
@@ -64,14 +64,14 @@ def _public_key(what: str, path: str) -> bytes:
         raise AdminError(what, str(e)) from None
 
 
-def _open(cfg: Config, what: str) -> sqlite3.Connection:
+def _open(cfg: RestAdminConfig, what: str) -> sqlite3.Connection:
     try:
         return db.connect(cfg.rest.database)
     except db.DatabaseError as e:
         raise AdminError(what, str(e)) from None
 
 
-def _audit(cfg: Config, event: str, **fields: Any) -> None:
+def _audit(cfg: RestAdminConfig, event: str, **fields: Any) -> None:
     # ticrypt-admin runs no event loop; the reactor is only its clock
     # (IReactorTime), the same wall clock as the time.time() of its records
     from twisted.internet import reactor
@@ -192,7 +192,7 @@ def cmd_vm_add(args: argparse.Namespace) -> int:
     try:
         vm, expires = db.transaction(conn, store.add_vm, new_vm_id(), name, args.owner,
                                      args.host, token_hash(token), time.time(),
-                                     cfg.rest.enrollment_ttl)
+                                     cfg.rest.api.enrollment_ttl)
     except store.StoreError as e:
         raise AdminError(what, str(e)) from None
     finally:

@@ -15,20 +15,16 @@ import attrs
 from ticrypt import identity
 from ticrypt.config import (
     Bool,
-    Config,
     ConfigError,
     Duration,
     FilePath,
     Int,
     RoleConfig,
-    Schema,
     ServerEndpoint,
     Size,
     Url,
     group,
-    schema_of,
     section,
-    section_from,
     setting,
 )
 from ticrypt.http import load_secret
@@ -103,10 +99,11 @@ class RestConfig(RoleConfig):
                              f"{rest.database} does not exist; create it with ticrypt-admin init")
 
 
-def _validate_admin(cfg: Config) -> None:
-    section_from(RestSection, cfg.rest).check_common(cfg.error)
+@attrs.frozen(kw_only=True)
+class RestAdminConfig(RoleConfig):
+    """``rest.ini`` for ``ticrypt-admin``: ``init`` creates the key and database."""
 
+    rest: RestSection = section(RestSection)
 
-#: For ``ticrypt-admin`` (``init`` creates the key and database): the same
-#: keys, untyped until the admin tool moves to a typed config.
-ADMIN_SCHEMA = Schema(schema_of(RestConfig).sections, validate=_validate_admin)
+    def check(self) -> None:
+        self.rest.check_common(self.error)
