@@ -40,7 +40,7 @@ import re
 import stat
 from collections.abc import Callable, Iterator, Mapping
 from types import MappingProxyType
-from typing import Any, TypeVar, overload
+from typing import Any, ClassVar, TypeVar, overload
 from urllib.parse import urlsplit
 
 import attrs
@@ -428,8 +428,22 @@ def _holds_private_key(path: str) -> bool:
         return False  # the endpoint parser reports it
 
 
+class _Endpoint(Kind):
+    """An endpoint string of one side (``server`` or ``client``): key file
+    paths resolved against the config's directory, checked, then parsed."""
+
+    side: ClassVar[str]
+
+    def parse(self, raw: str, ctx: _Ctx) -> str:
+        if not raw:
+            raise ValueError("empty")
+        resolved = _resolve_endpoint_paths(raw, ctx)
+        _check_endpoint_files(resolved, server=self.side == "server")
+        return _endpoint_check(self.side, resolved)
+
+
 @attrs.frozen
-class ServerEndpoint(Kind):
+class ServerEndpoint(_Endpoint):
     """A Twisted server endpoint string, e.g. ``ssl:8443:interface=127.0.0.1:...``.
 
     Relative ``privateKey=``/``certKey=``/``extraCertChain=``/``dhParameters=``
@@ -438,26 +452,14 @@ class ServerEndpoint(Kind):
     group and others can neither read nor write.
     """
 
+    side: ClassVar[str] = "server"
     expected: str = "a server endpoint string such as tcp:8080:interface=127.0.0.1"
-
-    def parse(self, raw: str, ctx: _Ctx) -> str:
-        if not raw:
-            raise ValueError("empty")
-        resolved = _resolve_endpoint_paths(raw, ctx)
-        _check_endpoint_files(resolved, server=True)
-        return _endpoint_check("server", resolved)
 
 
 @attrs.frozen
-class ClientEndpoint(Kind):
+class ClientEndpoint(_Endpoint):
+    side: ClassVar[str] = "client"
     expected: str = "a client endpoint string such as tcp:host=127.0.0.1:port=22"
-
-    def parse(self, raw: str, ctx: _Ctx) -> str:
-        if not raw:
-            raise ValueError("empty")
-        resolved = _resolve_endpoint_paths(raw, ctx)
-        _check_endpoint_files(resolved, server=False)
-        return _endpoint_check("client", resolved)
 
 
 _PATH_ARGS = ("privateKey", "certKey", "extraCertChain", "dhParameters", "caCertsDir",
