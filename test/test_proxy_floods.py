@@ -341,7 +341,7 @@ class FloodTests(ProxyCase):
 
 class PendingPerUserTests(ProxyCase):
     """One user with valid tickets cannot fill the waiting queues alone: past
-    ``PendingUsers.limit`` waiting connections (over all VMs) the next is
+    ``[limits] max_pending_per_user`` waiting connections (over all VMs) the next is
     refused 4009 with an audit line; other users still wait, and a place
     comes back when one of the user's connections pairs."""
 
@@ -355,8 +355,9 @@ class PendingPerUserTests(ProxyCase):
         self.fail(f"{user} holds {pending.held(user)} pending connections, not {n}")
 
     async def test_pending_connections_per_user(self) -> None:
-        await self.start()
+        await self.start(max_pending_per_user="3")
         limit = self.proxy.factory.control.pending.limit
+        self.assertEqual(limit, 3)  # the [limits] key reaches the count
         waiting = [await self.user(f"vm{i}") for i in range(limit)]
         await self.held("alice", limit)
         over = await self.user("vm9")

@@ -38,7 +38,14 @@ from ticrypt import closecodes as cc
 from ticrypt.audit import AuditLog
 from ticrypt.config import Duration, Int, Size, group, setting
 from ticrypt.proxy import control as ctl
-from ticrypt.proxy.control import ControlContext, LegMachine, LegState, UserLegMachine, VmLegMachine
+from ticrypt.proxy.control import (
+    ControlContext,
+    LegMachine,
+    LegState,
+    PendingUsers,
+    UserLegMachine,
+    VmLegMachine,
+)
 from ticrypt.proxy.framebudget import FrameBudget, FrameLimits, Violation
 from ticrypt.proxy.pairing import Limits, Paired, PairingTable, Refused, Waiting
 from ticrypt.proxy.relay import (
@@ -83,6 +90,9 @@ class Settings:
                                       "ticket ids remembered against replay")
     open_handshake_timeout: float = setting(Duration(), 10.0, "websocket opening handshake")
     close_handshake_timeout: float = setting(Duration(), 5.0, "websocket closing handshake")
+    max_pending_per_user: int = setting(
+        Int(1, 100_000), 4,
+        "connections of one user accepted but not yet paired, over all VMs")
     frames: FrameLimits = group(FrameLimits)
     pairing: Limits = group(Limits)
 
@@ -329,7 +339,8 @@ class RelayFactory(WebSocketServerFactory):
             # tap.makeService, else this memory-only ledger
             tickets=tickets if tickets is not None else TicketLedger(settings.max_recent_tickets),
             handshake_timeout=settings.handshake_timeout,
-            user_wait_timeout=settings.user_wait_timeout, rng=rng)
+            user_wait_timeout=settings.user_wait_timeout, rng=rng,
+            pending=PendingUsers(settings.max_pending_per_user))
         self._revocations: RevocationList | None = None
         self.open_legs = 0
         self._idle_waiters: list[defer.Deferred[None]] = []
