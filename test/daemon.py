@@ -60,15 +60,25 @@ def pid_alive(pid: int) -> bool:
         return False
 
 
-async def pid_gone(pid: int, seconds: float = 10.0) -> bool:
+async def pid_gone(pid: int, seconds: float = 10.0, start: int | None = None) -> bool:
     """Wait (polling on the reactor, at most ``seconds``) until ``pid`` is
     gone or a zombie; whether it is.  A SIGKILL is delivered when the target
-    next runs, so a test checks its effect with this, not at once."""
+    next runs, so a test checks its effect with this, not at once.  With
+    ``start`` (the process's start time, ``proc_info(pid).start``) a pid now
+    used by another process counts as gone."""
+    from ticrypt.vmc.processes import proc_info
+
+    def gone() -> bool:
+        if start is None:
+            return not pid_alive(pid)
+        info = proc_info(pid)
+        return info is None or info.start != start or info.state == "Z"
+
     for _ in range(max(1, int(seconds / 0.05))):
-        if not pid_alive(pid):
+        if gone():
             return True
         await task.deferLater(reactor, 0.05, lambda: None)
-    return not pid_alive(pid)
+    return gone()
 
 
 def kill_if_alive(pid: int) -> None:

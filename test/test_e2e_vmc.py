@@ -13,7 +13,7 @@ from twisted.internet.error import ProcessDone
 from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 
-from test.daemon import daemon_env, kill_if_alive, pid_alive, script_path
+from test.daemon import daemon_env, kill_if_alive, pid_alive, pid_gone, script_path
 from test.vmcfixture import CapturingRelay, Trio, deferred_later, start_trio, ws_payloads
 from ticrypt import identity
 from ticrypt.channel import app
@@ -256,11 +256,8 @@ class SessionKillTests(TestCase):
         return s, pid
 
     async def _gone(self, pid: int) -> None:
-        for _ in range(200):  # bounded: 10 s
-            if not pid_alive(pid):
-                return
-            await deferred_later(0.05)
-        self.fail(f"process {pid} of the shell's session survived")
+        if not await pid_gone(pid):
+            self.fail(f"process {pid} of the shell's session survived")
 
     async def test_channel_close_kills_shell_jobs(self) -> None:
         trio = await start_trio(self, exec_kill_grace="1s")
@@ -630,17 +627,6 @@ async def _tagged_pid(out: bytearray, tag: bytes, testcase: TestCase) -> tuple[i
     return pid, info.start
 
 
-async def _ended(pid: int, start: int, seconds: float = 15.0) -> bool:
-    """Whether the process ``pid`` that started at ``start`` is gone (its pid
-    free, reused, or a zombie), polled with a bound."""
-    for _ in range(int(seconds / 0.05)):
-        info = proc_info(pid)
-        if info is None or info.start != start or info.state == "Z":
-            return True
-        await deferred_later(0.05)
-    return False
-
-
 class ContainmentTests(TestCase):
     """Nothing a user starts outlives its request, its channel or vmc
     (issue 6, defect 6): a cgroup per channel where cgroup v2 is usable
@@ -667,7 +653,7 @@ class ContainmentTests(TestCase):
         pid, start = await _tagged_pid(out, b"ESC", self)
         cmd.cancel()
         self.assertEqual(await cmd.done.addTimeout(30, reactor), 128 + 15)
-        self.assertTrue(await _ended(pid, start), "a setsid'd double fork survived cancel")
+        self.assertTrue(await pid_gone(pid, 15.0, start), "a setsid'd double fork survived cancel")
         await s.close()
 
     async def _crash_and_restart(self, trio: Trio, cmd_line: str) -> None:
@@ -686,10 +672,10 @@ class ContainmentTests(TestCase):
                         break
                 await deferred_later(0.05)
         await trio.vmc.kill()  # SIGKILL: no cleanup at all
-        self.assertFalse(await _ended(*main, seconds=0.5), "the test needs a survivor")
+        self.assertFalse(await pid_gone(main[0], 0.5, main[1]), "the test needs a survivor")
         await trio.start_vmc(self)
-        self.assertTrue(await _ended(*main), "the command survived vmc's crash and restart")
-        self.assertTrue(await _ended(*escaped), "its escaped child survived the restart")
+        self.assertTrue(await pid_gone(main[0], 15.0, main[1]), "the command survived vmc's crash and restart")
+        self.assertTrue(await pid_gone(escaped[0], 15.0, escaped[1]), "its escaped child survived the restart")
         killed = [r for r in trio.vmc_audit_lines() if r["event"] == "leftover-processes-killed"]
         self.assertEqual(len(killed), 1)
         self.assertGreaterEqual(killed[0]["processes"], 2)
@@ -724,4 +710,4 @@ class ContainmentTests(TestCase):
         self.assertTrue(pid_alive(pid))  # nothing found it ...
         assert trio.vmc is not None
         await trio.vmc.stop()
-        self.assertTrue(await _ended(pid, start), "an orphan below vmc survived its stop")
+        self.assertTrue(await pid_gone(pid, 15.0, start), "an orphan below vmc survived its stop")

@@ -20,7 +20,7 @@ from typing import Any
 from twisted.internet import defer, reactor, task
 from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 
-from test.daemon import kill_if_alive, pid_alive
+from test.daemon import kill_if_alive, pid_alive, pid_gone
 from ticrypt.frontend.session import Command, SessionError
 from ticrypt.vmc import cgroup
 from ticrypt.vmc.cgroup import (
@@ -69,17 +69,6 @@ def wait_unpopulated(cg: Cgroup, timeout: float = 10.0) -> bool:
             if left <= 0:
                 return False
             poller.poll(left * 1000)
-
-
-async def gone(pid: int, start: int, seconds: float = 10.0) -> bool:
-    """Whether the process ``pid`` that started at ``start`` has ended
-    (polled on the reactor, bounded)."""
-    for _ in range(int(seconds / 0.05)):
-        info = proc_info(pid)
-        if info is None or info.start != start or info.state == "Z":
-            return True
-        await _deferred_later(0.05)
-    return False
 
 
 def real_tracker(testcase: SynchronousTestCase, clock: Any = None) -> CgroupTracker:
@@ -325,7 +314,7 @@ class CgroupGroupTests(_GroupMixin, TestCase):
         self.assertNotEqual(os.getsid(pid), group._children[1][0].pid)  # left the session
         group.cancel(1)
         self.assertEqual(await self.exit(1).addTimeout(20, reactor), 128 + signal.SIGTERM)
-        self.assertTrue(await gone(pid, start), "the setsid'd process survived cancel")
+        self.assertTrue(await pid_gone(pid, start=start), "the setsid'd process survived cancel")
 
     async def test_close_kills_what_ended_requests_left_and_removes_cgroups(self) -> None:
         tracker = real_tracker(self)
@@ -338,7 +327,7 @@ class CgroupGroupTests(_GroupMixin, TestCase):
         self.assertTrue(track.cgroup.exists())
         group.close()
         await group.when_empty().addTimeout(20, reactor)
-        self.assertTrue(await gone(pid, start), "a leftover survived channel close")
+        self.assertTrue(await pid_gone(pid, start=start), "a leftover survived channel close")
         for _ in range(200):  # ... not its channel; the cgroups go too (bounded)
             if not os.path.exists(track.cgroup.path):
                 break
@@ -383,7 +372,7 @@ class FallbackGroupTests(_GroupMixin, TestCase):
         pid, start = await self.pid_from(self, 1, b"ESC")
         group.cancel(1)
         self.assertEqual(await self.exit(1).addTimeout(20, reactor), 128 + signal.SIGTERM)
-        self.assertTrue(await gone(pid, start), "the setsid'd process survived cancel")
+        self.assertTrue(await pid_gone(pid, start=start), "the setsid'd process survived cancel")
 
     async def test_request_ends_after_grace_while_an_escapee_holds_the_pipe(self) -> None:
         """An orphan that left the session (found by nothing in a bare
