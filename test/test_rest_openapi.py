@@ -186,8 +186,37 @@ class LiveTests(TestCase):
         self.seen.add((method.upper(), template, str(status)))
         return obj
 
+    async def control_api(self, env: RestEnv) -> str:
+        """An in-process proxy control API (TLS, the deployment's
+        certificate) whose leases open no port; its URL."""
+        from twisted.internet import endpoints
+        from twisted.internet import reactor as r
+
+        from test.test_proxy_ctlapi import RecordingOpener
+        from ticrypt.audit import AuditLog
+        from ticrypt.http.server import LimitedFactory
+        from ticrypt.proxy.ctlapi import ControlResource, control_site
+        from ticrypt.proxy.leases import LeaseService
+        from ticrypt.proxy.ports import LeaseLimits, LeaseTable
+        from ticrypt.tlsutil import server_endpoint
+
+        opener = RecordingOpener()
+        audit = AuditLog(None, r)  # type: ignore[arg-type]
+        leases = LeaseService(table=LeaseTable((6000, 6001), LeaseLimits()), opener=opener,
+                              clock=r, audit=audit, journal=None, public_host="127.0.0.1")
+        opener.service = leases
+        resource = ControlResource(leases, backend_public=env.backend_public, clock=r,  # type: ignore[arg-type]
+                                   audit=audit)
+        port = await endpoints.serverFromString(r, server_endpoint(0, env.server_pem)).listen(
+            LimitedFactory(control_site(resource, reactor=r), 8, 8))
+        self.addCleanup(port.stopListening)
+        return f"https://127.0.0.1:{port.getHost().port}"
+
     async def test_every_operation_matches_the_document(self) -> None:
-        env = await start_rest(self)
+        env = await start_rest(self, start=False)
+        env.write_config(proxy_control_url=await self.control_api(env),
+                         proxy_control_ca_file=env.ca_file)
+        await env.start(self)
         h = self.hit
         await h(env, "GET", "/v1/backend", {}, expect=200)
         await h(env, "GET", "/v1/backend", {}, {"x": 1}, expect=400)
@@ -220,6 +249,8 @@ class LiveTests(TestCase):
         await h(env, "GET", "/v1/vms/{id}", {"id": vm_id}, token=tok, expect=200)
         await h(env, "GET", "/v1/vms/{id}", {"id": "vm-0"}, token=tok, expect=404)
         await h(env, "POST", "/v1/vms/{id}/ticket", {"id": vm_id}, {}, token=tok, expect=409)
+        await h(env, "POST", "/v1/vms/{id}/pathways", {"id": vm_id}, {}, token=tok,
+                expect=409)
         enroll = {"token": created["enrollment_token"],
                   "vm_public_key": identity.public_text(identity.generate()),
                   "tls_fingerprint": "sha256:" + "0f" * 32}
@@ -228,6 +259,18 @@ class LiveTests(TestCase):
         await h(env, "POST", "/v1/enroll", {}, dict(enroll, token=b64(os.urandom(32))),
                 expect=401)
         await h(env, "POST", "/v1/vms/{id}/ticket", {"id": vm_id}, {}, token=tok, expect=200)
+        pathway = (await h(env, "POST", "/v1/vms/{id}/pathways", {"id": vm_id}, {}, token=tok,
+                           expect=201))["pathway"]
+        self.assertEqual((pathway["allowed"], pathway["tls_fingerprint"]),
+                         ("127.0.0.1", enroll["tls_fingerprint"]))
+        await h(env, "POST", "/v1/vms/{id}/pathways", {"id": "vm-0"}, {}, token=tok,
+                expect=404)
+        listed = await h(env, "GET", "/v1/pathways", {}, token=tok, expect=200)
+        self.assertEqual(listed["pathways"], [pathway])
+        await h(env, "DELETE", "/v1/pathways/{id}", {"id": pathway["id"]}, token=tok,
+                expect=204)
+        await h(env, "DELETE", "/v1/pathways/{id}", {"id": pathway["id"]}, token=tok,
+                expect=404)
         await h(env, "GET", "/v1/vms/{id}", {"id": vm_id}, token=tok, expect=200)
         await h(env, "POST", "/v1/vms/{id}/ticket", {"id": vm_id}, b"x" * 70000, token=tok,
                 expect=413)

@@ -8,11 +8,13 @@ other.  A *token* carries its payload: ``b64(canonical(payload)) "." b64(sig)``.
 Connection tickets (rest -> frontend -> proxy) are tokens of purpose
 ``connection-ticket-v1``; VM credentials (rest -> vmc -> proxy) of purpose
 ``vm-credential-v1``; the revocation feed (rest -> proxy) of purpose
-``revocations-v1``.  PROTOCOL.md documents all three.
+``revocations-v1``; requests to the proxy's control API (rest -> proxy) of
+purpose ``proxy-control-v1``.  PROTOCOL.md documents them all.
 """
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any
 
 import attrs
@@ -29,6 +31,7 @@ TICKET = "connection-ticket-v1"
 VM_CREDENTIAL = "vm-credential-v1"
 PROXY_VM_AUTH = "proxy-vm-auth-v1"
 REVOCATIONS = "revocations-v1"
+PROXY_CONTROL = "proxy-control-v1"
 
 #: Largest revocation feed token (characters); PROTOCOL.md §3 "Revocation".
 MAX_FEED = 4 * 1024 * 1024
@@ -230,6 +233,45 @@ def verify_revocation_feed(backend_public: bytes, token: str, *, now: float,
     if feed.issued < now - max_age:
         raise TokenError("stale", f"revocation feed is older than {max_age:g}s")
     return feed
+
+
+@attrs.frozen
+class ControlRequest:
+    """A verified signed request to the proxy's control API."""
+
+    issued: int
+    nonce: str
+
+
+def sign_control_request(backend_key: Ed25519PrivateKey, *, method: str, path: str,
+                         body: bytes, now: float, nonce: str) -> str:
+    """The token rest sends in ``Authorization: Ticrypt-Signed <token>`` to
+    the proxy's control API (PROTOCOL.md "Proxy control API"): it binds the
+    method, the path, the body's SHA-256, the time and a single-use nonce."""
+    return make_token(backend_key, PROXY_CONTROL, {
+        "body": b64(hashlib.sha256(body).digest()), "iat": int(now), "method": method,
+        "nonce": nonce, "path": path})
+
+
+def verify_control_request(backend_public: bytes, token: str, *, method: str, path: str,
+                           body: bytes, now: float, window: float) -> ControlRequest:
+    """Check signature, method, path, body and freshness (``|now - iat| <=
+    window``; ``stale`` otherwise).  The nonce's single use is the caller's
+    job (it keeps the nonces it saw for ``2 * window``)."""
+    p = open_token(backend_public, PROXY_CONTROL, token)
+    try:
+        if set(p) != {"body", "iat", "method", "nonce", "path"}:
+            raise ValueError
+        req = ControlRequest(issued=_i(p["iat"]), nonce=_s(p["nonce"]))
+        unb64(req.nonce, 16)
+        signed_for = (_s(p["method"]), _s(p["path"]), unb64(_s(p["body"]), 32))
+    except (KeyError, TypeError, ValueError):
+        raise TokenError("bad-token", "control request token is malformed") from None
+    if signed_for != (method, path, hashlib.sha256(body).digest()):
+        raise TokenError("wrong-request", "the signature is for another request")
+    if abs(now - req.issued) > window:
+        raise TokenError("stale", f"request time is more than {window:g}s from the proxy's")
+    return req
 
 
 def _sid(v: Any) -> str:

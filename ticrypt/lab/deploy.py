@@ -88,6 +88,11 @@ class Addresses:
     rest_port: int = 0
     proxy_host: str = "127.0.0.1"
     proxy_port: int = 0
+    #: the proxy's control API (pathway leases), on the proxy host; 0: not
+    #: started yet (rest.ini then leaves pathways off)
+    control_port: int = 0
+    #: the ports of the proxy's pathway leases
+    lease_ports: str = "6000-6100"
     #: ``HOST:PORT`` registered for a VM (``ticrypt-admin vm add --host``)
     vm_host: str = "127.0.0.1:2201"
     #: rest's scheme: ``http`` only for a test's plain listener
@@ -100,6 +105,13 @@ class Addresses:
     @property
     def proxy_url(self) -> str:
         return f"wss://{_host(self.proxy_host)}:{self.proxy_port}"
+
+    @property
+    def control_url(self) -> str | None:
+        """The proxy's control API, once its port is known."""
+        if not self.control_port:
+            return None
+        return f"https://{_host(self.proxy_host)}:{self.control_port}"
 
     def tls_names(self) -> tuple[str, ...]:
         """The names the one server certificate covers."""
@@ -190,7 +202,7 @@ class Deployment:
             "backend_pub": "backend.pub",
             "rest": "rest.ini", "rest_db": "rest.db", "rest_audit": "rest-audit.log",
             "proxy": "proxy.ini", "proxy_audit": "proxy-audit.log",
-            "proxy_ledger": "proxy-tickets.ledger",
+            "proxy_ledger": "proxy-tickets.ledger", "proxy_leases": "proxy-leases.json",
         }
         # the files other code opens
         self.ca_file = self.path("ca")
@@ -285,11 +297,16 @@ class Deployment:
             "audit_log": self.names["rest_audit"],
             "proxy_url": a.proxy_url,
             "revocation_feed_secret": self.names["feed_secret"],
+            "proxy_control_url": a.control_url,
+            "proxy_control_ca_file": self.names["ca"] if a.control_url else None,
         }}, {"rest": overrides})
 
-    def proxy_ini(self, limits: Settings | None = None, **overrides: str | None) -> str:
+    def proxy_ini(self, limits: Settings | None = None, leases: Settings | None = None,
+                  **overrides: str | None) -> str:
         """``proxy.ini``: wss on the proxy address, rest's feed polled with
-        the shared secret; ``limits`` go to ``[limits]``."""
+        the shared secret, the control API (TLS, same certificate) on the
+        proxy address and pathway leases (userspace) there too; ``limits``
+        go to ``[limits]``, ``leases`` to ``[leases]``."""
         a = self.addresses
         sections: dict[str, dict[str, str | None]] = {"proxy": {
             "listen": self._tls_listen(a.proxy_host, a.proxy_port),
@@ -299,9 +316,17 @@ class Deployment:
             "rest_url": a.rest_url,
             "ca_file": self.names["ca"],
             "revocation_feed_secret": self.names["feed_secret"],
-        }, "limits": {}}
+        }, "limits": {}, "control": {
+            "listen": self._tls_listen(a.proxy_host, a.control_port),
+        }, "leases": {
+            "ports": a.lease_ports,
+            "interface": a.proxy_host,
+            "public_host": a.proxy_host,
+            "journal": self.names["proxy_leases"],
+        }}
         return self._ini("proxy", "proxy", sections, {"proxy": overrides,
-                                                      "limits": limits or {}})
+                                                      "limits": limits or {},
+                                                      "leases": leases or {}})
 
     def vmc_ini(self, token: str | None = None, name: str = "vmc",
                 exec_settings: Settings | None = None, **overrides: str | None) -> str:
@@ -376,6 +401,8 @@ class Deployment:
         """Write proxy.ini, start the proxy and record its port."""
         proxy = await start("ticrypt-proxy", self.proxy_ini())
         self.addresses.proxy_port = proxy.address("proxy")[1]
+        if "control" in (proxy.ready_info or {}).get("listening", {}):
+            self.addresses.control_port = proxy.address("control")[1]
         return proxy
 
     async def start_rest(self, start: Start) -> Daemon:

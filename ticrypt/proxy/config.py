@@ -1,6 +1,8 @@
 """The proxy's config (documented key by key in ``etc/proxy.ini``).
 
-``[proxy]`` is :class:`ProxySection`; ``[limits]`` (optional) is the
+``[proxy]`` is :class:`ProxySection`; ``[control]`` and ``[leases]``
+(optional: pathways are off until ``[control] listen`` is set) are
+:class:`ControlSection` and :class:`LeasesSection`; ``[limits]`` (optional) is the
 websocket layer's own :class:`~ticrypt.proxy.ws.Settings`, which gathers the
 pairing table's :class:`~ticrypt.proxy.pairing.Limits` and the frame
 budget's :class:`~ticrypt.proxy.framebudget.FrameLimits`: each default is
@@ -16,15 +18,21 @@ import attrs
 from ticrypt import identity
 from ticrypt.config import (
     Bool,
+    Choice,
     Duration,
     FilePath,
+    Int,
+    PortRange,
     RoleConfig,
     ServerEndpoint,
+    Str,
     Url,
+    group,
     section,
     setting,
 )
 from ticrypt.http import load_secret
+from ticrypt.proxy.ports import LeaseLimits
 from ticrypt.proxy.ws import Settings
 
 
@@ -78,11 +86,55 @@ class ProxySection:
 
 
 @attrs.frozen(kw_only=True)
+class ControlSection:
+    """``[control]``: the internal control API rest opens pathway leases with."""
+
+    listen: str | None = setting(_OptionalServerEndpoint(), None,
+                                 "control API listener (ssl:), or off")
+    request_window: float = setting(Duration(min=1, max=600), 30.0,
+                                    "largest clock difference of a signed request")
+    max_connections: int = setting(Int(1, 100_000), 64, "open control connections")
+
+
+_WILDCARDS = ("0.0.0.0", "::", "")
+
+
+@attrs.frozen(kw_only=True)
+class LeasesSection:
+    """``[leases]``: pathway leases (ports of the range, one address each)."""
+
+    mode: str = setting(Choice(("userspace", "nft")), "userspace",
+                        "userspace listeners or nftables DNAT rules")
+    ports: tuple[int, int] = setting(PortRange(), (6000, 6100), "the ports leases use")
+    interface: str = setting(Str(), "0.0.0.0", "address the lease listeners bind")
+    public_host: str | None = setting(Str(max_length=255), None,
+                                      "host name or address users connect to")
+    journal: str = setting(FilePath(must_exist=False), "proxy-leases.json",
+                           "live leases, kept across restarts")
+    connect_timeout: float = setting(Duration(min=0.1, max=600), 10.0,
+                                     "time to reach the VM host endpoint")
+    connection_idle_timeout: float = setting(Duration(min=1, max=30 * 86400), 7200.0,
+                                             "a forwarded connection with no byte ends")
+    max_connections_per_lease: int = setting(Int(1, 100_000), 64,
+                                             "forwarded connections of one lease")
+    nft_table: str = setting(Str(pattern=r"[a-z][a-z0-9_]{0,30}"), "ticrypt_proxy",
+                             "the proxy's own nftables table (mode = nft)")
+    limits: LeaseLimits = group(LeaseLimits)
+
+    @property
+    def host(self) -> str:
+        """What users are told to connect to."""
+        return self.public_host or self.interface
+
+
+@attrs.frozen(kw_only=True)
 class ProxyConfig(RoleConfig):
     """``proxy.ini``."""
 
     proxy: ProxySection = section(ProxySection)
     limits: Settings = section(Settings, optional=True)
+    control: ControlSection = section(ControlSection, optional=True)
+    leases: LeasesSection = section(LeasesSection, optional=True)
 
     def check(self) -> None:
         listen = self.proxy.listen
@@ -96,6 +148,23 @@ class ProxyConfig(RoleConfig):
         self._check_revocations()
         if self.limits.max_frame_size > self.limits.max_message_size:
             raise self.error("limits", "max_frame_size", "must not exceed max_message_size")
+        self._check_control()
+
+    def _check_control(self) -> None:
+        listen = self.control.listen
+        if listen is None:
+            return
+        if not listen.startswith("ssl:") and not self.proxy.allow_plain:
+            raise self.error("control", "listen", f"expected an ssl: endpoint, got {listen!r} "
+                             "(plain HTTP needs [proxy] allow_plain = yes)")
+        # (port 0, a port the kernel picks, differs from every other)
+        if listen.split(":")[1:2] != ["0"] and listen in (self.proxy.listen,
+                                                          self.proxy.status_listen):
+            raise self.error("control", "listen", "must be its own listener")
+        leases = self.leases
+        if leases.public_host is None and leases.interface in _WILDCARDS:
+            raise self.error("leases", "public_host", "required when interface is a wildcard "
+                             f"({leases.interface!r}): the address users connect to")
 
     def _check_revocations(self) -> None:
         p = self.proxy

@@ -281,6 +281,14 @@ class LeaseTable:
             lease.connections = max(0, lease.connections - 1)
             lease.last_activity = now
 
+    def set_connections(self, lease_id: str, count: int, now: float) -> None:
+        """``lease_id`` has ``count`` open connections (as the I/O layer
+        counts them); a change is activity."""
+        lease = self._by_id.get(lease_id)
+        if lease is not None and lease.connections != count:
+            lease.connections = max(0, count)
+            lease.last_activity = now
+
     def touch(self, lease_id: str, now: float) -> None:
         """Activity seen on ``lease_id`` (bytes, where the I/O layer counts them)."""
         lease = self._by_id.get(lease_id)

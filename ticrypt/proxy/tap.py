@@ -17,8 +17,12 @@ from ticrypt import identity
 from ticrypt.audit import AuditLog
 from ticrypt.http import load_secret
 from ticrypt.http.client import JsonClient
+from ticrypt.http.server import LimitedFactory
 from ticrypt.proxy.config import ProxyConfig
+from ticrypt.proxy.ctlapi import ControlResource, control_site
+from ticrypt.proxy.leases import LeaseJournal, LeaseService, Opener, UserspaceOpener
 from ticrypt.proxy.pairing import PairingTable
+from ticrypt.proxy.ports import LeaseTable
 from ticrypt.proxy.replay import TicketJournal, TicketLedger, TicketLedgerService, TicketUses
 from ticrypt.proxy.revocations import FEED_TIMEOUT, RevocationList, RevocationPoller, max_age
 from ticrypt.proxy.status import status_resource
@@ -50,17 +54,44 @@ def make_factory(cfg: ProxyConfig, reactor: Any,
     return factory
 
 
-def make_poller(cfg: ProxyConfig, reactor: Any, factory: RelayFactory) -> RevocationPoller | None:
-    """The job that follows rest's revocation feed (None when rest_url = off)."""
+def make_leases(cfg: ProxyConfig, reactor: Any, audit: AuditLog) -> LeaseService:
+    """The pathway leases of ``[leases]`` (userspace listeners or nft rules)."""
+    lc = cfg.leases
+    opener: Opener
+    if lc.mode == "nft":
+        from ticrypt.proxy.nftleases import make_nft_opener
+        opener = make_nft_opener(lc, reactor)
+    else:
+        opener = UserspaceOpener(reactor=reactor, interface=lc.interface,
+                                 connect_timeout=lc.connect_timeout,
+                                 idle_timeout=lc.connection_idle_timeout,
+                                 max_connections=lc.max_connections_per_lease)
+    service = LeaseService(table=LeaseTable(lc.ports, lc.limits), opener=opener, clock=reactor,
+                           audit=audit, journal=LeaseJournal(lc.journal), public_host=lc.host)
+    opener.service = service
+    return service
+
+
+def make_poller(cfg: ProxyConfig, reactor: Any, factory: RelayFactory,
+                leases: LeaseService | None = None) -> RevocationPoller | None:
+    """The job that follows rest's revocation feed (None when rest_url = off);
+    it closes the revoked users' and sessions' pairs and leases."""
     p = cfg.proxy
     if p.rest_url is None or factory.revocations is None:
         return None
     assert p.revocation_feed_secret is not None  # ProxyConfig.check
+    revocations = factory.revocations
+
+    def apply() -> int:
+        closed = factory.revoke_pairs()
+        if leases is not None:
+            closed += leases.revoke(revocations.users, revocations.sessions)
+        return closed
     return RevocationPoller(
         clock=reactor, client=JsonClient(reactor, p.ca_file, timeout=FEED_TIMEOUT,
                                          max_response=2 * MAX_FEED, persistent=True),
         rest_url=p.rest_url, secret=load_secret(p.revocation_feed_secret),
-        revocations=factory.revocations, apply=factory.revoke_pairs,
+        revocations=revocations, apply=apply,
         interval=p.revocation_poll_interval)
 
 
@@ -88,7 +119,18 @@ def makeService(options: dict[str, Any], reactor: Any = None) -> RoleService:
         site.noisy = False
         ListenerService("status", endpoints.serverFromString(reactor, cfg.proxy.status_listen),
                         site, key=("proxy", "status_listen")).setServiceParent(top)
-    poller = make_poller(cfg, reactor, factory)
+    leases = None
+    if cfg.control.listen is not None:
+        leases = make_leases(cfg, reactor, factory.audit)
+        leases.setServiceParent(top)
+        resource = ControlResource(
+            leases, backend_public=factory.backend_key, clock=reactor, audit=factory.audit,
+            window=cfg.control.request_window)
+        limited = LimitedFactory(control_site(resource, reactor=reactor),
+                                 cfg.control.max_connections, cfg.control.max_connections)
+        ListenerService("control", endpoints.serverFromString(reactor, cfg.control.listen),
+                        limited, key=("control", "listen")).setServiceParent(top)
+    poller = make_poller(cfg, reactor, factory, leases)
     if poller is None:
         log.warn("proxy: rest_url = off: disabling a user or ending a session at rest "
                  "does not close the pairs already open")

@@ -39,6 +39,7 @@ from ticrypt.rest.core import (
     token_hash,
     valid_host,
 )
+from ticrypt.rest.proxyctl import ProxyControl, ProxyControlError
 from ticrypt.rest.store import StoreError
 
 
@@ -71,6 +72,9 @@ ROUTES: tuple[Route, ...] = (
     Route("POST", "/v1/vms", "create_vm"),
     Route("GET", "/v1/vms/{id}", "get_vm"),
     Route("POST", "/v1/vms/{id}/ticket", "ticket"),
+    Route("POST", "/v1/vms/{id}/pathways", "create_pathway"),
+    Route("GET", "/v1/pathways", "list_pathways"),
+    Route("DELETE", "/v1/pathways/{id}", "delete_pathway"),
     Route("POST", "/v1/enroll", "enroll"),
     Route("GET", "/v1/revocations", "revocations"),
 )
@@ -163,7 +167,7 @@ class RestApi:
 
     def __init__(self, *, clock: Clock, db: Db, signing_key: Ed25519PrivateKey,
                  proxy_url: str, audit: AuditLog, settings: ApiSettings,
-                 feed_secret: str | None = None,
+                 feed_secret: str | None = None, proxyctl: ProxyControl | None = None,
                  random: Callable[[int], bytes] = os.urandom):
         self._clock = clock
         self._db = db
@@ -185,6 +189,7 @@ class RestApi:
         self.user_address_limits = RateLimiter(
             clock, settings.login_failures_per_user_and_address, settings.login_window)
         self._feed_secret = feed_secret.encode("ascii") if feed_secret is not None else None
+        self._proxyctl = proxyctl
 
     # ------------------------------------------------------------ helpers
 
@@ -292,6 +297,15 @@ class RestApi:
         session, _ = await self._authed(call, _revoke, call.bearer or "", self._now(),
                                         write=True)
         self._audit.write("logout", user=session.user.name, client=call.client)
+        if self._proxyctl is not None:
+            # The session's pathways end now; if the proxy cannot be told, the
+            # revocation feed (which lists the ended session) closes them.
+            sid = session_id(token_hash(call.bearer or ""))
+            try:
+                await self._proxyctl.close_session(sid)
+            except ProxyControlError as e:
+                self.log.warn("logout: the proxy could not close the session's pathways: "
+                              "{why}", why=str(e))
         return 204, None
 
     async def me(self, call: Call) -> Result:
@@ -374,6 +388,65 @@ class RestApi:
                      "proxy_url": self._proxy_url,
                      "vm_public_key": identity.public_text(vm.public_key)}
 
+    # ------------------------------------------------------------ pathways
+
+    def _pathways(self) -> ProxyControl:
+        if self._proxyctl is None:
+            raise ApiError(503, "pathways-disabled", "pathways are off at this rest "
+                           "(proxy_control_url = off)")
+        return self._proxyctl
+
+    async def create_pathway(self, call: Call) -> Result:
+        """Open (or return the live) lease at the proxy from the caller's
+        address to the VM's host endpoint, for this session."""
+        parse_body(call.body, EMPTY_BODY)
+        proxyctl = self._pathways()
+        session, vm = await self._authed(call, _existing_vm, call.params[0])
+        if vm.state == "disabled":
+            raise ApiError(409, "vm-disabled", "the VM is disabled")
+        if vm.state != "enrolled" or vm.tls_fingerprint is None:
+            raise ApiError(409, "vm-not-enrolled", "the VM has not enrolled yet")
+        sid = session_id(token_hash(call.bearer or ""))
+        try:
+            lease = await proxyctl.open(user=session.user.name, session=sid, vm=vm.id,
+                                        target=vm.host, address=call.client,
+                                        expires=session.expires)
+        except ProxyControlError as e:
+            self._audit.write("pathway-refused", user=session.user.name, vm=vm.id,
+                              client=call.client, reason=e.code)
+            raise _proxy_refused(e) from None
+        self._audit.write("pathway-opened", user=session.user.name, vm=vm.id,
+                          client=call.client, pathway=lease.get("id"), port=lease.get("port"))
+        return 201, {"pathway": _pathway(lease, vm.tls_fingerprint)}
+
+    async def list_pathways(self, call: Call) -> Result:
+        parse_body(call.body, EMPTY_BODY)
+        proxyctl = self._pathways()
+        session, _ = await self._authed(call)
+        try:
+            leases = await proxyctl.leases(session.user.name)
+        except ProxyControlError as e:
+            raise _proxy_refused(e) from None
+        vms = {str(lease.get("vm")) for lease in leases}
+        found = await self._run(_vms_by_id, sorted(vms), write=False)
+        return 200, {"pathways": [
+            _pathway(lease, getattr(found.get(str(lease.get("vm"))), "tls_fingerprint", None))
+            for lease in leases]}
+
+    async def delete_pathway(self, call: Call) -> Result:
+        parse_body(call.body, EMPTY_BODY)
+        proxyctl = self._pathways()
+        session, _ = await self._authed(call)
+        try:
+            closed = await proxyctl.close(call.params[0], session.user.name)
+        except ProxyControlError as e:
+            raise _proxy_refused(e) from None
+        if not closed:
+            raise ApiError(404, "no-such-pathway", "no such pathway of yours")
+        self._audit.write("pathway-closed", user=session.user.name, pathway=call.params[0],
+                          client=call.client)
+        return 204, None
+
     async def enroll(self, call: Call) -> Result:
         body = parse_body(call.body, ENROLL_BODY)
         # Failed enrollments count with failed logins against the address: an
@@ -423,6 +496,28 @@ class RestApi:
 def openapi_document() -> bytes:
     """``ticrypt/rest/openapi.json`` as installed (read once, on first use)."""
     return importlib.resources.files("ticrypt.rest").joinpath("openapi.json").read_bytes()
+
+
+def _proxy_refused(e: ProxyControlError) -> ApiError:
+    """rest's answer when the proxy refused a lease or could not be asked:
+    the two refusals a user can act on keep their meaning, anything else
+    (the proxy unreachable, or refusing rest itself) is 502."""
+    if e.code == "no-free-port":
+        return ApiError(503, "no-free-port", str(e))
+    if e.code == "too-many-leases":
+        return ApiError(409, "too-many-pathways", str(e))
+    return ApiError(502, "proxy-unavailable", str(e))
+
+
+def _pathway(lease: dict[str, Any], tls_fingerprint: str | None) -> dict[str, Any]:
+    """A pathway as rest shows it, from the proxy's lease."""
+    return {"id": lease.get("id"), "vm": lease.get("vm"), "proxy_host": lease.get("host"),
+            "port": lease.get("port"), "allowed": lease.get("allowed"),
+            "expires": lease.get("expires"), "tls_fingerprint": tls_fingerprint}
+
+
+def _vms_by_id(conn: Any, ids: list[str]) -> dict[str, store.Vm]:
+    return {vm.id: vm for vm in (store.get_vm(conn, i) for i in ids) if vm is not None}
 
 
 def _user_at(user: str, client: str) -> str:

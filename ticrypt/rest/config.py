@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from typing import Any
 
 import attrs
 
@@ -31,6 +32,22 @@ from ticrypt.http import load_secret
 from ticrypt.rest.api import ApiSettings
 
 SECTION = "rest"
+
+
+@attrs.frozen
+class _OptionalUrl(Url):
+    """An https (or http) URL, or ``off`` (the default)."""
+
+    schemes: tuple[str, ...] = ("https", "http")
+
+    @property
+    def expected(self) -> str:  # type: ignore[override]
+        return "an https:// URL, or off"
+
+    def parse(self, raw: str, ctx: Any) -> str | None:  # type: ignore[override]
+        if raw.strip().lower() == "off":
+            return None
+        return super().parse(raw, ctx)
 
 _Error = Callable[[str, "str | None", str], ConfigError]
 
@@ -60,6 +77,12 @@ class RestSection:
     revocation_feed_secret: str | None = setting(
         FilePath(secret=True), None,
         "bearer secret of GET /v1/revocations (shared with the proxy); unset: the feed is off")
+    proxy_control_url: str | None = setting(
+        _OptionalUrl(), None, "the proxy's control API (pathways), or off")
+    proxy_control_ca_file: str | None = setting(
+        FilePath(), None, "CA that signs the proxy control API's certificate")
+    proxy_control_timeout: float = setting(Duration(min=0.1, max=600), 10.0,
+                                           "deadline of one control API request")
 
     def check_common(self, error: _Error) -> None:
         """The checks ``ticrypt-admin`` needs too (before ``init`` made the
@@ -73,6 +96,13 @@ class RestSection:
             raise error(SECTION, "proxy_url", "ws:// needs allow_plain_http = yes; use wss://")
         if os.path.abspath(self.database) == os.path.abspath(self.signing_key):
             raise error(SECTION, "signing_key", "must not be the database file")
+        if self.proxy_control_url is not None:
+            if self.proxy_control_url.startswith("https:") and self.proxy_control_ca_file is None:
+                raise error(SECTION, "proxy_control_ca_file",
+                            "an https proxy_control_url needs the CA file")
+            if self.proxy_control_url.startswith("http:") and not self.allow_plain_http:
+                raise error(SECTION, "proxy_control_url",
+                            "http:// needs allow_plain_http = yes; use https://")
         if self.revocation_feed_secret is not None:
             try:
                 load_secret(self.revocation_feed_secret)

@@ -12,11 +12,13 @@ from twisted.logger import Logger
 from ticrypt import identity
 from ticrypt.audit import AuditLog
 from ticrypt.http import load_secret
+from ticrypt.http.client import JsonClient
 from ticrypt.http.server import LimitedFactory
 from ticrypt.rest import store
 from ticrypt.rest.api import RestApi
 from ticrypt.rest.config import RestConfig
 from ticrypt.rest.db import Database
+from ticrypt.rest.proxyctl import ProxyControl
 from ticrypt.rest.web import rest_site
 from ticrypt.service import ListenerService, RoleService, options_for
 
@@ -53,11 +55,19 @@ def make_rest_service(cfg: RestConfig, reactor: Any) -> RoleService:
     db = Database(reactor, rest.database)
     db.setServiceParent(top)
     audit = AuditLog(rest.audit_log, reactor, role="rest")
+    signing_key = identity.load_private(rest.signing_key)
+    proxyctl = None
+    if rest.proxy_control_url is not None:
+        proxyctl = ProxyControl(
+            client=JsonClient(reactor, rest.proxy_control_ca_file,
+                              timeout=rest.proxy_control_timeout),
+            url=rest.proxy_control_url, key=signing_key, clock=reactor)
     api = RestApi(
-        clock=reactor, db=db, signing_key=identity.load_private(rest.signing_key),
+        clock=reactor, db=db, signing_key=signing_key,
         proxy_url=rest.proxy_url, audit=audit, settings=rest.api,
         feed_secret=(load_secret(rest.revocation_feed_secret)
                      if rest.revocation_feed_secret is not None else None),
+        proxyctl=proxyctl,
     )
     site = rest_site(api, reactor=reactor, max_body=rest.max_body,
                      idle_timeout=rest.idle_timeout, request_timeout=rest.request_timeout)
