@@ -1,0 +1,5 @@
+"""ticrypt-connect, the user's local agent: a token-protected JSON API on
+127.0.0.1 (:mod:`~ticrypt.connect.api`) that makes tunnel client
+certificates (:mod:`~ticrypt.connect.certs`) and runs tunnels: local
+listeners whose connections become streams of a multiplexed, pinned TLS
+connection to vmc (:mod:`~ticrypt.connect.tunnels`)."""

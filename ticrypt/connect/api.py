@@ -1,0 +1,233 @@
+"""connect's local JSON API (on :mod:`ticrypt.http.server`), for the
+``ticrypt`` CLI now and a browser frontend served by connect later.
+
+It listens on 127.0.0.1 only, and every request must pass three checks
+(:meth:`ConnectResource.admit`), in this order:
+
+* ``Host`` is exactly ``127.0.0.1:PORT`` of the API's own listener, so a web
+  page cannot reach it through a rebound DNS name (403 ``bad-host``);
+* ``Origin``, when the client sends one (browsers do on every cross-site
+  request), is connect's own ``http://127.0.0.1:PORT`` (403 ``bad-origin``);
+* ``Authorization: Bearer TOKEN`` carries the token connect wrote at start,
+  0600, to ``token_file`` (401 ``unauthorized``).
+
+Operations::
+
+    POST   /v1/certs          -> 201 {"id", "cert", "fingerprint", "expires"}
+    POST   /v1/tunnels        {"vm", "name"?, "proxy_host", "proxy_port", "cert",
+                               "fingerprint", "forwards": [{"remote", "local"}], "wait"?}
+                              -> 201 {"tunnel": TUNNEL}
+    GET    /v1/tunnels        -> 200 {"tunnels": [TUNNEL, ...]}
+    DELETE /v1/tunnels/{id}   -> 200 {"tunnel": TUNNEL}
+
+``TUNNEL`` is :meth:`~ticrypt.connect.tunnels.Tunnel.describe`: id, vm,
+state, proxy, forwards ``[{"remote", "local"}]``, streams (open local
+connections), connections, bytes_in (from the VM), bytes_out (to it),
+connects, last_error.  With ``"wait": true`` the answer comes once the link
+is up, or is 502 ``tunnel-failed`` (the tunnel is then closed) if the first
+attempt fails.
+"""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Callable
+from typing import Any
+
+from twisted.web import server
+
+from ticrypt.audit import AuditLog
+from ticrypt.connect.certs import FINGERPRINT_RE, CertError, CertStore
+from ticrypt.connect.tunnels import Forward, Tunnel, TunnelError, TunnelSpec, TunnelTable
+from ticrypt.http.server import (
+    ApiError,
+    Field,
+    JsonResource,
+    JsonSite,
+    Result,
+    Route,
+    bearer_token,
+    parse_body,
+)
+
+ROUTES = (
+    Route("POST", "/v1/certs", "create_cert"),
+    Route("GET", "/v1/tunnels", "list_tunnels"),
+    Route("POST", "/v1/tunnels", "open_tunnel"),
+    Route("DELETE", "/v1/tunnels/{id}", "close_tunnel"),
+)
+
+#: Makes (does not start) a tunnel: id, spec -> Tunnel.
+MakeTunnel = Callable[[str, TunnelSpec], Tunnel]
+
+
+def _check_fingerprint(value: str) -> str | None:
+    return None if FINGERPRINT_RE.fullmatch(value) else "must be 'sha256:<64 lowercase hex>'"
+
+
+def _check_text(limit: int) -> Callable[[str], str | None]:
+    def check(value: str) -> str | None:
+        if not value or len(value) > limit or not value.isprintable() or " " in value:
+            return f"must be 1 to {limit} printable characters without spaces"
+        return None
+    return check
+
+
+def _check_port(value: int) -> str | None:
+    return None if 1 <= value <= 65535 else "must be a TCP port 1..65535"
+
+
+TUNNEL_FIELDS = {
+    "vm": Field(str, check=_check_text(128)),
+    "name": Field(str, required=False, check=_check_text(128)),
+    "proxy_host": Field(str, check=_check_text(253)),
+    "proxy_port": Field(int, check=_check_port),
+    "cert": Field(str, check=_check_text(64)),
+    "fingerprint": Field(str, check=_check_fingerprint),
+    "forwards": Field(list),
+    "wait": Field(bool, required=False),
+}
+
+
+def parse_forwards(raw: list[Any], limit: int) -> tuple[Forward, ...]:
+    """``[{"remote": P, "local": L}]`` as Forwards; ApiError 400."""
+    if not raw or len(raw) > limit:
+        raise ApiError(400, "invalid-field", f"field 'forwards' must list 1 to {limit} ports")
+    out: list[Forward] = []
+    for item in raw:
+        if not isinstance(item, dict) or set(item) - {"remote", "local"} \
+                or not isinstance(item.get("remote"), int) \
+                or not isinstance(item.get("local", 0), int) \
+                or isinstance(item.get("remote"), bool) or isinstance(item.get("local"), bool):
+            raise ApiError(400, "invalid-field", "each forward must be "
+                           '{"remote": PORT, "local": PORT or 0}')
+        remote, local = item["remote"], item.get("local", 0)
+        if not 1 <= remote <= 65535 or not 0 <= local <= 65535:
+            raise ApiError(400, "invalid-field", "forward ports must be 1..65535 "
+                           "(local 0: any free port)")
+        out.append(Forward(remote, local))
+    remotes = [f.remote for f in out]
+    locals_ = [f.local for f in out if f.local]
+    if len(set(remotes)) != len(remotes) or len(set(locals_)) != len(locals_):
+        raise ApiError(400, "invalid-field", "a port is listed twice in 'forwards'")
+    return tuple(out)
+
+
+class ConnectResource(JsonResource):
+    """The API.  ``address()`` is the listener's ``(host, port)`` once it
+    listens (None before: everything is refused)."""
+
+    def __init__(self, *, token: Callable[[], str | None],
+                 address: Callable[[], tuple[str, int] | None], certs: CertStore,
+                 table: TunnelTable, make_tunnel: MakeTunnel, audit: AuditLog):
+        super().__init__(ROUTES)
+        self._token = token
+        self._address = address
+        self.certs = certs
+        self.table = table
+        self._make_tunnel = make_tunnel
+        self._audit = audit
+
+    # -- who may ask -----------------------------------------------------------
+
+    def admit(self, request: server.Request) -> None:
+        where = self._address()
+        if where is None:
+            raise ApiError(503, "not-ready", "connect is starting")
+        own = f"{where[0]}:{where[1]}"
+        host = (request.getHeader(b"host") or b"").decode("latin-1")
+        if host != own:
+            self._refused(request, "bad-host")
+            raise ApiError(403, "bad-host", f"this API answers only requests for {own}")
+        origin = request.getHeader(b"origin")
+        if origin is not None and origin.decode("latin-1") != f"http://{own}":
+            self._refused(request, "bad-origin")
+            raise ApiError(403, "bad-origin", "requests from other web pages are refused")
+        expected = self._token()
+        given = bearer_token(request)
+        if expected is None or given is None or not hmac.compare_digest(
+                given.encode("utf-8", "replace"), expected.encode()):
+            self._refused(request, "unauthorized")
+            raise ApiError(401, "unauthorized", "missing or wrong API token (it is in "
+                           "connect's token_file)", {"WWW-Authenticate": "Bearer"})
+
+    def _refused(self, request: server.Request, why: str) -> None:
+        self._audit.write("api-refused", reason=why, client=request.getClientAddress().host,
+                          method=request.method.decode("ascii", "replace"),
+                          path=request.path.decode("ascii", "replace")[:100])
+
+    async def handle(self, request: server.Request, route: Route,
+                     params: tuple[str, ...]) -> Result:
+        assert request.content is not None
+        body = request.content.read()
+        handler = getattr(self, route.handler)
+        result: Result = await handler(body, *params)
+        return result
+
+    # -- operations --------------------------------------------------------------
+
+    async def create_cert(self, body: bytes) -> Result:
+        parse_body(body, {})
+        try:
+            cert = self.certs.create(self.table.certs_in_use())
+        except CertError as e:
+            raise ApiError(409, "too-many-certs", str(e)) from None
+        self._audit.write("cert-created", cert=cert.id, fingerprint=cert.fingerprint)
+        return 201, cert.public()
+
+    async def list_tunnels(self, body: bytes) -> Result:
+        return 200, {"tunnels": [t.describe() for t in self.table.tunnels.values()]}
+
+    async def open_tunnel(self, body: bytes) -> Result:
+        b = parse_body(body, TUNNEL_FIELDS)
+        forwards = parse_forwards(b["forwards"], self.table.settings.max_forwards)
+        try:
+            self.certs.get(b["cert"])
+            self.table.check_room()
+        except CertError as e:
+            raise ApiError(404, "no-such-cert", str(e)) from None
+        except TunnelError as e:
+            raise ApiError(409, e.code, str(e)) from None
+        spec = TunnelSpec(vm=b["vm"], proxy_host=b["proxy_host"], proxy_port=b["proxy_port"],
+                          cert_id=b["cert"], fingerprint=b["fingerprint"], forwards=forwards)
+        tid = self.table.new_id()
+        try:
+            tunnel = self._make_tunnel(tid, spec)
+        except (CertError, ValueError) as e:
+            raise ApiError(400, "invalid-tunnel", str(e)) from None
+        tunnel.name = b.get("name") or b["vm"]
+        self.table.tunnels[tid] = tunnel
+        try:
+            ports = await tunnel.start()
+        except TunnelError as e:
+            self.table.tunnels.pop(tid, None)
+            self._audit.write("tunnel-refused", vm=spec.vm, reason=str(e))
+            raise ApiError(409, e.code, str(e)) from None
+        self._audit.write("tunnel-opened", tunnel=tid, vm=spec.vm, cert=spec.cert_id,
+                          proxy=f"{spec.proxy_host}:{spec.proxy_port}",
+                          ports=[f"{loc}->{r}" for r, loc in ports])
+        if b.get("wait"):
+            why = await tunnel.first_attempt()
+            if why is not None:
+                self.table.tunnels.pop(tid, None)
+                await tunnel.close(f"first connection failed: {why}")
+                raise ApiError(502, "tunnel-failed", f"the tunnel to {spec.vm} did not come "
+                               f"up: {why}")
+        return 201, {"tunnel": tunnel.describe()}
+
+    async def close_tunnel(self, body: bytes, tid: str) -> Result:
+        tunnel = self.table.tunnels.pop(tid, None)
+        if tunnel is None:
+            raise ApiError(404, "not-found", f"no tunnel {tid!r}")
+        await tunnel.close("closed by request")
+        return 200, {"tunnel": tunnel.describe()}
+
+
+def connect_site(resource: ConnectResource, *, reactor: Any, max_body: int,
+                 idle_timeout: float, request_timeout: float) -> JsonSite:
+    """connect's site; wrap it in a LimitedFactory to listen."""
+    return JsonSite(resource, reactor=reactor, max_body=max_body, idle_timeout=idle_timeout,
+                    request_timeout=request_timeout, access_namespace="ticrypt.connect.access")
+
+
+__all__ = ["ROUTES", "ConnectResource", "connect_site", "parse_forwards"]

@@ -1,0 +1,97 @@
+"""ticrypt-connect's config (documented key by key in ``etc/connect.ini``).
+
+``[connect]`` is the local API (:class:`ConnectSection`); ``[tunnels]``
+(optional) the tunnels' own :class:`TunnelSettings`, so each default is
+written once, in the class that uses it.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+
+import attrs
+
+from ticrypt.config import (
+    DirPath,
+    Duration,
+    FilePath,
+    Int,
+    RoleConfig,
+    ServerEndpoint,
+    Size,
+    section,
+    setting,
+)
+
+#: Where the API and every local listener may listen: this machine only.
+LOOPBACK = "127.0.0.1"
+
+
+@attrs.frozen(kw_only=True)
+class ConnectSection:
+    """``[connect]``: the local API, its token and connect's files."""
+
+    listen: str = setting(ServerEndpoint(), "tcp:7480:interface=127.0.0.1",
+                          "local API listener (tcp on 127.0.0.1 only)")
+    state_dir: str = setting(DirPath(), "connect-state",
+                             "tunnel client keys and certificates (0700)")
+    token_file: str = setting(FilePath(must_exist=False), "connect-state/api.token",
+                              "API token written here at start (0600)")
+    audit_log: str = setting(FilePath(must_exist=False), "connect-audit.log",
+                             "JSON-lines audit log")
+    max_body: int = setting(Size(min=1024, max=1024 * 1024), 65536,
+                            "largest API request body")
+    idle_timeout: float = setting(Duration(), 60.0, "idle API connection closed after")
+    request_timeout: float = setting(Duration(), 30.0, "an API request must arrive within")
+    max_connections: int = setting(Int(1, 4096), 64, "open API connections at most")
+
+
+@attrs.frozen(kw_only=True)
+class TunnelSettings:
+    """``[tunnels]``: limits and timers of the tunnels."""
+
+    max_tunnels: int = setting(Int(1, 1024), 32, "tunnels open at once")
+    max_forwards: int = setting(Int(1, 256), 32, "forwarded ports per tunnel")
+    max_certs: int = setting(Int(1, 4096), 256, "client certificates kept")
+    cert_lifetime: float = setting(Duration(min=60), 30 * 86400.0,
+                                   "validity of a tunnel client certificate")
+    connect_timeout: float = setting(Duration(), 15.0,
+                                     "TCP+TLS to the proxy, and a stream's open")
+    idle_timeout: float = setting(Duration(), 6 * 3600.0,
+                                  "a local connection idle this long is closed")
+    reconnect_initial: float = setting(Duration(), 0.5, "first delay before reconnecting")
+    reconnect_max: float = setting(Duration(), 30.0, "longest delay before reconnecting")
+    max_waiting: int = setting(Int(1, 100000), 256,
+                               "local connections waiting for a tunnel that is down")
+
+
+@attrs.frozen(kw_only=True)
+class ConnectConfig(RoleConfig):
+    """``connect.ini``."""
+
+    connect: ConnectSection = section(ConnectSection)
+    tunnels: TunnelSettings = section(TunnelSettings, optional=True)
+
+    def check(self) -> None:
+        host = listen_interface(self.connect.listen)
+        if host is None:
+            raise self.error("connect", "listen", "expected tcp:PORT:interface=127.0.0.1 "
+                             f"(the API serves this machine only); got {self.connect.listen!r}")
+        t = self.tunnels
+        if t.reconnect_initial > t.reconnect_max:
+            raise self.error("tunnels", "reconnect_initial", "must not exceed reconnect_max")
+
+
+def listen_interface(endpoint: str) -> str | None:
+    """The loopback interface of a ``tcp:PORT:interface=ADDR`` string, else None."""
+    parts = endpoint.split(":")
+    if parts[0] != "tcp" or len(parts) < 2:
+        return None
+    fields = dict(p.split("=", 1) for p in parts[2:] if "=" in p)
+    iface = fields.get("interface", "")
+    try:
+        if not ipaddress.ip_address(iface).is_loopback:
+            return None
+    except ValueError:
+        return None
+    return iface if ":" not in iface else None
