@@ -23,6 +23,7 @@ from ticrypt.frontend.client import (
 )
 from ticrypt.frontend.clientconfig import ClientConfig
 from ticrypt.frontend.runner import CommandError, add_command, load_config, run_async, show
+from ticrypt.frontend.vmref import resolve_vm
 
 PASSPHRASE_ENV = "TICRYPT_PASSPHRASE"
 
@@ -45,7 +46,7 @@ def register(subparsers: Any) -> None:
     vm = subparsers.add_parser("vm", help="your VMs").add_subparsers(
         dest="vm_command", required=True, metavar="COMMAND")
     add_command(vm, "list", cmd_vm_list, "list your VMs", with_json=True)
-    add_command(vm, "show", cmd_vm_show, "show one VM", vm="ID", with_json=True)
+    add_command(vm, "show", cmd_vm_show, "show one VM", vm="VM", with_json=True)
 
 
 # ---------------------------------------------------------------- keys
@@ -205,8 +206,10 @@ def cmd_vm_show(args: argparse.Namespace) -> int:
             value = vm.get(key)
             yield f"{key + ':':<17}{'-' if value is None else value}"
 
-    return _ask_rest(args, f"vm show {args.vm_id} failed",
-                     lambda client: client.get_vm(args.vm_id), lines)
+    async def ask(client: RestClient) -> dict[str, Any]:
+        return await client.get_vm((await resolve_vm(client, args.vm_id)).id)
+
+    return _ask_rest(args, f"vm show {args.vm_id} failed", ask, lines)
 
 
 def _when(ts: int) -> str:

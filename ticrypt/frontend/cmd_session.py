@@ -17,12 +17,13 @@ from typing import Any
 
 from ticrypt import identity
 from ticrypt.frontend import terminal
-from ticrypt.frontend.client import RestError, authenticated_client
+from ticrypt.frontend.client import RestClient, RestError, authenticated_client
 from ticrypt.frontend.clientconfig import ClientConfig
 from ticrypt.frontend.cmd_account import load_user_key
 from ticrypt.frontend.errors import RemoteError, SessionError
 from ticrypt.frontend.runner import CommandError, add_command, load_config, run_async, show
 from ticrypt.frontend.session import ChannelSession, Command, open_session
+from ticrypt.frontend.vmref import VmRef, resolve_vm
 
 #: Exit status when the command does not exist on the VM (as shells use).
 NOT_FOUND = 127
@@ -54,11 +55,21 @@ def register(subparsers: Any) -> None:
     add_command(subparsers, "info", cmd_info, "ask a VM about itself", vm="VM", with_json=True)
 
 
-async def connect(reactor: Any, cfg: ClientConfig, vm_id: str) -> ChannelSession:
-    """Ticket from rest, then a secure session with the VM."""
+async def connect(reactor: Any, cfg: ClientConfig, vm: str) -> ChannelSession:
+    """Ticket from rest, then a secure session with the VM ``vm`` (its id or
+    name, :func:`~ticrypt.frontend.vmref.resolve_vm`)."""
+    return (await open_vm(reactor, cfg, vm))[1]
+
+
+async def open_vm(reactor: Any, cfg: ClientConfig,
+                  vm: str) -> tuple[VmRef, ChannelSession, RestClient]:
+    """:func:`connect`, also returning the resolved VM and the signed-in
+    rest client."""
     user_key = load_user_key(cfg)
     client = authenticated_client(reactor, cfg)
-    what = f"cannot connect to VM {vm_id}"
+    ref = await resolve_vm(client, vm)
+    vm_id = ref.id
+    what = f"cannot connect to VM {vm}"
     try:
         t = await client.ticket(vm_id)
         proxy_url, ca_file = t["proxy_url"], cfg.client.ca_file
@@ -66,8 +77,9 @@ async def connect(reactor: Any, cfg: ClientConfig, vm_id: str) -> ChannelSession
             # the config needs ca_file only with an https rest_url
             raise CommandError(what, f"{cfg.path}: [client] ca_file: missing; the proxy "
                                f"{proxy_url} needs the CA file")
-        return await open_session(reactor, proxy_url, ca_file or "", t["ticket"],
-                                  user_key, vm_id, t["vm_public_key"])
+        session = await open_session(reactor, proxy_url, ca_file or "", t["ticket"],
+                                     user_key, vm_id, t["vm_public_key"])
+        return ref, session, client
     except RestError as e:
         raise CommandError(what, str(e)) from None
     except (KeyError, TypeError, ValueError):

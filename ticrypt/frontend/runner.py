@@ -44,7 +44,7 @@ def add_command(subparsers: Any, name: str, func: Callable[[argparse.Namespace],
     ``vm_id`` shown as ``vm`` if given, and a ``--json`` switch if ``with_json``."""
     p = subparsers.add_parser(name, help=help, **kwargs)
     if vm is not None:
-        p.add_argument("vm_id", metavar=vm)
+        p.add_argument("vm_id", metavar=vm, help="the VM's id or name")
     if with_json:
         p.add_argument("--json", action="store_true")
     p.set_defaults(func=func)
