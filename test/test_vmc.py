@@ -1014,6 +1014,19 @@ class LegTests(SynchronousTestCase):
         self.assertEqual(signals, [(None, signal.SIGTERM)])  # bob's one channel, now
         self.assertIsNone(wires["carol"].close_frame())
 
+    def test_stop_during_the_opening_handshake(self) -> None:
+        """vmc stopping while a socket still waits for the proxy's upgrade
+        answer drops that socket (there is no websocket to close yet)
+        instead of raising out of stopService."""
+        pool = _leg_pool(self)
+        leg = pool.slots[0].factory.buildProtocol(None)
+        transport = StringTransport()
+        leg.makeConnection(transport)
+        self.assertIn(b"Upgrade", transport.value())
+        done = leg.stop()
+        self.assertTrue(transport.disconnecting)
+        self.assertIsNone(self.successResultOf(done))
+
     def test_stdin_never_pauses_the_channel(self) -> None:
         """A child that does not read its stdin does not stop vmc reading the
         websocket: other requests are still answered, window credit comes

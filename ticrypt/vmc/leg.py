@@ -166,6 +166,12 @@ class VmLeg(WebSocketClientProtocol):
         self._close_sent = True
         if self.session is not None:
             self.session.closing()
+        if self.state in (self.STATE_CONNECTING, self.STATE_PROXY_CONNECTING):
+            # still in the opening handshake: there is no websocket to close
+            # cleanly yet, and autobahn's sendClose would raise
+            if self.transport is not None:
+                self.transport.abortConnection()
+            return
         self.sendClose(code, reason[:120])
 
     def stop(self) -> defer.Deferred[None]:
