@@ -329,10 +329,11 @@ class MuxConnection:
     def reset(self, stream: int, reason: str, code: int = RESET_CANCEL) -> None:
         """Queue RESET: ``stream`` is over both ways and forgotten. A no-op if
         it is already gone (a reset can cross the peer's)."""
+        frame = Reset(stream, code, reason)  # ValueError for a bad reason, before any change
         if self.closed or stream not in self._streams:
             return
         s = self._streams.pop(stream)
-        self._queue(Reset(stream, code, reason))
+        self._queue(frame)
         if not s.remote_closed:
             self._reset_by_us[stream] = s.recv_window
             while len(self._reset_by_us) > 2 * self.settings.max_streams:
@@ -357,9 +358,10 @@ class MuxConnection:
 
     def go_away(self, reason: str) -> None:
         """End the connection: queue GOAWAY(reason); later input is ignored."""
+        frame = GoAway(reason)  # ValueError for a bad reason, before any change
         if not self.closed:
             self.reason = reason
-            self._queue(GoAway(reason))
+            self._queue(frame)
             self._streams.clear()
 
     # -- peer input ------------------------------------------------------------

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from typing import Any
 
 from twisted.internet.defer import Deferred, fail, succeed
-from twisted.internet.error import ConnectionDone, ConnectionLost
+from twisted.internet.error import ConnectionLost
 from twisted.internet.interfaces import (
     IDelayedCall,
     IProtocol,
@@ -215,9 +215,11 @@ class MuxProtocol(Protocol):
             if st is not None:
                 st._peer_half_closed()
         elif isinstance(event, StreamEnded):
+            # Our HALF_CLOSE was sent before: the stream ends once the
+            # application has taken the input it still holds.
             st = self._streams.get(event.stream)
             if st is not None:
-                st._finish(Failure(ConnectionDone()))
+                st._peer_half_closed()
         elif isinstance(event, ResetReceived):
             self._on_reset(event.stream, event.code, event.reason)
         elif isinstance(event, PongReceived):
@@ -381,10 +383,8 @@ class MuxProtocol(Protocol):
             st._write_closed = True
             self._conn.half_close(stream)
         self._flush()
-        if not self._conn.has_stream(stream) and not st._ended:
-            st._finish(Failure(ConnectionDone()))
-        else:
-            st._after_send()
+        st._after_send()
+        st._maybe_done()
 
     # -- lifecycle ---------------------------------------------------------------
 

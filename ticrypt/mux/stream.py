@@ -17,6 +17,7 @@ window's worth of unsent bytes.
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import attrs
@@ -239,8 +240,8 @@ class StreamTransport:
 
     def _attach(self, protocol: IProtocol) -> None:
         self.protocol = protocol
-        protocol.makeConnection(self)
-        self._deliver()
+        if self._call_app(protocol.makeConnection, self):
+            self._deliver()
 
     def _data(self, data: bytes) -> None:
         if self._discard_input:
@@ -263,17 +264,37 @@ class StreamTransport:
             while self._inbuf and not self._reading_paused and not self._ended:
                 chunk = self._inbuf.popleft()
                 self._inlen -= len(chunk)
-                self.protocol.dataReceived(chunk)
+                if not self._call_app(self.protocol.dataReceived, chunk):
+                    return
                 self._mux._consumed(self, len(chunk))
             if self._remote_closed and not self._inbuf and not self._read_lost_delivered and not self._ended:
                 self._read_lost_delivered = True
                 half = IHalfCloseableProtocol(self.protocol, None)
-                if half is not None:
-                    half.readConnectionLost()
-                else:
-                    self.loseConnection()
+                if self._discard_input:
+                    pass  # the application closed: it expects only connectionLost
+                elif half is not None:
+                    self._call_app(half.readConnectionLost)
+                elif not self._write_closing:
+                    self.loseConnection()  # like TCP without half-close: EOF ends it
         finally:
             self._delivering = False
+        self._maybe_done()
+
+    def _maybe_done(self) -> None:
+        """Both directions closed and all input delivered: connectionLost(ConnectionDone)."""
+        if self._write_closed and self._read_lost_delivered and not self._ended:
+            self._finish(Failure(ConnectionDone()))
+
+    def _call_app(self, method: Callable[..., object], *args: object) -> bool:
+        """Call into the application; an exception aborts this stream only
+        (never the mux connection under the other streams)."""
+        try:
+            method(*args)
+        except Exception:
+            self._mux.log.failure("tunnel stream {stream} (port {port}): application error", stream=self.stream_id, port=self.port)
+            self.abortConnection()
+            return False
+        return True
 
     def _finish(self, reason: Failure) -> None:
         """The stream is over: tell the application once."""
@@ -289,7 +310,10 @@ class StreamTransport:
         if producer is not None:
             producer.stopProducing()
         if self.protocol is not None:
-            self.protocol.connectionLost(reason)
+            try:
+                self.protocol.connectionLost(reason)
+            except Exception:
+                self._mux.log.failure("tunnel stream {stream}: connectionLost failed", stream=self.stream_id)
 
 
 def _done() -> Failure:

@@ -1,0 +1,543 @@
+"""Tests for ticrypt.mux.protocol and ticrypt.mux.stream: producer wiring
+(StringTransport), keepalive (task.Clock), data both ways (iosim)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet import task
+from twisted.internet.error import ConnectionAborted, ConnectionDone
+from twisted.internet.interfaces import IHalfCloseableProtocol, IPullProducer, IPushProducer
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
+from twisted.test.iosim import FakeTransport, IOPump, connect
+from twisted.trial.unittest import SynchronousTestCase
+from zope.interface import implementer
+
+from ticrypt.mux import (
+    IncomingStream,
+    MuxClosed,
+    MuxProtocol,
+    MuxSettings,
+    StreamEndpoint,
+    StreamRefused,
+    StreamReset,
+    StreamTransport,
+)
+from ticrypt.mux.frames import (
+    RESET_CANCEL,
+    Accept,
+    Data,
+    Frame,
+    FrameDecoder,
+    GoAway,
+    HalfClose,
+    Open,
+    Ping,
+    Pong,
+    Reset,
+    Window,
+    encode,
+)
+
+SMALL = MuxSettings(window=1000, max_frame=100)
+
+
+def raw(*frames: Frame) -> bytes:
+    return b"".join(encode(f) for f in frames)
+
+
+@implementer(IPushProducer)
+class FakeProducer:
+    def __init__(self) -> None:
+        self.paused = False
+        self.stopped = False
+        self.calls: list[str] = []
+
+    def pauseProducing(self) -> None:
+        self.paused = True
+        self.calls.append("pause")
+
+    def resumeProducing(self) -> None:
+        self.paused = False
+        self.calls.append("resume")
+
+    def stopProducing(self) -> None:
+        self.stopped = True
+
+
+@implementer(IHalfCloseableProtocol)
+class Recorder(Protocol):
+    """Records what it gets; optionally pauses its stream at once."""
+
+    def __init__(self, pause: bool = False) -> None:
+        self.pause = pause
+        self.data = b""
+        self.read_lost = False
+        self.lost: Failure | None = None
+        self.made = False
+
+    @property
+    def st(self) -> StreamTransport:
+        assert isinstance(self.transport, StreamTransport)
+        return self.transport
+
+    def connectionMade(self) -> None:
+        self.made = True
+        if self.pause:
+            assert self.transport is not None
+            self.transport.pauseProducing()  # type: ignore[attr-defined]
+
+    def dataReceived(self, data: bytes) -> None:
+        self.data += data
+
+    def readConnectionLost(self) -> None:
+        self.read_lost = True
+
+    def writeConnectionLost(self) -> None:
+        pass
+
+    def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:  # noqa: B008
+        self.lost = reason
+
+
+class Server:
+    """A server-side mux on a StringTransport, fed frames by hand."""
+
+    def __init__(self, answer: str | None = "accept", settings: MuxSettings = SMALL) -> None:
+        self.clock = task.Clock()
+        self.incoming: list[IncomingStream] = []
+        self.protocols: dict[int, Recorder] = {}
+        self.answer = answer
+        self.mux = MuxProtocol("server", self.clock, settings, on_stream=self.on_stream)
+        self.transport = StringTransport()
+        self.mux.makeConnection(self.transport)
+
+    def on_stream(self, incoming: IncomingStream) -> None:
+        self.incoming.append(incoming)
+        if self.answer == "accept":
+            self.protocols[incoming.stream_id] = p = Recorder()
+            incoming.accept(p)
+        elif self.answer is not None:
+            incoming.refuse(self.answer)
+
+    @property
+    def producer(self) -> IPushProducer:
+        producer = self.transport.producer
+        assert IPushProducer.providedBy(producer)
+        return producer  # type: ignore[no-any-return]
+
+    def feed(self, *frames: Frame) -> None:
+        self.mux.dataReceived(raw(*frames))
+
+    def written(self) -> list[Frame]:
+        out = self.transport.value()
+        self.transport.clear()
+        return FrameDecoder().feed(out)
+
+
+class ProducerWiringTests(SynchronousTestCase):
+    def test_one_producer_registered(self) -> None:
+        s = Server()
+        self.assertTrue(s.transport.streaming)
+        self.assertTrue(IPushProducer.providedBy(s.transport.producer))
+
+    def test_transport_pause_pauses_every_stream(self) -> None:
+        s = Server()
+        s.feed(Open(1, 80), Open(3, 80), Open(5, 80))
+        producers = {}
+        for sid, proto in s.protocols.items():
+            producers[sid] = FakeProducer()
+            assert proto.st is not None
+            proto.st.registerProducer(producers[sid], True)
+        s.producer.pauseProducing()
+        self.assertEqual([p.paused for p in producers.values()], [True] * 3)
+        s.transport.clear()
+        s.protocols[1].st.write(b"held")
+        self.assertEqual(s.transport.value(), b"")  # nothing while paused
+        s.producer.resumeProducing()
+        self.assertEqual([p.paused for p in producers.values()], [False] * 3)
+        self.assertEqual(s.written(), [Data(1, b"held")])
+
+    def test_control_frames_written_while_paused(self) -> None:
+        """PONG and WINDOW are not held back by the output pause (they are flood-bounded)."""
+        s = Server()
+        s.producer.pauseProducing()
+        s.feed(Ping(b"abcdefgh"))
+        self.assertEqual(s.written(), [Pong(b"abcdefgh")])
+
+    def test_round_robin(self) -> None:
+        """Three streams with a lot to send take turns, one frame each."""
+        s = Server()
+        s.feed(Open(1, 80), Open(3, 80), Open(5, 80))
+        s.written()
+        s.producer.pauseProducing()
+        for sid in (1, 3, 5):
+            s.protocols[sid].st.write(bytes([sid]) * 300)
+        s.producer.resumeProducing()
+        order = [f.stream for f in s.written() if isinstance(f, Data)]
+        self.assertEqual(order, [1, 3, 5] * 3)
+
+    def test_app_producer_paused_at_window(self) -> None:
+        """Unsent bytes are bounded by the window: the app's producer is paused, resumed on credit."""
+        s = Server()
+        s.feed(Open(1, 80))
+        proto = s.protocols[1]
+        producer = FakeProducer()
+        assert proto.st is not None
+        proto.st.registerProducer(producer, True)
+        proto.st.write(b"x" * 1000)  # the whole peer window goes out
+        self.assertFalse(producer.paused)
+        proto.st.write(b"y" * 1000)  # stuck: no window left
+        self.assertTrue(producer.paused)
+        st = proto.st
+        assert isinstance(st, StreamTransport)
+        self.assertEqual(st.pending_output, 1000)
+        s.written()
+        s.feed(Window(1, 600))
+        self.assertFalse(producer.paused)
+        self.assertEqual(st.pending_output, 400)
+        self.assertEqual(sum(len(f.payload) for f in s.written() if isinstance(f, Data)), 600)
+
+    def test_pull_producer(self) -> None:
+        s = Server()
+        s.feed(Open(1, 80))
+        st = s.protocols[1].st
+        assert st is not None
+
+        @implementer(IPullProducer)
+        class Pull:
+            n = 0
+
+            def resumeProducing(self) -> None:
+                self.n += 1
+                if self.n <= 3:
+                    st.write(b"p" * 10)
+
+            def stopProducing(self) -> None:
+                pass
+
+        pull = Pull()
+        st.registerProducer(pull, False)  # type: ignore[arg-type]
+        self.assertEqual(b"".join(f.payload for f in s.written() if isinstance(f, Data)), b"p" * 30)
+
+    def test_slow_reader_stalls_only_itself(self) -> None:
+        """A paused reader stops returning credit: it holds one window, the others flow."""
+        s = Server()
+        s.feed(Open(1, 80), Open(3, 80))
+        s.protocols[1].st.pauseProducing()
+        s.written()
+        s.feed(*[Data(1, b"a" * 100)] * 10, *[Data(3, b"b" * 100)] * 10)
+        credits = [f for f in s.written() if isinstance(f, Window)]
+        self.assertEqual(credits, [Window(3, 500), Window(3, 500)])
+        self.assertEqual(s.protocols[1].data, b"")
+        self.assertEqual(len(s.protocols[3].data), 1000)
+        st1 = s.protocols[1].st
+        assert isinstance(st1, StreamTransport)
+        self.assertEqual(st1.pending_input, 1000)
+        s.feed(Data(1, b"!"))  # beyond its window: a protocol error, not more memory
+        self.assertEqual(s.written()[-1], GoAway("flow-control-violation"))
+        self.assertEqual(st1.pending_input, 0)
+        self.flushLoggedErrors()
+
+
+class IncomingTests(SynchronousTestCase):
+    def test_optimistic_data_held_until_accept(self) -> None:
+        s = Server(answer=None)
+        s.feed(Open(1, 80), Data(1, b"early "), Data(1, b"bird"), HalfClose(1))
+        self.assertEqual(s.written(), [])  # no credit, no answer yet
+        proto = Recorder()
+        s.incoming[0].accept(proto)
+        self.assertEqual(proto.data, b"early bird")
+        self.assertTrue(proto.read_lost)
+        self.assertEqual(s.written(), [Accept(1)])  # no credit: the client has half-closed
+        proto.st.write(b"reply")
+        proto.st.loseConnection()
+        self.assertEqual(s.written(), [Data(1, b"reply"), HalfClose(1)])
+        self.assertTrue(proto.lost is not None and proto.lost.check(ConnectionDone))
+
+    def test_accept_answers_with_accept_frame(self) -> None:
+        s = Server(answer=None)
+        s.feed(Open(1, 80))
+        self.assertEqual(s.incoming[0].port, 80)
+        s.incoming[0].accept(Recorder())
+        self.assertEqual([type(f).__name__ for f in s.written()], ["Accept"])
+
+    def test_refuse_resets_only_that_stream(self) -> None:
+        s = Server(answer=None)
+        s.feed(Open(1, 80), Open(3, 22))
+        good = Recorder()
+        s.incoming[0].accept(good)
+        s.incoming[1].refuse("port-not-allowed")
+        frames = s.written()
+        self.assertEqual(frames[-1], Reset(3, 1, "port-not-allowed"))
+        s.feed(Data(1, b"still fine"), Data(3, b"in flight"))
+        self.assertEqual(good.data, b"still fine")
+        self.assertEqual(s.mux.stats()["streams"], 1)
+
+    def test_cancelled_before_answer(self) -> None:
+        """The client resets before vmc answered: a later accept connects and at once loses."""
+        s = Server(answer=None)
+        s.feed(Open(1, 80), Reset(1, RESET_CANCEL, "cancelled"))
+        self.assertTrue(s.incoming[0].cancelled)
+        proto = Recorder()
+        s.incoming[0].accept(proto)
+        self.assertTrue(proto.made)
+        assert proto.lost is not None
+        self.assertTrue(proto.lost.check(StreamReset))
+        self.assertEqual(s.written(), [])
+
+    def test_on_stream_error_refuses(self) -> None:
+        def boom(incoming: IncomingStream) -> None:
+            raise RuntimeError("bug")
+
+        mux = MuxProtocol("server", task.Clock(), SMALL, on_stream=boom)
+        t = StringTransport()
+        mux.makeConnection(t)
+        mux.dataReceived(raw(Open(1, 80)))
+        self.assertEqual(FrameDecoder().feed(t.value()), [Reset(1, 1, "internal-error")])
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+
+    def test_app_error_resets_only_its_stream(self) -> None:
+        class Broken(Recorder):
+            def dataReceived(self, data: bytes) -> None:
+                raise ValueError("app bug")
+
+        s = Server(answer=None)
+        s.feed(Open(1, 80), Open(3, 80))
+        broken, fine = Broken(), Recorder()
+        s.incoming[0].accept(broken)
+        s.incoming[1].accept(fine)
+        s.written()
+        s.feed(Data(1, b"x"), Data(3, b"y"))
+        self.assertEqual(s.written(), [Reset(1, 0, "aborted")])
+        self.assertEqual(fine.data, b"y")
+        assert broken.lost is not None
+        self.assertTrue(broken.lost.check(ConnectionAborted))
+        self.assertEqual(len(self.flushLoggedErrors(ValueError)), 1)
+
+
+class LifecycleTests(SynchronousTestCase):
+    def test_keepalive_ping_and_timeout(self) -> None:
+        s = Server()
+        closed: list[str] = []
+        s.mux.when_closed().addCallback(closed.append)
+        s.clock.advance(30)
+        self.assertEqual(s.written(), [Ping((1).to_bytes(8, "big"))])
+        s.clock.advance(30)
+        s.feed(Pong((1).to_bytes(8, "big")))  # a frame: the deadline moves to t=150
+        s.clock.advance(89)
+        self.assertFalse(s.transport.disconnecting)
+        s.clock.advance(1)
+        self.assertTrue(s.transport.disconnected)  # aborted, not a graceful close
+        self.assertEqual(s.written()[-1], GoAway("keepalive-timeout"))
+        s.mux.connectionLost(Failure(ConnectionAborted()))
+        self.assertEqual(closed, ["keepalive-timeout"])
+        self.assertEqual(s.clock.getDelayedCalls(), [])
+
+    def test_partial_frame_does_not_keep_alive(self) -> None:
+        s = Server()
+        s.clock.advance(89)
+        s.mux.dataReceived(encode(Data(1, b"x"))[:3])
+        s.clock.advance(1)
+        self.assertTrue(s.transport.disconnected)
+
+    def test_protocol_error_goaway_and_streams_lost(self) -> None:
+        s = Server()
+        s.feed(Open(1, 80))
+        proto = s.protocols[1]
+        s.written()
+        s.feed(Window(1, 0))
+        self.assertEqual(s.written(), [GoAway("zero-window-increment")])
+        self.assertTrue(s.transport.disconnecting)
+        assert proto.lost is not None
+        self.assertTrue(proto.lost.check(MuxClosed))
+        self.assertEqual(proto.lost.value.reason, "zero-window-increment")  # type: ignore[union-attr]
+        # a peer that never reads: aborted after the grace period
+        s.clock.advance(10)
+        self.assertTrue(s.transport.disconnected)
+        s.mux.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(self.successResultOf(s.mux.when_closed()), "zero-window-increment")
+
+    def test_close_normal(self) -> None:
+        s = Server()
+        s.mux.close()
+        self.assertEqual(s.written(), [GoAway("normal")])
+        s.mux.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(self.successResultOf(s.mux.when_closed()), "normal")
+
+    def test_connection_lost_without_goaway(self) -> None:
+        s = Server()
+        d = s.mux.when_closed()
+        s.mux.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(self.successResultOf(d), "connection-lost")
+
+    def test_connect_on_closed_mux(self) -> None:
+        mux = MuxProtocol("client", task.Clock(), SMALL)
+        self.failureResultOf(StreamEndpoint(mux, 80).connect(Factory.forProtocol(Recorder)), MuxClosed)
+
+    def test_pending_connect_fails_when_mux_lost(self) -> None:
+        mux = MuxProtocol("client", task.Clock(), SMALL)
+        mux.makeConnection(StringTransport())
+        d = StreamEndpoint(mux, 80).connect(Factory.forProtocol(Recorder))
+        mux.connectionLost(Failure(ConnectionDone()))
+        f = self.failureResultOf(d, MuxClosed)
+        self.assertEqual(f.value.reason, "connection-lost")
+
+    def test_cancel_pending_connect_resets(self) -> None:
+        mux = MuxProtocol("client", task.Clock(), SMALL)
+        t = StringTransport()
+        mux.makeConnection(t)
+        d = StreamEndpoint(mux, 80).connect(Factory.forProtocol(Recorder))
+        d.cancel()
+        self.failureResultOf(d)
+        self.assertEqual(FrameDecoder().feed(t.value()), [Open(1, 80), Reset(1, 0, "cancelled")])
+        mux.dataReceived(raw(Accept(1)))  # crossed: ignored
+        self.assertEqual(mux.stats()["streams"], 0)
+        self.assertIsNone(mux.stats()["closed"])
+
+
+class PairTests(SynchronousTestCase):
+    """A client and a server mux joined by iosim."""
+
+    def setUp(self) -> None:
+        self.clock = task.Clock()
+        self.accepted: list[Recorder] = []
+        self.pause_port = 0
+
+        def on_stream(incoming: IncomingStream) -> None:
+            if incoming.port == 22:
+                incoming.refuse("port-not-allowed")
+                return
+            proto = Recorder(pause=incoming.port == self.pause_port)
+            self.accepted.append(proto)
+            incoming.accept(proto)
+
+        self.server = MuxProtocol("server", self.clock, SMALL, on_stream=on_stream)
+        self.client = MuxProtocol("client", self.clock, SMALL)
+        self.pump: IOPump = connect(
+            self.server, FakeTransport(self.server, isServer=True), self.client, FakeTransport(self.client, isServer=False), clock=self.clock
+        )
+
+    def open(self, port: int) -> Any:
+        d = StreamEndpoint(self.client, port).connect(Factory.forProtocol(Recorder))
+        self.pump.flush()
+        return d
+
+    def test_refused(self) -> None:
+        f = self.failureResultOf(self.open(22), StreamRefused)
+        self.assertEqual(f.value.reason, "port-not-allowed")
+        self.assertEqual(str(f.value), "stream refused: port-not-allowed")
+        ok = self.successResultOf(self.open(80))
+        self.assertTrue(ok.made)
+
+    def test_data_both_ways_with_half_close(self) -> None:
+        client_proto = self.successResultOf(self.open(80))
+        server_proto = self.accepted[0]
+        payload = bytes(range(256)) * 40  # 10 KiB through a 1000-byte window
+        client_proto.st.write(payload)
+        client_proto.st.loseWriteConnection()
+        self.pump.flush()
+        self.assertEqual(server_proto.data, payload)
+        self.assertTrue(server_proto.read_lost)
+        self.assertIsNone(server_proto.lost)
+        server_proto.st.write(payload[::-1])  # the other half still flows
+        server_proto.st.loseWriteConnection()
+        self.pump.flush()
+        self.assertEqual(client_proto.data, payload[::-1])
+        self.assertTrue(client_proto.read_lost)
+        for proto in (client_proto, server_proto):
+            assert proto.lost is not None
+            self.assertTrue(proto.lost.check(ConnectionDone))
+        self.assertEqual(self.client.stats()["streams"], 0)
+        self.assertEqual(self.server.stats()["streams"], 0)
+
+    def test_fifty_streams_one_paused_reader(self) -> None:
+        """50 streams each sending 3 windows; one server reader is paused:
+        the other 49 finish, the paused one holds exactly one window."""
+        self.pause_port = 1007
+        ports = list(range(1000, 1050))
+        clients = [self.successResultOf(self.open(p)) for p in ports]
+        blob = b"z" * 3000
+        for proto in clients:
+            proto.st.write(blob)
+            proto.st.loseWriteConnection()
+        self.pump.flush()
+        by_port = {p.st.port: p for p in self.accepted}
+        for port in ports:
+            if port == 1007:
+                self.assertEqual(by_port[port].data, b"")
+                self.assertEqual(by_port[port].st.pending_input, 1000)
+            else:
+                self.assertEqual(by_port[port].data, blob, port)
+                self.assertTrue(by_port[port].read_lost)
+        stuck = clients[ports.index(1007)].transport
+        self.assertEqual(stuck.pending_output, 2000)
+        by_port[1007].st.resumeProducing()
+        self.pump.flush()
+        self.assertEqual(by_port[1007].data, blob)
+        self.assertTrue(by_port[1007].read_lost)
+
+    def test_paused_reader_keeps_input_after_both_half_closes(self) -> None:
+        """Both HALF_CLOSEs done while the client's reader is paused: its input
+        is still delivered, then readConnectionLost, then connectionLost."""
+        client_proto = self.successResultOf(self.open(80))
+        client_proto.st.pauseProducing()
+        client_proto.st.loseWriteConnection()
+        self.pump.flush()
+        self.accepted[0].st.write(b"late answer")
+        self.accepted[0].st.loseWriteConnection()
+        self.pump.flush()
+        self.assertEqual((client_proto.data, client_proto.lost), (b"", None))
+        self.assertEqual(self.client.stats()["streams"], 1)
+        client_proto.st.resumeProducing()
+        self.assertEqual(client_proto.data, b"late answer")
+        self.assertTrue(client_proto.read_lost)
+        assert client_proto.lost is not None
+        self.assertTrue(client_proto.lost.check(ConnectionDone))
+        self.assertEqual(self.client.stats()["streams"], 0)
+
+    def test_abort_resets_peer(self) -> None:
+        client_proto = self.successResultOf(self.open(80))
+        client_proto.st.abortConnection()
+        self.pump.flush()
+        lost = self.accepted[0].lost
+        assert lost is not None
+        self.assertTrue(lost.check(StreamReset))
+        self.assertEqual(lost.value.reason, "aborted")
+
+    def test_non_half_closeable_app_closes_on_peer_half_close(self) -> None:
+        """An app without IHalfCloseableProtocol sees the peer's HALF_CLOSE as the end (like TCP)."""
+
+        class Plain(Protocol):
+            lost: Failure | None = None
+
+            def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:  # noqa: B008
+                self.lost = reason
+
+        d = StreamEndpoint(self.client, 80).connect(Factory.forProtocol(Plain))
+        self.pump.flush()
+        plain = self.successResultOf(d)
+        assert isinstance(plain, Plain)
+        self.accepted[0].st.loseConnection()
+        self.pump.flush()
+        assert plain.lost is not None
+        self.assertTrue(plain.lost.check(ConnectionDone))
+
+    def test_mux_close_reaches_both_ends(self) -> None:
+        client_proto = self.successResultOf(self.open(80))
+        self.client.close("normal")
+        self.pump.flush()
+        self.assertEqual(self.successResultOf(self.server.when_closed()), "peer:normal")
+        self.assertEqual(self.successResultOf(self.client.when_closed()), "normal")
+        assert client_proto.lost is not None
+        self.assertTrue(client_proto.lost.check(MuxClosed))
+
+    def test_keepalive_between_live_ends(self) -> None:
+        """Pings are answered: nothing times out over hours of idle."""
+        for _ in range(400):
+            self.clock.advance(30)
+            self.pump.flush(advanceClock=False)
+        self.assertNoResult(self.client.when_closed())
+        self.assertNoResult(self.server.when_closed())
