@@ -17,12 +17,19 @@ reading the channel because a child is slow to read its stdin.
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any, Protocol, TypeAlias
 
 import attrs
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
 
 from ticrypt import identity
 from ticrypt.channel.app import MAX_ARGS, MAX_ARGV_CHARS, WINDOW, AppError
+from ticrypt.vmc.pins import PinRefused
+
+#: Longest ``cert`` (PEM text) a ``tunnel-accept`` may carry.
+MAX_CERT_PEM = 8192
 
 _TERM_OK = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.+")
 
@@ -39,6 +46,37 @@ class UserStore(Protocol):
     def authorize(self, key: bytes, name: str, by: bytes) -> bool: ...
 
     def revoke(self, who: str | bytes, by: bytes) -> Any: ...
+
+
+class TunnelGate(Protocol):
+    """What the dispatcher needs of the tunnel server
+    (:class:`ticrypt.vmc.tunnel.TunnelServer`)."""
+
+    def accept(self, fingerprint: str, user: str, user_key: bytes) -> dict[str, Any]:
+        """Pin ``fingerprint`` for the user; the ``ok`` fields (``ports``,
+        ``tls_fingerprint``, ``pin_expires``...).  Raises PinRefused."""
+        ...
+
+    def revoked(self, user_key: bytes) -> None:
+        """The user lost access: drop their pins, close their tunnels."""
+        ...
+
+
+def cert_fingerprint(pem: object) -> str:
+    """``sha256:<hex>`` of the DER of one PEM certificate; AppError
+    ``bad-certificate`` for anything else (the text is never echoed)."""
+    if not isinstance(pem, str) or not pem or len(pem) > MAX_CERT_PEM:
+        raise AppError("bad-certificate", f"cert must be one PEM certificate of at most "
+                       f"{MAX_CERT_PEM} characters")
+    if pem.count("-----BEGIN ") != 1 or "-----BEGIN CERTIFICATE-----" not in pem:
+        raise AppError("bad-certificate", "cert must hold exactly one PEM certificate "
+                       "(and no key)")
+    try:
+        cert = x509.load_pem_x509_certificate(pem.encode("ascii"))
+        der = cert.public_bytes(Encoding.DER)
+    except (ValueError, UnicodeEncodeError):
+        raise AppError("bad-certificate", "cert is not a readable X.509 certificate") from None
+    return "sha256:" + hashlib.sha256(der).hexdigest()
 
 
 @attrs.frozen
@@ -143,9 +181,11 @@ def _window(header: dict[str, Any]) -> tuple[int, int]:
 class Dispatcher:
     """Maps one channel's requests to actions.
 
-    ``user_key`` is the authenticated peer; ``info`` the static part of the
-    ``info`` answer; ``max_processes`` bounds concurrent exec/shell requests;
-    ``window`` is the stdin window each exec/shell request gets.
+    ``user_key`` is the authenticated peer (``user`` its name, for the
+    audit); ``info`` the static part of the ``info`` answer;
+    ``max_processes`` bounds concurrent exec/shell requests; ``window`` is the
+    stdin window each exec/shell request gets; ``tunnel`` pins certificates
+    for ``tunnel-accept`` (None: the tunnel is disabled).
     """
 
     store: UserStore
@@ -153,6 +193,8 @@ class Dispatcher:
     info: dict[str, Any]
     max_processes: int = 16
     window: int = WINDOW
+    tunnel: TunnelGate | None = None
+    user: str = ""
     _running: dict[int, str] = attrs.field(factory=dict)
     _used: set[int] = attrs.field(factory=set)
     #: Per running request: stdin bytes the frontend may still send.
@@ -234,6 +276,15 @@ class Dispatcher:
             self._running[rid] = "shell"
             self._credit[rid] = self.window
             return [StartShell(rid, term, rows, cols, self.window)]
+        if op == "tunnel-accept":
+            if self.tunnel is None:
+                raise AppError("tunnel-disabled", "the tunnel server is not enabled on this VM")
+            fingerprint = cert_fingerprint(header.get("cert"))
+            try:
+                granted = self.tunnel.accept(fingerprint, self.user, self.user_key)
+            except PinRefused as e:
+                raise AppError(e.code, e.message) from None
+            return [Send({"t": "ok", "id": rid, **granted})]
         if op in ("authorize", "revoke", "users"):
             if not self.store.is_owner(self.user_key):
                 raise AppError("not-owner", "only the VM owner may manage its users")

@@ -8,20 +8,27 @@ The pool's tunables are the pool's own classes: ``[vmc]`` gathers
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import attrs
 
 from ticrypt.config import (
+    Bool,
     DirPath,
     Duration,
     FilePath,
+    Int,
+    Kind,
+    Port,
     RoleConfig,
+    ServerEndpoint,
     Str,
     Url,
     group,
     section,
     setting,
 )
+from ticrypt.vmc.pins import PinLimits
 from ticrypt.vmc.pool import LinkSettings, SessionLimits
 from ticrypt.vmc.processes import RunAs
 
@@ -60,6 +67,53 @@ class ProcessesSection:
                           "parent cgroup of user processes: auto, off or a path")
 
 
+@attrs.frozen
+class PortList(Kind):
+    """``2022, 8080``: distinct TCP ports 1..65535, at most 64."""
+
+    expected: str = "a comma-separated list of TCP ports 1..65535 (at most 64)"
+
+    def parse(self, raw: str, ctx: Any) -> tuple[int, ...]:
+        items = [p.strip() for p in raw.split(",") if p.strip()]
+        ports = tuple(dict.fromkeys(Port().parse(p, ctx) for p in items))
+        if len(ports) > 64:
+            raise ValueError(f"{len(ports)} ports")
+        return ports
+
+
+@attrs.frozen
+class OptionalDir(Kind):
+    """An existing directory (resolved against the config's directory), or
+    empty for none."""
+
+    expected: str = "an existing directory not writable by others, or nothing"
+
+    def parse(self, raw: str, ctx: Any) -> str | None:
+        return DirPath(create=False).parse(raw, ctx) if raw else None
+
+
+@attrs.frozen(kw_only=True)
+class TunnelSection:
+    """``[tunnel]``: the TLS tunnel server (PROTOCOL.md §5 tunnel-accept)."""
+
+    enabled: bool = setting(Bool(), False, "run the tunnel server")
+    listen: str = setting(ServerEndpoint(), "tcp:22", "plain TCP endpoint; vmc adds TLS")
+    ports: tuple[int, ...] = setting(PortList(), (2022,), "ports streams may reach on 127.0.0.1")
+    handshake_timeout: float = setting(Duration(), 10.0, "TLS handshake of a tunnel client")
+    connect_timeout: float = setting(Duration(), 10.0, "a stream's connect to 127.0.0.1:P")
+    max_connections: int = setting(Int(1, 10000), 64, "tunnel connections at once")
+    pins: PinLimits = group(PinLimits)
+
+
+@attrs.frozen(kw_only=True)
+class SftpSection:
+    """``[sftp]``: the SFTP-only server on 127.0.0.1."""
+
+    enabled: bool = setting(Bool(), False, "run the SFTP server")
+    port: int = setting(Port(), 2022, "listens on 127.0.0.1:port")
+    root: str | None = setting(OptionalDir(), "", "folder SFTP users see as /")
+
+
 @attrs.frozen(kw_only=True)
 class VmcConfig(RoleConfig):
     """``vmc.ini``."""
@@ -67,6 +121,8 @@ class VmcConfig(RoleConfig):
     vmc: VmcSection = section(VmcSection)
     exec: ExecSection = section(ExecSection, optional=True)
     processes: ProcessesSection = section(ProcessesSection, optional=True)
+    tunnel: TunnelSection = section(TunnelSection, optional=True)
+    sftp: SftpSection = section(SftpSection, optional=True)
 
     def check(self) -> None:
         v, e = self.vmc, self.exec
@@ -80,3 +136,8 @@ class VmcConfig(RoleConfig):
             RunAs.lookup(e.run_as or None, e.shell)
         except KeyError:
             raise self.error("exec", "run_as", f"no such user {e.run_as!r}") from None
+        if self.tunnel.enabled and not self.tunnel.listen.startswith(("tcp:", "tcp6:")):
+            raise self.error("tunnel", "listen", "expected a tcp: or tcp6: endpoint (vmc "
+                             "adds TLS with its own certificate)")
+        if self.sftp.enabled and self.sftp.root is None:
+            raise self.error("sftp", "root", "missing; the folder SFTP users see as /")

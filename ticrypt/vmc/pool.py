@@ -30,6 +30,7 @@ from ticrypt.backoff import Backoff
 from ticrypt.channel import MAX_PLAINTEXT
 from ticrypt.channel.records import MIN_RECORD_SIZE
 from ticrypt.config import Duration, Int, Size, setting
+from ticrypt.vmc.commands import TunnelGate
 from ticrypt.vmc.leg import LegCallbacks, LegContext, LegFactory, VmLeg
 from ticrypt.vmc.processes import RunAs, SessionChannel, Tracker
 from ticrypt.vmc.processes import Send as SendApp
@@ -168,7 +169,8 @@ class ProxyPool(Service):
 
     def __init__(self, *, reactor: Any, clock: Any, random: Callable[[], float],
                  settings: PoolSettings, state: VmState, audit: AuditLog, run_as: RunAs,
-                 endpoint: Any | None = None, tracker: Tracker | None = None):
+                 endpoint: Any | None = None, tracker: Tracker | None = None,
+                 tunnel: TunnelGate | None = None):
         assert state.enrollment is not None
         self.reactor = reactor
         self.clock = clock
@@ -179,6 +181,8 @@ class ProxyPool(Service):
         #: Keeps each channel's processes in a kernel-tracked group (None:
         #: sessions and process groups only).
         self.tracker = tracker
+        #: the tunnel server's pins (``tunnel-accept``), if enabled
+        self.tunnel = tunnel
         self.vm_id = state.enrollment.vm_id
         self.ready: defer.Deferred[None] = defer.Deferred()
         #: Legs paired with a user (counted against the session limits).
@@ -219,7 +223,7 @@ class ProxyPool(Service):
             track=self.tracker.channel() if self.tracker else SessionChannel(),
             max_processes=s.sessions.max_processes, kill_grace=s.sessions.kill_grace,
             idle_timeout=s.links.idle_timeout, send_app=send_app, close=close,
-            on_revoked=self.revoked)
+            on_revoked=self.revoked, tunnel=self.tunnel)
         session.start()
         return session
 
@@ -280,7 +284,9 @@ class ProxyPool(Service):
         self.sessions.discard(leg)
 
     def revoked(self, key: bytes) -> None:
-        """Close every session of a user who just lost access."""
+        """Close every session (and tunnel) of a user who just lost access."""
+        if self.tunnel is not None:
+            self.tunnel.revoked(key)
         for leg in list(self.sessions):
             if leg.user_key == key:
                 leg.close(closecodes.NOT_AUTHORIZED.code,

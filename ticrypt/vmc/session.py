@@ -22,7 +22,7 @@ from ticrypt import closecodes, identity
 from ticrypt.audit import AuditLog
 from ticrypt.channel import app
 from ticrypt.vmc import commands
-from ticrypt.vmc.commands import Dispatcher
+from ticrypt.vmc.commands import Dispatcher, TunnelGate
 from ticrypt.vmc.processes import ChannelTrack, ProcessGroup, RunAs
 from ticrypt.vmc.processes import Send as SendApp
 from ticrypt.vmc.state import VmState
@@ -65,6 +65,8 @@ class VmSession:
     send_app: SendApp
     close: Callable[[int, str], None]
     on_revoked: Callable[[bytes], None]
+    #: pins certificates for ``tunnel-accept`` (None: tunnel disabled)
+    tunnel: TunnelGate | None = None
     dispatcher: Dispatcher = attrs.field(init=False)
     group: ProcessGroup = attrs.field(init=False)
     _idle_timer: IDelayedCall | None = attrs.field(init=False, default=None)
@@ -72,7 +74,8 @@ class VmSession:
     def __attrs_post_init__(self) -> None:
         assert self.peer.user_key is not None
         self.dispatcher = Dispatcher(self.state, self.peer.user_key, self.info,
-                                     max_processes=self.max_processes)
+                                     max_processes=self.max_processes, tunnel=self.tunnel,
+                                     user=self.peer.user)
         self.group = ProcessGroup(self.reactor, self.run_as, self.send_app,
                                   self.dispatcher.finished, self._stdin_consumed,
                                   kill_grace=self.kill_grace, track=self.track)
