@@ -139,21 +139,32 @@ class MuxLink:
 
 @implementer(IHandshakeListener)
 class _Mux(MuxProtocol):
-    """The client mux, told when its TLS handshake is done."""
+    """The client mux, ready once vmc is known to have admitted it.
 
-    handshake: defer.Deferred[None]
+    Under TLS 1.3 the client's handshake completes before the server has
+    checked the client certificate, so a refused client would look "up"
+    for a moment.  When the handshake completes the mux sends a PING;
+    ``ready`` fires at vmc's first frame (its PONG), which vmc sends only
+    to a client it admitted."""
+
+    ready: defer.Deferred[None]
     lost_reason: str | None = None
-
-    def connectionLost(self, reason: Failure = connectionDone) -> None:
-        self.lost_reason = reason.getErrorMessage()
-        super().connectionLost(reason)
 
     def handshakeCompleted(self) -> None:
         parent = getattr(super(), "handshakeCompleted", None)
         if parent is not None:
             parent()
-        if not self.handshake.called:
-            self.handshake.callback(None)
+        self._conn.ping(b"connect\x00")
+        self._flush()
+
+    def dataReceived(self, data: bytes) -> None:
+        super().dataReceived(data)
+        if self._conn.frames_in and not self.ready.called:
+            self.ready.callback(None)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self.lost_reason = reason.getErrorMessage()
+        super().connectionLost(reason)
 
 
 def mux_dialer(reactor: Any, host: str, port: int, creator: IOpenSSLClientConnectionCreator,
@@ -163,12 +174,12 @@ def mux_dialer(reactor: Any, host: str, port: int, creator: IOpenSSLClientConnec
     the whole within ``timeout`` seconds."""
 
     def dial() -> defer.Deferred[Link]:
-        handshake: defer.Deferred[None] = defer.Deferred()
+        ready: defer.Deferred[None] = defer.Deferred()
         made: list[_Mux] = []
 
         def build() -> _Mux:
             mux = _Mux(side="client", clock=reactor, settings=settings or MuxSettings())
-            mux.handshake = handshake
+            mux.ready = ready
             made.append(mux)
             return mux
 
@@ -194,7 +205,7 @@ def mux_dialer(reactor: Any, host: str, port: int, creator: IOpenSSLClientConnec
                 return reason
 
             closed.addCallback(lost)
-            handshake.addCallback(lambda _: None if result.called
+            ready.addCallback(lambda _: None if result.called
                                   else result.callback(MuxLink(mux, closed)))
 
         def failed(f: Failure) -> None:
