@@ -112,7 +112,10 @@ async def until(check: Any, seconds: float = 10.0) -> bool:
 class LinkTests(TestCase):
     timeout = 60
 
-    async def setUp(self) -> None:
+    def setUp(self) -> defer.Deferred[None]:
+        return defer.ensureDeferred(self._set_up())
+
+    async def _set_up(self) -> None:
         d = self.mktemp()
         os.makedirs(d)
         self.client = CertStore(os.path.join(d, "connect"), reactor, lifetime=3600,
