@@ -112,10 +112,7 @@ async def until(check: Any, seconds: float = 10.0) -> bool:
 class LinkTests(TestCase):
     timeout = 60
 
-    def setUp(self) -> defer.Deferred[None]:
-        return defer.ensureDeferred(self._set_up())
-
-    async def _set_up(self) -> None:
+    async def setUp(self) -> None:  # type: ignore[override]
         d = self.mktemp()
         os.makedirs(d)
         self.client = CertStore(os.path.join(d, "connect"), reactor, lifetime=3600,
