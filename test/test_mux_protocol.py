@@ -3,16 +3,19 @@
 
 from __future__ import annotations
 
+from collections.abc import Generator
 from typing import Any
 
-from twisted.internet import task
+from twisted.internet import reactor, task
+from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.error import ConnectionAborted, ConnectionDone
 from twisted.internet.interfaces import IHalfCloseableProtocol, IPullProducer, IPushProducer
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.test.iosim import FakeTransport, IOPump, connect
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface import implementer
 
 from ticrypt.mux import (
@@ -541,3 +544,112 @@ class PairTests(SynchronousTestCase):
             self.pump.flush(advanceClock=False)
         self.assertNoResult(self.client.when_closed())
         self.assertNoResult(self.server.when_closed())
+
+
+class RealSocketTests(TestCase):
+    """Over a real TCP connection on 127.0.0.1: the memory bound of a stalled
+    stream (what iosim cannot show), with another stream still flowing."""
+
+    WINDOW = 256 * 1024
+    CHUNK = 16 * 1024
+
+    def test_stalled_stream_bounded_other_flows(self) -> Deferred[None]:
+        settings = MuxSettings(window=self.WINDOW)
+        stalled_ready: Deferred[None] = Deferred()
+        server_protos: dict[int, Notify] = {}
+        servers: list[MuxProtocol] = []
+        source = Source(self.CHUNK)
+
+        def on_stream(incoming: IncomingStream) -> None:
+            proto = Notify(pause=incoming.port == 1)
+            server_protos[incoming.port] = proto
+            incoming.accept(proto)
+
+        def check() -> None:
+            held = server_protos[1].st.pending_input if 1 in server_protos else 0
+            if held == self.WINDOW and source.paused and not stalled_ready.called:
+                stalled_ready.callback(None)
+
+        class Watched(MuxProtocol):
+            def dataReceived(self, data: bytes) -> None:
+                super().dataReceived(data)
+                check()
+
+        def build() -> MuxProtocol:
+            mux = Watched("server", reactor, settings, on_stream=on_stream)  # type: ignore[arg-type]
+            servers.append(mux)
+            return mux
+
+        port = reactor.listenTCP(0, Factory.forProtocol(build), interface="127.0.0.1")  # type: ignore[attr-defined,arg-type]
+        self.addCleanup(port.stopListening)
+        client = MuxProtocol("client", reactor, settings)  # type: ignore[arg-type]
+        source.on_pause = check
+
+        @inlineCallbacks
+        def run() -> Generator[Deferred[Any], Any, None]:
+            yield connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port), client)  # type: ignore[attr-defined]
+            stalled = yield StreamEndpoint(client, 1).connect(Factory.forProtocol(Recorder))
+            source.consumer = stalled.st
+            stalled.st.registerProducer(source, True)
+            source.resumeProducing()
+            other = yield StreamEndpoint(client, 2).connect(Factory.forProtocol(Recorder))
+            other.st.write(b"o" * 1_000_000)
+            other.st.loseWriteConnection()
+            yield server_protos[2].finished
+            self.assertEqual(len(server_protos[2].data), 1_000_000)
+            yield stalled_ready
+            # The stalled stream holds one window at the server and at most a
+            # window plus one chunk at the client: the source was paused.
+            pending = stalled.st.pending_output
+            self.assertLessEqual(pending, self.WINDOW + self.CHUNK)
+            self.assertEqual(source.produced, self.WINDOW + pending)
+            source.limit = source.produced
+            stalled.st.unregisterProducer()
+            stalled.st.loseWriteConnection()
+            server_protos[1].st.resumeProducing()
+            yield server_protos[1].finished
+            self.assertEqual(len(server_protos[1].data), source.produced)
+            closed = client.when_closed()
+            server_closed = servers[0].when_closed()
+            client.close("normal")
+            self.assertEqual((yield closed), "normal")
+            self.assertEqual((yield server_closed), "peer:normal")
+
+        return run()
+
+
+class Notify(Recorder):
+    def __init__(self, pause: bool = False) -> None:
+        super().__init__(pause)
+        self.finished: Deferred[None] = Deferred()
+
+    def readConnectionLost(self) -> None:
+        super().readConnectionLost()
+        self.finished.callback(None)
+
+
+@implementer(IPushProducer)
+class Source:
+    """A fast local sender: writes chunks until paused (or its limit)."""
+
+    def __init__(self, chunk: int) -> None:
+        self.chunk = chunk
+        self.produced = 0
+        self.paused = True
+        self.limit = 64 * 1024 * 1024
+        self.consumer: StreamTransport | None = None
+        self.on_pause: Any = None
+
+    def pauseProducing(self) -> None:
+        self.paused = True
+        if self.on_pause is not None:
+            self.on_pause()
+
+    def resumeProducing(self) -> None:
+        self.paused = False
+        while not self.paused and self.produced < self.limit and self.consumer is not None:
+            self.produced += self.chunk
+            self.consumer.write(b"s" * self.chunk)
+
+    def stopProducing(self) -> None:
+        self.paused = True
