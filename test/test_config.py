@@ -398,3 +398,8 @@ class SampleConfigTests(SynchronousTestCase):
         from ticrypt.frontend.clientconfig import ClientConfig as CLIENT
 
         self.check("client.ini", CLIENT)
+
+    def test_vmhost(self) -> None:
+        from ticrypt.vmhost.config import VmhostConfig
+
+        self.check("vmhost.ini", VmhostConfig)

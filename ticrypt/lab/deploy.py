@@ -347,6 +347,19 @@ class Deployment:
         return self._ini("vmc", f"{name}.ini", sections, {"vmc": overrides,
                                                           "exec": exec_settings or {}})
 
+    def vmhost_ini(self, vms: Mapping[int, str], name: str = "vmhost",
+                   **overrides: str | None) -> str:
+        """``NAME.ini`` for ticrypt-vmhost (userspace mode, listening on
+        127.0.0.1): ``vms`` maps VM number N to ``ADDRESS[:PORT]`` (in the
+        lab a vmc tunnel listener), reached on port ``base + N``; audit log
+        ``NAME-audit.log``."""
+        return self._ini("vmhost", f"{name}.ini", {"vmhost": {
+            "mode": "userspace",
+            "listen_host": "127.0.0.1",
+            "vms": ", ".join(f"{n}={target}" for n, target in sorted(vms.items())),
+            "audit_log": f"{name}-audit.log",
+        }}, {"vmhost": overrides})
+
     def client_ini(self, user: str, name: str = "client", **overrides: str | None) -> str:
         """``NAME.ini``, the ``ticrypt`` CLI config of ``user`` (key
         ``USER.key``, session kept in ``NAME-state``)."""
