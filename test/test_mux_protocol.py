@@ -339,6 +339,20 @@ class LifecycleTests(SynchronousTestCase):
         self.assertEqual(closed, ["keepalive-timeout"])
         self.assertEqual(s.clock.getDelayedCalls(), [])
 
+    def test_ping_now(self) -> None:
+        s = Server()
+        s.mux.ping()
+        self.assertEqual(s.written(), [Ping((1).to_bytes(8, "big"))])
+        self.assertEqual(s.mux.frames_received, 0)
+        s.feed(Pong((1).to_bytes(8, "big")))
+        self.assertEqual(s.mux.frames_received, 1)
+
+    def test_settings_checked(self) -> None:
+        self.assertRaises(ValueError, MuxSettings, keepalive_interval=30.0, keepalive_timeout=30.0)
+        self.assertRaises(ValueError, MuxSettings, window=2**31)
+        self.assertRaises(ValueError, MuxSettings, max_frame=65537)
+        self.assertRaises(ValueError, MuxProtocol, "server", task.Clock())  # no on_stream
+
     def test_partial_frame_does_not_keep_alive(self) -> None:
         s = Server()
         s.clock.advance(89)

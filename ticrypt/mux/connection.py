@@ -94,6 +94,10 @@ class MuxSettings:
     max_window_updates: int = attrs.field(default=65536, validator=attrs.validators.ge(1))
     max_empty_data: int = attrs.field(default=256, validator=attrs.validators.ge(1))
 
+    def __attrs_post_init__(self) -> None:
+        if self.keepalive_timeout <= self.keepalive_interval:
+            raise ValueError("keepalive_timeout must be longer than keepalive_interval")
+
 
 class MuxUsageError(Exception):
     """The local application misused the connection (a bug, not the peer's fault)."""

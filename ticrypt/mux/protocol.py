@@ -149,6 +149,20 @@ class MuxProtocol(Protocol):
             "closed": self._reason,
         }
 
+    def ping(self) -> None:
+        """Send a PING now (besides the keepalive's). Any frame from the peer
+        (its PONG at the latest) then shows in :attr:`frames_received`."""
+        if self._conn.closed or self.transport is None:
+            return
+        self._pings_sent += 1
+        self._conn.ping(self._pings_sent.to_bytes(8, "big"))
+        self._flush()
+
+    @property
+    def frames_received(self) -> int:
+        """Complete frames received from the peer so far."""
+        return self._conn.frames_in
+
     def close(self, reason: str = "normal") -> None:
         """Send GOAWAY(reason) and close the transport (streams see MuxClosed)."""
         if self._conn.closed:
@@ -420,9 +434,7 @@ class MuxProtocol(Protocol):
         self._ping_call = None
         if self._conn.closed:
             return
-        self._pings_sent += 1
-        self._conn.ping(self._pings_sent.to_bytes(8, "big"))
-        self._flush()
+        self.ping()
         self._ping_call = self._clock.callLater(self.settings.keepalive_interval, self._keepalive)
 
     def _timed_out(self) -> None:
