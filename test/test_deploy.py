@@ -23,10 +23,11 @@ from ticrypt.lab.deploy import START_ORDER, Addresses, Deployment, render_ini
 from ticrypt.proxy.config import ProxyConfig as PROXY
 from ticrypt.rest.config import RestConfig as REST
 from ticrypt.vmc.config import VmcConfig as VMC
+from ticrypt.vmhost.config import VmhostConfig as VMHOST
 
 #: role -> (its schema, the sample in etc/)
 ROLES: dict[str, Schema | type[RoleConfig]] = {
-    "rest": REST, "proxy": PROXY, "vmc": VMC, "client": CLIENT}
+    "rest": REST, "proxy": PROXY, "vmc": VMC, "client": CLIENT, "vmhost": VMHOST}
 
 
 def sections(path: str) -> dict[str, set[str]]:
@@ -42,7 +43,8 @@ def build(dep: Deployment) -> dict[str, str]:
     dep.backend()
     dep.user_key("alice")
     paths = {"rest": dep.rest_ini(), "proxy": dep.proxy_ini(),
-             "vmc": dep.vmc_ini("a-token"), "client": dep.client_ini("alice")}
+             "vmc": dep.vmc_ini("a-token"), "client": dep.client_ini("alice"),
+             "vmhost": dep.vmhost_ini({1: "127.0.0.1:2222"})}
     from ticrypt.admin.cli import main as admin
 
     with contextlib.redirect_stdout(io.StringIO()):
