@@ -3,18 +3,26 @@
 
 from __future__ import annotations
 
+import datetime
 from collections.abc import Generator
 from typing import Any
 
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+from OpenSSL import crypto
 from twisted.internet import reactor, task
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.error import ConnectionAborted, ConnectionDone
 from twisted.internet.interfaces import IHalfCloseableProtocol, IPullProducer, IPushProducer
 from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.ssl import CertificateOptions
 from twisted.internet.testing import StringTransport
+from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
-from twisted.test.iosim import FakeTransport, IOPump, connect
+from twisted.test.iosim import FakeTransport, IOPump, connect, connectedServerAndClient
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface import implementer
 
@@ -667,3 +675,57 @@ class Source:
 
     def stopProducing(self) -> None:
         self.paused = True
+
+
+def _self_signed() -> CertificateOptions:
+    """Server TLS options with a throwaway self-signed P-256 certificate."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "mux-test")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(days=1))
+            .not_valid_after(now + datetime.timedelta(days=1)).sign(key, hashes.SHA256()))
+    return CertificateOptions(privateKey=crypto.PKey.from_cryptography_key(key),
+                              certificate=crypto.X509.from_cryptography(cert))
+
+
+class TLSTests(SynchronousTestCase):
+    """The mux on TLSMemoryBIOProtocol (what vmc and connect run it on), in memory."""
+
+    def test_streams_over_tls(self) -> None:
+        clock = task.Clock()
+        accepted: list[Recorder] = []
+
+        def on_stream(incoming: IncomingStream) -> None:
+            accepted.append(Recorder())
+            incoming.accept(accepted[-1])
+
+        server_mux = MuxProtocol("server", clock, SMALL, on_stream=on_stream)
+        client_mux = MuxProtocol("client", clock, SMALL)
+        server = TLSMemoryBIOFactory(_self_signed(), False, Factory.forProtocol(lambda: server_mux), clock)
+        client = TLSMemoryBIOFactory(CertificateOptions(verify=False), True, Factory.forProtocol(lambda: client_mux), clock)
+        _, _, pump = connectedServerAndClient(
+            lambda: server.buildProtocol(None), lambda: client.buildProtocol(None), clock=clock)
+        d = StreamEndpoint(client_mux, 80).connect(Factory.forProtocol(Recorder))
+        for _ in range(5):
+            pump.flush()
+        proto = self.successResultOf(d)
+        assert isinstance(proto, Recorder)
+        proto.st.write(b"x" * 5000)
+        proto.st.loseWriteConnection()
+        pump.flush()
+        self.assertEqual(accepted[0].data, b"x" * 5000)
+        self.assertTrue(accepted[0].read_lost)
+        accepted[0].st.write(b"back")
+        accepted[0].st.loseConnection()
+        pump.flush()
+        self.assertEqual(proto.data, b"back")
+        assert proto.lost is not None
+        self.assertTrue(proto.lost.check(ConnectionDone))
+        # The outbound producer went through TLS to the memory transport.
+        self.assertIsNotNone(client_mux.transport.producer)  # type: ignore[union-attr]
+        client_mux.close()
+        for _ in range(5):
+            pump.flush()
+        self.assertEqual(self.successResultOf(server_mux.when_closed()), "peer:normal")
+        self.assertEqual(self.successResultOf(client_mux.when_closed()), "normal")

@@ -421,6 +421,8 @@ class MuxProtocol(Protocol):
         self._flush()
         self._end_streams()
         if self.transport is not None:
+            # TLS closes only once no producer is registered.
+            self.transport.unregisterProducer()  # type: ignore[attr-defined]
             self.transport.loseConnection()
             if self._abort_call is None:
                 self._abort_call = self._clock.callLater(CLOSE_GRACE, self._abort)
