@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
 from ticrypt.mux.connection import (
@@ -407,3 +409,39 @@ class FloodTests(ErrorMixin):
         server.receive(raw(Ping(b"12345678"), Ping(b"12345678")), 100.0)
         server.receive(raw(Ping(b"12345678")), 50.0)
         self.assertFalse(server.closed)
+
+
+ids = st.integers(1, 12)
+any_frame = st.one_of(
+    st.builds(Open, ids, st.integers(1, 65535)),
+    st.builds(Accept, ids),
+    st.builds(Data, ids, st.binary(max_size=12)),
+    st.builds(Window, ids, st.sampled_from([0, 1, 7, 2**31 - 1])),
+    st.builds(HalfClose, ids),
+    st.builds(Reset, ids, st.sampled_from([0, 1, 2]), st.sampled_from(["", "x", "port-not-allowed"])),
+    st.builds(Ping, st.just(b"12345678")),
+    st.builds(Pong, st.just(b"12345678")),
+    st.builds(GoAway, st.just("normal")),
+)
+
+
+class PropertyTests(SynchronousTestCase):
+    @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(st.sampled_from(["client", "server"]), st.lists(any_frame, max_size=30), st.binary(max_size=20))
+    def test_hostile_peer_never_raises(self, side: str, frames: list[Frame], tail: bytes) -> None:
+        """Whatever the peer sends: events (or an end with a documented reason), never an exception."""
+        conn = MuxConnection(side, MuxSettings(window=10, max_streams=3, max_pings=5))  # type: ignore[arg-type]
+        if side == "client":
+            for _ in range(3):
+                conn.open_stream(80)
+        for i, frame in enumerate(frames):
+            for event in conn.receive(encode(frame), float(i)):
+                if isinstance(event, ConnectionEnded):
+                    self.assertTrue(event.reason in PROTOCOL_ERRORS or event.reason in FRAME_ERRORS or event.by_peer, event)
+                elif isinstance(event, StreamOpened) and i % 2:
+                    conn.accept(event.stream)
+                elif isinstance(event, DataReceived):
+                    conn.consumed(event.stream, len(event.data))
+        conn.receive(tail, 99.0)
+        self.assertLessEqual(conn.stream_count, 3)
+        self.assertLessEqual(len(conn.data_to_send()), 30 * 30)

@@ -11,6 +11,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from OpenSSL import crypto
 from twisted.internet import reactor, task
 from twisted.internet.defer import Deferred, inlineCallbacks
@@ -729,3 +731,48 @@ class TLSTests(SynchronousTestCase):
             pump.flush()
         self.assertEqual(self.successResultOf(server_mux.when_closed()), "peer:normal")
         self.assertEqual(self.successResultOf(client_mux.when_closed()), "normal")
+
+
+_ids = st.integers(1, 9)
+_frames = st.one_of(
+    st.builds(Open, _ids, st.integers(1, 65535)),
+    st.builds(Accept, _ids),
+    st.builds(Data, _ids, st.binary(max_size=12)),
+    st.builds(Window, _ids, st.sampled_from([0, 1, 600, 2**31 - 1])),
+    st.builds(HalfClose, _ids),
+    st.builds(Reset, _ids, st.sampled_from([0, 1, 2]), st.sampled_from(["", "port-not-allowed"])),
+    st.builds(Ping, st.just(b"12345678")),
+    st.builds(Pong, st.just(b"12345678")),
+    st.builds(GoAway, st.just("normal")),
+)
+
+
+class ProtocolPropertyTests(SynchronousTestCase):
+    @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(st.sampled_from(["client", "server"]), st.lists(_frames, max_size=25))
+    def test_hostile_peer(self, side: str, frames: list[Frame]) -> None:
+        """No frame sequence makes an exception escape to the transport or logs an error."""
+        clock = task.Clock()
+        n = [0]
+
+        def on_stream(incoming: IncomingStream) -> None:
+            n[0] += 1
+            if n[0] % 3 == 0:
+                incoming.refuse("port-not-allowed")
+            elif n[0] % 3 == 1:
+                proto = Recorder(pause=n[0] % 2 == 0)
+                incoming.accept(proto)
+                proto.st.write(b"hello")
+
+        mux = MuxProtocol(side, clock, SMALL, on_stream=on_stream)  # type: ignore[arg-type]
+        transport = StringTransport()
+        mux.makeConnection(transport)
+        if side == "client":
+            for port in (1, 2, 3):
+                StreamEndpoint(mux, port).connect(Factory.forProtocol(Recorder)).addErrback(lambda f: None)
+        for frame in frames:
+            mux.dataReceived(encode(frame))
+            clock.advance(1)
+        mux.connectionLost(Failure(ConnectionDone()))
+        self.assertIsInstance(self.successResultOf(mux.when_closed()), str)
+        self.assertEqual(self.flushLoggedErrors(), [])
