@@ -130,6 +130,51 @@ class FirewallServiceTests(SynchronousTestCase):
         self.assertEqual(nft.scripts, [])
 
 
+class MakeServiceTests(SynchronousTestCase):
+    def test_userspace_one_listener_per_vm(self) -> None:
+        from twisted.internet.testing import MemoryReactorClock
+
+        from ticrypt.vmhost.tap import makeService
+
+        cfg = load_config(write_ini(self, listen_host="::1", vms="1=fd00::1, 4=[fd00::4]:2222"),
+                          VmhostConfig)
+        mem = MemoryReactorClock()
+        top = makeService({"cfg": cfg}, reactor=mem)
+        top.privilegedStartService()
+        self.assertEqual([(port, interface) for port, _, _, interface in mem.tcpServers],
+                         [(2201, "::1"), (2204, "::1")])
+        self.assertEqual(top.ready_info["forwarding"],
+                         {"2201": "[fd00::1]:22", "2204": "[fd00::4]:2222"})
+        # a connection to VM 4's port goes to VM 4
+        factory = mem.tcpServers[1][1]
+        from twisted.internet.address import IPv6Address
+        from twisted.internet.testing import StringTransport
+        proto = factory.buildProtocol(IPv6Address("TCP", "::1", 50000))
+        assert proto is not None
+        proto.makeConnection(StringTransport())
+        self.assertEqual(mem.tcpClients[0][:2], ("fd00::4", 2222))
+
+    def test_nft_mode_installs_and_removes(self) -> None:
+        from twisted.internet.testing import MemoryReactorClock
+
+        from ticrypt.vmhost.tap import makeService
+
+        cfg = load_config(write_ini(self, mode="nft"), VmhostConfig)
+        nft = MemoryNft()
+        top = makeService({"cfg": cfg}, reactor=MemoryReactorClock(), nft=nft,
+                          check_forwarding=False)
+        top.privilegedStartService()
+        top.startService()
+        self.assertEqual(list(nft.tables), ["table inet ticrypt_vmhost"])
+        self.assertEqual(top.listeners(), [])
+        self.successResultOf(defer.ensureDeferred(_stop(top)))
+        self.assertEqual(nft.tables, {})
+
+
+async def _stop(service: Any) -> None:
+    await service.stopService()
+
+
 class Echo(Protocol):
     def dataReceived(self, data: bytes) -> None:
         self.transport.write(b"echo:" + data)  # type: ignore[union-attr]

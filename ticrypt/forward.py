@@ -129,6 +129,11 @@ class Pipe(Protocol):
 
     ``on_data(n)`` is called for every chunk received, ``on_close(pipe,
     reason)`` once when the connection is gone.
+
+    The transport must be a streaming producer and a consumer (TCP, TLS, a
+    mux stream).  Half-close needs ``loseWriteConnection`` on it and a
+    transport that calls :class:`IHalfCloseableProtocol` methods; without
+    them an EOF closes the other side once its pending data is written.
     """
 
     log = Logger()

@@ -30,8 +30,9 @@ def makeService(options: dict[str, Any], reactor: Any = None, nft: INft | None =
     audit = AuditLog(v.audit_log, clock=reactor, role="vmhost")
     top = RoleService("vmhost", cfg, reactor)
     top.ready_info["mode"] = v.mode
-    top.ready_info["forwarding"] = {str(port): f"{vm.host}:{vm.port}"
-                                    for port, vm in cfg.ports().items()}
+    top.ready_info["forwarding"] = {
+        str(port): f"[{vm.host}]:{vm.port}" if ":" in vm.host else f"{vm.host}:{vm.port}"
+        for port, vm in cfg.ports().items()}
     if v.mode == "nft":
         firewall = FirewallService(v, nft if nft is not None else SpawnNft(reactor, reactor),
                                    audit, check_forwarding)
