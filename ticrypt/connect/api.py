@@ -15,13 +15,14 @@ Operations::
 
     POST   /v1/certs          -> 201 {"id", "cert", "fingerprint", "expires"}
     POST   /v1/tunnels        {"vm", "name"?, "proxy_host", "proxy_port", "cert",
-                               "fingerprint", "forwards": [{"remote", "local"}], "wait"?}
+                               "fingerprint", "forwards": [{"remote", "local"}],
+                               "pathway"?, "wait"?}
                               -> 201 {"tunnel": TUNNEL}
     GET    /v1/tunnels        -> 200 {"tunnels": [TUNNEL, ...]}
     DELETE /v1/tunnels/{id}   -> 200 {"tunnel": TUNNEL}
 
 ``TUNNEL`` is :meth:`~ticrypt.connect.tunnels.Tunnel.describe`: id, vm,
-state, proxy, forwards ``[{"remote", "local"}]``, streams (open local
+name, state, proxy, pathway (rest's, as given), forwards ``[{"remote", "local"}]``, streams (open local
 connections), connections, bytes_in (from the VM), bytes_out (to it),
 connects, last_error.  With ``"wait": true`` the answer comes once the link
 is up, or is 502 ``tunnel-failed`` (the tunnel is then closed) if the first
@@ -85,6 +86,7 @@ TUNNEL_FIELDS = {
     "cert": Field(str, check=_check_text(64)),
     "fingerprint": Field(str, check=_check_fingerprint),
     "forwards": Field(list),
+    "pathway": Field(str, required=False, check=_check_text(128)),
     "wait": Field(bool, required=False),
 }
 
@@ -189,7 +191,8 @@ class ConnectResource(JsonResource):
         except TunnelError as e:
             raise ApiError(409, e.code, str(e)) from None
         spec = TunnelSpec(vm=b["vm"], proxy_host=b["proxy_host"], proxy_port=b["proxy_port"],
-                          cert_id=b["cert"], fingerprint=b["fingerprint"], forwards=forwards)
+                          cert_id=b["cert"], fingerprint=b["fingerprint"], forwards=forwards,
+                          pathway=b.get("pathway"))
         tid = self.table.new_id()
         try:
             tunnel = self._make_tunnel(tid, spec)

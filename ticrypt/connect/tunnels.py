@@ -77,6 +77,8 @@ class TunnelSpec:
     cert_id: str
     fingerprint: str
     forwards: tuple[Forward, ...]
+    #: rest's pathway (the proxy lease) this tunnel rides, for the frontend
+    pathway: str | None = None
 
 
 class Link(Protocol):
@@ -154,12 +156,11 @@ class _Mux(MuxProtocol):
         parent = getattr(super(), "handshakeCompleted", None)
         if parent is not None:
             parent()
-        self._conn.ping(b"connect\x00")
-        self._flush()
+        self.ping()
 
     def dataReceived(self, data: bytes) -> None:
         super().dataReceived(data)
-        if self._conn.frames_in and not self.ready.called:
+        if self.frames_received and not self.ready.called:
             self.ready.callback(None)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
@@ -476,6 +477,7 @@ class Tunnel:
         return {
             "id": self.id, "vm": self.spec.vm, "name": self.name, "state": self.state,
             "proxy": f"{self.spec.proxy_host}:{self.spec.proxy_port}",
+            "pathway": self.spec.pathway,
             "forwards": [{"remote": r, "local": loc} for r, loc in self.local_ports()],
             "streams": sum(c["active"] for c in counts),
             "connections": sum(c["accepted"] for c in counts),

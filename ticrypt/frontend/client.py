@@ -140,6 +140,22 @@ class RestClient:
         """``{"ticket", "expires", "proxy_url", "vm_public_key"}`` for the proxy."""
         return await self._object("POST", f"/v1/vms/{_segment(vm_id)}/ticket", {})
 
+    async def create_pathway(self, vm_id: str) -> dict[str, Any]:
+        """A proxy lease to the VM from this machine's address: ``{"id", "vm",
+        "proxy_host", "port", "allowed", "expires", "tls_fingerprint"}``."""
+        answer = await self._object("POST", f"/v1/vms/{_segment(vm_id)}/pathways", {})
+        pathway = answer.get("pathway")
+        if not isinstance(pathway, dict):
+            raise RestError(0, "bad-response", "rest answered the pathway request without "
+                            "a pathway")
+        return pathway
+
+    async def list_pathways(self) -> list[dict[str, Any]]:
+        return await self._list("/v1/pathways", "pathways")
+
+    async def delete_pathway(self, pathway_id: str) -> None:
+        await self.call("DELETE", f"/v1/pathways/{_segment(pathway_id)}")
+
     async def enroll(self, token: str, vm_public_key: str,
                      tls_fingerprint: str) -> dict[str, Any]:
         return await self._object("POST", "/v1/enroll", {

@@ -44,10 +44,27 @@ class ClientSection:
 
 
 @attrs.frozen(kw_only=True)
+class ConnectSection:
+    """``[connect]``: where the local ticrypt-connect listens, and its token."""
+
+    url: str = setting(Str(pattern=r"http://127\.0\.0\.1:[0-9]{1,5}"), "http://127.0.0.1:7480",
+                       "ticrypt-connect's API, http://127.0.0.1:PORT")
+    token_file: str = setting(Str(), "connect-state/api.token",
+                              "the API token ticrypt-connect writes (its token_file)")
+
+
+@attrs.frozen(kw_only=True)
 class ClientConfig(RoleConfig):
     """``client.ini``."""
 
     client: ClientSection = section(ClientSection)
+    connect: ConnectSection = section(ConnectSection, optional=True)
+
+    def connect_token_file(self) -> str:
+        """``[connect] token_file`` resolved against this file's directory
+        (it need not exist until ticrypt-connect has started)."""
+        path = os.path.expanduser(self.connect.token_file)
+        return os.path.normpath(os.path.join(os.path.dirname(self.path), path))
 
     def check(self) -> None:
         c = self.client
@@ -60,9 +77,11 @@ class ClientConfig(RoleConfig):
 #: known (a misspelt one is still an error) but not checked: a new user
 #: creates a key before the administrator hands out the CA file, and maybe
 #: before rest_url is known.
-KEYGEN_SCHEMA = Schema({SECTION: {
+KEYGEN_SCHEMA = Schema({part: {
     name: key if name == "key_file" else Key(Str(allow_empty=True), "")
-    for name, key in schema_of(ClientConfig).sections[SECTION].items()}})
+    for name, key in keys.items()}
+    for part, keys in schema_of(ClientConfig).sections.items()},
+    schema_of(ClientConfig).optional_sections)
 
 
 def default_path() -> str:

@@ -12,12 +12,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from ticrypt.frontend import cmd_account, cmd_session
+from ticrypt.frontend import cmd_account, cmd_session, cmd_tunnel
 
 Register = Callable[[Any], None]
 
 #: In the order ``ticrypt --help`` lists them.
-REGISTER: tuple[Register, ...] = (cmd_account.register, cmd_session.register)
+REGISTER: tuple[Register, ...] = (cmd_account.register, cmd_session.register,
+                                  cmd_tunnel.register)
 
 
 def register_all(subparsers: Any, registers: tuple[Register, ...] = REGISTER) -> None:
