@@ -445,3 +445,16 @@ class PropertyTests(SynchronousTestCase):
         conn.receive(tail, 99.0)
         self.assertLessEqual(conn.stream_count, 3)
         self.assertLessEqual(len(conn.data_to_send()), 30 * 30)
+
+
+class LayerTests(SynchronousTestCase):
+    def test_core_imports_no_twisted(self) -> None:
+        """frames.py and connection.py are sans-IO: no Twisted, no transport, no clock."""
+        import ast
+
+        root = Path(__file__).resolve().parents[1] / "ticrypt" / "mux"
+        for name in ("frames.py", "connection.py"):
+            tree = ast.parse((root / name).read_text())
+            imported = [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+            imported += [n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
+            self.assertEqual([m for m in imported if m.split(".")[0] in ("twisted", "time", "socket")], [], name)
