@@ -36,6 +36,9 @@ class RecordingOpener:
     stopped: int = 0
     connections: dict[str, int] = attrs.Factory(dict)
 
+    async def start(self) -> None:
+        pass
+
     async def open(self, lease: Lease) -> None:
         if lease.port in self.fail:
             raise OpenFailed(f"port {lease.port} is taken")

@@ -19,7 +19,7 @@ Routes (bodies and answers are JSON):
 
 * ``POST /v1/leases`` ``{user, session, vm, target, address, expires}`` ->
   201 ``{"lease": {...}, "reused": bool}``; 503 ``no-free-port``, 409
-  ``too-many-leases``, 400 ``bad-address``/``bad-request``.
+  ``too-many-leases``, 400 ``bad-address``/``bad-request``/``bad-target``.
 * ``GET /v1/users/{user}/leases`` -> 200 ``{"leases": [...]}``
 * ``GET /v1/leases/{id}`` -> 200 ``{"lease": {...}}``; 404 ``no-such-lease``
 * ``DELETE /v1/leases/{id}`` ``{"user"?}`` -> 204; 404 ``no-such-lease``
@@ -61,7 +61,7 @@ ROUTES: tuple[Route, ...] = (
 )
 
 _LEASE_STATUS = {"no-free-port": 503, "too-many-leases": 409, "bad-address": 400,
-                 "bad-request": 400, "open-failed": 503}
+                 "bad-request": 400, "bad-target": 400}
 
 
 def _text(limit: int) -> Field:

@@ -11,7 +11,8 @@
   ``admit`` asks the table.  A connection from any address but the lease's is
   aborted as it is accepted: before any byte is read or forwarded and
   before any outbound connection is made.
-* The kernel mode's opener is in :mod:`ticrypt.proxy.nftleases`.
+* The kernel mode's opener (``mode = nft``) is
+  :class:`ticrypt.proxy.nftleases.NftOpener`.
 * :class:`LeaseJournal`: the live leases as one JSON file, rewritten
   atomically (:func:`ticrypt.fsutil.atomic_write`) on every change.
 """
@@ -34,6 +35,7 @@ from ticrypt.encoding import loads_bounded
 from ticrypt.forward import ForwardFactory, host_of
 from ticrypt.fsutil import atomic_write
 from ticrypt.proxy.ports import Close, Lease, LeaseError, LeaseTable, Open
+from ticrypt.service import StartupError
 
 #: A port that could not be bound is not handed out again for this long.
 BLOCK_FOR = 60.0
@@ -42,13 +44,23 @@ MAX_JOURNAL = 16 * 1024 * 1024
 
 
 class OpenFailed(Exception):
-    """A lease's listener (or rule) could not be made; ``str()`` says why."""
+    """A lease's listener (or rule) could not be made on its port; ``str()``
+    says why.  The port is set aside for a while and the next one tried."""
+
+
+class BadTarget(OpenFailed):
+    """The lease's target cannot be carried (whatever the port): refused
+    at once with LeaseError ``bad-target``."""
 
 
 class Opener(Protocol):
     """Makes and removes what carries a lease's traffic."""
 
     service: LeaseService | None
+
+    async def start(self) -> None:
+        """The service starts (before leases are restored); OpenFailed
+        stops the daemon with one line."""
 
     async def open(self, lease: Lease) -> None:
         """Start carrying ``lease``; OpenFailed if it cannot."""
@@ -112,16 +124,31 @@ class LeaseService(Service):
         self._new_id = new_id or (lambda: "ls-" + os.urandom(12).hex())
         self._timer: IDelayedCall | None = None
         self._stopping = False
+        #: fires once the opener has started and the journal's leases are
+        #: re-opened; fails with a StartupError if the opener cannot start
+        #: (the role's extra_ready)
+        self.ready: defer.Deferred[None] = defer.Deferred()
 
     # ------------------------------------------------------------ lifecycle
 
     def startService(self) -> None:
         super().startService()
         self._stopping = False
-        if self._journal is None:
-            return
-        d = defer.ensureDeferred(self._restore(self._journal.load()))
-        d.addErrback(lambda f: self.log.failure("restoring leases failed", f))
+        if self.ready.called:
+            self.ready = defer.Deferred()
+        d = defer.ensureDeferred(self._start())
+        d.addCallbacks(self.ready.callback, self.ready.errback)
+
+    async def _start(self) -> None:
+        try:
+            await self.opener.start()
+        except OpenFailed as e:
+            raise StartupError(str(e), "leases", "mode") from None
+        if self._journal is not None:
+            try:
+                await self._restore(self._journal.load())
+            except Exception:
+                self.log.failure("restoring leases failed")
 
     async def _restore(self, records: list[Any]) -> None:
         actions, dropped = self.table.restore(records, self._clock.seconds())
@@ -171,6 +198,9 @@ class LeaseService(Service):
                 return lease, True
             try:
                 await self.opener.open(lease)
+            except BadTarget as e:
+                self.table.release(lease.id, "open-failed")
+                raise LeaseError("bad-target", str(e)) from None
             except OpenFailed as e:
                 self.log.warn("lease port {port} unusable: {why}", port=lease.port, why=str(e))
                 self.table.release(lease.id, "open-failed")
@@ -321,6 +351,9 @@ class UserspaceOpener:
                               connect_timeout=self._connect_timeout,
                               idle_timeout=self._idle_timeout, admit=admit,
                               on_event=on_event, max_connections=self._max_connections)
+
+    async def start(self) -> None:
+        pass
 
     def active(self, lease: Lease) -> int:
         entry = self._ports.get(lease.id)

@@ -123,6 +123,7 @@ def makeService(options: dict[str, Any], reactor: Any = None) -> RoleService:
     if cfg.control.listen is not None:
         leases = make_leases(cfg, reactor, factory.audit)
         leases.setServiceParent(top)
+        top.extra_ready.append(leases.ready)
         resource = ControlResource(
             leases, backend_public=factory.backend_key, clock=reactor, audit=factory.audit,
             window=cfg.control.request_window)
