@@ -289,6 +289,14 @@ class IncomingTests(SynchronousTestCase):
         self.assertEqual(good.data, b"still fine")
         self.assertEqual(s.mux.stats()["streams"], 1)
 
+    def test_refuse_with_bad_reason_changes_nothing(self) -> None:
+        s = Server(answer=None)
+        s.feed(Open(1, 80))
+        self.assertRaises(ValueError, s.incoming[0].refuse, "no spaces allowed")
+        s.incoming[0].refuse("connect-failed")
+        self.assertEqual(s.written(), [Reset(1, 1, "connect-failed")])
+        self.assertRaises(RuntimeError, s.incoming[0].accept, Recorder())
+
     def test_cancelled_before_answer(self) -> None:
         """The client resets before vmc answered: a later accept connects and at once loses."""
         s = Server(answer=None)

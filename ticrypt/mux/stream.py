@@ -364,10 +364,9 @@ class IncomingStream:
         StreamRefused(reason). ``reason``: 1-64 printable ASCII characters."""
         if self.answered:
             raise RuntimeError("stream already answered")
+        if not self.cancelled:
+            self._mux._reset_stream(self.transport, RESET_REFUSED, reason)  # ValueError: bad reason
         self.answered = True
-        if self.cancelled:
-            return
-        self._mux._reset_stream(self.transport, RESET_REFUSED, reason)
         self.transport._ended = True
         self._mux._forget(self.transport)
 
