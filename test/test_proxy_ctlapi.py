@@ -208,6 +208,17 @@ class ControlApiTests(TestCase):
             {"Authorization": "Bearer " + self.token("GET", "/v1/users/alice/leases", None)})
         self.assertEqual((status, answer["error"]["code"]), (401, "missing-signature"))
 
+    async def test_refusals_rate_limited(self) -> None:
+        from ticrypt.proxy.ctlapi import FAILURES_PER_ADDRESS
+        for _ in range(FAILURES_PER_ADDRESS):
+            status, _ = await self.raw("GET", "/v1/users/alice/leases", None, "x.y")
+            self.assertEqual(status, 401)
+        for _ in range(3):
+            e = await self.refused(self.ctl.leases("alice"))  # even a good one now
+            self.assertEqual((e.status, e.code), (429, "rate-limited"))
+        reasons = [x["reason"] for x in read_audit(self.audit_path)]
+        self.assertEqual(reasons, ["bad-token"] * FAILURES_PER_ADDRESS + ["rate-limited"])
+
     async def test_open_failure_blocks_port_and_uses_next(self) -> None:
         self.opener.fail.add(6000)
         lease = await self.open()

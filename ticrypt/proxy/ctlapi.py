@@ -13,7 +13,9 @@ where the token (:func:`ticrypt.signed.sign_control_request`, purpose
 time (within ``[control] request_window``) and a 16-byte nonce that the
 proxy accepts once (:class:`NonceCache`).  A request that fails any check
 is answered 401 with a stable code before it is routed, and audited
-(``control-refused``).
+(``control-refused``); an address refused :data:`FAILURES_PER_ADDRESS`
+times in :data:`FAILURE_WINDOW` is answered 429 ``rate-limited`` (audited
+once) until the window passes.
 
 Routes (bodies and answers are JSON):
 
@@ -47,7 +49,7 @@ from ticrypt.http.server import (
     parse_body,
 )
 from ticrypt.proxy.ports import Lease, LeaseError
-from ticrypt.ratelimit import Clock
+from ticrypt.ratelimit import Clock, RateLimiter
 
 #: The Authorization scheme of a signed control request.
 SCHEME = "Ticrypt-Signed"
@@ -59,6 +61,10 @@ ROUTES: tuple[Route, ...] = (
     Route("GET", "/v1/users/{user}/leases", "list"),
     Route("DELETE", "/v1/sessions/{sid}/leases", "close_session"),
 )
+
+#: Refused control requests one address may make per FAILURE_WINDOW seconds.
+FAILURES_PER_ADDRESS = 20
+FAILURE_WINDOW = 300.0
 
 _LEASE_STATUS = {"no-free-port": 503, "too-many-leases": 409, "bad-address": 400,
                  "bad-request": 400, "bad-target": 400}
@@ -141,16 +147,26 @@ class ControlResource(JsonResource):
         # a nonce must be remembered as long as its iat is acceptable: iat
         # may be up to window ahead of us and is accepted until window after
         self.nonces = NonceCache(2 * window + 1, max_nonces)
+        #: refused requests per client address: past the limit the address
+        #: is answered 429 without a signature check, audited once
+        self.failures = RateLimiter(clock, FAILURES_PER_ADDRESS, FAILURE_WINDOW)
 
     def admit(self, request: server.Request) -> None:
         client = request.getClientAddress()
         host = str(getattr(client, "host", ""))
+        fields = {"client": host, "method": request.method.decode("ascii", "replace")[:16],
+                  "path": request.path.decode("ascii", "replace")[:200]}
+        wait = self.failures.retry_after(host)
+        if wait:
+            if self.failures.first_refusal(host):
+                self._audit.write("control-refused", reason="rate-limited", **fields)
+            raise ApiError(429, "rate-limited", f"too many refused requests; retry in {wait}s",
+                           {"Retry-After": str(wait)})
         try:
             self._verify(request)
         except ApiError as e:
-            self._audit.write("control-refused", client=host, reason=e.code,
-                              method=request.method.decode("ascii", "replace")[:16],
-                              path=request.path.decode("ascii", "replace")[:200])
+            self.failures.failed(host)
+            self._audit.write("control-refused", reason=e.code, **fields)
             raise
 
     def _verify(self, request: server.Request) -> None:
