@@ -337,6 +337,16 @@ class NftNamespaceTests(TestCase):
         self.assertEqual(code, 0, err)
         return out.strip()
 
+    async def start_vmhost(self, ip: str, ns: str, path: str) -> daemons.Daemon:
+        proc = daemons.Daemon("ticrypt-vmhost", reactor, 30.0)
+        argv = ["ip", "netns", "exec", ns, twistd_path(), "-n", "--pidfile=",
+                "ticrypt-vmhost", "--config", path]
+        reactor.spawnProcess(proc, ip, argv,  # type: ignore[attr-defined]
+                             env=daemon_env(), path=os.path.dirname(path))
+        self.addCleanup(proc.stop)
+        await proc.ready
+        return proc
+
     async def test_dnat_in_namespaces(self) -> None:
         if os.geteuid() != 0 or not shutil.which("ip") or not shutil.which("nft"):
             raise self.skipTest("needs root, ip and nft")  # type: ignore[misc]
@@ -362,13 +372,7 @@ class NftNamespaceTests(TestCase):
 
         path = write_ini(self, mode="nft", listen_host="0.0.0.0", base="2200",
                          vms="1=10.231.2.2, 3=10.231.2.2:2222")
-        proc = daemons.Daemon("ticrypt-vmhost", reactor, 30.0)
-        argv = ["ip", "netns", "exec", host, twistd_path(), "-n", "--pidfile=",
-                "ticrypt-vmhost", "--config", path]
-        reactor.spawnProcess(proc, ip, argv,  # type: ignore[attr-defined]
-                             env=daemon_env(), path=os.path.dirname(path))
-        self.addCleanup(proc.stop)
-        await proc.ready
+        proc = await self.start_vmhost(ip, host, path)
         self.assertIn('"mode": "nft"', proc.text())
 
         # through the DNAT rule, and the VM sees the client's own address
@@ -388,3 +392,12 @@ class NftNamespaceTests(TestCase):
         audit = [json.loads(line)["event"]
                  for line in open(os.path.join(os.path.dirname(path), "audit.log"))]
         self.assertEqual(audit, ["nft-installed", "nft-removed"])
+
+        # masquerade = yes: the VM sees the vmhost's address instead
+        path = write_ini(self, mode="nft", listen_host="10.231.1.1", masquerade="yes",
+                         vms="1=10.231.2.2")
+        proc = await self.start_vmhost(ip, host, path)
+        self.assertEqual(await self.connect_from(client, "10.231.1.1", 2201),
+                         "ok vm:hi from 10.231.2.1")
+        await proc.stop()
+        self.assertEqual(self.sh("ip", "netns", "exec", host, "nft", "list", "tables"), "")
