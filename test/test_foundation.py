@@ -22,7 +22,7 @@ from ticrypt import identity, signed
 from ticrypt.audit import AuditLog
 from ticrypt.encoding import b64, canonical, unb64
 from ticrypt.fsutil import atomic_write
-from ticrypt.testrun import summarize
+from ticrypt.testrun import jobs, summarize
 
 
 def tmpdir() -> str:
@@ -195,6 +195,13 @@ class SummaryTests(SynchronousTestCase):
         self.assertEqual(summarize("FAILED (skips=2, failures=1, errors=3, successes=7)"),
                          (7, 4, 2))
         self.assertIsNone(summarize("PASSED\n"))
+
+    def test_jobs(self) -> None:
+        self.assertEqual(jobs({"TICRYPT_TEST_JOBS": "1"}), 1)
+        self.assertEqual(jobs({"TICRYPT_TEST_JOBS": " 4 "}), 4)
+        self.assertIn(jobs({}), range(2, 7))
+        with self.assertRaises(ValueError):
+            jobs({"TICRYPT_TEST_JOBS": "0"})
 
 
 #: DER of an unencrypted Ed25519 PKCS#8 key before its 32-byte seed

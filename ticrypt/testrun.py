@@ -2,10 +2,17 @@
 
 Used by ``./dev test`` and ``.ci/run``.  Exit status 0 only when nothing
 failed and at least one test ran.
+
+Trial runs its tests in ``TICRYPT_TEST_JOBS`` worker processes (default:
+one more than the CPUs, at most 6, since most slow tests wait on daemons
+they start rather than compute); ``TICRYPT_TEST_JOBS=1`` runs them in this
+order in one process.  Every test is independent of the others (own
+temporary folder, ports picked by the kernel, own namespaces and cgroups).
 """
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -28,10 +35,30 @@ def summarize(output: str) -> tuple[int, int, int] | None:
     return None
 
 
+def jobs(environ: dict[str, str] | None = None) -> int:
+    """The number of trial workers (see the module docstring)."""
+    value = (os.environ if environ is None else environ).get("TICRYPT_TEST_JOBS", "")
+    if value.strip():
+        n = int(value)
+        if n < 1:
+            raise ValueError("TICRYPT_TEST_JOBS must be 1 or more")
+        return n
+    return min(6, (os.cpu_count() or 1) + 1)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv) or ["test"]
-    cmd = [sys.executable, "-m", "twisted.trial", "--temp-directory=_trial_temp", *args]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    n = jobs()
+    parallel = [f"--jobs={n}"] if n > 1 and not any(a.startswith(("-j", "--jobs")) for a in args) \
+        else []
+    cmd = [sys.executable, "-m", "twisted.trial", "--temp-directory=_trial_temp", *parallel,
+           *args]
+    # trial starts each worker as the script .../twisted/trial/_dist/workertrial.py,
+    # whose folder (prepended to sys.path) holds a package named "test" that
+    # would hide ours: keep script folders off sys.path (Python 3.11+)
+    env = dict(os.environ, PYTHONSAFEPATH="1")
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=env)
     assert proc.stdout is not None
     lines = []
     for line in proc.stdout:
