@@ -173,3 +173,96 @@ class Rooted(TestCase):
                           (b"//etc/passwd", "/etc/passwd"), (b"a/./b/", "/a/b")):
             self.assertEqual(fs.virtual(raw), want, raw)
             self.assertTrue(fs.resolve(raw).startswith(os.path.realpath(root)))
+
+
+class ThroughTheTunnel(TestCase):
+    """The whole path with real daemons: ``tunnel-accept`` over the secure
+    channel, the pinned TLS tunnel to vmc, a mux stream to the SFTP port, and
+    OpenSSH's sftp with the tunnel user's key (a local listener of this test
+    stands in for ticrypt-connect)."""
+
+    timeout = 120
+
+    async def _through(self) -> None:
+        from cryptography.hazmat.primitives import serialization
+        from twisted.internet import endpoints, protocol
+        from twisted.internet import ssl as tssl
+
+        from test.test_vmc_tunnel import fingerprint, make_cert
+        from test.vmcfixture import VMC_TEST_SETTINGS, start_trio
+        from ticrypt.forward import Pipe, splice
+        from ticrypt.mux import MuxProtocol, StreamEndpoint, StreamRefused
+
+        if not SFTP:
+            raise SkipTest("OpenSSH's sftp is not installed")
+        trio = await start_trio(self, enroll=False)
+        dep = trio.deployment
+        tunnel, sftp = dep.vm_tunnel("vmc", ports=(1,))
+        config = dep.vmc_ini(trio.token, "vmc", {"shell": "/bin/sh"}, tunnel, sftp,
+                             **VMC_TEST_SETTINGS)
+        vmc = await trio.start_vmc(self, config)
+        sftp_port = int(sftp["port"] or 0)
+        session = await trio.session("owen")
+        self.addCleanup(session.close)
+        key, cert = make_cert("owen-laptop")
+        pem = cert.public_bytes(serialization.Encoding.PEM).decode()
+        grant = await session.request("tunnel-accept", cert=pem)
+        self.assertEqual(grant["ports"], [1, sftp_port])
+        self.assertEqual(grant["tls_fingerprint"], vmc.ready_info["tls_fingerprint"])  # type: ignore[index]
+        self.assertTrue(grant["sftp_host_key"].startswith("ssh-ed25519 "))
+
+        options = tssl.PrivateCertificate.loadPEM(
+            key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                              serialization.NoEncryption()).decode() + pem).options()
+        options.verify = False
+        mux = MuxProtocol(side="client", clock=reactor)
+        host, port = vmc.address("tunnel")
+        await endpoints.connectProtocol(endpoints.wrapClientTLS(
+            options, endpoints.TCP4ClientEndpoint(reactor, host, port)), mux)
+        self.addCleanup(lambda: mux.transport.abortConnection()  # type: ignore[attr-defined]
+                        if mux.transport else None)
+        # a port vmc does not list is refused, the tunnel stays up
+        with self.assertRaises(StreamRefused):
+            await StreamEndpoint(mux, 22).connect(protocol.Factory.forProtocol(Pipe))
+
+        class Local(protocol.Factory):
+            def buildProtocol(self, addr: Any) -> Pipe:
+                local = Pipe()
+                d = StreamEndpoint(mux, sftp_port).connect(protocol.Factory.forProtocol(Pipe))
+                d.addCallbacks(lambda remote: splice(local, remote),
+                               lambda f: local.transport.abortConnection())  # type: ignore[union-attr]
+                return local
+
+        listener = reactor.listenTCP(0, Local(), interface="127.0.0.1")  # type: ignore[arg-type]
+        self.addCleanup(listener.stopListening)
+        work = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, work, True)
+        key_file = os.path.join(work, "owen.ssh")
+        with open(os.open(key_file, os.O_WRONLY | os.O_CREAT, 0o600), "wb") as f:
+            f.write(openssh_private(trio.keys["owen"]))
+        with open(os.path.join(work, "data.bin"), "wb") as f:
+            f.write(os.urandom(2 * 1024 * 1024 + 5))
+        with open(os.path.join(work, "batch"), "w") as batch:
+            batch.write("put data.bin up.bin\nget up.bin back.bin\n")
+        assert SFTP is not None
+        out, err, code = await getProcessOutputAndValue(SFTP, [
+            "-F", "/dev/null", "-i", key_file, "-o", "IdentitiesOnly=yes",
+            "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=no",
+            "-o", "UserKnownHostsFile=/dev/null", "-o", "LogLevel=ERROR",
+            "-P", str(listener.getHost().port), "-b", "batch",  # type: ignore[attr-defined]
+            "anyone@127.0.0.1"], path=work, env={"PATH": os.environ.get("PATH", "")})
+        self.assertEqual(code, 0, err + vmc.text()[-6000:].encode())
+        want = digest(os.path.join(work, "data.bin"))
+        self.assertEqual(digest(dep.path("vmc-sftp/up.bin")), want)
+        self.assertEqual(digest(os.path.join(work, "back.bin")), want)
+        events = [(a["event"], a.get("user"), a.get("result")) for a in trio.vmc_audit_lines()
+                  if a["event"].startswith(("tunnel", "sftp"))]
+        self.assertIn(("tunnel-accept", "owen", "ok"), events)
+        self.assertIn(("tunnel-open", "owen", "ok"), events)
+        self.assertIn(("sftp-login", "owen", "ok"), events)
+        self.assertIn(("tunnel-stream-refused", "owen", "refused"), events)
+        self.assertEqual(fingerprint(cert), [a for a in trio.vmc_audit_lines()
+                                             if a["event"] == "tunnel-open"][0]["cert"])
+
+    def test_sftp_through_the_tunnel(self) -> defer.Deferred[None]:
+        return defer.ensureDeferred(self._through())

@@ -329,23 +329,46 @@ class Deployment:
                                                       "leases": leases or {}})
 
     def vmc_ini(self, token: str | None = None, name: str = "vmc",
-                exec_settings: Settings | None = None, **overrides: str | None) -> str:
+                exec_settings: Settings | None = None, tunnel_settings: Settings | None = None,
+                sftp_settings: Settings | None = None, **overrides: str | None) -> str:
         """``NAME.ini`` for one VM's controller, with its state in
         ``NAME-state``, its audit log ``NAME-audit.log`` and, if ``token`` is
         given, the enrollment token in ``NAME-enroll.token`` (0600);
-        ``exec_settings`` go to ``[exec]``."""
+        ``exec_settings`` go to ``[exec]``, ``tunnel_settings`` to
+        ``[tunnel]`` and ``sftp_settings`` to ``[sftp]`` (both off unless
+        given; see :meth:`vm_tunnel`)."""
         sections: dict[str, dict[str, str | None]] = {"vmc": {
             "rest_url": self.addresses.rest_url,
             "ca_file": self.names["ca"],
             "state_dir": f"{name}-state",
             "enrollment_token_file": None,
             "audit_log": f"{name}-audit.log",
-        }, "exec": {}}
+        }, "exec": {}, "tunnel": {}, "sftp": {}}
         if token is not None:
             self.write(f"{name}-enroll.token", token + "\n", 0o600)
             sections["vmc"]["enrollment_token_file"] = f"{name}-enroll.token"
-        return self._ini("vmc", f"{name}.ini", sections, {"vmc": overrides,
-                                                          "exec": exec_settings or {}})
+        return self._ini("vmc", f"{name}.ini", sections, {
+            "vmc": overrides, "exec": exec_settings or {}, "tunnel": tunnel_settings or {},
+            "sftp": sftp_settings or {}})
+
+    def vm_tunnel(self, name: str = "vmc", ports: tuple[int, ...] = (), sftp: bool = True,
+                  host: str = "127.0.0.1") -> tuple[dict[str, str | None], dict[str, str | None]]:
+        """``(tunnel_settings, sftp_settings)`` for :meth:`vmc_ini`: the tunnel
+        server on ``host``, port picked at start (the ``tunnel`` listener of
+        vmc's readiness line), streams allowed to ``ports`` and, with
+        ``sftp``, to the SFTP server on a free port of 127.0.0.1 serving the
+        folder ``NAME-sftp`` (made 0700)."""
+        tunnel: dict[str, str | None] = {
+            "enabled": "yes", "listen": "tcp:0:interface=" + host.replace(":", "\\:")}
+        sftp_settings: dict[str, str | None] = {}
+        allowed = list(ports)
+        if sftp:
+            os.makedirs(self.path(f"{name}-sftp"), mode=0o700, exist_ok=True)
+            port = free_port()
+            allowed.append(port)
+            sftp_settings = {"enabled": "yes", "port": str(port), "root": f"{name}-sftp"}
+        tunnel["ports"] = ", ".join(str(p) for p in dict.fromkeys(allowed))
+        return tunnel, sftp_settings
 
     def vmhost_ini(self, vms: Mapping[int, str], name: str = "vmhost",
                    **overrides: str | None) -> str:

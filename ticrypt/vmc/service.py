@@ -13,26 +13,61 @@ from __future__ import annotations
 import random
 from typing import Any
 
-from twisted.internet import defer
+from twisted.internet import defer, endpoints
+from twisted.internet.interfaces import IAddress, IProtocol, IProtocolFactory
+from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 
 from ticrypt import identity
 from ticrypt.audit import AuditLog
 from ticrypt.backoff import Backoff
 from ticrypt.config import check_file_mode
-from ticrypt.service import RoleService, StartupError, StartupFailed, exit_failed
+from ticrypt.service import (
+    ListenerService,
+    RoleService,
+    StartupError,
+    StartupFailed,
+    exit_failed,
+)
 from ticrypt.vmc.cgroup import CgroupUnavailable
 from ticrypt.vmc.config import VmcConfig
 from ticrypt.vmc.enroll import EnrollError, enroll
 from ticrypt.vmc.pool import PoolSettings, ProxyPool
 from ticrypt.vmc.processes import RunAs, Tracker, open_tracker
+from ticrypt.vmc.sftp import SftpFactory, load_host_key
 from ticrypt.vmc.state import Enrollment, OwnerKeyChanged, StateError, VmState
+from ticrypt.vmc.tunnel import TunnelServer, TunnelService, TunnelSettings
 
 
 def pool_settings(cfg: VmcConfig, proxy_url: str) -> PoolSettings:
     """The pool's settings: ``proxy_url``, and ``[vmc]`` and ``[exec]`` as loaded."""
     return PoolSettings(proxy_url=proxy_url, ca_file=cfg.vmc.ca_file,
                         links=cfg.vmc.links, sessions=cfg.exec.limits)
+
+
+class _Later(Factory):
+    """A listener's factory whose real factory exists only once the state is
+    loaded (``startService``); the port is bound before, in
+    ``privilegedStartService`` (port 22 needs root).  Until then a
+    connection is closed at once."""
+
+    noisy = False
+
+    def __init__(self) -> None:
+        self.target: IProtocolFactory | None = None
+
+    def set_target(self, target: IProtocolFactory) -> None:
+        self.target = target
+        target.doStart()
+
+    def stopFactory(self) -> None:
+        if self.target is not None:
+            self.target.doStop()
+
+    def buildProtocol(self, addr: IAddress | None) -> IProtocol | None:  # type: ignore[override]
+        if self.target is None or addr is None:
+            return None
+        return self.target.buildProtocol(addr)
 
 
 class VmcService(RoleService):
@@ -51,6 +86,16 @@ class VmcService(RoleService):
         self.tracker: Tracker | None = None
         self._pool_ready: defer.Deferred[None] = defer.Deferred()
         self.extra_ready.append(self._pool_ready)
+        #: the tunnel server (``[tunnel] enabled``), built once the state is loaded
+        self.tunnel: TunnelServer | None = None
+        self._tunnel_factory, self._sftp_factory = _Later(), _Later()
+        if config.tunnel.enabled:
+            ListenerService("tunnel", endpoints.serverFromString(reactor, config.tunnel.listen),
+                            self._tunnel_factory, ("tunnel", "listen")).setServiceParent(self)
+        if config.sftp.enabled:
+            ListenerService("sftp", endpoints.TCP4ServerEndpoint(
+                reactor, config.sftp.port, interface="127.0.0.1"), self._sftp_factory,
+                ("sftp", "port")).setServiceParent(self)
 
     def startService(self) -> None:
         cfg = self.config
@@ -62,6 +107,7 @@ class VmcService(RoleService):
             # one line naming [vmc] state_dir, exit 1 (also in daemon mode)
             self._refuse(StartupError(str(e), "vmc", "state_dir"))
         self._track_processes()
+        self._start_tunnel()
         self.ready_info.update(vm_public_key=identity.public_text(self.state.vm_key),
                                tls_fingerprint=self.state.tls_fingerprint)
         super().startService()
@@ -82,6 +128,37 @@ class VmcService(RoleService):
             audit.write("leftover-processes-killed", mode=self.tracker.mode,
                         groups=[name for name, _ in left],
                         processes=sum(n for _, n in left), result="killed")
+
+    def _start_tunnel(self) -> None:
+        """The tunnel server and the SFTP server, as configured."""
+        cfg, state, audit = self.config, self.state, self.audit
+        assert cfg is not None and state is not None and audit is not None
+        grant: dict[str, Any] = {}
+        host_key = None
+        if cfg.sftp.enabled:
+            host_key = load_host_key(cfg.vmc.state_dir)
+            grant["sftp_host_key"] = host_key.public().toString("OPENSSH").decode()
+            self.ready_info["sftp_host_key"] = grant["sftp_host_key"]
+        if cfg.tunnel.enabled:
+            t = cfg.tunnel
+            self.tunnel = TunnelServer(
+                reactor=self._reactor, clock=self._reactor, audit=audit,
+                settings=TunnelSettings(ports=t.ports, handshake_timeout=t.handshake_timeout,
+                                        connect_timeout=t.connect_timeout,
+                                        max_connections=t.max_connections, pins=t.pins),
+                state_dir=cfg.vmc.state_dir, tls_pem=state.tls_pem,
+                tls_fingerprint=state.tls_fingerprint, extra_grant=grant)
+            self._tunnel_factory.set_target(self.tunnel.factory)
+            TunnelService(self.tunnel).setServiceParent(self)
+        if host_key is not None:
+            tunnel = self.tunnel
+
+            def origin(peer: IAddress) -> tuple[bytes, str] | None:
+                pin = tunnel.origins.user_of(peer) if tunnel is not None else None
+                return (pin.user_key, pin.user) if pin is not None else None
+
+            assert cfg.sftp.root is not None  # VmcConfig.check
+            self._sftp_factory.set_target(SftpFactory(cfg.sftp.root, host_key, origin, audit))
 
     async def _run(self) -> None:
         state = self.state
@@ -152,7 +229,7 @@ class VmcService(RoleService):
                                   cfg, cfg.vmc.proxy_url or state.enrollment.proxy_url),
                               state=state, audit=audit,
                               run_as=RunAs.lookup(e.run_as or None, e.shell),
-                              tracker=self.tracker)
+                              tracker=self.tracker, tunnel=self.tunnel)
         self.pool.ready.chainDeferred(self._pool_ready)
         self.pool.setServiceParent(self)
 
