@@ -17,6 +17,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from ticrypt import identity, signed
 from ticrypt.config import RoleConfig, Schema, load_config, schema_of
+from ticrypt.connect.config import ConnectConfig as CONNECT
 from ticrypt.frontend.clientconfig import ClientConfig as CLIENT
 from ticrypt.lab.daemons import ROOT
 from ticrypt.lab.deploy import START_ORDER, Addresses, Deployment, render_ini
@@ -27,7 +28,8 @@ from ticrypt.vmhost.config import VmhostConfig as VMHOST
 
 #: role -> (its schema, the sample in etc/)
 ROLES: dict[str, Schema | type[RoleConfig]] = {
-    "rest": REST, "proxy": PROXY, "vmc": VMC, "client": CLIENT, "vmhost": VMHOST}
+    "rest": REST, "proxy": PROXY, "vmc": VMC, "client": CLIENT, "vmhost": VMHOST,
+    "connect": CONNECT}
 
 
 def sections(path: str) -> dict[str, set[str]]:
@@ -44,7 +46,7 @@ def build(dep: Deployment) -> dict[str, str]:
     dep.user_key("alice")
     paths = {"rest": dep.rest_ini(), "proxy": dep.proxy_ini(),
              "vmc": dep.vmc_ini("a-token"), "client": dep.client_ini("alice"),
-             "vmhost": dep.vmhost_ini({1: "127.0.0.1:2222"})}
+             "vmhost": dep.vmhost_ini({1: "127.0.0.1:2222"}), "connect": dep.connect_ini()}
     from ticrypt.admin.cli import main as admin
 
     with contextlib.redirect_stdout(io.StringIO()):

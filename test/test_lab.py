@@ -29,8 +29,21 @@ class LabTests(TestCase):
         self.assertIn('"event": "pair-end"', audit)
         for name in ("proxy-audit.log", "ticrypt-proxy.log"):
             self.assertNotIn("secure channel", open(os.path.join(workdir, name)).read())
+        # The tunnel: one command printed a local port per VM port, curl got
+        # the VM's web page and sftp put and got a file through it.
+        self.assertRegex(out, r"127\.0\.0\.1:\d+ -> labvm:\d+\n")
+        self.assertIn("Hello from the web server inside the lab VM", out)
+        self.assertIn("(the file came back identical)", out)
+        self.assertRegex(out, r"t[0-9a-f]{12} +labvm +up ")
+        connect_audit = open(os.path.join(workdir, "connect-audit.log")).read()
+        for event in ("cert-created", "tunnel-opened", "tunnel-up", "stream-closed"):
+            self.assertIn(f'"event": "{event}"', connect_audit)
+        self.assertNotIn("PRIVATE", connect_audit)
+        # connect removed its API token when it stopped
+        self.assertFalse(os.path.exists(os.path.join(workdir, "connect-state", "api.token")))
         # Daemons were stopped: their logs end with a clean shutdown.
-        for name in ("ticrypt-rest.log", "ticrypt-proxy.log", "ticrypt-vmc.log"):
+        for name in ("ticrypt-rest.log", "ticrypt-proxy.log", "ticrypt-vmc.log",
+                     "ticrypt-vmhost.log", "ticrypt-connect.log"):
             self.assertIn("Main loop terminated", open(os.path.join(workdir, name)).read())
 
     async def test_refuses_non_empty_dir(self) -> None:

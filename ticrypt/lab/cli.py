@@ -4,7 +4,11 @@ It generates a private CA, keys and configs in a fresh folder, starts
 ticrypt-proxy, ticrypt-rest and a ticrypt-vmc (the lab "VM") as real
 ``twistd -n`` processes, registers and enrolls the VM, signs the researcher
 in with the ``ticrypt`` CLI and runs an encrypted ``exec`` and ``shell``
-through the proxy, printing each command and what it answered.
+through the proxy, printing each command and what it answered.  Then it
+tunnels application ports: a small web server and vmc's SFTP server
+"inside the VM", ticrypt-vmhost in front of the VM and the researcher's
+ticrypt-connect; ``ticrypt tunnel open`` sets the tunnel up and curl and
+OpenSSH's sftp use it.
 
 ``--keep`` leaves everything running and prints the commands to use it by
 hand; Ctrl-C stops it.  Without ``--keep`` the daemons are stopped and the
@@ -27,7 +31,7 @@ from typing import Any, TextIO
 from twisted.internet import defer, task
 
 from ticrypt import identity
-from ticrypt.lab import daemons
+from ticrypt.lab import apps, daemons
 from ticrypt.lab.deploy import Addresses, DeployError, Deployment, Run, free_port
 
 PROG = "ticrypt-lab"
@@ -49,13 +53,23 @@ class Lab:
         self.procs: list[daemons.Daemon] = []
         self.logs: dict[str, TextIO] = {}
         self.env = daemons.daemon_env()
+        # the VM's host endpoint: ticrypt-vmhost's port base+1 (VM number 1)
+        self.vmhost_port = free_port()
         self.deployment = Deployment(workdir, Addresses(
-            rest_port=free_port(), proxy_port=free_port(), vm_host="127.0.0.1:2222"),
-            comment=PROG)
+            rest_port=free_port(), proxy_port=free_port(),
+            vm_host=f"127.0.0.1:{self.vmhost_port}"), comment=PROG)
         self.client_ini = self.deployment.client_ini(USER)
         self.env["TICRYPT_CLIENT_CONFIG"] = self.client_ini
         self.step_no = 0
         self.vm_id = ""
+        self.web: Any = None
+        self.web_port = free_port()
+        self.sftp_host_key = ""
+        self.tunnel_id = ""
+        self.local: dict[int, int] = {}
+        self.sftp_port = 0
+        self.sftp_args: list[str] = []
+        self.vmc: daemons.Daemon | None = None
 
     def say(self, text: str) -> None:
         self.out.write(text + "\n")
@@ -66,10 +80,14 @@ class Lab:
         self.say(f"\n[{self.step_no}] {text}")
 
     async def run(self, args: list[str], *, stdin: bytes = b"", expect: int | None = 0,
-                  show: bool = True) -> tuple[int, str, str]:
-        """Run a CLI, print it and its output; LabError if its status is not ``expect``."""
+                  show: bool = True, tool: bool = False) -> tuple[int, str, str]:
+        """Run a CLI (one of ours, or a system ``tool`` such as curl), print
+        it and its output; LabError if its status is not ``expect``."""
         name = args[0]
-        argv = [daemons.script_path(name), *args[1:]]
+        found = shutil.which(name) if tool else daemons.script_path(name)
+        if found is None:
+            raise LabError(f"{name} is not installed; it is needed for this step")
+        argv = [found, *args[1:]]
         shown = " ".join(shlex.quote(self._short(a)) for a in args)
         if stdin:
             escaped = stdin.decode().replace("\\", "\\\\").replace("\n", "\\n")
@@ -117,6 +135,9 @@ class Lab:
         return proc
 
     async def stop_all(self) -> None:
+        if self.web is not None:
+            web, self.web = self.web, None
+            await web.stopListening()
         for proc in reversed(self.procs):
             await proc.stop()
         for log in self.logs.values():
@@ -145,21 +166,29 @@ class Lab:
         self.step(f"Register the VM {VM_NAME!r} owned by {USER}; rest issues a single-use "
                   "enrollment token")
         self.vm_id, token = await dep.add_vm(self.runner(show=False), USER, VM_NAME)
-        vmc_ini = dep.vmc_ini(token, backoff_max="5s")
+        tunnel, sftp = dep.vm_tunnel(ports=(self.web_port,))
+        self.sftp_port = int(str(sftp["port"]))
+        vmc_ini = dep.vmc_ini(token, backoff_max="5s", tunnel_settings=tunnel,
+                              sftp_settings=sftp)
         self.say(f"      vm_id {self.vm_id}, enrollment token written to vmc-enroll.token")
 
         self.step("Start the VM controller: it makes its VM key, enrolls, pins the owner key "
-                  "and keeps websockets open to the proxy")
+                  "and keeps websockets open to the proxy; it also runs the tunnel server "
+                  "and an SFTP-only server on 127.0.0.1")
         vmc = await self.start("ticrypt-vmc", vmc_ini)
-        if vmc.ready_info and vmc.ready_info.get("vm_public_key"):
-            self.say(f"      VM key {vmc.ready_info['vm_public_key']}")
+        info = vmc.ready_info or {}
+        if info.get("vm_public_key"):
+            self.say(f"      VM key {info['vm_public_key']}")
+        self.sftp_host_key = str(info.get("sftp_host_key", ""))
+        self.vmc = vmc
 
         self.step(f"{USER} signs in with her key (challenge, Ed25519 signature, session)")
         await self.run(["ticrypt", "login"])
         await self.run(["ticrypt", "vm", "list"])
 
-        self.step("Encrypted exec through the proxy (the proxy relays ciphertext only)")
-        await self.run(["ticrypt", "exec", self.vm_id, "--", "uname", "-sr"])
+        self.step("Encrypted exec through the proxy (the proxy relays ciphertext only); "
+                  "a VM is named by its id or its name")
+        await self.run(["ticrypt", "exec", VM_NAME, "--", "uname", "-sr"])
         await self.run(["ticrypt", "exec", self.vm_id, "--", "sh", "-c",
                         "echo out; echo err >&2; exit 3"], expect=3)
         self.say("      (exit status 3 came back from the VM)")
@@ -167,6 +196,8 @@ class Lab:
         self.step("Encrypted interactive shell on a PTY in the VM")
         await self.run(["ticrypt", "shell", self.vm_id],
                        stdin=b"echo hello from $(hostname) over the secure channel; exit\n")
+
+        await self.tunnel_steps()
 
         self.step("What the relay recorded (metadata only, never payload)")
         for line in _tail(os.path.join(d, "proxy-audit.log"), 3):
@@ -180,6 +211,65 @@ class Lab:
             self.step("Stop the daemons")
         await self.stop_all()
 
+    async def tunnel_steps(self) -> None:
+        """Application ports of the VM on the researcher's machine."""
+        d, dep = self.dir, self.deployment
+        web = apps.web_folder(os.path.join(d, "www"))
+        self.web = await apps.start_web(self.reactor, web, self.web_port)
+        sftp_port = self.sftp_port
+        assert self.vmc is not None
+        tunnel_port = self.vmc.address("tunnel")[1]
+        self.step(f"Inside the VM: a web server on 127.0.0.1:{self.web_port} (serving www/) "
+                  f"and vmc's SFTP server on 127.0.0.1:{sftp_port}; vmc's tunnel server "
+                  f"listens on 127.0.0.1:{tunnel_port} (port 22 of a real VM)")
+        self.say(f"      vmc tunnels ports {self.web_port} and {sftp_port} only")
+
+        self.step(f"Start ticrypt-vmhost: host port {self.vmhost_port} -> the VM's tunnel "
+                  "endpoint (the address rest registered for the VM)")
+        await self.start("ticrypt-vmhost", dep.vmhost_ini(
+            {1: f"127.0.0.1:{tunnel_port}"}, base=str(self.vmhost_port - 1)))
+
+        self.step(f"On {USER}'s machine: start ticrypt-connect, her local tunnel agent "
+                  "(API on 127.0.0.1, token in connect-state/api.token)")
+        await dep.start_connect(self.start)
+        dep.client_ini(USER)  # [connect] url: the port it got
+
+        self.step("Open a tunnel with one command: rest opens a pathway at the proxy "
+                  "(only her address admitted), connect makes a client certificate, "
+                  "the VM pins it over the encrypted channel, connect dials")
+        _, out, _ = await self.run(["ticrypt", "tunnel", "open", VM_NAME])
+        for line in out.splitlines():
+            m = re.fullmatch(r"127\.0\.0\.1:(\d+) -> \S+:(\d+)", line.strip())
+            if m:
+                self.local[int(m.group(2))] = int(m.group(1))
+            m = re.match(r"tunnel (\S+) to ", line.strip())
+            if m:
+                self.tunnel_id = m.group(1)
+        if self.web_port not in self.local or sftp_port not in self.local:
+            raise LabError(f"ticrypt tunnel open did not print both ports: {out.strip()!r}")
+
+        web_local, sftp_local = self.local[self.web_port], self.local[sftp_port]
+        self.step("curl through the tunnel (connect -> proxy -> vmhost -> vmc -> web server)")
+        await self.run(["curl", "-sS", "--max-time", "30", f"http://127.0.0.1:{web_local}/"],
+                       tool=True)
+
+        self.step("OpenSSH sftp through the tunnel (her ticrypt key, vmc's SFTP host key "
+                  "pinned)")
+        key, known = apps.openssh_files(d, dep.path(f"{USER}.key"), self.sftp_host_key,
+                                        sftp_local)
+        self.sftp_args = apps.sftp_argv(key, known, sftp_local, USER)
+        batch = dep.write("sftp-batch", "put www/hello.txt hello.txt\nls -l\n"
+                          "get hello.txt hello-back.txt\n")
+        await self.run(apps.sftp_argv(key, known, sftp_local, USER, batch), tool=True)
+        with open(os.path.join(d, "hello-back.txt"), "rb") as f, \
+                open(os.path.join(web, "hello.txt"), "rb") as g:
+            if f.read() != g.read():
+                raise LabError("the file fetched back by sftp differs from the one put")
+        self.say("      (the file came back identical)")
+
+        self.step("The tunnel, as connect sees it")
+        await self.run(["ticrypt", "tunnel", "list"])
+
     def keep_instructions(self) -> None:
         env = f"export TICRYPT_CLIENT_CONFIG={shlex.quote(self.client_ini)}"
         self.say(f"""
@@ -187,8 +277,13 @@ The lab is running (Ctrl-C stops it).  In another terminal:
 
     {env}
     ticrypt vm list
-    ticrypt exec {self.vm_id} -- id
-    ticrypt shell {self.vm_id}
+    ticrypt exec {VM_NAME} -- id
+    ticrypt shell {VM_NAME}
+    ticrypt tunnel list
+    curl http://127.0.0.1:{self.local.get(self.web_port, 0)}/
+    cd {shlex.quote(self.dir)} && {apps.shown(self.sftp_args or ["sftp"], self.dir)}
+    ticrypt tunnel open {VM_NAME} --port {self.web_port}
+    ticrypt tunnel close {self.tunnel_id or "ID"}
 
 Logs and audit logs are in {self.dir}.""")
 

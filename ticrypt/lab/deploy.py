@@ -97,6 +97,8 @@ class Addresses:
     vm_host: str = "127.0.0.1:2201"
     #: rest's scheme: ``http`` only for a test's plain listener
     rest_scheme: str = "https"
+    #: the user's ticrypt-connect API on 127.0.0.1; 0: not started yet
+    connect_port: int = 0
 
     @property
     def rest_url(self) -> str:
@@ -383,15 +385,34 @@ class Deployment:
             "audit_log": f"{name}-audit.log",
         }}, {"vmhost": overrides})
 
-    def client_ini(self, user: str, name: str = "client", **overrides: str | None) -> str:
+    def connect_ini(self, name: str = "connect", tunnels: Settings | None = None,
+                    **overrides: str | None) -> str:
+        """``NAME.ini`` for the user's ticrypt-connect: its API on
+        127.0.0.1 (port :attr:`Addresses.connect_port`, 0: any), keys and
+        token in ``NAME-state``, audit log ``NAME-audit.log``; ``tunnels``
+        go to ``[tunnels]``."""
+        return self._ini("connect", f"{name}.ini", {"connect": {
+            "listen": f"tcp:{self.addresses.connect_port}:interface=127.0.0.1",
+            "state_dir": f"{name}-state",
+            "token_file": f"{name}-state/api.token",
+            "audit_log": f"{name}-audit.log",
+        }, "tunnels": {}}, {"connect": overrides, "tunnels": tunnels or {}})
+
+    def client_ini(self, user: str, name: str = "client", connect: str = "connect",
+                   **overrides: str | None) -> str:
         """``NAME.ini``, the ``ticrypt`` CLI config of ``user`` (key
-        ``USER.key``, session kept in ``NAME-state``)."""
+        ``USER.key``, session kept in ``NAME-state``), using the
+        ticrypt-connect ``connect`` once its port is known."""
+        port = self.addresses.connect_port
         return self._ini("client", f"{name}.ini", {"client": {
             "rest_url": self.addresses.rest_url,
             "ca_file": self.names["ca"],
             "key_file": f"{user}.key",
             "user": user,
             "state_dir": f"{name}-state",
+        }, "connect": {
+            "url": f"http://127.0.0.1:{port}" if port else None,
+            "token_file": f"{connect}-state/api.token",
         }}, {"client": overrides})
 
     # -- the backend's records (through ticrypt-admin) -------------------------------
@@ -448,6 +469,13 @@ class Deployment:
         self.addresses.rest_scheme = "https" if "https" in listening else "http"
         self.addresses.rest_port = rest.address(self.addresses.rest_scheme)[1]
         return rest
+
+    async def start_connect(self, start: Start, name: str = "connect") -> Daemon:
+        """Write NAME.ini, start the user's ticrypt-connect and record its
+        API port (write client.ini again afterwards to point at it)."""
+        connect = await start("ticrypt-connect", self.connect_ini(name))
+        self.addresses.connect_port = connect.address("api")[1]
+        return connect
 
     async def start_backend(self, start: Start) -> tuple[Daemon, Daemon]:
         """The proxy, then rest (:data:`START_ORDER`).  rest's port is chosen
