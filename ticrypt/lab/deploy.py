@@ -306,8 +306,9 @@ class Deployment:
     def proxy_ini(self, limits: Settings | None = None, leases: Settings | None = None,
                   **overrides: str | None) -> str:
         """``proxy.ini``: wss on the proxy address, rest's feed polled with
-        the shared secret, the control API (TLS, same certificate) on the
-        proxy address and pathway leases (userspace) there too; ``limits``
+        the shared secret, the control API (TLS, same certificate; off
+        before :meth:`ca`) on the proxy address and pathway leases
+        (userspace) there too; ``limits``
         go to ``[limits]``, ``leases`` to ``[leases]``."""
         a = self.addresses
         sections: dict[str, dict[str, str | None]] = {"proxy": {
@@ -319,7 +320,9 @@ class Deployment:
             "ca_file": self.names["ca"],
             "revocation_feed_secret": self.names["feed_secret"],
         }, "limits": {}, "control": {
-            "listen": self._tls_listen(a.proxy_host, a.control_port),
+            # TLS only: off until the deployment has its certificate (ca())
+            "listen": (self._tls_listen(a.proxy_host, a.control_port)
+                       if os.path.exists(self.server_pem) else "off"),
         }, "leases": {
             "ports": a.lease_ports,
             "interface": a.proxy_host,
