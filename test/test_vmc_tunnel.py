@@ -368,8 +368,8 @@ class PinnedTLS(TestCase):
 class Streams(TestCase):
     """The real mux over the pinned TLS connection, streams to 127.0.0.1."""
 
-    async def tunnel(self, ports: tuple[int, ...]) -> tuple[Fixture, MuxProtocol]:
-        f = Fixture(self, echo=False, ports=ports)
+    async def tunnel(self, ports: tuple[int, ...], **kw: Any) -> tuple[Fixture, MuxProtocol]:
+        f = Fixture(self, echo=False, ports=ports, **kw)
         key, cert = make_cert("alice")
         f.server.accept(fingerprint(cert), "alice", ALICE)
         pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
@@ -382,11 +382,18 @@ class Streams(TestCase):
             reactor, "127.0.0.1", f.number))
         await endpoints.connectProtocol(ep, mux)
         self.addCleanup(self.drop, mux)
+        for _ in range(1000):  # the server's side of the handshake (bounded)
+            if f.server.connections:
+                break
+            await task.deferLater(reactor, 0.005, lambda: None)
+        self.assertEqual(len(f.server.connections), 1)
         return f, mux
 
     def drop(self, mux: MuxProtocol) -> defer.Deferred[str]:
-        if mux.transport is not None:
-            mux.transport.abortConnection()  # type: ignore[attr-defined]
+        transport: Any = mux.transport
+        if transport is not None and getattr(transport, "_tlsConnection", None) is not None \
+                and not transport.disconnecting:
+            transport.abortConnection()
         return mux.when_closed()
 
     def echo_server(self) -> int:
@@ -465,3 +472,39 @@ class Streams(TestCase):
 
     def test_origins_name_the_tunnel_user(self) -> defer.Deferred[None]:
         return defer.ensureDeferred(self._origins())
+
+    async def _revoke(self) -> None:
+        f, mux = await self.tunnel((1,))
+        self.assertEqual(len(f.server.connections), 1)
+        f.server.revoked(ALICE)
+        await mux.when_closed()
+        self.assertEqual(len(f.server.pins), 0)
+        await f.drop_connections()
+        self.assertEqual(f.server.connections, set())
+        self.assertEqual([c["user"] for c in f.audit_lines("tunnel-closed")], ["alice"])
+
+    def test_revoked_user_loses_tunnels_and_pins(self) -> defer.Deferred[None]:
+        return defer.ensureDeferred(self._revoke())
+
+    async def _sweep(self) -> None:
+        clock = task.Clock()
+        clock.advance(1000)
+        f, mux = await self.tunnel((1,), clock=clock, pins=PinLimits(pin_ttl=60.0))
+        for _ in range(3):  # an open tunnel keeps its pin alive
+            clock.advance(50)
+            f.server.sweep()
+        self.assertEqual(len(f.server.pins), 1)
+        self.drop(mux)
+        await f.drop_connections()
+        clock.advance(59)
+        f.server.sweep()
+        self.assertEqual(len(f.server.pins), 1)
+        clock.advance(1)
+        f.server.sweep()
+        self.assertEqual(len(f.server.pins), 0)
+        self.assertEqual([e["user"] for e in f.audit_lines("tunnel-pin-expired")], ["alice"])
+        with open(os.path.join(f.state.state_dir, "tunnel-pins.json")) as fh:
+            self.assertEqual(json.load(fh), {"pins": []})
+
+    def test_open_tunnels_keep_pins_unused_ones_expire(self) -> defer.Deferred[None]:
+        return defer.ensureDeferred(self._sweep())
