@@ -4,7 +4,11 @@ command (ticrypt/vmc/commands.py), sans-IO."""
 from __future__ import annotations
 
 import datetime
+import hashlib
 import json
+import os
+import shutil
+import tempfile
 from typing import Any
 
 from cryptography import x509
@@ -14,7 +18,9 @@ from cryptography.x509.oid import NameOID
 from twisted.trial.unittest import SynchronousTestCase
 
 from ticrypt import identity
+from ticrypt.config import ConfigError, load_config
 from ticrypt.vmc.commands import MAX_CERT_PEM, Dispatcher, Send
+from ticrypt.vmc.config import VmcConfig
 from ticrypt.vmc.pins import PinLimits, PinRefused, PinSet
 
 ALICE = identity.public_bytes(identity.generate())
@@ -127,8 +133,6 @@ def pem_cert() -> tuple[str, str]:
     cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
             .public_key(key.public_key()).serial_number(1).not_valid_before(now)
             .not_valid_after(now + datetime.timedelta(days=1)).sign(key, hashes.SHA256()))
-    import hashlib
-
     der = cert.public_bytes(serialization.Encoding.DER)
     key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                 serialization.NoEncryption()).decode()
@@ -211,3 +215,44 @@ class TunnelAccept(SynchronousTestCase):
         answer = self.ask(Gate(PinRefused("too-many-pins", "at most 8")), cert=cert)
         self.assertEqual((answer["code"], answer["message"]), ("too-many-pins", "at most 8"))
         self.assertEqual(answer["id"], 7)
+
+
+class TunnelConfig(SynchronousTestCase):
+    """[tunnel] and [sftp] in vmc.ini."""
+
+    def load(self, extra: str) -> Any:
+        d = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, d)
+        open(os.path.join(d, "ca.pem"), "w").close()
+        os.makedirs(os.path.join(d, "share"), 0o700)
+        path = os.path.join(d, "vmc.ini")
+        with open(path, "w") as f:
+            f.write("[vmc]\nrest_url = https://127.0.0.1:1\nca_file = ca.pem\n"
+                    "state_dir = st\naudit_log = a.log\n" + extra)
+        return load_config(path, VmcConfig)
+
+    def test_defaults_off(self) -> None:
+        cfg = self.load("")
+        self.assertFalse(cfg.tunnel.enabled)
+        self.assertFalse(cfg.sftp.enabled)
+        self.assertEqual((cfg.tunnel.listen, cfg.tunnel.ports, cfg.tunnel.pins.pin_ttl),
+                         ("tcp:22", (2022,), 3600.0))
+
+    def test_values(self) -> None:
+        cfg = self.load("[tunnel]\nenabled = yes\nlisten = tcp:0:interface=127.0.0.1\n"
+                        "ports = 2022, 8080, 2022\npin_ttl = 5m\nmax_pins_per_user = 2\n"
+                        "[sftp]\nenabled = yes\nport = 2222\nroot = share\n")
+        self.assertEqual(cfg.tunnel.ports, (2022, 8080))
+        self.assertEqual((cfg.tunnel.pins.pin_ttl, cfg.tunnel.pins.max_pins_per_user), (300.0, 2))
+        self.assertTrue(cfg.sftp.root.endswith("/share"))
+
+    def test_refused(self) -> None:
+        for extra, key in (("[tunnel]\nenabled = yes\nlisten = unix:tunnel.sock\n",
+                            "[tunnel] listen: expected a tcp: or tcp6: endpoint"),
+                           ("[tunnel]\nports = 0\n", "[tunnel] ports"),
+                           ("[tunnel]\nports = 80, x\n", "[tunnel] ports"),
+                           ("[sftp]\nenabled = yes\n", "[sftp] root"),
+                           ("[sftp]\nroot = missing\n", "[sftp] root")):
+            with self.assertRaises(ConfigError, msg=extra) as e:
+                self.load(extra)
+            self.assertIn(key, str(e.exception))
