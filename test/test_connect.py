@@ -44,6 +44,8 @@ class FakePort:
         self.listening = True
 
     def getHost(self) -> IPv4Address:
+        if not self.listening:  # as tcp.Port: its socket is gone
+            raise AttributeError("'Port' object has no attribute 'socket'")
         return IPv4Address("TCP", "127.0.0.1", self.port)
 
     def stopListening(self) -> None:

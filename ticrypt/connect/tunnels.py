@@ -299,6 +299,7 @@ class Tunnel:
         self._attempt: defer.Deferred[Link] | None = None
         self._retry: Any = None
         self._listening: list[IListeningPort] = []
+        self._local: list[tuple[int, int]] = []
         self._first: list[defer.Deferred[str | None]] = []
         self._attempted = False
 
@@ -322,6 +323,7 @@ class Tunnel:
                                   f"{getattr(why, 'strerror', None) or why}") from None
             self.ports.append((fwd, port, factory))
             self._listening.append(port)
+            self._local.append((fwd.remote, int(getattr(port.getHost(), "port", 0))))
         self._connect()
         return self.local_ports()
 
@@ -343,8 +345,8 @@ class Tunnel:
             d.callback(None if self.connects else self.last_error)
 
     def local_ports(self) -> list[tuple[int, int]]:
-        return [(fwd.remote, int(getattr(port.getHost(), "port", 0)))
-                for fwd, port, _ in self.ports]
+        """``[(VM port, local port)]``, as listened on (kept after close)."""
+        return list(self._local)
 
     async def close(self, reason: str = "closed") -> None:
         """Stop the listeners, end every connection and the link."""
