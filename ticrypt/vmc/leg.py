@@ -170,7 +170,7 @@ class VmLeg(WebSocketClientProtocol):
             # still in the opening handshake: there is no websocket to close
             # cleanly yet, and autobahn's sendClose would raise
             if self.transport is not None:
-                self.transport.abortConnection()
+                self.transport.abortConnection()  # type: ignore[attr-defined]
             return
         self.sendClose(code, reason[:120])
 
