@@ -242,8 +242,9 @@ class LeaseIdleTests(TestCase):
         with self.assertRaises(ConnectionRefusedError):
             await endpoints.connectProtocol(endpoints.TCP4ClientEndpoint(
                 reactor, "127.0.0.1", int(pathway["port"]), timeout=10), protocol.Protocol())
-        audit = open(c.dep.path("proxy-audit.log")).read()
-        self.assertIn("idle", audit)
+        with open(c.dep.path("proxy-audit.log")) as f:
+            closes = [e for e in map(json.loads, f) if e["event"] == "lease-close"]
+        self.assertEqual([e["reason"] for e in closes], ["idle"])
 
 
 class ProxyRestartTests(TestCase):
