@@ -49,6 +49,8 @@ UNIT_CONFIG_DIR = "/etc/ticrypt"
 
 #: Roles that run users' processes and so are not sandboxed (see the unit).
 UNSANDBOXED = {"ticrypt-vmc"}
+#: Agents a user runs in their own session: no system unit.
+USER_AGENTS = {"ticrypt-connect"}
 
 #: What the tree copy leaves out: build output and local state, not sources.
 _TOP_LEVEL_IGNORED = {".git", ".venv", "build", "dist", ".mypy_cache", ".ruff_cache"}
@@ -345,6 +347,11 @@ def unit_settings(path: str) -> dict[str, list[str]]:
     return settings
 
 
+def server_roles() -> dict[str, str]:
+    """:func:`plugin_roles` but the :data:`USER_AGENTS` (the roles with a unit)."""
+    return {t: m for t, m in plugin_roles().items() if t not in USER_AGENTS}
+
+
 def unit_command(inst: Install, tapname: str, config: str) -> list[str]:
     """The unit's ExecStart with the scratch venv for /opt/ticrypt and
     ``config`` for its config file."""
@@ -367,7 +374,7 @@ class SystemdUnitTests(SynchronousTestCase):
         self.units = os.path.join(self.inst.prefix, "share", "ticrypt", "systemd")
 
     def test_one_unit_per_role(self) -> None:
-        expected = {f"{tapname}.service" for tapname in plugin_roles()}
+        expected = {f"{tapname}.service" for tapname in server_roles()}
         self.assertEqual(set(os.listdir(os.path.join(ROOT, "etc", "systemd"))), expected)
         self.assertEqual(set(os.listdir(self.units)), expected)
 
@@ -401,7 +408,7 @@ class SystemdUnitTests(SynchronousTestCase):
         """rest and proxy run unprivileged in a read-only system; vmc runs as
         root with a delegated cgroup subtree and no sandbox, because the
         sandbox would bind every user process it starts."""
-        for tapname in plugin_roles():
+        for tapname in server_roles():
             s = unit_settings(os.path.join(self.units, f"{tapname}.service"))
             self.assertEqual(s["Restart"], ["on-failure"], tapname)
             self.assertEqual(s["Type"], ["exec"], tapname)
@@ -429,7 +436,7 @@ class SystemdUnitTests(SynchronousTestCase):
         reaches the role's own option parser (--help stops before the config
         is loaded)."""
         samples = os.path.join(self.inst.prefix, "share", "ticrypt", "etc")
-        for tapname in plugin_roles():
+        for tapname in server_roles():
             role = tapname.removeprefix("ticrypt-")
             argv = unit_command(self.inst, tapname, os.path.join(samples, f"{role}.ini"))
             proc = self.inst.run(*argv, "--help")
