@@ -333,6 +333,22 @@ class LeaseServiceTests(SynchronousTestCase):
         self.assertEqual(reasons, ["idle", "idle"])
         self.successResultOf(s.stopService())
 
+    def test_replacement_closes_before_it_opens(self) -> None:
+        opener = RecordingOpener()
+        s = LeaseService(table=LeaseTable((6000, 6000), LeaseLimits()), opener=opener,
+                         clock=self.clock, audit=self.audit, journal=None, public_host="h")
+        opener.service = s
+        s.startService()
+        old = self.open(s, address="192.0.2.1")
+        new = self.open(s, address="198.51.100.2")
+        self.assertEqual((old.port, new.port), (6000, 6000))
+        self.assertEqual(opener.closed, [(6000, old.id)])
+        self.assertEqual(opener.opened, [6000, 6000])
+        reasons = [e.get("reason") for e in read_audit(self.audit_path)
+                   if e["event"] == "lease-close"]
+        self.assertEqual(reasons, ["replaced"])
+        self.successResultOf(s.stopService())
+
     def test_revoke(self) -> None:
         opener = RecordingOpener()
         s = self.service(opener)

@@ -105,14 +105,33 @@ class AllocationTests(SynchronousTestCase):
         self.assertEqual(again.expires, 3000)
         self.assertEqual(again.last_activity, 1500)
 
-    def test_other_address_or_session_is_a_new_lease(self) -> None:
+    def test_other_session_or_vm_is_a_new_lease(self) -> None:
         t = table()
         first, _ = ask(t)
-        other, actions = ask(t, address="192.0.2.2")
+        other, actions = ask(t, session="s2")
         self.assertNotEqual(other.port, first.port)
         self.assertEqual(actions, [Open(other)])
-        third, _ = ask(t, session="s2")
-        self.assertNotEqual(third.id, first.id)
+        third, _ = ask(t, vm="vm-2")
+        self.assertEqual(len({first.id, other.id, third.id}), 3)
+
+    def test_other_address_replaces_the_sessions_lease(self) -> None:
+        t = table(6000, 6000)
+        old, _ = ask(t, address="192.0.2.1")
+        new, actions = ask(t, address="198.51.100.2")
+        self.assertEqual(actions, [Close(old, "replaced"), Open(new)])
+        self.assertEqual(new.port, 6000)  # the only port, freed by the close
+        self.assertIs(t.admits(6000, "198.51.100.2"), new)
+        self.assertIsNone(t.admits(6000, "192.0.2.1"))
+        self.assertIsNone(t.get(old.id))
+
+    def test_refused_replacement_keeps_the_old_lease(self) -> None:
+        t = table(6000, 6000)
+        old, _ = ask(t, address="192.0.2.1")
+        t.block(6000, until=5000)
+        with self.assertRaises(LeaseError):
+            ask(t, address="198.51.100.2")
+        self.assertIs(t.get(old.id), old)
+        self.assertIs(t.admits(6000, "192.0.2.1"), old)
 
     def test_freed_port_never_keeps_old_address(self) -> None:
         t = table(6000, 6000)

@@ -196,6 +196,8 @@ class LeaseService(Service):
             if not actions:
                 self._changed()
                 return lease, True
+            # a replaced lease's listener is gone before its port may be bound again
+            await self._carry_out([a for a in actions if isinstance(a, Close)])
             try:
                 await self.opener.open(lease)
             except BadTarget as e:

@@ -18,7 +18,8 @@ Rules worth stating:
   I/O layer could not bind is :meth:`LeaseTable.block`-ed for a while.
 * A request for the same (session, VM, address) as a live lease returns that
   lease (its expiry refreshed) at once: a reconnecting client never sees
-  "port still held".
+  "port still held"; from another address it replaces the session's lease
+  to that VM (the client moved).
 * A lease ends at its ``expires`` (the owner's session expiry), when idle
   (no open connection for ``idle_timeout``), or when closed (by request,
   by session, by user).
@@ -188,19 +189,43 @@ class LeaseTable:
         """A lease for ``user``'s ``session`` to ``vm`` at ``target`` from
         ``address`` until ``expires``: the live one for the same (session,
         VM, address), refreshed, with no action; else a new one with an
-        :class:`Open` action.  LeaseError when refused."""
+        :class:`Open` action, after a :class:`Close` (``replaced``) of the
+        session's lease to that VM from another address, if any (the
+        caller carries the closes out first).  LeaseError when refused
+        (nothing changed then)."""
         allowed = normalize_address(address)
         if expires <= now:
             raise LeaseError("bad-request", "the lease would already have expired")
         if not all((user, session, vm, target)):
             raise LeaseError("bad-request", "user, session, vm and target are required")
-        for lease in self._by_id.values():
-            if (lease.session, lease.vm, lease.allowed) == (session, vm, allowed) \
-                    and lease.user == user and lease.expires > now:
+        mine = [lease for lease in self.leases()
+                if (lease.user, lease.session, lease.vm) == (user, session, vm)]
+        for lease in mine:
+            if lease.allowed == allowed and lease.expires > now:
                 lease.expires = expires
                 lease.target = target
                 lease.last_activity = now
                 return lease, []
+        # the session moved to another address (a reconnect): the old lease goes
+        replaced: list[Action] = []
+        for lease in mine:
+            replaced += self.release(lease.id, "replaced")
+        try:
+            lease, opened = self._new(user=user, session=session, vm=vm, target=target,
+                                      allowed=allowed, expires=expires, now=now, new_id=new_id)
+        except LeaseError:
+            for action in replaced:  # refused: the old lease stays as it was
+                assert isinstance(action, Close)
+                self._restore_lease(action.lease)
+            raise
+        return lease, replaced + opened
+
+    def _restore_lease(self, lease: Lease) -> None:
+        self._free.remove(lease.port)
+        self._add(lease)
+
+    def _new(self, *, user: str, session: str, vm: str, target: str, allowed: str,
+             expires: float, now: float, new_id: Callable[[], str]) -> tuple[Lease, list[Action]]:
         if sum(1 for lease in self._by_id.values() if lease.user == user) \
                 >= self.limits.max_per_user:
             raise LeaseError("too-many-leases", f"user {user} already holds "
