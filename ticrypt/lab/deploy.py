@@ -407,15 +407,17 @@ class Deployment:
         ``USER.key``, session kept in ``NAME-state``), using the
         ticrypt-connect ``connect`` once its port is known."""
         port = self.addresses.connect_port
-        return self._ini("client", f"{name}.ini", {"client": {
+        # [connect] first: [client] ends the file, as before it had a section
+        # (a test appends a key to [client])
+        return self._ini("client", f"{name}.ini", {"connect": {
+            "url": f"http://127.0.0.1:{port}" if port else None,
+            "token_file": f"{connect}-state/api.token",
+        }, "client": {
             "rest_url": self.addresses.rest_url,
             "ca_file": self.names["ca"],
             "key_file": f"{user}.key",
             "user": user,
             "state_dir": f"{name}-state",
-        }, "connect": {
-            "url": f"http://127.0.0.1:{port}" if port else None,
-            "token_file": f"{connect}-state/api.token",
         }}, {"client": overrides})
 
     # -- the backend's records (through ticrypt-admin) -------------------------------
