@@ -1313,3 +1313,40 @@ class FramingTests(SynchronousTestCase):
         self.assertEqual(self.session.dispatcher.running, {1: "exec"})
         self.assertEqual(self.answers(b'{"t":"stdin","id":1}\nx'),
                          [{"t": "window", "id": 1, "bytes": 1}])  # still running
+
+
+class PipeReadSizeTests(SynchronousTestCase):
+    """A child's output is read a record body at a time, not Twisted's 8 KiB
+    (each read becomes one sealed record)."""
+
+    def test_one_read_takes_a_full_record_body(self) -> None:
+        from twisted.internet.main import CONNECTION_DONE
+
+        from ticrypt.vmc.processes import PIPE_READ_SIZE, read_pipes_in_chunks
+        r, w = os.pipe()
+        self.addCleanup(os.close, r)
+        os.set_blocking(r, False)
+        got: list[bytes] = []
+
+        class Reader:  # what Process.pipes holds for an output fd
+            fd = r
+
+            def dataReceived(self, data: bytes) -> None:
+                got.append(data)
+
+            def doRead(self) -> object:
+                raise AssertionError("Twisted's 8 KiB read")
+
+        class Transport:
+            pipes: dict[int, Any] = {1: Reader(), 0: object()}
+
+        transport = Transport()
+        read_pipes_in_chunks(transport)
+        reader = transport.pipes[1]
+        os.write(w, b"x" * PIPE_READ_SIZE)
+        self.assertIsNone(reader.doRead())
+        self.assertEqual([len(g) for g in got], [PIPE_READ_SIZE])
+        self.assertIsNone(reader.doRead())  # nothing there: EAGAIN, no data
+        os.close(w)
+        self.assertIs(reader.doRead(), CONNECTION_DONE)
+        self.assertEqual(len(got), 1)

@@ -7,13 +7,13 @@ import os
 from autobahn.twisted.websocket import WebSocketClientFactory
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from twisted.internet.endpoints import HostnameEndpoint
-from twisted.internet.testing import MemoryReactorClock
+from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 
 from ticrypt import tlsutil
 from ticrypt.channel import ChannelError, UserChannel, VmChannel
 from ticrypt.channel.primitives import ed25519_public_bytes
-from ticrypt.ws import ChannelPump, connect_ws, set_limits, ws_endpoint
+from ticrypt.ws import ChannelPump, connect_ws, no_delay, set_limits, ws_endpoint
 
 
 class EndpointTests(SynchronousTestCase):
@@ -147,3 +147,38 @@ class PumpTests(SynchronousTestCase):
         self.user.pump.send_app(b"two")
         self.assertEqual(len(self.user.sent), 1)
         self.assertEqual([e.code for e in self.user.failed], ["counter-exhausted"])
+
+
+class _TcpTransport(StringTransport):
+    """A StringTransport that records Nagle's setting, like a TCP one."""
+
+    nodelay: bool | None = None
+
+    def setTcpNoDelay(self, enabled: bool) -> None:
+        self.nodelay = enabled
+
+
+class NoDelayTests(SynchronousTestCase):
+    def test_sets_nodelay_where_there_is_tcp(self) -> None:
+        t = _TcpTransport()
+        self.assertTrue(no_delay(t))
+        self.assertIs(t.nodelay, True)
+        self.assertFalse(no_delay(StringTransport()))  # no TCP socket: nothing to set
+
+    def test_os_error_is_no(self) -> None:
+        class Unix(StringTransport):
+            def setTcpNoDelay(self, enabled: bool) -> None:
+                raise OSError(22, "not a TCP socket")
+        self.assertFalse(no_delay(Unix()))
+
+    def test_user_leg_turns_nagle_off(self) -> None:
+        """autobahn's own setTcpNoDelay fails on a client protocol (it reads
+        the option before copying it from the factory); the frontend's leg
+        sets it itself, else each small message waits for a delayed ACK."""
+        from ticrypt.frontend.leg import UserLeg, _UserFactory
+        factory = _UserFactory(url="ws://127.0.0.1:1/v1/user", reactor=MemoryReactorClock())
+        leg = factory.buildProtocol(None)
+        assert isinstance(leg, UserLeg)
+        t = _TcpTransport()
+        leg.makeConnection(t)
+        self.assertIs(t.nodelay, True)

@@ -114,6 +114,27 @@ def connect_ws(reactor: Any, url: str, ca_file: str, factory: WebSocketClientFac
     return result
 
 
+def no_delay(transport: Any) -> bool:
+    """Turn Nagle's algorithm off on ``transport``'s TCP socket (also under
+    TLS); returns whether it could.
+
+    autobahn means to do it in ``connectionMade`` but reads the option before
+    it has copied the factory's options onto the protocol, so on a client
+    protocol the ``AttributeError`` it swallows leaves Nagle on: a small
+    message (a keystroke's echo, a window update) then waits up to a delayed
+    ACK (~40 ms) behind the previous one.  Our client legs call this from
+    their ``connectionMade``.
+    """
+    set_no_delay = getattr(transport, "setTcpNoDelay", None)
+    if set_no_delay is None:
+        return False
+    try:
+        set_no_delay(True)
+    except OSError:  # not a TCP socket (a UNIX socket, a test transport)
+        return False
+    return True
+
+
 def _never() -> bool:
     return False
 

@@ -21,7 +21,7 @@ from twisted.logger import Logger
 from ticrypt.channel import ChannelError, UserChannel, app
 from ticrypt.frontend.control import Action, Close, Feed, SendText, StartChannel, UserControl
 from ticrypt.frontend.errors import SessionError
-from ticrypt.ws import ChannelPump, connect_ws
+from ticrypt.ws import ChannelPump, connect_ws, no_delay
 
 
 class AppReceiver(Protocol):
@@ -61,6 +61,10 @@ class UserLeg(WebSocketClientProtocol):
         return (self.pump.channel.peer_key or b"") if self.pump is not None else b""
 
     # -- autobahn callbacks ------------------------------------------------
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        no_delay(self.transport)  # autobahn's own attempt fails on a client
 
     def onOpen(self) -> None:
         self._do(self.control.opened(self.factory.ticket))

@@ -36,7 +36,7 @@ from ticrypt.vmc.control import Action, Close, Paired, Send, VmControl, Waiting
 from ticrypt.vmc.processes import Send as SendApp
 from ticrypt.vmc.session import Peer, VmSession
 from ticrypt.vmc.state import VmState
-from ticrypt.ws import ChannelPump
+from ticrypt.ws import ChannelPump, no_delay
 
 #: Close when vmc stops: 1000 with the reason ``going-away``.  Not 1001
 #: (:data:`~ticrypt.closecodes.GOING_AWAY`): autobahn lets an application
@@ -113,6 +113,10 @@ class VmLeg(WebSocketClientProtocol):
         self._incoming_binary = False
 
     # -- autobahn callbacks ------------------------------------------------
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        no_delay(self.transport)  # autobahn's own attempt fails on a client
 
     def onOpen(self) -> None:
         self.phase = Phase.CONTROL

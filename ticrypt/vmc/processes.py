@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import ctypes
 import fcntl
+import functools
 import json
 import os
 import pwd
@@ -49,6 +50,7 @@ from twisted.internet.interfaces import (
     IReactorProcess,
     IReactorTime,
 )
+from twisted.internet.main import CONNECTION_DONE, CONNECTION_LOST
 
 # Twisted's registry of the children it started and will reap; the
 # fallback's orphan reaper must leave those alone.
@@ -58,7 +60,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from ticrypt.channel.app import WINDOW, chunks
+from ticrypt.channel.app import CHUNK, WINDOW, chunks
 from ticrypt.fsutil import atomic_write
 from ticrypt.vmc.cgroup import (
     CgroupTracker,
@@ -67,6 +69,11 @@ from ticrypt.vmc.cgroup import (
     find_parent,
     instance_name,
 )
+
+#: Bytes read from a child's stdout or stderr pipe at a time: one full
+#: record body (Twisted reads 8 KiB, and every read becomes a record: eight
+#: times the per-record work of sealing, framing and relaying).
+PIPE_READ_SIZE = CHUNK
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
@@ -564,6 +571,30 @@ def open_tracker(setting: str, state_dir: str, clock: Any) -> Tracker:
         return SessionTracker.open(state_dir, clock, str(e))
 
 
+def _read_pipe(reader: Any) -> object:
+    """``ProcessReader.doRead`` with :data:`PIPE_READ_SIZE` reads (Twisted's
+    ``fdesc.readFromFD``, which reads 8 KiB, otherwise unchanged)."""
+    try:
+        data = os.read(reader.fd, PIPE_READ_SIZE)
+    except (BlockingIOError, InterruptedError):
+        return None
+    except OSError:
+        return CONNECTION_LOST
+    if not data:
+        return CONNECTION_DONE
+    reader.dataReceived(data)
+    return None
+
+
+def read_pipes_in_chunks(transport: Any) -> None:
+    """Read ``transport``'s output pipes (a spawned ``Process``) in
+    :data:`PIPE_READ_SIZE` pieces; a PTY process is left as it is."""
+    for fd in (1, 2):
+        reader = getattr(transport, "pipes", {}).get(fd)
+        if reader is not None and hasattr(reader, "dataReceived"):
+            reader.doRead = functools.partial(_read_pipe, reader)
+
+
 @implementer(IPushProducer)
 class _Stdin:
     """vmc's buffer of one child's input, and the producer for its stdin.
@@ -730,6 +761,7 @@ class ProcessGroup:
             self.track.ended(rid)
             self._fail(rid, "spawn-failed", "cannot start command: invalid argument")
             return
+        read_pipes_in_chunks(transport)
         self.send({"t": "ok", "id": rid, "window": window}, b"")
         self._started(rid, child, transport)
 
