@@ -168,6 +168,14 @@ class TunnelUseTests(TestCase):
 
     async def test_open_curl_sftp_streams_list_close(self) -> None:
         c = await start_chain(self)
+        rest = await c.rest()
+        # a port the VM does not tunnel: one line, and the pathway is closed again
+        out = await c.cli("tunnel", "open", VM, "--port", "9", expect=1)
+        ports_text = ", ".join(map(str, sorted((c.web_port, c.sftp_port))))
+        self.assertEqual(out.strip(), "ticrypt: cannot open a tunnel to labvm: labvm does not "
+                         f"tunnel port 9; it tunnels {ports_text}")
+        self.assertEqual(await rest.list_pathways(), [])
+
         tid, ports = await c.open_tunnel()
         self.assertEqual(set(ports), {c.web_port, c.sftp_port})
         web, sftp = ports[c.web_port], ports[c.sftp_port]
@@ -210,7 +218,6 @@ class TunnelUseTests(TestCase):
         out = await c.cli("tunnel", "list")
         self.assertRegex(out, rf"{tid} +labvm +up +0 +[\d.]+ MiB +[\d.]+ MiB +.*"
                               rf"\b{web}->{c.web_port}\b")
-        rest = await c.rest()
         self.assertEqual(len(await rest.list_pathways()), 1)
         out = await c.cli("tunnel", "close", tid)
         self.assertEqual(out.strip(), f"closed tunnel {tid} to labvm")

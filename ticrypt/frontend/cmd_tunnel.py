@@ -30,7 +30,7 @@ from ticrypt.frontend.clientconfig import ClientConfig, NotLoggedIn
 from ticrypt.frontend.cmd_session import open_vm
 from ticrypt.frontend.errors import RemoteError, SessionError
 from ticrypt.frontend.runner import CommandError, add_command, load_config, run_async, show
-from ticrypt.frontend.vmref import resolve_vm
+from ticrypt.frontend.vmref import VmRef, resolve_vm
 from ticrypt.http.client import HttpError, JsonClient
 
 #: connect answers at once, but ``wait`` covers a TCP + TLS connection.
@@ -115,6 +115,7 @@ def cmd_open(args: argparse.Namespace) -> int:
 
     async def run(reactor: Any) -> int:
         connect = ConnectApi(reactor, cfg)
+        await connect.call("GET", "/v1/tunnels")  # is it there, before rest acts
         rest = authenticated_client(reactor, cfg)
         ref = await resolve_vm(rest, args.vm_id)
         try:
@@ -126,33 +127,46 @@ def cmd_open(args: argparse.Namespace) -> int:
         except (KeyError, TypeError, ValueError):
             raise CommandError(what, "rest answered the pathway without its "
                                "proxy_host, port and id") from None
-        cert = await connect.call("POST", "/v1/certs", {})
-        grant = await _accept(reactor, cfg, ref.id, str(cert["cert"]), what)
-        ports = [int(p) for p in grant.get("ports", []) if isinstance(p, int)]
-        fingerprint = grant.get("tls_fingerprint")
-        if not isinstance(fingerprint, str):
-            raise CommandError(what, "the VM answered tunnel-accept without its "
-                               "tls_fingerprint")
-        if not ports:
-            raise CommandError(what, f"{ref.label} tunnels no ports")
-        not_tunneled = [r for r, _ in wanted if r not in ports]
-        if not_tunneled:
-            raise CommandError(what, f"{ref.label} does not tunnel port "
-                               f"{', '.join(map(str, not_tunneled))}; it tunnels "
-                               f"{', '.join(map(str, sorted(ports)))}")
-        forwards = wanted or [(p, 0) for p in sorted(ports)]
-        answer = await connect.call("POST", "/v1/tunnels", {
-            "vm": ref.id, "name": ref.label, "proxy_host": proxy_host,
-            "proxy_port": proxy_port, "cert": cert["id"], "fingerprint": fingerprint,
-            "forwards": [{"remote": r, "local": loc} for r, loc in forwards],
-            "pathway": pathway_id, "wait": True})
-        tunnel = answer["tunnel"]
-        return show(args, tunnel, lambda t: [
-            *_port_lines(t, ref.label),
-            f"tunnel {t['id']} to {ref.label} is {t['state']}; close it with: "
-            f"ticrypt tunnel close {t['id']}"])
+        try:
+            return await _set_up(reactor, cfg, args, connect, ref, wanted, what,
+                                 pathway_id, proxy_host, proxy_port)
+        except BaseException:
+            # no tunnel rides the new pathway: close it (best effort)
+            await _release_pathway(reactor, cfg, connect, pathway_id)
+            raise
 
     return run_async(what, run)
+
+
+async def _set_up(reactor: Any, cfg: ClientConfig, args: argparse.Namespace,
+                  connect: ConnectApi, ref: VmRef, wanted: list[tuple[int, int]], what: str,
+                  pathway_id: str, proxy_host: str, proxy_port: int) -> int:
+    """Steps 2 to 4 of :func:`cmd_open`, once the pathway is open."""
+    cert = await connect.call("POST", "/v1/certs", {})
+    grant = await _accept(reactor, cfg, ref.id, str(cert["cert"]), what)
+    ports = [int(p) for p in grant.get("ports", []) if isinstance(p, int)]
+    fingerprint = grant.get("tls_fingerprint")
+    if not isinstance(fingerprint, str):
+        raise CommandError(what, "the VM answered tunnel-accept without its "
+                           "tls_fingerprint")
+    if not ports:
+        raise CommandError(what, f"{ref.label} tunnels no ports")
+    not_tunneled = [r for r, _ in wanted if r not in ports]
+    if not_tunneled:
+        raise CommandError(what, f"{ref.label} does not tunnel port "
+                           f"{', '.join(map(str, not_tunneled))}; it tunnels "
+                           f"{', '.join(map(str, sorted(ports)))}")
+    forwards = wanted or [(p, 0) for p in sorted(ports)]
+    answer = await connect.call("POST", "/v1/tunnels", {
+        "vm": ref.id, "name": ref.label, "proxy_host": proxy_host,
+        "proxy_port": proxy_port, "cert": cert["id"], "fingerprint": fingerprint,
+        "forwards": [{"remote": r, "local": loc} for r, loc in forwards],
+        "pathway": pathway_id, "wait": True})
+    tunnel = answer["tunnel"]
+    return show(args, tunnel, lambda t: [
+        *_port_lines(t, ref.label),
+        f"tunnel {t['id']} to {ref.label} is {t['state']}; close it with: "
+        f"ticrypt tunnel close {t['id']}"])
 
 
 async def _accept(reactor: Any, cfg: ClientConfig, vm_id: str, pem: str,
@@ -223,7 +237,10 @@ async def _release_pathway(reactor: Any, cfg: ClientConfig, connect: ConnectApi,
                            pathway: str) -> str:
     """Close rest's pathway unless another tunnel rides it; a note for the
     user (closing it is a courtesy: it also ends at its idle timeout)."""
-    others = (await connect.call("GET", "/v1/tunnels"))["tunnels"]
+    try:
+        others = (await connect.call("GET", "/v1/tunnels"))["tunnels"]
+    except CommandError:  # connect is gone: no tunnel of it rides the pathway
+        others = []
     if any(t.get("pathway") == pathway for t in others):
         return ""
     try:
