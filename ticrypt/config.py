@@ -299,6 +299,20 @@ class Url(Kind):
         return raw.rstrip("/")
 
 
+@attrs.frozen
+class OptionalUrl(Url):
+    """An https (or http) URL, or ``off`` for none (parsed as None)."""
+
+    @property
+    def expected(self) -> str:  # type: ignore[override]
+        return "an https:// URL, or off"
+
+    def parse(self, raw: str, ctx: _Ctx) -> str | None:  # type: ignore[override]
+        if raw.strip().lower() == "off":
+            return None
+        return super().parse(raw, ctx)
+
+
 def check_file_mode(path: str, secret: bool) -> None:
     """Refuse files that others may write (or, for secrets, read).
 

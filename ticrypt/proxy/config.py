@@ -22,11 +22,11 @@ from ticrypt.config import (
     Duration,
     FilePath,
     Int,
+    OptionalUrl,
     PortRange,
     RoleConfig,
     ServerEndpoint,
     Str,
-    Url,
     group,
     section,
     setting,
@@ -34,22 +34,6 @@ from ticrypt.config import (
 from ticrypt.http import load_secret
 from ticrypt.proxy.ports import LeaseLimits
 from ticrypt.proxy.ws import Settings
-
-
-@attrs.frozen
-class _OptionalUrl(Url):
-    """An https (or http) URL, or ``off``."""
-
-    schemes: tuple[str, ...] = ("https", "http")
-
-    @property
-    def expected(self) -> str:  # type: ignore[override]
-        return "an https:// URL, or off"
-
-    def parse(self, raw: str, ctx: Any) -> str | None:  # type: ignore[override]
-        if raw.strip().lower() == "off":
-            return None
-        return super().parse(raw, ctx)
 
 
 @attrs.frozen
@@ -76,7 +60,7 @@ class ProxySection:
     audit_log: str = setting(FilePath(must_exist=False), doc="JSON-lines audit log")
     ticket_ledger: str = setting(FilePath(must_exist=False), "proxy-tickets.ledger",
                                  "ids of used tickets, kept across restarts")
-    rest_url: str | None = setting(_OptionalUrl(),
+    rest_url: str | None = setting(OptionalUrl(),
                                    doc="rest base URL for the revocation feed, or off")
     ca_file: str | None = setting(FilePath(), None, "CA that signs rest's certificate")
     revocation_feed_secret: str | None = setting(

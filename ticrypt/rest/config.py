@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from typing import Any
 
 import attrs
 
@@ -20,6 +19,7 @@ from ticrypt.config import (
     Duration,
     FilePath,
     Int,
+    OptionalUrl,
     RoleConfig,
     ServerEndpoint,
     Size,
@@ -33,21 +33,6 @@ from ticrypt.rest.api import ApiSettings
 
 SECTION = "rest"
 
-
-@attrs.frozen
-class _OptionalUrl(Url):
-    """An https (or http) URL, or ``off`` (the default)."""
-
-    schemes: tuple[str, ...] = ("https", "http")
-
-    @property
-    def expected(self) -> str:  # type: ignore[override]
-        return "an https:// URL, or off"
-
-    def parse(self, raw: str, ctx: Any) -> str | None:  # type: ignore[override]
-        if raw.strip().lower() == "off":
-            return None
-        return super().parse(raw, ctx)
 
 _Error = Callable[[str, "str | None", str], ConfigError]
 
@@ -78,7 +63,7 @@ class RestSection:
         FilePath(secret=True), None,
         "bearer secret of GET /v1/revocations (shared with the proxy); unset: the feed is off")
     proxy_control_url: str | None = setting(
-        _OptionalUrl(), None, "the proxy's control API (pathways), or off")
+        OptionalUrl(), None, "the proxy's control API (pathways), or off")
     proxy_control_ca_file: str | None = setting(
         FilePath(), None, "CA that signs the proxy control API's certificate")
     proxy_control_timeout: float = setting(Duration(min=0.1, max=600), 10.0,
