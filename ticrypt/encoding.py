@@ -9,6 +9,8 @@ import json
 import re
 from typing import Any
 
+from ticrypt.errors import CodedError
+
 
 def b64(data: bytes) -> str:
     """base64url without padding."""
@@ -44,13 +46,9 @@ _JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.S)
 _JSON_BRACKET = re.compile(rb"[\[\]{}]")
 
 
-class JsonError(ValueError):
+class JsonError(CodedError, ValueError):
     """Network JSON was refused.  ``code`` is stable: ``too-large``,
     ``too-deep`` or ``not-json``; ``str()`` is a human line without the input."""
-
-    def __init__(self, code: str, message: str):
-        self.code = code
-        super().__init__(message)
 
 
 def json_depth(raw: bytes) -> int:

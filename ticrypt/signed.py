@@ -22,6 +22,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from ticrypt import identity
 from ticrypt.encoding import b64, canonical, loads_bounded, unb64
+from ticrypt.errors import CodedError
 
 DOMAIN = b"ticrypt-signed-v1\x00"
 MAX_TOKEN = 4096
@@ -42,12 +43,8 @@ SID_BYTES = 12
 SKEW = 30
 
 
-class TokenError(Exception):
+class TokenError(CodedError):
     """A token or signature was refused; ``code`` is stable, ``str()`` human."""
-
-    def __init__(self, code: str, message: str):
-        self.code = code
-        super().__init__(message)
 
 
 def signing_input(purpose: str, payload: dict[str, Any]) -> bytes:

@@ -46,16 +46,13 @@ from zope.interface import implementer
 from ticrypt.audit import AuditLog
 from ticrypt.backoff import Backoff
 from ticrypt.connect.config import TunnelSettings
+from ticrypt.errors import CodedError
 from ticrypt.forward import ForwardFactory
 from ticrypt.mux import MuxProtocol, MuxSettings, StreamEndpoint
 
 
-class TunnelError(Exception):
+class TunnelError(CodedError):
     """A tunnel cannot be made or found; ``code`` is stable, ``str()`` one line."""
-
-    def __init__(self, code: str, message: str):
-        self.code = code
-        super().__init__(message)
 
 
 @attrs.frozen

@@ -13,6 +13,7 @@ from typing import Any
 
 from ticrypt import closecodes
 from ticrypt.channel import MESSAGES
+from ticrypt.errors import CodedError
 
 
 def one_line(text: object, limit: int = 300) -> str:
@@ -23,13 +24,8 @@ def one_line(text: object, limit: int = 300) -> str:
     return "".join(c if c.isprintable() else "?" for c in str(text)[:limit])
 
 
-class SessionError(Exception):
+class SessionError(CodedError):
     """The session failed or was refused: ``code`` stable, ``str()`` one human line."""
-
-    def __init__(self, code: str, message: str):
-        self.code = code
-        self.message = message
-        super().__init__(message)
 
 
 class RemoteError(SessionError):

@@ -35,16 +35,13 @@ from typing import Any
 import attrs
 
 from ticrypt.config import Duration, Int, setting
+from ticrypt.errors import CodedError
 
 
-class LeaseError(Exception):
+class LeaseError(CodedError):
     """A request was refused: ``code`` is stable (``no-free-port``,
     ``too-many-leases``, ``bad-address``, ``bad-request``), ``str()`` is one
     human line."""
-
-    def __init__(self, code: str, message: str):
-        self.code = code
-        super().__init__(message)
 
 
 def normalize_address(text: str) -> str:

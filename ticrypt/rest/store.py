@@ -15,17 +15,14 @@ from typing import Any
 import attrs
 
 from ticrypt import identity
+from ticrypt.errors import CodedError
 
 ROLES = ("user", "superadmin")
 VM_STATES = ("created", "enrolled", "disabled")
 
 
-class StoreError(Exception):
+class StoreError(CodedError):
     """An expected failure: ``code`` is stable (and used as the HTTP error code)."""
-
-    def __init__(self, code: str, message: str):
-        self.code = code
-        super().__init__(message)
 
 
 @attrs.frozen

@@ -24,6 +24,7 @@ import attrs
 
 from ticrypt import identity
 from ticrypt.config import Duration, Int, setting
+from ticrypt.errors import CodedError
 
 #: ``sha256:<64 hex>``: how fingerprints are written everywhere.
 FINGERPRINT = re.compile(r"sha256:[0-9a-f]{64}")
@@ -38,14 +39,9 @@ class PinLimits:
     max_pins: int = setting(Int(1, 100000), 256, "pinned certificates in all")
 
 
-class PinRefused(Exception):
+class PinRefused(CodedError):
     """``tunnel-accept`` cannot pin: ``code`` is the stable error code
     (``too-many-pins``, ``bad-certificate``), ``message`` the human text."""
-
-    def __init__(self, code: str, message: str):
-        super().__init__(message)
-        self.code = code
-        self.message = message
 
 
 @attrs.define
