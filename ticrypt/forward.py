@@ -45,6 +45,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from ticrypt.tcp import no_delay
+
 __all__ = [
     "Forward",
     "ForwardFactory",
@@ -161,6 +163,7 @@ class Pipe(Protocol):
 
     # -- IProtocol ---------------------------------------------------------
     def connectionMade(self) -> None:
+        no_delay(self.transport)  # relayed small writes must not wait for an ACK
         if self.peer is None:
             # Nothing may be read before there is somewhere to send it.
             _producer(self.transport).pauseProducing()

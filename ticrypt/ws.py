@@ -38,6 +38,8 @@ from ticrypt.channel import (
     UserChannel,
     VmChannel,
 )
+from ticrypt.heap import tune_malloc
+from ticrypt.tcp import no_delay  # noqa: F401  (the legs import it from here)
 
 _F = TypeVar("_F", bound=WebSocketClientFactory)
 
@@ -105,6 +107,7 @@ def connect_ws(reactor: Any, url: str, ca_file: str, factory: WebSocketClientFac
     ``endpoint`` replaces the one built from ``url`` (tests).  Fires with the
     protocol once connected (before the websocket is open).
     """
+    tune_malloc()
     if endpoint is None:
         endpoint = ws_endpoint(reactor, url, ca_file, timeout=timeout, allow_plain=allow_plain)
     set_limits(factory, url, max_message=max_message,
@@ -112,27 +115,6 @@ def connect_ws(reactor: Any, url: str, ca_file: str, factory: WebSocketClientFac
                ping_interval=ping_interval)
     result: defer.Deferred[Any] = endpoint.connect(factory)
     return result
-
-
-def no_delay(transport: Any) -> bool:
-    """Turn Nagle's algorithm off on ``transport``'s TCP socket (also under
-    TLS); returns whether it could.
-
-    autobahn means to do it in ``connectionMade`` but reads the option before
-    it has copied the factory's options onto the protocol, so on a client
-    protocol the ``AttributeError`` it swallows leaves Nagle on: a small
-    message (a keystroke's echo, a window update) then waits up to a delayed
-    ACK (~40 ms) behind the previous one.  Our client legs call this from
-    their ``connectionMade``.
-    """
-    set_no_delay = getattr(transport, "setTcpNoDelay", None)
-    if set_no_delay is None:
-        return False
-    try:
-        set_no_delay(True)
-    except OSError:  # not a TCP socket (a UNIX socket, a test transport)
-        return False
-    return True
 
 
 def _never() -> bool:

@@ -56,6 +56,7 @@ from ticrypt.mux.stream import (
     StreamReset,
     StreamTransport,
 )
+from ticrypt.tcp import no_delay
 
 #: Seconds a closing connection may take to flush its GOAWAY before it is aborted.
 CLOSE_GRACE = 10.0
@@ -174,6 +175,7 @@ class MuxProtocol(Protocol):
 
     def connectionMade(self) -> None:
         assert self.transport is not None
+        no_delay(self.transport)  # a stream's small write must not wait for an ACK
         self.transport.registerProducer(self._outbound, True)  # type: ignore[attr-defined]
         self._ping_call = self._clock.callLater(self.settings.keepalive_interval, self._keepalive)
         self._deadline = self._clock.callLater(self.settings.keepalive_timeout, self._timed_out)
