@@ -39,15 +39,7 @@ from twisted.web import server
 
 from ticrypt import signed
 from ticrypt.audit import AuditLog
-from ticrypt.http.server import (
-    ApiError,
-    Field,
-    JsonResource,
-    JsonSite,
-    Result,
-    Route,
-    parse_body,
-)
+from ticrypt.http.server import ApiError, Field, JsonResource, JsonSite, Result, Route, parse_body
 from ticrypt.proxy.ports import Lease, LeaseError
 from ticrypt.ratelimit import Clock, RateLimiter
 
