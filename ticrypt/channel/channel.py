@@ -100,18 +100,16 @@ class _Channel:
     """What both ends share: the dead-on-error rule and the record layer."""
 
     _state: _State
-    _sealer: RecordSealer | None
-    _opener: RecordOpener | None
-    peer_key: bytes | None
+    _sealer: RecordSealer | None = None
+    _opener: RecordOpener | None = None
+    peer_key: bytes | None = None
 
-    def __init__(self, rng: Rng, max_records: int) -> None:
+    def __init__(self, vm_id: str, rng: Rng, max_records: int) -> None:
         if not 1 <= max_records <= 2**64:
             raise ValueError("max_records must be between 1 and 2**64")
+        self._vm_id = vm_id
         self._rng = rng
         self._max_records = max_records
-        self._sealer = None
-        self._opener = None
-        self.peer_key = None
 
     @property
     def established(self) -> bool:
@@ -175,6 +173,18 @@ class _Channel:
         self._opener = RecordOpener(receive_key, self._max_records)
         self._state = _State.ESTABLISHED
 
+    def _check_hello(self, obj: dict[str, Any], role: str,
+                     fields: dict[str, int | type]) -> dict[str, Any]:
+        """The peer's hello ``obj`` with its ``fields`` checked: it comes from
+        ``role`` and names this channel's VM."""
+        check_role(obj, role)
+        hello = check_fields(obj, fields)
+        if hello["role"] != role:
+            self._fail("bad-message")
+        if hello["vm"] != self._vm_id:
+            self._fail("wrong-vm")
+        return hello
+
     def _receive_text(self, text: str) -> list[Event]:
         raise NotImplementedError
 
@@ -210,11 +220,10 @@ class UserChannel(_Channel):
         rng: Rng = os.urandom,
         max_records: int = MAX_RECORDS,
     ) -> None:
-        super().__init__(rng, max_records)
+        super().__init__(vm_id, rng, max_records)
         if len(vm_public_key) != ED25519_PUBLIC_SIZE:
             raise ValueError("vm_public_key must be a raw 32-byte Ed25519 key")
         self._user_key = user_key
-        self._vm_id = vm_id
         self._vm_public_key = bytes(vm_public_key)
         self._state = _State.START
         self._eph = b""
@@ -246,12 +255,7 @@ class UserChannel(_Channel):
             self._fail("bad-message")
         if self._state is not _State.HELLO_SENT or kind != "hello":
             self._fail("unexpected-message")
-        check_role(obj, "vm")
-        hello = check_fields(obj, VM_HELLO_FIELDS)
-        if hello["role"] != "vm":
-            self._fail("bad-message")
-        if hello["vm"] != self._vm_id:
-            self._fail("wrong-vm")
+        hello = self._check_hello(obj, "vm", VM_HELLO_FIELDS)
         if hello["key"] != self._vm_public_key:
             self._fail("vm-key-mismatch")
         th1 = sha256(self._hello_text + canonical(_strip(obj, "sig", "confirm")))
@@ -289,9 +293,8 @@ class VmChannel(_Channel):
         rng: Rng = os.urandom,
         max_records: int = MAX_RECORDS,
     ) -> None:
-        super().__init__(rng, max_records)
+        super().__init__(vm_id, rng, max_records)
         self._vm_key = vm_key
-        self._vm_id = vm_id
         self._authorize = authorize
         self._state = _State.WAIT_HELLO
         self._th2 = b""
@@ -309,12 +312,7 @@ class VmChannel(_Channel):
         self._fail("bad-message")
 
     def _on_hello(self, text: str, obj: dict[str, Any]) -> list[Event]:
-        check_role(obj, "user")
-        hello = check_fields(obj, CLIENT_HELLO_FIELDS)
-        if hello["role"] != "user":
-            self._fail("bad-message")
-        if hello["vm"] != self._vm_id:
-            self._fail("wrong-vm")
+        hello = self._check_hello(obj, "user", CLIENT_HELLO_FIELDS)
         user_key: bytes = hello["key"]
         if not ed25519_verify(
             user_key, hello["sig"], LABEL_USER_HELLO + canonical(_strip(obj, "sig"))
