@@ -217,6 +217,20 @@ class PortRange(Kind):
         return (lo, hi)
 
 
+@attrs.frozen
+class PortList(Kind):
+    """``2022, 8080``: distinct TCP ports 1..65535, at most 64."""
+
+    expected: str = "a comma-separated list of TCP ports 1..65535 (at most 64)"
+
+    def parse(self, raw: str, ctx: _Ctx) -> tuple[int, ...]:
+        items = [p.strip() for p in raw.split(",") if p.strip()]
+        ports = tuple(dict.fromkeys(Port().parse(p, ctx) for p in items))
+        if len(ports) > 64:
+            raise ValueError(f"{len(ports)} ports")
+        return ports
+
+
 _UNITS = {"": 1.0, "ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 
 
@@ -390,6 +404,17 @@ class DirPath(Kind):
         if st.st_mode & 0o022:
             raise ValueError(f"{path} is writable by group or others; run chmod go-w {path}")
         return path
+
+
+@attrs.frozen
+class OptionalDir(Kind):
+    """An existing directory (resolved against the config's directory), or
+    empty for none."""
+
+    expected: str = "an existing directory not writable by others, or nothing"
+
+    def parse(self, raw: str, ctx: _Ctx) -> str | None:
+        return DirPath(create=False).parse(raw, ctx) if raw else None
 
 
 def _endpoint_check(kind: str, raw: str) -> str:

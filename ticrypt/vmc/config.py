@@ -8,7 +8,6 @@ The pool's tunables are the pool's own classes: ``[vmc]`` gathers
 from __future__ import annotations
 
 import os
-from typing import Any
 
 import attrs
 
@@ -18,8 +17,9 @@ from ticrypt.config import (
     Duration,
     FilePath,
     Int,
-    Kind,
+    OptionalDir,
     Port,
+    PortList,
     RoleConfig,
     ServerEndpoint,
     Str,
@@ -65,31 +65,6 @@ class ProcessesSection:
 
     cgroup: str = setting(Str(pattern=r"auto|off|/.*"), "auto",
                           "parent cgroup of user processes: auto, off or a path")
-
-
-@attrs.frozen
-class PortList(Kind):
-    """``2022, 8080``: distinct TCP ports 1..65535, at most 64."""
-
-    expected: str = "a comma-separated list of TCP ports 1..65535 (at most 64)"
-
-    def parse(self, raw: str, ctx: Any) -> tuple[int, ...]:
-        items = [p.strip() for p in raw.split(",") if p.strip()]
-        ports = tuple(dict.fromkeys(Port().parse(p, ctx) for p in items))
-        if len(ports) > 64:
-            raise ValueError(f"{len(ports)} ports")
-        return ports
-
-
-@attrs.frozen
-class OptionalDir(Kind):
-    """An existing directory (resolved against the config's directory), or
-    empty for none."""
-
-    expected: str = "an existing directory not writable by others, or nothing"
-
-    def parse(self, raw: str, ctx: Any) -> str | None:
-        return DirPath(create=False).parse(raw, ctx) if raw else None
 
 
 @attrs.frozen(kw_only=True)
