@@ -292,19 +292,13 @@ class FrameDecoder:
         try:
             while True:
                 if self._header is None:
-                    need = HEADER_SIZE - len(self._buf)
-                    take = view[pos : pos + need]
-                    self._buf += take
-                    pos += len(take)
+                    pos = self._fill(view, pos, HEADER_SIZE)
                     if len(self._buf) < HEADER_SIZE:
                         break
                     self._header = check_header(bytes(self._buf))
                     self._buf.clear()
                 ftype, stream, length = self._header
-                need = length - len(self._buf)
-                take = view[pos : pos + need]
-                self._buf += take
-                pos += len(take)
+                pos = self._fill(view, pos, length)
                 if len(self._buf) < length:
                     break
                 payload = bytes(self._buf)
@@ -316,6 +310,13 @@ class FrameDecoder:
             self._buf = bytearray()
             raise
         return frames
+
+    def _fill(self, view: memoryview, pos: int, size: int) -> int:
+        """Move bytes from ``view[pos:]`` to the buffer until it holds ``size``
+        (or ``view`` is used up); the position after them."""
+        take = view[pos : pos + size - len(self._buf)]
+        self._buf += take
+        return pos + len(take)
 
     @property
     def buffered(self) -> int:
