@@ -345,7 +345,7 @@ def med(rows: list[dict[str, Any]], key: str) -> float:
 def measure_all(opts: argparse.Namespace, paths: list[Path]) -> list[dict[str, Any]]:
     size = opts.size * MiB
     summary = []
-    for direction in ("stdout", "stdin"):
+    for direction in [d for d in ("stdout", "stdin") if d in opts.only]:
         def run(p: Path, d: str = direction) -> dict[str, Any]:
             return bulk(p, d, size)
         res = alternate(paths, opts.runs, run, "seconds")
@@ -358,19 +358,21 @@ def measure_all(opts: argparse.Namespace, paths: list[Path]) -> list[dict[str, A
                "cpu_ratio": round(med(t, "cpu_s_per_GB") / med(s, "cpu_s_per_GB"), 2)}
         emit(row)
         summary.append(row)
-    res = alternate(paths, max(opts.runs, 7 if not opts.quick else 5), exec_true, "seconds")
-    t_true, s_true = med(res["ticrypt"], "seconds"), med(res["ssh"], "seconds")
-    row = {"bench": "exec-true", "ticrypt_s": t_true, "ssh_s": s_true,
-           "ticrypt_client_cpu_s": med(res["ticrypt"], "cpu_client"),
-           "wall_ratio": round(t_true / s_true, 2)}
-    emit(row)
-    summary.append(row)
-    res = alternate(paths, opts.runs, lambda p: shell_rtt(p, opts.rounds), "median_ms")
-    t_rtt, s_rtt = med(res["ticrypt"], "median_ms"), med(res["ssh"], "median_ms")
-    row = {"bench": "shell-rtt-64B", "ticrypt_ms": t_rtt, "ssh_ms": s_rtt,
-           "ratio": round(t_rtt / s_rtt, 2)}
-    emit(row)
-    summary.append(row)
+    if "true" in opts.only:
+        res = alternate(paths, max(opts.runs, 5 if opts.quick else 7), exec_true, "seconds")
+        t_true, s_true = med(res["ticrypt"], "seconds"), med(res["ssh"], "seconds")
+        row = {"bench": "exec-true", "ticrypt_s": t_true, "ssh_s": s_true,
+               "ticrypt_client_cpu_s": med(res["ticrypt"], "cpu_client"),
+               "wall_ratio": round(t_true / s_true, 2)}
+        emit(row)
+        summary.append(row)
+    if "shell" in opts.only:
+        res = alternate(paths, opts.runs, lambda p: shell_rtt(p, opts.rounds), "median_ms")
+        t_rtt, s_rtt = med(res["ticrypt"], "median_ms"), med(res["ssh"], "median_ms")
+        row = {"bench": "shell-rtt-64B", "ticrypt_ms": t_rtt, "ssh_ms": s_rtt,
+               "ratio": round(t_rtt / s_rtt, 2)}
+        emit(row)
+        summary.append(row)
     return summary
 
 
@@ -470,6 +472,8 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=None, help="runs per path (default 3)")
     parser.add_argument("--size", type=int, default=None, help="MiB per bulk run (default 512)")
     parser.add_argument("--rounds", type=int, default=None, help="shell lines per run")
+    parser.add_argument("--only", default="stdout,stdin,true,shell",
+                        help="which measurements (comma-separated; the rest in order)")
     parser.add_argument("--hold", type=float, default=0,
                         help="seconds to keep the lab up before measuring (profiling)")
     opts = parser.parse_args()

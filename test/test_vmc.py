@@ -4,6 +4,7 @@ app codec, pool reconnect schedule, child processes and the sample config."""
 from __future__ import annotations
 
 import base64
+import fcntl
 import hashlib
 import json
 import os
@@ -1331,6 +1332,9 @@ class PipeReadSizeTests(SynchronousTestCase):
         class Reader:  # what Process.pipes holds for an output fd
             fd = r
 
+            def fileno(self) -> int:
+                return r
+
             def dataReceived(self, data: bytes) -> None:
                 got.append(data)
 
@@ -1338,11 +1342,12 @@ class PipeReadSizeTests(SynchronousTestCase):
                 raise AssertionError("Twisted's 8 KiB read")
 
         class Transport:
-            pipes: dict[int, Any] = {1: Reader(), 0: object()}
+            pipes: dict[int, Any] = {1: Reader()}
 
         transport = Transport()
         read_pipes_in_chunks(transport)
         reader = transport.pipes[1]
+        self.assertGreaterEqual(fcntl.fcntl(r, 1032, 0), PIPE_READ_SIZE)  # F_GETPIPE_SZ
         os.write(w, b"x" * PIPE_READ_SIZE)
         self.assertIsNone(reader.doRead())
         self.assertEqual([len(g) for g in got], [PIPE_READ_SIZE])

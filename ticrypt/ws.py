@@ -38,6 +38,7 @@ from ticrypt.channel import (
     UserChannel,
     VmChannel,
 )
+from ticrypt.heap import tune_malloc
 from ticrypt.tcp import no_delay  # noqa: F401  (the legs import it from here)
 
 _F = TypeVar("_F", bound=WebSocketClientFactory)
@@ -106,6 +107,7 @@ def connect_ws(reactor: Any, url: str, ca_file: str, factory: WebSocketClientFac
     ``endpoint`` replaces the one built from ``url`` (tests).  Fires with the
     protocol once connected (before the websocket is open).
     """
+    tune_malloc()
     if endpoint is None:
         endpoint = ws_endpoint(reactor, url, ca_file, timeout=timeout, allow_plain=allow_plain)
     set_limits(factory, url, max_message=max_message,

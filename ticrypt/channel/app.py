@@ -40,7 +40,7 @@ class AppError(Exception):
 def encode(header: dict[str, Any], body: bytes = b"") -> bytes:
     """One record's plaintext."""
     head = json.dumps(header, separators=(",", ":"), ensure_ascii=True).encode()
-    out = head + b"\n" + body
+    out = b"".join((head, b"\n", body))  # one copy of the body
     if len(out) > MAX_PLAINTEXT:
         raise ValueError("application message too large for one record")
     return out

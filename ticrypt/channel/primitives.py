@@ -157,7 +157,7 @@ def aesgcm_seal(key: bytes, nonce: bytes, plaintext: bytes, aad: bytes) -> bytes
     return AESGCM(key).encrypt(nonce, plaintext, aad)
 
 
-def aesgcm_open(key: bytes, nonce: bytes, ciphertext: bytes, aad: bytes) -> bytes:
+def aesgcm_open(key: bytes, nonce: bytes, ciphertext: bytes | memoryview, aad: bytes) -> bytes:
     """AES-256-GCM decryption of ciphertext || tag; ChannelError("decrypt-failed") on failure."""
     _check_gcm(key, nonce)
     if len(ciphertext) < GCM_TAG_SIZE:

@@ -84,6 +84,7 @@ class RecordOpener:
         if seq > expected:
             raise ChannelError("out-of-order")
         nonce, aad = _nonce_and_aad(seq)
-        plaintext = aesgcm_open(self._key, nonce, record[HEADER_SIZE:], aad)
+        # (a view: no copy of the ciphertext)
+        plaintext = aesgcm_open(self._key, nonce, memoryview(record)[HEADER_SIZE:], aad)
         self.expected_seq = expected + 1
         return plaintext

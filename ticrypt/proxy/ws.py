@@ -37,6 +37,7 @@ from zope.interface import implementer
 from ticrypt import closecodes as cc
 from ticrypt.audit import AuditLog
 from ticrypt.config import Duration, Int, Size, group, setting
+from ticrypt.heap import tune_malloc
 from ticrypt.proxy import control as ctl
 from ticrypt.proxy.control import (
     ControlContext,
@@ -326,6 +327,7 @@ class RelayFactory(WebSocketServerFactory):
                  rng: Callable[[int], bytes] = os.urandom, url: str = "wss://localhost",
                  tickets: TicketUses | None = None):
         super().__init__(url=url, reactor=reactor, server="ticrypt-proxy")
+        tune_malloc()  # relayed messages: no page faults per message
         self.clock = clock
         self.backend_key = backend_key
         self.table = table

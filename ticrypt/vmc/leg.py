@@ -32,6 +32,7 @@ from twisted.logger import Logger
 from ticrypt import closecodes, identity
 from ticrypt.audit import AuditLog
 from ticrypt.channel import ChannelError, VmChannel, app
+from ticrypt.heap import tune_malloc
 from ticrypt.vmc.control import Action, Close, Paired, Send, VmControl, Waiting
 from ticrypt.vmc.processes import Send as SendApp
 from ticrypt.vmc.session import Peer, VmSession
@@ -296,6 +297,7 @@ class LegFactory(WebSocketClientFactory):
 
     def __init__(self, build: Callable[[], VmLeg], **kwargs: Any) -> None:
         super().__init__(**kwargs)
+        tune_malloc()  # a child's output: no page faults per record
         self._build = build
 
     def buildProtocol(self, addr: Any) -> VmLeg:

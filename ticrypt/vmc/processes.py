@@ -60,7 +60,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from ticrypt.channel.app import CHUNK, WINDOW, chunks
+from ticrypt.channel.app import WINDOW, chunks
 from ticrypt.fsutil import atomic_write
 from ticrypt.vmc.cgroup import (
     CgroupTracker,
@@ -70,10 +70,13 @@ from ticrypt.vmc.cgroup import (
     instance_name,
 )
 
-#: Bytes read from a child's stdout or stderr pipe at a time: one full
-#: record body (Twisted reads 8 KiB, and every read becomes a record: eight
-#: times the per-record work of sealing, framing and relaying).
-PIPE_READ_SIZE = CHUNK
+#: Bytes read from a child's stdout or stderr pipe at a time, and the
+#: largest output body (PROTOCOL.md §5: at most 256 KiB): every read
+#: becomes one record, and each record costs the same sealing, framing and
+#: relaying work whatever its size (Twisted reads 8 KiB: 32 times as many).
+#: The pipe is enlarged to this size (F_SETPIPE_SZ) so that a read can fill it.
+PIPE_READ_SIZE = 262144
+_F_SETPIPE_SZ = 1031
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
@@ -588,11 +591,20 @@ def _read_pipe(reader: Any) -> object:
 
 def read_pipes_in_chunks(transport: Any) -> None:
     """Read ``transport``'s output pipes (a spawned ``Process``) in
-    :data:`PIPE_READ_SIZE` pieces; a PTY process is left as it is."""
-    for fd in (1, 2):
-        reader = getattr(transport, "pipes", {}).get(fd)
-        if reader is not None and hasattr(reader, "dataReceived"):
-            reader.doRead = functools.partial(_read_pipe, reader)
+    :data:`PIPE_READ_SIZE` pieces, and give them and its stdin pipe that
+    capacity (stdin: fewer, larger writes to the child); a PTY process is
+    left as it is."""
+    pipes = getattr(transport, "pipes", {})
+    for fd in (0, 1, 2):
+        pipe = pipes.get(fd)
+        if pipe is None:
+            continue
+        if fd and hasattr(pipe, "dataReceived"):
+            pipe.doRead = functools.partial(_read_pipe, pipe)
+        try:
+            fcntl.fcntl(pipe.fileno(), _F_SETPIPE_SZ, PIPE_READ_SIZE)
+        except (OSError, ValueError):  # over pipe-max-size: the default stays
+            pass
 
 
 @implementer(IPushProducer)
@@ -911,7 +923,7 @@ class ProcessGroup:
     def _output(self, rid: int, stream: str, data: bytes) -> None:
         if self._closed:
             return
-        for part in chunks(data):
+        for part in chunks(data, PIPE_READ_SIZE):
             self.send({"t": stream, "id": rid}, part)
 
     def _stdin_consumed(self, rid: int, n: int) -> None:
