@@ -15,6 +15,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface import implementer
 
 from ticrypt.forward import (
+    READ_SIZE,
     ForwardFactory,
     Pipe,
     allow_hosts,
@@ -418,8 +419,9 @@ class RealSocketTests(TestCase):
         assert forward.outbound is not None
         out_t: Any = forward.outbound.transport
         buffered = len(out_t.dataBuffer) - out_t.offset + out_t._tempDataLen
-        # bufferSize (64 KiB) plus at most one read of the inbound side
-        self.assertLess(buffered, out_t.bufferSize + 2 * 65536)
+        # bufferSize (READ_SIZE, set by Pipe) plus at most one read of the inbound side
+        self.assertEqual(out_t.bufferSize, READ_SIZE)
+        self.assertLess(buffered, out_t.bufferSize + 2 * READ_SIZE)
         await writer.paused
         self.assertLess(writer.sent, Writer.limit)
         # Let the target read: everything the client wrote arrives.

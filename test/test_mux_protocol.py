@@ -192,6 +192,47 @@ class ProducerWiringTests(SynchronousTestCase):
         order = [f.stream for f in s.written() if isinstance(f, Data)]
         self.assertEqual(order, [1, 3, 5] * 3)
 
+    def test_one_write_per_pump_turns(self) -> None:
+        """The frames a pump makes go out together, FLUSH_PIECES pieces (a
+        DATA frame is two) per transport write: 10 frames of 100 bytes are 3
+        writes (4 + 4 + 2 frames), intact and in order."""
+        s = Server()
+        s.feed(Open(1, 80))
+        s.written()
+        writes: list[bytes] = []
+        real_write = s.transport.write
+
+        def write(data: bytes) -> None:
+            writes.append(data)
+            real_write(data)
+
+        s.transport.write = write  # type: ignore[method-assign]
+        payload = bytes(range(250)) * 4
+        s.protocols[1].st.write(payload)
+        self.assertEqual(len(writes), 3)
+        frames = s.written()
+        self.assertEqual([len(f.payload) for f in frames if isinstance(f, Data)], [100] * 10)
+        self.assertEqual(b"".join(f.payload for f in frames if isinstance(f, Data)), payload)
+
+    def test_big_write_cut_without_copies(self) -> None:
+        """A write larger than a frame is cut into frames with views of its
+        bytes, not slices of it; what goes out is exactly what was written."""
+        s = Server(settings=MuxSettings(window=10_000, max_frame=1000))
+        s.feed(Open(1, 80))
+        s.written()
+        st = s.protocols[1].st
+        s.producer.pauseProducing()
+        payload = bytes(range(256)) * 10
+        st.write(payload)
+        first = st._take(1000)
+        self.assertIsInstance(first, memoryview)
+        self.assertIs(first.obj, payload)  # type: ignore[union-attr]
+        st._untake(first)
+        s.producer.resumeProducing()
+        frames = [f for f in s.written() if isinstance(f, Data)]
+        self.assertEqual([len(f.payload) for f in frames], [1000, 1000, 560])
+        self.assertEqual(b"".join(f.payload for f in frames), payload)
+
     def test_app_producer_paused_at_window(self) -> None:
         """Unsent bytes are bounded by the window: the app's producer is paused, resumed on credit."""
         s = Server()

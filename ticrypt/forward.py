@@ -60,6 +60,12 @@ __all__ = [
 #: bytes a not-yet-spliced Pipe keeps if its transport ignores pauseProducing
 MAX_PENDING = 256 * 1024
 
+#: Bytes a Pipe's TCP transport reads at once, and writes at most before it
+#: pauses its producer (Twisted's ``bufferSize``, 64 KiB by default): a
+#: quarter as many reads, writes and loop turns per relayed byte; still one
+#: bound per connection.
+READ_SIZE = 256 * 1024
+
 EventHook = Callable[..., None]
 Admit = Callable[[IAddress], "str | None"]
 
@@ -164,6 +170,8 @@ class Pipe(Protocol):
     # -- IProtocol ---------------------------------------------------------
     def connectionMade(self) -> None:
         no_delay(self.transport)  # relayed small writes must not wait for an ACK
+        if isinstance(getattr(self.transport, "bufferSize", None), int):
+            self.transport.bufferSize = READ_SIZE  # type: ignore[union-attr]
         if self.peer is None:
             # Nothing may be read before there is somewhere to send it.
             _producer(self.transport).pauseProducing()

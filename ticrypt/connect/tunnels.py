@@ -29,7 +29,7 @@ from typing import Any, Protocol
 
 import attrs
 from twisted.internet import defer, error
-from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.endpoints import HostnameEndpoint
 from twisted.internet.interfaces import (
     IHandshakeListener,
     IListeningPort,
@@ -49,6 +49,7 @@ from ticrypt.connect.config import TunnelSettings
 from ticrypt.errors import CodedError
 from ticrypt.forward import ForwardFactory
 from ticrypt.mux import MuxProtocol, MuxSettings, StreamEndpoint
+from ticrypt.mux.tls import MuxTLSFactory
 
 
 class TunnelError(CodedError):
@@ -211,10 +212,12 @@ def mux_dialer(reactor: Any, host: str, port: int, creator: IOpenSSLClientConnec
                 result.errback(TunnelError("unreachable", f"cannot connect to {host}:{port}: "
                                            f"{f.getErrorMessage()}"))
 
-        endpoint = wrapClientTLS(creator, HostnameEndpoint(reactor, host, port,
-                                                           timeout=timeout))
+        endpoint = HostnameEndpoint(reactor, host, port, timeout=timeout)
         connecting: defer.Deferred[Any] | None = None
-        connecting = endpoint.connect(Factory.forProtocol(build))
+        # what wrapClientTLS does, with the batching TLS of ticrypt.mux.tls
+        tls: defer.Deferred[Any] = endpoint.connect(
+            MuxTLSFactory(creator, True, Factory.forProtocol(build)))
+        connecting = tls.addCallback(lambda wrapper: wrapper.wrappedProtocol)
         connecting.addCallbacks(connected, failed)
         result.addTimeout(timeout, reactor)
         return result

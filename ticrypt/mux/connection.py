@@ -16,6 +16,7 @@ seconds) with each receive, and the flood budgets are counted per
 
 from __future__ import annotations
 
+import struct
 from collections import OrderedDict
 from typing import Literal
 
@@ -27,6 +28,7 @@ from ticrypt.mux.frames import (
     MAX_WINDOW,
     RESET_CANCEL,
     RESET_REFUSED,
+    T_DATA,
     Accept,
     Data,
     Frame,
@@ -43,6 +45,11 @@ from ticrypt.mux.frames import (
 )
 
 Side = Literal["client", "server"]
+
+#: The DATA header (frames.py's layout): DATA is queued as header + payload,
+#: joined once by :meth:`MuxConnection.data_to_send`, so a payload is copied
+#: once on its way out, not once per layer.
+_DATA_HEADER = struct.Struct(">BII")
 
 #: Every reason a connection can end with, besides the FrameError reasons
 #: (which are used as they are) and "peer:<reason>" for a GOAWAY received.
@@ -223,7 +230,7 @@ class MuxConnection:
         self.side: Side = side
         self.settings = settings if settings is not None else MuxSettings()
         self._decoder = FrameDecoder()
-        self._out: list[bytes] = []
+        self._out: list[bytes | memoryview] = []
         self._streams: dict[int, _Stream] = {}
         # Highest stream id opened so far (by the client; seen by the server).
         self._last_id = -1
@@ -256,6 +263,11 @@ class MuxConnection:
         if s is None or s.local_closed or self.closed:
             return 0
         return s.send_window
+
+    @property
+    def pending(self) -> int:
+        """Frames (pieces) queued and not yet handed out by :meth:`data_to_send`."""
+        return len(self._out)
 
     def data_to_send(self) -> bytes:
         """The bytes queued for the peer since the last call."""
@@ -308,7 +320,7 @@ class MuxConnection:
             raise MuxUsageError("refuse is for the server, before accept")
         self.reset(stream, reason, RESET_REFUSED)
 
-    def send(self, stream: int, data: bytes) -> int:
+    def send(self, stream: int, data: bytes | memoryview) -> int:
         """Queue DATA frames for as much of ``data`` as the peer's window
         allows; the number of bytes taken (the caller keeps the rest)."""
         s = self._live(stream)
@@ -318,8 +330,21 @@ class MuxConnection:
             raise MuxUsageError(f"stream {stream} not accepted yet")
         take = min(len(data), s.send_window)
         step = self.settings.max_frame
-        for i in range(0, take, step):
-            self._queue(Data(stream, bytes(data[i : min(i + step, take)])))
+        out = self._out
+        pack = _DATA_HEADER.pack
+        if not take:
+            return 0
+        if type(data) is not bytes and not (type(data) is memoryview and type(data.obj) is bytes):
+            data = bytes(data)  # queued by reference below: never a mutable buffer
+        if take == len(data) <= step:
+            out.append(pack(T_DATA, stream, take))
+            out.append(data)  # the common case: one frame, the caller's bytes as they are
+        else:
+            view = memoryview(data)
+            for i in range(0, take, step):
+                chunk = view[i : min(i + step, take)]
+                out.append(pack(T_DATA, stream, len(chunk)))
+                out.append(chunk)  # joined (copied) by data_to_send
         s.send_window -= take
         return take
 

@@ -60,6 +60,9 @@ from ticrypt.tcp import no_delay
 
 #: Seconds a closing connection may take to flush its GOAWAY before it is aborted.
 CLOSE_GRACE = 10.0
+#: Queued pieces (a DATA frame is two: header and payload) after which a
+#: pump writes what it has framed: 8 is four 64 KiB frames, one write of 256 KiB.
+FLUSH_PIECES = 8
 
 
 class MuxClosed(ConnectionLost):
@@ -371,22 +374,31 @@ class MuxProtocol(Protocol):
 
     def _pump(self) -> None:
         """Round-robin: one frame per ready stream per turn until the
-        transport pauses us or nothing is ready."""
+        transport pauses us or nothing is ready.
+
+        The frames of a turn are written together, in one write of at most
+        :data:`FLUSH_PIECES` frames (one TLS write instead of one per frame;
+        the transport can still pause us between two such writes)."""
         if self._pumping or self.transport is None:
             return
         self._pumping = True
+        conn = self._conn
+        ready = self._ready
         try:
-            while self._ready and not self._output_paused and not self._conn.closed:
-                stream, st = self._ready.popitem(last=False)
+            while ready and not self._output_paused and not conn.closed:
+                stream, st = ready.popitem(last=False)
                 if stream in self._connecting and self.side == "server":
                     continue  # pragma: no cover (only clients connect)
                 if self.side == "server" and stream in self._incoming:
                     continue  # not accepted yet: it is readied again on accept
                 self._send_some(st)
-                if not st._ended and st._wants_send(self._conn.send_window(stream)):
-                    self._ready[stream] = st
+                if conn.pending >= FLUSH_PIECES:
+                    self._flush()
+                if not st._ended and st._wants_send(conn.send_window(stream)):
+                    ready[stream] = st
         finally:
             self._pumping = False
+            self._flush()
 
     def _send_some(self, st: StreamTransport) -> None:
         stream = st.stream_id
@@ -398,7 +410,6 @@ class MuxProtocol(Protocol):
         elif st.pending_output == 0 and st._write_closing and not st._write_closed:
             st._write_closed = True
             self._conn.half_close(stream)
-        self._flush()
         st._after_send()
         st._maybe_done()
 

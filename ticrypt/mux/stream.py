@@ -89,7 +89,7 @@ class StreamTransport:
         self.port = port
         self.protocol: IProtocol | None = None
         self.disconnecting = False
-        self._outbuf: deque[bytes] = deque()
+        self._outbuf: deque[bytes | memoryview] = deque()  # views of bytes, never of a mutable buffer
         self._outlen = 0
         self._inbuf: deque[bytes] = deque()
         self._inlen = 0
@@ -200,23 +200,29 @@ class StreamTransport:
     def _wants_send(self, window: int) -> bool:
         return (self._outlen > 0 and window > 0) or (self._write_closing and not self._write_closed and self._outlen == 0)
 
-    def _take(self, limit: int) -> bytes:
-        """Up to ``limit`` bytes off the front of the output buffer."""
-        parts: list[bytes] = []
+    def _take(self, limit: int) -> bytes | memoryview:
+        """Up to ``limit`` bytes off the front of the output buffer.
+
+        A write larger than a frame is cut with memoryview slices of its
+        (immutable) bytes: no copy here; the frame's bytes are copied once,
+        when the mux joins its output."""
+        parts: list[bytes | memoryview] = []
         got = 0
         while self._outbuf and got < limit:
             head = self._outbuf[0]
-            if len(head) <= limit - got:
+            room = limit - got
+            if len(head) <= room:
                 parts.append(self._outbuf.popleft())
                 got += len(head)
             else:
-                parts.append(head[: limit - got])
-                self._outbuf[0] = head[limit - got :]
+                view = head if isinstance(head, memoryview) else memoryview(head)
+                parts.append(view[:room])
+                self._outbuf[0] = view[room:]
                 got = limit
         self._outlen -= got
-        return b"".join(parts)
+        return parts[0] if len(parts) == 1 else b"".join(parts)
 
-    def _untake(self, data: bytes) -> None:
+    def _untake(self, data: bytes | memoryview) -> None:
         if data:
             self._outbuf.appendleft(data)
             self._outlen += len(data)

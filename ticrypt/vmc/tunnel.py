@@ -51,7 +51,7 @@ from twisted.internet.interfaces import (
 )
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import Logger
-from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
+from twisted.protocols.tls import TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -60,6 +60,7 @@ from ticrypt.audit import AuditLog
 from ticrypt.forward import Pipe, splice
 from ticrypt.fsutil import atomic_write
 from ticrypt.mux import IncomingStream, MuxProtocol, MuxSettings
+from ticrypt.mux.tls import MuxTLSFactory
 from ticrypt.vmc.pins import Pin, PinLimits, PinSet
 
 #: Where the pins are kept (in ``state_dir``), so a restart keeps them.
@@ -262,8 +263,7 @@ class TunnelServer:
         self._mux_factory = mux_factory
         self.pins = self._load()
         #: the listener's factory: TLS around :class:`TunnelConnection`
-        self.factory = TLSMemoryBIOFactory(self, False, _ConnectionFactory(self),
-                                           clock=reactor)
+        self.factory = MuxTLSFactory(self, False, _ConnectionFactory(self), clock=reactor)
 
     # -- pins ------------------------------------------------------------------
 
