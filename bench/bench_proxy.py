@@ -64,6 +64,14 @@ def rss(pid: int) -> int:
     raise RuntimeError("no VmRSS")
 
 
+def proc_cpu(pid: int) -> tuple[float, float]:
+    """CPU seconds (user, system) of ``pid`` so far."""
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        fields = f.read().rsplit(b")", 1)[1].split()
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick
+
+
 def percentile(values: list[float], p: float) -> float:
     s = sorted(values)
     return s[min(len(s) - 1, int(round(p / 100 * (len(s) - 1))))]
@@ -328,9 +336,13 @@ class Bench:
         if user_setup is not None:
             seal.append(await user_setup(writer))
         result_d = sink.read_async()
+        cpu_before = proc_cpu(self.proxy_pid)
         pump = Pump(writer, count, make)
         pump.start()
         result = await result_d
+        cpu_after = proc_cpu(self.proxy_pid)
+        user, system = (a - b for a, b in zip(cpu_after, cpu_before, strict=True))
+        proxy_cpu = user + system
         writer.sendClose(1000)
         await writer.closed
         sink.stop()
@@ -340,6 +352,10 @@ class Bench:
                "messages": result["n"], "seconds": round(secs, 3),
                "msgs_per_s": round(result["n"] / secs), "MB_per_s": round(
                    result["bytes"] / secs / 1e6, 1)}
+        if via == "proxy":  # the proxy's own CPU while it relayed (utime + stime)
+            out["proxy_cpu_s"] = round(proxy_cpu, 2)
+            out["proxy_sys_s"] = round(system, 2)
+            out["proxy_cpu_s_per_GB"] = round(proxy_cpu / (result["bytes"] / 1e9), 2)
         self.record(out)
         return out
 

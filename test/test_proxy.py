@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any
+from typing import Any, cast
 
 from autobahn.websocket.types import ConnectionRequest
 from twisted.internet import defer, reactor
@@ -31,7 +31,7 @@ from ticrypt.proxy import tap, tlsmem, wsmem
 from ticrypt.proxy.config import ProxyConfig
 from ticrypt.proxy.control import ControlError, LegState, UserLegMachine, parse_control
 from ticrypt.proxy.pairing import Limits, Paired, PairingTable, Refused, Waiting
-from ticrypt.proxy.relay import IRelayEnd, Pair
+from ticrypt.proxy.relay import IRelayEnd, Pair, SendBufferWatch
 from ticrypt.proxy.ws import Leg, RelayFactory, Settings
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -186,8 +186,39 @@ def start_pair(factory: RelayFactory, vm: Leg, user: Leg,
     return vm.pair
 
 
+class _NoEnd:
+    pair = None
+
+    def pause_reading(self, why: int) -> None:
+        pass
+
+    def resume_reading(self, why: int) -> None:
+        pass
+
+
 class BackpressureWiringTests(SynchronousTestCase):
     """Producer wiring seen through StringTransport (iosim cannot show it)."""
+
+    def test_tls_leg_buffer_is_the_tcp_connections(self) -> None:
+        """Under TLS the send buffer that fills is the TCP connection's (the
+        TLS layer writes through at once): max_buffered is set there too,
+        not only on the TLS layer (where it bounded nothing, and a TLS leg
+        was paused at Twisted's 64 KiB default)."""
+        from types import SimpleNamespace
+
+        from twisted.internet import protocol, ssl
+        from twisted.protocols.tls import TLSMemoryBIOFactory
+
+        tls = TLSMemoryBIOFactory(ssl.CertificateOptions(), True,
+                                  protocol.Factory.forProtocol(protocol.Protocol)
+                                  ).buildProtocol(None)
+        tcp = StringTransport()
+        tcp.bufferSize = 65536  # type: ignore[attr-defined]
+        tls.makeConnection(tcp)
+        wsmem.LeanWebSocket.watch_output(SimpleNamespace(transport=tls),  # type: ignore[arg-type]
+                                         12345, SendBufferWatch(cast(IRelayEnd, _NoEnd())))
+        self.assertEqual(tcp.bufferSize, 12345)  # type: ignore[attr-defined]
+        self.assertTrue(tcp.streaming)
 
     def test_full_buffer_pauses_partner_and_itself(self) -> None:
         factory = _factory(max_buffered=12345, ping_interval=30.0)

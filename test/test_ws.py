@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from typing import Any
 
 from autobahn.twisted.websocket import WebSocketClientFactory
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -14,6 +15,7 @@ from ticrypt import tlsutil
 from ticrypt.channel import ChannelError, UserChannel, VmChannel
 from ticrypt.channel.primitives import ed25519_public_bytes
 from ticrypt.ws import ChannelPump, connect_ws, no_delay, set_limits, ws_endpoint
+from ticrypt.wsfast import LeanClientProtocol, message_end
 
 
 class EndpointTests(SynchronousTestCase):
@@ -177,8 +179,49 @@ class NoDelayTests(SynchronousTestCase):
         sets it itself, else each small message waits for a delayed ACK."""
         from ticrypt.frontend.leg import UserLeg, _UserFactory
         factory = _UserFactory(url="ws://127.0.0.1:1/v1/user", reactor=MemoryReactorClock())
+        # no opening-handshake timer: autobahn arms it on the global reactor
+        factory.setProtocolOptions(openHandshakeTimeout=0)
         leg = factory.buildProtocol(None)
         assert isinstance(leg, UserLeg)
         t = _TcpTransport()
         leg.makeConnection(t)
         self.assertIs(t.nodelay, True)
+
+
+class LeanReceiveTests(SynchronousTestCase):
+    """ticrypt.wsfast: a message's frames joined and handed on, as autobahn's
+    onMessageEnd does, without its observable event."""
+
+    def _proto(self, failed: bool, frames: list[bytes]) -> Any:
+        got: list[tuple[bytes, bool]] = []
+
+        class P:
+            failedByMe = failed
+            message_data: list[bytes] | None = frames
+            message_is_binary = True
+
+            def _onMessage(self, payload: bytes, is_binary: bool) -> None:
+                got.append((payload, is_binary))
+        p = P()
+        p.got = got  # type: ignore[attr-defined]
+        return p
+
+    def test_frames_joined(self) -> None:
+        for frames, whole in (([b"one"], b"one"), ([b"a", b"b", b"c"], b"abc")):
+            p = self._proto(False, frames)
+            message_end(p)
+            self.assertEqual(p.got, [(whole, True)])
+            self.assertIsNone(p.message_data)
+
+    def test_nothing_after_a_protocol_failure(self) -> None:
+        p = self._proto(True, [b"x"])
+        message_end(p)
+        self.assertEqual(p.got, [])
+        self.assertIsNone(p.message_data)
+
+    def test_client_legs_skip_autobahn_extras(self) -> None:
+        from ticrypt.frontend.leg import UserLeg
+        from ticrypt.vmc.leg import VmLeg
+        for cls in (UserLeg, VmLeg):
+            self.assertTrue(issubclass(cls, LeanClientProtocol))
+            self.assertIs(cls.onMessageEnd, LeanClientProtocol.onMessageEnd)

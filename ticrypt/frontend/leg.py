@@ -13,7 +13,7 @@ from collections.abc import Callable
 from typing import Any, Protocol, TypeVar, cast
 from urllib.parse import urlsplit
 
-from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
+from autobahn.twisted.websocket import WebSocketClientFactory
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from twisted.internet import defer
 from twisted.logger import Logger
@@ -22,6 +22,7 @@ from ticrypt.channel import ChannelError, UserChannel, app
 from ticrypt.frontend.control import Action, Close, Feed, SendText, StartChannel, UserControl
 from ticrypt.frontend.errors import SessionError
 from ticrypt.ws import ChannelPump, connect_ws, no_delay
+from ticrypt.wsfast import LeanClientProtocol
 
 
 class AppReceiver(Protocol):
@@ -37,7 +38,7 @@ class AppReceiver(Protocol):
 _R = TypeVar("_R", bound=AppReceiver)
 
 
-class UserLeg(WebSocketClientProtocol):
+class UserLeg(LeanClientProtocol):
     """The frontend's websocket to the proxy's ``/v1/user``."""
 
     # autobahn owns ``log`` (txaio) and ``state``.

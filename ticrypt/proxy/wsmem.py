@@ -11,8 +11,9 @@ autobahn upgrade touches this file only:
   per-connection copies of the factory's protocol options are dropped
   (:meth:`~LeanWebSocket.release_handshake_state`; the options are then read
   from the factory through ``__getattr__``);
-* **input**: the HTTP upgrade request is bounded (autobahn buffers it
-  without a limit); large reads are fed to autobahn in slices (its frame
+* **input**: autobahn's per-read and per-message extras are skipped
+  (:mod:`ticrypt.wsfast`); the HTTP upgrade request is bounded (autobahn
+  buffers it without a limit); large reads are fed to autobahn in slices (its frame
   parser copies the whole receive buffer once per frame); every frame header
   is counted by a :class:`~ticrypt.proxy.framebudget.FrameBudget`
   (``onFrameBegin``), and a peer over a frame limit is not parsed any further;
@@ -52,12 +53,14 @@ from autobahn.websocket.protocol import WebSocketProtocol
 from twisted.internet.interfaces import IDelayedCall, IPushProducer
 from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 
 from ticrypt import closecodes
 from ticrypt.proxy.framebudget import FrameBudget, Violation
 from ticrypt.proxy.relay import PARTNER_FULL
 from ticrypt.proxy.tlsmem import release_bio_buffers
+from ticrypt.wsfast import message_end
 
 #: autobahn is fed at most this much at a time (see LeanWebSocket.dataReceived).
 FEED_SLICE = 16384
@@ -206,7 +209,7 @@ class LeanWebSocket(WebSocketServerProtocol):
         batch.begin()
         try:
             if len(data) <= FEED_SLICE:
-                super().dataReceived(data)
+                self._dataReceived(data)
                 return
             # autobahn copies its whole receive buffer once per frame it
             # parses: feed a large read (up to bufferSize) in slices so that
@@ -214,9 +217,12 @@ class LeanWebSocket(WebSocketServerProtocol):
             for i in range(0, len(data), FEED_SLICE):
                 if self._input_closed:
                     return
-                super().dataReceived(data[i:i + FEED_SLICE])
+                self._dataReceived(data[i:i + FEED_SLICE])
         finally:
             batch.end()
+
+    def onMessageEnd(self) -> None:
+        message_end(self)
 
     def onFrameBegin(self) -> None:
         budget = self.frame_budget
@@ -241,9 +247,17 @@ class LeanWebSocket(WebSocketServerProtocol):
     def watch_output(self, buffer_size: int, producer: IPushProducer) -> None:
         """From now on ``producer`` is paused when this leg's send buffer
         passes ``buffer_size`` bytes (also Twisted's read size) and resumed
-        when it has drained."""
-        self.transport.bufferSize = buffer_size  # type: ignore[union-attr]
-        self.transport.registerProducer(producer, True)  # type: ignore[union-attr]
+        when it has drained.
+
+        Over TLS the buffer that fills is the TCP connection's under the TLS
+        layer (which passes each write on at once): the size is set there
+        too, else a TLS leg was paused at Twisted's default of 64 KiB, once
+        per 64 KiB message, and read 64 KiB at a time."""
+        transport: Any = self.transport
+        transport.bufferSize = buffer_size
+        if isinstance(transport, TLSMemoryBIOProtocol) and transport.transport is not None:
+            transport.transport.bufferSize = buffer_size  # type: ignore[attr-defined]
+        transport.registerProducer(producer, True)
 
     def pause_reading(self, why: int) -> None:
         """Stop reading this leg, because its partner's send buffer is full

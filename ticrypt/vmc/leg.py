@@ -24,7 +24,7 @@ from collections.abc import Callable
 from typing import Any
 
 import attrs
-from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
+from autobahn.twisted.websocket import WebSocketClientFactory
 from twisted.internet import defer
 from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
@@ -38,6 +38,7 @@ from ticrypt.vmc.processes import Send as SendApp
 from ticrypt.vmc.session import Peer, VmSession
 from ticrypt.vmc.state import VmState
 from ticrypt.ws import ChannelPump, no_delay
+from ticrypt.wsfast import LeanClientProtocol
 
 #: Close when vmc stops: 1000 with the reason ``going-away``.  Not 1001
 #: (:data:`~ticrypt.closecodes.GOING_AWAY`): autobahn lets an application
@@ -84,7 +85,7 @@ class Phase(enum.Enum):
     CLOSED = "closed"
 
 
-class VmLeg(WebSocketClientProtocol):
+class VmLeg(LeanClientProtocol):
     """One websocket to the proxy: the control exchange, then the secure channel."""
 
     # autobahn owns ``log`` (txaio) and ``state``; ours are plog and phase.
