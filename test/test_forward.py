@@ -19,6 +19,7 @@ from ticrypt.forward import (
     ForwardFactory,
     Pipe,
     allow_hosts,
+    connect_protocol,
     host_of,
     normalize_host,
     splice,
@@ -256,6 +257,21 @@ class ForwardUnitTests(SynchronousTestCase):
         self.assertEqual(f.active(), ())
         reasons = [fields["reason"] for name, fields in self.events.seen if name == "closed"]
         self.assertEqual(reasons, ["lease ended", "lease ended"])
+
+
+class ConnectProtocolTests(SynchronousTestCase):
+    def test_quiet_one_shot_factory(self) -> None:
+        """connect_protocol connects the given protocol through a factory that
+        logs nothing per connection (no "Starting factory" line)."""
+        reactor = MemoryReactorClock()
+        pipe = Pipe()
+        d = connect_protocol(TCP4ClientEndpoint(reactor, "127.0.0.1", 9), pipe)
+        host, port, factory, _timeout, _bind = reactor.tcpClients[0]
+        self.assertEqual((host, port), ("127.0.0.1", 9))
+        self.assertNoResult(d)
+        inner = factory._wrappedFactory  # type: ignore[attr-defined]
+        self.assertFalse(inner.noisy)
+        self.assertIs(inner.buildProtocol(None), pipe)
 
 
 class SpliceTests(SynchronousTestCase):

@@ -25,10 +25,9 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Callable, Iterable
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 from twisted.internet import address, defer
-from twisted.internet.endpoints import connectProtocol
 from twisted.internet.error import ConnectingCancelledError
 from twisted.internet.interfaces import (
     IAddress,
@@ -40,7 +39,7 @@ from twisted.internet.interfaces import (
     IStreamClientEndpoint,
     ITransport,
 )
-from twisted.internet.protocol import Protocol, ServerFactory, connectionDone
+from twisted.internet.protocol import Factory, Protocol, ServerFactory, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -49,6 +48,7 @@ from ticrypt.tcp import no_delay
 
 __all__ = [
     "Forward",
+    "connect_protocol",
     "ForwardFactory",
     "Pipe",
     "allow_hosts",
@@ -66,6 +66,7 @@ MAX_PENDING = 256 * 1024
 #: bound per connection.
 READ_SIZE = 256 * 1024
 
+P = TypeVar("P", bound=Protocol)
 EventHook = Callable[..., None]
 Admit = Callable[[IAddress], "str | None"]
 
@@ -106,6 +107,15 @@ def allow_hosts(hosts: Iterable[str]) -> Admit:
         return None
 
     return admit
+
+
+def connect_protocol(endpoint: IStreamClientEndpoint, protocol: P) -> defer.Deferred[P]:
+    """``endpoints.connectProtocol`` without its two log lines per connection
+    ("Starting factory", "Stopping factory": a noisy one-shot factory), which
+    cost a relay more than the connection itself."""
+    factory = Factory.forProtocol(lambda: protocol)
+    factory.noisy = False
+    return cast("defer.Deferred[P]", endpoint.connect(factory))
 
 
 def _consumer(transport: ITransport | None) -> IConsumer:
@@ -348,7 +358,7 @@ class Forward:
             self._connect_failed("no target")
             return
         self.outbound = Pipe(on_data=self._activity, on_close=self._lost)
-        d = connectProtocol(endpoint, self.outbound)
+        d = connect_protocol(endpoint, self.outbound)
         d.addTimeout(f.connect_timeout, self._clock)
         self._connecting = d
         d.addCallbacks(self._connected, self._not_connected)

@@ -57,7 +57,7 @@ from zope.interface import implementer
 
 from ticrypt import identity
 from ticrypt.audit import AuditLog
-from ticrypt.forward import Pipe, splice
+from ticrypt.forward import Pipe, connect_protocol, splice
 from ticrypt.fsutil import atomic_write
 from ticrypt.mux import IncomingStream, MuxProtocol, MuxSettings
 from ticrypt.mux.tls import MuxTLSFactory
@@ -401,7 +401,7 @@ class TunnelServer:
                 self.origins.remove(p)
 
         local = Pipe(on_close=local_closed)
-        d: defer.Deferred[Pipe] = endpoints.connectProtocol(endpoint, local)
+        d: defer.Deferred[Pipe] = connect_protocol(endpoint, local)
 
         def connected(local: Pipe) -> None:
             host: Any = local.transport.getHost()  # type: ignore[union-attr]
