@@ -1,0 +1,1 @@
+"""ticrypt-allowedlist: the DNS allow-list of license servers for VMs (issue 10)."""

@@ -1,0 +1,294 @@
+"""The allow-list's DNS policy, sans-IO: which names a VM may resolve, to
+what, and how often.
+
+* :func:`question` reads the first question of a raw DNS query *as labels*
+  (a dot inside a label, an embedded NUL or a raw UTF-8 byte is kept
+  visible, where a decoded name would hide it).
+* :func:`entry_name` checks an entry's name (lower case, no trailing dot,
+  IDNA A-labels only; ``*.example.org`` covers exactly ONE more label:
+  ``a.example.org``, not ``example.org`` nor ``a.b.example.org``).
+* :class:`Policy` decides each query: an answer (the name's forwarding
+  address), NODATA, NXDOMAIN or REFUSED, PENDING (the name is allowed but
+  the firewall does not admit it yet: answer only once it does), or DROP
+  (from outside ``vm_networks``, or over the client's rate).
+
+Lookalikes never match: a query name matches an entry only when every label
+is letters, digits, ``-`` or ``_`` and equal to the entry's label after ASCII
+case folding.  So an embedded NUL, a dot inside a label, a U-label (raw
+UTF-8, homoglyphs included), full-width dots and another punycode spelling
+(``xn--...`` is compared as the literal A-label) are all refused.
+"""
+
+from __future__ import annotations
+
+import enum
+import ipaddress
+import re
+from collections import OrderedDict
+from collections.abc import Iterable, Mapping
+
+import attrs
+
+__all__ = ["Decision", "Entry", "Kind", "Policy", "TokenBuckets", "entry_name", "parse_entry",
+           "question"]
+
+MAX_NAME = 253
+MAX_PORTS = 32
+MAX_COMMENT = 200
+_LDH = re.compile(rb"[A-Za-z0-9_-]{1,63}\Z")
+_LABEL = re.compile(r"(?!-)[a-z0-9-]{1,63}(?<!-)\Z")
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+# DNS constants (RFC 1035) the policy needs; the server uses twisted.names'.
+A, CNAME, AAAA, ANY = 1, 5, 28, 255
+IN = 1
+
+
+@attrs.frozen
+class Question:
+    """The first question of a query: raw labels, type, class."""
+
+    labels: tuple[bytes, ...]
+    qtype: int
+    qclass: int
+
+
+def question(data: bytes) -> Question | None:
+    """The single question of a query message, or None when ``data`` is not
+    one well-formed query with exactly one question (compression pointers
+    are not allowed in it: nothing precedes it to point at)."""
+    if len(data) < 12 or data[2] & 0x80:  # a response, not a query
+        return None
+    if int.from_bytes(data[4:6], "big") != 1:
+        return None
+    labels: list[bytes] = []
+    i, total = 12, 0
+    while True:
+        if i >= len(data):
+            return None
+        n = data[i]
+        i += 1
+        if n == 0:
+            break
+        if n > 63:
+            return None
+        label = data[i:i + n]
+        if len(label) != n:
+            return None
+        total += n + 1
+        if total > MAX_NAME + 1:
+            return None
+        labels.append(label)
+        i += n
+    if i + 4 > len(data):
+        return None
+    return Question(tuple(labels), int.from_bytes(data[i:i + 2], "big"),
+                    int.from_bytes(data[i + 2:i + 4], "big"))
+
+
+def canonical(labels: Iterable[bytes]) -> str | None:
+    """The lower-case dotted name when every label is plain letters, digits,
+    ``-`` or ``_`` (the only names that can match), else None."""
+    out = []
+    for label in labels:
+        if not _LDH.match(label):
+            return None
+        out.append(label.decode("ascii").lower())
+    return ".".join(out) if out else None
+
+
+def _a_label(label: str) -> bool:
+    if not _LABEL.match(label):
+        return False
+    if label[2:4] == "--" and not label.startswith("xn--"):
+        return False  # reserved R-LDH labels other than punycode
+    if label.startswith("xn--"):
+        try:
+            decoded = label[4:].encode("ascii").decode("punycode")
+        except UnicodeError:
+            return False
+        # an A-label encodes something non-ASCII; "xn--license-" (= "license")
+        # is a lookalike of the plain label, never a name of its own
+        if not decoded or decoded.isascii():
+            return False
+    return True
+
+
+def entry_name(name: str) -> str:
+    """``name`` checked as an entry name; ValueError says why not."""
+    if not isinstance(name, str) or not name or len(name) > MAX_NAME:
+        raise ValueError("name must be 1..253 characters")
+    if name != name.lower() or name.endswith(".") or not name.isascii():
+        raise ValueError("name must be lower case, without a trailing dot, in IDNA A-label form")
+    labels = name.split(".")
+    if labels[0] == "*":
+        labels = labels[1:]
+        if len(labels) < 2:
+            raise ValueError("a wildcard needs at least two labels after '*.'")
+    if len(labels) < 2 or not all(_a_label(label) for label in labels):
+        raise ValueError("not a host name in A-label form: " + name[:80])
+    return name
+
+
+@attrs.frozen
+class Entry:
+    """One allow-list entry (as rest's feed carries it)."""
+
+    id: str
+    name: str
+    ports: tuple[int, ...]
+    protocol: str = "tcp"
+    comment: str = ""
+
+    @property
+    def wildcard(self) -> bool:
+        return self.name.startswith("*.")
+
+    def covers(self, name: str) -> bool:
+        if self.wildcard:
+            head, _, rest = name.partition(".")
+            return bool(head) and head != "*" and rest == self.name[2:]
+        return name == self.name
+
+
+def parse_entry(raw: object) -> Entry:
+    """One feed entry checked; ValueError names the problem."""
+    if not isinstance(raw, Mapping):
+        raise ValueError("entry is not an object")
+    ident, name, ports = raw.get("id"), raw.get("name"), raw.get("ports")
+    protocol, comment = raw.get("protocol", "tcp"), raw.get("comment", "")
+    if not isinstance(ident, str) or not re.fullmatch(r"al-[0-9a-f]{1,64}", ident):
+        raise ValueError("entry id must be al-<hex>")
+    if not isinstance(ports, list) or not 1 <= len(ports) <= MAX_PORTS or not all(
+            type(p) is int and 1 <= p <= 65535 for p in ports):
+        raise ValueError(f"entry {ident}: ports must be 1..{MAX_PORTS} ports 1..65535")
+    if protocol not in ("tcp", "udp"):
+        raise ValueError(f"entry {ident}: protocol must be tcp or udp")
+    if not isinstance(comment, str) or len(comment) > MAX_COMMENT:
+        raise ValueError(f"entry {ident}: comment must be a string of at most {MAX_COMMENT}")
+    try:
+        entry_name(name)  # type: ignore[arg-type]
+    except ValueError as e:
+        raise ValueError(f"entry {ident}: {e}") from None
+    assert isinstance(name, str)
+    return Entry(ident, name, tuple(sorted(set(ports))), protocol, comment)
+
+
+class TokenBuckets:
+    """Per-key token buckets (``rate`` per second, ``burst`` deep), at most
+    ``max_keys`` keys (the least recently seen is forgotten first, so
+    spoofed sources cannot exhaust memory)."""
+
+    def __init__(self, rate: float, burst: float, max_keys: int = 65536) -> None:
+        self.rate, self.burst, self.max_keys = rate, burst, max_keys
+        self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._buckets)
+
+    def take(self, key: str, now: float) -> bool:
+        tokens, last = self._buckets.pop(key, (self.burst, now))
+        tokens = min(self.burst, tokens + max(0.0, now - last) * self.rate)
+        ok = tokens >= 1.0
+        self._buckets[key] = (tokens - 1.0 if ok else tokens, now)
+        while len(self._buckets) > self.max_keys:
+            self._buckets.popitem(last=False)
+        return ok
+
+
+class Kind(enum.Enum):
+    ANSWER = "answer"      # the name's forwarding address(es)
+    NODATA = "nodata"      # allowed name, no record of that type
+    PENDING = "pending"    # allowed, the firewall does not admit it yet
+    NXDOMAIN = "nxdomain"  # not allowed (refused_answer = nxdomain)
+    REFUSED = "refused"    # not allowed (refused_answer = refused), or not IN
+    DROP = "drop"          # outsider or over rate: no answer at all
+
+
+@attrs.frozen
+class Decision:
+    kind: Kind
+    name: str | None = None
+    entry: Entry | None = None
+    addresses: tuple[str, ...] = ()
+    why: str = ""
+
+
+class Policy:
+    """Entries + admitted names -> a :class:`Decision` per query.
+
+    ``admitted`` maps each name the firewall admits now to its forwarding
+    address; :mod:`ticrypt.allowedlist.sync` sets it after each install."""
+
+    def __init__(self, vm_networks: Iterable[str], *, refused_answer: str = "nxdomain",
+                 rate: float = 50.0, burst: float = 100.0, max_clients: int = 65536) -> None:
+        self.vm_networks: tuple[IPNetwork, ...] = tuple(
+            ipaddress.ip_network(n, strict=False) for n in vm_networks)
+        if refused_answer not in ("nxdomain", "refused"):
+            raise ValueError("refused_answer must be nxdomain or refused")
+        self._refused = Kind.NXDOMAIN if refused_answer == "nxdomain" else Kind.REFUSED
+        self.buckets = TokenBuckets(rate, burst, max_clients)
+        self._exact: dict[str, Entry] = {}
+        self._wild: dict[str, Entry] = {}
+        self.admitted: dict[str, str] = {}
+
+    @property
+    def entries(self) -> tuple[Entry, ...]:
+        return tuple(self._exact.values()) + tuple(self._wild.values())
+
+    def set_entries(self, entries: Iterable[Entry]) -> None:
+        exact: dict[str, Entry] = {}
+        wild: dict[str, Entry] = {}
+        for e in entries:
+            (wild if e.wildcard else exact)[e.name[2:] if e.wildcard else e.name] = e
+        self._exact, self._wild = exact, wild
+
+    def inside(self, host: str) -> bool:
+        try:
+            ip = ipaddress.ip_address(host.split("%", 1)[0])
+        except ValueError:
+            return False
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        return any(ip.version == n.version and ip in n for n in self.vm_networks)
+
+    def match(self, name: str) -> Entry | None:
+        entry = self._exact.get(name)
+        if entry is None:
+            head, _, rest = name.partition(".")
+            entry = self._wild.get(rest)
+            if entry is not None and (not head or head == "*"):
+                entry = None
+        return entry
+
+    def admit(self, client: str, now: float) -> Decision | None:
+        """A DROP decision for an outsider or a client over its rate."""
+        if not self.inside(client):
+            return Decision(Kind.DROP, why="outside")
+        if not self.buckets.take(client, now):
+            return Decision(Kind.DROP, why="rate")
+        return None
+
+    def decide(self, client: str, q: Question, now: float) -> Decision:
+        dropped = self.admit(client, now)
+        if dropped is not None:
+            return dropped
+        return self.answer(q)
+
+    def answer(self, q: Question) -> Decision:
+        """The decision for an admitted client's question."""
+        if q.qclass != IN:
+            return Decision(Kind.REFUSED, why="class")
+        name = canonical(q.labels)
+        entry = self.match(name) if name is not None else None
+        if entry is None or name is None:
+            return Decision(self._refused, name=name, why="not-allowed")
+        address = self.admitted.get(name)
+        if address is None:
+            return Decision(Kind.PENDING, name=name, entry=entry)
+        version = ipaddress.ip_address(address).version
+        if q.qtype == ANY or (q.qtype == A and version == 4) or (q.qtype == AAAA and version == 6):
+            return Decision(Kind.ANSWER, name=name, entry=entry, addresses=(address,))
+        return Decision(Kind.NODATA, name=name, entry=entry)
