@@ -71,14 +71,13 @@ class EntryNameTests(SynchronousTestCase):
         e = policy.parse_entry({"id": "al-ab", "name": "l.example.org", "ports": [2, 1, 2],
                                 "protocol": "udp", "comment": "x"})
         self.assertEqual(e, Entry("al-ab", "l.example.org", (1, 2), "udp", "x"))
-        for bad in ({"id": "x", "name": "l.example.org", "ports": [1]},
-                    {"id": "al-1", "name": "l.example.org", "ports": []},
-                    {"id": "al-1", "name": "l.example.org", "ports": list(range(1, 34))},
-                    {"id": "al-1", "name": "l.example.org", "ports": [True]},
-                    {"id": "al-1", "name": "l.example.org", "ports": [70000]},
-                    {"id": "al-1", "name": "l.example.org", "ports": [1], "protocol": "icmp"},
-                    {"id": "al-1", "name": "l.example.org", "ports": [1], "comment": "x" * 201},
-                    {"id": "al-1", "name": "L.example.org", "ports": [1]}, []):
+        b = {"id": "al-1", "name": "l.example.org"}
+        bads: list[object] = [
+            {**b, "id": "x", "ports": [1]}, {**b, "ports": []},
+            {**b, "ports": list(range(1, 34))}, {**b, "ports": [True]}, {**b, "ports": [70000]},
+            {**b, "ports": [1], "protocol": "icmp"}, {**b, "ports": [1], "comment": "x" * 201},
+            {**b, "name": "L.example.org", "ports": [1]}, []]
+        for bad in bads:
             self.assertRaises(ValueError, policy.parse_entry, bad)
 
 

@@ -1,0 +1,282 @@
+"""The allow-list's DNS responder: twisted.names protocols around the
+sans-IO :class:`~ticrypt.allowedlist.policy.Policy`.
+
+One :class:`AllowListServer` (a :class:`twisted.names.server.DNSServerFactory`)
+serves UDP (:class:`UDPProtocol`) and TCP (:class:`TCPProtocol`, built by the
+factory).  Every query is hostile:
+
+* from outside ``vm_networks`` it is DROPPED, not answered (answering REFUSED
+  would make us a reflector and tell scanners we exist); a TCP connection
+  from outside is aborted at once;
+* a query larger than :data:`MAX_QUERY`, or not exactly one well-formed
+  question, is dropped and counted;
+* each client has its own token bucket, its own cap on TCP connections and
+  on queries waiting for the firewall, so one client cannot starve others;
+* an answer goes out only once the firewall admits the name (``admitter``);
+  a name it does not admit within ``answer_wait`` gets SERVFAIL;
+* over UDP a reply larger than ``udp_size`` loses its records and gets TC.
+
+:attr:`AllowListServer.counters` counts every outcome (for logs and tests).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any, Protocol
+
+from twisted.internet import defer
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.logger import Logger
+from twisted.names import dns, server
+
+from ticrypt.allowedlist.policy import Decision, Entry, Kind, Policy, Question, question
+
+__all__ = ["MAX_QUERY", "Admitter", "AllowListServer", "TCPProtocol", "UDPProtocol"]
+
+#: Largest query accepted (a question is at most 259 bytes, plus EDNS0).
+MAX_QUERY = 512
+#: Reply size over UDP without EDNS0 (RFC 1035).
+UDP_SIZE = 512
+
+
+class Admitter(Protocol):
+    """The firewall side: fires when ``name`` is admitted (cancel is fine)."""
+
+    def wait(self, name: str, entry: Entry) -> defer.Deferred[None]: ...
+
+
+class _Query(dns.Message):
+    """A parsed query with its raw :class:`Question` (labels as on the wire)."""
+
+    question: Question
+
+
+def _parse(data: bytes) -> _Query | None:
+    q = question(data)
+    if q is None:
+        return None
+    m = _Query()
+    try:
+        m.fromStr(data)
+    except Exception:  # noqa: BLE001 - twisted.names raises many kinds on junk
+        return None
+    if m.answer or len(m.queries) != 1:
+        return None
+    m.question = q
+    return m
+
+
+class UDPProtocol(dns.DNSDatagramProtocol):
+    """Queries over UDP: size and source checked before parsing."""
+
+    controller: AllowListServer
+
+    def datagramReceived(self, data: bytes, addr: tuple[str, int]) -> None:
+        c = self.controller
+        if not c.policy.inside(addr[0]):
+            c.counters["dropped-outside"] += 1
+            return
+        if len(data) > MAX_QUERY:
+            c.counters["dropped-oversized"] += 1
+            return
+        m = _parse(data)
+        if m is None:
+            c.counters["dropped-malformed"] += 1
+            return
+        c.messageReceived(m, self, addr)
+
+
+class TCPProtocol(dns.DNSProtocol):
+    """Queries over TCP (2-byte length prefix), with an idle timeout and a
+    cap on the queries of one connection waiting at once."""
+
+    MAX_LENGTH = MAX_QUERY
+    factory: AllowListServer
+    controller: AllowListServer
+
+    def __init__(self, controller: AllowListServer, reactor: Any = None) -> None:
+        super().__init__(controller, reactor)
+        self.peer_host = ""
+        self._idle: IDelayedCall | None = None
+
+    def _abort(self) -> None:
+        transport: Any = self.transport
+        transport.abortConnection()
+
+    def connectionMade(self) -> None:
+        assert self.transport is not None
+        self.peer_host = getattr(self.transport.getPeer(), "host", "")
+        c = self.controller
+        if not c.policy.inside(self.peer_host):
+            c.counters["dropped-outside"] += 1
+            self._abort()
+            return
+        if not c.tcp_open(self.peer_host):
+            c.counters["dropped-tcp-cap"] += 1
+            self._abort()
+            return
+        super().connectionMade()
+        self._touch()
+
+    def connectionLost(self, reason: Any = None) -> None:
+        if self._idle is not None and self._idle.active():
+            self._idle.cancel()
+        if self.peer_host and self in self.controller.connections:
+            self.controller.tcp_closed(self.peer_host)
+            super().connectionLost(reason)
+
+    def _touch(self) -> None:
+        if self._idle is not None and self._idle.active():
+            self._idle.reset(self.controller.tcp_idle)
+        else:
+            self._idle = self.controller.clock.callLater(self.controller.tcp_idle, self._expire)
+
+    def _expire(self) -> None:
+        self.controller.counters["tcp-idle-closed"] += 1
+        self._abort()
+
+    def lengthLimitExceeded(self, length: int) -> None:
+        self.controller.counters["dropped-oversized"] += 1
+        self._abort()
+
+    def stringReceived(self, data: bytes) -> None:
+        self._touch()
+        m = _parse(data)
+        if m is None:
+            self.controller.counters["dropped-malformed"] += 1
+            return
+        self.controller.messageReceived(m, self)
+
+
+class AllowListServer(server.DNSServerFactory):
+    """Decides with the policy, waits for the firewall, replies."""
+
+    log = Logger()
+    protocol = TCPProtocol  # type: ignore[assignment]
+    noisy = False
+
+    def __init__(self, policy: Policy, clock: IReactorTime, *, admitter: Admitter | None = None,
+                 answer_ttl: int = 60, answer_wait: float = 3.0, udp_size: int = UDP_SIZE,
+                 max_waiting: int = 1024, max_waiting_per_client: int = 16,
+                 max_tcp: int = 1024, max_tcp_per_client: int = 8,
+                 tcp_idle: float = 10.0) -> None:
+        super().__init__()
+        self.policy = policy
+        self.clock = clock
+        self.admitter = admitter
+        self.answer_ttl = answer_ttl
+        self.answer_wait = answer_wait
+        self.udp_size = udp_size
+        self.max_waiting, self.max_waiting_per_client = max_waiting, max_waiting_per_client
+        self.max_tcp, self.max_tcp_per_client = max_tcp, max_tcp_per_client
+        self.tcp_idle = tcp_idle
+        self.counters: Counter[str] = Counter()
+        self._waiting: Counter[str] = Counter()
+        self._tcp: Counter[str] = Counter()
+
+    def buildProtocol(self, addr: Any) -> TCPProtocol:  # type: ignore[override]
+        p = TCPProtocol(self, self.clock)
+        p.factory = self
+        return p
+
+    def udp_protocol(self) -> UDPProtocol:
+        return UDPProtocol(self, self.clock)
+
+    # -- per-client TCP caps ------------------------------------------------
+
+    def tcp_open(self, host: str) -> bool:
+        if len(self.connections) >= self.max_tcp or self._tcp[host] >= self.max_tcp_per_client:
+            return False
+        self._tcp[host] += 1
+        return True
+
+    def tcp_closed(self, host: str) -> None:
+        self._tcp[host] -= 1
+        if self._tcp[host] <= 0:
+            del self._tcp[host]
+
+    # -- queries ------------------------------------------------------------
+
+    def messageReceived(self, message: dns.Message, proto: Any,
+                        address: tuple[str, int] | None = None) -> None:
+        """Outsiders and clients over their rate are dropped here (never
+        answered REFUSED, which ``allowQuery`` would do)."""
+        host = address[0] if address is not None else proto.peer_host
+        q: Question | None = getattr(message, "question", None)
+        if q is None:
+            self.counters["dropped-malformed"] += 1
+            return
+        dropped = self.policy.admit(host, self.clock.seconds())
+        if dropped is not None:
+            self.counters["dropped-" + dropped.why] += 1
+            return
+        if message.opCode != dns.OP_QUERY:
+            self._reply(proto, message, address, dns.ENOTIMP)
+            return
+        decision = self.policy.answer(q)
+        if decision.kind is Kind.PENDING:
+            self._wait(decision, q, proto, message, address, host)
+        else:
+            self._send(proto, message, address, decision)
+
+    def _wait(self, decision: Decision, q: Question, proto: Any, message: dns.Message,
+              address: tuple[str, int] | None, host: str) -> None:
+        assert decision.name is not None and decision.entry is not None
+        if self.admitter is None or sum(self._waiting.values()) >= self.max_waiting or \
+                self._waiting[host] >= self.max_waiting_per_client:
+            self.counters["servfail-busy"] += 1
+            self._reply(proto, message, address, dns.ESERVER)
+            return
+        self._waiting[host] += 1
+        d = self.admitter.wait(decision.name, decision.entry)
+        timer = self.clock.callLater(self.answer_wait, d.cancel)
+
+        def done(result: object) -> None:
+            if timer.active():
+                timer.cancel()
+            self._waiting[host] -= 1
+            if self._waiting[host] <= 0:
+                del self._waiting[host]
+            again = self.policy.answer(q)
+            if again.kind is Kind.PENDING:
+                self.counters["servfail-not-admitted"] += 1
+                self._reply(proto, message, address, dns.ESERVER)
+            else:
+                self._send(proto, message, address, again)
+
+        d.addBoth(done).addErrback(lambda f: self.log.failure("allowedlist: reply failed", f))
+
+    def _send(self, proto: Any, message: dns.Message, address: tuple[str, int] | None,
+              decision: Decision) -> None:
+        kind = decision.kind
+        self.counters[kind.value] += 1
+        if kind is Kind.NXDOMAIN:
+            self._reply(proto, message, address, dns.ENAME)
+        elif kind is Kind.REFUSED:
+            self._reply(proto, message, address, dns.EREFUSED)
+        else:
+            answers = []
+            for a in decision.addresses:
+                record: Any = dns.Record_AAAA(a, self.answer_ttl) if ":" in a \
+                    else dns.Record_A(a, self.answer_ttl)
+                answers.append(dns.RRHeader(message.queries[0].name.name, record.TYPE, dns.IN,
+                                            self.answer_ttl, record, auth=True))
+            self._reply(proto, message, address, dns.OK, answers)
+
+    def _reply(self, proto: Any, message: dns.Message, address: tuple[str, int] | None,
+               rcode: int, answers: list[dns.RRHeader] | None = None) -> None:
+        r = dns.Message(id=message.id, answer=1, opCode=message.opCode, recDes=message.recDes,
+                        recAv=1, auth=rcode in (dns.OK, dns.ENAME), rCode=rcode)
+        r.queries = message.queries
+        r.answers = answers or []
+        r.maxSize = 0  # we truncate at record boundaries, not twisted (mid-record)
+        if address is not None and len(r.toStr()) > self.udp_size:
+            r.answers, r.trunc = [], 1
+            self.counters["truncated"] += 1
+        if getattr(proto, "transport", None) is None:
+            return  # the connection ended while the query waited
+        # (not sendReply: it logs a timing line per reply)
+        if address is None:
+            proto.writeMessage(r)
+        else:
+            proto.writeMessage(r, address)
