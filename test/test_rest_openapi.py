@@ -291,6 +291,21 @@ class LiveTests(TestCase):
         feed_secret = load_secret(env.feed_secret_file)
         await h(env, "GET", "/v1/revocations", {}, token=feed_secret, expect=200)
         await h(env, "GET", "/v1/revocations", {}, token=tok, expect=401)
+        entry = (await h(env, "POST", "/v1/allowlist", {}, {
+            "name": "lic.example.org", "ports": [27000], "comment": "x"}, token=tok,
+            expect=201))["entry"]
+        await h(env, "POST", "/v1/allowlist", {}, {"name": "lic.example.org", "ports": [1]},
+                token=tok, expect=409)
+        await h(env, "POST", "/v1/allowlist", {}, {"name": "lic.example.org", "ports": [0]},
+                token=tok, expect=400)
+        await h(env, "GET", "/v1/allowlist", {}, token=tok, expect=200)
+        allow_secret = load_secret(env.deployment.path(env.deployment.allowlist_feed_secret()))
+        await h(env, "GET", "/v1/allowlist/feed", {}, token=allow_secret, expect=200)
+        await h(env, "GET", "/v1/allowlist/feed", {}, token=tok, expect=401)
+        await h(env, "DELETE", "/v1/allowlist/{id}", {"id": entry["id"]}, token=tok,
+                expect=204)
+        await h(env, "DELETE", "/v1/allowlist/{id}", {"id": entry["id"]}, token=tok,
+                expect=404)
         await h(env, "POST", "/v1/auth/logout", {}, {}, token=tok, expect=204)
         await h(env, "POST", "/v1/auth/logout", {}, {}, token=tok, expect=401)
         for _ in range(25):

@@ -179,6 +179,22 @@ class RestClient:
         return await self._object("POST", "/v1/vms", {
             "name": name, "owner": owner, "host": host})
 
+    async def list_allowlist(self) -> list[dict[str, Any]]:
+        return await self._list("/v1/allowlist", "entries")
+
+    async def add_allowlist(self, name: str, ports: list[int], protocol: str = "tcp",
+                            comment: str = "") -> dict[str, Any]:
+        """The new entry (ALLOW of PROTOCOL.md §1.1)."""
+        answer = await self._object("POST", "/v1/allowlist", {
+            "name": name, "ports": ports, "protocol": protocol, "comment": comment})
+        entry = answer.get("entry")
+        if not isinstance(entry, dict):
+            raise RestError(0, "bad-response", "rest's answer has no entry")
+        return entry
+
+    async def remove_allowlist(self, entry_id: str) -> None:
+        await self.call("DELETE", f"/v1/allowlist/{_segment(entry_id)}")
+
 
 def _segment(value: str) -> str:
     return quote(value, safe="")

@@ -255,6 +255,16 @@ class Deployment:
             self.write("feed_secret", os.urandom(32).hex() + "\n", 0o600)
         return self.feed_secret_file
 
+    def allowlist_feed_secret(self) -> str:
+        """The bearer secret of rest's allow-list feed, which rest and
+        ticrypt-allowedlist share (``allowlist-feed.secret``, 64 hex digits,
+        0600); made once.  Returns its name relative to the directory, as the
+        configs write it."""
+        name = "allowlist-feed.secret"
+        if not os.path.exists(self.path(name)):
+            self.write(name, os.urandom(32).hex() + "\n", 0o600)
+        return name
+
     def backend(self) -> Backend:
         """The backend signing key (``backend.key``, 0600, made once; rest's
         ``signing_key``, which ``ticrypt-admin init`` then keeps) and its
@@ -299,6 +309,7 @@ class Deployment:
             "audit_log": self.names["rest_audit"],
             "proxy_url": a.proxy_url,
             "revocation_feed_secret": self.names["feed_secret"],
+            "allowlist_feed_secret": self.allowlist_feed_secret(),
             "proxy_control_url": a.control_url,
             "proxy_control_ca_file": self.names["ca"] if a.control_url else None,
         }}, {"rest": overrides})

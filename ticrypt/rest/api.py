@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from twisted.logger import Logger
 
 import ticrypt
-from ticrypt import identity, signed
+from ticrypt import dnsname, identity, signed
 from ticrypt.audit import AuditLog
 from ticrypt.config import Duration, Int, setting
 from ticrypt.encoding import b64, unb64
@@ -77,6 +77,10 @@ ROUTES: tuple[Route, ...] = (
     Route("DELETE", "/v1/pathways/{id}", "delete_pathway"),
     Route("POST", "/v1/enroll", "enroll"),
     Route("GET", "/v1/revocations", "revocations"),
+    Route("GET", "/v1/allowlist", "list_allowlist"),
+    Route("POST", "/v1/allowlist", "add_allowlist"),
+    Route("GET", "/v1/allowlist/feed", "allowlist_feed"),
+    Route("DELETE", "/v1/allowlist/{id}", "remove_allowlist"),
 )
 
 
@@ -124,10 +128,52 @@ ENROLL_BODY = {"token": Field(str, check=_check_b64(32)),
                "vm_public_key": Field(str, check=_check_public_key),
                "tls_fingerprint": Field(str, check=_check_fingerprint)}
 
+def _check_allow_name(value: str) -> str | None:
+    try:
+        dnsname.canonical_name(value)
+    except ValueError as e:
+        return f"is not an allow-list name: {e}"
+    return None
+
+
+#: most ports of one allow-list entry
+MAX_ALLOW_PORTS = 32
+MAX_ALLOW_COMMENT = 200
+
+
+def _check_ports(value: list[Any]) -> str | None:
+    if not 1 <= len(value) <= MAX_ALLOW_PORTS:
+        return f"must list 1 to {MAX_ALLOW_PORTS} ports"
+    for port in value:
+        if not isinstance(port, int) or isinstance(port, bool) or not 1 <= port <= 65535:
+            return "must be integers 1..65535"
+    if len(set(value)) != len(value):
+        return "must not repeat a port"
+    return None
+
+
+def _check_protocol(value: str) -> str | None:
+    return None if value in ("tcp", "udp") else "must be 'tcp' or 'udp'"
+
+
+def _check_comment(value: str) -> str | None:
+    if len(value) > MAX_ALLOW_COMMENT:
+        return f"must be at most {MAX_ALLOW_COMMENT} characters"
+    if not value.isprintable():
+        return "must be printable (no control characters)"
+    return None
+
+
+ALLOW_BODY = {"name": Field(str, check=_check_allow_name),
+              "ports": Field(list, check=_check_ports),
+              "protocol": Field(str, required=False, check=_check_protocol),
+              "comment": Field(str, required=False, check=_check_comment)}
+
 _STORE_STATUS = {"user-exists": 409, "vm-exists": 409, "no-such-user": 404,
                  "user-disabled": 409, "invalid-role": 400,
                  "enrollment-token-invalid": 401, "enrollment-token-used": 409,
-                 "enrollment-token-expired": 401, "vm-disabled": 409}
+                 "enrollment-token-expired": 401, "vm-disabled": 409,
+                 "allowlist-entry-exists": 409, "allowlist-full": 409, "no-such-entry": 404}
 
 
 def _store_error(e: StoreError) -> ApiError:
@@ -168,6 +214,7 @@ class RestApi:
     def __init__(self, *, clock: Clock, db: Db, signing_key: Ed25519PrivateKey,
                  proxy_url: str, audit: AuditLog, settings: ApiSettings,
                  feed_secret: str | None = None, proxyctl: ProxyControl | None = None,
+                 allowlist_secret: str | None = None,
                  random: Callable[[int], bytes] = os.urandom):
         self._clock = clock
         self._db = db
@@ -190,6 +237,8 @@ class RestApi:
             clock, settings.login_failures_per_user_and_address, settings.login_window)
         self._feed_secret = feed_secret.encode("ascii") if feed_secret is not None else None
         self._proxyctl = proxyctl
+        self._allowlist_secret = (allowlist_secret.encode("ascii")
+                                  if allowlist_secret is not None else None)
 
     # ------------------------------------------------------------ helpers
 
@@ -478,18 +527,69 @@ class RestApi:
         if self._feed_secret is None:
             raise ApiError(404, "feed-disabled", "the revocation feed is off "
                            "(revocation_feed_secret is not set)")
-        self._check_rate_limits("feed-refused", call.client)
-        given = (call.bearer or "").encode("utf-8", "replace")
-        if not hmac.compare_digest(given, self._feed_secret):
-            self.address_limits.failed(call.client)
-            self._audit.write("feed-refused", client=call.client,
-                              reason="missing-token" if call.bearer is None else "invalid-token")
-            raise _unauthorized("invalid-token", "the revocation feed needs its bearer secret")
+        self._check_feed_secret(call, self._feed_secret, "revocation")
         found: store.Revocations = await self._run(store.revocations, write=False)
         feed = signed.make_revocation_feed(
             self._key, serial=found.serial, now=self._now(), users=found.users,
             sessions={session_id(h) for h in found.sessions})
         return 200, {"feed": feed}
+
+    def _check_feed_secret(self, call: Call, secret: bytes, feed: str) -> None:
+        """A shared-secret feed's bearer, compared in constant time; a wrong
+        one counts as a failure against the address, like a failed login."""
+        self._check_rate_limits("feed-refused", call.client)
+        given = (call.bearer or "").encode("utf-8", "replace")
+        if not hmac.compare_digest(given, secret):
+            self.address_limits.failed(call.client)
+            self._audit.write("feed-refused", client=call.client, feed=feed,
+                              reason="missing-token" if call.bearer is None else "invalid-token")
+            raise _unauthorized("invalid-token", f"the {feed} feed needs its bearer secret")
+
+    # ------------------------------------------------------------ allow-list (superadmin)
+
+    async def list_allowlist(self, call: Call) -> Result:
+        parse_body(call.body, EMPTY_BODY)
+        _, entries = await self._authed(call, _unbound(store.list_allowlist), superadmin=True)
+        return 200, {"entries": [e.to_json() for e in entries]}
+
+    async def add_allowlist(self, call: Call) -> Result:
+        body = parse_body(call.body, ALLOW_BODY)
+        entry = store.AllowEntry(id=new_allowlist_id(self._random),
+                                 name=dnsname.canonical_name(body["name"]),
+                                 ports=tuple(sorted(body["ports"])),
+                                 protocol=body.get("protocol", "tcp"),
+                                 comment=body.get("comment", ""))
+        session, added = await self._authed(call, _add_allow_entry, entry, self._now(),
+                                            write=True, superadmin=True)
+        self._audit.write("allowlist-add", entry=added.id, name=added.name,
+                          ports=list(added.ports), protocol=added.protocol,
+                          by=session.user.name, client=call.client)
+        return 201, {"entry": added.to_json()}
+
+    async def remove_allowlist(self, call: Call) -> Result:
+        parse_body(call.body, EMPTY_BODY)
+        if call.params[0] == "feed":
+            # the path of GET /v1/allowlist/feed, which is no entry
+            raise ApiError(405, "method-not-allowed", "DELETE is not allowed here",
+                           {"Allow": "GET"})
+        session, removed = await self._authed(call, _unbound(store.remove_allow_entry),
+                                              call.params[0], write=True, superadmin=True)
+        self._audit.write("allowlist-remove", entry=removed.id, name=removed.name,
+                          ports=list(removed.ports), protocol=removed.protocol,
+                          by=session.user.name, client=call.client)
+        return 204, None
+
+    async def allowlist_feed(self, call: Call) -> Result:
+        """The allow-list for ticrypt-allowedlist (bearer: the shared
+        ``allowlist_feed_secret``): every entry and a serial that grows with
+        every change."""
+        parse_body(call.body, EMPTY_BODY)
+        if self._allowlist_secret is None:
+            raise ApiError(404, "feed-disabled", "the allow-list feed is off "
+                           "(allowlist_feed_secret is not set)")
+        self._check_feed_secret(call, self._allowlist_secret, "allow-list")
+        serial, entries = await self._run(store.allowlist_feed, write=False)
+        return 200, {"serial": serial, "entries": [e.to_json() for e in entries]}
 
 
 @functools.cache
@@ -568,6 +668,16 @@ def _existing_vm(conn: Any, session: store.Session, vm_id: str) -> store.Vm:
     if vm is None:
         raise ApiError(404, "no-such-vm", "no such VM")
     return vm
+
+
+def _add_allow_entry(conn: Any, session: store.Session, entry: store.AllowEntry,
+                     now: float) -> store.AllowEntry:
+    return store.add_allow_entry(conn, entry, session.user.name, now)
+
+
+def new_allowlist_id(random: Callable[[int], bytes] = os.urandom) -> str:
+    """``al-`` and 16 lowercase hex digits."""
+    return "al-" + random(8).hex()
 
 
 def new_vm_id(random: Callable[[int], bytes] = os.urandom) -> str:

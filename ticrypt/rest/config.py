@@ -62,6 +62,10 @@ class RestSection:
     revocation_feed_secret: str | None = setting(
         FilePath(secret=True), None,
         "bearer secret of GET /v1/revocations (shared with the proxy); unset: the feed is off")
+    allowlist_feed_secret: str | None = setting(
+        FilePath(secret=True), None,
+        "bearer secret of GET /v1/allowlist/feed (shared with ticrypt-allowedlist); "
+        "unset: the feed is off")
     proxy_control_url: str | None = setting(
         OptionalUrl(), None, "the proxy's control API (pathways), or off")
     proxy_control_ca_file: str | None = setting(
@@ -88,11 +92,13 @@ class RestSection:
             if self.proxy_control_url.startswith("http:") and not self.allow_plain_http:
                 raise error(SECTION, "proxy_control_url",
                             "http:// needs allow_plain_http = yes; use https://")
-        if self.revocation_feed_secret is not None:
-            try:
-                load_secret(self.revocation_feed_secret)
-            except ValueError as e:
-                raise error(SECTION, "revocation_feed_secret", str(e)) from None
+        for key in ("revocation_feed_secret", "allowlist_feed_secret"):
+            path = getattr(self, key)
+            if path is not None:
+                try:
+                    load_secret(path)
+                except ValueError as e:
+                    raise error(SECTION, key, str(e)) from None
 
 
 @attrs.frozen(kw_only=True)

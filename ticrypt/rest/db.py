@@ -69,6 +69,22 @@ MIGRATIONS: list[tuple[str, ...]] = [
         "INSERT INTO revocation_serial VALUES (0)",
         "CREATE INDEX sessions_revoked ON sessions(revoked) WHERE revoked IS NOT NULL",
     ),
+    (
+        # 3: the license-server allow-list (PROTOCOL.md §1.1 "Allow-list"):
+        # entries, one per (name, protocol), and a serial bumped by every
+        # change, which the allowedlist daemon's feed carries.
+        """CREATE TABLE allowlist (
+            id TEXT PRIMARY KEY,
+            name TEXT NOT NULL,
+            protocol TEXT NOT NULL CHECK (protocol IN ('tcp', 'udp')),
+            ports TEXT NOT NULL,
+            comment TEXT NOT NULL,
+            created INTEGER NOT NULL,
+            created_by TEXT NOT NULL,
+            UNIQUE (name, protocol))""",
+        "CREATE TABLE allowlist_serial (serial INTEGER NOT NULL)",
+        "INSERT INTO allowlist_serial VALUES (0)",
+    ),
 ]
 
 LATEST = len(MIGRATIONS)

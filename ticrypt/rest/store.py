@@ -242,3 +242,70 @@ def prune(conn: sqlite3.Connection, now: float, keep: float = 86400.0) -> int:
     """Delete sessions that expired more than ``keep`` seconds ago."""
     cur = conn.execute("DELETE FROM sessions WHERE expires < ?", (int(now - keep),))
     return cur.rowcount
+
+
+# -- the license-server allow-list -------------------------------------------------
+
+#: most entries the allow-list holds (each becomes nft rules at allowedlist)
+MAX_ALLOWLIST = 1000
+
+
+@attrs.frozen
+class AllowEntry:
+    id: str
+    name: str
+    ports: tuple[int, ...]
+    protocol: str
+    comment: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"id": self.id, "name": self.name, "ports": list(self.ports),
+                "protocol": self.protocol, "comment": self.comment}
+
+
+def _entry(row: Any) -> AllowEntry:
+    return AllowEntry(id=row[0], name=row[1], ports=tuple(int(p) for p in row[2].split(",")),
+                      protocol=row[3], comment=row[4])
+
+
+_ENTRY_COLS = "id, name, ports, protocol, comment"
+
+
+def list_allowlist(conn: sqlite3.Connection) -> list[AllowEntry]:
+    """Every entry, by name then protocol."""
+    rows = conn.execute(f"SELECT {_ENTRY_COLS} FROM allowlist ORDER BY name, protocol")
+    return [_entry(r) for r in rows.fetchall()]
+
+
+def allowlist_feed(conn: sqlite3.Connection) -> tuple[int, list[AllowEntry]]:
+    """(serial, entries) read in one transaction."""
+    serial = int(conn.execute("SELECT serial FROM allowlist_serial").fetchone()[0])
+    return serial, list_allowlist(conn)
+
+
+def add_allow_entry(conn: sqlite3.Connection, entry: AllowEntry, by: str,
+                    now: float) -> AllowEntry:
+    """Add a (validated, canonical) entry; one per name and protocol."""
+    if conn.execute("SELECT 1 FROM allowlist WHERE name = ? AND protocol = ?",
+                    (entry.name, entry.protocol)).fetchone():
+        raise StoreError("allowlist-entry-exists",
+                         f"{entry.name} ({entry.protocol}) is already allow-listed; "
+                         "remove it first to change its ports")
+    if int(conn.execute("SELECT count(*) FROM allowlist").fetchone()[0]) >= MAX_ALLOWLIST:
+        raise StoreError("allowlist-full", f"the allow-list holds {MAX_ALLOWLIST} entries")
+    conn.execute("INSERT INTO allowlist (id, name, protocol, ports, comment, created, "
+                 "created_by) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                 (entry.id, entry.name, entry.protocol, ",".join(map(str, entry.ports)),
+                  entry.comment, int(now), by))
+    conn.execute("UPDATE allowlist_serial SET serial = serial + 1")
+    return entry
+
+
+def remove_allow_entry(conn: sqlite3.Connection, entry_id: str) -> AllowEntry:
+    row = conn.execute(f"SELECT {_ENTRY_COLS} FROM allowlist WHERE id = ?",
+                       (entry_id,)).fetchone()
+    if row is None:
+        raise StoreError("no-such-entry", f"no allow-list entry {entry_id}")
+    conn.execute("DELETE FROM allowlist WHERE id = ?", (entry_id,))
+    conn.execute("UPDATE allowlist_serial SET serial = serial + 1")
+    return _entry(row)

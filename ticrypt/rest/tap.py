@@ -68,6 +68,8 @@ def make_rest_service(cfg: RestConfig, reactor: Any) -> RoleService:
         feed_secret=(load_secret(rest.revocation_feed_secret)
                      if rest.revocation_feed_secret is not None else None),
         proxyctl=proxyctl,
+        allowlist_secret=(load_secret(rest.allowlist_feed_secret)
+                          if rest.allowlist_feed_secret is not None else None),
     )
     site = rest_site(api, reactor=reactor, max_body=rest.max_body,
                      idle_timeout=rest.idle_timeout, request_timeout=rest.request_timeout)
