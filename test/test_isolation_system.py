@@ -1,0 +1,344 @@
+"""VM isolation and the license-server allow-list, proven with real rules
+and real packets in network namespaces this test creates and always removes
+(ticrypt.lab.netns: user, backend, router, VM host, two VMs, a license
+server and an outside host in 10.77.0.0/16).
+
+Each proof is its own test method on a deployment of its own (namespaces
+and daemons started in the test, stopped and removed in its cleanup: trial
+has no per-class fixture that could keep processes across tests).  A proof
+whose piece has not landed is skipped with one line naming that piece, so
+the test is complete the moment it lands.  Root only; skipped with one line
+where ``ip netns``, nft or dig are missing."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import sys
+from typing import Any
+
+from twisted.internet import reactor, task
+from twisted.trial.unittest import TestCase
+
+from test.daemon import run_command, script_path
+from ticrypt.lab import daemons, netns
+from ticrypt.lab.deploy import Deployment
+from ticrypt.lab.netns import (
+    APP_PORT,
+    BACKEND_IP,
+    DNS_PORT,
+    FORWARD_POOL,
+    LICENSE_IP,
+    LICENSE_NAME,
+    LICENSE_PORTS,
+    OUTSIDE_IP,
+    REST_PORT,
+    TUNNEL_PORT,
+    USER_IP,
+    VM_IPS,
+    VMHOST_BASE,
+    VMHOST_IP,
+    VMHOST_VM_IP,
+    Namespaces,
+    NetnsDeployment,
+)
+
+#: a TCP client for one connection from inside a namespace: "ok LINE" or "fail ERROR"
+CLIENT = """
+import socket, sys
+try:
+    c = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=float(sys.argv[3]))
+    c.settimeout(float(sys.argv[3]))
+    print("ok " + c.recv(100).decode().strip())
+except OSError as e:
+    print("fail " + type(e).__name__)
+"""
+
+#: the probe table: counts packets from given sources as they arrive,
+#: before any other rule can drop them
+PROBE = """table inet ticrypt_probe {
+    chain pre {
+        type filter hook prerouting priority -400; policy accept;
+        ip saddr { %s } counter
+    }
+}
+"""
+
+
+def missing_tools() -> str | None:
+    why = netns.netns_missing()
+    if why is None and shutil.which("dig") is None:
+        why = "dig is not installed"
+    if why is None and shutil.which("curl") is None:
+        why = "curl is not installed"
+    return why
+
+
+async def until(check: Any, seconds: float = 20.0) -> Any:
+    """Poll the async ``check()`` every 100 ms until it returns a true
+    value (returned) or ``seconds`` passed (the last value)."""
+    result = None
+    for _ in range(int(seconds / 0.1)):
+        result = await check()
+        if result:
+            return result
+        await task.deferLater(reactor, 0.1, lambda: None)
+    return result
+
+
+class IsolationSystemTests(TestCase):
+    timeout = 600
+
+    def require(self, *why: str | None) -> None:
+        """Skip with the first reason given (a missing piece), if any."""
+        for reason in why:
+            if reason:
+                raise self.skipTest(reason)  # type: ignore[misc]
+
+    def pieces(self) -> dict[str, str | None]:
+        return {"vmc": netns.vmc_firewall_missing(), "vmhost": netns.vmhost_isolation_missing(),
+                "allowedlist": netns.allowedlist_missing()}
+
+    def network(self) -> Namespaces:
+        self.require(missing_tools())
+        spaces = Namespaces("tci")
+        self.addCleanup(spaces.remove)
+        spaces.create()
+        return spaces
+
+    async def deploy(self, spaces: Namespaces) -> NetnsDeployment:
+        """Every role in the namespaces, with the isolation pieces that have landed."""
+        pieces = self.pieces()
+        firewalls = pieces["vmc"] is None and pieces["vmhost"] is None
+        dep = Deployment(self.mktemp(), NetnsDeployment.addresses(),
+                         comment="written by test_isolation_system")
+        self.logs: dict[str, Any] = {}
+
+        def echo_to(name: str) -> Any:
+            log = self.logs[name] = open(dep.path(f"{name}.log"), "a")  # noqa: SIM115
+            self.addCleanup(log.close)
+
+            def echo(_name: str, line: str) -> None:
+                log.write(line + "\n")
+                log.flush()
+
+            return echo
+
+        async def start_in(role: str, plugin: str, config: str) -> daemons.Daemon:
+            name = f"{plugin}-{role}"
+            proc = netns.spawn_in(reactor, spaces, role, plugin, config, echo=echo_to(name))
+            self.addCleanup(proc.stop)
+            await proc.ready
+            return proc
+
+        async def helper(role: str, args: list[str]) -> daemons.Daemon:
+            proc = netns.helper_in(reactor, spaces, role, args, echo=echo_to(f"helper-{role}"))
+            self.addCleanup(proc.stop)
+            await proc.ready
+            return proc
+
+        async def run_in(role: str | None, args: list[str]) -> tuple[int, str, str]:
+            argv = [script_path(args[0]), *args[1:]]
+            return await run_command(spaces.exec(role, argv) if role else argv)
+
+        d = NetnsDeployment(reactor, spaces, dep, start_in, run_in, helper,
+                            firewalls=firewalls, allowedlist=pieces["allowedlist"] is None)
+        await d.start()
+        return d
+
+    # -- tools inside the namespaces ---------------------------------------------
+
+    async def connect(self, spaces: Namespaces, role: str, host: str, port: int,
+                      timeout: float = 2.0) -> str:
+        code, out, err = await run_command(spaces.exec(role, [
+            sys.executable, "-c", CLIENT, host, str(port), str(timeout)]))
+        self.assertEqual(code, 0, err)
+        return out.strip()
+
+    async def sweep(self, spaces: Namespaces, role: str, hosts: list[str],
+                    ports: str) -> list[str]:
+        """The ``host:port`` that accept a TCP connection from ``role``."""
+        code, out, err = await run_command(spaces.exec(role, [
+            sys.executable, "-m", "ticrypt.lab.netns", "sweep", "--ports", ports,
+            "--timeout", "2", *hosts]), env=daemons.daemon_env(), timeout=120)
+        self.assertEqual(code, 0, err)
+        return list(json.loads(out))
+
+    def probe(self, spaces: Namespaces, role: str, sources: list[str]) -> None:
+        """Count every packet from ``sources`` arriving in ``role``."""
+        spaces.nft(role, PROBE % ", ".join(sources))
+
+    def probed(self, spaces: Namespaces, role: str) -> int:
+        text = spaces.nft_list(role, "table", "inet", "ticrypt_probe")
+        m = re.search(r"counter packets (\d+)", text)
+        assert m is not None, text
+        return int(m.group(1))
+
+    async def dig(self, spaces: Namespaces, role: str, name: str) -> tuple[str, list[str]]:
+        """(status, A answers) of ``name`` from the allowedlist responder."""
+        code, out, err = await run_command(spaces.exec(role, [
+            "dig", f"@{BACKEND_IP}", "-p", str(DNS_PORT), "+time=2", "+tries=1", name, "A"]))
+        m = re.search(r"status: (\w+)", out)
+        if m is None:
+            return f"no answer ({code}): {(out + err).strip()[-200:]}", []
+        answers = re.findall(r"^\S+\s+\d+\s+IN\s+A\s+(\S+)$", out, re.M)
+        return m.group(1), answers
+
+    def audit(self, dep: Deployment) -> list[dict[str, Any]]:
+        """Every audit line of the deployment's roles."""
+        lines = []
+        for name in sorted(os.listdir(dep.dir)):
+            if name.endswith("audit.log"):
+                with open(dep.path(name)) as f:
+                    lines += [dict(json.loads(line), file=name) for line in f if line.strip()]
+        return lines
+
+    # -- the proofs ----------------------------------------------------------------
+
+    async def test_network_routes_everything_without_rules(self) -> None:
+        """The control experiment: with no rule applied, the network itself
+        routes VM -> outside, VM -> license, VM1 -> VM2 and outside -> VM,
+        and the probes count those packets.  So where the proofs below see
+        nothing arrive, the rules stopped it, not the topology."""
+        spaces = self.network()
+        self.probe(spaces, "outside", [VM_IPS[1]])
+        self.probe(spaces, "vm2", [VM_IPS[1], OUTSIDE_IP])
+        # and the sweep sees an open port where there is one
+        server = netns.helper_in(reactor, spaces, "vm2", ["serve", f"--tcp={VM_IPS[2]}:23"])
+        self.addCleanup(server.stop)
+        await server.ready
+        self.assertEqual(await self.sweep(spaces, "outside", [VM_IPS[2]], "20-30"),
+                         [f"{VM_IPS[2]}:23"])
+        self.assertEqual(await self.connect(spaces, "vm1", OUTSIDE_IP, 80),
+                         "fail ConnectionRefusedError")
+        self.assertEqual(await self.connect(spaces, "vm1", VM_IPS[2], 22),
+                         "fail ConnectionRefusedError")
+        self.assertEqual(await self.connect(spaces, "outside", VM_IPS[2], 22),
+                         "fail ConnectionRefusedError")
+        self.assertGreaterEqual(self.probed(spaces, "outside"), 1)
+        self.assertGreaterEqual(self.probed(spaces, "vm2"), 13)
+
+    async def test_control_channel_and_tunnel_from_the_user(self) -> None:
+        """ticrypt exec (control channel through the proxy) and a tunnel
+        (connect -> proxy -> VM host -> port 22 of the VM -> the VM's web
+        server) from the user namespace, with every rule that has landed."""
+        spaces = self.network()
+        d = await self.deploy(spaces)
+        _, out = await d.cli("exec", "vm1", "--", "cat", "/proc/self/net/route")
+        # the command ran in VM 1's namespace: its routes are the VM link's
+        self.assertIn(f"{spaces.tag}e1", out)
+        _, out = await d.cli("tunnel", "open", "vm1", "--port", str(APP_PORT))
+        m = re.search(rf"^127\.0\.0\.1:(\d+) -> vm1:{APP_PORT}$", out, re.M)
+        assert m is not None, out
+        code, body, err = await run_command(spaces.exec("user", [
+            "curl", "-sS", "--max-time", "30", f"http://127.0.0.1:{m.group(1)}/vm.txt"]))
+        self.assertEqual((code, body), (0, "vm1\n"), err)
+        # the VM host forwards VM N's port in nft mode: its table is in the kernel
+        self.assertIn("ticrypt_vmhost", spaces.nft_list("vmhost", "tables"))
+
+    async def test_vm_ports_closed_from_user_and_outside(self) -> None:
+        """A connect sweep of the VMs and the VM host from the user and the
+        outside namespaces: no port of a VM answers; of the VM host only the
+        forwarded range (VM N's port 22 through DNAT) may; and not one
+        packet from those hosts reaches a VM."""
+        pieces = self.pieces()
+        self.require(pieces["vmc"], pieces["vmhost"])
+        spaces = self.network()
+        await self.deploy(spaces)
+        for n in VM_IPS:
+            self.probe(spaces, f"vm{n}", [USER_IP, OUTSIDE_IP])
+        forwarded = {f"{VMHOST_IP}:{VMHOST_BASE + n}" for n in VM_IPS}
+        ports = f"1-1024,{APP_PORT},{VMHOST_BASE + 1}-{VMHOST_BASE + 9},6000-6009"
+        for role in ("user", "outside"):
+            found = await self.sweep(spaces, role, [*VM_IPS.values(), VMHOST_IP, VMHOST_VM_IP],
+                                     ports)
+            self.assertEqual(set(found) - forwarded, set(), f"open from {role}")
+        for n in VM_IPS:
+            self.assertEqual(self.probed(spaces, f"vm{n}"), 0, f"packets reached vm{n}")
+
+    async def test_vm_to_outside_dropped_and_audited(self) -> None:
+        """VM -> outside host: no packet arrives there, and each attempt is
+        an egress-denied audit line (VM address, destination, port, protocol)."""
+        pieces = self.pieces()
+        self.require(pieces["vmc"], pieces["vmhost"])
+        spaces = self.network()
+        d = await self.deploy(spaces)
+        self.probe(spaces, "outside", [VM_IPS[1]])
+        for port in (80, 443):
+            self.assertEqual((await self.connect(spaces, "vm1", OUTSIDE_IP, port)).split()[0],
+                             "fail")
+        self.assertEqual(self.probed(spaces, "outside"), 0)
+
+        async def denied() -> list[dict[str, Any]]:
+            return [e for e in self.audit(d.dep) if e["event"] == "egress-denied"
+                    and e["destination"] == OUTSIDE_IP and e["vm"] == VM_IPS[1]]
+
+        found = await until(denied)
+        self.assertEqual({(e["port"], e["protocol"]) for e in found}, {(80, "tcp"), (443, "tcp")},
+                         found)
+
+    async def test_license_server_through_the_allow_list(self) -> None:
+        """VM -> license server: blocked and NXDOMAIN before the superadmin
+        lists it; after ``ticrypt allowlist add`` the name resolves to a
+        forwarding address and only the listed port connects; removing the
+        entry closes it again."""
+        pieces = self.pieces()
+        self.require(pieces["allowedlist"], pieces["vmc"], pieces["vmhost"])
+        spaces = self.network()
+        d = await self.deploy(spaces)
+        listed, unlisted = LICENSE_PORTS
+        self.assertEqual((await self.connect(spaces, "vm1", LICENSE_IP, listed)).split()[0],
+                         "fail")
+        self.assertEqual(await self.dig(spaces, "vm1", LICENSE_NAME), ("NXDOMAIN", []))
+
+        await d.cli("allowlist", "add", LICENSE_NAME, "--port", str(listed),
+                    "--comment", "license server")
+
+        async def resolved() -> list[str]:
+            return (await self.dig(spaces, "vm1", LICENSE_NAME))[1]
+
+        answers = await until(resolved, 10.0)
+        self.assertTrue(answers, "the name did not resolve after allowlist add")
+        import ipaddress
+
+        for a in answers:
+            self.assertIn(ipaddress.ip_address(a), ipaddress.ip_network(FORWARD_POOL))
+        address = answers[0]
+        self.assertEqual(await self.connect(spaces, "vm1", address, listed),
+                         f"ok license {listed}")
+        self.assertEqual((await self.connect(spaces, "vm1", address, unlisted)).split()[0],
+                         "fail")
+        # the license server's own address stays closed to the VM
+        self.assertEqual((await self.connect(spaces, "vm1", LICENSE_IP, listed)).split()[0],
+                         "fail")
+        # an unlisted name is still refused
+        self.assertEqual((await self.dig(spaces, "vm1", "other.example.org"))[0], "NXDOMAIN")
+
+        await d.cli("allowlist", "remove", LICENSE_NAME)
+
+        async def gone() -> bool:
+            return (await self.dig(spaces, "vm1", LICENSE_NAME))[0] == "NXDOMAIN"
+
+        self.assertTrue(await until(gone, 10.0), "the name still resolves after remove")
+
+        async def closed() -> bool:
+            return (await self.connect(spaces, "vm1", address, listed)).startswith("fail")
+
+        self.assertTrue(await until(closed, 10.0), "the license port is still open after remove")
+
+    async def test_vm1_cannot_reach_vm2(self) -> None:
+        """VM 1 -> VM 2: no port answers (the tunnel port included) and not
+        one packet arrives at VM 2."""
+        pieces = self.pieces()
+        self.require(pieces["vmc"], pieces["vmhost"])
+        spaces = self.network()
+        await self.deploy(spaces)
+        self.probe(spaces, "vm2", [VM_IPS[1]])
+        found = await self.sweep(spaces, "vm1", [VM_IPS[2]], f"1-1024,{APP_PORT},{TUNNEL_PORT}")
+        self.assertEqual(found, [])
+        self.assertEqual(self.probed(spaces, "vm2"), 0)
+        # while VM 1 still reaches the backend it needs (rest)
+        self.assertEqual(await self.sweep(spaces, "vm1", [BACKEND_IP], str(REST_PORT)),
+                         [f"{BACKEND_IP}:{REST_PORT}"])
