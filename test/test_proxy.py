@@ -186,6 +186,20 @@ def start_pair(factory: RelayFactory, vm: Leg, user: Leg,
     return vm.pair
 
 
+class FactoryOptionsTests(SynchronousTestCase):
+    def test_options_are_class_attributes_of_the_factorys_leg(self) -> None:
+        """The protocol options are read from the leg's class (not through
+        Leg.__getattr__, a Python call per read), per factory."""
+        a, b = _factory(max_message_size=4096), _factory(max_message_size=8192)
+        leg_a, leg_b = a.buildProtocol(None), b.buildProtocol(None)
+        self.assertIsInstance(leg_a, Leg)
+        self.assertEqual(type(leg_a).maxMessagePayloadSize, 4096)
+        self.assertEqual(type(leg_b).maxMessagePayloadSize, 8192)
+        self.assertNotIn("maxMessagePayloadSize", vars(Leg))  # Leg itself untouched
+        # a callable option stays a plain function (no self passed)
+        self.assertIsNone(leg_a.perMessageCompressionAccept([]))
+
+
 class _NoEnd:
     pair = None
 

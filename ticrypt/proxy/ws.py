@@ -62,7 +62,7 @@ from ticrypt.proxy.relay import (
 )
 from ticrypt.proxy.replay import TicketLedger, TicketUses
 from ticrypt.proxy.revocations import RevocationList
-from ticrypt.proxy.wsmem import LeanWebSocket, OutputBatch
+from ticrypt.proxy.wsmem import LeanWebSocket, OutputBatch, with_factory_options
 
 VM_PATH = "/v1/vm"
 USER_PATH = "/v1/user"
@@ -365,6 +365,7 @@ class RelayFactory(WebSocketServerFactory):
             trustXForwardedFor=0,
             perMessageCompressionAccept=lambda offers: None,
         )
+        self.protocol = with_factory_options(self.protocol, self)
 
     @property
     def tickets(self) -> TicketUses:

@@ -85,6 +85,23 @@ _HANDSHAKE_ONLY = {
 _CONFIG_ATTRS = frozenset(WebSocketServerProtocol.CONFIG_ATTRS)
 
 
+def with_factory_options(protocol: type[Any], factory: Any) -> type[Any]:
+    """A subclass of ``protocol`` holding ``factory``'s protocol options as
+    class attributes.
+
+    Once :meth:`LeanWebSocket.release_handshake_state` has dropped a
+    socket's copies, autobahn reads each option (a dozen reads per message)
+    through ``__getattr__``, a Python call each; from the class they are
+    read like instance attributes, and still cost nothing per socket.  The
+    factory's options must be final (set in its ``__init__``)."""
+    options = {}
+    for name in _CONFIG_ATTRS:
+        value = getattr(factory, name, _MISSING)
+        if value is not _MISSING:
+            options[name] = staticmethod(value) if callable(value) else value
+    return type(protocol.__name__, (protocol,), options)
+
+
 class OutputBatch:
     """Joins the writes made while input is parsed: one per leg per read.
 
