@@ -329,15 +329,16 @@ class DnsPythonTests(TestCase):
 # -- the feed ---------------------------------------------------------------
 
 class FakeFeed(JsonResource):
-    def __init__(self) -> None:
+    def __init__(self, secret: str = "s3cret") -> None:
         super().__init__([HttpRoute("GET", "/v1/allowlist/feed", "feed")])
+        self.secret = secret
         self.body: Any = {"serial": 1, "entries": [
             {"id": "al-1", "name": "license.example.org", "ports": [27000], "protocol": "tcp",
              "comment": ""}]}
 
     async def handle(self, request: Request, route: HttpRoute,
                      params: tuple[str, ...]) -> tuple[int, Any]:
-        if bearer_token(request) != "s3cret":
+        if bearer_token(request) != self.secret:
             raise ApiError(401, "unauthorized", "bad feed secret")
         return 200, self.body
 

@@ -70,6 +70,7 @@ class UDPProtocol(dns.DNSDatagramProtocol):
     """Queries over UDP: size and source checked before parsing."""
 
     controller: AllowListServer
+    noisy = False
 
     def datagramReceived(self, data: bytes, addr: tuple[str, int]) -> None:
         c = self.controller

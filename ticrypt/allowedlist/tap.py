@@ -127,10 +127,14 @@ class _SyncService(Service):
 
     def __init__(self, sync: Sync) -> None:
         self.sync = sync
+        self.poller: EntriesPoller | None = None
 
     def startService(self) -> None:
         super().startService()
         self.sync.restore()
+        if self.poller is not None:
+            # a feed older than the saved one is refused (rolled back)
+            self.poller.serial = self.sync.serial
         self.sync.startService()
 
     def stopService(self) -> Any:
@@ -168,7 +172,8 @@ def makeService(options: dict[str, Any], reactor: Any = None) -> RoleService:
     host, port = a.dns_listen
     dns = DnsListenerService(reactor, server, host, port)
     dns.setServiceParent(top)
-    _SyncService(sync).setServiceParent(top)
+    syncing = _SyncService(sync)
+    syncing.setServiceParent(top)
     CountersLog(reactor, server.counters).setServiceParent(top)
 
     def not_installed(f: Failure) -> None:
@@ -183,8 +188,10 @@ def makeService(options: dict[str, Any], reactor: Any = None) -> RoleService:
         log.warn("allowedlist: rest_url = off: the entries are those of the state file only")
     else:
         assert a.allowlist_feed_secret is not None  # AllowedListConfig.check
-        EntriesPoller(clock=reactor, client=JsonClient(reactor, a.ca_file, timeout=FEED_TIMEOUT,
-                                                       max_response=MAX_FEED, persistent=True),
-                      rest_url=a.rest_url, secret=load_secret(a.allowlist_feed_secret),
-                      apply=sync.set_entries, interval=a.poll_interval).setServiceParent(top)
+        syncing.poller = EntriesPoller(
+            clock=reactor, client=JsonClient(reactor, a.ca_file, timeout=FEED_TIMEOUT,
+                                             max_response=MAX_FEED, persistent=True),
+            rest_url=a.rest_url, secret=load_secret(a.allowlist_feed_secret),
+            apply=sync.set_entries, interval=a.poll_interval)
+        syncing.poller.setServiceParent(top)
     return top
