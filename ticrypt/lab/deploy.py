@@ -399,6 +399,31 @@ class Deployment:
             "audit_log": f"{name}-audit.log",
         }}, {"vmhost": overrides})
 
+    def allowedlist_ini(self, upstream: str, name: str = "allowedlist",
+                        **overrides: str | None) -> str:
+        """``NAME.ini`` for ticrypt-allowedlist: DNS on 127.0.0.1 (any
+        port, UDP and TCP), VMs 127.0.0.1/32, forwarding pool 10.77.9.0/24,
+        ``upstream`` (``ADDRESS[:PORT]``) for the license servers' real
+        addresses, rest's allow-list feed with :meth:`allowlist_feed_secret`,
+        state in ``NAME-state``, audit log ``NAME-audit.log``, mode = off
+        (DNS only; override ``mode``, ``dns_listen``, ``vm_networks``... for
+        a namespace setup)."""
+        a = self.addresses
+        return self._ini("allowedlist", f"{name}.ini", {"allowedlist": {
+            "dns_listen": "127.0.0.1:0",
+            "vm_networks": "127.0.0.1/32",
+            "forward_addresses": "10.77.9.0/24",
+            "upstream": upstream,
+            "rest_url": a.rest_url,
+            "allow_plain": "yes" if a.rest_scheme == "http" else "no",
+            "ca_file": self.names["ca"] if a.rest_scheme == "https" else None,
+            "allowlist_feed_secret": self.allowlist_feed_secret(),
+            "poll_interval": "0.5s",
+            "state_dir": f"{name}-state",
+            "audit_log": f"{name}-audit.log",
+            "mode": "off",
+        }}, {"allowedlist": overrides})
+
     def connect_ini(self, name: str = "connect", tunnels: Settings | None = None,
                     **overrides: str | None) -> str:
         """``NAME.ini`` for the user's ticrypt-connect: its API on
