@@ -494,6 +494,7 @@ async def main(reactor: Any, opts: argparse.Namespace) -> None:
             await proc.stop()
         app.kill()
         app.wait()
+        shutil.rmtree(workdir, ignore_errors=True)  # keys, certificates, logs
 
 
 def cli() -> None:
