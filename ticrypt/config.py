@@ -35,6 +35,7 @@ Relative paths are resolved against the directory of the config file.
 from __future__ import annotations
 
 import configparser
+import ipaddress
 import os
 import re
 import stat
@@ -229,6 +230,36 @@ class PortList(Kind):
         if len(ports) > 64:
             raise ValueError(f"{len(ports)} ports")
         return ports
+
+
+@attrs.frozen
+class NetworkList(Kind):
+    """``10.77.9.0/24, 10.77.1.2, fd00::/64``: IP networks (a bare address
+    is a /32 or /128; host bits are cleared; IPv4-mapped IPv6 counts as
+    IPv4), as normalised strings, at most ``max_items``; empty only if
+    ``allow_empty``."""
+
+    allow_empty: bool = True
+    max_items: int = 256
+    expected: str = "a comma-separated list of IP networks such as 10.77.9.0/24"
+
+    def parse(self, raw: str, ctx: _Ctx) -> tuple[str, ...]:
+        items = [p.strip() for p in raw.split(",") if p.strip()]
+        if not items and not self.allow_empty:
+            raise ValueError("empty list")
+        if len(items) > self.max_items:
+            raise ValueError(f"{len(items)} networks (at most {self.max_items})")
+        nets: list[str] = []
+        for item in items:
+            try:
+                net = ipaddress.ip_network(item, strict=False)
+            except ValueError:
+                raise ValueError(f"{item!r} is not an IP network") from None
+            if isinstance(net, ipaddress.IPv6Network) and net.network_address.ipv4_mapped:
+                mapped = net.network_address.ipv4_mapped
+                net = ipaddress.ip_network(f"{mapped}/{max(0, net.prefixlen - 96)}", strict=False)
+            nets.append(str(net))
+        return tuple(dict.fromkeys(nets))
 
 
 _UNITS = {"": 1.0, "ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}

@@ -17,6 +17,7 @@ from ticrypt.config import (
     Duration,
     FilePath,
     Int,
+    NetworkList,
     OptionalDir,
     Port,
     PortList,
@@ -90,6 +91,21 @@ class SftpSection:
 
 
 @attrs.frozen(kw_only=True)
+class FirewallSection:
+    """``[firewall]``: the VM's own nftables rules (:mod:`ticrypt.vmc.firewall`)."""
+
+    enabled: bool = setting(Bool(), False, "install table inet ticrypt_vmc")
+    dns: str = setting(Str(allow_empty=True), "",
+                       "the allowedlist DNS responder's address (UDP and TCP 53)")
+    allow_out: tuple[str, ...] = setting(NetworkList(), (),
+                                         "the allow-list forwarding addresses")
+    backend: tuple[str, ...] = setting(NetworkList(), (),
+                                       "rest's and the proxy's addresses, if URLs name hosts")
+    log_group: int = setting(Int(0, 65535), 0, "NFLOG group of denied egress, 0 = none")
+    dhcp: bool = setting(Bool(), False, "allow DHCPv4 client traffic")
+
+
+@attrs.frozen(kw_only=True)
 class VmcConfig(RoleConfig):
     """``vmc.ini``."""
 
@@ -98,6 +114,7 @@ class VmcConfig(RoleConfig):
     processes: ProcessesSection = section(ProcessesSection, optional=True)
     tunnel: TunnelSection = section(TunnelSection, optional=True)
     sftp: SftpSection = section(SftpSection, optional=True)
+    firewall: FirewallSection = section(FirewallSection, optional=True)
 
     def check(self) -> None:
         v, e = self.vmc, self.exec
@@ -116,3 +133,10 @@ class VmcConfig(RoleConfig):
                              "adds TLS with its own certificate)")
         if self.sftp.enabled and self.sftp.root is None:
             raise self.error("sftp", "root", "missing; the folder SFTP users see as /")
+        if self.firewall.enabled:
+            from ticrypt.vmc.firewall import FirewallConfigError, vmc_table
+
+            try:
+                vmc_table(self)
+            except FirewallConfigError as e:
+                raise self.error(e.section, e.key, e.message) from None

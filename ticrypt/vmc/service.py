@@ -22,6 +22,7 @@ from ticrypt import identity
 from ticrypt.audit import AuditLog
 from ticrypt.backoff import Backoff
 from ticrypt.config import check_file_mode
+from ticrypt.nft.apply import INft, NftError, SpawnNft
 from ticrypt.service import (
     ListenerService,
     RoleService,
@@ -32,6 +33,7 @@ from ticrypt.service import (
 from ticrypt.vmc.cgroup import CgroupUnavailable
 from ticrypt.vmc.config import VmcConfig
 from ticrypt.vmc.enroll import EnrollError, enroll
+from ticrypt.vmc.firewall import FirewallService
 from ticrypt.vmc.pool import PoolSettings, ProxyPool
 from ticrypt.vmc.processes import RunAs, Tracker, open_tracker
 from ticrypt.vmc.sftp import SftpFactory, load_host_key
@@ -76,9 +78,13 @@ class VmcService(RoleService):
     log = Logger()
     config: VmcConfig
 
-    def __init__(self, config: VmcConfig, reactor: Any, rng: random.Random | None = None):
+    def __init__(self, config: VmcConfig, reactor: Any, rng: random.Random | None = None,
+                 nft: INft | None = None):
         super().__init__("vmc", config)
         self._reactor = reactor
+        self._nft = nft
+        #: the VM's own rules (``[firewall] enabled``), installed before enrolling
+        self.firewall: FirewallService | None = None
         self._random = rng or random.SystemRandom()
         self.pool: ProxyPool | None = None
         self.state: VmState | None = None
@@ -107,6 +113,7 @@ class VmcService(RoleService):
             # one line naming [vmc] state_dir, exit 1 (also in daemon mode)
             self._refuse(StartupError(str(e), "vmc", "state_dir"))
         self._track_processes()
+        self._start_firewall()
         self._start_tunnel()
         self.ready_info.update(vm_public_key=identity.public_text(self.state.vm_key),
                                tls_fingerprint=self.state.tls_fingerprint)
@@ -128,6 +135,24 @@ class VmcService(RoleService):
             audit.write("leftover-processes-killed", mode=self.tracker.mode,
                         groups=[name for name, _ in left],
                         processes=sum(n for _, n in left), result="killed")
+
+    def _start_firewall(self) -> None:
+        """Table inet ticrypt_vmc (installed at start; vmc is ready only once
+        it is in the kernel) and, with a log_group, the denied-egress reader."""
+        cfg, state, audit = self.config, self.state, self.audit
+        assert cfg is not None and state is not None and audit is not None
+        if not cfg.firewall.enabled:
+            return
+        from ticrypt.nft.denied import DeniedEgressService
+
+        enrolled = state.enrollment.proxy_url if state.enrollment is not None else None
+        nft = self._nft or SpawnNft(self._reactor, self._reactor)
+        self.firewall = FirewallService(cfg, nft, audit, enrolled)
+        self.firewall.setServiceParent(self)
+        self.extra_ready.append(self.firewall.when_ready())
+        if cfg.firewall.log_group:
+            DeniedEgressService(cfg.firewall.log_group, audit, self._reactor,
+                                self._reactor).setServiceParent(self)
 
     def _start_tunnel(self) -> None:
         """The tunnel server and the SFTP server, as configured."""
@@ -163,9 +188,20 @@ class VmcService(RoleService):
     async def _run(self) -> None:
         state = self.state
         assert state is not None and self.config is not None
+        if self.firewall is not None:
+            try:
+                await self.firewall.when_ready()
+            except StartupError:
+                return  # reported, and the reactor stopped, by RoleService (extra_ready)
         if state.enrollment is None:
             await self._enroll()
         assert state.enrollment is not None
+        if self.firewall is not None:
+            try:
+                await self.firewall.update(state.enrollment.proxy_url)
+            except NftError as e:
+                raise StartupError(f"cannot install the nftables rules for the enrolled "
+                                   f"proxy: {e}", "firewall", "enabled") from None
         self.ready_info["vm_id"] = state.enrollment.vm_id
         self._start_pool()
 
@@ -236,6 +272,8 @@ class VmcService(RoleService):
     def _fatal(self, failure: Any) -> None:
         if failure.check(EnrollError):
             self.log.critical("ticrypt-vmc cannot start: {why}", why=str(failure.value))
+        elif failure.check(StartupError):
+            self.log.critical("{line}", line=self.failure_line(failure.value))
         else:
             self.log.failure("ticrypt-vmc cannot start", failure)
         if self._reactor.running:
