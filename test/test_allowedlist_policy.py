@@ -64,7 +64,7 @@ class EntryNameTests(SynchronousTestCase):
     def test_bad(self) -> None:
         for name in ("License.example.org", "license.example.org.", "bücher.example", "*.org",
                      "a..b", "-a.b", "a-.b", "ab--c.d", "xn--license-.example", "xn--.x",
-                     "a.*.b", "*", "", "a" * 254, "a b.c", "lic\0ense.org", "org"):
+                     "a.*.b", "*", "", "a" * 254, "a b.c", "lic\0ense.org", "a_b.example.org"):
             self.assertRaises(ValueError, policy.entry_name, name)
 
     def test_parse_entry(self) -> None:
@@ -105,16 +105,21 @@ class DecideTests(SynchronousTestCase):
         for refused, kind in (("nxdomain", Kind.NXDOMAIN), ("refused", Kind.REFUSED)):
             p = make(refused)
             for name in (b"example.org", b"x.license.example.org", b"license.example.com",
-                         b"flex.example.net", b"a.b.flex.example.net"):
+                         b"flex.example.net", b"a.flex.example.net.evil.org"):
                 self.assertEqual(p.answer(q(name)).kind, kind, name)
 
-    def test_wildcard_one_label(self) -> None:
+    def test_wildcard_one_or_more_labels(self) -> None:
         p = make()
         self.assertEqual(p.answer(q(b"a.flex.example.net")).kind, Kind.ANSWER)
         d = p.answer(q(b"B.flex.example.net"))
         self.assertEqual((d.kind, d.name, d.entry), (Kind.PENDING, "b.flex.example.net",
                                                      ENTRIES[1]))
+        d = p.answer(q(b"x.Y.flex.example.net"))
+        self.assertEqual((d.kind, d.name, d.entry), (Kind.PENDING, "x.y.flex.example.net",
+                                                     ENTRIES[1]))
         self.assertEqual(p.answer(q(b"*.flex.example.net")).kind, Kind.NXDOMAIN)
+        self.assertEqual(p.answer(q(b"flex.example.net")).kind, Kind.NXDOMAIN)
+        self.assertEqual(p.answer(q(b"aflex.example.net")).kind, Kind.NXDOMAIN)
 
     def test_lookalikes(self) -> None:
         p = make()

@@ -244,6 +244,16 @@ class SyncTests(SynchronousTestCase):
         self.assertEqual(f.policy.admitted, {})
         f.sync.stopService()
 
+    def test_one_name_several_entries(self) -> None:
+        f = SyncFixture()
+        f.sync.startService()
+        udp = Entry("al-9", "license.example.org", (27009,), "udp")
+        f.sync.set_entries(1, [LICENSE, udp])
+        f.resolver.answer("license.example.org", "10.77.4.2")
+        self.assertIn("ip daddr 10.77.9.2 tcp dport 27001 dnat ip to 10.77.4.2", f.table())
+        self.assertIn("ip daddr 10.77.9.2 udp dport 27009 dnat ip to 10.77.4.2", f.table())
+        f.sync.stopService()
+
     def test_wildcard_names_on_demand(self) -> None:
         f = SyncFixture()
         f.sync.max_names_per_wildcard = 1

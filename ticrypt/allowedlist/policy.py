@@ -4,9 +4,11 @@ what, and how often.
 * :func:`question` reads the first question of a raw DNS query *as labels*
   (a dot inside a label, an embedded NUL or a raw UTF-8 byte is kept
   visible, where a decoded name would hide it).
-* :func:`entry_name` checks an entry's name (lower case, no trailing dot,
-  IDNA A-labels only; ``*.example.org`` covers exactly ONE more label:
-  ``a.example.org``, not ``example.org`` nor ``a.b.example.org``).
+* :func:`entry_name` checks that an entry's name is in the canonical form of
+  :mod:`ticrypt.dnsname` (rest's: lower case, no trailing dot, canonical
+  IDNA A-labels only); ``*.example.org`` covers one or more labels before
+  ``example.org`` (``a.example.org``, ``a.b.example.org``), never
+  ``example.org`` itself (PROTOCOL.md §1.1).
 * :class:`Policy` decides each query: an answer (the name's forwarding
   address), NODATA, NXDOMAIN or REFUSED, PENDING (the name is allowed but
   the firewall does not admit it yet: answer only once it does), or DROP
@@ -29,6 +31,8 @@ from collections.abc import Iterable, Mapping
 
 import attrs
 
+from ticrypt import dnsname
+
 __all__ = ["Decision", "Entry", "Kind", "Policy", "TokenBuckets", "entry_name", "parse_entry",
            "question"]
 
@@ -36,7 +40,6 @@ MAX_NAME = 253
 MAX_PORTS = 32
 MAX_COMMENT = 200
 _LDH = re.compile(rb"[A-Za-z0-9_-]{1,63}\Z")
-_LABEL = re.compile(r"(?!-)[a-z0-9-]{1,63}(?<!-)\Z")
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -99,36 +102,14 @@ def canonical(labels: Iterable[bytes]) -> str | None:
     return ".".join(out) if out else None
 
 
-def _a_label(label: str) -> bool:
-    if not _LABEL.match(label):
-        return False
-    if label[2:4] == "--" and not label.startswith("xn--"):
-        return False  # reserved R-LDH labels other than punycode
-    if label.startswith("xn--"):
-        try:
-            decoded = label[4:].encode("ascii").decode("punycode")
-        except UnicodeError:
-            return False
-        # an A-label encodes something non-ASCII; "xn--license-" (= "license")
-        # is a lookalike of the plain label, never a name of its own
-        if not decoded or decoded.isascii():
-            return False
-    return True
-
-
 def entry_name(name: str) -> str:
-    """``name`` checked as an entry name; ValueError says why not."""
-    if not isinstance(name, str) or not name or len(name) > MAX_NAME:
-        raise ValueError("name must be 1..253 characters")
-    if name != name.lower() or name.endswith(".") or not name.isascii():
-        raise ValueError("name must be lower case, without a trailing dot, in IDNA A-label form")
-    labels = name.split(".")
-    if labels[0] == "*":
-        labels = labels[1:]
-        if len(labels) < 2:
-            raise ValueError("a wildcard needs at least two labels after '*.'")
-    if len(labels) < 2 or not all(_a_label(label) for label in labels):
-        raise ValueError("not a host name in A-label form: " + name[:80])
+    """``name`` checked as a canonical entry name (:func:`ticrypt.dnsname.canonical_name`
+    and already in that form); ValueError says why not."""
+    if not isinstance(name, str):
+        raise ValueError("name must be a string")
+    canonical_form = dnsname.canonical_name(name)
+    if canonical_form != name:
+        raise ValueError(f"name {name[:80]!r} is not in canonical form ({canonical_form!r})")
     return name
 
 
@@ -147,10 +128,7 @@ class Entry:
         return self.name.startswith("*.")
 
     def covers(self, name: str) -> bool:
-        if self.wildcard:
-            head, _, rest = name.partition(".")
-            return bool(head) and head != "*" and rest == self.name[2:]
-        return name == self.name
+        return dnsname.covers(self.name, name)
 
 
 def parse_entry(raw: object) -> Entry:
@@ -230,19 +208,25 @@ class Policy:
             raise ValueError("refused_answer must be nxdomain or refused")
         self._refused = Kind.NXDOMAIN if refused_answer == "nxdomain" else Kind.REFUSED
         self.buckets = TokenBuckets(rate, burst, max_clients)
+        self._entries: tuple[Entry, ...] = ()
         self._exact: dict[str, Entry] = {}
         self._wild: dict[str, Entry] = {}
         self.admitted: dict[str, str] = {}
 
     @property
     def entries(self) -> tuple[Entry, ...]:
-        return tuple(self._exact.values()) + tuple(self._wild.values())
+        return self._entries
 
     def set_entries(self, entries: Iterable[Entry]) -> None:
+        """All entries (a name may have several: one per protocol)."""
+        self._entries = tuple(entries)
         exact: dict[str, Entry] = {}
         wild: dict[str, Entry] = {}
-        for e in entries:
-            (wild if e.wildcard else exact)[e.name[2:] if e.wildcard else e.name] = e
+        for e in self._entries:
+            if e.wildcard:
+                wild.setdefault(e.name[2:], e)
+            else:
+                exact.setdefault(e.name, e)
         self._exact, self._wild = exact, wild
 
     def inside(self, host: str) -> bool:
@@ -255,13 +239,17 @@ class Policy:
         return any(ip.version == n.version and ip in n for n in self.vm_networks)
 
     def match(self, name: str) -> Entry | None:
+        """The entry covering ``name``: an exact one first, else the
+        wildcard with the longest suffix."""
         entry = self._exact.get(name)
-        if entry is None:
-            head, _, rest = name.partition(".")
-            entry = self._wild.get(rest)
-            if entry is not None and (not head or head == "*"):
-                entry = None
-        return entry
+        if entry is not None or not self._wild:
+            return entry
+        labels = name.split(".")
+        for i in range(1, len(labels) - 1):
+            entry = self._wild.get(".".join(labels[i:]))
+            if entry is not None:
+                return entry
+        return None
 
     def admit(self, client: str, now: float) -> Decision | None:
         """A DROP decision for an outsider or a client over its rate."""

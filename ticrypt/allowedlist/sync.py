@@ -138,7 +138,7 @@ def build_table(name: str, vm_networks: Iterable[str], routes: Iterable[Route], 
             NamedSet("vm6", "ipv6_addr", v6, ("interval",)))
     nat: list[Rule] = []
     accept: list[Rule] = []
-    for r in sorted(routes, key=lambda r: (r.name, r.forward)):
+    for r in sorted(routes, key=lambda r: (r.name, r.forward, r.protocol, r.ports)):
         fam = _fam(r.forward)
         if _fam(r.target) != fam:
             continue  # DNAT cannot change the IP version
@@ -323,17 +323,15 @@ class Sync(Service):
         if narrowed or self.installs == 0:
             self.kick()
 
-    def names(self) -> dict[str, Entry]:
-        """Every name that should have a route now."""
-        out: dict[str, Entry] = {}
-        for e in self.policy.entries:
+    def names(self) -> dict[str, list[Entry]]:
+        """Every name that should have routes now, with every entry that
+        covers it (one per protocol; an exact entry and a wildcard both)."""
+        entries = self.policy.entries
+        names = {e.name for e in entries if not e.wildcard}
+        for e in entries:
             if e.wildcard:
-                for n in sorted(self.wanted.get(e.id, ())):
-                    if e.covers(n):
-                        out[n] = e
-            else:
-                out[e.name] = e
-        return out
+                names.update(n for n in self.wanted.get(e.id, ()) if e.covers(n))
+        return {n: [e for e in entries if e.covers(n)] for n in sorted(names)}
 
     def _resolve_due(self, now: float) -> None:
         for name in self.book.due(self.names(), now):
@@ -390,15 +388,15 @@ class Sync(Service):
         for ident in list(self.wanted):
             if ident not in {e.id for e in self.policy.entries}:
                 del self.wanted[ident]
-        out = []
-        for name, entry in names.items():
+        out: list[Route] = []
+        for name, covering in names.items():
             targets = self.book.current(name, now)
             forward = self.pool.assign(name)
             if not targets or forward is None:
                 continue
             same = [t for t in targets if _fam(t) == _fam(forward)]
             if same:
-                out.append(Route(name, forward, same[0], entry.ports, entry.protocol))
+                out.extend(Route(name, forward, same[0], e.ports, e.protocol) for e in covering)
         return out
 
     def table_for(self, routes: Iterable[Route]) -> Table:
