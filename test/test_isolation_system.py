@@ -16,10 +16,13 @@ import json
 import os
 import re
 import shutil
+import subprocess
 import sys
 from typing import Any
 
-from twisted.internet import reactor, task
+from twisted.internet import defer, reactor, task
+from twisted.internet.protocol import ProcessProtocol
+from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 
 from test.daemon import run_command, script_path
@@ -111,7 +114,6 @@ class IsolationSystemTests(TestCase):
     async def deploy(self, spaces: Namespaces) -> NetnsDeployment:
         """Every role in the namespaces, with the isolation pieces that have landed."""
         pieces = self.pieces()
-        firewalls = pieces["vmc"] is None and pieces["vmhost"] is None
         dep = Deployment(self.mktemp(), NetnsDeployment.addresses(),
                          comment="written by test_isolation_system")
         self.logs: dict[str, Any] = {}
@@ -144,7 +146,9 @@ class IsolationSystemTests(TestCase):
             return await run_command(spaces.exec(role, argv) if role else argv)
 
         d = NetnsDeployment(reactor, spaces, dep, start_in, run_in, helper,
-                            firewalls=firewalls, allowedlist=pieces["allowedlist"] is None)
+                            vmc_firewall=pieces["vmc"] is None,
+                            vmhost_isolation=pieces["vmhost"] is None,
+                            allowedlist=pieces["allowedlist"] is None)
         await d.start()
         return d
 
@@ -261,8 +265,7 @@ class IsolationSystemTests(TestCase):
     async def test_vm_to_outside_dropped_and_audited(self) -> None:
         """VM -> outside host: no packet arrives there, and each attempt is
         an egress-denied audit line (VM address, destination, port, protocol)."""
-        pieces = self.pieces()
-        self.require(pieces["vmc"], pieces["vmhost"])
+        self.require(self.pieces()["vmc"])
         spaces = self.network()
         d = await self.deploy(spaces)
         self.probe(spaces, "outside", [VM_IPS[1]])
@@ -285,7 +288,7 @@ class IsolationSystemTests(TestCase):
         forwarding address and only the listed port connects; removing the
         entry closes it again."""
         pieces = self.pieces()
-        self.require(pieces["allowedlist"], pieces["vmc"], pieces["vmhost"])
+        self.require(pieces["allowedlist"], pieces["vmc"])
         spaces = self.network()
         d = await self.deploy(spaces)
         listed, unlisted = LICENSE_PORTS
@@ -342,3 +345,62 @@ class IsolationSystemTests(TestCase):
         # while VM 1 still reaches the backend it needs (rest)
         self.assertEqual(await self.sweep(spaces, "vm1", [BACKEND_IP], str(REST_PORT)),
                          [f"{BACKEND_IP}:{REST_PORT}"])
+
+
+class Watcher(ProcessProtocol):
+    """``ticrypt-lab --netns``: fires ``running`` on its instructions."""
+
+    def __init__(self) -> None:
+        self.output = b""
+        self.running: defer.Deferred[None] = defer.Deferred()
+        self.ended: defer.Deferred[int | None] = defer.Deferred()
+
+    def outReceived(self, data: bytes) -> None:
+        self.output += data
+        if b"deployment is running" in self.output and not self.running.called:
+            self.running.callback(None)
+
+    errReceived = outReceived
+
+    def processEnded(self, reason: Failure) -> None:
+        if not self.running.called:
+            self.running.errback(RuntimeError(self.output.decode(errors="replace")))
+        self.ended.callback(getattr(reason.value, "exitCode", None))
+
+
+class LabNetnsTests(TestCase):
+    timeout = 180
+
+    async def test_lab_netns_runs_and_removes_everything(self) -> None:
+        """``ticrypt-lab --netns`` builds the same deployment, says how to
+        enter each namespace, and leaves no namespace behind on Ctrl-C."""
+        why = missing_tools()
+        if why:
+            raise self.skipTest(why)  # type: ignore[misc]
+        workdir = os.path.abspath(self.mktemp())
+        watcher = Watcher()
+        proc = reactor.spawnProcess(  # type: ignore[attr-defined]
+            watcher, script_path("ticrypt-lab"), [script_path("ticrypt-lab"), "--netns",
+                                                  "--dir", workdir], env=daemons.daemon_env())
+        tag = f"tcl{proc.pid % 100000}"
+
+        def stop() -> defer.Deferred[int | None]:
+            if not watcher.ended.called:
+                proc.signalProcess("KILL")
+            return watcher.ended
+
+        self.addCleanup(lambda: [subprocess.run(["ip", "netns", "del", f"{tag}-{r}"],
+                                                capture_output=True) for r in netns.ROLES])
+        self.addCleanup(stop)
+        await watcher.running
+        out = watcher.output.decode()
+        for role in netns.ROLES:
+            self.assertIn(f"ip netns exec {tag}-{role} bash", out)
+        self.assertIn(f"{tag}-vm1", subprocess.run(["ip", "netns", "list"], capture_output=True,
+                                                   text=True).stdout)
+        proc.signalProcess("INT")
+        code = await watcher.ended
+        self.assertEqual(code, 0, watcher.output.decode())
+        self.assertNotIn(tag, subprocess.run(["ip", "netns", "list"], capture_output=True,
+                                             text=True).stdout)
+        self.assertIn("ticrypt-lab: stopping", watcher.output.decode())

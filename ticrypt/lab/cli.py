@@ -13,6 +13,12 @@ OpenSSH's sftp use it.
 ``--keep`` leaves everything running and prints the commands to use it by
 hand; Ctrl-C stops it.  Without ``--keep`` the daemons are stopped and the
 folder removed (unless it was given with ``--dir``).
+
+``--netns`` (root) builds the isolated deployment of the system test
+instead (:mod:`ticrypt.lab.netns`: user, backend, VM host, two VMs, a
+license server and an outside host, each in its own network namespace),
+starts every role there, prints how to enter each namespace and waits;
+Ctrl-C stops the daemons and removes the namespaces.
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ from typing import Any, TextIO
 from twisted.internet import defer, task
 
 from ticrypt import identity
-from ticrypt.lab import apps, daemons
+from ticrypt.lab import apps, daemons, netns
 from ticrypt.lab.deploy import Addresses, DeployError, Deployment, Run, free_port
 
 PROG = "ticrypt-lab"
@@ -288,6 +294,127 @@ The lab is running (Ctrl-C stops it).  In another terminal:
 Logs and audit logs are in {self.dir}.""")
 
 
+class NetnsLab:
+    """``ticrypt-lab --netns``: the deployment of test_isolation_system, to
+    explore by hand."""
+
+    def __init__(self, reactor: Any, workdir: str, out: TextIO = sys.stdout):
+        self.reactor = reactor
+        self.dir = workdir
+        self.out = out
+        self.spaces = netns.Namespaces("tcl")
+        self.procs: list[daemons.Daemon] = []
+        self.logs: list[TextIO] = []
+        self.deployment: netns.NetnsDeployment | None = None
+
+    def say(self, text: str) -> None:
+        self.out.write(text + "\n")
+        self.out.flush()
+
+    def _log(self, name: str) -> Callable[[str, str], None]:
+        log = open(os.path.join(self.dir, f"{name}.log"), "a", encoding="utf-8")  # noqa: SIM115
+        self.logs.append(log)
+
+        def echo(_name: str, line: str) -> None:
+            log.write(line + "\n")
+            log.flush()
+
+        return echo
+
+    async def _ready(self, proc: daemons.Daemon, what: str) -> daemons.Daemon:
+        self.procs.append(proc)
+        try:
+            info = await proc.ready
+        except RuntimeError as e:
+            raise LabError(f"{what} did not start: {str(e).splitlines()[0]}; "
+                           f"see the logs in {self.dir}") from None
+        where = ", ".join(f"{k} {v}" for k, v in info.get("listening", {}).items())
+        self.say(f"      ready{': ' + where if where else ''}")
+        return proc
+
+    async def start_in(self, role: str, plugin: str, config: str) -> daemons.Daemon:
+        self.say(f"    [{role}] $ twistd -n {plugin} --config {os.path.basename(config)}")
+        return await self._ready(netns.spawn_in(self.reactor, self.spaces, role, plugin, config,
+                                                echo=self._log(f"{plugin}-{role}")), plugin)
+
+    async def helper(self, role: str, args: list[str]) -> daemons.Daemon:
+        self.say(f"    [{role}] $ python -m ticrypt.lab.netns {' '.join(args)}")
+        return await self._ready(netns.helper_in(self.reactor, self.spaces, role, args,
+                                                 echo=self._log(f"helper-{role}")), role)
+
+    async def run_in(self, role: str | None, args: list[str]) -> tuple[int, str, str]:
+        argv = [daemons.script_path(args[0]), *args[1:]]
+        self.say(f"    [{role or 'here'}] $ {' '.join(shlex.quote(a) for a in args)}")
+        return await daemons.run_command(self.reactor, self.spaces.exec(role, argv)
+                                         if role else argv, timeout=60, cwd=self.dir)
+
+    async def main(self) -> None:
+        # Ctrl-C from now on ends the wait below instead of the reactor, so
+        # the daemons are stopped and the namespaces removed in every case
+        stopped = _until_signal(self.reactor)
+        pieces = {"vmc firewall": netns.vmc_firewall_missing(),
+                  "VM host isolation": netns.vmhost_isolation_missing(),
+                  "allowedlist": netns.allowedlist_missing()}
+        self.say(f"[1] Network namespaces {self.spaces.name('*')} (10.77.0.0/16)")
+        self.spaces.create()
+        for role in netns.ROLES:
+            self.say(f"      {self.spaces.name(role)}")
+        self.say("[2] Every role in its namespace")
+        for piece, why in pieces.items():
+            if why:
+                self.say(f"      without the {piece}: {why}")
+        dep = netns.NetnsDeployment(
+            self.reactor, self.spaces,
+            Deployment(self.dir, netns.NetnsDeployment.addresses(), comment=PROG + " --netns"),
+            self.start_in, self.run_in, self.helper,
+            vmc_firewall=pieces["vmc firewall"] is None,
+            vmhost_isolation=pieces["VM host isolation"] is None,
+            allowedlist=pieces["allowedlist"] is None)
+        self.deployment = dep
+        await dep.start()
+        if not stopped.called:
+            self.instructions(dep)
+        await stopped
+        self.say(f"\n{PROG}: stopping")
+
+    def instructions(self, dep: netns.NetnsDeployment) -> None:
+        ns = self.spaces.name
+        ips = {"user": netns.USER_IP, "backend": netns.BACKEND_IP,
+               "vmhost": f"{netns.VMHOST_IP} / {netns.VMHOST_VM_IP}",
+               "vm1": netns.VM_IPS[1], "vm2": netns.VM_IPS[2], "license": netns.LICENSE_IP,
+               "outside": netns.OUTSIDE_IP, netns.ROUTER: "10.77.x.1"}
+        rows = "\n".join(f"    {role:8} {ips[role]:24} ip netns exec {ns(role)} bash"
+                         for role in netns.ROLES)
+        self.say(f"""
+The isolated deployment is running (Ctrl-C stops it and removes the namespaces).
+Enter a namespace from another terminal as root:
+
+{rows}
+
+In the user namespace (ip netns exec {ns('user')} bash):
+
+    export TICRYPT_CLIENT_CONFIG={shlex.quote(dep.client_ini)}
+    ticrypt vm list
+    ticrypt exec vm1 -- ip addr
+    ticrypt tunnel open vm1 --port {netns.APP_PORT}     # then curl the local port it prints
+    ticrypt allowlist add {netns.LICENSE_NAME} --port {netns.LICENSE_PORTS[0]}
+
+In a VM (ip netns exec {ns('vm1')} bash):
+
+    dig @{netns.BACKEND_IP} {netns.LICENSE_NAME}
+    {sys.executable} -m ticrypt.lab.netns sweep --ports 1-1024 {netns.VM_IPS[2]} {netns.OUTSIDE_IP}
+
+Rules: nft list ruleset (in any namespace).  Logs and audit logs: {self.dir}""")
+
+    async def stop_all(self) -> None:
+        for proc in reversed(self.procs):
+            await proc.stop()
+        self.procs.clear()
+        self.spaces.remove()
+        for log in self.logs:
+            log.close()
+
+
 _CSI = re.compile(r"\x1b(\[[0-9;?]*[ -/]*[@-~]|\][^\x07]*\x07|[@-Z\\-_])")
 
 
@@ -321,7 +448,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dir", help="working folder (created; kept afterwards)")
     parser.add_argument("--keep", action="store_true",
                         help="leave everything running and print how to use it")
+    parser.add_argument("--netns", action="store_true",
+                        help="the isolated deployment in network namespaces (root): user, "
+                             "backend, VM host, two VMs, license server, outside host; runs "
+                             "until Ctrl-C, then removes everything")
     args = parser.parse_args(argv)
+    if args.netns:
+        why = netns.netns_missing()
+        if why:
+            parser.exit(2, f"{PROG}: --netns {why}\n")
 
     if args.dir:
         workdir = os.path.abspath(args.dir)
@@ -334,7 +469,22 @@ def main(argv: list[str] | None = None) -> None:
     remove = not args.dir and not args.keep
     status = {"code": 0}
 
+    made: list[NetnsLab] = []
+
+    async def go_netns(reactor: Any) -> None:
+        lab = NetnsLab(reactor, workdir)
+        made.append(lab)
+        try:
+            await lab.main()
+        except (LabError, DeployError, netns.NetnsError, OSError) as e:
+            lab.say(f"\n{PROG}: {e}")
+            status["code"] = 1
+        finally:
+            await lab.stop_all()
+
     async def go(reactor: Any) -> None:
+        if args.netns:
+            return await go_netns(reactor)
         lab = Lab(reactor, workdir)
         try:
             await lab.main(args.keep)
@@ -344,7 +494,11 @@ def main(argv: list[str] | None = None) -> None:
             status["code"] = 1
             await lab.stop_all()
 
-    _react(go)
+    try:
+        _react(go)
+    finally:
+        for lab in made:  # whatever ended the reactor, no namespace is left
+            lab.spaces.remove()
     if remove and status["code"] == 0:
         shutil.rmtree(workdir, ignore_errors=True)
     elif status["code"]:

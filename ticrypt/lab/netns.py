@@ -284,8 +284,9 @@ def helper_in(reactor: Any, spaces: Namespaces, role: str, args: list[str], *,
 class NetnsDeployment:
     """Every role of the isolated deployment, started in :class:`Namespaces`.
 
-    ``firewalls``: configure vmc's and the VM host's isolation rules (only
-    once those have landed); ``allowedlist``: start ticrypt-allowedlist."""
+    ``vmc_firewall``, ``vmhost_isolation``: configure vmc's and the VM
+    host's rules (only once those have landed); ``allowedlist``: start
+    ticrypt-allowedlist."""
 
     reactor: Any
     spaces: Namespaces
@@ -293,7 +294,8 @@ class NetnsDeployment:
     start_in: StartIn
     run_in: RunIn
     helper: Callable[[str, list[str]], Awaitable[daemons.Daemon]]
-    firewalls: bool = False
+    vmc_firewall: bool = False
+    vmhost_isolation: bool = False
     allowedlist: bool = False
     daemons: dict[str, daemons.Daemon] = attrs.field(factory=dict)
     vm_ids: dict[int, str] = attrs.field(factory=dict)
@@ -343,7 +345,8 @@ class NetnsDeployment:
         proxy, rest = await dep.start_backend(start_backend_role)
         self.daemons.update(proxy=proxy, rest=rest)
         if self.allowedlist:
-            config = dep.allowedlist_ini(**self.allowedlist_settings())  # type: ignore[attr-defined]
+            settings = self.allowedlist_settings()
+            config = dep.allowedlist_ini(settings.pop("upstream"), **settings)
             self.daemons["allowedlist"] = await self.start_in(
                 "backend", "ticrypt-allowedlist", config)
 
@@ -364,7 +367,7 @@ class NetnsDeployment:
                       "ports": str(APP_PORT)}
             path = dep.vmc_ini(token, name=f"vmc{n}", tunnel_settings=tunnel,
                                backoff_max="5s")
-            if self.firewalls:
+            if self.vmc_firewall:
                 self._vmc_firewall(path)
             vmc = await self.start_in(f"vm{n}", "ticrypt-vmc", path)
             self.daemons[f"vmc{n}"] = vmc
@@ -373,7 +376,7 @@ class NetnsDeployment:
         from ticrypt.vmhost.config import VmhostSection
 
         extra = {}
-        if self.firewalls:
+        if self.vmhost_isolation:
             known = _known_keys(VmhostSection)
             extra = {k: v for k, v in vmhost_isolation_settings().items() if k in known}
         self.daemons["vmhost"] = await self.start_in("vmhost", "ticrypt-vmhost", dep.vmhost_ini(
@@ -391,7 +394,7 @@ class NetnsDeployment:
     def allowedlist_settings(self) -> dict[str, str]:
         """[allowedlist] keys of issue 10's brief for this network."""
         return {"dns_listen": f"{BACKEND_IP}:{DNS_PORT}", "vm_networks": VM_NETWORK,
-                "forward_addresses": FORWARD_POOL, "upstream": LICENSE_IP,
+                "forward_addresses": FORWARD_POOL, "upstream": f"{LICENSE_IP}:{DNS_PORT}",
                 "poll_interval": "1s", "mode": "nft", "log_group": str(LOG_GROUP)}
 
     def _vmc_firewall(self, path: str) -> None:
