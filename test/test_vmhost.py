@@ -15,7 +15,7 @@ from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint, c
 from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.protocol import Factory, ProcessProtocol, Protocol
 from twisted.python.failure import Failure
-from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 
 from test.daemon import ROOT, daemon_env, run_command, start_daemon, twistd_path
 from ticrypt.audit import AuditLog
@@ -401,3 +401,196 @@ class NftNamespaceTests(TestCase):
                          "ok vm:hi from 10.231.2.1")
         await proc.stop()
         self.assertEqual(self.sh("ip", "netns", "exec", host, "nft", "list", "tables"), "")
+
+
+# -- isolation ------------------------------------------------------------------------
+
+ISOLATION = """\
+\tchain isolate_forward {
+\t\ttype filter hook forward priority -10; policy accept;
+\t\tct state established,related accept
+\t\tip daddr 10.77.3.11 tcp dport 22 ct status dnat accept comment "vm 1"
+\t\tip6 daddr fd77:3::12 tcp dport 2222 ct status dnat accept comment "vm 2"
+\t\tip daddr @vms4 counter drop comment "to VMs"
+\t\tip6 daddr @vms6 counter drop comment "to VMs"
+\t\tip saddr @vms4 ip daddr @backend4 accept comment "VMs to the backend"
+\t\tip6 saddr @vms6 ip6 daddr @backend6 accept comment "VMs to the backend"
+\t\tip saddr @vms4 counter log group 9 drop comment "from VMs"
+\t\tip6 saddr @vms6 counter log group 9 drop comment "from VMs"
+\t}
+\tchain isolate_input {
+\t\ttype filter hook input priority -10; policy accept;
+\t\tct state established,related accept
+\t\tip6 saddr @vms6 icmpv6 type nd-neighbor-solicit accept
+\t\tip6 saddr @vms6 icmpv6 type nd-neighbor-advert accept
+\t\tip6 saddr @vms6 icmpv6 type nd-router-solicit accept
+\t\tip saddr @vms4 counter drop comment "VMs to this host"
+\t\tip6 saddr @vms6 counter drop comment "VMs to this host"
+\t}
+}
+"""
+
+ISOLATION_SETS = """\
+table inet ticrypt_vmhost {
+\tset vms4 {
+\t\ttype ipv4_addr;
+\t\tflags interval;
+\t\telements = { 10.77.3.0/24 }
+\t}
+\tset vms6 {
+\t\ttype ipv6_addr;
+\t\tflags interval;
+\t\telements = { fd77:3::/64 }
+\t}
+\tset backend4 {
+\t\ttype ipv4_addr;
+\t\tflags interval;
+\t\telements = { 10.77.1.2/31, 10.77.9.0/24 }
+\t}
+\tset backend6 {
+\t\ttype ipv6_addr;
+\t\tflags interval;
+\t}
+"""
+
+ISOLATED = {"isolation": "yes", "vm_networks": "10.77.3.0/24, fd77:3::/64",
+            "backend": "10.77.9.0/24, 10.77.1.2, 10.77.1.3", "log_group": "9",
+            "listen_host": "0.0.0.0", "vms": "1=10.77.3.11, 2=[fd77:3::12]:2222"}
+
+
+class IsolationConfigTests(SynchronousTestCase):
+    def load(self, **keys: str) -> VmhostConfig:
+        return load_config(write_ini(self, **keys), VmhostConfig)
+
+    def test_golden(self) -> None:
+        cfg = self.load(mode="nft", **ISOLATED)
+        text = firewall.render_replace(vmhost_table(cfg.vmhost))
+        head = "table inet ticrypt_vmhost\ndelete table inet ticrypt_vmhost\n"
+        self.assertTrue(text.startswith(head + ISOLATION_SETS), text)
+        self.assertTrue(text.endswith(ISOLATION), text)
+        self.assertIn("dnat ip to 10.77.3.11:22", text)   # the DNAT in the same transaction
+
+    def test_userspace_mode_has_no_dnat_and_no_forwarded_range(self) -> None:
+        cfg = self.load(**ISOLATED)
+        text = firewall.render_replace(vmhost_table(cfg.vmhost))
+        self.assertNotIn("dnat", text)
+        self.assertIn("ip daddr @vms4 counter drop", text)
+
+    def test_off_changes_nothing(self) -> None:
+        cfg = self.load(mode="nft", vms="1=10.0.0.11")
+        self.assertFalse(cfg.vmhost.isolation)
+        self.assertNotIn("isolate", firewall.render_replace(vmhost_table(cfg.vmhost)))
+        sample = load_config(os.path.join(ROOT, "etc", "vmhost.ini"), VmhostConfig)
+        self.assertEqual((sample.vmhost.isolation, sample.vmhost.vm_networks), (False, ()))
+
+    def test_refusals(self) -> None:
+        for keys, key, text in [
+            ({"isolation": "yes"}, "vm_networks", "needs the VMs' networks"),
+            ({"isolation": "yes", "vm_networks": "10.77.4.0/24"}, "vm_networks",
+             "VM 1 (10.0.0.11) is in none of them"),
+            ({"isolation": "yes", "vm_networks": "10.0.0.0/24", "backend": "10.0.0.0/16"},
+             "backend", "overlaps vm_networks"),
+            ({"vm_networks": "10.0.0.0/33"}, "vm_networks", "not an IP network"),
+            ({"log_group": "-1"}, "log_group", ""),
+        ]:
+            e = self.assertRaises(ConfigError, self.load, **keys)
+            self.assertEqual((e.section, e.key), ("vmhost", key), str(e))
+            self.assertIn(text, str(e))
+
+    def test_userspace_with_isolation_installs_and_listens(self) -> None:
+        from twisted.internet.testing import MemoryReactorClock
+
+        from ticrypt.vmhost.tap import makeService
+
+        cfg = self.load(**{**ISOLATED, "listen_host": "127.0.0.1", "vms": "1=10.77.3.11"})
+        nft = MemoryNft()
+        mem = MemoryReactorClock()
+        top = makeService({"cfg": cfg}, reactor=mem, nft=nft)  # no forwarding check
+        top.privilegedStartService()
+        top.startService()
+        self.assertEqual([port for port, *_ in mem.tcpServers], [2201])
+        self.assertEqual(list(nft.tables), ["table inet ticrypt_vmhost"])
+        self.assertIn("isolate_forward", nft.scripts[0])
+        self.successResultOf(defer.ensureDeferred(_stop(top)))
+        self.assertEqual(nft.tables, {})
+
+
+class IsolationNamespaceTests(SynchronousTestCase):
+    """client ns (10.231.1.2 plays the backend, 10.231.1.3 any other host)
+    --veth-- vmhost ns (10.231.1.1 / 10.231.2.1, mode = nft, isolation)
+    --veth-- VM ns (10.231.2.2, listening on 22 and 8080)."""
+
+    def sh(self, *argv: str, input: str | None = None) -> str:
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=30, input=input)
+        if proc.returncode:
+            raise AssertionError(f"{' '.join(argv)}: {proc.stderr.strip()}")
+        return proc.stdout
+
+    def setUp(self) -> None:
+        if os.geteuid() != 0 or not shutil.which("ip") or not shutil.which("nft"):
+            raise SkipTest("needs root, ip and nft")
+        pid = os.getpid() % 100000
+        self.client, self.host, self.vm = (f"ti-{pid}-c", f"ti-{pid}-h", f"ti-{pid}-v")
+        for ns in (self.client, self.host, self.vm):
+            if subprocess.run(["ip", "netns", "add", ns], capture_output=True).returncode:
+                raise SkipTest("ip netns is not usable here")
+            self.addCleanup(subprocess.run, ["ip", "netns", "del", ns], capture_output=True)
+            self.sh("ip", "-n", ns, "link", "set", "lo", "up")
+        for ns_a, ns_b, net in ((self.client, self.host, "10.231.1"),
+                                (self.vm, self.host, "10.231.2")):
+            self.sh("ip", "-n", ns_a, "link", "add", "eth0", "type", "veth", "peer", "name",
+                    "eth" + net[-1], "netns", ns_b)
+            self.sh("ip", "-n", ns_a, "addr", "add", f"{net}.2/24", "dev", "eth0")
+            self.sh("ip", "-n", ns_b, "addr", "add", f"{net}.1/24", "dev", "eth" + net[-1])
+            self.sh("ip", "-n", ns_a, "link", "set", "eth0", "up")
+            self.sh("ip", "-n", ns_b, "link", "set", "eth" + net[-1], "up")
+            self.sh("ip", "-n", ns_a, "route", "add", "default", "via", f"{net}.1")
+        self.sh("ip", "-n", self.client, "addr", "add", "10.231.1.3/24", "dev", "eth0")
+        self.sh("ip", "netns", "exec", self.host, "sysctl", "-q", "-w", "net.ipv4.ip_forward=1")
+        self.listen(self.vm, 22, 8080)
+        self.listen(self.client, 9999)
+        self.listen(self.host, 7777)
+
+    def listen(self, ns: str, *ports: int) -> None:
+        from test.test_vmc_firewall import LISTENER
+
+        proc = subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, "-c", LISTENER,
+                                 *map(str, ports)], stdout=subprocess.PIPE, text=True)
+        self.addCleanup(proc.wait)
+        self.addCleanup(proc.kill)
+        assert proc.stdout is not None
+        self.addCleanup(proc.stdout.close)
+        self.assertEqual(proc.stdout.readline().strip(), "listening")
+
+    def probe(self, ns: str, *targets: str) -> dict[str, str]:
+        from test.test_vmc_firewall import PROBE
+
+        out = self.sh("ip", "netns", "exec", ns, sys.executable, "-c", PROBE, *targets)
+        return json.loads(out)  # type: ignore[no-any-return]
+
+    def test_isolation_in_namespaces(self) -> None:
+        from_client = ("10.231.1.1:2201", "10.231.2.2:22", "10.231.2.2:8080")
+        from_vm = ("10.231.1.2:9999", "10.231.1.3:9999", "10.231.2.1:7777")
+        keys = {"mode": "nft", "listen_host": "10.231.1.1", "vms": "1=10.231.2.2"}
+        dnat_only = vmhost_table(load_config(write_ini(self, **keys), VmhostConfig).vmhost)
+        table = vmhost_table(load_config(write_ini(
+            self, **keys, isolation="yes", vm_networks="10.231.2.0/24", backend="10.231.1.2"),
+            VmhostConfig).vmhost)
+        # DNAT alone: everything routed, the test can tell the difference
+        self.sh("ip", "netns", "exec", self.host, "nft", "-f", "-",
+                input=firewall.render_replace(dnat_only))
+        self.assertEqual(self.probe(self.client, *from_client), dict.fromkeys(from_client, "ok"))
+        self.assertEqual(self.probe(self.vm, *from_vm), dict.fromkeys(from_vm, "ok"))
+        # with isolation (replacing the table in one transaction, twice: idempotent)
+        for _ in range(2):
+            self.sh("ip", "netns", "exec", self.host, "nft", "-f", "-",
+                    input=firewall.render_replace(table))
+        self.assertEqual(self.probe(self.client, *from_client),
+                         {"10.231.1.1:2201": "ok", "10.231.2.2:22": "TimeoutError",
+                          "10.231.2.2:8080": "TimeoutError"})
+        self.assertEqual(self.probe(self.vm, *from_vm),
+                         {"10.231.1.2:9999": "ok", "10.231.1.3:9999": "TimeoutError",
+                          "10.231.2.1:7777": "TimeoutError"})
+        self.sh("ip", "netns", "exec", self.host, "nft", "-f", "-",
+                input=firewall.render_delete(table))
+        self.assertEqual(self.sh("ip", "netns", "exec", self.host, "nft", "list", "tables"), "")

@@ -15,6 +15,7 @@ from ticrypt.config import (
     FilePath,
     Int,
     Kind,
+    NetworkList,
     Port,
     RoleConfig,
     Str,
@@ -92,6 +93,11 @@ class VmhostSection:
     max_connections: int = setting(Int(1, 100000), 256, "userspace: connections per VM at once")
     masquerade: bool = setting(Bool(), False, "nft: source-NAT forwarded connections")
     audit_log: str = setting(FilePath(must_exist=False), doc="JSON-lines audit log")
+    isolation: bool = setting(Bool(), False, "nft: isolate the VMs (forward/input filter)")
+    vm_networks: tuple[str, ...] = setting(NetworkList(), (), "isolation: the VMs' networks")
+    backend: tuple[str, ...] = setting(NetworkList(), (),
+                                       "isolation: backend addresses VMs may reach")
+    log_group: int = setting(Int(0, 65535), 0, "isolation: NFLOG group of drops, 0 = none")
 
 
 @attrs.frozen(kw_only=True)
@@ -112,6 +118,20 @@ class VmhostConfig(RoleConfig):
         if v.base + top > 65535:
             raise self.error("vmhost", "base",
                              f"base + {top} (VM {top}) = {v.base + top} is past port 65535")
+        if v.isolation:
+            if not v.vm_networks:
+                raise self.error("vmhost", "vm_networks", "isolation = yes needs the VMs' "
+                                 "networks")
+            nets = [ipaddress.ip_network(n) for n in v.vm_networks]
+            for vm in v.vms:
+                if not any(ipaddress.ip_address(vm.host) in n for n in nets):
+                    raise self.error("vmhost", "vm_networks",
+                                     f"VM {vm.n} ({vm.host}) is in none of them: it would "
+                                     "not be isolated")
+            for b in v.backend:
+                if any(ipaddress.ip_network(b).overlaps(n) for n in nets):
+                    raise self.error("vmhost", "backend",
+                                     f"{b} overlaps vm_networks: VMs would reach each other")
         version = ipaddress.ip_address(host).version
         if v.mode == "nft" and not ipaddress.ip_address(host).is_unspecified:
             for vm in v.vms:

@@ -33,12 +33,12 @@ def makeService(options: dict[str, Any], reactor: Any = None, nft: INft | None =
     top.ready_info["forwarding"] = {
         str(port): f"[{vm.host}]:{vm.port}" if ":" in vm.host else f"{vm.host}:{vm.port}"
         for port, vm in cfg.ports().items()}
-    if v.mode == "nft":
+    if v.mode == "nft" or v.isolation:
         firewall = FirewallService(v, nft if nft is not None else SpawnNft(reactor, reactor),
                                    audit, check_forwarding)
         firewall.setServiceParent(top)
         top.extra_ready.append(firewall.ready)
         top.ready_info["table"] = TABLE
-    else:
+    if v.mode != "nft":
         add_listeners(top, v, reactor, audit)
     return top
