@@ -43,6 +43,7 @@ import ctypes
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -375,6 +376,20 @@ async def main_kernel(reactor: Any, opts: argparse.Namespace) -> None:
     procs: list[daemons.Daemon] = []
     sshd = NsSshd(spaces, workdir)
     app: subprocess.Popen[bytes] | None = None
+
+    def interrupted() -> None:
+        # Ctrl-C stops the reactor; this coroutine's finally may never run:
+        # nothing of the run may outlive it.
+        trigger.clear()
+        for proc in procs:
+            proc.signal(signal.SIGKILL)
+        sshd.stop()
+        if app is not None and app.poll() is None:
+            app.kill()
+        spaces.remove()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+    trigger = [reactor.addSystemEventTrigger("before", "shutdown", interrupted)]
     try:
         spaces.create()
         port_file = os.path.join(workdir, "app.port")
@@ -397,6 +412,8 @@ async def main_kernel(reactor: Any, opts: argparse.Namespace) -> None:
             with open(opts.out, "w") as f:
                 f.write("\n".join(lines) + "\n")
     finally:
+        for t in trigger:
+            reactor.removeSystemEventTrigger(t)
         sshd.stop()
         for proc in reversed(procs):
             await proc.stop()
