@@ -293,3 +293,32 @@ class AllowlistDaemonTests(TestCase):
         self.assertEqual([e["event"] for e in audit_lines(env)
                           if e["event"].startswith("allowlist")],
                          ["allowlist-add", "allowlist-remove"])
+
+    async def test_admin_commands(self) -> None:
+        env = await start_rest(self, start=False)
+        code, out, err = await env.admin("--json", "allowlist", "add", "Lic.Example.org.",
+                                         "--port", "27000", "--port", "27001", "--udp",
+                                         "--comment", "flexlm")
+        self.assertEqual(code, 0, err)
+        entry = json.loads(out)
+        self.assertEqual({k: v for k, v in entry.items() if k != "id"},
+                         {"name": "lic.example.org", "ports": [27000, 27001],
+                          "protocol": "udp", "comment": "flexlm"})
+        for args, why in ((("lic\x01.example.org", "--port", "1"), "not an allow-list name"),
+                          (("lic.example.org", "--port", "0"), "1..65535"),
+                          (("lic.example.org", "--port", "1", "--udp"), "already allow-listed")):
+            code, out, err = await env.admin("allowlist", "add", *args)
+            self.assertEqual(code, 1, args)
+            self.assertEqual(len(err.strip().splitlines()), 1, err)
+            self.assertIn(why, err)
+        code, out, err = await env.admin("--json", "allowlist", "list")
+        self.assertEqual((code, json.loads(out)), (0, {"serial": 1, "entries": [entry]}), err)
+        code, out, err = await env.admin("allowlist", "remove", entry["id"])
+        self.assertEqual((code, out.strip()),
+                         (0, f"removed {entry['id']} (lic.example.org udp)"), err)
+        code, out, err = await env.admin("allowlist", "remove", entry["id"])
+        self.assertEqual(code, 1)
+        self.assertIn("no allow-list entry", err)
+        self.assertEqual([e["event"] for e in audit_lines(env)
+                          if e["event"].startswith("allowlist")],
+                         ["allowlist-add", "allowlist-remove"])

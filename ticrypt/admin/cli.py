@@ -28,7 +28,7 @@ from ticrypt.audit import AuditLog
 from ticrypt.cliutil import OneLineError, fail
 from ticrypt.config import ConfigError, load_config
 from ticrypt.rest import db, store
-from ticrypt.rest.api import new_vm_id
+from ticrypt.rest.api import allow_entry, new_vm_id
 from ticrypt.rest.config import RestAdminConfig
 from ticrypt.rest.core import check_name, new_token, token_hash, valid_host
 
@@ -219,6 +219,59 @@ def cmd_vm_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_allowlist_add(args: argparse.Namespace) -> int:
+    what = f"cannot allow-list {args.name}"
+    cfg = _load(args)
+    try:
+        entry = allow_entry(args.name, args.ports, "udp" if args.udp else "tcp", args.comment)
+    except ValueError as e:
+        raise AdminError(what, str(e)) from None
+    conn = _open(cfg, what)
+    try:
+        db.transaction(conn, store.add_allow_entry, entry, f"admin:{_actor()}", time.time())
+    except store.StoreError as e:
+        raise AdminError(what, str(e)) from None
+    finally:
+        conn.close()
+    _audit(cfg, "allowlist-add", entry=entry.id, name=entry.name, ports=list(entry.ports),
+           protocol=entry.protocol)
+    _emit(args, entry.to_json(), f"added {entry.id}: {entry.name} {entry.protocol} "
+          f"{','.join(map(str, entry.ports))}")
+    return 0
+
+
+def cmd_allowlist_list(args: argparse.Namespace) -> int:
+    cfg = _load(args)
+    conn = _open(cfg, "cannot list the allow-list")
+    try:
+        serial, entries = db.transaction(conn, store.allowlist_feed, write=False)
+    finally:
+        conn.close()
+    lines = [f"{'ID':<20} {'NAME':<32} {'PROTO':<5} {'PORTS':<24} COMMENT"]
+    for e in entries:
+        lines.append(f"{e.id:<20} {e.name:<32} {e.protocol:<5} "
+                     f"{','.join(map(str, e.ports)):<24} {e.comment}")
+    _emit(args, {"serial": serial, "entries": [e.to_json() for e in entries]},
+          "\n".join(lines))
+    return 0
+
+
+def cmd_allowlist_remove(args: argparse.Namespace) -> int:
+    what = f"cannot remove allow-list entry {args.id}"
+    cfg = _load(args)
+    conn = _open(cfg, what)
+    try:
+        entry = db.transaction(conn, store.remove_allow_entry, args.id)
+    except store.StoreError as e:
+        raise AdminError(what, str(e)) from None
+    finally:
+        conn.close()
+    _audit(cfg, "allowlist-remove", entry=entry.id, name=entry.name,
+           ports=list(entry.ports), protocol=entry.protocol)
+    _emit(args, entry.to_json(), f"removed {entry.id} ({entry.name} {entry.protocol})")
+    return 0
+
+
 def cmd_tls_init(args: argparse.Namespace) -> int:
     what = "tls init failed"
     directory = args.dir
@@ -277,6 +330,18 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--host", required=True, metavar="HOST:PORT",
                     help="the VM host endpoint that forwards to the VM's port 22")
     add(vms, "list", cmd_vm_list, "list VMs")
+
+    allow = sub.add_parser("allowlist", help="license servers VMs may reach").add_subparsers(
+        dest="allowlist_command", required=True, metavar="COMMAND")
+    sp = add(allow, "add", cmd_allowlist_add, "allow VMs to reach NAME on the given ports")
+    sp.add_argument("name", metavar="NAME")
+    sp.add_argument("--port", dest="ports", type=int, action="append", required=True,
+                    metavar="P")
+    sp.add_argument("--udp", action="store_true", help="UDP instead of TCP")
+    sp.add_argument("--comment", default="")
+    add(allow, "list", cmd_allowlist_list, "list the allow-list and its serial")
+    sp = add(allow, "remove", cmd_allowlist_remove, "remove an entry")
+    sp.add_argument("id", metavar="ID")
 
     tls = sub.add_parser("tls", help="TLS files").add_subparsers(
         dest="tls_command", required=True, metavar="COMMAND")

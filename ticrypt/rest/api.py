@@ -164,6 +164,19 @@ def _check_comment(value: str) -> str | None:
     return None
 
 
+def allow_entry(name: str, ports: list[Any], protocol: str = "tcp", comment: str = "",
+                random: Callable[[int], bytes] = os.urandom) -> store.AllowEntry:
+    """A new allow-list entry in canonical form (ValueError: one line why),
+    for the API and ``ticrypt-admin``."""
+    for field, problem in (("name", _check_allow_name(name)), ("ports", _check_ports(ports)),
+                           ("protocol", _check_protocol(protocol)),
+                           ("comment", _check_comment(comment))):
+        if problem:
+            raise ValueError(f"{field} {problem}")
+    return store.AllowEntry(id=new_allowlist_id(random), name=dnsname.canonical_name(name),
+                            ports=tuple(sorted(ports)), protocol=protocol, comment=comment)
+
+
 ALLOW_BODY = {"name": Field(str, check=_check_allow_name),
               "ports": Field(list, check=_check_ports),
               "protocol": Field(str, required=False, check=_check_protocol),
@@ -554,11 +567,8 @@ class RestApi:
 
     async def add_allowlist(self, call: Call) -> Result:
         body = parse_body(call.body, ALLOW_BODY)
-        entry = store.AllowEntry(id=new_allowlist_id(self._random),
-                                 name=dnsname.canonical_name(body["name"]),
-                                 ports=tuple(sorted(body["ports"])),
-                                 protocol=body.get("protocol", "tcp"),
-                                 comment=body.get("comment", ""))
+        entry = allow_entry(body["name"], body["ports"], body.get("protocol", "tcp"),
+                            body.get("comment", ""), self._random)
         session, added = await self._authed(call, _add_allow_entry, entry, self._now(),
                                             write=True, superadmin=True)
         self._audit.write("allowlist-add", entry=added.id, name=added.name,
