@@ -357,6 +357,8 @@ class MuxProtocol(Protocol):
     # -- output -------------------------------------------------------------------
 
     def _flush(self) -> None:
+        if not self._conn.pending:
+            return  # called after every event: most have queued nothing
         out = self._conn.data_to_send()
         if out and self.transport is not None:
             self.transport.write(out)
