@@ -24,6 +24,7 @@ UTF-8, homoglyphs included), full-width dots and another punycode spelling
 from __future__ import annotations
 
 import enum
+import functools
 import ipaddress
 import re
 from collections import OrderedDict
@@ -56,6 +57,8 @@ class Question:
     labels: tuple[bytes, ...]
     qtype: int
     qclass: int
+    #: offset just after the question in the message (the reply echoes it)
+    end: int = attrs.field(default=0, eq=False)
 
 
 def question(data: bytes) -> Question | None:
@@ -88,7 +91,37 @@ def question(data: bytes) -> Question | None:
     if i + 4 > len(data):
         return None
     return Question(tuple(labels), int.from_bytes(data[i:i + 2], "big"),
-                    int.from_bytes(data[i + 2:i + 4], "big"))
+                    int.from_bytes(data[i + 2:i + 4], "big"), i + 4)
+
+
+@functools.lru_cache(maxsize=4096)
+def _packed(address: str) -> bytes:
+    return ipaddress.ip_address(address).packed
+
+
+def reply(query: bytes, q: Question, rcode: int, addresses: Iterable[str] = (), *,
+          ttl: int = 60, authoritative: bool = True, max_size: int = 0) -> bytes:
+    """The reply to ``query`` (whose question is ``q``): header, the question
+    echoed byte for byte, one A/AAAA record per address (name compressed to
+    the question's).  No EDNS0 OPT record (RFC 6891 permits a responder
+    without it).  Over ``max_size`` (when not 0) the records are left out
+    and TC is set."""
+    opcode = (query[2] >> 3) & 0x0F
+    rd = query[2] & 0x01
+    records = []
+    for a in addresses:
+        packed = _packed(a)
+        rtype = A if len(packed) == 4 else AAAA
+        records.append(b"\xc0\x0c" + rtype.to_bytes(2, "big") + IN.to_bytes(2, "big")
+                       + ttl.to_bytes(4, "big") + len(packed).to_bytes(2, "big") + packed)
+    body = query[12:q.end]
+    tc = 0
+    if max_size and 12 + len(body) + sum(map(len, records)) > max_size:
+        records, tc = [], 1
+    flags = bytes([0x80 | (opcode << 3) | (int(authoritative) << 2) | (tc << 1) | rd,
+                   0x80 | (rcode & 0x0F)])
+    header = query[:2] + flags + b"\x00\x01" + len(records).to_bytes(2, "big") + b"\x00\x00" * 2
+    return header + body + b"".join(records)
 
 
 def canonical(labels: Iterable[bytes]) -> str | None:
@@ -209,6 +242,7 @@ class Policy:
         self._refused = Kind.NXDOMAIN if refused_answer == "nxdomain" else Kind.REFUSED
         self.buckets = TokenBuckets(rate, burst, max_clients)
         self._entries: tuple[Entry, ...] = ()
+        self._inside: dict[str, bool] = {}
         self._exact: dict[str, Entry] = {}
         self._wild: dict[str, Entry] = {}
         self.admitted: dict[str, str] = {}
@@ -230,6 +264,16 @@ class Policy:
         self._exact, self._wild = exact, wild
 
     def inside(self, host: str) -> bool:
+        """Whether ``host`` is in ``vm_networks`` (cached: parsing an address
+        was most of the cost of a query)."""
+        known = self._inside.get(host)
+        if known is None:
+            if len(self._inside) >= 65536:
+                self._inside.clear()
+            known = self._inside[host] = self._inside_uncached(host)
+        return known
+
+    def _inside_uncached(self, host: str) -> bool:
         try:
             ip = ipaddress.ip_address(host.split("%", 1)[0])
         except ValueError:
@@ -276,7 +320,7 @@ class Policy:
         address = self.admitted.get(name)
         if address is None:
             return Decision(Kind.PENDING, name=name, entry=entry)
-        version = ipaddress.ip_address(address).version
+        version = 6 if ":" in address else 4
         if q.qtype == ANY or (q.qtype == A and version == 4) or (q.qtype == AAAA and version == 6):
             return Decision(Kind.ANSWER, name=name, entry=entry, addresses=(address,))
         return Decision(Kind.NODATA, name=name, entry=entry)
