@@ -241,9 +241,8 @@ def vmhost_isolation_missing() -> str | None:
 def vmhost_isolation_settings() -> dict[str, str]:
     """[vmhost] keys for isolation as issue 10's brief names them; keys the
     role does not know are left out when the config is written."""
-    return {"vm_networks": VM_NETWORK,
-            "backend_addresses": f"{BACKEND_IP}/32, {FORWARD_POOL}",
-            "log_group": str(LOG_GROUP)}
+    return {"isolation": "yes", "vm_networks": VM_NETWORK,
+            "backend": f"{BACKEND_IP}/32, {FORWARD_POOL}", "log_group": str(LOG_GROUP)}
 
 
 def _known_keys(section_cls: Any) -> set[str]:
