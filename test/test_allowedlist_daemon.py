@@ -40,6 +40,21 @@ class SampleConfigTests(SynchronousTestCase):
                 self.assertTrue(lines[at - 1].startswith("#"), f"{key} has no comment above it")
 
 
+class DeploymentTests(SynchronousTestCase):
+    def test_allowedlist_ini_loads(self) -> None:
+        from ticrypt.config import load_config
+        from ticrypt.lab.deploy import Addresses, Deployment
+
+        d = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, d)
+        dep = Deployment(d, Addresses(rest_scheme="http", rest_port=8443))
+        cfg = load_config(dep.allowedlist_ini("127.0.0.1:5353", mode="nft"), AllowedListConfig)
+        a = cfg.allowedlist
+        self.assertEqual((a.upstream, a.mode, a.rest_url, a.allow_plain),
+                         ((("127.0.0.1", 5353),), "nft", "http://127.0.0.1:8443", True))
+        self.assertTrue(a.state_dir.startswith(d))
+
+
 class DaemonTests(TestCase):
     skip = None if shutil.which("dig") else "needs dig (bind9-dnsutils)"
     timeout = 120

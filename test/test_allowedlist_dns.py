@@ -113,6 +113,22 @@ class UDPTests(SynchronousTestCase):
         assert r is not None
         self.assertEqual((r.rCode, r.answers), (dns.EREFUSED, []))
 
+    def test_denied_audited_once_a_minute_per_client(self) -> None:
+        f = Fixture()
+        lines: list[tuple[str, dict[str, object]]] = []
+        f.server.audit = lambda event, **kw: lines.append((event, kw))
+        for _ in range(3):
+            f.ask(query(b"evil.example.com"))
+        f.ask(query(b"evil.example.com"), ("10.77.3.12", 1))
+        self.assertEqual(lines, [
+            ("allowlist-dns-denied", {"client": "10.77.3.11", "name": "evil.example.com",
+                                      "why": "not-allowed"}),
+            ("allowlist-dns-denied", {"client": "10.77.3.12", "name": "evil.example.com",
+                                      "why": "not-allowed"})])
+        f.clock.advance(60)
+        f.ask(query(b"evil.example.com"))
+        self.assertEqual(len(lines), 3)
+
     def test_aaaa_cname_any(self) -> None:
         f = Fixture()
         for qtype in (dns.AAAA, dns.CNAME, dns.MX):

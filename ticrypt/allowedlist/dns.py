@@ -22,6 +22,7 @@ factory).  Every query is hostile:
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import attrs
@@ -30,7 +31,16 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.names import dns, server
 
-from ticrypt.allowedlist.policy import Decision, Entry, Kind, Policy, Question, question, reply
+from ticrypt.allowedlist.policy import (
+    Decision,
+    Entry,
+    Kind,
+    Policy,
+    Question,
+    TokenBuckets,
+    question,
+    reply,
+)
 
 __all__ = ["MAX_QUERY", "Admitter", "AllowListServer", "TCPProtocol", "UDPProtocol"]
 
@@ -160,7 +170,7 @@ class AllowListServer(server.DNSServerFactory):
                  answer_ttl: int = 60, answer_wait: float = 3.0, udp_size: int = UDP_SIZE,
                  max_waiting: int = 1024, max_waiting_per_client: int = 16,
                  max_tcp: int = 1024, max_tcp_per_client: int = 8,
-                 tcp_idle: float = 10.0) -> None:
+                 tcp_idle: float = 10.0, audit: Callable[..., None] | None = None) -> None:
         super().__init__()
         self.policy = policy
         self.clock = clock
@@ -172,6 +182,10 @@ class AllowListServer(server.DNSServerFactory):
         self.max_tcp, self.max_tcp_per_client = max_tcp, max_tcp_per_client
         self.tcp_idle = tcp_idle
         self.counters: Counter[str] = Counter()
+        #: ``audit(event, **fields)``: one ``allowlist-dns-denied`` line per
+        #: client per minute at most (a VM looping on a name cannot flood it)
+        self.audit = audit
+        self._audit_buckets = TokenBuckets(1 / 60, 1, 4096)
         self._waiting: Counter[str] = Counter()
         self._tcp: Counter[str] = Counter()
 
@@ -250,6 +264,11 @@ class AllowListServer(server.DNSServerFactory):
               decision: Decision) -> None:
         kind = decision.kind
         self.counters[kind.value] += 1
+        if kind in (Kind.NXDOMAIN, Kind.REFUSED) and self.audit is not None:
+            host = address[0] if address is not None else proto.peer_host
+            if self._audit_buckets.take(host, self.clock.seconds()):
+                self.audit("allowlist-dns-denied", client=host,
+                           name=decision.name or "(not a plain name)", why=decision.why)
         if kind is Kind.NXDOMAIN:
             self._reply(proto, message, address, dns.ENAME)
         elif kind is Kind.REFUSED:

@@ -168,7 +168,7 @@ def makeService(options: dict[str, Any], reactor: Any = None) -> RoleService:
     sync = make_sync(cfg, reactor, policy, audit)
     server = AllowListServer(policy, reactor, admitter=sync, answer_ttl=a.answer_ttl,
                              answer_wait=a.answer_wait, max_tcp=a.max_tcp,
-                             max_tcp_per_client=a.max_tcp_per_client)
+                             max_tcp_per_client=a.max_tcp_per_client, audit=audit.write)
     host, port = a.dns_listen
     dns = DnsListenerService(reactor, server, host, port)
     dns.setServiceParent(top)
