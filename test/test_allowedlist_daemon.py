@@ -8,16 +8,19 @@ sets and documents every key."""
 from __future__ import annotations
 
 import configparser
+import json
 import os
 import shutil
+import subprocess
 import tempfile
+import time
 from typing import Any
 
 from twisted.internet import reactor, task
 from twisted.names import dns, server
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from test.daemon import ROOT, run_command, start_daemon
+from test.daemon import ROOT, Daemon, daemon_env, run_command, start_daemon, twistd_path
 from test.test_allowedlist_sync import FakeFeed, Zone
 from ticrypt.allowedlist.config import AllowedListConfig
 from ticrypt.config import schema_of
@@ -154,4 +157,91 @@ mode = off
         with open(os.path.join(self.dir, "state", "allowedlist-state.json")) as f:
             state = f.read()
         self.assertEqual(out.strip(), "10.77.9.2", proc.text() + state)
+        await proc.stop()
+
+
+def _netns_skip() -> str | None:
+    if os.geteuid() != 0:
+        return "needs root"
+    for tool in ("ip", "nft", "dig"):
+        if shutil.which(tool) is None:
+            return f"needs {tool}"
+    return None
+
+
+class NamespaceDaemonTests(TestCase):
+    """mode = nft as root in a network namespace this test makes and
+    removes: the table is installed before the readiness line, a restart
+    with the upstream unreachable answers and installs the same from the
+    state file, and stopping leaves the table in the kernel."""
+
+    skip = _netns_skip()
+    timeout = 120
+
+    def setUp(self) -> None:
+        self.ns = f"ticrypt-ald-{os.getpid()}"
+        subprocess.run(["ip", "netns", "add", self.ns], check=True)
+        self.addCleanup(subprocess.run, ["ip", "netns", "del", self.ns], check=False)
+        subprocess.run(["ip", "netns", "exec", self.ns, "ip", "link", "set", "lo", "up"],
+                       check=True)
+        self.dir = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, self.dir)
+        state = os.path.join(self.dir, "state")
+        os.makedirs(state, mode=0o700)
+        with open(os.path.join(state, "allowedlist-state.json"), "w") as f:
+            json.dump({"serial": 4, "entries": [
+                {"id": "al-1", "name": "license.example.org", "ports": [27000],
+                 "protocol": "tcp", "comment": ""}],
+                "forwarding": {"license.example.org": "10.77.9.7"},
+                "upstream": {"license.example.org": {"addresses": ["10.77.4.2"],
+                                                     "expires": time.time() + 3600}}}, f)
+        self.config = os.path.join(self.dir, "allowedlist.ini")
+        with open(self.config, "w") as f:
+            f.write("""[allowedlist]
+dns_listen = 127.0.0.1:0
+vm_networks = 127.0.0.1/32
+forward_addresses = 10.77.9.0/24
+upstream = 127.0.0.1:9
+upstream_timeout = 0.5s
+rest_url = off
+state_dir = state
+audit_log = audit.log
+mode = nft
+log_group = 4
+""")
+
+    def nft_list(self) -> str:
+        return subprocess.run(["ip", "netns", "exec", self.ns, "nft", "list", "table", "inet",
+                               "ticrypt_allowedlist"], capture_output=True, text=True).stdout
+
+    async def start(self) -> tuple[Daemon, int]:
+        proc = Daemon("ticrypt-allowedlist", reactor, 30.0)
+        ip = shutil.which("ip")
+        assert ip is not None
+        args = [ip, "netns", "exec", self.ns, twistd_path(), "-n", "--pidfile=",
+                "ticrypt-allowedlist", "--config", self.config]
+        r: Any = reactor
+        r.spawnProcess(proc, ip, args, env=daemon_env(), path=self.dir)
+        self.addCleanup(proc.stop)
+        await proc.ready
+        assert proc.ready_info is not None
+        return proc, int(proc.ready_info["dns"].rpartition(":")[2])
+
+    async def dig(self, port: int) -> str:
+        _, out, _ = await run_command(["ip", "netns", "exec", self.ns, "dig", "@127.0.0.1",
+                                       "-p", str(port), "+time=2", "+tries=1", "+short",
+                                       "license.example.org"])
+        return out.strip()
+
+    async def test_restart_keeps_rules_and_answers(self) -> None:
+        proc, port = await self.start()
+        listing = self.nft_list()
+        self.assertIn("ip daddr 10.77.9.7 tcp dport 27000 dnat ip to 10.77.4.2", listing)
+        self.assertIn("log group 4", listing)
+        self.assertEqual(await self.dig(port), "10.77.9.7")
+        await proc.stop()
+        self.assertEqual(self.nft_list(), listing)  # left in the kernel while down
+        proc, port = await self.start()
+        self.assertEqual(await self.dig(port), "10.77.9.7")
+        self.assertEqual(self.nft_list(), listing)
         await proc.stop()

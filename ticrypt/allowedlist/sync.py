@@ -212,6 +212,7 @@ class Sync(Service):
         self.wanted: dict[str, set[str]] = {}
         self._waiters: dict[str, list[defer.Deferred[None]]] = {}
         self._resolving: set[str] = set()
+        self._failing: set[str] = set()
         self._running_sync: defer.Deferred[None] | None = None
         self._again = False
         self._loop: task.LoopingCall | None = None
@@ -344,6 +345,9 @@ class Sync(Service):
 
     def _resolved(self, lookup: Lookup, name: str) -> None:
         self._resolving.discard(name)
+        if name in self._failing:
+            self._failing.discard(name)
+            self.log.info("allowedlist: upstream answers for {name} again", name=name)
         own = [a for a in lookup.addresses if not self._ours(a)]
         if self.book.good(name, Lookup(tuple(own), lookup.ttl), self.clock.seconds()):
             self.kick()
@@ -351,6 +355,9 @@ class Sync(Service):
     def _unresolved(self, failure: Any, name: str) -> None:
         self._resolving.discard(name)
         self.book.failed(name, self.clock.seconds())
+        if name in self._failing:
+            return  # logged once per outage
+        self._failing.add(name)
         self.log.warn("allowedlist: upstream lookup of {name} failed ({why}); keeping its "
                       "last good addresses until they expire", name=name,
                       why=str(failure.value))
