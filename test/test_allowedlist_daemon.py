@@ -43,6 +43,32 @@ class SampleConfigTests(SynchronousTestCase):
                 self.assertTrue(lines[at - 1].startswith("#"), f"{key} has no comment above it")
 
 
+class StartupFailureTests(TestCase):
+    timeout = 60
+
+    async def test_nft_missing_is_one_line(self) -> None:
+        from ticrypt.lab import daemons
+
+        d = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, d)
+        config = os.path.join(d, "allowedlist.ini")
+        with open(config, "w") as f:
+            f.write("[allowedlist]\ndns_listen = 127.0.0.1:0\nvm_networks = 127.0.0.1/32\n"
+                    "forward_addresses = 10.77.9.0/24\nupstream = 127.0.0.1:9\n"
+                    "rest_url = off\nstate_dir = state\naudit_log = audit.log\nmode = nft\n")
+        env = {**daemon_env(), "PATH": os.path.join(d, "no-such-dir")}
+        proc = daemons.spawn(reactor, "ticrypt-allowedlist", config, env=env)
+        self.addCleanup(proc.stop)
+        proc.ready.addErrback(lambda f: None)
+        code = await proc.ended
+        self.assertEqual(code, 1)
+        lines = [line for line in proc.text().splitlines() if "nft" in line]
+        self.assertEqual(len(lines), 1, proc.text())
+        self.assertIn("[allowedlist] mode: cannot install the nft table: 'nft' not found",
+                      lines[0])
+        self.assertNotIn("Traceback", proc.text())
+
+
 class DeploymentTests(SynchronousTestCase):
     def test_allowedlist_ini_loads(self) -> None:
         from ticrypt.config import load_config

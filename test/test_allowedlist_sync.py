@@ -24,7 +24,7 @@ from ticrypt.allowedlist.upstream import AddressBook, DnsPythonResolver, Lookup,
 from ticrypt.http.client import JsonClient
 from ticrypt.http.server import ApiError, JsonResource, JsonSite, bearer_token
 from ticrypt.http.server import Route as HttpRoute
-from ticrypt.nft.apply import MemoryNft, OwnedTable, SpawnNft
+from ticrypt.nft.apply import MemoryNft, NftError, OwnedTable, SpawnNft
 from ticrypt.nft.ruleset import render_replace
 
 LICENSE = Entry("al-1", "license.example.org", (27000, 27001))
@@ -207,6 +207,13 @@ class SyncTests(SynchronousTestCase):
         f.clock.advance(1)
         f.sync.kick()
         self.assertEqual(f.policy.admitted, {"license.example.org": "10.77.9.2"})
+        f.sync.stopService()
+
+    def test_first_install_failure_fails_first(self) -> None:
+        f = SyncFixture()
+        f.nft.fail_next = "nft failed (exit 1): Operation not permitted"
+        f.sync.startService()
+        self.failureResultOf(f.sync.first, NftError)
         f.sync.stopService()
 
     def test_removal_narrows_answers_before_table(self) -> None:

@@ -420,11 +420,13 @@ class Sync(Service):
         try:
             await self.table.install(self.table_for(routes))
         except NftError as e:
+            if not self.first.called:
+                self.failure = str(e)
+                self.first.errback(e)  # the daemon's one start-up failure line
+                return
             if self.failure != str(e):
                 self.log.error("allowedlist: cannot install the nft table: {why}", why=str(e))
             self.failure = str(e)
-            if not self.first.called:
-                self.first.errback(e)
             return
         self.failure = None
         self.installs += 1
