@@ -193,6 +193,7 @@ class WaitTests(SynchronousTestCase):
         r = parse(f.wire.sent[-1][0])
         self.assertEqual(addresses(r), ["10.77.9.2"])
         self.assertEqual(f.clock.getDelayedCalls(), [])
+        self.assertEqual(f.policy.seen, {"a.flex.example.net": 0.0})  # keeps it in use
 
     def test_not_admitted_in_time(self) -> None:
         f = Fixture()

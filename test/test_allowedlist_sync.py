@@ -272,6 +272,26 @@ class SyncTests(SynchronousTestCase):
         self.successResultOf(d)
         self.assertIn("udp dport 5053 dnat ip to 10.77.4.3", f.table())
         self.failureResultOf(f.sync.wait("b.flex.example.net", FLEX), RuntimeError)
+        # not asked for a day: its rules and its place go
+        f.clock.advance(86400)
+        self.assertNotIn("5053", f.table())
+        self.assertEqual(f.sync.wanted, {"al-2": set()})
+        d = f.sync.wait("b.flex.example.net", FLEX)
+        f.resolver.answer("b.flex.example.net", "10.77.4.4")
+        self.successResultOf(d)
+        f.sync.stopService()
+
+    def test_wildcard_name_answered_stays(self) -> None:
+        f = SyncFixture()
+        f.sync.startService()
+        f.sync.set_entries(1, [FLEX])
+        f.sync.wait("a.flex.example.net", FLEX)
+        f.resolver.answer("a.flex.example.net", "10.77.4.3")
+        for _ in range(3):
+            f.clock.advance(43200)
+            f.policy.seen["a.flex.example.net"] = f.clock.seconds()  # the DNS side's stamp
+        self.assertEqual(f.sync.wanted, {"al-2": {"a.flex.example.net"}})
+        self.assertEqual(f.sync.pool.assigned, {"a.flex.example.net": "10.77.9.2"})
         f.sync.stopService()
 
     def test_state_survives_restart(self) -> None:

@@ -95,6 +95,8 @@ class AllowedListSection:
     max_ttl: float = setting(Duration(min=1, max=7 * 86400), 3600.0, "longest upstream TTL used")
     max_addresses_per_name: int = setting(Int(1, 64), 4, "upstream addresses kept per name")
     max_names_per_wildcard: int = setting(Int(1, 1024), 16, "names of one wildcard entry")
+    wildcard_idle: float = setting(Duration(min=60, max=30 * 86400), 86400.0,
+                                   "a wildcard name not asked for this long is dropped")
     rest_url: str | None = setting(OptionalUrl(), doc="rest base URL of the feed, or off")
     allow_plain: bool = setting(Bool(), False, "permit an http:// rest_url")
     ca_file: str | None = setting(FilePath(), None, "CA that signs rest's certificate")

@@ -269,6 +269,8 @@ class AllowListServer(server.DNSServerFactory):
             if self._audit_buckets.take(host, self.clock.seconds()):
                 self.audit("allowlist-dns-denied", client=host,
                            name=decision.name or "(not a plain name)", why=decision.why)
+        if decision.entry is not None and decision.entry.wildcard and decision.name:
+            self.policy.seen[decision.name] = self.clock.seconds()
         if kind is Kind.NXDOMAIN:
             self._reply(proto, message, address, dns.ENAME)
         elif kind is Kind.REFUSED:

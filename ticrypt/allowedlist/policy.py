@@ -246,6 +246,9 @@ class Policy:
         self._exact: dict[str, Entry] = {}
         self._wild: dict[str, Entry] = {}
         self.admitted: dict[str, str] = {}
+        #: when each wildcard-covered name was last answered (the DNS side
+        #: stamps it; the sync forgets names idle for ``wildcard_idle``)
+        self.seen: dict[str, float] = {}
 
     @property
     def entries(self) -> tuple[Entry, ...]:

@@ -199,12 +199,14 @@ class Sync(Service):
     def __init__(self, *, policy: Policy, pool: ForwardingPool, book: AddressBook,
                  resolver: Resolver, table: OwnedTable, clock: Any, table_name: str,
                  state: StateFile | None = None, log_group: int = 0, masquerade: bool = True,
-                 max_names_per_wildcard: int = 16, tick: float = 1.0,
+                 max_names_per_wildcard: int = 16, wildcard_idle: float = 86400.0,
+                 tick: float = 1.0,
                  audit: Callable[..., None] | None = None) -> None:
         self.policy, self.pool, self.book, self.resolver = policy, pool, book, resolver
         self.table, self.clock, self.table_name, self.state = table, clock, table_name, state
         self.log_group, self.masquerade = log_group, masquerade
         self.max_names_per_wildcard = max_names_per_wildcard
+        self.wildcard_idle = wildcard_idle
         self.tick = tick
         self.audit = audit
         self.serial = -1
@@ -285,6 +287,7 @@ class Sync(Service):
                 if len(names) >= self.max_names_per_wildcard:
                     return defer.fail(RuntimeError("too many names for " + entry.name))
                 names.add(name)
+            self.policy.seen[name] = self.clock.seconds()
         waiters = self._waiters.setdefault(name, [])
 
         def cancel(d: defer.Deferred[None]) -> None:
@@ -320,9 +323,22 @@ class Sync(Service):
         if narrowed:
             self.log.warn("allowedlist: upstream addresses of {names} expired without a "
                           "fresh answer: their rules are removed", names=", ".join(narrowed))
+        idle = self._forget_idle(now)
         self._resolve_due(now)
-        if narrowed or self.installs == 0:
+        if narrowed or idle or self.installs == 0:
             self.kick()
+
+    def _forget_idle(self, now: float) -> bool:
+        """Drop the wildcard names no VM asked for in ``wildcard_idle``
+        seconds (they free their forwarding address and their place)."""
+        seen = self.policy.seen
+        dropped = False
+        for names in self.wanted.values():
+            for n in [n for n in names if now - seen.setdefault(n, now) >= self.wildcard_idle]:
+                names.discard(n)
+                seen.pop(n, None)
+                dropped = True
+        return dropped
 
     def names(self) -> dict[str, list[Entry]]:
         """Every name that should have routes now, with every entry that

@@ -153,7 +153,8 @@ def make_sync(cfg: AllowedListConfig, reactor: Any, policy: Policy, audit: Audit
                 resolver=DnsPythonResolver(reactor, list(a.upstream), timeout=a.upstream_timeout),
                 table=OwnedTable(nft), clock=reactor, table_name=a.nft_table,
                 state=StateFile(a.state_dir), log_group=a.log_group, masquerade=a.masquerade,
-                max_names_per_wildcard=a.max_names_per_wildcard, audit=audit.write)
+                max_names_per_wildcard=a.max_names_per_wildcard,
+                wildcard_idle=a.wildcard_idle, audit=audit.write)
 
 
 def makeService(options: dict[str, Any], reactor: Any = None) -> RoleService:
