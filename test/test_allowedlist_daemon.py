@@ -69,6 +69,27 @@ class StartupFailureTests(TestCase):
         self.assertNotIn("Traceback", proc.text())
 
 
+class ListenerTests(TestCase):
+    async def test_udp_and_tcp_on_one_port(self) -> None:
+        from ticrypt.allowedlist.dns import AllowListServer
+        from ticrypt.allowedlist.policy import Policy
+        from ticrypt.allowedlist.tap import DnsListenerService
+        from ticrypt.service import StartupError
+
+        server = AllowListServer(Policy(["127.0.0.1/32"]), reactor)
+        service = DnsListenerService(reactor, server, "127.0.0.1", 0)
+        service.privilegedStartService()
+        udp, tcp = (p.getHost() for p in service.ports)
+        self.assertEqual((udp.type, tcp.type), ("UDP", "TCP"))  # type: ignore[attr-defined]
+        self.assertEqual(udp.port, tcp.port)  # type: ignore[attr-defined]
+        taken = DnsListenerService(reactor, server, "127.0.0.1", udp.port)  # type: ignore
+        with self.assertRaises(StartupError) as e:
+            taken.privilegedStartService()
+        self.assertEqual((e.exception.section, e.exception.key), ("allowedlist", "dns_listen"))
+        self.assertEqual(taken.ports, [])
+        await service.stopService()
+
+
 class DeploymentTests(SynchronousTestCase):
     def test_allowedlist_ini_loads(self) -> None:
         from ticrypt.config import load_config

@@ -69,18 +69,23 @@ class DnsListenerService(Service):
             self._listen()
 
     def _listen(self) -> None:
-        try:
-            udp = self._reactor.listenUDP(self.port, self.server.udp_protocol(),
-                                          interface=self.host, maxPacketSize=65535)
-            self.ports.append(udp)
-            port = getattr(udp.getHost(), "port", self.port)
-            self.ports.append(self._reactor.listenTCP(port, self.server, interface=self.host,
-                                                      backlog=128))
-        except error.CannotListenError as e:
-            for p in self.ports:
-                p.stopListening()
-            self.ports = []
-            raise StartupError(listen_error_text(e), "allowedlist", "dns_listen") from None
+        # with port 0, the UDP port the kernel picked may be taken for TCP:
+        # try a few ports before giving up
+        for _attempt in range(1 if self.port else 8):
+            try:
+                udp = self._reactor.listenUDP(self.port, self.server.udp_protocol(),
+                                              interface=self.host, maxPacketSize=65535)
+                self.ports.append(udp)
+                port = getattr(udp.getHost(), "port", self.port)
+                self.ports.append(self._reactor.listenTCP(port, self.server,
+                                                          interface=self.host, backlog=128))
+                return
+            except error.CannotListenError as e:
+                for p in self.ports:
+                    p.stopListening()
+                self.ports = []
+                failure = e
+        raise StartupError(listen_error_text(failure), "allowedlist", "dns_listen")
 
     def address(self) -> str:
         port = getattr(self.ports[0].getHost(), "port", 0) if self.ports else 0
