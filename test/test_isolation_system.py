@@ -92,6 +92,32 @@ async def until(check: Any, seconds: float = 20.0) -> Any:
     return result
 
 
+class HelperTests(TestCase):
+    """The namespace helpers that need no namespace."""
+
+    def test_parse_ranges(self) -> None:
+        self.assertEqual(netns.parse_ranges("1-3, 22,8080-8081"), [1, 2, 3, 22, 8080, 8081])
+
+    def test_sweep_finds_exactly_the_listening_port(self) -> None:
+        import socket
+
+        with socket.socket() as open_, socket.socket() as closed:
+            open_.bind(("127.0.0.1", 0))
+            open_.listen(8)
+            closed.bind(("127.0.0.1", 0))  # bound, not listening: refused
+            ports = [open_.getsockname()[1], closed.getsockname()[1]]
+            self.assertEqual(netns.sweep([("127.0.0.1", p) for p in ports], timeout=5, batch=1),
+                             [("127.0.0.1", ports[0])])
+
+    def test_names_carry_the_pid(self) -> None:
+        spaces = Namespaces("tci")
+        self.assertEqual(spaces.name("vm1"), f"tci{os.getpid() % 100000}-vm1")
+        self.assertEqual(spaces.exec("vm1", ["true"])[:4],
+                         ["ip", "netns", "exec", spaces.name("vm1")])
+        # veth names (tag + 2 characters) fit the kernel's 15
+        self.assertLessEqual(len(spaces.tag) + 2, 15)
+
+
 class IsolationSystemTests(TestCase):
     timeout = 600
 
