@@ -110,7 +110,7 @@ class DaemonTests(TestCase):
     timeout = 120
 
     def setUp(self) -> None:
-        self.dir = tempfile.mkdtemp(dir="/tmp/al" if os.path.isdir("/tmp/al") else None)
+        self.dir = tempfile.mkdtemp(prefix="ticrypt-al-")
         self.addCleanup(shutil.rmtree, self.dir)
         r: Any = reactor
         self.feed = FakeFeed(SECRET)

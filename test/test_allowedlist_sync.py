@@ -104,6 +104,15 @@ table inet ticrypt_allowedlist {
 \t\ttype ipv6_addr;
 \t\tflags interval;
 \t}
+\tset pool4 {
+\t\ttype ipv4_addr;
+\t\tflags interval;
+\t\telements = { 10.77.9.0/24 }
+\t}
+\tset pool6 {
+\t\ttype ipv6_addr;
+\t\tflags interval;
+\t}
 \tchain prerouting {
 \t\ttype nat hook prerouting priority -100; policy accept;
 \t\tip saddr @vm4 ip daddr 10.77.9.2 tcp dport 27000 dnat ip to 10.77.4.2 \
@@ -122,6 +131,13 @@ comment "license.example.org"
 \t\tip saddr @vm4 drop
 \t\tip6 saddr @vm6 log group 7
 \t\tip6 saddr @vm6 drop
+\t}
+\tchain input {
+\t\ttype filter hook input priority 0; policy accept;
+\t\tip saddr @vm4 ip daddr @pool4 log group 7
+\t\tip saddr @vm4 ip daddr @pool4 drop
+\t\tip6 saddr @vm6 ip6 daddr @pool6 log group 7
+\t\tip6 saddr @vm6 ip6 daddr @pool6 drop
 \t}
 \tchain postrouting {
 \t\ttype nat hook postrouting priority 100; policy accept;
@@ -172,7 +188,8 @@ class SyncTests(SynchronousTestCase):
     def test_golden(self) -> None:
         table = build_table("ticrypt_allowedlist", ["10.77.3.0/24"], [
             Route("license.example.org", "10.77.9.2", "10.77.4.2", (27000, 27001), "tcp"),
-            Route("v6.example.org", "10.77.9.3", "2001:db8::1", (1,), "tcp")], log_group=7)
+            Route("v6.example.org", "10.77.9.3", "2001:db8::1", (1,), "tcp")], log_group=7,
+            pool=["10.77.9.0/24"])
         self.assertEqual(render_replace(table), GOLDEN)
 
     def test_answer_after_install(self) -> None:
@@ -295,7 +312,7 @@ class SyncTests(SynchronousTestCase):
         f.sync.stopService()
 
     def test_state_survives_restart(self) -> None:
-        d = tempfile.mkdtemp(dir="/tmp/al")
+        d = tempfile.mkdtemp(prefix="ticrypt-al-")
         self.addCleanup(shutil.rmtree, d)
         f = SyncFixture(d)
         f.sync.startService()
@@ -450,7 +467,7 @@ class RealNftTests(TestCase):
         ns = f"ticrypt-al-{os.getpid()}"
         subprocess.run(["ip", "netns", "add", ns], check=True)
         self.addCleanup(subprocess.run, ["ip", "netns", "del", ns], check=False)
-        d = tempfile.mkdtemp(dir="/tmp/al")
+        d = tempfile.mkdtemp(prefix="ticrypt-al-")
         self.addCleanup(shutil.rmtree, d)
         wrapper = os.path.join(d, "nft")
         with open(wrapper, "w") as f:

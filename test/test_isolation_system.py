@@ -305,11 +305,15 @@ class IsolationSystemTests(TestCase):
                              "fail")
         self.assertEqual(self.probed(spaces, "outside"), 0)
 
-        async def denied() -> list[dict[str, Any]]:
+        def denied() -> list[dict[str, Any]]:
             return [e for e in self.audit(d.dep) if e["event"] == "egress-denied"
                     and e["destination"] == OUTSIDE_IP and e["vm"] == VM_IPS[1]]
 
-        found = await until(denied)
+        async def both() -> bool:  # one line per flow: they may come in two writes
+            return {e["port"] for e in denied()} >= {80, 443}
+
+        await until(both)
+        found = denied()
         self.assertEqual({(e["port"], e["protocol"]) for e in found}, {(80, "tcp"), (443, "tcp")},
                          found)
 
@@ -344,6 +348,15 @@ class IsolationSystemTests(TestCase):
                          f"ok license {listed}")
         self.assertEqual((await self.connect(spaces, "vm1", address, unlisted)).split()[0],
                          "fail")
+        # the unlisted port was dropped by allowedlist's table on the backend
+        # (vmc lets the forwarding pool through): audited there
+
+        async def denied_at_backend() -> list[dict[str, Any]]:
+            return [e for e in self.audit(d.dep) if e["event"] == "egress-denied"
+                    and e["file"].startswith("allowedlist") and e["destination"] == address
+                    and e["port"] == unlisted]
+
+        self.assertTrue(await until(denied_at_backend), "no egress-denied line at allowedlist")
         # the license server's own address stays closed to the VM
         self.assertEqual((await self.connect(spaces, "vm1", LICENSE_IP, listed)).split()[0],
                          "fail")

@@ -127,15 +127,28 @@ def _comment(name: str) -> str:
     return name.replace("*", "_")[:120]
 
 
+def _split(networks: Iterable[str]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    nets = [ipaddress.ip_network(n, strict=False) for n in networks]
+    return (tuple(str(n) for n in nets if n.version == 4),
+            tuple(str(n) for n in nets if n.version == 6))
+
+
 def build_table(name: str, vm_networks: Iterable[str], routes: Iterable[Route], *,
-                log_group: int = 0, masquerade: bool = True) -> Table:
+                log_group: int = 0, masquerade: bool = True,
+                pool: Iterable[str] = ()) -> Table:
     """The whole table for ``routes`` (pure; render with
-    :func:`ticrypt.nft.ruleset.render_replace`)."""
-    nets = [ipaddress.ip_network(n, strict=False) for n in vm_networks]
-    v4 = tuple(str(n) for n in nets if n.version == 4)
-    v6 = tuple(str(n) for n in nets if n.version == 6)
+    :func:`ticrypt.nft.ruleset.render_replace`).
+
+    ``pool``: the forwarding address blocks.  They are local addresses of
+    the backend, so a VM's packet to one that no DNAT rule took (an unlisted
+    port, a removed entry) would reach the backend's own services: the
+    ``input`` chain drops (and logs) it."""
+    v4, v6 = _split(vm_networks)
+    p4, p6 = _split(pool)
     sets = (NamedSet("vm4", "ipv4_addr", v4, ("interval",)),
-            NamedSet("vm6", "ipv6_addr", v6, ("interval",)))
+            NamedSet("vm6", "ipv6_addr", v6, ("interval",)),
+            NamedSet("pool4", "ipv4_addr", p4, ("interval",)),
+            NamedSet("pool6", "ipv6_addr", p6, ("interval",)))
     nat: list[Rule] = []
     accept: list[Rule] = []
     for r in sorted(routes, key=lambda r: (r.name, r.forward, r.protocol, r.ports)):
@@ -150,12 +163,16 @@ def build_table(name: str, vm_networks: Iterable[str], routes: Iterable[Route], 
                                f" ct status dnat ct original {fam} daddr {r.forward} accept",
                                _comment(r.name)))
     forward = [Rule("ct state established,related accept"), *accept]
-    for fam, vm in (("ip", "@vm4"), ("ip6", "@vm6")):
+    local: list[Rule] = []
+    for fam, vm, fwd in (("ip", "@vm4", "@pool4"), ("ip6", "@vm6", "@pool6")):
         if log_group:
             forward.append(Rule(f"{fam} saddr {vm} log group {int(log_group)}"))
+            local.append(Rule(f"{fam} saddr {vm} {fam} daddr {fwd} log group {int(log_group)}"))
         forward.append(Rule(f"{fam} saddr {vm} drop"))
+        local.append(Rule(f"{fam} saddr {vm} {fam} daddr {fwd} drop"))
     chains = [Chain("prerouting", tuple(nat), type="nat", hook="prerouting", priority=-100),
-              Chain("forward", tuple(forward), type="filter", hook="forward", priority=0)]
+              Chain("forward", tuple(forward), type="filter", hook="forward", priority=0),
+              Chain("input", tuple(local), type="filter", hook="input", priority=0)]
     if masquerade:
         chains.append(Chain("postrouting", (
             Rule("ip saddr @vm4 ct status dnat masquerade"),
@@ -424,7 +441,8 @@ class Sync(Service):
 
     def table_for(self, routes: Iterable[Route]) -> Table:
         return build_table(self.table_name, [str(n) for n in self.policy.vm_networks], routes,
-                           log_group=self.log_group, masquerade=self.masquerade)
+                           log_group=self.log_group, masquerade=self.masquerade,
+                           pool=[str(n) for n in self.pool.networks])
 
     async def _sync(self) -> None:
         self._resolve_due(self.clock.seconds())

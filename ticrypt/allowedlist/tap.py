@@ -181,6 +181,12 @@ def makeService(options: dict[str, Any], reactor: Any = None) -> RoleService:
     syncing = _SyncService(sync)
     syncing.setServiceParent(top)
     CountersLog(reactor, server.counters).setServiceParent(top)
+    if a.mode == "nft" and a.log_group:
+        # egress from the VMs that the table drops (copied to NFLOG) becomes
+        # egress-denied audit lines
+        from ticrypt.nft.denied import DeniedEgressService
+
+        DeniedEgressService(a.log_group, audit, reactor, reactor).setServiceParent(top)
 
     def not_installed(f: Failure) -> None:
         raise StartupError(f"cannot install the nft table: {f.value}", "allowedlist", "mode")

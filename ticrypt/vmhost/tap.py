@@ -39,6 +39,13 @@ def makeService(options: dict[str, Any], reactor: Any = None, nft: INft | None =
         firewall.setServiceParent(top)
         top.extra_ready.append(firewall.ready)
         top.ready_info["table"] = TABLE
+        if v.isolation and v.log_group and nft is None:
+            # the VMs' dropped packets, copied to NFLOG by the isolation
+            # rules, become egress-denied audit lines (with a memory nft,
+            # in tests, no kernel rule copies anything)
+            from ticrypt.nft.denied import DeniedEgressService
+
+            DeniedEgressService(v.log_group, audit, reactor, reactor).setServiceParent(top)
     if v.mode != "nft":
         add_listeners(top, v, reactor, audit)
     return top
