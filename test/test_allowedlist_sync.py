@@ -10,6 +10,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import time
 from typing import Any
 
 from twisted.internet import defer, reactor, task
@@ -333,6 +334,53 @@ class SyncTests(SynchronousTestCase):
         self.assertEqual(again.policy.admitted, before)
         self.assertEqual(again.sync.serial, 5)
         again.sync.stopService()
+
+
+class PrintTests(SynchronousTestCase):
+    """``python -m ticrypt.allowedlist.firewall`` prints what the daemon
+    installs for its saved state, and applies nothing."""
+
+    def test_prints_the_table_of_the_saved_state(self) -> None:
+        import io
+        from contextlib import redirect_stdout
+
+        from ticrypt.allowedlist import firewall
+        from ticrypt.allowedlist.config import AllowedListConfig
+        from ticrypt.allowedlist.tap import make_sync
+        from ticrypt.audit import AuditLog
+        from ticrypt.config import load_config
+        from ticrypt.lab.deploy import Deployment
+
+        dep = Deployment(self.mktemp())
+        dep.ca()
+        path = dep.allowedlist_ini("127.0.0.1:53", vm_networks="10.77.3.0/24", log_group="7")
+        cfg = load_config(path, AllowedListConfig)
+        clock = task.Clock()
+        clock.advance(time.time())  # the saved addresses expire on the wall clock
+        policy = Policy(cfg.allowedlist.vm_networks)
+        nft = MemoryNft()
+        sync = make_sync(cfg, clock, policy, AuditLog(None, clock), nft=nft)
+        fake = FakeResolver()
+        sync.resolver = fake
+        sync.startService()
+        sync.set_entries(3, [LICENSE])
+        fake.answer("license.example.org", "10.77.4.2")
+        installed = nft.scripts[-1]
+        sync.stopService()
+
+        out = io.StringIO()
+        with redirect_stdout(out):
+            self.assertEqual(firewall.main(["--config", path]), 0)
+        self.assertEqual(out.getvalue(), installed)  # what the daemon installed
+        self.assertIn("dnat ip to 10.77.4.2", out.getvalue())
+        # once the license server's addresses expired, no DNAT is printed
+        later = firewall.current_table_text(cfg, now=clock.seconds() + 86400)
+        self.assertNotIn("dnat ip to", later)
+        out = io.StringIO()
+        with redirect_stdout(out):
+            self.assertEqual(firewall.main(["--config", path, "--delete"]), 0)
+        self.assertEqual(out.getvalue().strip(), "table inet ticrypt_allowedlist\n"
+                         "delete table inet ticrypt_allowedlist")
 
 
 # -- dnspython against a local authority ----------------------------------
