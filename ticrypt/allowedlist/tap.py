@@ -23,13 +23,14 @@ from zope.interface import implementer
 
 from ticrypt.allowedlist.config import AllowedListConfig
 from ticrypt.allowedlist.dns import AllowListServer
-from ticrypt.allowedlist.entries import FEED_TIMEOUT, MAX_FEED, EntriesPoller
+from ticrypt.allowedlist.entries import MAX_FEED, EntriesPoller
 from ticrypt.allowedlist.policy import Policy
 from ticrypt.allowedlist.sync import ForwardingPool, StateFile, Sync
 from ticrypt.allowedlist.upstream import AddressBook, DnsPythonResolver
 from ticrypt.audit import AuditLog
 from ticrypt.http import load_secret
 from ticrypt.http.client import JsonClient
+from ticrypt.http.feed import FEED_TIMEOUT
 from ticrypt.nft.apply import INft, OwnedTable, SpawnNft
 from ticrypt.service import RoleService, StartupError, listen_error_text, options_for
 

@@ -11,7 +11,7 @@ sessions, and the job that fetches it (wire format: PROTOCOL.md §3
   every pair and waiting user the list revokes (close code 4011 ``revoked``).
   While rest cannot be reached, or answers with a feed it should not, the
   last good list stays in force, the outage is logged once, and polling goes
-  on.
+  on (the polling itself: :class:`ticrypt.http.feed.FeedPoller`).
 """
 
 from __future__ import annotations
@@ -19,12 +19,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from twisted.application.service import Service
-from twisted.internet import defer, task
-from twisted.logger import Logger
-
 from ticrypt import closecodes, signed
 from ticrypt.http.client import HttpError, JsonClient
+from ticrypt.http.feed import FeedPoller
 
 #: Close reasons of a leg whose user was disabled or whose session ended
 #: (code :data:`ticrypt.closecodes.REVOKED`, 4011).
@@ -33,8 +30,6 @@ SESSION_ENDED = closecodes.reason(closecodes.REVOKED.name, "the session was ende
 
 #: Path of the feed at rest.
 FEED_PATH = "/v1/revocations"
-#: Deadline of one feed request.
-FEED_TIMEOUT = 10.0
 #: A feed issued longer ago than this (or 3 poll intervals, if longer) is
 #: stale: a replayed old feed must not pass for the current one.
 MIN_MAX_AGE = 60.0
@@ -80,83 +75,37 @@ class RevocationList:
         return None
 
 
-class RevocationPoller(Service):
+class RevocationPoller(FeedPoller[signed.RevocationFeed]):
     """Fetch the feed every ``interval`` seconds; ``apply`` (the factory's
     :meth:`~ticrypt.proxy.ws.RelayFactory.revoke_pairs`) runs after every
     verified feed, so that a pair formed since the last one is closed too."""
 
-    log = Logger()
+    feed = "revocation feed"
+    kept = "list"
+    refusals = (HttpError, signed.TokenError)
 
     def __init__(self, *, clock: Any, client: JsonClient, rest_url: str, secret: str,
                  revocations: RevocationList, apply: Callable[[], int], interval: float):
-        self._clock = clock
-        self._client = client
-        self._url = rest_url.rstrip("/") + FEED_PATH
-        self._secret = secret
+        super().__init__(clock=clock, client=client, url=rest_url.rstrip("/") + FEED_PATH,
+                         secret=secret, interval=interval)
         self.revocations = revocations
         self._apply = apply
-        self._interval = interval
-        self._loop: task.LoopingCall | None = None
-        self._busy: defer.Deferred[None] | None = None
-        #: why the feed is unavailable (None while it works)
-        self.outage: str | None = None
 
-    def startService(self) -> None:
-        super().startService()
-        self._loop = task.LoopingCall(self._tick)
-        self._loop.clock = self._clock
-        self._loop.start(self._interval, now=True)
+    def current_serial(self) -> int:
+        return self.revocations.serial
 
-    def stopService(self) -> defer.Deferred[None]:
-        super().stopService()
-        if self._loop is not None and self._loop.running:
-            self._loop.stop()
-        self._loop = None
-        if self._busy is not None:
-            self._busy.cancel()
-        return self._client.close()
+    def accept(self, status: int, answer: Any) -> tuple[int, signed.RevocationFeed]:
+        if status != 200 or not isinstance(answer, dict) or \
+                not isinstance(answer.get("feed"), str):
+            raise HttpError("bad-response", f"rest answered HTTP {status} "
+                            f"{_error_code(answer)}".rstrip())
+        feed = self.revocations.update(answer["feed"], self._clock.seconds())
+        return feed.serial, feed
 
-    def _tick(self) -> defer.Deferred[None]:
-        # A LoopingCall whose call fails stops for good: never let it fail.
-        d = defer.ensureDeferred(self.poll())
-        self._busy = d
-        d.addErrback(lambda f: None if not self.running
-                     else self.log.failure("revocation feed: unexpected error", f))
-
-        def done(result: None) -> None:
-            self._busy = None
-            return result
-
-        return d.addBoth(done)
-
-    async def poll(self) -> None:
-        """One fetch; never raises for an unavailable or refused feed."""
-        try:
-            status, answer = await self._client.request(
-                "GET", self._url, headers={"Authorization": "Bearer " + self._secret})
-            if status != 200 or not isinstance(answer, dict) or \
-                    not isinstance(answer.get("feed"), str):
-                raise HttpError("bad-response", f"rest answered HTTP {status} "
-                                f"{_error_code(answer)}".rstrip())
-            before = self.revocations.serial
-            feed = self.revocations.update(answer["feed"], self._clock.seconds())
-        except (HttpError, signed.TokenError) as e:
-            if not self.running:
-                return
-            why = f"{getattr(e, 'code', 'error')}: {e}"
-            if self.outage is None:
-                self.log.warn("revocation feed unavailable ({why}); keeping the list of "
-                              "serial {serial}, retrying every {interval}s", why=why,
-                              serial=self.revocations.serial, interval=self._interval)
-            self.outage = why
-            return
-        if self.outage is not None:
-            self.log.info("revocation feed available again (serial {serial})",
-                          serial=feed.serial)
-            self.outage = None
-        if feed.serial != before:
+    def use(self, before: int, serial: int, feed: signed.RevocationFeed) -> None:
+        if serial != before:
             self.log.info("revocation feed serial {serial}: {users} disabled users, "
-                          "{sessions} ended sessions", serial=feed.serial,
+                          "{sessions} ended sessions", serial=serial,
                           users=len(feed.users), sessions=len(feed.sessions))
         self._apply()
 

@@ -17,6 +17,7 @@ from ticrypt import identity
 from ticrypt.audit import AuditLog
 from ticrypt.http import load_secret
 from ticrypt.http.client import JsonClient
+from ticrypt.http.feed import FEED_TIMEOUT
 from ticrypt.http.server import LimitedFactory
 from ticrypt.proxy.config import ProxyConfig
 from ticrypt.proxy.ctlapi import ControlResource, control_site
@@ -24,7 +25,7 @@ from ticrypt.proxy.leases import LeaseJournal, LeaseService, Opener, UserspaceOp
 from ticrypt.proxy.pairing import PairingTable
 from ticrypt.proxy.ports import LeaseTable
 from ticrypt.proxy.replay import TicketJournal, TicketLedger, TicketLedgerService, TicketUses
-from ticrypt.proxy.revocations import FEED_TIMEOUT, RevocationList, RevocationPoller, max_age
+from ticrypt.proxy.revocations import RevocationList, RevocationPoller, max_age
 from ticrypt.proxy.status import status_resource
 from ticrypt.proxy.tlsmem import lean_endpoint
 from ticrypt.proxy.ws import RelayFactory
