@@ -23,6 +23,7 @@ from ticrypt.config import ConfigError, load_config
 from ticrypt.lab import daemons
 from ticrypt.lab.deploy import Deployment, free_port
 from ticrypt.nft.apply import MemoryNft
+from ticrypt.nft.ruleset import render_delete, render_replace
 from ticrypt.service import StartupError
 from ticrypt.vmhost import firewall
 from ticrypt.vmhost.config import VmhostConfig, VmTarget
@@ -74,7 +75,7 @@ class ConfigTests(SynchronousTestCase):
 
     def test_nft_any_address(self) -> None:
         cfg = self.load(mode="nft", listen_host="0.0.0.0", vms="1=10.0.0.11, 2=fd00::2")
-        text = firewall.render_replace(vmhost_table(cfg.vmhost))
+        text = render_replace(vmhost_table(cfg.vmhost))
         self.assertIn("meta nfproto ipv4 fib daddr type local tcp dport 2201 "
                       'dnat ip to 10.0.0.11:22 comment "vm 1"', text)
         self.assertIn("dnat ip6 to [fd00::2]:22", text)
@@ -464,7 +465,7 @@ class IsolationConfigTests(SynchronousTestCase):
 
     def test_golden(self) -> None:
         cfg = self.load(mode="nft", **ISOLATED)
-        text = firewall.render_replace(vmhost_table(cfg.vmhost))
+        text = render_replace(vmhost_table(cfg.vmhost))
         head = "table inet ticrypt_vmhost\ndelete table inet ticrypt_vmhost\n"
         self.assertTrue(text.startswith(head + ISOLATION_SETS), text)
         self.assertTrue(text.endswith(ISOLATION), text)
@@ -472,14 +473,14 @@ class IsolationConfigTests(SynchronousTestCase):
 
     def test_userspace_mode_has_no_dnat_and_no_forwarded_range(self) -> None:
         cfg = self.load(**ISOLATED)
-        text = firewall.render_replace(vmhost_table(cfg.vmhost))
+        text = render_replace(vmhost_table(cfg.vmhost))
         self.assertNotIn("dnat", text)
         self.assertIn("ip daddr @vms4 counter drop", text)
 
     def test_off_changes_nothing(self) -> None:
         cfg = self.load(mode="nft", vms="1=10.0.0.11")
         self.assertFalse(cfg.vmhost.isolation)
-        self.assertNotIn("isolate", firewall.render_replace(vmhost_table(cfg.vmhost)))
+        self.assertNotIn("isolate", render_replace(vmhost_table(cfg.vmhost)))
         sample = load_config(os.path.join(ROOT, "etc", "vmhost.ini"), VmhostConfig)
         self.assertEqual((sample.vmhost.isolation, sample.vmhost.vm_networks), (False, ()))
 
@@ -578,13 +579,13 @@ class IsolationNamespaceTests(SynchronousTestCase):
             VmhostConfig).vmhost)
         # DNAT alone: everything routed, the test can tell the difference
         self.sh("ip", "netns", "exec", self.host, "nft", "-f", "-",
-                input=firewall.render_replace(dnat_only))
+                input=render_replace(dnat_only))
         self.assertEqual(self.probe(self.client, *from_client), dict.fromkeys(from_client, "ok"))
         self.assertEqual(self.probe(self.vm, *from_vm), dict.fromkeys(from_vm, "ok"))
         # with isolation (replacing the table in one transaction, twice: idempotent)
         for _ in range(2):
             self.sh("ip", "netns", "exec", self.host, "nft", "-f", "-",
-                    input=firewall.render_replace(table))
+                    input=render_replace(table))
         self.assertEqual(self.probe(self.client, *from_client),
                          {"10.231.1.1:2201": "ok", "10.231.2.2:22": "TimeoutError",
                           "10.231.2.2:8080": "TimeoutError"})
@@ -592,5 +593,5 @@ class IsolationNamespaceTests(SynchronousTestCase):
                          {"10.231.1.2:9999": "ok", "10.231.1.3:9999": "TimeoutError",
                           "10.231.2.1:7777": "TimeoutError"})
         self.sh("ip", "netns", "exec", self.host, "nft", "-f", "-",
-                input=firewall.render_delete(table))
+                input=render_delete(table))
         self.assertEqual(self.sh("ip", "netns", "exec", self.host, "nft", "list", "tables"), "")

@@ -11,7 +11,6 @@ reviews here is what it installs on its next sync.
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from collections.abc import Sequence
@@ -22,38 +21,34 @@ from ticrypt.allowedlist.config import AllowedListConfig
 from ticrypt.allowedlist.policy import Policy
 from ticrypt.allowedlist.tap import make_sync
 from ticrypt.audit import AuditLog
-from ticrypt.config import ConfigError, load_config
 from ticrypt.nft.apply import MemoryNft
-from ticrypt.nft.ruleset import render_delete, render_replace
+from ticrypt.nft.ruleset import Table, render_delete, render_replace
+from ticrypt.nft.show import print_table
 
 
-def current_table_text(cfg: AllowedListConfig, delete: bool = False, now: float | None = None) -> str:
-    """The transaction for ``cfg``'s saved state at ``now`` (default: the time)."""
+def current_table(cfg: AllowedListConfig, now: float | None = None) -> Table:
+    """The table for ``cfg``'s saved state at ``now`` (default: the time)."""
     a = cfg.allowedlist
     clock = Clock()
     clock.advance(time.time() if now is None else now)
     policy = Policy(a.vm_networks, refused_answer=a.refused_answer, rate=a.rate, burst=a.burst)
     sync = make_sync(cfg, clock, policy, AuditLog(None, clock), nft=MemoryNft())
     sync.restore()
-    table = sync.table_for(sync.routes())
+    return sync.table_for(sync.routes())
+
+
+def current_table_text(cfg: AllowedListConfig, delete: bool = False, now: float | None = None) -> str:
+    """The transaction for ``cfg``'s saved state at ``now`` (default: the time)."""
+    table = current_table(cfg, now)
     return render_delete(table) if delete else render_replace(table)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m ticrypt.allowedlist.firewall",
+    return print_table(
+        argv, role="allowedlist", config_class=AllowedListConfig,
+        table=lambda cfg, args: current_table(cfg),
         description="Print the nftables transaction ticrypt-allowedlist installs for its "
                     "current entries and addresses (nothing is applied).")
-    parser.add_argument("--config", required=True, help="path to allowedlist.ini")
-    parser.add_argument("--delete", action="store_true", help="print the removal instead")
-    args = parser.parse_args(argv)
-    try:
-        cfg = load_config(args.config, AllowedListConfig)
-    except ConfigError as e:
-        print(f"ticrypt-allowedlist: {e}", file=sys.stderr)
-        return 1
-    sys.stdout.write(current_table_text(cfg, args.delete))
-    return 0
 
 
 if __name__ == "__main__":

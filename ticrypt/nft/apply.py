@@ -1,6 +1,7 @@
 """Applying nft transactions: an :class:`INft` interface, :class:`SpawnNft`
 (runs ``nft -f -`` through the injected reactor) and :class:`MemoryNft` for
-tests, plus :class:`OwnedTable`, the install/remove lifecycle of one table.
+tests, plus :class:`OwnedTable`, the install/remove lifecycle of one table,
+and :class:`OwnedTableService`, the service that deletes it on stop.
 
 Failures are :class:`NftError` with one line a user can act on (the missing
 binary, or nft's own stderr), never a traceback.
@@ -11,6 +12,7 @@ from __future__ import annotations
 import os
 import shutil
 
+from twisted.application.service import Service
 from twisted.internet import defer, error
 from twisted.internet.interfaces import (
     IDelayedCall,
@@ -23,9 +25,10 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import Interface, implementer
 
+from ticrypt.audit import AuditLog
 from ticrypt.nft.ruleset import Table, render_delete, render_replace
 
-__all__ = ["INft", "MemoryNft", "NftError", "OwnedTable", "SpawnNft"]
+__all__ = ["INft", "MemoryNft", "NftError", "OwnedTable", "OwnedTableService", "SpawnNft"]
 
 #: stdout/stderr kept from one nft run
 MAX_OUTPUT = 16 * 1024
@@ -172,3 +175,31 @@ class OwnedTable:
             await self._nft.apply(render_delete(table))
             self._installed = None
             self.log.info("nft: removed {table}", table=table.head())
+
+
+class OwnedTableService(Service):
+    """A role's service that owns the nft table named ``table`` (installed
+    through ``self._table`` by the subclass): stop deletes it and audits
+    ``nft-removed``, or logs why it could not (stop never fails)."""
+
+    log = Logger()
+
+    def __init__(self, nft: INft, audit: AuditLog, *, role: str, table: str) -> None:
+        self._table = OwnedTable(nft)
+        self._audit = audit
+        self._role = role
+        self._table_name = table
+
+    def stopService(self) -> defer.Deferred[None]:
+        super().stopService()
+        d = defer.ensureDeferred(self._table.remove())
+
+        def removed(_: None) -> None:
+            self._audit.write("nft-removed", table=self._table_name)
+
+        def failed(failure: Failure) -> None:
+            self.log.error("{role}: could not remove table {table}: {why}", role=self._role,
+                           table=self._table_name, why=failure.getErrorMessage())
+
+        d.addCallbacks(removed, failed)
+        return d

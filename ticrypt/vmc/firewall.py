@@ -34,15 +34,15 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
-from twisted.application.service import Service
 from twisted.internet import defer
 from twisted.logger import Logger
 
 from ticrypt.audit import AuditLog
-from ticrypt.config import ConfigError, load_config
+from ticrypt.config import ConfigError
 from ticrypt.errors import CodedError
-from ticrypt.nft.apply import INft, NftError, OwnedTable
-from ticrypt.nft.ruleset import Chain, NamedSet, Rule, Table, render_delete, render_replace
+from ticrypt.nft.apply import INft, NftError, OwnedTableService
+from ticrypt.nft.ruleset import Chain, NamedSet, Rule, Table
+from ticrypt.nft.show import print_table
 from ticrypt.service import StartupError
 
 TABLE = "ticrypt_vmc"
@@ -175,7 +175,7 @@ def vmc_table(cfg: Any, proxy_url: str | None = None) -> Table:
     return Table(TABLE, "inet", chains, sets)
 
 
-class FirewallService(Service):
+class FirewallService(OwnedTableService):
     """Installs :func:`vmc_table` at start; :meth:`when_ready` fires once it
     is in the kernel (or fails with :class:`StartupError`).  :meth:`update`
     replaces it for the enrolled proxy URL; stop deletes it."""
@@ -184,9 +184,8 @@ class FirewallService(Service):
 
     def __init__(self, cfg: Any, nft: INft, audit: AuditLog,
                  proxy_url: str | None = None) -> None:
+        super().__init__(nft, audit, role="vmc", table=TABLE)
         self._cfg = cfg
-        self._table = OwnedTable(nft)
-        self._audit = audit
         self._proxy_url = proxy_url
         self._result: Any = None
         self._done = False
@@ -234,46 +233,25 @@ class FirewallService(Service):
             await self._table.install(table)
             self._audit.write("nft-installed", table=TABLE)
 
-    def stopService(self) -> defer.Deferred[None]:
-        super().stopService()
-        d = defer.ensureDeferred(self._table.remove())
-
-        def removed(_: None) -> None:
-            self._audit.write("nft-removed", table=TABLE)
-
-        def failed(failure: Any) -> None:
-            self.log.error("vmc: could not remove table {table}: {why}", table=TABLE,
-                           why=failure.getErrorMessage())
-
-        d.addCallbacks(removed, failed)
-        return d
-
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Print the nft transaction for a vmc.ini (nothing is applied)."""
     from ticrypt.vmc.config import VmcConfig
 
-    parser = argparse.ArgumentParser(
-        prog="python -m ticrypt.vmc.firewall",
+    def options(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--proxy-url", default=None,
+                            help="the enrolled proxy URL, if [vmc] proxy_url is empty")
+
+    def table(cfg: VmcConfig, args: argparse.Namespace) -> Table:
+        try:
+            return vmc_table(cfg, args.proxy_url)
+        except FirewallConfigError as e:
+            raise ConfigError(args.config, e.section, e.key, e.message) from None
+
+    return print_table(
+        argv, role="vmc", config_class=VmcConfig, table=table, options=options,
         description="Print the nftables transaction ticrypt-vmc applies with "
                     "[firewall] enabled = yes.")
-    parser.add_argument("--config", required=True, help="path to vmc.ini")
-    parser.add_argument("--proxy-url", default=None,
-                        help="the enrolled proxy URL, if [vmc] proxy_url is empty")
-    parser.add_argument("--delete", action="store_true", help="print the removal instead")
-    args = parser.parse_args(argv)
-    try:
-        cfg = load_config(args.config, VmcConfig)
-        table = vmc_table(cfg, args.proxy_url)
-    except ConfigError as e:
-        print(f"ticrypt-vmc: {e}", file=sys.stderr)
-        return 1
-    except FirewallConfigError as e:
-        print(f"ticrypt-vmc: {args.config}: [{e.section}] {e.key}: {e.message}",
-              file=sys.stderr)
-        return 1
-    sys.stdout.write(render_delete(table) if args.delete else render_replace(table))
-    return 0
 
 
 if __name__ == "__main__":

@@ -24,19 +24,16 @@ the transaction the daemon would apply (pipe it to ``nft -f -`` by hand).
 
 from __future__ import annotations
 
-import argparse
 import ipaddress
 import sys
 from collections.abc import Sequence
 from typing import Any
 
-from twisted.application.service import Service
 from twisted.internet import defer
 from twisted.logger import Logger
 
 from ticrypt.audit import AuditLog
-from ticrypt.config import ConfigError, load_config
-from ticrypt.nft.apply import INft, NftError, OwnedTable
+from ticrypt.nft.apply import INft, NftError, OwnedTableService
 from ticrypt.nft.ruleset import (
     Chain,
     Dnat,
@@ -44,9 +41,8 @@ from ticrypt.nft.ruleset import (
     Rule,
     Table,
     dnat_table,
-    render_delete,
-    render_replace,
 )
+from ticrypt.nft.show import print_table
 from ticrypt.service import StartupError
 from ticrypt.vmhost.config import VmhostConfig, VmhostSection
 
@@ -127,7 +123,7 @@ def forwarding_sysctls(cfg: VmhostSection) -> list[str]:
     return files
 
 
-class FirewallService(Service):
+class FirewallService(OwnedTableService):
     """Installs :func:`vmhost_table` on start (``ready`` fires once it is in
     the kernel) and removes it on stop."""
 
@@ -135,9 +131,8 @@ class FirewallService(Service):
 
     def __init__(self, cfg: VmhostSection, nft: INft, audit: AuditLog,
                  check_forwarding: bool = True) -> None:
+        super().__init__(nft, audit, role="vmhost", table=TABLE)
         self._cfg = cfg
-        self._table = OwnedTable(nft)
-        self._audit = audit
         self._check_forwarding = check_forwarding
         self.ready: defer.Deferred[None] = defer.Deferred()
 
@@ -164,20 +159,6 @@ class FirewallService(Service):
         self.ready.errback(StartupError(f"cannot install the nftables rules: {why}",
                                         "vmhost", "mode"))
 
-    def stopService(self) -> defer.Deferred[None]:
-        super().stopService()
-        d = defer.ensureDeferred(self._table.remove())
-
-        def removed(_: None) -> None:
-            self._audit.write("nft-removed", table=TABLE)
-
-        def failed(failure: Any) -> None:
-            self.log.error("vmhost: could not remove table {table}: {why}", table=TABLE,
-                           why=failure.getErrorMessage())
-
-        d.addCallbacks(removed, failed)
-        return d
-
 
 def _read(path: str) -> str:
     try:
@@ -189,21 +170,11 @@ def _read(path: str) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Print the nft transaction for a vmhost.ini (nothing is applied)."""
-    parser = argparse.ArgumentParser(
-        prog="python -m ticrypt.vmhost.firewall",
+    return print_table(
+        argv, role="vmhost", config_class=VmhostConfig,
+        table=lambda cfg, args: vmhost_table(cfg.vmhost),
         description="Print the nftables transaction ticrypt-vmhost applies in mode = nft "
                     "or with isolation = yes.")
-    parser.add_argument("--config", required=True, help="path to vmhost.ini")
-    parser.add_argument("--delete", action="store_true", help="print the removal instead")
-    args = parser.parse_args(argv)
-    try:
-        cfg = load_config(args.config, VmhostConfig)
-    except ConfigError as e:
-        print(f"ticrypt-vmhost: {e}", file=sys.stderr)
-        return 1
-    table = vmhost_table(cfg.vmhost)
-    sys.stdout.write(render_delete(table) if args.delete else render_replace(table))
-    return 0
 
 
 if __name__ == "__main__":
