@@ -21,7 +21,7 @@ import sqlite3
 import sys
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 from ticrypt import identity, tlsutil
 from ticrypt.audit import AuditLog
@@ -33,6 +33,8 @@ from ticrypt.rest.config import RestAdminConfig
 from ticrypt.rest.core import check_name, new_token, token_hash, valid_host
 
 PROG = "ticrypt-admin"
+
+T = TypeVar("T")
 
 
 class AdminError(OneLineError):
@@ -64,11 +66,20 @@ def _public_key(what: str, path: str) -> bytes:
         raise AdminError(what, str(e)) from None
 
 
-def _open(cfg: RestAdminConfig, what: str) -> sqlite3.Connection:
+def _transaction(cfg: RestAdminConfig, what: str, fn: Callable[..., T], *args: Any,
+                 write: bool = True) -> T:
+    """``fn(conn, *args)`` in one transaction on rest's database; a database
+    that cannot be opened or a refusal of the store is ``AdminError(what, why)``."""
     try:
-        return db.connect(cfg.rest.database)
+        conn = db.connect(cfg.rest.database)
     except db.DatabaseError as e:
         raise AdminError(what, str(e)) from None
+    try:
+        return db.transaction(conn, fn, *args, write=write)
+    except store.StoreError as e:
+        raise AdminError(what, str(e)) from None
+    finally:
+        conn.close()
 
 
 def _audit(cfg: RestAdminConfig, event: str, **fields: Any) -> None:
@@ -139,13 +150,7 @@ def cmd_user_add(args: argparse.Namespace) -> int:
     cfg = _load(args)
     name = _name(what, args.name)
     key = _public_key(what, args.public_key)
-    conn = _open(cfg, what)
-    try:
-        user = db.transaction(conn, store.add_user, name, key, args.role, time.time())
-    except store.StoreError as e:
-        raise AdminError(what, str(e)) from None
-    finally:
-        conn.close()
+    user = _transaction(cfg, what, store.add_user, name, key, args.role, time.time())
     _audit(cfg, "user-created", user=user.name, user_role=user.role)
     _emit(args, user.to_json(), f"added {user.role} {user.name}")
     return 0
@@ -153,11 +158,7 @@ def cmd_user_add(args: argparse.Namespace) -> int:
 
 def cmd_user_list(args: argparse.Namespace) -> int:
     cfg = _load(args)
-    conn = _open(cfg, "cannot list users")
-    try:
-        users = db.transaction(conn, store.list_users, write=False)
-    finally:
-        conn.close()
+    users = _transaction(cfg, "cannot list users", store.list_users, write=False)
     lines = [f"{'NAME':<20} {'ROLE':<10} {'STATE':<8} KEY"]
     for u in users:
         lines.append(f"{u.name:<20} {u.role:<10} {'disabled' if u.disabled else 'active':<8} "
@@ -169,13 +170,7 @@ def cmd_user_list(args: argparse.Namespace) -> int:
 def cmd_user_disable(args: argparse.Namespace) -> int:
     what = f"cannot disable user {args.name}"
     cfg = _load(args)
-    conn = _open(cfg, what)
-    try:
-        user = db.transaction(conn, store.disable_user, args.name, time.time())
-    except store.StoreError as e:
-        raise AdminError(what, str(e)) from None
-    finally:
-        conn.close()
+    user = _transaction(cfg, what, store.disable_user, args.name, time.time())
     _audit(cfg, "user-disabled", user=user.name)
     _emit(args, user.to_json(), f"disabled {user.name}; their sessions are revoked")
     return 0
@@ -187,16 +182,10 @@ def cmd_vm_add(args: argparse.Namespace) -> int:
     name = _name(what, args.name)
     if not valid_host(args.host):
         raise AdminError(what, f"--host {args.host!r} is not HOST:PORT")
-    conn = _open(cfg, what)
     token = new_token()
-    try:
-        vm, expires = db.transaction(conn, store.add_vm, new_vm_id(), name, args.owner,
-                                     args.host, token_hash(token), time.time(),
-                                     cfg.rest.api.enrollment_ttl)
-    except store.StoreError as e:
-        raise AdminError(what, str(e)) from None
-    finally:
-        conn.close()
+    vm, expires = _transaction(cfg, what, store.add_vm, new_vm_id(), name, args.owner,
+                               args.host, token_hash(token), time.time(),
+                               cfg.rest.api.enrollment_ttl)
     _audit(cfg, "vm-created", vm=vm.id, name=vm.name, owner=vm.owner)
     when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(expires))
     _emit(args, {"vm": vm.to_json(), "enrollment_token": token, "enrollment_expires": expires},
@@ -207,11 +196,7 @@ def cmd_vm_add(args: argparse.Namespace) -> int:
 
 def cmd_vm_list(args: argparse.Namespace) -> int:
     cfg = _load(args)
-    conn = _open(cfg, "cannot list VMs")
-    try:
-        vms = db.transaction(conn, store.list_vms, None, write=False)
-    finally:
-        conn.close()
+    vms = _transaction(cfg, "cannot list VMs", store.list_vms, None, write=False)
     lines = [f"{'ID':<20} {'NAME':<16} {'OWNER':<16} {'HOST':<22} STATE"]
     for v in vms:
         lines.append(f"{v.id:<20} {v.name:<16} {v.owner:<16} {v.host:<22} {v.state}")
@@ -226,13 +211,7 @@ def cmd_allowlist_add(args: argparse.Namespace) -> int:
         entry = allow_entry(args.name, args.ports, "udp" if args.udp else "tcp", args.comment)
     except ValueError as e:
         raise AdminError(what, str(e)) from None
-    conn = _open(cfg, what)
-    try:
-        db.transaction(conn, store.add_allow_entry, entry, f"admin:{_actor()}", time.time())
-    except store.StoreError as e:
-        raise AdminError(what, str(e)) from None
-    finally:
-        conn.close()
+    _transaction(cfg, what, store.add_allow_entry, entry, f"admin:{_actor()}", time.time())
     _audit(cfg, "allowlist-add", entry=entry.id, name=entry.name, ports=list(entry.ports),
            protocol=entry.protocol)
     _emit(args, entry.to_json(), f"added {entry.id}: {entry.name} {entry.protocol} "
@@ -242,11 +221,8 @@ def cmd_allowlist_add(args: argparse.Namespace) -> int:
 
 def cmd_allowlist_list(args: argparse.Namespace) -> int:
     cfg = _load(args)
-    conn = _open(cfg, "cannot list the allow-list")
-    try:
-        serial, entries = db.transaction(conn, store.allowlist_feed, write=False)
-    finally:
-        conn.close()
+    serial, entries = _transaction(cfg, "cannot list the allow-list", store.allowlist_feed,
+                                   write=False)
     lines = [f"{'ID':<20} {'NAME':<32} {'PROTO':<5} {'PORTS':<24} COMMENT"]
     for e in entries:
         lines.append(f"{e.id:<20} {e.name:<32} {e.protocol:<5} "
@@ -259,13 +235,7 @@ def cmd_allowlist_list(args: argparse.Namespace) -> int:
 def cmd_allowlist_remove(args: argparse.Namespace) -> int:
     what = f"cannot remove allow-list entry {args.id}"
     cfg = _load(args)
-    conn = _open(cfg, what)
-    try:
-        entry = db.transaction(conn, store.remove_allow_entry, args.id)
-    except store.StoreError as e:
-        raise AdminError(what, str(e)) from None
-    finally:
-        conn.close()
+    entry = _transaction(cfg, what, store.remove_allow_entry, args.id)
     _audit(cfg, "allowlist-remove", entry=entry.id, name=entry.name,
            ports=list(entry.ports), protocol=entry.protocol)
     _emit(args, entry.to_json(), f"removed {entry.id} ({entry.name} {entry.protocol})")
@@ -308,12 +278,16 @@ def build_parser() -> argparse.ArgumentParser:
         sp.set_defaults(func=func)
         return sp
 
+    def group(name: str, help: str) -> Any:
+        """``ticrypt-admin NAME COMMAND``: the subparsers of NAME's commands."""
+        return sub.add_parser(name, help=help).add_subparsers(
+            dest=f"{name}_command", required=True, metavar="COMMAND")
+
     sp = add(sub, "init", cmd_init, "create the database, signing key and first superadmin")
     sp.add_argument("--superadmin", required=True, metavar="NAME")
     sp.add_argument("--public-key", required=True, metavar="FILE")
 
-    users = sub.add_parser("user", help="manage users").add_subparsers(
-        dest="user_command", required=True, metavar="COMMAND")
+    users = group("user", "manage users")
     sp = add(users, "add", cmd_user_add, "add a user")
     sp.add_argument("name", metavar="NAME")
     sp.add_argument("--public-key", required=True, metavar="FILE")
@@ -322,8 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add(users, "disable", cmd_user_disable, "disable a user and end their sessions")
     sp.add_argument("name", metavar="NAME")
 
-    vms = sub.add_parser("vm", help="manage VMs").add_subparsers(
-        dest="vm_command", required=True, metavar="COMMAND")
+    vms = group("vm", "manage VMs")
     sp = add(vms, "add", cmd_vm_add, "register a VM and print its enrollment token")
     sp.add_argument("name", metavar="NAME")
     sp.add_argument("--owner", required=True, metavar="USER")
@@ -331,8 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="the VM host endpoint that forwards to the VM's port 22")
     add(vms, "list", cmd_vm_list, "list VMs")
 
-    allow = sub.add_parser("allowlist", help="license servers VMs may reach").add_subparsers(
-        dest="allowlist_command", required=True, metavar="COMMAND")
+    allow = group("allowlist", "license servers VMs may reach")
     sp = add(allow, "add", cmd_allowlist_add, "allow VMs to reach NAME on the given ports")
     sp.add_argument("name", metavar="NAME")
     sp.add_argument("--port", dest="ports", type=int, action="append", required=True,
@@ -343,8 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add(allow, "remove", cmd_allowlist_remove, "remove an entry")
     sp.add_argument("id", metavar="ID")
 
-    tls = sub.add_parser("tls", help="TLS files").add_subparsers(
-        dest="tls_command", required=True, metavar="COMMAND")
+    tls = group("tls", "TLS files")
     sp = add(tls, "init", cmd_tls_init, "create a private CA and a server certificate")
     sp.add_argument("--dir", required=True, help="directory for ca.pem, ca.key, server.pem")
     sp.add_argument("--name", action="append",
