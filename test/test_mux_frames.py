@@ -80,6 +80,21 @@ class RoundTripTests(SynchronousTestCase):
         self.assertEqual(got, SAMPLES[:6] + SAMPLES[7:])
         self.assertEqual(decoder.buffered, 0)
 
+    def test_cut_once_anywhere(self) -> None:
+        """Cut once anywhere: the two feeds give the frames whole and in
+        order (a frame inside one feed is read from it directly, a cut one
+        through the buffer, and the two mix in one feed)."""
+        small = [f for f in SAMPLES if not (isinstance(f, Data) and len(f.payload) > 64)]
+        for frames_, step in ((small, 1), (SAMPLES, 997)):
+            stream = b"".join(encode(f) for f in frames_)
+            for cut in [*range(0, len(stream), step), len(stream)]:
+                decoder = FrameDecoder()
+                got = decoder.feed(stream[:cut])
+                self.assertLessEqual(decoder.buffered, HEADER_SIZE + MAX_PAYLOAD)
+                got += decoder.feed(stream[cut:])
+                self.assertEqual(got, frames_)
+                self.assertEqual(decoder.buffered, 0)
+
     def test_many_in_one_chunk(self) -> None:
         self.assertEqual(FrameDecoder().feed(b"".join(encode(f) for f in SAMPLES)), SAMPLES)
 

@@ -291,18 +291,29 @@ class FrameDecoder:
         pos = 0
         try:
             while True:
+                # A header or payload wholly inside ``data`` is taken from it
+                # directly (one copy); only a part left by an earlier feed,
+                # or cut by the end of this one, goes through the buffer.
                 if self._header is None:
-                    pos = self._fill(view, pos, HEADER_SIZE)
-                    if len(self._buf) < HEADER_SIZE:
-                        break
-                    self._header = check_header(bytes(self._buf))
-                    self._buf.clear()
+                    if not self._buf and len(view) - pos >= HEADER_SIZE:
+                        self._header = check_header(bytes(view[pos : pos + HEADER_SIZE]))
+                        pos += HEADER_SIZE
+                    else:
+                        pos = self._fill(view, pos, HEADER_SIZE)
+                        if len(self._buf) < HEADER_SIZE:
+                            break
+                        self._header = check_header(bytes(self._buf))
+                        self._buf.clear()
                 ftype, stream, length = self._header
-                pos = self._fill(view, pos, length)
-                if len(self._buf) < length:
-                    break
-                payload = bytes(self._buf)
-                self._buf.clear()
+                if not self._buf and len(view) - pos >= length:
+                    payload = bytes(view[pos : pos + length])
+                    pos += length
+                else:
+                    pos = self._fill(view, pos, length)
+                    if len(self._buf) < length:
+                        break
+                    payload = bytes(self._buf)
+                    self._buf.clear()
                 self._header = None
                 frames.append(parse_payload(ftype, stream, payload))
         except FrameError as e:
