@@ -49,15 +49,57 @@ class LabError(Exception):
     """A step failed; ``str()`` is the line to show."""
 
 
-class Lab:
-    """Runs the steps; owns the daemons it started."""
+class _Console:
+    """What both labs share: the lines they print, one log file per daemon
+    in the working folder, and waiting for a daemon's readiness line."""
 
-    def __init__(self, reactor: Any, workdir: str, out: TextIO = sys.stdout):
+    def __init__(self, reactor: Any, workdir: str, out: TextIO):
         self.reactor = reactor
         self.dir = workdir
         self.out = out
         self.procs: list[daemons.Daemon] = []
-        self.logs: dict[str, TextIO] = {}
+        self.logs: list[TextIO] = []
+
+    def say(self, text: str) -> None:
+        self.out.write(text + "\n")
+        self.out.flush()
+
+    def _log(self, name: str) -> tuple[str, Callable[[str, str], None]]:
+        """(the path of ``name``.log, an ``echo`` that appends a daemon's lines to it)."""
+        log = open(os.path.join(self.dir, f"{name}.log"), "a", encoding="utf-8")  # noqa: SIM115
+        self.logs.append(log)
+
+        def echo(_name: str, line: str) -> None:
+            log.write(line + "\n")
+            log.flush()
+
+        return log.name, echo
+
+    async def _ready(self, proc: daemons.Daemon, what: str, see: str,
+                     note: str = "") -> daemons.Daemon:
+        """Wait for ``proc``'s readiness line and print where it listens;
+        LabError naming ``what`` and where to ``see`` why it did not start."""
+        self.procs.append(proc)
+        try:
+            info = await proc.ready
+        except RuntimeError as e:
+            raise LabError(f"{what} did not start: {str(e).splitlines()[0]}; "
+                           f"see {see}") from None
+        where = ", ".join(f"{k} {v}" for k, v in info.get("listening", {}).items())
+        self.say(f"      ready{': ' + where if where else ''}{note}")
+        return proc
+
+    def _close_logs(self) -> None:
+        for log in self.logs:
+            log.close()
+        self.logs.clear()
+
+
+class Lab(_Console):
+    """Runs the steps; owns the daemons it started."""
+
+    def __init__(self, reactor: Any, workdir: str, out: TextIO = sys.stdout):
+        super().__init__(reactor, workdir, out)
         self.env = daemons.daemon_env()
         # the VM's host endpoint: ticrypt-vmhost's port base+1 (VM number 1)
         self.vmhost_port = free_port()
@@ -76,10 +118,6 @@ class Lab:
         self.sftp_port = 0
         self.sftp_args: list[str] = []
         self.vmc: daemons.Daemon | None = None
-
-    def say(self, text: str) -> None:
-        self.out.write(text + "\n")
-        self.out.flush()
 
     def step(self, text: str) -> None:
         self.step_no += 1
@@ -120,25 +158,11 @@ class Lab:
         return lambda args: self.run(args, show=show)
 
     async def start(self, plugin: str, config: str) -> daemons.Daemon:
-        log = open(os.path.join(self.dir, f"{plugin}.log"), "a", encoding="utf-8")  # noqa: SIM115
-        self.logs[plugin] = log
-
-        def echo(_name: str, line: str) -> None:
-            log.write(line + "\n")
-            log.flush()
-
+        log, echo = self._log(plugin)
         self.say(f"    $ twistd -n {plugin} --config {os.path.basename(config)}")
         proc = daemons.spawn(self.reactor, plugin, config, timeout=60, echo=echo,
                              cwd=self.dir)
-        self.procs.append(proc)
-        try:
-            info = await proc.ready
-        except RuntimeError as e:
-            raise LabError(f"{plugin} did not start: {str(e).splitlines()[0]}; "
-                           f"see {log.name}") from None
-        where = ", ".join(f"{k} {v}" for k, v in info.get("listening", {}).items())
-        self.say(f"      ready{': ' + where if where else ''} (log: {os.path.basename(log.name)})")
-        return proc
+        return await self._ready(proc, plugin, log, f" (log: {os.path.basename(log)})")
 
     async def stop_all(self) -> None:
         if self.web is not None:
@@ -146,8 +170,7 @@ class Lab:
             await web.stopListening()
         for proc in reversed(self.procs):
             await proc.stop()
-        for log in self.logs.values():
-            log.close()
+        self._close_logs()
 
     async def main(self, keep: bool) -> None:
         d, dep = self.dir, self.deployment
@@ -294,53 +317,26 @@ The lab is running (Ctrl-C stops it).  In another terminal:
 Logs and audit logs are in {self.dir}.""")
 
 
-class NetnsLab:
+class NetnsLab(_Console):
     """``ticrypt-lab --netns``: the deployment of test_isolation_system, to
     explore by hand."""
 
     def __init__(self, reactor: Any, workdir: str, out: TextIO = sys.stdout):
-        self.reactor = reactor
-        self.dir = workdir
-        self.out = out
+        super().__init__(reactor, workdir, out)
         self.spaces = netns.Namespaces("tcl")
-        self.procs: list[daemons.Daemon] = []
-        self.logs: list[TextIO] = []
         self.deployment: netns.NetnsDeployment | None = None
-
-    def say(self, text: str) -> None:
-        self.out.write(text + "\n")
-        self.out.flush()
-
-    def _log(self, name: str) -> Callable[[str, str], None]:
-        log = open(os.path.join(self.dir, f"{name}.log"), "a", encoding="utf-8")  # noqa: SIM115
-        self.logs.append(log)
-
-        def echo(_name: str, line: str) -> None:
-            log.write(line + "\n")
-            log.flush()
-
-        return echo
-
-    async def _ready(self, proc: daemons.Daemon, what: str) -> daemons.Daemon:
-        self.procs.append(proc)
-        try:
-            info = await proc.ready
-        except RuntimeError as e:
-            raise LabError(f"{what} did not start: {str(e).splitlines()[0]}; "
-                           f"see the logs in {self.dir}") from None
-        where = ", ".join(f"{k} {v}" for k, v in info.get("listening", {}).items())
-        self.say(f"      ready{': ' + where if where else ''}")
-        return proc
 
     async def start_in(self, role: str, plugin: str, config: str) -> daemons.Daemon:
         self.say(f"    [{role}] $ twistd -n {plugin} --config {os.path.basename(config)}")
+        _, echo = self._log(f"{plugin}-{role}")
         return await self._ready(netns.spawn_in(self.reactor, self.spaces, role, plugin, config,
-                                                echo=self._log(f"{plugin}-{role}")), plugin)
+                                                echo=echo), plugin, f"the logs in {self.dir}")
 
     async def helper(self, role: str, args: list[str]) -> daemons.Daemon:
         self.say(f"    [{role}] $ python -m ticrypt.lab.netns {' '.join(args)}")
+        _, echo = self._log(f"helper-{role}")
         return await self._ready(netns.helper_in(self.reactor, self.spaces, role, args,
-                                                 echo=self._log(f"helper-{role}")), role)
+                                                 echo=echo), role, f"the logs in {self.dir}")
 
     async def run_in(self, role: str | None, args: list[str]) -> tuple[int, str, str]:
         argv = [daemons.script_path(args[0]), *args[1:]]
@@ -411,8 +407,7 @@ Rules: nft list ruleset (in any namespace).  Logs and audit logs: {self.dir}""")
             await proc.stop()
         self.procs.clear()
         self.spaces.remove()
-        for log in self.logs:
-            log.close()
+        self._close_logs()
 
 
 _CSI = re.compile(r"\x1b(\[[0-9;?]*[ -/]*[@-~]|\][^\x07]*\x07|[@-Z\\-_])")
