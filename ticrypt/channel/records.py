@@ -37,11 +37,17 @@ def _check_max_records(instance: object, attribute: attrs.Attribute[int], value:
 
 
 @attrs.define
-class RecordSealer:
-    """Seals the records of one direction."""
+class _Direction:
+    """One direction's key and how many records it may carry."""
 
     _key: bytes = attrs.field(repr=False)
     max_records: int = attrs.field(default=MAX_RECORDS, validator=_check_max_records)
+
+
+@attrs.define
+class RecordSealer(_Direction):
+    """Seals the records of one direction."""
+
     next_seq: int = 0
 
     def seal(self, plaintext: bytes) -> bytes:
@@ -62,11 +68,9 @@ class RecordSealer:
 
 
 @attrs.define
-class RecordOpener:
+class RecordOpener(_Direction):
     """Opens the records of one direction, strictly in order."""
 
-    _key: bytes = attrs.field(repr=False)
-    max_records: int = attrs.field(default=MAX_RECORDS, validator=_check_max_records)
     expected_seq: int = 0
 
     def open(self, record: bytes) -> bytes:
