@@ -23,7 +23,7 @@ from ticrypt.config import (
     section,
     setting,
 )
-from ticrypt.http import load_secret
+from ticrypt.http import feed_settings_problem
 
 __all__ = ["AllowedListConfig", "AllowedListSection", "parse_listen"]
 
@@ -131,17 +131,8 @@ class AllowedListConfig(RoleConfig):
         a = self.allowedlist
         if a.min_ttl > a.max_ttl:
             raise self.error("allowedlist", "min_ttl", "must not exceed max_ttl")
-        if a.rest_url is None:
-            return
-        if a.rest_url.startswith("https:") and a.ca_file is None:
-            raise self.error("allowedlist", "ca_file", "an https rest_url needs the CA file")
-        if a.rest_url.startswith("http:") and not a.allow_plain:
-            raise self.error("allowedlist", "rest_url",
-                             "http:// needs allow_plain = yes; use https://")
-        if a.allowlist_feed_secret is None:
-            raise self.error("allowedlist", "allowlist_feed_secret",
-                             "missing: rest_url is set, so the feed's bearer secret is needed")
-        try:
-            load_secret(a.allowlist_feed_secret)
-        except ValueError as e:
-            raise self.error("allowedlist", "allowlist_feed_secret", str(e)) from None
+        problem = feed_settings_problem(a.rest_url, ca_file=a.ca_file, allow_plain=a.allow_plain,
+                                        secret=a.allowlist_feed_secret,
+                                        secret_key="allowlist_feed_secret")
+        if problem is not None:
+            raise self.error("allowedlist", *problem)

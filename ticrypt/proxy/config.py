@@ -31,7 +31,7 @@ from ticrypt.config import (
     section,
     setting,
 )
-from ticrypt.http import load_secret
+from ticrypt.http import feed_settings_problem
 from ticrypt.proxy.ports import LeaseLimits
 from ticrypt.proxy.ws import Settings
 
@@ -152,16 +152,8 @@ class ProxyConfig(RoleConfig):
 
     def _check_revocations(self) -> None:
         p = self.proxy
-        if p.rest_url is None:
-            return
-        if p.rest_url.startswith("https:") and p.ca_file is None:
-            raise self.error("proxy", "ca_file", "an https rest_url needs the CA file")
-        if p.rest_url.startswith("http:") and not p.allow_plain:
-            raise self.error("proxy", "rest_url", "http:// needs allow_plain = yes; use https://")
-        if p.revocation_feed_secret is None:
-            raise self.error("proxy", "revocation_feed_secret",
-                             "missing: rest_url is set, so the feed's bearer secret is needed")
-        try:
-            load_secret(p.revocation_feed_secret)
-        except ValueError as e:
-            raise self.error("proxy", "revocation_feed_secret", str(e)) from None
+        problem = feed_settings_problem(p.rest_url, ca_file=p.ca_file, allow_plain=p.allow_plain,
+                                        secret=p.revocation_feed_secret,
+                                        secret_key="revocation_feed_secret")
+        if problem is not None:
+            raise self.error("proxy", *problem)
