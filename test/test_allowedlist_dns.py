@@ -4,6 +4,7 @@ CNAME/ANY/AAAA, waiting for the firewall, per-client caps."""
 
 from __future__ import annotations
 
+import socket
 from typing import Any
 
 from twisted.internet import defer, task
@@ -12,7 +13,7 @@ from twisted.names import dns
 from twisted.test.proto_helpers import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 
-from ticrypt.allowedlist.dns import MAX_QUERY, AllowListServer, TCPProtocol
+from ticrypt.allowedlist.dns import MAX_CACHED, MAX_QUERY, AllowListServer, TCPProtocol
 from ticrypt.allowedlist.policy import Entry, Policy
 
 VM = ("10.77.3.11", 5353)
@@ -182,6 +183,130 @@ class UDPTests(SynchronousTestCase):
         self.assertEqual(answered, 5)
         self.assertEqual(f.server.counters["dropped-rate"], 45)
         self.assertIsNotNone(f.ask(query(b"license.example.org"), ("10.77.3.12", 1)))
+
+
+class CacheTests(SynchronousTestCase):
+    """Repeated UDP queries are answered from the cache of replies, never
+    past a change of the policy, and with every check still made."""
+
+    def test_new_id_and_case(self) -> None:
+        f = Fixture()
+        f.ask(query(b"license.example.org", ident=1))
+        self.assertEqual(len(f.server.udp_cache), 1)
+        r = f.ask(query(b"license.example.org", ident=0xBEEF))
+        assert r is not None
+        self.assertEqual((r.id, r.rCode, r.auth, addresses(r)), (0xBEEF, dns.OK, 1, ["10.77.9.1"]))
+        self.assertEqual(f.wire.sent[0][0][2:], f.wire.sent[1][0][2:])
+        self.assertEqual(len(f.server.udp_cache), 1)  # answered from it
+        r = f.ask(query(b"LICENSE.example.ORG", ident=5))
+        assert r is not None
+        self.assertEqual((r.id, addresses(r)), (5, ["10.77.9.1"]))
+        self.assertEqual(r.queries[0].name.name, b"LICENSE.example.ORG")
+        self.assertEqual(r.answers[0].name.name, b"LICENSE.example.ORG")
+        self.assertEqual(f.server.counters["answer"], 3)
+
+    def test_removed_entry_no_longer_answered(self) -> None:
+        f = Fixture()
+        for _ in range(2):
+            r = f.ask(query(b"license.example.org"))
+            assert r is not None
+            self.assertEqual(addresses(r), ["10.77.9.1"])
+        f.policy.set_entries(ENTRIES[1:])
+        r = f.ask(query(b"license.example.org"))
+        assert r is not None
+        self.assertEqual((r.rCode, r.answers), (dns.ENAME, []))
+        self.assertEqual(f.server.counters["nxdomain"], 1)
+        f.policy.set_entries(ENTRIES)  # back: answered again, not the NXDOMAIN
+        r = f.ask(query(b"license.example.org"))
+        assert r is not None
+        self.assertEqual(addresses(r), ["10.77.9.1"])
+
+    def test_admission_changes(self) -> None:
+        f = Fixture()
+        f.ask(query(b"license.example.org"))
+        f.policy.admitted["license.example.org"] = "10.77.9.7"  # in place
+        r = f.ask(query(b"license.example.org"))
+        assert r is not None
+        self.assertEqual(addresses(r), ["10.77.9.7"])
+        f.policy.admitted = {}  # no longer admitted: wait for the firewall
+        sent = len(f.wire.sent)
+        self.assertIsNone(f.ask(query(b"license.example.org")))
+        self.assertEqual([n for n, _ in f.admitter.waits], ["license.example.org"])
+        f.admitter.admit("license.example.org", "10.77.9.8")
+        self.assertEqual(addresses(parse(f.wire.sent[sent][0])), ["10.77.9.8"])
+
+    def test_denied_name_admitted_later(self) -> None:
+        f = Fixture()
+        r = f.ask(query(b"new.example.org"))
+        assert r is not None
+        self.assertEqual(r.rCode, dns.ENAME)
+        f.policy.set_entries([*ENTRIES, Entry("al-3", "new.example.org", (1,))])
+        f.policy.admitted["new.example.org"] = "10.77.9.3"
+        r = f.ask(query(b"new.example.org"))
+        assert r is not None
+        self.assertEqual(addresses(r), ["10.77.9.3"])
+
+    def test_checks_still_made(self) -> None:
+        f = Fixture(udp_size=40)
+        data = query(b"license.example.org")
+        f.ask(data)
+        self.assertIsNone(f.ask(data, ("10.77.4.2", 53)))  # outsider: dropped
+        self.assertEqual(f.server.counters["dropped-outside"], 1)
+        self.assertIsNone(f.ask(data + b"\0" * (MAX_QUERY + 1 - len(data))))
+        self.assertEqual(f.server.counters["dropped-oversized"], 1)
+        r = f.ask(data)
+        assert r is not None
+        self.assertEqual((r.trunc, r.answers), (1, []))
+        self.assertEqual(f.server.counters["truncated"], 2)
+        self.assertEqual(len(f.wire.sent), 2)
+
+    def test_settings_change_empties_it(self) -> None:
+        f = Fixture()
+        f.ask(query(b"license.example.org"))
+        f.server.answer_ttl = 5
+        r = f.ask(query(b"license.example.org"))
+        assert r is not None
+        self.assertEqual(r.answers[0].ttl, 5)
+        f.server.udp_size = 40
+        r = f.ask(query(b"license.example.org"))
+        assert r is not None
+        self.assertEqual(r.trunc, 1)
+
+    def test_wildcard_use_stamped_and_denials_audited(self) -> None:
+        f = Fixture()
+        lines: list[str] = []
+        f.server.audit = lambda event, **kw: lines.append(event)
+        f.policy.admitted["a.flex.example.net"] = "10.77.9.2"
+        f.ask(query(b"a.flex.example.net"))
+        f.clock.advance(5)
+        f.ask(query(b"a.flex.example.net"))
+        self.assertEqual(f.policy.seen, {"a.flex.example.net": 5.0})
+        f.ask(query(b"evil.example.com"))
+        f.ask(query(b"evil.example.com"))
+        f.clock.advance(60)
+        f.ask(query(b"evil.example.com"))
+        self.assertEqual(lines, ["allowlist-dns-denied"] * 2)
+
+    def test_bounded(self) -> None:
+        f = Fixture()
+        f.policy.buckets.rate = f.policy.buckets.burst = 1e9
+        for i in range(MAX_CACHED + 1):
+            f.ask(query(b"n%d.example.com" % i))
+        self.assertEqual(f.server.counters["nxdomain"], MAX_CACHED + 1)
+        self.assertLessEqual(len(f.server.udp_cache), MAX_CACHED)
+
+    def test_send_failure_counted(self) -> None:
+        f = Fixture()
+        broken = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        broken.close()
+        wire: Any = FakeUDP()
+        wire.socket = broken
+        udp = f.server.udp_protocol()
+        udp.makeConnection(wire)
+        udp.datagramReceived(query(b"license.example.org"), VM)
+        self.assertEqual(f.server.counters["send-failed"], 1)
+        self.assertEqual(wire.sent, [])
+        udp.doStop()
 
 
 class WaitTests(SynchronousTestCase):

@@ -16,17 +16,27 @@ factory).  Every query is hostile:
   a name it does not admit within ``answer_wait`` gets SERVFAIL;
 * over UDP a reply larger than ``udp_size`` loses its records and gets TC.
 
+Over UDP a query whose bytes after the ID were seen before is answered from
+a cache of replies (:class:`UDPProtocol`): only its source, size and the
+client's bucket are checked again, and the 2-byte ID is put in front of the
+cached reply.  Each cached reply remembers the policy state it was decided
+with (the entries tuple, the name's admitted address) and is used only while
+that state is still the policy's, so a removed entry or a changed admission
+is never answered from it.  The key is the query as sent (a name asked in
+another case is another key: the reply echoes the question as sent).
+
 :attr:`AllowListServer.counters` counts every outcome (for logs and tests).
 """
 
 from __future__ import annotations
 
+import socket
 from collections import Counter
 from collections.abc import Callable
 from typing import Any, Protocol
 
 import attrs
-from twisted.internet import defer
+from twisted.internet import defer, protocol
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.names import dns, server
@@ -42,12 +52,15 @@ from ticrypt.allowedlist.policy import (
     reply,
 )
 
-__all__ = ["MAX_QUERY", "Admitter", "AllowListServer", "TCPProtocol", "UDPProtocol"]
+__all__ = ["MAX_CACHED", "MAX_QUERY", "Admitter", "AllowListServer", "TCPProtocol", "UDPProtocol"]
 
 #: Largest query accepted (a question is at most 259 bytes, plus EDNS0).
 MAX_QUERY = 512
 #: Reply size over UDP without EDNS0 (RFC 1035).
 UDP_SIZE = 512
+#: Cached UDP replies at most (emptied when full: a client cycling through
+#: names or random EDNS0 cookies costs the slow path, never memory).
+MAX_CACHED = 4096
 
 
 class Admitter(Protocol):
@@ -76,25 +89,78 @@ def _parse(data: bytes) -> Query | None:
     return None if q is None else Query(data, q)
 
 
-class UDPProtocol(dns.DNSDatagramProtocol):
-    """Queries over UDP: size and source checked before parsing."""
+@attrs.frozen
+class _Cached:
+    """A UDP reply after its ID, and what it was decided with."""
 
-    controller: AllowListServer
+    entries: tuple[Entry, ...]
+    admitted: str | None
+    decision: Decision
+    tail: bytes
+    truncated: bool
+
+
+class UDPProtocol(protocol.DatagramProtocol):
+    """Queries over UDP: source and size checked before anything else,
+    then the client's bucket; a query seen before is answered from the
+    server's cache of replies (see the module's text), any other is parsed
+    and decided by :meth:`AllowListServer.messageReceived`."""
+
     noisy = False
+
+    def __init__(self, controller: AllowListServer, reactor: Any = None) -> None:
+        self.controller = controller
+        self._sendto: Callable[[bytes, tuple[str, int]], object] | None = None
+
+    def startProtocol(self) -> None:
+        # the port's own socket when it has one: udp.Port.write checks the
+        # address (three parses of it) and logs a full send buffer as an
+        # error; the address came from recvfrom, and a reply the kernel
+        # cannot take is counted and dropped (the client asks again)
+        sock = getattr(self.transport, "socket", None)
+        self._sendto = sock.sendto if isinstance(sock, socket.socket) else None
+
+    def stopProtocol(self) -> None:
+        self._sendto = None
 
     def datagramReceived(self, data: bytes, addr: tuple[str, int]) -> None:
         c = self.controller
-        if not c.policy.inside(addr[0]):
+        policy = c.policy
+        host = addr[0]
+        if not policy.inside(host):
             c.counters["dropped-outside"] += 1
             return
         if len(data) > MAX_QUERY:
             c.counters["dropped-oversized"] += 1
+            return
+        hit = c.udp_cache.get(data[2:])
+        if hit is not None and hit.entries is policy.entries and (
+                hit.decision.name is None or policy.admitted.get(hit.decision.name) == hit.admitted):
+            now = c.clock.seconds()
+            if not policy.buckets.take(host, now):
+                c.counters["dropped-rate"] += 1
+                return
+            c.account(hit.decision, host, now)
+            if hit.truncated:
+                c.counters["truncated"] += 1
+            self.send(data[:2] + hit.tail, addr)
             return
         m = _parse(data)
         if m is None:
             c.counters["dropped-malformed"] += 1
             return
         c.messageReceived(m, self, addr)
+
+    def send(self, data: bytes, addr: tuple[str, int]) -> None:
+        if self._sendto is not None:
+            try:
+                self._sendto(data, addr)
+            except OSError:
+                self.controller.counters["send-failed"] += 1
+            return
+        transport: Any = self.transport
+        if transport is not None:
+            transport.write(data, addr)
 
 
 class TCPProtocol(dns.DNSProtocol):
@@ -188,6 +254,26 @@ class AllowListServer(server.DNSServerFactory):
         self._audit_buckets = TokenBuckets(1 / 60, 1, 4096)
         self._waiting: Counter[str] = Counter()
         self._tcp: Counter[str] = Counter()
+        #: UDP replies by the query's bytes after its ID (see the module)
+        self.udp_cache: dict[bytes, _Cached] = {}
+
+    @property
+    def answer_ttl(self) -> int:
+        return self._answer_ttl
+
+    @answer_ttl.setter
+    def answer_ttl(self, value: int) -> None:
+        self._answer_ttl = value
+        self.udp_cache = {}
+
+    @property
+    def udp_size(self) -> int:
+        return self._udp_size
+
+    @udp_size.setter
+    def udp_size(self, value: int) -> None:
+        self._udp_size = value
+        self.udp_cache = {}
 
     def buildProtocol(self, addr: Any) -> TCPProtocol:  # type: ignore[override]
         p = TCPProtocol(self, self.clock)
@@ -260,29 +346,44 @@ class AllowListServer(server.DNSServerFactory):
 
         d.addBoth(done).addErrback(lambda f: self.log.failure("allowedlist: reply failed", f))
 
-    def _send(self, proto: Any, message: Query, address: tuple[str, int] | None,
-              decision: Decision) -> None:
+    def account(self, decision: Decision, host: str, now: float) -> None:
+        """What every sent decision costs: its counter, the (rate-limited)
+        audit line of a denied name, the wildcard name's use stamp."""
         kind = decision.kind
         self.counters[kind.value] += 1
-        if kind in (Kind.NXDOMAIN, Kind.REFUSED) and self.audit is not None:
-            host = address[0] if address is not None else proto.peer_host
-            if self._audit_buckets.take(host, self.clock.seconds()):
+        if (kind is Kind.NXDOMAIN or kind is Kind.REFUSED) and self.audit is not None:
+            if self._audit_buckets.take(host, now):
                 self.audit("allowlist-dns-denied", client=host,
                            name=decision.name or "(not a plain name)", why=decision.why)
         if decision.entry is not None and decision.entry.wildcard and decision.name:
-            self.policy.seen[decision.name] = self.clock.seconds()
+            self.policy.seen[decision.name] = now
+
+    def _send(self, proto: Any, message: Query, address: tuple[str, int] | None,
+              decision: Decision) -> None:
+        host = address[0] if address is not None else proto.peer_host
+        self.account(decision, host, self.clock.seconds())
+        kind = decision.kind
+        addresses: tuple[str, ...] = ()
         if kind is Kind.NXDOMAIN:
-            self._reply(proto, message, address, dns.ENAME)
+            rcode = dns.ENAME
         elif kind is Kind.REFUSED:
-            self._reply(proto, message, address, dns.EREFUSED)
+            rcode = dns.EREFUSED
         else:
-            self._reply(proto, message, address, dns.OK, decision.addresses)
+            rcode, addresses = dns.OK, decision.addresses
+        data = self._reply(proto, message, address, rcode, addresses)
+        if data is not None and address is not None:
+            if len(self.udp_cache) >= MAX_CACHED:
+                self.udp_cache.clear()
+            name = decision.name
+            self.udp_cache[message.raw[2:]] = _Cached(
+                self.policy.entries, None if name is None else self.policy.admitted.get(name),
+                decision, data[2:], bool(data[2] & 0x02))
 
     def _reply(self, proto: Any, message: Query, address: tuple[str, int] | None,
-               rcode: int, addresses: tuple[str, ...] = ()) -> None:
+               rcode: int, addresses: tuple[str, ...] = ()) -> bytes | None:
         transport = getattr(proto, "transport", None)
         if transport is None:
-            return  # the connection ended while the query waited
+            return None  # the connection ended while the query waited
         data = reply(message.raw, message.question, rcode, addresses, ttl=self.answer_ttl,
                      authoritative=rcode in (dns.OK, dns.ENAME),
                      max_size=self.udp_size if address is not None else 0)
@@ -291,4 +392,5 @@ class AllowListServer(server.DNSServerFactory):
         else:
             if data[2] & 0x02:
                 self.counters["truncated"] += 1
-            transport.write(data, address)
+            proto.send(data, address)
+        return data
