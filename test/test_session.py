@@ -158,11 +158,22 @@ class SessionTests(SynchronousTestCase):
         self.assertEqual(len(self.leg.sent), 3)
 
     def test_big_stdin_is_split(self) -> None:
-        cmd = self.session.exec(["cat"])
-        self.session.app_message({"t": "ok", "id": 1, "window": app.WINDOW}, b"")
-        cmd.write(b"x" * (app.CHUNK * 2 + 1))
-        sizes = [len(b) for h, b in self.leg.sent if h["t"] == "stdin"]
-        self.assertEqual(sizes, [app.CHUNK, app.CHUNK, 1])
+        """stdin goes in records of a quarter of the window the VM announced,
+        from CHUNK (64 KiB) to MAX_BODY (256 KiB), so that up to four are in
+        flight."""
+        for rid, window, record in ((1, app.WINDOW, app.MAX_BODY),
+                                    (2, 4 * app.MAX_BODY + 8, app.MAX_BODY),
+                                    (3, 262144, app.CHUNK),
+                                    (4, 393216, 98304),
+                                    (5, 1000, app.CHUNK)):
+            self.leg.sent.clear()
+            cmd = self.session.exec(["cat"])
+            self.session.app_message({"t": "ok", "id": rid, "window": window}, b"")
+            n = min(window, record * 2 + 1)
+            cmd.write(b"x" * n)
+            sizes = [len(b) for h, b in self.leg.sent if h["t"] == "stdin"]
+            expected = [record, record, 1] if n == record * 2 + 1 else [window]
+            self.assertEqual(sizes, expected, (window, record))
 
     def stdin_sent(self) -> list[tuple[str, bytes]]:
         return [(h["t"], b) for h, b in self.leg.sent if h["t"] in ("stdin", "eof")]

@@ -303,6 +303,28 @@ class DispatcherTests(SynchronousTestCase):
         self.assertEqual(d.consumed(1, 6), [])  # no window message after exit
         self.assertIsNone(d.credit(1))
 
+    def test_credit_returned_in_quarter_windows(self) -> None:
+        """Credit for bytes passed on is sent once a quarter of the window is
+        owed (one window message per quarter, not one per write to the
+        child); until then the frontend still has the rest of the window."""
+        d = self.d(window=100)
+        self.assertEqual(d.credit_step, 25)
+        d.handle({"t": "req", "id": 1, "op": "exec", "argv": ["cat"]}, b"")
+        self.assertEqual(d.handle({"t": "stdin", "id": 1}, b"x" * 100), [Stdin(1, b"x" * 100)])
+        self.assertEqual(d.consumed(1, 10), [])
+        self.assertEqual(d.consumed(1, 14), [])
+        self.assertEqual(d.credit(1), 0)  # what is owed is not usable before it is sent
+        [violation] = d.handle({"t": "stdin", "id": 1}, b"x")
+        assert isinstance(violation, Violation)
+        self.assertEqual(d.consumed(1, 1), [Send({"t": "window", "id": 1, "bytes": 25})])
+        self.assertEqual(d.credit(1), 25)
+        self.assertEqual(d.consumed(1, 75), [Send({"t": "window", "id": 1, "bytes": 75})])
+        self.assertEqual(d.credit(1), 100)
+        d.handle({"t": "stdin", "id": 1}, b"x" * 5)
+        self.assertEqual(d.consumed(1, 5), [])
+        d.finished(1)  # what was owed goes with the request
+        self.assertEqual(d.consumed(1, 30), [])
+
     def test_exec_stdin_after_eof_is_not_counted(self) -> None:
         d = self.d(window=4)
         d.handle({"t": "req", "id": 1, "op": "exec", "argv": ["cat"]}, b"")
@@ -413,7 +435,7 @@ class AppCodecTests(SynchronousTestCase):
         self.assertEqual(e.code, "bad-message")
 
     def test_window_size(self) -> None:
-        self.assertEqual(app.window_size(app.WINDOW), 262144)
+        self.assertEqual(app.window_size(app.WINDOW), 1048576)  # PROTOCOL.md §5
         for bad in (0, -1, True, 1.5, "9", None, 2**53):
             self.assertIsNone(app.window_size(bad))
         header, _ = app.decode(app.encode({"t": "window", "id": 3, "bytes": 65536}))
@@ -1048,7 +1070,8 @@ class LegTests(SynchronousTestCase):
         child.producer.resumeProducing()  # it reads: credit for all of it
         self.assertEqual(w.answers(), [{"t": "window", "id": 1, "bytes": app.WINDOW}])
         child.producer.pauseProducing()
-        w.send_app({"t": "stdin", "id": 1}, b"y" * app.WINDOW)
+        for _ in range(app.WINDOW // app.MAX_BODY):  # the whole window again
+            w.send_app({"t": "stdin", "id": 1}, b"y" * app.MAX_BODY)
         self.assertIsNone(w.close_frame())
         w.send_app({"t": "stdin", "id": 1}, b"z")  # one byte over the window
         frame = w.close_frame()
@@ -1287,10 +1310,11 @@ class FramingTests(SynchronousTestCase):
         [(_, _, child)] = self.fake.spawned
         self.assertEqual(self.answers(b'{"t":"stdin","id":1}\n'), [])
         self.assertEqual(self.session.dispatcher.credit(1), app.WINDOW)
-        # the child took all 15 bytes of "\nline 1\nline 2\n"
-        self.assertEqual(self.answers(b'{"t":"stdin","id":1}\n\nline 1\nline 2\n'),
-                         [{"t": "window", "id": 1, "bytes": 15}])
+        # the child took all 15 bytes of "\nline 1\nline 2\n" (their credit
+        # waits for a quarter of the window)
+        self.assertEqual(self.answers(b'{"t":"stdin","id":1}\n\nline 1\nline 2\n'), [])
         self.assertIn("write 15", child.calls)
+        self.assertEqual(self.session.dispatcher.credit(1), app.WINDOW - 15)
         [ok] = self.answers(b'{"t":"req","id":2,"op":"info"}\nignored body')
         self.assertEqual(ok["t"], "ok")
 
@@ -1312,8 +1336,10 @@ class FramingTests(SynchronousTestCase):
         [err] = self.answers(b'{"t":"req","id":1,"op":"info"}\n')
         self.assertEqual((err["code"], err["id"]), ("duplicate-id", 1))
         self.assertEqual(self.session.dispatcher.running, {1: "exec"})
-        self.assertEqual(self.answers(b'{"t":"stdin","id":1}\nx'),
-                         [{"t": "window", "id": 1, "bytes": 1}])  # still running
+        self.assertEqual(self.answers(b'{"t":"stdin","id":1}\nx'), [])
+        [(_, _, child)] = self.fake.spawned
+        self.assertIn("write 1", child.calls)  # still running: the child got it
+        self.assertEqual(self.session.dispatcher.credit(1), app.WINDOW - 1)
 
 
 class PipeReadSizeTests(SynchronousTestCase):

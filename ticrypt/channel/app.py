@@ -17,13 +17,23 @@ from ticrypt.encoding import loads_bounded
 MAX_HEADER = 16384
 #: Body bytes per record when streaming: leaves room for the header.
 CHUNK = 65536
+#: Largest body a sender puts in one ``stdin``/``stdout``/``stderr`` record
+#: (PROTOCOL.md §5; receivers accept up to the record limit): the reference
+#: vmc's output reads and the reference frontend's stdin records.
+MAX_BODY = 262144
 #: Longest argv (total characters) and most arguments in an exec request.
 MAX_ARGV_CHARS = 131072
 MAX_ARGS = 4096
 #: Default stdin flow-control window of an exec/shell request: the most
 #: un-acknowledged ``stdin`` body bytes the frontend may have in flight (vmc
-#: announces its actual window in the request's ``ok``).
-WINDOW = 262144
+#: announces its actual window in the request's ``ok``), and so the most
+#: stdin vmc buffers for one request: 1 MiB, four records of MAX_BODY in
+#: flight (256 KiB until 2026-11-30: one 256 KiB record per round trip).
+#: vmc's stdin buffers are at most ``max_sessions x max_processes x WINDOW``
+#: (256 MiB with the defaults, reached only if every running command of
+#: every channel stops reading its stdin; the users who can send stdin can
+#: run commands on the VM that use memory as they like anyway).
+WINDOW = 1048576
 
 OPS = ("info", "exec", "shell", "authorize", "revoke", "users")
 

@@ -16,6 +16,7 @@ from collections.abc import Awaitable, Callable, Iterable, Iterator
 from typing import Any
 
 from ticrypt import identity
+from ticrypt.channel import app
 from ticrypt.frontend import terminal
 from ticrypt.frontend.client import RestClient, RestError, authenticated_client
 from ticrypt.frontend.clientconfig import ClientConfig
@@ -125,6 +126,7 @@ def _warn(vm_id: str, end: str = "\n") -> Any:
 
 def _pump_stdin(reactor: Any, session: ChannelSession, cmd: Command) -> terminal.InputReader:
     reader = terminal.InputReader(reactor, cmd.write, cmd.eof)
+    terminal.enlarge_pipe(reader.fileno(), app.MAX_BODY)  # whole records per read
     # The reader pauses while the websocket is full and while the command's
     # stdin window is exhausted (the VM has not taken what was sent yet).
     session.transport.registerProducer(cmd.attach_input(reader), True)

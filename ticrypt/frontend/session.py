@@ -135,6 +135,7 @@ class Command:
         #: stdin body bytes sent so far.
         self.sent = 0
         self._credit = 0  # bytes the VM will take now
+        self._record = app.CHUNK  # most stdin bytes per record (set by the VM's ok)
         self._queue: deque[memoryview | None] = deque()  # None: an eof
         self._queued = 0
         self._eof = False
@@ -186,17 +187,20 @@ class Command:
                 self._queue.popleft()
                 self._session._send({"t": "eof", "id": self.rid})
                 continue
-            n = min(len(item), self._credit, app.CHUNK)
+            n = min(len(item), self._credit, self._record)
             if n == 0:
                 break
             if n == len(item):
                 self._queue.popleft()
+                body = item.obj if isinstance(item.obj, bytes) and len(item.obj) == n \
+                    else bytes(item)
             else:
                 self._queue[0] = item[n:]
+                body = bytes(item[:n])
             self._credit -= n
             self._queued -= n
             self.sent += n
-            self._session._send({"t": "stdin", "id": self.rid}, bytes(item[:n]))
+            self._session._send({"t": "stdin", "id": self.rid}, body)
         if self._gate is not None:
             if self._queue:
                 self._gate.hold("window")
@@ -238,6 +242,10 @@ class Command:
         elif t == "ok":
             self.accepted = True
             self._credit = app.window_size(header.get("window")) or app.WINDOW
+            # records of a quarter of the window (64 KiB to 256 KiB): up to
+            # four in flight, each record's cost spread over as many bytes
+            # as the window allows
+            self._record = min(app.MAX_BODY, max(app.CHUNK, self._credit // 4))
             if not self.started.called:
                 self.started.callback(None)
             self._flush()

@@ -11,8 +11,10 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import signal
+import stat
 import termios
 import tty
 from collections.abc import Callable
@@ -77,12 +79,23 @@ def on_resize(reactor: Any, callback: Callable[[], None]) -> Callable[[], None]:
     return undo
 
 
+def enlarge_pipe(fd: int, size: int) -> None:
+    """Give the pipe ``fd`` (if it is one) a capacity of ``size`` bytes, so
+    that a read can return a whole record's worth; nothing if it is not a
+    pipe or ``size`` is over the system's pipe-max-size."""
+    try:
+        if stat.S_ISFIFO(os.fstat(fd).st_mode):
+            fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, size)
+    except (OSError, ValueError, AttributeError):
+        pass
+
+
 @implementer(IReadDescriptor, IPushProducer)
 class InputReader:
     """Feeds what arrives on ``fd`` to ``on_data``; ``on_eof`` at end of input."""
 
     def __init__(self, reactor: Any, on_data: Callable[[bytes], None],
-                 on_eof: Callable[[], None], fd: int = 0, chunk: int = 65536):
+                 on_eof: Callable[[], None], fd: int = 0, chunk: int = 262144):
         self._reactor = reactor
         self._fd = fd
         self._chunk = chunk

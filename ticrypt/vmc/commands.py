@@ -201,21 +201,37 @@ class Dispatcher:
     _credit: dict[int, int] = attrs.field(factory=dict)
     #: exec requests whose stdin the frontend ended (``eof``).
     _eof: set[int] = attrs.field(factory=set)
+    #: Per running request: stdin bytes passed on whose credit is not sent yet.
+    _owed: dict[int, int] = attrs.field(factory=dict)
 
     def finished(self, rid: int) -> None:
         """The process of ``rid`` is gone (its ``exit`` has been sent)."""
         self._running.pop(rid, None)
         self._credit.pop(rid, None)
+        self._owed.pop(rid, None)
         self._eof.discard(rid)
+
+    @property
+    def credit_step(self) -> int:
+        """The least credit sent in one ``window`` message: a quarter of the
+        window (so the frontend always has at least three quarters of it to
+        send while vmc's buffer is empty, and a stream costs a credit message
+        per quarter window instead of one per write to the child)."""
+        return max(1, self.window // 4)
 
     def consumed(self, rid: int, n: int) -> list[Action]:
         """The process layer passed ``n`` stdin bytes of ``rid`` on (written to
         the child, or dropped because its stdin is closed): give the credit
-        back to the frontend."""
+        back to the frontend once at least :attr:`credit_step` is owed."""
         if rid not in self._credit or n <= 0:
             return []
-        self._credit[rid] = min(self.window, self._credit[rid] + n)
-        return [Send({"t": "window", "id": rid, "bytes": n})]
+        owed = self._owed.get(rid, 0) + n
+        if owed < self.credit_step:
+            self._owed[rid] = owed
+            return []
+        self._owed.pop(rid, None)
+        self._credit[rid] = min(self.window, self._credit[rid] + owed)
+        return [Send({"t": "window", "id": rid, "bytes": owed})]
 
     def credit(self, rid: int) -> int | None:
         """Stdin bytes the frontend may still send for ``rid`` (None: not running)."""
