@@ -151,6 +151,26 @@ class UDPTests(SynchronousTestCase):
         self.assertEqual(f.server.counters["dropped-outside"], 2)
         self.assertEqual(f.wire.sent, [])
 
+    def test_outsiders_audited_within_limits(self) -> None:
+        """A dropped outsider is an audit line (never an answer): at most
+        one per source per minute, and at most 60 at once over all sources
+        (UDP sources can be spoofed), then one a second."""
+        f = Fixture()
+        lines: list[dict[str, object]] = []
+        f.server.audit = lambda event, **kw: lines.append(dict(kw, event=event))
+        for _ in range(3):
+            self.assertIsNone(f.ask(query(b"x.example.org"), ("10.77.4.2", 53)))
+        self.assertEqual(lines, [{"event": "allowlist-dns-dropped", "client": "10.77.4.2",
+                                  "transport": "udp", "why": "outside vm_networks"}])
+        for i in range(200):  # spoofed sources
+            f.ask(query(b"x.example.org"), (f"10.88.{i // 250}.{i % 250}", 53))
+        self.assertEqual(len(lines), 60)  # the burst over all sources
+        self.assertEqual(f.server.counters["dropped-outside"], 203)
+        self.assertEqual(f.wire.sent, [])
+        f.clock.advance(61)
+        f.ask(query(b"x.example.org"), ("10.77.4.2", 53))
+        self.assertEqual(len(lines), 61)
+
     def test_malformed_and_oversized(self) -> None:
         f = Fixture()
         good = query(b"license.example.org")

@@ -128,7 +128,7 @@ class UDPProtocol(protocol.DatagramProtocol):
         policy = c.policy
         host = addr[0]
         if not policy.inside(host):
-            c.counters["dropped-outside"] += 1
+            c.outsider(host, "udp")
             return
         if len(data) > MAX_QUERY:
             c.counters["dropped-oversized"] += 1
@@ -185,7 +185,7 @@ class TCPProtocol(dns.DNSProtocol):
         self.peer_host = getattr(self.transport.getPeer(), "host", "")
         c = self.controller
         if not c.policy.inside(self.peer_host):
-            c.counters["dropped-outside"] += 1
+            c.outsider(self.peer_host, "tcp")
             self._abort()
             return
         if not c.tcp_open(self.peer_host):
@@ -252,6 +252,11 @@ class AllowListServer(server.DNSServerFactory):
         #: client per minute at most (a VM looping on a name cannot flood it)
         self.audit = audit
         self._audit_buckets = TokenBuckets(1 / 60, 1, 4096)
+        #: queries from outside vm_networks: one ``allowlist-dns-dropped``
+        #: line per source per minute, and at most one a second (burst 60)
+        #: over all sources, since UDP sources can be spoofed
+        self._outsider_buckets = TokenBuckets(1 / 60, 1, 4096)
+        self._outsider_total = TokenBuckets(1.0, 60, 1)
         self._waiting: Counter[str] = Counter()
         self._tcp: Counter[str] = Counter()
         #: UDP replies by the query's bytes after its ID (see the module)
@@ -345,6 +350,17 @@ class AllowListServer(server.DNSServerFactory):
                 self._send(proto, message, address, again)
 
         d.addBoth(done).addErrback(lambda f: self.log.failure("allowedlist: reply failed", f))
+
+    def outsider(self, host: str, transport: str) -> None:
+        """A query (or TCP connection) from outside ``vm_networks``: dropped,
+        never answered; counted, and audited within the limits above."""
+        self.counters["dropped-outside"] += 1
+        if self.audit is None:
+            return
+        now = self.clock.seconds()
+        if self._outsider_buckets.take(host, now) and self._outsider_total.take("*", now):
+            self.audit("allowlist-dns-dropped", client=host, transport=transport,
+                       why="outside vm_networks")
 
     def account(self, decision: Decision, host: str, now: float) -> None:
         """What every sent decision costs: its counter, the (rate-limited)
