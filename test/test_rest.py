@@ -192,7 +192,9 @@ class LoginTests(TestCase):
         self.assertEqual((e.exception.status, e.exception.code), (429, "rate-limited"))
 
     async def test_session_expires(self) -> None:
-        env = await start_rest(self, overrides={"session_ttl": "1s"})
+        # 5 s: the session must still be valid at the first request even when
+        # the machine is busy (parallel test workers); 1 s was not always
+        env = await start_rest(self, overrides={"session_ttl": "5s"})
         client = env.client()
         result = await client.login("alice", env.admin_key)
         await client.me()
