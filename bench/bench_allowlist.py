@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -125,6 +126,7 @@ async def main(reactor: Any, opts: argparse.Namespace) -> None:
         for proc in reversed(procs):
             await proc.stop()
         spaces.remove()
+        shutil.rmtree(workdir, ignore_errors=True)  # keys, certificates, logs
 
 
 def cli() -> None:
