@@ -11,14 +11,13 @@ import json
 import os
 import shutil
 import subprocess
-import sys
-import textwrap
 from typing import Any
 
 from twisted.internet import defer
 from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
+from test.netprobe import listen_in, probe_from
 from ticrypt.audit import AuditLog
 from ticrypt.config import ConfigError, load_config
 from ticrypt.nft.apply import MemoryNft
@@ -252,37 +251,6 @@ class ServiceTests(SynchronousTestCase):
 
 # -- as root, in network namespaces -------------------------------------------------
 
-LISTENER = textwrap.dedent("""
-    import socket, sys, select
-    socks = []
-    for port in map(int, sys.argv[1:]):
-        s = socket.socket()
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        s.bind(("0.0.0.0", port))
-        s.listen(16)
-        socks.append(s)
-    print("listening", flush=True)
-    while True:
-        for s in select.select(socks, [], [])[0]:
-            c, _ = s.accept()
-            c.sendall(b"ok")
-            c.close()
-""")
-
-PROBE = textwrap.dedent("""
-    import json, socket, sys
-    out = {}
-    for target in sys.argv[1:]:
-        host, port = target.rsplit(":", 1)
-        try:
-            with socket.create_connection((host, int(port)), timeout=1.5) as c:
-                out[target] = c.recv(2).decode()
-        except OSError as e:
-            out[target] = type(e).__name__
-    print(json.dumps(out))
-""")
-
-
 def _run(*argv: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(list(argv), input=stdin, capture_output=True, text=True, timeout=30)
 
@@ -319,18 +287,10 @@ class NamespaceTests(SynchronousTestCase):
         self.listen(self.out, 8443, 9999)
 
     def listen(self, ns: str, *ports: int) -> None:
-        proc = subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, "-c", LISTENER,
-                                 *map(str, ports)], stdout=subprocess.PIPE, text=True)
-        self.addCleanup(proc.wait)
-        self.addCleanup(proc.kill)
-        assert proc.stdout is not None
-        self.addCleanup(proc.stdout.close)
-        self.assertEqual(proc.stdout.readline().strip(), "listening")
+        listen_in(self, ns, *ports)
 
     def probe(self, ns: str, *targets: str) -> dict[str, str]:
-        r = _run("ip", "netns", "exec", ns, sys.executable, "-c", PROBE, *targets)
-        self.assertEqual(r.returncode, 0, r.stderr)
-        return json.loads(r.stdout)  # type: ignore[no-any-return]
+        return probe_from(self, ns, *targets)
 
     def nft(self, script: str) -> None:
         r = _run("ip", "netns", "exec", self.vm, "nft", "-f", "-", stdin=script)

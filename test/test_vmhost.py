@@ -18,6 +18,7 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 
 from test.daemon import ROOT, daemon_env, run_command, start_daemon, twistd_path
+from test.netprobe import listen_in, probe_from
 from ticrypt.audit import AuditLog
 from ticrypt.config import ConfigError, load_config
 from ticrypt.lab import daemons
@@ -553,21 +554,10 @@ class IsolationNamespaceTests(SynchronousTestCase):
         self.listen(self.host, 7777)
 
     def listen(self, ns: str, *ports: int) -> None:
-        from test.test_vmc_firewall import LISTENER
-
-        proc = subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, "-c", LISTENER,
-                                 *map(str, ports)], stdout=subprocess.PIPE, text=True)
-        self.addCleanup(proc.wait)
-        self.addCleanup(proc.kill)
-        assert proc.stdout is not None
-        self.addCleanup(proc.stdout.close)
-        self.assertEqual(proc.stdout.readline().strip(), "listening")
+        listen_in(self, ns, *ports)
 
     def probe(self, ns: str, *targets: str) -> dict[str, str]:
-        from test.test_vmc_firewall import PROBE
-
-        out = self.sh("ip", "netns", "exec", ns, sys.executable, "-c", PROBE, *targets)
-        return json.loads(out)  # type: ignore[no-any-return]
+        return probe_from(self, ns, *targets)
 
     def test_isolation_in_namespaces(self) -> None:
         from_client = ("10.231.1.1:2201", "10.231.2.2:22", "10.231.2.2:8080")
