@@ -16,13 +16,13 @@ seconds) with each receive, and the flood budgets are counted per
 
 from __future__ import annotations
 
-import struct
 from collections import OrderedDict
 from typing import Literal
 
 import attrs
 
 from ticrypt.mux.frames import (
+    HEADER,
     MAX_PAYLOAD,
     MAX_STREAM_ID,
     MAX_WINDOW,
@@ -45,11 +45,6 @@ from ticrypt.mux.frames import (
 )
 
 Side = Literal["client", "server"]
-
-#: The DATA header (frames.py's layout): DATA is queued as header + payload,
-#: joined once by :meth:`MuxConnection.data_to_send`, so a payload is copied
-#: once on its way out, not once per layer.
-_DATA_HEADER = struct.Struct(">BII")
 
 #: Every reason a connection can end with, besides the FrameError reasons
 #: (which are used as they are) and "peer:<reason>" for a GOAWAY received.
@@ -331,7 +326,9 @@ class MuxConnection:
         take = min(len(data), s.send_window)
         step = self.settings.max_frame
         out = self._out
-        pack = _DATA_HEADER.pack
+        # DATA is queued as header + payload, joined once by data_to_send: a
+        # payload is copied once on its way out, not once per layer
+        pack = HEADER.pack
         if not take:
             return 0
         if type(data) is not bytes and not (type(data) is memoryview and type(data.obj) is bytes):

@@ -17,6 +17,8 @@ buffers any payload, so a peer can never make it hold more than
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
+from typing import Any
 
 import attrs
 
@@ -49,7 +51,9 @@ RESET_REFUSED = 1  # the server refused the OPEN (the stream never carried data 
 RESET_ERROR = 2  # the stream failed (e.g. the server's local connection broke)
 RESET_CODES = (RESET_CANCEL, RESET_REFUSED, RESET_ERROR)
 
-_HEADER = struct.Struct(">BII")
+#: The fixed header: type, stream, length (big-endian); also used by
+#: :mod:`ticrypt.mux.connection` to queue DATA as header + payload.
+HEADER = struct.Struct(">BII")
 
 #: Every reason a :class:`FrameError` can carry.
 FRAME_ERRORS: dict[str, str] = {
@@ -92,49 +96,53 @@ def _reason_ok(raw: bytes) -> bool:
     return len(raw) <= MAX_REASON and all(0x21 <= b <= 0x7E for b in raw)
 
 
+#: PING's and PONG's opaque bytes: exactly PING_SIZE of them.
+_opaque: Callable[[Any, attrs.Attribute[bytes], bytes], Any] = attrs.validators.and_(
+    attrs.validators.min_len(PING_SIZE), attrs.validators.max_len(PING_SIZE))
+
+
 @attrs.frozen
-class Open:
-    """Client -> server: open ``stream`` to TCP ``port`` on the server's host."""
+class _StreamFrame:
+    """A frame of one stream: its ``stream`` id comes first."""
 
     stream: int = attrs.field(validator=_stream)
+
+
+@attrs.frozen
+class Open(_StreamFrame):
+    """Client -> server: open ``stream`` to TCP ``port`` on the server's host."""
+
     port: int = attrs.field(validator=attrs.validators.and_(attrs.validators.ge(1), attrs.validators.le(65535)))
 
 
 @attrs.frozen
-class Accept:
+class Accept(_StreamFrame):
     """Server -> client: the OPEN of ``stream`` succeeded."""
-
-    stream: int = attrs.field(validator=_stream)
 
 
 @attrs.frozen
-class Data:
+class Data(_StreamFrame):
     """Payload bytes on ``stream`` (may be empty; counts against the window)."""
 
-    stream: int = attrs.field(validator=_stream)
     payload: bytes = attrs.field(validator=attrs.validators.max_len(MAX_PAYLOAD), repr=lambda p: f"<{len(p)} bytes>")
 
 
 @attrs.frozen
-class Window:
+class Window(_StreamFrame):
     """The receiver of ``stream`` grants ``increment`` more bytes of DATA."""
 
-    stream: int = attrs.field(validator=_stream)
     increment: int = attrs.field(validator=attrs.validators.and_(attrs.validators.ge(0), attrs.validators.le(MAX_WINDOW)))
 
 
 @attrs.frozen
-class HalfClose:
+class HalfClose(_StreamFrame):
     """The sender will send no more DATA on ``stream`` (TCP FIN)."""
-
-    stream: int = attrs.field(validator=_stream)
 
 
 @attrs.frozen
-class Reset:
+class Reset(_StreamFrame):
     """``stream`` is over in both directions; ``code`` is one of RESET_CODES."""
 
-    stream: int = attrs.field(validator=_stream)
     code: int = attrs.field(validator=attrs.validators.in_(RESET_CODES))
     reason: str = attrs.field(validator=_reason)
 
@@ -143,14 +151,14 @@ class Reset:
 class Ping:
     """Liveness probe; the peer answers PONG with the same opaque bytes."""
 
-    opaque: bytes = attrs.field(validator=attrs.validators.and_(attrs.validators.min_len(PING_SIZE), attrs.validators.max_len(PING_SIZE)))
+    opaque: bytes = attrs.field(validator=_opaque)
 
 
 @attrs.frozen
 class Pong:
     """Answer to a PING."""
 
-    opaque: bytes = attrs.field(validator=attrs.validators.and_(attrs.validators.min_len(PING_SIZE), attrs.validators.max_len(PING_SIZE)))
+    opaque: bytes = attrs.field(validator=_opaque)
 
 
 @attrs.frozen
@@ -166,25 +174,25 @@ Frame = Open | Accept | Data | Window | HalfClose | Reset | Ping | Pong | GoAway
 def encode(frame: Frame) -> bytes:
     """The wire bytes of one frame."""
     if isinstance(frame, Data):
-        return _HEADER.pack(T_DATA, frame.stream, len(frame.payload)) + frame.payload
+        return HEADER.pack(T_DATA, frame.stream, len(frame.payload)) + frame.payload
     if isinstance(frame, Window):
-        return _HEADER.pack(T_WINDOW, frame.stream, 4) + frame.increment.to_bytes(4, "big")
+        return HEADER.pack(T_WINDOW, frame.stream, 4) + frame.increment.to_bytes(4, "big")
     if isinstance(frame, Open):
-        return _HEADER.pack(T_OPEN, frame.stream, 2) + frame.port.to_bytes(2, "big")
+        return HEADER.pack(T_OPEN, frame.stream, 2) + frame.port.to_bytes(2, "big")
     if isinstance(frame, Accept):
-        return _HEADER.pack(T_ACCEPT, frame.stream, 0)
+        return HEADER.pack(T_ACCEPT, frame.stream, 0)
     if isinstance(frame, HalfClose):
-        return _HEADER.pack(T_HALF_CLOSE, frame.stream, 0)
+        return HEADER.pack(T_HALF_CLOSE, frame.stream, 0)
     if isinstance(frame, Reset):
         text = frame.reason.encode("ascii")
-        return _HEADER.pack(T_RESET, frame.stream, 2 + len(text)) + frame.code.to_bytes(2, "big") + text
+        return HEADER.pack(T_RESET, frame.stream, 2 + len(text)) + frame.code.to_bytes(2, "big") + text
     if isinstance(frame, Ping):
-        return _HEADER.pack(T_PING, 0, PING_SIZE) + frame.opaque
+        return HEADER.pack(T_PING, 0, PING_SIZE) + frame.opaque
     if isinstance(frame, Pong):
-        return _HEADER.pack(T_PONG, 0, PING_SIZE) + frame.opaque
+        return HEADER.pack(T_PONG, 0, PING_SIZE) + frame.opaque
     if isinstance(frame, GoAway):
         text = frame.reason.encode("ascii")
-        return _HEADER.pack(T_GOAWAY, 0, len(text)) + text
+        return HEADER.pack(T_GOAWAY, 0, len(text)) + text
     raise TypeError(f"not a frame: {frame!r}")
 
 
@@ -204,7 +212,7 @@ _SHAPES: dict[int, tuple[bool, int, int]] = {
 
 def check_header(header: bytes) -> tuple[int, int, int]:
     """Check a 9-byte header; (type, stream, length) or FrameError."""
-    ftype, stream, length = _HEADER.unpack(header)
+    ftype, stream, length = HEADER.unpack(header)
     shape = _SHAPES.get(ftype)
     if shape is None:
         raise FrameError("unknown-type")
