@@ -33,7 +33,7 @@ from __future__ import annotations
 import socket
 from collections import Counter
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any, Protocol, overload
 
 import attrs
 from twisted.internet import defer, protocol
@@ -225,12 +225,34 @@ class TCPProtocol(dns.DNSProtocol):
         self.controller.messageReceived(m, self)
 
 
+class _ReplySetting:
+    """An int setting of :class:`AllowListServer` that its replies depend
+    on: setting it empties the server's ``udp_cache``."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self._slot = "_" + name
+
+    @overload
+    def __get__(self, server: None, owner: type) -> _ReplySetting: ...
+    @overload
+    def __get__(self, server: AllowListServer, owner: type) -> int: ...
+    def __get__(self, server: AllowListServer | None, owner: type) -> _ReplySetting | int:
+        return self if server is None else getattr(server, self._slot)  # type: ignore[no-any-return]
+
+    def __set__(self, server: AllowListServer, value: int) -> None:
+        setattr(server, self._slot, value)
+        server.udp_cache = {}
+
+
 class AllowListServer(server.DNSServerFactory):
     """Decides with the policy, waits for the firewall, replies."""
 
     log = Logger()
     protocol = TCPProtocol  # type: ignore[assignment]
     noisy = False
+    #: the TTL of our answers, and the largest UDP reply
+    answer_ttl = _ReplySetting()
+    udp_size = _ReplySetting()
 
     def __init__(self, policy: Policy, clock: IReactorTime, *, admitter: Admitter | None = None,
                  answer_ttl: int = 60, answer_wait: float = 3.0, udp_size: int = UDP_SIZE,
@@ -261,24 +283,6 @@ class AllowListServer(server.DNSServerFactory):
         self._tcp: Counter[str] = Counter()
         #: UDP replies by the query's bytes after its ID (see the module)
         self.udp_cache: dict[bytes, _Cached] = {}
-
-    @property
-    def answer_ttl(self) -> int:
-        return self._answer_ttl
-
-    @answer_ttl.setter
-    def answer_ttl(self, value: int) -> None:
-        self._answer_ttl = value
-        self.udp_cache = {}
-
-    @property
-    def udp_size(self) -> int:
-        return self._udp_size
-
-    @udp_size.setter
-    def udp_size(self, value: int) -> None:
-        self._udp_size = value
-        self.udp_cache = {}
 
     def buildProtocol(self, addr: Any) -> TCPProtocol:  # type: ignore[override]
         p = TCPProtocol(self, self.clock)
