@@ -11,6 +11,9 @@ A role that cannot start says so in one line naming the config file,
 section and key, and exits with status 1 (:class:`StartupFailed`): a config
 error before twistd logs anything (no usage text, see :func:`options_for`),
 a listener that cannot bind once twistd logs (:class:`RoleService`).
+
+A service's periodic job runs on its injected clock: :func:`start_loop`
+in ``startService``, :func:`stop_loop` in ``stopService``.
 """
 
 from __future__ import annotations
@@ -18,12 +21,13 @@ from __future__ import annotations
 import json
 import os
 import sys
+from collections.abc import Callable
 from typing import Any, NoReturn
 
 from twisted.application.service import MultiService, Service
-from twisted.internet import defer
+from twisted.internet import defer, task
 from twisted.internet.error import CannotListenError
-from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IReactorCore
+from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IReactorCore, IReactorTime
 from twisted.logger import Logger
 from twisted.python import usage
 from twisted.python.failure import Failure
@@ -271,3 +275,23 @@ def exit_failed() -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(1)
+
+
+def start_loop(call: Callable[[], object], clock: IReactorTime, interval: float, *, now: bool,
+               failed: Callable[[Failure], None] | None = None) -> task.LoopingCall:
+    """A started LoopingCall of ``call`` every ``interval`` seconds on
+    ``clock`` (the first call at once when ``now``).  A call that raises, or
+    whose Deferred fails, stops the loop for good, so ``call`` catches its
+    own errors; ``failed`` hears of such a stop."""
+    loop = task.LoopingCall(call)
+    loop.clock = clock
+    d = loop.start(interval, now=now)
+    if failed is not None:
+        d.addErrback(failed)
+    return loop
+
+
+def stop_loop(loop: task.LoopingCall | None) -> None:
+    """Stop a loop of :func:`start_loop` if it still runs."""
+    if loop is not None and loop.running:
+        loop.stop()

@@ -54,6 +54,7 @@ from ticrypt.allowedlist.upstream import AddressBook, Lookup
 from ticrypt.fsutil import atomic_write
 from ticrypt.nft.apply import NftError, OwnedTable
 from ticrypt.nft.ruleset import Chain, NamedSet, Rule, Table
+from ticrypt.service import start_loop, stop_loop
 
 __all__ = ["ForwardingPool", "Route", "StateFile", "Sync", "build_table"]
 
@@ -322,15 +323,12 @@ class Sync(Service):
 
     def startService(self) -> None:
         super().startService()
-        self._loop = task.LoopingCall(self._tick)
-        self._loop.clock = self.clock
-        self._loop.start(self.tick, now=True)
+        self._loop = start_loop(self._tick, self.clock, self.tick, now=True)
 
     def stopService(self) -> defer.Deferred[None] | None:
         # the table stays in the kernel: a restart must not cut VMs off
         super().stopService()
-        if self._loop is not None and self._loop.running:
-            self._loop.stop()
+        stop_loop(self._loop)
         self._loop = None
         return None
 

@@ -32,7 +32,14 @@ from ticrypt.http import load_secret
 from ticrypt.http.client import JsonClient
 from ticrypt.http.feed import FEED_TIMEOUT
 from ticrypt.nft.apply import INft, OwnedTable, SpawnNft
-from ticrypt.service import RoleService, StartupError, listen_error_text, options_for
+from ticrypt.service import (
+    RoleService,
+    StartupError,
+    listen_error_text,
+    options_for,
+    start_loop,
+    stop_loop,
+)
 
 log = Logger()
 
@@ -110,14 +117,11 @@ class CountersLog(Service):
 
     def startService(self) -> None:
         super().startService()
-        self._loop = task.LoopingCall(self._tick)
-        self._loop.clock = self._clock
-        self._loop.start(COUNTERS_INTERVAL, now=False)
+        self._loop = start_loop(self._tick, self._clock, COUNTERS_INTERVAL, now=False)
 
     def stopService(self) -> None:
         super().stopService()
-        if self._loop is not None and self._loop.running:
-            self._loop.stop()
+        stop_loop(self._loop)
 
     def _tick(self) -> None:
         now = dict(self._counters)

@@ -23,6 +23,7 @@ from twisted.internet import defer, task
 from twisted.logger import Logger
 
 from ticrypt.http.client import HttpError, JsonClient
+from ticrypt.service import start_loop, stop_loop
 
 __all__ = ["FEED_TIMEOUT", "FeedPoller"]
 
@@ -72,14 +73,11 @@ class FeedPoller(Service, Generic[T]):
 
     def startService(self) -> None:
         super().startService()
-        self._loop = task.LoopingCall(self._tick)
-        self._loop.clock = self._clock
-        self._loop.start(self._interval, now=True)
+        self._loop = start_loop(self._tick, self._clock, self._interval, now=True)
 
     def stopService(self) -> defer.Deferred[None]:
         super().stopService()
-        if self._loop is not None and self._loop.running:
-            self._loop.stop()
+        stop_loop(self._loop)
         self._loop = None
         if self._busy is not None:
             self._busy.cancel()

@@ -51,7 +51,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from ticrypt.audit import AuditLog
-from ticrypt.service import StartupError
+from ticrypt.service import StartupError, start_loop, stop_loop
 
 __all__ = [
     "NETLINK_NETFILTER",
@@ -479,10 +479,8 @@ class DeniedEgressService(Service):
         super().startService()
         self._reader = NflogReader(sock, self.flows.observe, self._lost)
         self._reactor.addReader(self._reader)
-        self._loop = task.LoopingCall(self.flush)
-        self._loop.clock = self._clock
-        self._loop.start(self._window, now=False).addErrback(
-            lambda f: self.log.failure("denied-egress flush loop stopped", f))
+        self._loop = start_loop(self.flush, self._clock, self._window, now=False,
+                                failed=lambda f: self.log.failure("denied-egress flush loop stopped", f))
 
     def _lost(self) -> None:
         self.flows.lost += 1
@@ -496,8 +494,7 @@ class DeniedEgressService(Service):
 
     def stopService(self) -> None:
         super().stopService()
-        if self._loop is not None and self._loop.running:
-            self._loop.stop()
+        stop_loop(self._loop)
         if self._reader is not None:
             self._reactor.removeReader(self._reader)
             self._reader.connectionLost(Failure(ConnectionError("stopped")))

@@ -62,6 +62,7 @@ from zope.interface import implementer
 
 from ticrypt.channel.app import WINDOW, chunks
 from ticrypt.fsutil import atomic_write
+from ticrypt.service import start_loop, stop_loop
 from ticrypt.vmc.cgroup import (
     CgroupTracker,
     CgroupUnavailable,
@@ -415,10 +416,8 @@ class SessionTracker:
         tracker = cls(os.path.join(state_dir, STATE_FILE), clock, reason)
         tracker.subreaper = set_child_subreaper()
         if tracker.subreaper:
-            tracker._reaper = LoopingCall(tracker._reap_orphans)
-            tracker._reaper.clock = clock
-            tracker._reaper.start(REAP_EVERY, now=False).addErrback(
-                lambda f: tracker.log.failure("orphan reaper stopped", f))
+            tracker._reaper = start_loop(tracker._reap_orphans, clock, REAP_EVERY, now=False,
+                                         failed=lambda f: tracker.log.failure("orphan reaper stopped", f))
         return tracker
 
     def describe(self) -> str:
@@ -540,8 +539,7 @@ class SessionTracker:
     def shutdown(self) -> defer.Deferred[None]:
         """vmc stops: SIGKILL every descendant left (the subreaper keeps
         orphans below vmc) and forget the records."""
-        if self._reaper is not None and self._reaper.running:
-            self._reaper.stop()
+        stop_loop(self._reaper)
         table = scan_proc()
         if self.subreaper and table is not None:
             for pid in descendants({os.getpid()}, table) - {os.getpid()}:

@@ -61,6 +61,7 @@ from ticrypt.forward import Pipe, connect_protocol, splice
 from ticrypt.fsutil import atomic_write
 from ticrypt.mux import IncomingStream, MuxProtocol, MuxSettings
 from ticrypt.mux.tls import MuxTLSFactory
+from ticrypt.service import start_loop, stop_loop
 from ticrypt.vmc.pins import Pin, PinLimits, PinSet
 
 #: Where the pins are kept (in ``state_dir``), so a restart keeps them.
@@ -451,9 +452,7 @@ class TunnelService(Service):
 
     def startService(self) -> None:
         super().startService()
-        self._loop = task.LoopingCall(self._sweep)
-        self._loop.clock = self.server.clock
-        self._loop.start(self.interval, now=False)
+        self._loop = start_loop(self._sweep, self.server.clock, self.interval, now=False)
 
     def _sweep(self) -> None:
         try:
@@ -464,8 +463,7 @@ class TunnelService(Service):
 
     def stopService(self) -> None:
         super().stopService()
-        if self._loop is not None and self._loop.running:
-            self._loop.stop()
+        stop_loop(self._loop)
         for conn in list(self.server.connections | self.server._handshaking):
             if conn.transport is not None:
                 conn.transport.loseConnection()
