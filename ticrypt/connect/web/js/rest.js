@@ -1,0 +1,82 @@
+// rest's API through connect's relay: METHOD /rest/v1/<path> with the page
+// token, and the rest session (POST /v1/auth/login) in X-Ticrypt-Session.
+//
+// The rest session is kept in sessionStorage ("ticrypt.rest") for this tab
+// only.  A 401 of rest for a dead session (expired, revoked, disabled,
+// unknown) drops it and tells the listeners of onSessionLost, so the page
+// goes back to sign-in with the reason.
+
+import { ApiError, apiFetch } from "./connectapi.js";
+
+const REST_KEY = "ticrypt.rest";
+const SESSION_DEAD = new Set(["missing-token", "invalid-token", "session-expired",
+  "session-revoked", "user-disabled"]);
+
+const lost = new Set();
+
+/** cb(ApiError) when rest ended the session. */
+export function onSessionLost(cb) {
+  lost.add(cb);
+  return () => lost.delete(cb);
+}
+
+/** {token, user, role, expires} of the signed-in user, or null. */
+export function restSession() {
+  try {
+    const s = JSON.parse(sessionStorage.getItem(REST_KEY) || "null");
+    return s && typeof s.token === "string" ? s : null;
+  } catch {
+    return null;
+  }
+}
+
+export function setRestSession(session) {
+  sessionStorage.setItem(REST_KEY, JSON.stringify(session));
+}
+
+export function clearRestSession() {
+  try {
+    sessionStorage.removeItem(REST_KEY);
+  } catch { /* nothing kept */ }
+}
+
+/** METHOD /rest/v1/<path> (path starts with "/"), signed in unless anonymous. */
+export async function rest(method, path, body = undefined, { anonymous = false } = {}) {
+  const headers = {};
+  const session = anonymous ? null : restSession();
+  if (!anonymous) {
+    if (!session) throw new ApiError(401, "not-signed-in", "you are not signed in",
+      { source: "rest" });
+    headers["X-Ticrypt-Session"] = session.token;
+  }
+  try {
+    return await apiFetch(method, `/rest/v1${path}`, body, { headers, source: "rest" });
+  } catch (e) {
+    if (e instanceof ApiError && e.status === 401 && SESSION_DEAD.has(e.code) && !anonymous) {
+      clearRestSession();
+      for (const cb of [...lost]) cb(e);
+    }
+    throw e;
+  }
+}
+
+const seg = encodeURIComponent;
+
+export const api = {
+  backend: () => rest("GET", "/backend", undefined, { anonymous: true }),
+  challenge: (user) => rest("POST", "/auth/challenge", { user }, { anonymous: true }),
+  login: (user, challengeId, signature) => rest("POST", "/auth/login",
+    { user, challenge_id: challengeId, signature }, { anonymous: true }),
+  logout: () => rest("POST", "/auth/logout", {}),
+  me: () => rest("GET", "/me"),
+  users: async () => (await rest("GET", "/users")).users || [],
+  vms: async () => (await rest("GET", "/vms")).vms || [],
+  vm: (id) => rest("GET", `/vms/${seg(id)}`),
+  ticket: (id) => rest("POST", `/vms/${seg(id)}/ticket`, {}),
+  createPathway: async (id) => (await rest("POST", `/vms/${seg(id)}/pathways`, {})).pathway,
+  pathways: async () => (await rest("GET", "/pathways")).pathways || [],
+  deletePathway: (id) => rest("DELETE", `/pathways/${seg(id)}`),
+  allowlist: async () => (await rest("GET", "/allowlist")).entries || [],
+  addAllow: async (entry) => (await rest("POST", "/allowlist", entry)).entry,
+  removeAllow: (id) => rest("DELETE", `/allowlist/${seg(id)}`),
+};
