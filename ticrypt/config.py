@@ -674,6 +674,20 @@ def section(cls: type[T], optional: bool = False) -> T:
     return attrs.field(metadata={_SECTION: cls})  # type: ignore[no-any-return]
 
 
+# settings that mean the same in several roles: one kind, one default
+
+def nft_table_setting(default: str, doc: str) -> str:
+    """``nft_table``: the name of the role's own nftables table (the only
+    one it writes), ``default`` being the role's."""
+    return setting(Str(pattern=r"[a-z][a-z0-9_]{0,30}"), default, doc)
+
+
+def nflog_group_setting(doc: str = "NFLOG group of denied egress, 0 = none") -> int:
+    """``log_group``: the NFLOG group the role's firewall copies its drops to,
+    read by :mod:`ticrypt.nft.denied`; 0 (the default) logs none."""
+    return setting(Int(0, 65535), 0, doc)
+
+
 @attrs.frozen(kw_only=True)
 class RoleConfig:
     """Base of a role's typed config: ``path`` is the file it was read from.

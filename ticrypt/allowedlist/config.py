@@ -19,7 +19,8 @@ from ticrypt.config import (
     Kind,
     OptionalUrl,
     RoleConfig,
-    Str,
+    nflog_group_setting,
+    nft_table_setting,
     section,
     setting,
 )
@@ -115,9 +116,8 @@ class AllowedListSection:
     max_tcp: int = setting(Int(1, 100_000), 1024, "open DNS TCP connections")
     max_tcp_per_client: int = setting(Int(1, 1000), 8, "open DNS TCP connections per client")
     mode: str = setting(Choice(("nft", "off")), "nft", "nft rules, or DNS only")
-    nft_table: str = setting(Str(pattern=r"[a-z][a-z0-9_]{0,30}"), "ticrypt_allowedlist",
-                             "the role's own nftables table")
-    log_group: int = setting(Int(0, 65535), 0, "NFLOG group of denied egress, 0 = none")
+    nft_table: str = nft_table_setting("ticrypt_allowedlist", "the role's own nftables table")
+    log_group: int = nflog_group_setting()
     masquerade: bool = setting(Bool(), True, "source-NAT forwarded flows")
 
 

@@ -28,6 +28,7 @@ from ticrypt.config import (
     ServerEndpoint,
     Str,
     group,
+    nft_table_setting,
     section,
     setting,
 )
@@ -101,8 +102,7 @@ class LeasesSection:
                                              "a forwarded connection with no byte ends")
     max_connections_per_lease: int = setting(Int(1, 100_000), 64,
                                              "forwarded connections of one lease")
-    nft_table: str = setting(Str(pattern=r"[a-z][a-z0-9_]{0,30}"), "ticrypt_proxy",
-                             "the proxy's own nftables table (mode = nft)")
+    nft_table: str = nft_table_setting("ticrypt_proxy", "the proxy's own nftables table (mode = nft)")
     limits: LeaseLimits = group(LeaseLimits)
 
     @property

@@ -26,6 +26,7 @@ from ticrypt.config import (
     Str,
     Url,
     group,
+    nflog_group_setting,
     section,
     setting,
 )
@@ -101,7 +102,7 @@ class FirewallSection:
                                          "the allow-list forwarding addresses")
     backend: tuple[str, ...] = setting(NetworkList(), (),
                                        "rest's and the proxy's addresses, if URLs name hosts")
-    log_group: int = setting(Int(0, 65535), 0, "NFLOG group of denied egress, 0 = none")
+    log_group: int = nflog_group_setting()
     dhcp: bool = setting(Bool(), False, "allow DHCPv4 client traffic")
 
 

@@ -19,6 +19,7 @@ from ticrypt.config import (
     Port,
     RoleConfig,
     Str,
+    nflog_group_setting,
     section,
     setting,
 )
@@ -97,7 +98,7 @@ class VmhostSection:
     vm_networks: tuple[str, ...] = setting(NetworkList(), (), "isolation: the VMs' networks")
     backend: tuple[str, ...] = setting(NetworkList(), (),
                                        "isolation: backend addresses VMs may reach")
-    log_group: int = setting(Int(0, 65535), 0, "isolation: NFLOG group of drops, 0 = none")
+    log_group: int = nflog_group_setting("isolation: NFLOG group of drops, 0 = none")
 
 
 @attrs.frozen(kw_only=True)
