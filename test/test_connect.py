@@ -181,8 +181,9 @@ class Env:
 # ---------------------------------------------------------------- the API
 
 def http(method: str, path: str, *, host: str | None = OWN, token: str | None = TOKEN,
-         origin: str | None = None, body: Any = None) -> bytes:
-    raw = b"" if body is None else json.dumps(body).encode()
+         origin: str | None = None, body: Any = None,
+         headers: dict[str, str] | None = None) -> bytes:
+    raw = b"" if body is None else body if isinstance(body, bytes) else json.dumps(body).encode()
     head = f"{method} {path} HTTP/1.1\r\n"
     if host is not None:
         head += f"Host: {host}\r\n"
@@ -190,6 +191,8 @@ def http(method: str, path: str, *, host: str | None = OWN, token: str | None = 
         head += f"Authorization: Bearer {token}\r\n"
     if origin is not None:
         head += f"Origin: {origin}\r\n"
+    for name, value in (headers or {}).items():
+        head += f"{name}: {value}\r\n"
     if raw:
         head += f"Content-Type: application/json\r\nContent-Length: {len(raw)}\r\n"
     return head.encode() + b"\r\n" + raw
@@ -265,7 +268,7 @@ class AdmissionTests(ApiTestCase):
         self.assertNotIn(TOKEN, text)
 
     def test_not_listening_yet(self) -> None:
-        self.resource._address = lambda: None
+        self.resource.admission._address = lambda: None
         self.assertEqual(self.code("GET", "/v1/tunnels"), (503, "not-ready"))
 
 

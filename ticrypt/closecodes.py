@@ -37,13 +37,17 @@ PEER_LOST = CloseCode(4010, "peer-lost", "the other end vanished without closing
 REVOKED = CloseCode(4011, "revoked", "access was revoked at the backend (user disabled or "
                     "session ended); sign in again if you still may")
 CHANNEL_ERROR = CloseCode(4400, "channel-error", "the secure channel failed")
+PROXY_UNREACHABLE = CloseCode(4013, "proxy-unreachable",
+                              "ticrypt-connect could not reach the proxy (is the backend "
+                              "up? is connect's [page] configured?)")
 NOT_AUTHORIZED = CloseCode(4401, "not-authorized",
                            "you are not authorized on this VM; ask its owner to run "
                            "'ticrypt authorize VM YOU'")
 
 ALL: tuple[CloseCode, ...] = (NORMAL, GOING_AWAY, TOO_BIG, SERVER_ERROR, BAD_MESSAGE,
                               VM_AUTH_FAILED, TICKET_REFUSED, NO_VM, TIMEOUT, OVER_LIMIT,
-                              PEER_LOST, REVOKED, CHANNEL_ERROR, NOT_AUTHORIZED)
+                              PEER_LOST, REVOKED, PROXY_UNREACHABLE, CHANNEL_ERROR,
+                              NOT_AUTHORIZED)
 BY_CODE: dict[int, CloseCode] = {c.code: c for c in ALL}
 
 #: Explanations of reason names carried under 4400 (and a few end-to-end
@@ -73,6 +77,17 @@ def split_reason(text: str | None) -> tuple[str, str]:
     text = (text or "").strip()
     cut = min((i for i in (text.find(":"), text.find(" ")) if i >= 0), default=len(text))
     return text[:cut], text[cut + 1:].strip()
+
+
+def passed_on(code: int | None, reason: str | None) -> tuple[int, str]:
+    """What a relay closes the other side with when one side's peer sent a
+    close frame with ``code``/``reason`` (PROTOCOL.md §3 Closing): 1000,
+    1001 and 4000..4999 unchanged, no code as 1000, anything else 4010."""
+    if code is None:
+        return NORMAL.code, ""
+    if code in (NORMAL.code, GOING_AWAY.code) or 4000 <= code <= 4999:
+        return code, reason or ""
+    return PEER_LOST.code, reason(PEER_LOST.name, f"the peer closed with code {code}")
 
 
 def human(name: str) -> str | None:

@@ -36,9 +36,11 @@ from collections.abc import Callable
 from typing import Any
 
 from twisted.web import server
+from twisted.web.resource import IResource
 
 from ticrypt.audit import AuditLog
 from ticrypt.connect.certs import FINGERPRINT_RE, CertError, CertStore
+from ticrypt.connect.page import PageTokens
 from ticrypt.connect.tunnels import Forward, Tunnel, TunnelError, TunnelSpec, TunnelTable
 from ticrypt.http.server import (
     ApiError,
@@ -51,7 +53,12 @@ from ticrypt.http.server import (
     parse_body,
 )
 
+PAGE_SESSION = b"/v1/page/session"
+PAGE_LINK = b"/v1/page/link"
+
 ROUTES = (
+    Route("POST", "/v1/page/session", "page_session"),
+    Route("POST", "/v1/page/link", "page_link"),
     Route("POST", "/v1/certs", "create_cert"),
     Route("GET", "/v1/tunnels", "list_tunnels"),
     Route("POST", "/v1/tunnels", "open_tunnel"),
@@ -115,16 +122,101 @@ def parse_forwards(raw: list[Any], limit: int) -> tuple[Forward, ...]:
     return tuple(out)
 
 
+class Admission:
+    """Who may use connect's site (PROTOCOL.md §7 Admission): the Host of
+    the listener, no other web page's Origin, and a token: the one in
+    ``token_file`` (the CLI) or a page token (the page).  Refusals are
+    audited (``api-refused``), never with a token."""
+
+    def __init__(self, *, token: Callable[[], str | None],
+                 address: Callable[[], tuple[str, int] | None], audit: AuditLog,
+                 page: PageTokens | None = None):
+        self._token = token
+        self._address = address
+        self._audit = audit
+        self.page = page
+
+    def own(self) -> str:
+        """``127.0.0.1:PORT`` of the listener; ApiError 503 before it listens."""
+        where = self._address()
+        if where is None:
+            raise ApiError(503, "not-ready", "connect is starting")
+        return f"{where[0]}:{where[1]}"
+
+    def site_problem(self, host: str | None, origin: str | None,
+                     origin_required: bool = False) -> str | None:
+        """``bad-host``, ``bad-origin`` or ``not-ready`` for these headers, or None."""
+        where = self._address()
+        if where is None:
+            return "not-ready"
+        own = f"{where[0]}:{where[1]}"
+        if host != own:
+            return "bad-host"
+        if (origin is None and origin_required) or (origin is not None
+                                                    and origin != f"http://{own}"):
+            return "bad-origin"
+        return None
+
+    def token_problem(self, given: str | None, page_ok: bool = True) -> str | None:
+        """``unauthorized`` unless ``given`` is the token_file token (or,
+        with ``page_ok``, a valid page token)."""
+        expected = self._token()
+        if given is None:
+            return "unauthorized"
+        if expected is not None and hmac.compare_digest(given.encode("utf-8", "replace"),
+                                                        expected.encode()):
+            return None
+        if page_ok and self.page is not None and self.page.valid(given):
+            return None
+        return "unauthorized"
+
+    def check_site(self, request: server.Request, origin_required: bool = False) -> None:
+        """Host and Origin of ``request``; ApiError 403 (503 before listening)."""
+        problem = self.site_problem(header_text(request, b"host"), header_text(request, b"origin"),
+                                    origin_required)
+        if problem == "not-ready":
+            self.own()
+        if problem is not None:
+            self.refused(request, problem)
+            if problem == "bad-host":
+                raise ApiError(403, "bad-host", f"this API answers only requests for "
+                               f"{self.own()}")
+            raise ApiError(403, "bad-origin", "requests from other web pages are refused")
+
+    def check(self, request: server.Request, page_ok: bool = True) -> None:
+        """Host, Origin and the bearer token; ApiError 403 / 401."""
+        self.check_site(request)
+        if self.token_problem(bearer_token(request), page_ok) is not None:
+            self.refused(request, "unauthorized")
+            raise ApiError(401, "unauthorized", "missing or wrong API token (it is in "
+                           "connect's token_file)", {"WWW-Authenticate": "Bearer"})
+
+    def refused(self, request: server.Request, why: str) -> None:
+        self.audit_refusal(why, request.getClientAddress().host,
+                           request.method.decode("ascii", "replace"),
+                           request.path.decode("ascii", "replace"))
+
+    def audit_refusal(self, why: str, client: str, method: str, path: str) -> None:
+        self._audit.write("api-refused", reason=why, client=client, method=method,
+                          path=path[:100])
+
+
+def header_text(request: server.Request, name: bytes) -> str | None:
+    value = request.getHeader(name)
+    return None if value is None else value.decode("latin-1")
+
+
 class ConnectResource(JsonResource):
     """The API.  ``address()`` is the listener's ``(host, port)`` once it
     listens (None before: everything is refused)."""
 
     def __init__(self, *, token: Callable[[], str | None],
                  address: Callable[[], tuple[str, int] | None], certs: CertStore,
-                 table: TunnelTable, make_tunnel: MakeTunnel, audit: AuditLog):
+                 table: TunnelTable, make_tunnel: MakeTunnel, audit: AuditLog,
+                 page: PageTokens | None = None):
         super().__init__(ROUTES)
-        self._token = token
-        self._address = address
+        self.admission = Admission(token=token, address=address, audit=audit, page=page)
+        self.page = page
         self.certs = certs
         self.table = table
         self._make_tunnel = make_tunnel
@@ -133,30 +225,13 @@ class ConnectResource(JsonResource):
     # -- who may ask -----------------------------------------------------------
 
     def admit(self, request: server.Request) -> None:
-        where = self._address()
-        if where is None:
-            raise ApiError(503, "not-ready", "connect is starting")
-        own = f"{where[0]}:{where[1]}"
-        host = (request.getHeader(b"host") or b"").decode("latin-1")
-        if host != own:
-            self._refused(request, "bad-host")
-            raise ApiError(403, "bad-host", f"this API answers only requests for {own}")
-        origin = request.getHeader(b"origin")
-        if origin is not None and origin.decode("latin-1") != f"http://{own}":
-            self._refused(request, "bad-origin")
-            raise ApiError(403, "bad-origin", "requests from other web pages are refused")
-        expected = self._token()
-        given = bearer_token(request)
-        if expected is None or given is None or not hmac.compare_digest(
-                given.encode("utf-8", "replace"), expected.encode()):
-            self._refused(request, "unauthorized")
-            raise ApiError(401, "unauthorized", "missing or wrong API token (it is in "
-                           "connect's token_file)", {"WWW-Authenticate": "Bearer"})
-
-    def _refused(self, request: server.Request, why: str) -> None:
-        self._audit.write("api-refused", reason=why, client=request.getClientAddress().host,
-                          method=request.method.decode("ascii", "replace"),
-                          path=request.path.decode("ascii", "replace")[:100])
+        path = request.path
+        if path == PAGE_SESSION:  # the page signs in with a link: no token yet
+            self.admission.check_site(request, origin_required=True)
+        elif path == PAGE_LINK:   # the CLI asks for a link: token_file token only
+            self.admission.check(request, page_ok=False)
+        else:
+            self.admission.check(request)
 
     async def handle(self, request: server.Request, route: Route,
                      params: tuple[str, ...]) -> Result:
@@ -167,6 +242,34 @@ class ConnectResource(JsonResource):
         return result
 
     # -- operations --------------------------------------------------------------
+
+    def _page(self) -> PageTokens:
+        if self.page is None:
+            raise ApiError(503, "page-disabled", "the page is off: set [page] rest_url in "
+                           "connect.ini")
+        return self.page
+
+    async def page_session(self, body: bytes) -> Result:
+        page = self._page()
+        b = parse_body(body, {"link": Field(str, check=_check_text(128))})
+        redeemed = page.redeem(b["link"])
+        if redeemed is None:
+            self._audit.write("page-refused", reason="bad-link")
+            raise ApiError(401, "bad-link", "this sign-in link is unknown, used or expired; "
+                           "run 'ticrypt open' for a new one")
+        token, expires = redeemed
+        self._audit.write("page-session", expires=int(expires))
+        return 201, {"token": token, "expires": int(expires)}
+
+    async def page_link(self, body: bytes) -> Result:
+        parse_body(body, {})
+        url, expires = self.new_page_url()
+        return 201, {"url": url, "expires": int(expires)}
+
+    def new_page_url(self) -> tuple[str, float]:
+        """The page's URL with a fresh one-time link, and when the link expires."""
+        link, expires = self._page().new_link()
+        return f"http://{self.admission.own()}/#link={link}", expires
 
     async def create_cert(self, body: bytes) -> Result:
         parse_body(body, {})
@@ -226,11 +329,13 @@ class ConnectResource(JsonResource):
         return 200, {"tunnel": tunnel.describe()}
 
 
-def connect_site(resource: ConnectResource, *, reactor: Any, max_body: int,
+def connect_site(resource: IResource, *, reactor: Any, max_body: int,
                  idle_timeout: float, request_timeout: float) -> JsonSite:
-    """connect's site; wrap it in a LimitedFactory to listen."""
+    """connect's site (``resource``: the API, or the :class:`~ticrypt.connect.page.PageRoot`
+    over it); wrap it in a LimitedFactory to listen."""
     return JsonSite(resource, reactor=reactor, max_body=max_body, idle_timeout=idle_timeout,
                     request_timeout=request_timeout, access_namespace="ticrypt.connect.access")
 
 
-__all__ = ["ROUTES", "ConnectResource", "connect_site", "parse_forwards"]
+__all__ = ["ROUTES", "Admission", "ConnectResource", "connect_site", "header_text",
+           "parse_forwards"]

@@ -1,13 +1,16 @@
 """ticrypt-connect's config (documented key by key in ``etc/connect.ini``).
 
 ``[connect]`` is the local API (:class:`ConnectSection`); ``[tunnels]``
-(optional) the tunnels' own :class:`TunnelSettings`, so each default is
+(optional) the tunnels' own :class:`TunnelSettings` and ``[page]``
+(optional) the browser page's :class:`PageSettings`, so each default is
 written once, in the class that uses it.
 """
 
 from __future__ import annotations
 
 import ipaddress
+from typing import Any
+from urllib.parse import urlsplit
 
 import attrs
 
@@ -16,6 +19,7 @@ from ticrypt.config import (
     Duration,
     FilePath,
     Int,
+    OptionalUrl,
     RoleConfig,
     ServerEndpoint,
     Size,
@@ -65,12 +69,50 @@ class TunnelSettings:
                                "local connections waiting for a tunnel that is down")
 
 
+@attrs.frozen
+class PageUrl(OptionalUrl):
+    """rest's URL, or empty / ``off`` for no page (parsed as None)."""
+
+    @property
+    def expected(self) -> str:  # type: ignore[override]
+        return "an https:// URL, or empty (no page)"
+
+    def parse(self, raw: str, ctx: Any) -> str | None:  # type: ignore[override]
+        return None if not raw.strip() else super().parse(raw, ctx)
+
+
+@attrs.frozen(kw_only=True)
+class PageSettings:
+    """``[page]``: the browser page connect serves and its relays to rest
+    and the proxy (off without ``rest_url``)."""
+
+    rest_url: str | None = setting(PageUrl(), None,
+                                   "rest's URL the page's REST calls are relayed to "
+                                   "(empty: no page)")
+    ca_file: str | None = setting(FilePath(), None,
+                                  "CA that signs rest's and the proxy's certificates")
+    link_ttl: float = setting(Duration(min=1), 600.0, "a one-time sign-in link expires after")
+    session_ttl: float = setting(Duration(min=60), 12 * 3600.0,
+                                 "a page token (the page's session with connect) lasts")
+    max_relays: int = setting(Int(1, 4096), 32, "websocket relays to the proxy open at once")
+    handshake_timeout: float = setting(Duration(), 15.0,
+                                       "connection to the proxy (TCP, TLS, websocket) within")
+    max_message: int = setting(Size(min=1024 * 1024 + 4096, max=64 * 1024 * 1024),
+                               2 * 1024 * 1024, "largest websocket message relayed")
+    rest_timeout: float = setting(Duration(), 30.0, "a relayed REST call answered within")
+
+    @property
+    def enabled(self) -> bool:
+        return self.rest_url is not None
+
+
 @attrs.frozen(kw_only=True)
 class ConnectConfig(RoleConfig):
     """``connect.ini``."""
 
     connect: ConnectSection = section(ConnectSection)
     tunnels: TunnelSettings = section(TunnelSettings, optional=True)
+    page: PageSettings = section(PageSettings, optional=True)
 
     def check(self) -> None:
         host = listen_interface(self.connect.listen)
@@ -80,6 +122,22 @@ class ConnectConfig(RoleConfig):
         t = self.tunnels
         if t.reconnect_initial > t.reconnect_max:
             raise self.error("tunnels", "reconnect_initial", "must not exceed reconnect_max")
+        p = self.page
+        if p.rest_url is not None:
+            parts = urlsplit(p.rest_url)
+            if parts.scheme == "https" and p.ca_file is None:
+                raise self.error("page", "ca_file", "an https rest_url needs the CA file")
+            if parts.scheme == "http" and not _is_loopback(parts.hostname or ""):
+                raise self.error("page", "rest_url", "http:// only to a rest on this "
+                                 "machine (session tokens would cross the network in clear); "
+                                 "use https://")
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
 
 
 def listen_interface(endpoint: str) -> str | None:

@@ -5,6 +5,12 @@ Every key is documented in ``etc/connect.ini``.  The API listens on
 random API token, 0600, to ``token_file`` (the ``ticrypt`` CLI reads it
 there) and announces itself with the readiness line.  Stopping connect
 closes every tunnel.
+
+With ``[page] rest_url`` set, the same listener serves the browser page
+(:mod:`ticrypt.connect.page`) and its relays to rest
+(:mod:`ticrypt.connect.restrelay`) and the proxy
+(:mod:`ticrypt.connect.wsrelay`); at start connect logs the page's URL
+with a fresh one-time sign-in link (also ``page_url`` in the readiness line).
 """
 
 from __future__ import annotations
@@ -19,11 +25,15 @@ from twisted.internet.interfaces import IListeningPort, IProtocolFactory
 from twisted.logger import Logger
 
 from ticrypt.audit import AuditLog
-from ticrypt.connect.api import ConnectResource, connect_site
+from ticrypt.connect.api import ConnectResource, connect_site, header_text
 from ticrypt.connect.certs import CertStore, pinned_client
 from ticrypt.connect.config import LOOPBACK, ConnectConfig
+from ticrypt.connect.page import WEB_DIR, PageFiles, PageRoot, PageTokens, vendor_missing
+from ticrypt.connect.restrelay import RestRelay
 from ticrypt.connect.tunnels import Tunnel, TunnelSpec, TunnelTable, mux_dialer
+from ticrypt.connect.wsrelay import PageRelayFactory, ProxyUrl, RelayResource, RelaySettings
 from ticrypt.fsutil import atomic_write
+from ticrypt.http.client import JsonClient
 from ticrypt.http.server import LimitedFactory
 from ticrypt.service import ListenerService, RoleService, StartupError, options_for
 
@@ -112,9 +122,12 @@ def make_connect_service(cfg: ConnectConfig, reactor: Any) -> RoleService:
         host = port.getHost()
         return str(getattr(host, "host", "")), int(getattr(host, "port", 0))
 
+    p = cfg.page
+    page = PageTokens(reactor, p.link_ttl, p.session_ttl) if p.enabled else None
     resource = ConnectResource(token=lambda: tokens.token, address=address, certs=certs,
-                               table=table, make_tunnel=make_tunnel, audit=audit)
-    site = connect_site(resource, reactor=reactor, max_body=c.max_body,
+                               table=table, make_tunnel=make_tunnel, audit=audit, page=page)
+    root = page_root(cfg, reactor, resource, audit)
+    site = connect_site(root, reactor=reactor, max_body=c.max_body,
                         idle_timeout=c.idle_timeout, request_timeout=c.request_timeout)
     limited = LimitedFactory(site, c.max_connections, c.max_connections)
     svc = ListenerService("api", endpoints.serverFromString(reactor, c.listen), limited,
@@ -122,7 +135,49 @@ def make_connect_service(cfg: ConnectConfig, reactor: Any) -> RoleService:
     svc.setServiceParent(top)
     listener.append(svc)
     top.ready_info["token_file"] = c.token_file
+    if page is not None:
+        svc.ready.addCallback(_announce_page, resource, top)
     return top
+
+
+def page_root(cfg: ConnectConfig, reactor: Any, api: ConnectResource,
+              audit: AuditLog) -> PageRoot:
+    """The site's root: the page, its relays and the API (page off: the
+    page's paths answer 503 ``page-disabled``)."""
+    p = cfg.page
+    admission = api.admission
+    client = proxy_url = None
+    if p.rest_url is not None:
+        client = JsonClient(reactor, p.ca_file, timeout=p.rest_timeout,
+                            max_response=cfg.connect.max_body * 16, persistent=True)
+        proxy_url = ProxyUrl(client, p.rest_url, reactor)
+    files = PageFiles(WEB_DIR, lambda r: admission.site_problem(
+        header_text(r, b"host"), header_text(r, b"origin")), enabled=p.enabled)
+    relay_factory = PageRelayFactory(
+        reactor=reactor, clock=reactor, audit=audit,
+        settings=RelaySettings(ca_file=p.ca_file, max_relays=p.max_relays,
+                               handshake_timeout=p.handshake_timeout,
+                               max_message=p.max_message),
+        proxy_url=proxy_url.get if proxy_url is not None else _no_proxy_url,
+        forget_proxy_url=proxy_url.forget if proxy_url is not None else lambda: None)
+    rest = RestRelay(admission=admission, client=client, rest_url=p.rest_url)
+    return PageRoot(api, files, RelayResource(relay_factory, admission, p.enabled), rest)
+
+
+async def _no_proxy_url() -> str:
+    raise ValueError("the page is off")
+
+
+def _announce_page(port: Any, api: ConnectResource, top: RoleService) -> Any:
+    """Log the page's URL with a one-time link; name it in the readiness line."""
+    url, _ = api.new_page_url()
+    top.ready_info["page_url"] = url
+    log.info("page: open {url} in your browser (the link works once)", url=url)
+    missing = vendor_missing()
+    if missing:
+        log.warn("page: the terminal's npm files are missing ({files}); run npm ci in "
+                 "{web} (./dev does)", files=", ".join(missing), web=WEB_DIR)
+    return port
 
 
 def makeService(options: Any) -> RoleService:

@@ -5,7 +5,9 @@ answer, and has one deadline for the whole exchange.
     status, answer = await client.request("POST", url, {"a": 1})
 
 ``answer`` is the decoded JSON (through the bounded decoder), or None for
-an empty body.  Every transport failure is an :class:`HttpError` with a
+an empty body.  :meth:`JsonClient.exchange` also gives the raw body and the
+headers (a relay passing rest's answer on), and takes a body that is
+already JSON as bytes.  Every transport failure is an :class:`HttpError` with a
 stable ``code``: ``timeout``, ``unreachable``, ``tls-error`` or
 ``bad-response`` (answer too large, or not JSON).  HTTP error statuses are
 not exceptions: the caller reads ``status`` and rest's error object.
@@ -18,6 +20,7 @@ from __future__ import annotations
 import json
 from typing import Any, NoReturn
 
+import attrs
 from twisted.internet import defer, error, protocol
 from twisted.internet.interfaces import IConsumer, IOpenSSLClientConnectionCreator
 from twisted.python.failure import Failure
@@ -115,6 +118,22 @@ class _BoundedBody(protocol.Protocol):
                                         "the answer"))
 
 
+@attrs.frozen
+class Answer:
+    """One answer: ``status``, the decoded ``json`` (None for an empty
+    body), the ``raw`` body and ``header(name)``."""
+
+    status: int
+    json: Any
+    raw: bytes
+    _headers: Headers
+
+    def header(self, name: str) -> str | None:
+        """The first value of header ``name``, or None."""
+        values = self._headers.getRawHeaders(name)
+        return values[0] if values else None
+
+
 class JsonClient:
     """Requests to one or more URLs, with one CA and one set of bounds.
 
@@ -147,6 +166,13 @@ class JsonClient:
     async def request(self, method: str, url: str, body: Any = None,
                       headers: dict[str, str] | None = None) -> tuple[int, Any]:
         """``(status, JSON answer or None)`` within the deadline; HttpError."""
+        answer = await self.exchange(method, url, body, headers)
+        return answer.status, answer.json
+
+    async def exchange(self, method: str, url: str, body: Any = None,
+                       headers: dict[str, str] | None = None) -> Answer:
+        """The :class:`Answer` within the deadline; HttpError.  ``body``:
+        a JSON value, or bytes that are JSON already (sent as they are)."""
         if url.startswith("https:") and not self._https:
             raise HttpError("tls-error", "an https URL needs a CA file")
         d = defer.ensureDeferred(self._request(method, url, body, headers or {}))
@@ -162,23 +188,25 @@ class JsonClient:
             raise transport_error(url, e) from None
 
     async def _request(self, method: str, url: str, body: Any,
-                       headers: dict[str, str]) -> tuple[int, Any]:
+                       headers: dict[str, str]) -> Answer:
         h = Headers({b"Accept": [b"application/json"]})
         for name, value in headers.items():
             h.addRawHeader(name.encode("ascii"), value.encode("latin-1"))
         producer = None
         if body is not None:
             h.addRawHeader(b"Content-Type", b"application/json")
-            producer = BytesProducer(json.dumps(body, separators=(",", ":")).encode())
+            producer = BytesProducer(body if isinstance(body, bytes)
+                                     else json.dumps(body, separators=(",", ":")).encode())
         response = await self._agent.request(method.encode("ascii"), url.encode("utf-8"), h,
                                              producer)
         reader = _BoundedBody(self._max_response)
         response.deliverBody(reader)
         raw = await reader.done
         if not raw.strip():
-            return response.code, None
+            return Answer(response.code, None, raw, response.headers)
         try:
-            return response.code, loads_bounded(raw, max_size=self._max_response)
+            return Answer(response.code, loads_bounded(raw, max_size=self._max_response), raw,
+                          response.headers)
         except ValueError:
             raise HttpError("bad-response", f"{_origin(url)} answered HTTP {response.code} "
                             "without JSON", status=response.code) from None
