@@ -80,8 +80,8 @@ class WebTestCase(TestCase):
     base: str
 
     async def open_page(self) -> None:
-        port: IListeningPort = reactor.listenTCP(  # type: ignore[arg-type]
-            0, site(), interface="127.0.0.1")
+        web = site()
+        port: IListeningPort = reactor.listenTCP(0, web, interface="127.0.0.1")  # type: ignore[arg-type]
         self.addCleanup(port.stopListening)
         self.base = f"http://127.0.0.1:{port.getHost().port}"  # type: ignore[attr-defined]
         self.browser = await start_browser(self, script_timeout=120)
@@ -197,3 +197,121 @@ class EncodingTests(WebTestCase):
         got = await self.call("parses", [good, '{"a":[1,{"b":null}]}', *bad])
         self.assertEqual(got[:2], ["ok", "ok"])
         self.assertEqual(got[2:], ["bad-message"] * len(bad))
+
+
+class KeyFileTests(WebTestCase):
+    """keyfile.js reads the key files of the Python reference
+    (ticrypt.identity.save_private, what ``ticrypt keygen`` writes);
+    signed.js signs what ticrypt.signed verifies; keystore.js keeps the
+    non-extractable key across a reload until it is forgotten."""
+
+    PURPOSE = "login-v1"
+    PAYLOAD = {"challenge": "Y2hhbGxlbmdl", "challenge_id": "aWQ", "user": "ännä"}
+
+    def setUp(self) -> None:
+        self.dir = Path(self.mktemp()).resolve()
+        self.dir.mkdir()
+
+    def write_key(self, passphrase: bytes | None) -> tuple[str, bytes]:
+        """A new key file from the reference: (PEM text, raw public key)."""
+        from ticrypt import identity
+        key = identity.generate()
+        path = self.dir / f"key{len(list(self.dir.iterdir()))}"
+        identity.save_private(str(path), key, passphrase)
+        return path.read_text(), identity.public_bytes(key)
+
+    def assert_usable(self, got: dict[str, Any], public: bytes) -> None:
+        """The page has the right key, non-extractable, and its login-v1
+        signature verifies with the reference."""
+        from ticrypt import signed
+        from ticrypt.encoding import b64, unb64
+        self.assertNotIn("error", got)
+        self.assertEqual(got["publicKey"], b64(public))
+        self.assertEqual((got["extractable"], got["exportRefused"]), (False, True))
+        self.assertEqual((got["algorithm"], got["usages"]), ("Ed25519", ["sign"]))
+        self.assertTrue(signed.verify(public, self.PURPOSE, self.PAYLOAD,
+                                      unb64(got["signature"], 64)))
+        self.assertFalse(signed.verify(public, "connection-ticket-v1", self.PAYLOAD,
+                                       unb64(got["signature"], 64)))
+
+    async def key_file(self, pem: str, passphrase: str | None) -> dict[str, Any]:
+        result: dict[str, Any] = await self.call("keyFile", pem, passphrase, self.PURPOSE,
+                                                 self.PAYLOAD)
+        return result
+
+    async def test_key_files_of_the_reference(self) -> None:
+        """Plain and passphrase-protected (PBKDF2-SHA256, AES-256-CBC) files
+        import; a wrong or missing passphrase is refused with its code."""
+        from ticrypt import signed
+        await self.open_page()
+        pem, public = self.write_key(None)
+        self.assert_usable(await self.key_file(pem, None), public)
+        self.assert_usable(await self.key_file(pem, "ignored"), public)
+        secret = "pässwörd ✓"
+        pem, public = self.write_key(secret.encode())
+        self.assertIn("ENCRYPTED PRIVATE KEY", pem)
+        self.assert_usable(await self.key_file(pem, secret), public)
+        for passphrase, code in [(None, "passphrase-needed"), ("", "passphrase-needed"),
+                                 ("pässwörd", "bad-passphrase"),
+                                 ("pa\u0308sswo\u0308rd ✓", "bad-passphrase")]:  # NFD: not normalised
+            got = await self.key_file(pem, passphrase)
+            self.assertEqual(got.get("error"), code, passphrase)
+        self.assertEqual(await self.call("signingInputHex", self.PURPOSE, self.PAYLOAD),
+                         signed.signing_input(self.PURPOSE, self.PAYLOAD).hex())
+
+    async def test_other_encryptions_and_refusals(self) -> None:
+        """PBES2 with the parameters OpenSSL can write (AES-128-CBC with
+        HMAC-SHA1, AES-256-CBC with HMAC-SHA512, a PKCS#8 v2 key with its
+        public key); other keys and files are refused with their code."""
+        from cryptography.hazmat.primitives import serialization
+        from cryptography.hazmat.primitives.asymmetric import ec
+
+        from test.daemon import run_command
+        await self.open_page()
+        pem, public = self.write_key(None)
+        plain = self.dir / "plain.pem"
+        plain.write_text(pem)
+        for cipher, prf in [("aes-128-cbc", "hmacWithSHA1"), ("aes-256-cbc", "hmacWithSHA512")]:
+            code, out, err = await run_command(
+                ["openssl", "pkcs8", "-topk8", "-in", str(plain), "-v2", cipher, "-v2prf", prf,
+                 "-iter", "1000", "-passout", "pass:s3cret"])
+            self.assertEqual(code, 0, err)
+            self.assert_usable(await self.key_file(out, "s3cret"), public)
+            self.assertEqual((await self.key_file(out, "s3cre")).get("error"), "bad-passphrase")
+        ec_key = ec.generate_private_key(ec.SECP256R1()).private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption()).decode()
+        public_pem = (
+            "-----BEGIN PUBLIC KEY-----\nMCowBQYDK2VwAyEAGb9ECWmEzf6FQbrBZ9w7lshQhqowtrbLDFw4rXAxZuE=\n"
+            "-----END PUBLIC KEY-----\n")
+        damaged = pem.replace(pem.splitlines()[1], pem.splitlines()[1][:-8] + "AAAAAAAA")
+        cases = {
+            "not-a-key": ["", "hello", public_pem, pem.replace("M", "!", 1),
+                          "-----BEGIN PRIVATE KEY-----\nMAA=\n-----END PRIVATE KEY-----\n"],
+            "unsupported": [ec_key, "-----BEGIN OPENSSH PRIVATE KEY-----\nAAAA\n"
+                            "-----END OPENSSH PRIVATE KEY-----\n"],
+        }
+        for code, pems in cases.items():
+            for text in pems:
+                got = await self.key_file(text, None)
+                self.assertEqual(got.get("error"), code, text)
+                self.assertTrue(got["message"])
+        # a seed changed inside a valid structure is just another key
+        got = await self.key_file(damaged, None)
+        self.assertNotEqual(got.get("publicKey"), public)
+
+    async def test_keystore(self) -> None:
+        """The key survives a reload as a non-extractable CryptoKey that
+        still signs; forgetKey removes it."""
+        await self.open_page()
+        pem, public = self.write_key(b"x")
+        got = await self.call("storeKey", pem, "x", "anna", self.PURPOSE, self.PAYLOAD)
+        self.assertEqual(got.pop("user"), "anna")
+        self.assert_usable(got, public)
+        await self.browser.get(self.base + "/test/index.html")
+        got = await self.call("storedKey", self.PURPOSE, self.PAYLOAD)
+        self.assertEqual(got.pop("user"), "anna")
+        self.assert_usable(got, public)
+        self.assertIsNone(await self.call("forget"))
+        await self.browser.get(self.base + "/test/index.html")
+        self.assertIsNone(await self.call("storedKey", self.PURPOSE, self.PAYLOAD))

@@ -7,6 +7,9 @@
 import { b64decode, b64encode, hex, unhex } from "/app/js/b64.js";
 import { canonical, parseCanonical } from "/app/js/canon.js";
 import { Channel, ChannelError, MAX_PLAINTEXT } from "/app/js/channel.js";
+import { KeyFileError, importKeyFile } from "/app/js/keyfile.js";
+import { signPurpose, signingInput } from "/app/js/signed.js";
+import { forgetKey, loadKey, saveKey } from "/app/js/keystore.js";
 import { ed25519FromSeed, hkdfSha256, sha256, x25519KeyPair, x25519Shared } from "/app/js/primitives.js";
 
 /** rng(n) handing out `bytes` in order. */
@@ -227,5 +230,66 @@ function parses(texts) {
   });
 }
 
-window.ticryptTests = { positive, negative, limits, b64cases, b64encodes, canonicals, parses };
+
+// -- key files, signatures, key storage (appended: keyfile.js, signed.js, keystore.js)
+
+
+/** What a test needs to know about an imported key; signs `payload` for `purpose`. */
+async function describeKey(key, purpose, payload) {
+  let exportRefused;
+  try {
+    await crypto.subtle.exportKey("pkcs8", key.privateKey);
+    exportRefused = false;
+  } catch {
+    exportRefused = true;
+  }
+  return {
+    publicKey: b64encode(key.publicKey),
+    extractable: key.privateKey.extractable,
+    algorithm: key.privateKey.algorithm.name,
+    usages: key.privateKey.usages,
+    exportRefused,
+    signature: await signPurpose(key.privateKey, purpose, payload),
+  };
+}
+
+/** importKeyFile(pem, passphrase): describeKey of it, or {error: code, message}. */
+async function keyFile(pem, passphrase, purpose, payload) {
+  try {
+    return await describeKey(await importKeyFile(pem, passphrase), purpose, payload);
+  } catch (e) {
+    if (e instanceof KeyFileError) return { error: e.code, message: e.message };
+    throw e;
+  }
+}
+
+/** signingInput in hex (compared with ticrypt.signed.signing_input). */
+function signingInputHex(purpose, payload) {
+  return hex(signingInput(purpose, payload));
+}
+
+/** Import, save to IndexedDB, load back: describeKey of the loaded key. */
+async function storeKey(pem, passphrase, user, purpose, payload) {
+  const key = await importKeyFile(pem, passphrase);
+  await saveKey({ user, ...key });
+  const loaded = await loadKey();
+  return { user: loaded.user, ...(await describeKey(loaded, purpose, payload)) };
+}
+
+/** The stored key after a reload (describeKey plus user), or null. */
+async function storedKey(purpose, payload) {
+  const loaded = await loadKey();
+  return loaded && { user: loaded.user, ...(await describeKey(loaded, purpose, payload)) };
+}
+
+/** Forget the stored key; what loadKey gives afterwards. */
+async function forget() {
+  await forgetKey();
+  return loadKey();
+}
+
+window.ticryptTests = {
+  positive, negative, limits, b64cases, b64encodes, canonicals, parses,
+  keyFile, signingInputHex, storeKey, storedKey, forget,
+};
 document.getElementById("status").textContent = "ready";
