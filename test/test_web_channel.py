@@ -272,10 +272,10 @@ class KeyFileTests(WebTestCase):
         plain = self.dir / "plain.pem"
         plain.write_text(pem)
         for cipher, prf in [("aes-128-cbc", "hmacWithSHA1"), ("aes-256-cbc", "hmacWithSHA512")]:
-            code, out, err = await run_command(
+            status, out, err = await run_command(
                 ["openssl", "pkcs8", "-topk8", "-in", str(plain), "-v2", cipher, "-v2prf", prf,
                  "-iter", "1000", "-passout", "pass:s3cret"])
-            self.assertEqual(code, 0, err)
+            self.assertEqual(status, 0, err)
             self.assert_usable(await self.key_file(out, "s3cret"), public)
             self.assertEqual((await self.key_file(out, "s3cre")).get("error"), "bad-passphrase")
         ec_key = ec.generate_private_key(ec.SECP256R1()).private_bytes(
