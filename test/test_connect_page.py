@@ -11,16 +11,31 @@ import json
 import os
 from typing import Any
 
-from twisted.internet import task
+from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
+from twisted.internet import endpoints, task
 from twisted.internet.address import IPv4Address
 from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web import resource
 
+from test.memtrio import MemTrio
 from test.test_connect import OWN, PORT, TOKEN, Env, http
-from ticrypt.connect.api import ConnectResource, connect_site
+from ticrypt import closecodes as cc
+from ticrypt import identity
+from ticrypt.audit import AuditLog
+from ticrypt.channel import Delivered, Established, SendMessage, UserChannel, app
+from ticrypt.connect.api import Admission, ConnectResource, connect_site
 from ticrypt.connect.page import CSP, VENDOR, PageFiles, PageRoot, PageTokens
 from ticrypt.connect.restrelay import RestRelay
+from ticrypt.connect.wsrelay import (
+    BEARER,
+    BUFFER,
+    SUBPROTOCOL,
+    PageRelayFactory,
+    RelayResource,
+    RelaySettings,
+)
+from ticrypt.http.server import LimitedFactory
 
 ORIGIN = f"http://{OWN}"
 
@@ -247,3 +262,232 @@ class PageTokenTests(SynchronousTestCase):
         self.assertEqual(len(tokens), 2)
         self.assertFalse(tokens.valid(got[0][0]))  # type: ignore[index]
         self.assertTrue(tokens.valid(got[2][0]))  # type: ignore[index]
+
+
+# ---------------------------------------------------------------- the websocket relay
+
+class PageSocket(WebSocketClientProtocol):
+    """What the page does with its websocket: records what it gets."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.got: list[tuple[bytes, bool]] = []
+        self.opened = False
+        self.closed: tuple[int | None, str | None] | None = None
+        self.protocol_chosen: str | None = None
+
+    def onConnect(self, response: Any) -> None:
+        self.protocol_chosen = response.protocol
+
+    def onOpen(self) -> None:
+        self.opened = True
+
+    def onMessage(self, payload: bytes, isBinary: bool) -> None:
+        self.got.append((payload, isBinary))
+
+    def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
+        self.closed = (code, reason)
+
+
+class WsRelayTests(SynchronousTestCase):
+    """The page's websocket through connect to the in-memory proxy and vmc."""
+
+    def setUp(self) -> None:
+        self.trio = MemTrio.build(self)
+        r = self.trio.reactor
+        self.audit_path = os.path.join(self.trio.deployment.dir, "connect-audit.log")
+        audit = AuditLog(self.audit_path, r, role="connect")
+        self.addCleanup(audit.close)
+        self.tokens = PageTokens(r, link_ttl=600, session_ttl=3600)
+        admission = Admission(token=lambda: TOKEN, address=lambda: ("127.0.0.1", PORT),
+                              audit=audit, page=self.tokens)
+        self.proxy_url = self.trio.proxy_url
+        self.url_asked = 0
+        self.factory = PageRelayFactory(
+            reactor=r, clock=r, audit=audit, proxy_url=self.get_proxy_url,
+            settings=RelaySettings(ca_file=self.trio.deployment.ca_file, max_relays=2,
+                                   handshake_timeout=5.0, max_message=2 * 1024 * 1024))
+        none = resource.NoResource()
+        root = PageRoot(none, none, RelayResource(self.factory, admission), none)
+        site = connect_site(root, reactor=r, max_body=65536, idle_timeout=60,
+                            request_timeout=30)
+        r.listenTCP(PORT, LimitedFactory(site, 64, 64), interface="127.0.0.1")
+        link, _ = self.tokens.new_link()
+        redeemed = self.tokens.redeem(link)
+        assert redeemed is not None
+        self.token = redeemed[0]
+
+    async def get_proxy_url(self) -> str:
+        self.url_asked += 1
+        return self.proxy_url
+
+    def open(self, token: str | None = None, origin: str | None = ORIGIN,
+             protocols: list[str] | None = None) -> PageSocket:
+        factory = WebSocketClientFactory(
+            url=f"ws://127.0.0.1:{PORT}/relay/v1/user", origin=origin, reactor=self.trio.reactor,
+            protocols=protocols if protocols is not None
+            else [SUBPROTOCOL, BEARER + (token or self.token)])
+        factory.protocol = PageSocket
+        factory.setProtocolOptions(maxMessagePayloadSize=0, maxFramePayloadSize=0)
+        got: list[PageSocket] = []
+        connecting: Any = endpoints.TCP4ClientEndpoint(self.trio.reactor, "127.0.0.1",
+                                                       PORT).connect(factory)
+        connecting.addCallback(got.append)
+        self.trio.pump()
+        return got[0]
+
+    def audit(self) -> list[dict[str, Any]]:
+        with open(self.audit_path) as f:
+            return [json.loads(line) for line in f]
+
+    def pair(self, user: str = "owen", vm: str | None = None) -> PageSocket:
+        page = self.open()
+        self.assertTrue(page.opened)
+        self.assertEqual(page.protocol_chosen, SUBPROTOCOL)
+        ticket = self.trio.backend.ticket(vm or self.trio.vm_id, user=user,
+                                          user_key=self.trio.keys[user])
+        page.sendMessage(json.dumps({"type": "connect", "ticket": ticket}).encode())
+        self.trio.pump()
+        return page
+
+    def test_channel_through_the_relay(self) -> None:
+        page = self.pair()
+        payload, binary = page.got.pop(0)
+        self.assertEqual((json.loads(payload)["type"], binary), ("paired", False))
+        vm_key = identity.public_bytes(self.trio.state.vm_key)
+        ch = UserChannel(self.trio.keys["owen"], self.trio.vm_id, vm_key)
+
+        def send(events: Any) -> bool:
+            established = False
+            for e in events:
+                if isinstance(e, SendMessage):
+                    data = e.data
+                    page.sendMessage(data.encode() if isinstance(data, str) else data,
+                                     isBinary=not isinstance(data, str))
+                established = established or isinstance(e, Established)
+            self.trio.pump()
+            return established
+
+        send(ch.start())
+        established = False
+        while page.got and not established:
+            payload, binary = page.got.pop(0)
+            established = send(ch.receive(payload if binary else payload.decode()))
+        self.assertTrue(established)
+        page.sendMessage(ch.seal(app.encode({"t": "req", "id": 1, "op": "info"})), True)
+        self.trio.pump()
+        [(record, binary)] = page.got
+        self.assertTrue(binary)
+        [delivered] = [e for e in ch.receive(record) if isinstance(e, Delivered)]
+        header, _ = app.decode(delivered.plaintext)
+        self.assertEqual((header["t"], header["id"]), ("ok", 1))
+        self.assertEqual(header["vm"], self.trio.vm_id)
+        page.sendClose(1000, "bye")
+        self.trio.pump()
+        events = [e["event"] for e in self.audit()]
+        self.assertEqual(events, ["relay-open", "relay-closed"])
+        closed = self.audit()[1]
+        self.assertEqual((closed["code"], closed["ended_by"]), (1000, "page"))
+        self.assertGreater(closed["bytes_up"], 0)
+        self.assertNotIn(self.token, open(self.audit_path).read())
+        # the proxy saw the page's close as the page sent it
+        ends = [e for e in self.trio.proxy_audit() if e["event"] == "pair-end"]
+        self.assertEqual((ends[0]["close_code"], ends[0]["close_reason"]), (1000, "bye"))
+
+    def test_no_vm_close_reaches_the_page(self) -> None:
+        page = self.pair(vm="vm-not-there")
+        self.trio.advance(11)  # the proxy's user_wait_timeout
+        self.assertEqual(page.closed and page.closed[0], 4004)
+        self.assertIn("no-vm-available", str(page.closed))
+
+    def test_not_authorized_close_reaches_the_page(self) -> None:
+        page = self.pair(user="bob")
+        self.assertEqual(json.loads(page.got.pop(0)[0])["type"], "paired")
+        vm_key = identity.public_bytes(self.trio.state.vm_key)
+        ch = UserChannel(self.trio.keys["bob"], self.trio.vm_id, vm_key)
+        for e in ch.start():
+            assert isinstance(e, SendMessage)
+            page.sendMessage(e.data.encode() if isinstance(e.data, str) else e.data)
+        self.trio.pump()
+        while page.got and page.closed is None:
+            payload, binary = page.got.pop(0)
+            for event in ch.receive(payload if binary else payload.decode()):
+                if isinstance(event, SendMessage):
+                    data = event.data
+                    page.sendMessage(data.encode() if isinstance(data, str) else data,
+                                     isBinary=not isinstance(data, str))
+            self.trio.pump()
+        assert page.closed is not None
+        self.assertEqual(page.closed[0], 4401)
+        self.assertTrue(str(page.closed[1]).startswith("not-authorized"))
+
+    def test_proxy_down(self) -> None:
+        self.proxy_url = "wss://127.0.0.1:444"
+        page = self.open()
+        self.trio.advance(1)
+        assert page.closed is not None
+        self.assertEqual(page.closed[0], 4013)
+        self.assertTrue(str(page.closed[1]).startswith("proxy-unreachable: "))
+        closed = self.audit()[-1]
+        self.assertEqual((closed["event"], closed["code"], closed["ended_by"]),
+                         ("relay-closed", 4013, "connect"))
+
+    def test_rest_cannot_tell_the_proxy(self) -> None:
+        async def fail() -> str:
+            raise ValueError("rest did not answer: unreachable")
+        self.factory.proxy_url = fail
+        page = self.open()
+        self.assertEqual(page.closed, (4013, "proxy-unreachable: rest did not answer: "
+                                             "unreachable"))
+
+    def test_oversize_refused(self) -> None:
+        page = self.pair()
+        page.got.clear()
+        page.sendMessage(b"x" * (2 * 1024 * 1024 + 1), True)
+        self.trio.pump()
+        assert page.closed is not None
+        self.assertEqual(page.closed[0], 1009)
+        ends = [e for e in self.trio.proxy_audit() if e["event"] == "pair-end"]
+        self.assertEqual(ends[0]["bytes_up"], 0)
+
+    def test_refused_before_dialling(self) -> None:
+        for kw in ({"token": "wrong"}, {"origin": None}, {"origin": "http://evil.example"},
+                   {"protocols": [BEARER + self.token]}, {"protocols": [SUBPROTOCOL]}):
+            page = self.open(**kw)  # type: ignore[arg-type]
+            self.assertFalse(page.opened, kw)
+        self.assertEqual(self.url_asked, 0)
+        self.assertEqual([e["reason"] for e in self.audit()],
+                         ["unauthorized", "bad-origin", "bad-origin", "bad-subprotocol",
+                          "unauthorized"])
+
+    def test_max_relays(self) -> None:
+        a, b, c = self.open(), self.open(), self.open()
+        self.assertEqual((a.closed, b.closed), (None, None))
+        assert c.closed is not None
+        self.assertEqual(c.closed[0], 4009)
+
+    def test_backpressure_wiring(self) -> None:
+        """Each side's transport holds a producer; a full send buffer on one
+        side stops reading the other until it drained."""
+        self.pair()
+        [leg] = self.factory.relays
+        assert leg.proxy is not None
+        page_tcp: Any = leg.transport.transport  # type: ignore[union-attr]
+        proxy_tcp: Any = leg.proxy.transport.transport  # type: ignore[union-attr]
+        self.assertEqual((page_tcp.bufferSize, proxy_tcp.bufferSize), (BUFFER, BUFFER))
+        calls: list[str] = []
+        for name, t in (("page", page_tcp), ("proxy", proxy_tcp)):
+            for verb in ("pause", "resume"):
+                self.patch(t, f"{verb}Producing",
+                           lambda n=name, v=verb: calls.append(f"{v} {n}"))
+        page_tcp.producer.pauseProducing()     # the page's buffer is full
+        page_tcp.producer.resumeProducing()
+        proxy_tcp.producer.pauseProducing()    # the proxy's (through TLS)
+        proxy_tcp.producer.resumeProducing()
+        self.assertEqual(calls, ["pause proxy", "resume proxy", "pause page", "resume page"])
+
+    def test_proxy_close_codes_passed_on(self) -> None:
+        self.assertEqual(cc.passed_on(4004, "no-vm-available: x"), (4004, "no-vm-available: x"))
+        self.assertEqual(cc.passed_on(1001, "going-away"), (1001, "going-away"))
+        self.assertEqual(cc.passed_on(None, None), (1000, ""))
+        self.assertEqual(cc.passed_on(1011, "boom")[0], 4010)

@@ -79,14 +79,14 @@ def split_reason(text: str | None) -> tuple[str, str]:
     return text[:cut], text[cut + 1:].strip()
 
 
-def passed_on(code: int | None, reason: str | None) -> tuple[int, str]:
+def passed_on(code: int | None, text: str | None) -> tuple[int, str]:
     """What a relay closes the other side with when one side's peer sent a
-    close frame with ``code``/``reason`` (PROTOCOL.md §3 Closing): 1000,
+    close frame with ``code`` and reason ``text`` (PROTOCOL.md §3 Closing): 1000,
     1001 and 4000..4999 unchanged, no code as 1000, anything else 4010."""
     if code is None:
         return NORMAL.code, ""
     if code in (NORMAL.code, GOING_AWAY.code) or 4000 <= code <= 4999:
-        return code, reason or ""
+        return code, text or ""
     return PEER_LOST.code, reason(PEER_LOST.name, f"the peer closed with code {code}")
 
 
