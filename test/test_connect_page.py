@@ -12,16 +12,17 @@ import os
 from typing import Any
 
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
-from twisted.internet import endpoints, task
+from twisted.internet import endpoints, reactor, task
 from twisted.internet.address import IPv4Address
 from twisted.internet.testing import StringTransport
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web import resource
 
+from test.daemon import daemon_env, run_command, runner, script_path, starter
 from test.memtrio import MemTrio
 from test.test_connect import OWN, PORT, TOKEN, Env, http
 from ticrypt import closecodes as cc
-from ticrypt import identity
+from ticrypt import identity, signed
 from ticrypt.audit import AuditLog
 from ticrypt.channel import Delivered, Established, SendMessage, UserChannel, app
 from ticrypt.connect.api import Admission, ConnectResource, connect_site
@@ -35,7 +36,10 @@ from ticrypt.connect.wsrelay import (
     RelayResource,
     RelaySettings,
 )
+from ticrypt.encoding import b64
+from ticrypt.http.client import JsonClient
 from ticrypt.http.server import LimitedFactory
+from ticrypt.lab.deploy import Addresses, Deployment, free_port
 
 ORIGIN = f"http://{OWN}"
 
@@ -491,3 +495,106 @@ class WsRelayTests(SynchronousTestCase):
         self.assertEqual(cc.passed_on(1001, "going-away"), (1001, "going-away"))
         self.assertEqual(cc.passed_on(None, None), (1000, ""))
         self.assertEqual(cc.passed_on(1011, "boom")[0], 4010)
+
+
+# ---------------------------------------------------------------- real daemons
+
+class RealPageTests(TestCase):
+    """twistd rest, proxy and connect on 127.0.0.1: the page URL of the
+    readiness line, ``ticrypt open --print``, the REST relay."""
+
+    async def start(self) -> None:
+        dep = self.dep = Deployment(self.mktemp(), Addresses(rest_port=free_port()))
+        dep.ca()
+        dep.feed_secret()
+        self.key, _ = dep.user_key("alice")
+        dep.rest_ini(login_failures_per_user_and_address="1")
+        await dep.init(runner(), "alice")
+        _, self.rest = await dep.start_backend(starter(self))
+        self.connect = await dep.start_connect(starter(self))
+        self.port = dep.addresses.connect_port
+        self.client_ini = dep.client_ini("alice")
+        self.http = JsonClient(reactor, None, timeout=20)
+
+    async def call(self, method: str, path: str, body: Any = None, *,
+                   token: str | None = None, session: str | None = None,
+                   origin: bool = True) -> tuple[int, Any, Any]:
+        headers = {"Origin": f"http://127.0.0.1:{self.port}"} if origin else {}
+        if token:
+            headers["Authorization"] = "Bearer " + token
+        if session:
+            headers["X-Ticrypt-Session"] = session
+        answer = await self.http.exchange(method, f"http://127.0.0.1:{self.port}{path}", body,
+                                          headers)
+        return answer.status, answer.json, answer
+
+    async def page_token(self, url: str) -> str:
+        status, body, _ = await self.call("POST", "/v1/page/session",
+                                          {"link": url.split("#link=", 1)[1]})
+        self.assertEqual(status, 201, body)
+        return str(body["token"])
+
+    async def test_page_url_open_and_rest_relay(self) -> None:
+        await self.start()
+        url = (self.connect.ready_info or {})["page_url"]
+        self.assertTrue(url.startswith(f"http://127.0.0.1:{self.port}/#link="), url)
+        token = await self.page_token(url)
+        status, _, _ = await self.call("POST", "/v1/page/session",
+                                       {"link": url.split("#link=", 1)[1]})
+        self.assertEqual(status, 401)
+
+        # ticrypt open --print: a fresh link, printed only
+        env = {**daemon_env(), "TICRYPT_CLIENT_CONFIG": self.client_ini}
+        code, out, err = await run_command([script_path("ticrypt"), "open", "--print"], env=env)
+        self.assertEqual((code, err), (0, ""))
+        [printed] = out.split()
+        self.assertTrue(printed.startswith(f"http://127.0.0.1:{self.port}/#link="))
+        await self.page_token(printed)
+
+        # the page's REST calls, through connect, signing in as the page does
+        status, backend, _ = await self.call("GET", "/rest/v1/backend", token=token)
+        self.assertEqual((status, backend["proxy_url"]), (200, self.dep.addresses.proxy_url))
+        status, c, _ = await self.call("POST", "/rest/v1/auth/challenge", {"user": "alice"},
+                                       token=token)
+        self.assertEqual(status, 200, c)
+        sig = signed.sign(self.key, signed.LOGIN, {"challenge": c["challenge"],
+                                                   "challenge_id": c["challenge_id"],
+                                                   "user": "alice"})
+        status, login, _ = await self.call("POST", "/rest/v1/auth/login", {
+            "user": "alice", "challenge_id": c["challenge_id"], "signature": b64(sig)},
+            token=token)
+        self.assertEqual(status, 200, login)
+        status, me, _ = await self.call("GET", "/rest/v1/me", token=token,
+                                        session=login["token"])
+        self.assertEqual((status, me["user"], me["role"]), (200, "alice", "superadmin"))
+        # rest's own refusals pass unchanged
+        status, body, _ = await self.call("GET", "/rest/v1/me", token=token)
+        self.assertEqual(status, 401, body)
+        self.assertIn("error", body)
+        status, body, _ = await self.call("GET", "/rest/v1/me", token=token, session="bad")
+        self.assertEqual(status, 401, body)
+        # the page token is connect's, not rest's: without it nothing is relayed
+        status, body, _ = await self.call("GET", "/rest/v1/backend")
+        self.assertEqual((status, body["error"]["code"]), (401, "unauthorized"))
+        for method, path in (("GET", "/rest/v1/revocations"), ("GET", "/rest/v1/allowlist/feed"),
+                             ("POST", "/rest/v1/enroll"), ("GET", "/rest/v1/openapi.json"),
+                             ("DELETE", "/rest/v1/vms/x"), ("GET", "/rest/v1/vms/..%2f..")):
+            status, body, _ = await self.call(method, path, token=token)
+            self.assertEqual((status, body["error"]["code"]), (404, "not-relayed"), path)
+        # a failed login, then rest's 429 and Retry-After come through unchanged
+        for expected in (401, 429):
+            status, c, _ = await self.call("POST", "/rest/v1/auth/challenge",
+                                           {"user": "alice"}, token=token)
+            self.assertEqual(status, 200, c)
+            status, body, answer = await self.call("POST", "/rest/v1/auth/login", {
+                "user": "alice", "challenge_id": c["challenge_id"],
+                "signature": b64(b"\0" * 64)}, token=token)
+            self.assertEqual(status, expected, body)
+        self.assertEqual(body["error"]["code"], "rate-limited")
+        self.assertRegex(answer.header("Retry-After") or "", r"^[0-9]+$")
+
+        # rest down: 502
+        await self.rest.stop()
+        status, body, _ = await self.call("GET", "/rest/v1/backend", token=token)
+        self.assertEqual((status, body["error"]["code"]), (502, "rest-unavailable"))
+        await self.http.close()

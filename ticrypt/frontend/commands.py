@@ -12,13 +12,14 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from ticrypt.frontend import cmd_account, cmd_allowlist, cmd_session, cmd_tunnel
+from ticrypt.frontend import cmd_account, cmd_allowlist, cmd_page, cmd_session, cmd_tunnel
 
 Register = Callable[[Any], None]
 
 #: In the order ``ticrypt --help`` lists them.
 REGISTER: tuple[Register, ...] = (cmd_account.register, cmd_session.register,
-                                  cmd_tunnel.register, cmd_allowlist.register)
+                                  cmd_tunnel.register, cmd_page.register,
+                                  cmd_allowlist.register)
 
 
 def register_all(subparsers: Any, registers: tuple[Register, ...] = REGISTER) -> None:

@@ -233,6 +233,8 @@ class Lab(_Console):
             self.say(f"      {line}")
 
         if keep:
+            self.step(f"The browser page of {USER}'s ticrypt-connect: a fresh one-time link")
+            await self.run(["ticrypt", "open", "--print"])
             self.keep_instructions()
             await _until_signal(self.reactor)
             self.say(f"\n{PROG}: stopping")
@@ -259,9 +261,16 @@ class Lab(_Console):
             {1: f"127.0.0.1:{tunnel_port}"}, base=str(self.vmhost_port - 1)))
 
         self.step(f"On {USER}'s machine: start ticrypt-connect, her local tunnel agent "
-                  "(API on 127.0.0.1, token in connect-state/api.token)")
-        await dep.start_connect(self.start)
+                  "and the browser page's server (API on 127.0.0.1, token in "
+                  "connect-state/api.token)")
+        connect = await dep.start_connect(self.start)
         dep.client_ini(USER)  # [connect] url: the port it got
+        page_url = (connect.ready_info or {}).get("page_url")
+        if page_url:
+            self.say(f"      the page: {page_url}")
+            self.say(f"      (a one-time link; in the page import the key file "
+                     f"{dep.path(USER + '.key')} as user {USER}; "
+                     "'ticrypt open' makes a new link)")
 
         self.step("Open a tunnel with one command: rest opens a pathway at the proxy "
                   "(only her address admitted), connect makes a client certificate, "
@@ -313,6 +322,8 @@ The lab is running (Ctrl-C stops it).  In another terminal:
     cd {shlex.quote(self.dir)} && {apps.shown(self.sftp_args or ["sftp"], self.dir)}
     ticrypt tunnel open {VM_NAME} --port {self.web_port}
     ticrypt tunnel close {self.tunnel_id or "ID"}
+    ticrypt open        # the browser page (key file {self.deployment.path(USER + '.key')},
+                        # user {USER}); --print: only print its one-time URL
 
 Logs and audit logs are in {self.dir}.""")
 

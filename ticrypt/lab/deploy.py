@@ -425,17 +425,24 @@ class Deployment:
         }}, {"allowedlist": overrides})
 
     def connect_ini(self, name: str = "connect", tunnels: Settings | None = None,
-                    **overrides: str | None) -> str:
+                    page: Settings | None = None, **overrides: str | None) -> str:
         """``NAME.ini`` for the user's ticrypt-connect: its API on
         127.0.0.1 (port :attr:`Addresses.connect_port`, 0: any), keys and
         token in ``NAME-state``, audit log ``NAME-audit.log``; ``tunnels``
-        go to ``[tunnels]``."""
+        go to ``[tunnels]``, ``page`` to ``[page]``, which serves the
+        browser page against this deployment's rest once its port is known
+        and the CA made (else the page is off)."""
+        a = self.addresses
+        on = a.rest_port and os.path.exists(self.ca_file)
         return self._ini("connect", f"{name}.ini", {"connect": {
-            "listen": f"tcp:{self.addresses.connect_port}:interface=127.0.0.1",
+            "listen": f"tcp:{a.connect_port}:interface=127.0.0.1",
             "state_dir": f"{name}-state",
             "token_file": f"{name}-state/api.token",
             "audit_log": f"{name}-audit.log",
-        }, "tunnels": {}}, {"connect": overrides, "tunnels": tunnels or {}})
+        }, "tunnels": {}, "page": {
+            "rest_url": a.rest_url if on else None,
+            "ca_file": self.names["ca"] if on else None,
+        }}, {"connect": overrides, "tunnels": tunnels or {}, "page": page or {}})
 
     def client_ini(self, user: str, name: str = "client", connect: str = "connect",
                    **overrides: str | None) -> str:
