@@ -15,6 +15,10 @@ import os
 from pathlib import Path
 from typing import Any
 
+from autobahn.twisted.resource import WebSocketResource
+from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
+from autobahn.websocket.types import ConnectionDeny
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from twisted.internet import reactor
 from twisted.internet.interfaces import IListeningPort
 from twisted.trial.unittest import TestCase
@@ -22,6 +26,8 @@ from twisted.web import resource, server, static
 from twisted.web.iweb import IRequest
 
 from test.browser import Browser, chromium_skip_reason, start_browser
+from ticrypt.channel import ChannelError, VmChannel, app
+from ticrypt.ws import ChannelPump
 
 ROOT = Path(__file__).resolve().parent.parent
 WEB = ROOT / "ticrypt" / "connect" / "web"
@@ -53,13 +59,124 @@ def _js(path: Path) -> static.File:
     return f
 
 
-def site() -> server.Site:
-    """/app/ the product's web folder, /test/ the test page, /vectors/ the vectors."""
+TOKEN = "page-token-for-tests"
+TICKET = "a-ticket"
+VM_ID = "vm-web-1"
+VM_SEED = bytes(range(100, 132))
+USER_SEED = bytes(range(1, 33))
+
+
+class FakeVmc(WebSocketServerProtocol):
+    """Plays connect's relay, the proxy's user leg and a small vmc (§3, §4,
+    §5) for session.js: checks the subprotocols, answers ``connect`` with
+    ``paired``, runs the VM end of the secure channel (Python reference),
+    then serves ``info``, ``exec`` (``echo`` and ``cat``: stdin back, exit 7
+    after eof), ``shell`` (a window of 8 bytes: stdin back as output,
+    ``resize`` reported, ^D ends it) and ``close`` (closes with the code
+    and reason asked for).  Before answering ``info`` it sends an
+    unreadable message and one for an unknown id, which the page skips."""
+
+    factory: FakeVmcFactory
+    pump: ChannelPump | None = None
+
+    def onConnect(self, request: Any) -> str:
+        if request.protocols != ["ticrypt-relay-v1", "bearer." + TOKEN]:
+            raise ConnectionDeny(401, "unauthorized")
+        return "ticrypt-relay-v1"
+
+    def onMessage(self, payload: bytes, isBinary: bool) -> None:
+        if self.pump is None:
+            msg = json.loads(payload)
+            if msg != {"type": "connect", "ticket": TICKET}:
+                self.sendClose(4003, "ticket-refused: bad-token")
+                return
+            if self.factory.behaviour == "no-vm":
+                self.sendClose(4004, "no-vm-available: no VM socket within 1s")
+                return
+            self.sendMessage(json.dumps({"type": "paired", "vm": VM_ID}).encode())
+            vm_key = Ed25519PrivateKey.from_private_bytes(VM_SEED)
+            user = Ed25519PrivateKey.from_private_bytes(USER_SEED).public_key().public_bytes_raw()
+            self.pump = ChannelPump(VmChannel(vm_key, VM_ID, lambda k: k == user),
+                                    send=self.sendMessage, on_established=lambda k: None,
+                                    on_delivered=self.app_message, on_failed=self.failed)
+            self.windows: dict[int, int] = {}
+            return
+        self.pump.feed(payload, isBinary)
+
+    def failed(self, e: ChannelError) -> None:
+        self.factory.failures.append(e.code)
+        self.sendClose(4400, e.code)
+
+    def send_app(self, header: dict[str, Any], body: bytes = b"") -> None:
+        assert self.pump is not None
+        self.pump.send_app(app.encode(header, body))
+
+    def app_message(self, plaintext: bytes) -> None:
+        header, body = app.decode(plaintext)
+        self.factory.received.append({**header, "len": len(body)})
+        t, rid = header["t"], header.get("id")
+        if t == "req" and header["op"] == "info":
+            assert self.pump is not None
+            self.pump.send_app(b"no newline at all")
+            self.send_app({"t": "stdout", "id": 999}, b"for nobody")
+            self.send_app({"t": "ok", "id": rid, "vm": VM_ID, "hostname": "h",
+                           "owner": "anna", "owner_user": True})
+        elif t == "req" and header["op"] == "exec":
+            argv = header["argv"]
+            if argv[0] == "nope":
+                self.send_app({"t": "error", "id": rid, "code": "command-not-found",
+                               "message": "nope: not found\x1b[31m"})
+                return
+            self.send_app({"t": "ok", "id": rid, "window": 4})
+            if argv[0] == "echo":
+                self.send_app({"t": "stdout", "id": rid}, " ".join(argv[1:]).encode() + b"\n")
+                self.send_app({"t": "stderr", "id": rid}, b"err")
+                self.send_app({"t": "exit", "id": rid, "status": 0})
+        elif t == "req" and header["op"] == "shell":
+            self.send_app({"t": "ok", "id": rid, "window": 8})
+            self.send_app({"t": "stdout", "id": rid},
+                          f"{header['term']} {header['rows']}x{header['cols']}\n".encode())
+        elif t == "req" and header["op"] == "close":
+            self.sendClose(header["code"], header["reason"])
+        elif t == "stdin":
+            self.send_app({"t": "stdout", "id": rid}, body)
+            self.send_app({"t": "window", "id": rid, "bytes": len(body)})
+        elif t == "eof":
+            self.send_app({"t": "window", "id": rid, "bytes": 1})
+            self.send_app({"t": "exit", "id": rid, "status": 7})
+        elif t == "resize":
+            self.send_app({"t": "stdout", "id": rid},
+                          f"resized {header['rows']}x{header['cols']}\n".encode())
+        elif t == "cancel":
+            self.send_app({"t": "exit", "id": rid, "status": 143})
+
+
+class FakeVmcFactory(WebSocketServerFactory):
+    """FakeVmc's settings and what it saw (headers with ``len`` of the body)."""
+
+    protocol = FakeVmc  # type: ignore[assignment]
+
+    def __init__(self, behaviour: str) -> None:
+        super().__init__()
+        self.behaviour = behaviour
+        self.received: list[dict[str, Any]] = []
+        self.failures: list[str] = []
+
+
+def site(behaviour: str = "") -> tuple[server.Site, FakeVmcFactory]:
+    """/app/ the product's web folder, /test/ the test page, /vectors/ the
+    vectors, /relay/v1/user a FakeVmc."""
     root = resource.Resource()
     root.putChild(b"app", _js(WEB))
     root.putChild(b"test", _js(ROOT / "test" / "web"))
     root.putChild(b"vectors", _js(VECTORS.parent))
-    return server.Site(_Strict(root))
+    factory = FakeVmcFactory(behaviour)
+    relay = resource.Resource()
+    v1 = resource.Resource()
+    relay.putChild(b"v1", v1)
+    v1.putChild(b"user", WebSocketResource(factory))
+    root.putChild(b"relay", relay)
+    return server.Site(_Strict(root)), factory
 
 
 CALL = """
@@ -78,21 +195,23 @@ class WebTestCase(TestCase):
     skip = chromium_skip_reason()
     browser: Browser
     base: str
+    relay: FakeVmcFactory
 
-    async def open_page(self) -> None:
-        web = site()
+    async def open_page(self, behaviour: str = "") -> None:
+        web, self.relay = site(behaviour)
         port: IListeningPort = reactor.listenTCP(0, web, interface="127.0.0.1")  # type: ignore[arg-type]
         self.addCleanup(port.stopListening)
         self.base = f"http://127.0.0.1:{port.getHost().port}"  # type: ignore[attr-defined]
         self.browser = await start_browser(self, script_timeout=120)
         await self.browser.get(self.base + "/test/index.html")
 
-    async def call(self, name: str, *args: Any) -> Any:
-        """window.ticryptTests[name](...args) in the page; its value."""
+    async def call(self, name: str, *args: Any, allow: str = "\0") -> Any:
+        """window.ticryptTests[name](...args) in the page; its value.  The
+        page must log no error (but those containing ``allow``)."""
         result = await self.browser.run_async(CALL, name, list(args))
         if "error" in result:
             self.fail(f"{name} failed in the page: {result['error']}")
-        errors = await self.browser.logs()
+        errors = [e for e in await self.browser.logs() if allow not in e]
         self.assertEqual(errors, [], "console errors in the page")
         return result["value"]
 
@@ -315,3 +434,112 @@ class KeyFileTests(WebTestCase):
         self.assertIsNone(await self.call("forget"))
         await self.browser.get(self.base + "/test/index.html")
         self.assertIsNone(await self.call("storedKey", self.PURPOSE, self.PAYLOAD))
+
+
+class SessionTests(WebTestCase):
+    """session.js (§5 over §4 over the relay's websocket) against FakeVmc,
+    whose VM end is the Python reference channel."""
+
+    def cfg(self, **kw: Any) -> dict[str, Any]:
+        vm_public = Ed25519PrivateKey.from_private_bytes(VM_SEED).public_key().public_bytes_raw()
+        return {"token": TOKEN, "ticket": TICKET, "vmId": VM_ID, "vmKeyHex": vm_public.hex(),
+                "userSeedHex": USER_SEED.hex(), **kw}
+
+    async def test_session(self) -> None:
+        """Requests, exec with output and exit status, stdin within the
+        window, a refused exec, a shell with resize and ^D, cancel, and a
+        close by the VM (4401) that ends the session with its human line."""
+        await self.open_page()
+        out = await self.call("sessionFlow", self.cfg())
+        self.assertEqual(out["progress"], ["connecting", "waiting-for-vm", "handshake", "ready"])
+        self.assertEqual(out["info"]["owner"], "anna")
+        self.assertEqual((out["echoStatus"], out["echo"]), (0, ["hi there\n", "err"]))
+        stdin = "hello world, in pieces"
+        self.assertEqual((out["catStatus"], out["cat"], out["catSent"]), (7, stdin, len(stdin)))
+        self.assertEqual(out["catPendingAtOnce"], len(stdin))  # nothing before the VM's ok
+        self.assertEqual(out["nope"]["kind"], "RequestError")
+        self.assertEqual(out["nope"]["code"], "command-not-found")
+        self.assertNotIn("\x1b", out["nope"]["message"])
+        self.assertEqual(out["shellStatus"], 7)
+        self.assertIn("resized 40x120\n", out["shell"])
+        self.assertEqual(out["shell"].replace("resized 40x120\n", ""),
+                         "xterm-256color 30x100\n0123456789abcdefghij")
+        self.assertEqual(out["cancelStatus"], 143)
+        self.assertEqual(out["revoked"]["kind"], "SessionError")
+        self.assertEqual((out["revoked"]["code"], out["revoked"]["closeCode"]),
+                         ("not-authorized", 4401))
+        [close] = out["closes"]
+        self.assertEqual((close["name"], close["code"], close["byUs"]), ("not-authorized", 4401, False))
+        self.assertIn("ask its owner", close["human"])
+        self.assertEqual(close["text"], "access revoked??[2J")
+        self.assertFalse(out["isOpen"])
+        self.assertEqual(out["after"]["code"], "not-authorized")
+        # stdin never beyond the window: 4 for the exec of cat, 8 for the shell
+        windows = {h["id"]: {"exec": 4, "shell": 8}[h["op"]] for h in self.relay.received
+                   if h["t"] == "req" and h["op"] in ("exec", "shell")}
+        sent = [(h["id"], h["len"]) for h in self.relay.received if h["t"] == "stdin"]
+        self.assertGreater(len(sent), 4)
+        for rid, size in sent:
+            self.assertLessEqual(size, windows[rid])
+        self.assertEqual(self.relay.failures, [])
+        ids = [h["id"] for h in self.relay.received if h["t"] == "req"]
+        self.assertEqual(ids, list(range(1, len(ids) + 1)))
+
+    async def test_close_by_the_page(self) -> None:
+        """close() sends 1000 bye; onClose fires once, also for a late callback."""
+        await self.open_page()
+        out = await self.call("sessionClose", self.cfg())
+        [close] = out["closes"]
+        self.assertEqual((close["code"], close["name"], close["byUs"]), (1000, "bye", True))
+        self.assertEqual(out["late"], out["closes"])
+        self.assertEqual((out["after"]["kind"], out["after"]["code"]), ("SessionError", "closed"))
+
+    async def test_failures(self) -> None:
+        """A refused page token, no VM at the proxy, and a VM with another key
+        (the page closes 4400 vm-key-mismatch): each with its code."""
+        await self.open_page()
+        got = await self.call("sessionFailure", self.cfg(token="wrong"),
+                              allow="HTTP Authentication failed")
+        self.assertEqual((got["kind"], got["code"]), ("SessionError", "relay-refused"))
+        got = await self.call("sessionFailure", self.cfg(ticket="other"))
+        self.assertEqual((got["code"], got["closeCode"]), ("ticket-refused", 4003))
+        self.assertIn("bad-token", got["message"])
+        self.assertEqual(got["progress"], ["connecting", "waiting-for-vm"])
+        other = Ed25519PrivateKey.generate().public_key().public_bytes_raw()
+        got = await self.call("sessionFailure", self.cfg(vmKeyHex=other.hex()))
+        self.assertEqual((got["code"], got["closeCode"]), ("vm-key-mismatch", 4400))
+        self.assertEqual(got["progress"], ["connecting", "waiting-for-vm", "handshake"])
+
+    async def test_no_vm(self) -> None:
+        await self.open_page("no-vm")
+        got = await self.call("sessionFailure", self.cfg())
+        self.assertEqual((got["code"], got["closeCode"]), ("no-vm-available", 4004))
+        self.assertIn("is it running", got["message"])
+
+
+class CloseTests(WebTestCase):
+    """closes.js names and explains closes as ticrypt.frontend.errors does."""
+
+    async def test_describe_close(self) -> None:
+        from ticrypt.frontend.errors import close_error
+        await self.open_page()
+        cases: list[tuple[int, str]] = [
+            (4004, "no-vm-available: no VM socket within 30s"), (4003, "ticket-refused: expired"),
+            (4400, "decrypt-failed"), (4400, "vm-key-mismatch"), (4400, "window-exceeded: 5 > 4"),
+            (4401, "not-authorized: access revoked"), (4011, "revoked: the user was disabled"),
+            (4013, "proxy-unreachable: connection refused"), (4008, "timeout: idle"),
+            (4009, "over-limit: too many sessions on this VM"), (4010, "peer-lost"),
+            (1000, "going-away: vmc stopping"), (4001, "vm-auth-failed"),
+            (4401, "not-authorized: x\n\x1b[31mred\u202e"), (4400, "record-too-large"),
+        ]
+        got = await self.call("describeCloses", cases)
+        for (code, reason), d in zip(cases, got, strict=True):
+            want = close_error(code, reason)
+            self.assertEqual((d["code"], d["name"]), (code, want.code), reason)
+            self.assertEqual(d["line"], str(want), reason)
+        self.assertEqual(got[13]["text"], "x??[31mred?")
+        lost, bye, unknown = await self.call("describeCloses", [[1006, ""], [1000, "bye"],
+                                                                 [4567, "strange: thing"]])
+        self.assertEqual(lost["name"], "connection-lost")
+        self.assertEqual((bye["name"], bye["human"]), ("bye", "the session ended"))
+        self.assertEqual((unknown["name"], unknown["text"]), ("strange", "thing"))

@@ -10,6 +10,8 @@ import { Channel, ChannelError, MAX_PLAINTEXT } from "/app/js/channel.js";
 import { KeyFileError, importKeyFile } from "/app/js/keyfile.js";
 import { signPurpose, signingInput } from "/app/js/signed.js";
 import { forgetKey, loadKey, saveKey } from "/app/js/keystore.js";
+import { RequestError, SessionError, openVmSession } from "/app/js/session.js";
+import { describeClose } from "/app/js/closes.js";
 import { ed25519FromSeed, hkdfSha256, sha256, x25519KeyPair, x25519Shared } from "/app/js/primitives.js";
 
 /** rng(n) handing out `bytes` in order. */
@@ -288,8 +290,90 @@ async function forget() {
   return loadKey();
 }
 
+// -- session.js against test_web_channel.FakeVmc (Python's VM end)
+
+const text = (chunks) => new TextDecoder().decode(cat(...chunks));
+
+/** What a rejected promise carried: {kind, code, closeCode, message}. */
+async function failure(promise) {
+  try {
+    return { kind: "resolved", value: await promise };
+  } catch (e) {
+    const kind = e instanceof SessionError ? "SessionError" : e instanceof RequestError ? "RequestError" : String(e);
+    return { kind, code: e.code, closeCode: e.closeCode ?? null, message: e.message };
+  }
+}
+
+function options({ token, ticket, vmId, vmKeyHex }, key, progress) {
+  return { pageToken: token, ticket, vmId, vmKey: unhex(vmKeyHex), key, onProgress: (s) => progress.push(s), timeout: 20000 };
+}
+
+/** The whole of §5 against FakeVmc; a report for the Python side. */
+async function sessionFlow(cfg) {
+  const key = await ed25519FromSeed(unhex(cfg.userSeedHex));
+  const progress = [];
+  const s = await openVmSession(options(cfg, key, progress));
+  const out = { progress: progress.slice() };
+  out.info = await s.info();
+  const so = [];
+  const se = [];
+  out.echoStatus = await s.exec(["echo", "hi", "there"], { onStdout: (b) => so.push(b), onStderr: (b) => se.push(b) }).done;
+  out.echo = [text(so), text(se)];
+  const co = [];
+  const catCmd = s.exec(["cat"], { onStdout: (b) => co.push(b), stdin: "hello world, in pieces" });
+  out.catPendingAtOnce = catCmd.pending;
+  out.catStatus = await catCmd.done;
+  out.cat = text(co);
+  out.catSent = catCmd.sent;
+  out.nope = await failure(s.exec(["nope"]).done);
+  const sh = [];
+  const shell = s.shell({ rows: 30, cols: 100 }, { onOutput: (b) => sh.push(b) });
+  shell.write("0123456789abcdefghij");
+  shell.resize(40, 120);
+  shell.eof();
+  out.shellStatus = await shell.done;
+  out.shell = text(sh);
+  const cancelled = s.exec(["sleep"]);
+  cancelled.cancel();
+  out.cancelStatus = await cancelled.done;
+  const closes = [];
+  s.onClose((info) => closes.push(info));
+  out.revoked = await failure(s.request("close", { code: 4401, reason: "not-authorized: access revoked\n\u001b[2J" }));
+  out.closes = closes;
+  out.isOpen = s.isOpen;
+  out.after = await failure(s.info());
+  return out;
+}
+
+/** openVmSession's failure with `cfg` (a bad token, no VM, another VM key...). */
+async function sessionFailure(cfg) {
+  const key = await ed25519FromSeed(unhex(cfg.userSeedHex));
+  const progress = [];
+  const result = await failure(openVmSession(options(cfg, key, progress)));
+  return { ...result, progress };
+}
+
+/** Our own close(): 1000 bye, byUs. */
+async function sessionClose(cfg) {
+  const key = await ed25519FromSeed(unhex(cfg.userSeedHex));
+  const s = await openVmSession(options(cfg, key, []));
+  const closes = [];
+  s.onClose((info) => closes.push(info));
+  await s.close();
+  const late = [];
+  s.onClose((info) => late.push(info));
+  await new Promise((r) => setTimeout(r, 0));
+  return { closes, late, after: await failure(s.info()) };
+}
+
+/** describeClose of each [code, reason]. */
+function describeCloses(cases) {
+  return cases.map(([code, reason]) => describeClose(code, reason));
+}
+
 window.ticryptTests = {
   positive, negative, limits, b64cases, b64encodes, canonicals, parses,
   keyFile, signingInputHex, storeKey, storedKey, forget,
+  sessionFlow, sessionFailure, sessionClose, describeCloses,
 };
 document.getElementById("status").textContent = "ready";
