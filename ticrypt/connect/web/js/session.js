@@ -608,8 +608,15 @@ export function openVmSession({ pageToken, ticket, vmId, vmKey, key, onProgress 
         }
         for (const plaintext of out.plaintexts) {
           const msg = decodeApp(plaintext);
-          if (msg === null) console.warn("skipped an unreadable message from the VM");
-          else if (link.session) link.session._app(msg.header, msg.body);
+          if (msg === null) {
+            console.warn("skipped an unreadable message from the VM");
+            continue;
+          }
+          try {
+            if (link.session) link.session._app(msg.header, msg.body);
+          } catch (e) { // a page callback failed: the session goes on
+            console.error("a session callback failed", e);
+          }
         }
       }, (e) => link.channelFailed(e));
     };
