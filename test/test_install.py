@@ -36,12 +36,17 @@ from typing import Any
 import attrs
 from twisted.internet import reactor
 from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.web.client import Agent, readBody
 
 from test.proxyfixture import Backend, get_status, write_proxy_config
 from test.restfixture import make_rest_dir
+from ticrypt.connect.page import CSP, VENDOR
 from ticrypt.frontend.client import RestClient
 from ticrypt.lab import daemons
 from ticrypt.lab.daemons import ROOT
+
+#: The page's npm dependencies, of which the wheel carries what connect serves.
+WEB_MODULES = "ticrypt/connect/web/node_modules"
 
 #: Where the units expect the venv and the configs (etc/systemd/*.service).
 UNIT_PREFIX = "/opt/ticrypt"
@@ -218,14 +223,18 @@ class WheelContentsTests(SynchronousTestCase):
         self.assertNotIn("twisted/__init__.py", self.names)
 
     def test_every_package_file(self) -> None:
-        """Every file under ticrypt/ (code, openapi.json, py.typed, any data
-        file added later), and no other."""
+        """Every file under ticrypt/ (code, openapi.json, py.typed, the
+        page, any data file added later), and no other; of the page's
+        node_modules only the files connect serves (when npm ci put them there)."""
         expected = set()
+        vendor = {f"{WEB_MODULES}/{rel}" for rel in VENDOR.values()}
         for directory, dirs, files in os.walk(os.path.join(self.inst.src, "ticrypt")):
             dirs[:] = [d for d in dirs if d != "__pycache__"]
             for name in files:
                 path = os.path.relpath(os.path.join(directory, name), self.inst.src)
-                expected.add(path.replace(os.sep, "/"))
+                path = path.replace(os.sep, "/")
+                if not path.startswith(WEB_MODULES + "/") or path in vendor:
+                    expected.add(path)
         self.assertIn("ticrypt/rest/openapi.json", expected)
         self.assertEqual({n for n in self.names if n.startswith("ticrypt/")}, expected)
 
@@ -473,6 +482,37 @@ class InstalledDaemonTests(TestCase):
         client = RestClient(reactor, f"https://{host}:{port}", rest.ca_file)
         session = await client.login(rest.admin_name, rest.admin_key)
         self.assertEqual(session["user"], rest.admin_name)
+
+    async def test_connect_serves_the_page(self) -> None:
+        """The installed connect serves the page and xterm.js from the
+        installed package, not from the checkout."""
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        config = os.path.join(directory, "connect.ini")
+        with open(config, "w") as f:
+            f.write("[connect]\nlisten = tcp:0:interface=127.0.0.1\nstate_dir = state\n"
+                    "token_file = state/api.token\naudit_log = audit.log\n"
+                    "[page]\nrest_url = http://127.0.0.1:9\n")
+        proc = daemons.Daemon("ticrypt-connect", reactor, 30.0)
+        argv = [self.inst.bin("twistd"), "-n", "ticrypt-connect", "--config", config]
+        reactor.spawnProcess(proc, argv[0], argv, env=self.inst.env(),  # type: ignore
+                             path=self.inst.home)
+        self.addCleanup(proc.stop)
+        await proc.ready
+        port = proc.address("api")[1]
+        self.assertTrue(str((proc.ready_info or {}).get("page_url", "")).startswith(
+            f"http://127.0.0.1:{port}/#link="))
+        agent = Agent(reactor)
+        for path, source in (("/", "ticrypt/connect/web/index.html"),
+                             ("/vendor/xterm.js", f"{WEB_MODULES}/{VENDOR['xterm.js']}")):
+            if not os.path.exists(os.path.join(self.inst.src, source)):
+                continue  # built without npm ci: nothing to serve (404 not-installed)
+            response = await agent.request(b"GET", f"http://127.0.0.1:{port}{path}".encode())
+            body = await readBody(response)
+            self.assertEqual(response.code, 200, path)
+            self.assertEqual(response.headers.getRawHeaders("Content-Security-Policy"), [CSP])
+            with open(os.path.join(self.inst.src, source), "rb") as f:
+                self.assertEqual(body, f.read(), path)
 
     async def test_proxy(self) -> None:
         directory = os.path.abspath(self.mktemp())
