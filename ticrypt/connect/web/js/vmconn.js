@@ -7,7 +7,6 @@
 import { b64decode } from "./b64.js";
 import { pageToken } from "./connectapi.js";
 import { api } from "./rest.js";
-import { openVmSession } from "./session.js";
 
 export const STAGES = {
   ticket: "Getting a connection ticket from rest…",
@@ -83,6 +82,7 @@ export class VmConn {
     let session;
     try {
       const t = await api.ticket(this.vmId);
+      const { openVmSession } = await import("./session.js");
       session = await openVmSession({
         pageToken: pageToken(), ticket: t.ticket, vmId: this.vmId,
         vmKey: vmKeyBytes(t.vm_public_key),
