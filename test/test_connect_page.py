@@ -12,7 +12,7 @@ import os
 from typing import Any
 
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
-from twisted.internet import endpoints, reactor, task
+from twisted.internet import defer, endpoints, reactor, task
 from twisted.internet.address import IPv4Address
 from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase, TestCase
@@ -592,6 +592,26 @@ class RealPageTests(TestCase):
             self.assertEqual(status, expected, body)
         self.assertEqual(body["error"]["code"], "rate-limited")
         self.assertRegex(answer.header("Retry-After") or "", r"^[0-9]+$")
+
+        # the websocket relay over real sockets: TLS to the proxy pinned to
+        # the deployment's CA, a message relayed, the proxy's close passed on
+        closed: defer.Deferred[tuple[int | None, str | None]] = defer.Deferred()
+
+        class Page(PageSocket):
+            def onOpen(self) -> None:
+                self.sendMessage(b'{"type":"hello"}')
+
+            def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
+                closed.callback((code, reason))
+
+        factory = WebSocketClientFactory(
+            url=f"ws://127.0.0.1:{self.port}/relay/v1/user", reactor=reactor,
+            origin=f"http://127.0.0.1:{self.port}", protocols=[SUBPROTOCOL, BEARER + token])
+        factory.protocol = Page
+        await endpoints.TCP4ClientEndpoint(reactor, "127.0.0.1", self.port).connect(factory)
+        ws_code, reason = await closed
+        self.assertEqual(ws_code, 4000, reason)
+        self.assertTrue(str(reason).startswith("bad-message"), reason)
 
         # rest down: 502
         await self.rest.stop()
