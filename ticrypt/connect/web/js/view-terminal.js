@@ -18,6 +18,50 @@ function loadXterm() {
   return vendor;
 }
 
+/**
+ * xterm.js writes its cell sizes and theme colors into <style> elements it
+ * adds to the terminal, which the page's CSP (style-src 'self', no
+ * 'unsafe-inline') does not apply.  Their text is copied into constructed
+ * style sheets (CSSOM, which CSP allows), kept in step on every change, so
+ * the terminal renders without weakening the policy.  Only 24-bit colours
+ * (style attributes on single cells) stay unapplied.
+ */
+function mirrorStyles(root) {
+  const mirrored = new Map();  // <style> -> {sheet, text}
+  const ours = new Set();
+  const sync = () => {
+    for (const style of root.querySelectorAll("style")) {
+      let m = mirrored.get(style);
+      if (!m) {
+        m = { sheet: new CSSStyleSheet(), text: null };
+        mirrored.set(style, m);
+        ours.add(m.sheet);
+      }
+      if (m.text !== style.textContent) {
+        m.text = style.textContent;
+        m.sheet.replaceSync(m.text);
+      }
+    }
+    for (const [style, m] of mirrored) {
+      if (!style.isConnected) {
+        mirrored.delete(style);
+        ours.delete(m.sheet);
+      }
+    }
+    const others = document.adoptedStyleSheets.filter((s) => !ours.has(s) && !s.ticryptXterm);
+    const wanted = [...mirrored.values()].map((m) => m.sheet);
+    for (const sheet of wanted) sheet.ticryptXterm = true;
+    document.adoptedStyleSheets = [...others, ...wanted];
+  };
+  const observer = new MutationObserver(sync);
+  observer.observe(root, { subtree: true, childList: true, characterData: true });
+  sync();
+  return () => {
+    observer.disconnect();
+    document.adoptedStyleSheets = document.adoptedStyleSheets.filter((s) => !ours.has(s));
+  };
+}
+
 function binaryBytes(text) {
   const out = new Uint8Array(text.length);
   for (let i = 0; i < text.length; i += 1) out[i] = text.charCodeAt(i) & 0xff;
@@ -37,6 +81,7 @@ export function terminalPanel(conn) {
   let fit = null;
   let shell = null;      // the running shell request
   let resizeObs = null;
+  let unmirror = null;
   let disposed = false;
   let started = false;
 
@@ -59,6 +104,7 @@ export function terminalPanel(conn) {
     fit = new FitAddon();
     term.loadAddon(fit);
     term.open(box);
+    unmirror = mirrorStyles(box);
     fit.fit();
     term.onData((data) => { if (shell) shell.write(data); });
     term.onBinary((data) => { if (shell) shell.write(binaryBytes(data)); });
@@ -138,6 +184,7 @@ export function terminalPanel(conn) {
       shell = null;
       if (resizeObs) resizeObs.disconnect();
       if (term) term.dispose();
+      if (unmirror) unmirror();
     },
   };
 }

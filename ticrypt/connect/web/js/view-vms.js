@@ -58,10 +58,10 @@ export function vmsView(target, ctx) {
           "data-test": "vm-state" }, STATE_TEXT[vm.state] || oneLine(vm.state, 16))),
         el("td", {}, oneLine(vm.owner, 64)),
         el("td", { class: "mono" }, id),
-        el("td", { class: "row-actions" },
+        el("td", {}, el("div", { class: "row-actions" },
           el("a", { href: `#/vm/${id}/terminal`, class: "button small" }, "Terminal"),
           el("a", { href: `#/vm/${id}/exec`, class: "button small" }, "Exec"),
-          el("a", { href: `#/vm/${id}/tunnels`, class: "button small" }, "Tunnels")));
+          el("a", { href: `#/vm/${id}/tunnels`, class: "button small" }, "Tunnels"))));
       }))));
   }
 
