@@ -4,7 +4,8 @@ import { api } from "./rest.js";
 import { busy, button, el, notice, oneLine, show } from "./ui.js";
 
 export function allowlistView(target, ctx) {
-  const list = el("div", { "data-test": "allow-box" });
+  const list = el("div", { "data-test": "allow-box" },
+    notice("progress", "Loading the allow-list…", { test: "allow-progress" }));
   const status = el("div", { class: "status", "data-test": "allow-status" });
   const name = el("input", { type: "text", id: "allow-name", spellcheck: "false",
     placeholder: "license.example.org or *.example.org", "data-test": "allow-name" });
@@ -16,6 +17,14 @@ export function allowlistView(target, ctx) {
     "data-test": "allow-comment" });
   const add = button("Add", (ev) => busy(ev.target, doAdd), { "data-test": "allow-add",
     class: "primary" });
+  const adding = el("div", { "data-test": "allow-add-form", hidden: true },
+    el("h2", {}, "Add an entry"),
+    el("div", { class: "form" },
+      el("label", { for: "allow-name" }, "Name"), name,
+      el("label", { for: "allow-ports" }, "Ports"), ports,
+      el("label", { for: "allow-protocol" }, "Protocol"), proto,
+      el("label", { for: "allow-comment" }, "Comment"), comment),
+    el("div", { class: "actions" }, add));
   let alive = true;
 
   function error(e, what) {
@@ -29,12 +38,22 @@ export function allowlistView(target, ctx) {
       entries = await api.allowlist();
     } catch (e) {
       if (!alive) return;
+      if (e.code === "forbidden") {
+        // not a superadmin: no form, one clear state with rest's own line
+        adding.hidden = true;
+        show(status);
+        show(list, notice("error", "Superadmins only: rest refused to show the allow-list to "
+          + `${oneLine(ctx.session()?.user ?? "you", 64)}: ${e.human || e.message}`,
+        { test: "allow-forbidden", code: e.code }));
+        return;
+      }
       show(list);
-      error(e, e.code === "forbidden" ? "Only superadmins see the allow-list"
-        : "rest did not list the allow-list");
+      adding.hidden = false;
+      error(e, "rest did not list the allow-list");
       return;
     }
     if (!alive) return;
+    adding.hidden = false;
     if (!entries.length) {
       show(list, el("p", { "data-test": "allow-empty" }, "The allow-list is empty: VMs reach "
         + "no license server."));
@@ -89,15 +108,7 @@ export function allowlistView(target, ctx) {
     el("h1", {}, "License-server allow-list"),
     el("p", { class: "hint" }, "VMs may reach these names and ports, and nothing else "
       + "outside. A non-ASCII name is typed as its punycode (xn--…)."),
-    list,
-    el("h2", {}, "Add an entry"),
-    el("div", { class: "form" },
-      el("label", { for: "allow-name" }, "Name"), name,
-      el("label", { for: "allow-ports" }, "Ports"), ports,
-      el("label", { for: "allow-protocol" }, "Protocol"), proto,
-      el("label", { for: "allow-comment" }, "Comment"), comment),
-    el("div", { class: "actions" }, add),
-    status));
+    list, adding, status));
   load();
   return { dispose() { alive = false; } };
 }
