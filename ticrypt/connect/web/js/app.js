@@ -10,7 +10,7 @@
 
 import { onPageLost, openPageSession, pageToken, takeLink } from "./connectapi.js";
 import { loadKey } from "./keystore.js";
-import { api, clearRestSession, onSessionLost, restSession } from "./rest.js";
+import { api, clearRestSession, onSessionLost, restSession, watchSessionExpiry } from "./rest.js";
 import { button, el, notice, oneLine, show } from "./ui.js";
 import { allowlistView } from "./view-allowlist.js";
 import { keyView } from "./view-key.js";
@@ -28,6 +28,7 @@ const ctx = {
   key: null,            // {user, privateKey, publicKey} from the key store
   signinReason: null,   // why the page is back at sign-in (a human line)
   pageProblem: null,    // why there is no page session
+  pageProblemCode: null,
   go(hash) {
     if (location.hash === hash) route();
     else location.hash = hash;
@@ -85,7 +86,8 @@ async function signOut() {
 function pageSessionView(target) {
   show(target, el("section", { class: "card", "data-test": "page-session" },
     el("h1", {}, "Open the page from ticrypt-connect"),
-    ctx.pageProblem ? notice("error", ctx.pageProblem, { test: "page-problem" }) : null,
+    ctx.pageProblem ? notice("error", ctx.pageProblem,
+      { test: "page-problem", code: ctx.pageProblemCode }) : null,
     el("p", {}, "This page works only through the one-time link ticrypt-connect prints "
       + "(http://127.0.0.1:PORT/#link=...). Get a new one with:"),
     el("pre", { class: "command" }, "ticrypt open")));
@@ -121,6 +123,7 @@ function route() {
 }
 
 onPageLost((error) => {
+  ctx.pageProblemCode = error.code;
   ctx.pageProblem = `ticrypt-connect no longer knows this page (${error.code}): it was `
     + "restarted or the page session ended. Open the link again (run: ticrypt open).";
   route();
@@ -132,25 +135,42 @@ onSessionLost((error) => {
   else route();
 });
 
-async function boot() {
+/** Redeem the #link=... of the address bar, if any (at load, or pasted into an open tab). */
+async function redeemLink() {
   const link = takeLink();
-  if (link !== null) {
-    try {
-      await openPageSession(link);
-      ctx.pageProblem = null;
-    } catch (e) {
-      ctx.pageProblem = e.code === "bad-link"
-        ? "This link was already used or has expired. Run `ticrypt open` for a new one."
-        : `ticrypt-connect refused the link: ${e.human || e.message}`;
-    }
+  if (link === null) return;
+  try {
+    await openPageSession(link);
+    ctx.pageProblem = null;
+    ctx.pageProblemCode = null;
+    ctx.flash(null);
+  } catch (e) {
+    ctx.pageProblemCode = e.code;
+    ctx.pageProblem = e.code === "bad-link"
+      ? "This link was already used or has expired. Run `ticrypt open` for a new one."
+      : `ticrypt-connect refused the link: ${e.human || e.message}`;
+    // this tab still has a page session of an earlier link: say so, go on with it
+    if (pageToken()) ctx.flash("error", ctx.pageProblem);
   }
+}
+
+async function onHashChange() {
+  // a new link in a tab already showing the page is a same-document
+  // navigation (no reload): redeem it here as boot() does
+  if (location.hash.startsWith("#link=")) await redeemLink();
+  route();
+}
+
+async function boot() {
+  await redeemLink();
+  watchSessionExpiry();
   try {
     ctx.key = await loadKey();
   } catch (e) {
     ctx.key = null;
     ctx.flash("error", `The browser's key store cannot be read: ${e.message}`);
   }
-  window.addEventListener("hashchange", route);
+  window.addEventListener("hashchange", onHashChange);
   route();
   document.body.setAttribute("data-ready", "yes");
 }

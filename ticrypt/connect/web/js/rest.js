@@ -32,12 +32,46 @@ export function restSession() {
 
 export function setRestSession(session) {
   sessionStorage.setItem(REST_KEY, JSON.stringify(session));
+  watchSessionExpiry();
 }
 
 export function clearRestSession() {
+  watchSessionExpiry(null);
   try {
     sessionStorage.removeItem(REST_KEY);
   } catch { /* nothing kept */ }
+}
+
+// When the session's time is up (rest's "expires"), the page asks rest
+// (GET /v1/me): rest's 401 session-expired ends it through onSessionLost
+// like any other call, so the page shows sign-in with rest's reason even
+// if the user does nothing.  rest decides, not this browser's clock: if
+// rest still takes the session (clocks apart), or cannot be asked, the
+// page asks again later.
+const EXPIRY_SLACK_MS = 500;
+const EXPIRY_RECHECK_MS = 30000;
+const MAX_TIMER_MS = 2 ** 31 - 1;
+let expiryTimer = null;
+
+/** (Re)arm the expiry check for the kept session (none: `null`). */
+export function watchSessionExpiry(session = restSession(), delayMs = null) {
+  clearTimeout(expiryTimer);
+  expiryTimer = null;
+  if (!session || !Number.isFinite(session.expires)) return;
+  const due = delayMs ?? session.expires * 1000 - Date.now() + EXPIRY_SLACK_MS;
+  expiryTimer = setTimeout(() => checkExpiry(session.token),
+    Math.min(Math.max(due, 0), MAX_TIMER_MS));
+}
+
+async function checkExpiry(token) {
+  expiryTimer = null;
+  const session = restSession();
+  if (!session || session.token !== token) return;
+  try {
+    await api.me();
+  } catch { /* a dead session went to onSessionLost; anything else: ask again */ }
+  const still = restSession();
+  if (still && still.token === token) watchSessionExpiry(still, EXPIRY_RECHECK_MS);
 }
 
 /** METHOD /rest/v1/<path> (path starts with "/"), signed in unless anonymous. */
