@@ -142,6 +142,13 @@ class WebChain:
     www: str = ""
     daemons: dict[str, Daemon] = attrs.field(factory=dict)
     client_inis: dict[str, str] = attrs.field(factory=dict)
+    start: Start | None = None
+
+    async def restart_rest(self) -> None:
+        """Stop rest and start it again on its port (its database kept)."""
+        assert self.start is not None
+        await self.daemons["rest"].stop()
+        self.daemons["rest"] = await self.dep.start_rest(self.start)
 
     @property
     def connect_url(self) -> str:
@@ -169,10 +176,15 @@ class WebChain:
 async def start_web_chain(reactor: Any, directory: str, run: Run, start: Start,
                           on_cleanup: Callable[[Callable[[], Any]], None],
                           users: tuple[str, ...] = (),
-                          proxy_limits: dict[str, str | None] | None = None) -> WebChain:
+                          proxy_limits: dict[str, str | None] | None = None,
+                          rest_settings: dict[str, str | None] | None = None,
+                          tunnel_server: bool = True) -> WebChain:
     """Every role, the owner ``alice`` (superadmin) with the VM ``labvm``,
     and ``users`` as plain users; their keys are ``USER.key`` (alice's also
-    encrypted with :data:`PASSPHRASE` in ``alice-enc.key``)."""
+    encrypted with :data:`PASSPHRASE` in ``alice-enc.key``).  ``rest_settings``
+    go to rest.ini's ``[rest]``; without ``tunnel_server`` the VM's vmc has its
+    tunnel server off (``[tunnel] enabled = no``), and there is no vmhost
+    nor web server "inside the VM"."""
     from ticrypt import identity
 
     vmhost_port, lease_base = free_port(), free_port()
@@ -193,10 +205,17 @@ async def start_web_chain(reactor: Any, directory: str, run: Run, start: Start,
     tap = Tap(reactor, dep, dep.addresses.proxy_port)
     tap_port = await tap.listen()
     on_cleanup(lambda: tap.port.stopListening() if tap.port else None)
-    dep.rest_ini(proxy_url=f"wss://127.0.0.1:{tap_port}")
+    dep.rest_ini(proxy_url=f"wss://127.0.0.1:{tap_port}", **(rest_settings or {}))
     rest = await dep.start_rest(start)
-    c = WebChain(reactor, dep, tap)
+    c = WebChain(reactor, dep, tap, start=start)
     c.vm_id, token = await dep.add_vm(run, OWNER, VM)
+    if not tunnel_server:
+        vmc = await start("ticrypt-vmc", dep.vmc_ini(token, tunnel_settings={"enabled": "no"}))
+        connect = await dep.start_connect(start)
+        c.daemons = {"proxy": proxy, "rest": rest, "vmc": vmc, "connect": connect}
+        for user in (OWNER, *users):
+            c.client_inis[user] = dep.client_ini(user, name=f"client-{user}")
+        return c
     c.web_port = free_port()
     tunnel, sftp = dep.vm_tunnel(ports=(c.web_port,))
     c.sftp_port = int(str(sftp["port"]))
