@@ -34,9 +34,6 @@ SKIP = chromium_skip_reason() or (
     f"xterm.js not installed (npm ci in ticrypt/connect/web): {vendor_missing()}"
     if vendor_missing() else None)
 
-#: CSP reports of xterm.js's own <style> elements (see the report of issue 11)
-_XTERM_STYLE = re.compile(r"Refused to apply (inline style|a stylesheet)|style-src")
-
 _UNTIL = """
 const [sel, needle, isRegex, absent, timeoutMs, done] = arguments;
 const t0 = Date.now();
@@ -145,10 +142,10 @@ class Page:
                           or "null")
 
     async def console_errors(self, *expected: str) -> list[str]:
-        """Console errors, without xterm.js's refused inline styles and those
-        containing one of ``expected`` (a refusal the test caused)."""
-        return [e for e in await self.b.logs() if not _XTERM_STYLE.search(e)
-                and not any(x in e for x in expected)]
+        """Console errors (a CSP violation included: the terminal must render
+        under the strict policy without one), without those containing one of
+        ``expected`` (a refusal the test caused)."""
+        return [e for e in await self.b.logs() if not any(x in e for x in expected)]
 
 
 async def new_page(tc: TestCase, chain: WebChain) -> Page:

@@ -21,16 +21,57 @@ function loadXterm() {
 /**
  * xterm.js writes its cell sizes and theme colors into <style> elements it
  * adds to the terminal, which the page's CSP (style-src 'self', no
- * 'unsafe-inline') does not apply.  Their text is copied into constructed
- * style sheets (CSSOM, which CSP allows), kept in step on every change, so
- * the terminal renders without weakening the policy.  Only 24-bit colours
- * (style attributes on single cells) stay unapplied.
+ * 'unsafe-inline') would refuse (one console violation per element and
+ * change).  xterm.js makes them through its `documentOverride`:
+ * `inertStyles()` gives it the page's document with one difference, a
+ * "style" it asks for is an inert <xterm-style> element (hidden by app.css,
+ * never applied, so never refused), and `mirrorStyles()` copies their text
+ * into constructed style sheets (CSSOM, which CSP allows), kept in step on
+ * every change.  The policy stays strict and the terminal renders; only
+ * 24-bit colours (style attributes on single cells) stay unapplied.
  */
+const INERT_STYLE = "xterm-style";
+
+function inertName(name) {
+  return String(name).toLowerCase() === "style" ? INERT_STYLE : name;
+}
+
+function inertStyles() {
+  return new Proxy(document, {
+    get(target, prop) {
+      if (prop === "createElement") {
+        return (name, options) => target.createElement(inertName(name), options);
+      }
+      const value = Reflect.get(target, prop, target);
+      return typeof value === "function" ? value.bind(target) : value;
+    },
+  });
+}
+
+/**
+ * `term.open(box)` with the same rule for the one <style> xterm.js makes
+ * through the page's own document while it opens (its scrollbar's colours);
+ * open() is synchronous, so the page's document is itself again at once.
+ */
+function openInert(term, box) {
+  const own = Object.prototype.hasOwnProperty.call(document, "createElement");
+  const real = document.createElement;
+  document.createElement = function createElement(name, options) {
+    return real.call(this, inertName(name), options);
+  };
+  try {
+    term.open(box);
+  } finally {
+    if (own) document.createElement = real;
+    else delete document.createElement;
+  }
+}
+
 function mirrorStyles(root) {
   const mirrored = new Map();  // <style> -> {sheet, text}
   const ours = new Set();
   const sync = () => {
-    for (const style of root.querySelectorAll("style")) {
+    for (const style of root.querySelectorAll(`style, ${INERT_STYLE}`)) {
       let m = mirrored.get(style);
       if (!m) {
         m = { sheet: new CSSStyleSheet(), text: null };
@@ -100,10 +141,11 @@ export function terminalPanel(conn) {
     const { Terminal, FitAddon } = await loadXterm();
     term = new Terminal({ cursorBlink: true, scrollback: 5000, fontSize: 14,
       fontFamily: "ui-monospace, 'DejaVu Sans Mono', Menlo, Consolas, monospace",
-      theme: { background: "#111418", foreground: "#d8dee9" } });
+      theme: { background: "#111418", foreground: "#d8dee9" },
+      documentOverride: inertStyles() });
     fit = new FitAddon();
     term.loadAddon(fit);
-    term.open(box);
+    openInert(term, box);
     unmirror = mirrorStyles(box);
     fit.fit();
     term.onData((data) => { if (shell) shell.write(data); });
