@@ -11,16 +11,20 @@ Everything lives in ``env.dir`` (``env.deployment``).
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 from collections.abc import Mapping
 from typing import Any
 
 import attrs
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from twisted.internet import reactor
+from twisted.internet import defer, reactor
 from twisted.trial.unittest import TestCase
 
 from test.daemon import Daemon, runner, starter
+from ticrypt import identity
 from ticrypt.frontend.client import RestClient
 from ticrypt.lab.deploy import Addresses, Deployment
 
@@ -93,14 +97,46 @@ def make_rest_dir(directory: str, admin_name: str = "alice",
     return RestEnv(deployment, admin_name, admin_key)
 
 
+#: initialised rest folders (``ticrypt-admin init`` run once), by admin name,
+#: that ``start_rest(copy=True)`` copies; one set per test process
+_templates: dict[str, str] = {}
+_template_lock = defer.DeferredLock()
+
+
+async def _template(admin_name: str) -> str:
+    """The folder :func:`make_rest_dir` and ``ticrypt-admin init`` made for
+    ``admin_name`` in this process (made on first use, removed at exit)."""
+    async with _template_lock:
+        if admin_name not in _templates:
+            top = tempfile.mkdtemp(prefix="ticrypt-rest-template-")
+            atexit.register(shutil.rmtree, top, True)
+            env = make_rest_dir(os.path.join(top, "rest"), admin_name)
+            await env.deployment.init(runner(), admin_name)
+            _templates[admin_name] = env.dir
+    return _templates[admin_name]
+
+
 async def start_rest(testcase: TestCase, *, overrides: Mapping[str, str] | None = None,
                      start: bool = True, admin_name: str = "alice",
-                     addresses: Addresses | None = None) -> RestEnv:
+                     addresses: Addresses | None = None, copy: bool = False) -> RestEnv:
     """A temp dir with everything rest needs, initialised with ``ticrypt-admin
     init`` (``admin_name`` is the superadmin) and, if ``start``, a running
-    daemon.  ``overrides`` replace or add ``[rest]`` keys."""
-    env = make_rest_dir(os.path.abspath(testcase.mktemp()), admin_name, overrides, addresses)
-    env.backend_public = await env.deployment.init(runner(), admin_name)
+    daemon.  ``overrides`` replace or add ``[rest]`` keys.
+
+    ``copy``: copy the folder one ``ticrypt-admin init`` made for this
+    process instead of running it again (the same CA, keys and fresh
+    database in every test that asks; not with ``addresses``)."""
+    if copy and addresses is None:
+        directory = os.path.abspath(testcase.mktemp())
+        shutil.copytree(await _template(admin_name), directory)
+        deployment = Deployment(directory, Addresses(proxy_port=8444))
+        deployment.rest_ini(**(overrides or {}))
+        env = RestEnv(deployment, admin_name, deployment.user_key(admin_name)[0])
+        env.backend_public = identity.load_public_file(deployment.path("backend_pub"))
+    else:
+        env = make_rest_dir(os.path.abspath(testcase.mktemp()), admin_name, overrides,
+                            addresses)
+        env.backend_public = await env.deployment.init(runner(), admin_name)
     if start:
         await env.start(testcase)
     return env
