@@ -20,6 +20,7 @@ The wheel is built once per test run (about five seconds in all).
 from __future__ import annotations
 
 import ast
+import concurrent.futures
 import configparser
 import json
 import os
@@ -143,6 +144,13 @@ class Install:
 
     def run(self, *args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
         return _run(list(args), self.env(), self.home, timeout)
+
+    def run_many(self, argvs: list[list[str]],
+                 timeout: float = 60.0) -> list[subprocess.CompletedProcess[str]]:
+        """:meth:`run` for each of ``argvs``, all at once (independent
+        commands); the results in the same order."""
+        with concurrent.futures.ThreadPoolExecutor(max_workers=4) as pool:
+            return list(pool.map(lambda argv: self.run(*argv, timeout=timeout), argvs))
 
 
 def _build() -> Install:
@@ -287,10 +295,10 @@ class InstalledTests(SynchronousTestCase):
         self.assertEqual(proc.returncode, 0, proc.stderr)
         listed = set(re.findall(r"^\s+(\S+)\s", proc.stdout, re.M))
         self.assertEqual(set(roles) - listed, set(), proc.stdout)
-        for tapname in roles:
-            proc = self.inst.run(self.inst.bin("twistd"), tapname, "--help")
-            self.assertEqual(proc.returncode, 0, proc.stdout + proc.stderr)
-            self.assertIn("--config", proc.stdout)
+        procs = self.inst.run_many([[self.inst.bin("twistd"), t, "--help"] for t in roles])
+        for tapname, proc in zip(roles, procs, strict=True):
+            self.assertEqual(proc.returncode, 0, f"{tapname}: {proc.stdout}{proc.stderr}")
+            self.assertIn("--config", proc.stdout, tapname)
 
     def test_plugin_files_import_nothing_of_ours(self) -> None:
         """A plugin file imports only Twisted; twistd imports the role's tap
@@ -331,10 +339,10 @@ class InstalledTests(SynchronousTestCase):
         self.assertEqual(set(scripts) & {"ticrypt", "ticrypt-admin", "ticrypt-lab"},
                          {"ticrypt", "ticrypt-admin", "ticrypt-lab"})
         for name in scripts:
-            path = self.inst.bin(name)
-            with open(path) as f:
-                self.assertEqual(f.readline().strip(), "#!" + self.inst.bin("python"))
-            proc = self.inst.run(path, "--help")
+            with open(self.inst.bin(name)) as f:
+                self.assertEqual(f.readline().strip(), "#!" + self.inst.bin("python"), name)
+        procs = self.inst.run_many([[self.inst.bin(name), "--help"] for name in scripts])
+        for name, proc in zip(scripts, procs, strict=True):
             self.assertEqual(proc.returncode, 0, f"{name}: {proc.stdout}{proc.stderr}")
             self.assertIn("usage", proc.stdout.lower(), name)
 
@@ -445,10 +453,12 @@ class SystemdUnitTests(SynchronousTestCase):
         reaches the role's own option parser (--help stops before the config
         is loaded)."""
         samples = os.path.join(self.inst.prefix, "share", "ticrypt", "etc")
-        for tapname in server_roles():
+        argvs = {tapname: unit_command(self.inst, tapname, os.path.join(
+                     samples, f"{tapname.removeprefix('ticrypt-')}.ini"))
+                 for tapname in server_roles()}
+        procs = self.inst.run_many([[*argv, "--help"] for argv in argvs.values()])
+        for (tapname, argv), proc in zip(argvs.items(), procs, strict=True):
             role = tapname.removeprefix("ticrypt-")
-            argv = unit_command(self.inst, tapname, os.path.join(samples, f"{role}.ini"))
-            proc = self.inst.run(*argv, "--help")
             self.assertEqual(proc.returncode, 0, f"{shlex.join(argv)}\n{proc.stdout}{proc.stderr}")
             self.assertIn(f"{role} ini file", proc.stdout)
 

@@ -60,7 +60,7 @@ class LoginTests(TestCase):
     timeout = 120
 
     async def test_right_key_me_logout(self) -> None:
-        env = await start_rest(self)
+        env = await start_rest(self, copy=True)
         client = env.client()
         result = await client.login("alice", env.admin_key)
         self.assertEqual((result["user"], result["role"]), ("alice", "superadmin"))
@@ -86,7 +86,7 @@ class LoginTests(TestCase):
         self.assertEqual((code, obj["error"]["code"]), (401, "login-failed"))
 
     async def test_wrong_key(self) -> None:
-        env = await start_rest(self)
+        env = await start_rest(self, copy=True)
         with self.assertRaises(RestError) as e:
             await env.client().login("alice", identity.generate())
         self.assertEqual((e.exception.status, e.exception.code), (401, "login-failed"))
@@ -95,7 +95,7 @@ class LoginTests(TestCase):
                          ("login-failed", "alice", "bad-signature", "127.0.0.1"))
 
     async def test_replayed_challenge(self) -> None:
-        env = await start_rest(self)
+        env = await start_rest(self, copy=True)
         client = env.client()
         c = await client.challenge("alice")
         sig = b64(signed.sign(env.admin_key, signed.LOGIN, {
@@ -106,7 +106,7 @@ class LoginTests(TestCase):
         await self._expect_login_failed(env, body)
 
     async def test_other_users_challenge(self) -> None:
-        env = await start_rest(self)
+        env = await start_rest(self, copy=True)
         c = await env.client().challenge("bob")
         # alice signs bob's challenge as if it were hers
         sig = b64(signed.sign(env.admin_key, signed.LOGIN, {
@@ -115,7 +115,7 @@ class LoginTests(TestCase):
             env, {"user": "alice", "challenge_id": c["challenge_id"], "signature": sig})
 
     async def test_signature_for_another_purpose(self) -> None:
-        env = await start_rest(self)
+        env = await start_rest(self, copy=True)
         c = await env.client().challenge("alice")
         payload = {"challenge": c["challenge"], "challenge_id": c["challenge_id"],
                    "user": "alice"}
@@ -124,7 +124,7 @@ class LoginTests(TestCase):
             env, {"user": "alice", "challenge_id": c["challenge_id"], "signature": sig})
 
     async def test_unknown_user_gets_a_challenge_and_a_generic_failure(self) -> None:
-        env = await start_rest(self)
+        env = await start_rest(self, copy=True)
         client = env.client()
         known = await client.challenge("alice")
         unknown = await client.challenge("mallory")
@@ -135,7 +135,7 @@ class LoginTests(TestCase):
         self.assertEqual(audit_lines(env)[-1]["reason"], "unknown-user")
 
     async def test_disabled_user(self) -> None:
-        env = await start_rest(self)
+        env = await start_rest(self, copy=True)
         bob_key, bob_pub = env.new_user_key("bob")
         code, out, err = await env.admin("user", "add", "bob", "--public-key", bob_pub)
         self.assertEqual(code, 0, err)
@@ -166,7 +166,7 @@ class LoginTests(TestCase):
     async def test_rate_limit_per_user_and_address(self) -> None:
         """Failures lock a user name out from the address they came from
         only: the user still logs in from another address."""
-        env = await start_rest(self, overrides={"login_failures_per_user_and_address": "3",
+        env = await start_rest(self, copy=True, overrides={"login_failures_per_user_and_address": "3",
                                                 "login_window": "1h"})
         for _ in range(3):
             code, obj, _ = await self._login_from(env, "127.0.0.3", identity.generate())
@@ -183,7 +183,7 @@ class LoginTests(TestCase):
             ("login-failed", "127.0.0.3", "rate-limited"), ("login-ok", "127.0.0.4", None)])
 
     async def test_rate_limit_per_address(self) -> None:
-        env = await start_rest(self, overrides={"login_failures_per_address": "2"})
+        env = await start_rest(self, copy=True, overrides={"login_failures_per_address": "2"})
         for name in ("u1", "u2"):
             with self.assertRaises(RestError):
                 await env.client().login(name, identity.generate())
@@ -194,7 +194,7 @@ class LoginTests(TestCase):
     async def test_session_expires(self) -> None:
         # 5 s: the session must still be valid at the first request even when
         # the machine is busy (parallel test workers); 1 s was not always
-        env = await start_rest(self, overrides={"session_ttl": "5s"})
+        env = await start_rest(self, copy=True, overrides={"session_ttl": "5s"})
         client = env.client()
         result = await client.login("alice", env.admin_key)
         await client.me()
@@ -205,7 +205,7 @@ class LoginTests(TestCase):
         self.assertEqual((e.exception.status, e.exception.code), (401, "session-expired"))
 
     async def test_bad_tokens(self) -> None:
-        env = await start_rest(self)
+        env = await start_rest(self, copy=True)
         for token, code in ((None, "missing-token"), ("junk", "invalid-token"),
                             (b64(os.urandom(32)), "invalid-token")):
             with self.assertRaises(RestError) as e:
@@ -228,7 +228,7 @@ class EnrollmentTests(TestCase):
         return json.loads(out)  # type: ignore[no-any-return]
 
     async def test_enroll_once_then_ticket(self) -> None:
-        env = await start_rest(self)
+        env = await start_rest(self, copy=True)
         added = await self._add_vm(env)
         vm_id = added["vm"]["id"]
         vm_key = identity.generate()
@@ -275,7 +275,7 @@ class EnrollmentTests(TestCase):
         self.assertEqual(te.exception.code, "bad-signature")
 
     async def test_ticket_needs_enrollment(self) -> None:
-        env = await start_rest(self)
+        env = await start_rest(self, copy=True)
         added = await self._add_vm(env)
         client = env.client()
         await client.login("alice", env.admin_key)
@@ -287,7 +287,7 @@ class EnrollmentTests(TestCase):
         self.assertEqual((e.exception.status, e.exception.code), (404, "no-such-vm"))
 
     async def test_expired_enrollment_token(self) -> None:
-        env = await start_rest(self, overrides={"enrollment_ttl": "1s"})
+        env = await start_rest(self, copy=True, overrides={"enrollment_ttl": "1s"})
         added = await self._add_vm(env)
         await sleep(max(0.0, added["enrollment_expires"] - time.time()) + 0.2)
         with self.assertRaises(RestError) as e:
@@ -302,7 +302,7 @@ class ErrorTests(TestCase):
     timeout = 120
 
     async def test_json_errors(self) -> None:
-        env = await start_rest(self, overrides={"max_body": "2KiB"})
+        env = await start_rest(self, copy=True, overrides={"max_body": "2KiB"})
         cases = [
             ("POST", "/v1/auth/challenge", b"{nope", "malformed-json", 400),
             ("POST", "/v1/auth/challenge", b"[1]", "invalid-body", 400),
@@ -325,7 +325,7 @@ class ErrorTests(TestCase):
                 self.assertTrue(headers.getRawHeaders(b"allow"))
 
     async def test_oversized_body_is_not_read_past_the_limit(self) -> None:
-        env = await start_rest(self, overrides={"max_body": "2KiB"})
+        env = await start_rest(self, copy=True, overrides={"max_body": "2KiB"})
         # Declared far past max_body + the drain limit: answered before the body arrives.
         big = b"x" * (3 * 1024 * 1024)
         try:
@@ -338,7 +338,7 @@ class ErrorTests(TestCase):
         self.assertIn("public_key", await env.client().backend())
 
     async def test_forbidden_for_plain_users(self) -> None:
-        env = await start_rest(self)
+        env = await start_rest(self, copy=True)
         admin = env.client()
         await admin.login("alice", env.admin_key)
         bob_key, _ = env.new_user_key("bob")
@@ -359,7 +359,7 @@ class ErrorTests(TestCase):
         self.assertEqual([v["name"] for v in await admin.list_vms()], ["a-vm", "b-vm"])
 
     async def test_connections_per_address_are_bounded(self) -> None:
-        env = await start_rest(self, overrides={"max_connections_per_address": "2"})
+        env = await start_rest(self, copy=True, overrides={"max_connections_per_address": "2"})
         host, port = env.url.split("//")[1].rsplit(":", 1)
         ends: list[defer.Deferred[None]] = []
 
@@ -397,7 +397,7 @@ class ErrorTests(TestCase):
         self.assertIn("public_key", await env.client().backend())
 
     async def test_plain_http_only_when_allowed(self) -> None:
-        env = await start_rest(self, start=False)
+        env = await start_rest(self, copy=True, start=False)
         env.write_config(listen="tcp:0:interface=127.0.0.1")
         code, out, err = await run_command([twistd_path(), "-n", "--pidfile=", "ticrypt-rest",
                                             "--config", env.config_path])
@@ -415,7 +415,7 @@ class OpenApiTests(TestCase):
     timeout = 120
 
     async def test_document_is_served_without_auth(self) -> None:
-        env = await start_rest(self)
+        env = await start_rest(self, copy=True)
         status, body, headers = await raw_bytes(env, "GET", "/v1/openapi.json")
         self.assertEqual(status, 200)
         self.assertEqual(headers.getRawHeaders(b"content-type"), [b"application/json"])
@@ -449,7 +449,7 @@ class RevocationFeedTests(TestCase):
                                              max_age=60)
 
     async def test_feed_follows_logout_and_admin_disable(self) -> None:
-        env = await start_rest(self)
+        env = await start_rest(self, copy=True)
         bob_key, bob_pub = env.new_user_key("bob")
         self.assertEqual((await env.admin("user", "add", "bob", "--public-key", bob_pub))[0], 0)
         first = await self.feed(env)
@@ -473,7 +473,7 @@ class RevocationFeedTests(TestCase):
         self.assertGreater(after_disable.serial, after_logout.serial)
 
     async def test_feed_needs_its_secret(self) -> None:
-        env = await start_rest(self)
+        env = await start_rest(self, copy=True)
         admin = env.client()
         await admin.login("alice", env.admin_key)
         assert admin.token is not None
@@ -490,7 +490,7 @@ class DurabilityTests(TestCase):
     timeout = 180
 
     async def test_kill9_during_writes_keeps_every_acknowledged_change(self) -> None:
-        env = await start_rest(self)
+        env = await start_rest(self, copy=True)
         admin = env.client()
         await admin.login("alice", env.admin_key)
         pub = identity.public_text(identity.generate())

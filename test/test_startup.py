@@ -132,14 +132,14 @@ class TwistdRefusesTests(TestCase):
         self.assertOneLine(lines, "rest", env.config_path, "rest", "listne", "unknown key")
 
     async def test_rest_port_out_of_range(self) -> None:
-        env = await start_rest(self, start=False)  # initialised: only listen is wrong
+        env = await start_rest(self, copy=True, start=False)  # initialised: only listen is wrong
         env.write_config(listen=tlsutil.server_endpoint(70000, env.server_pem))
         lines = await self.refused("rest", env.config_path)
         self.assertOneLine(lines, "rest", env.config_path, "rest", "listen",
                            "port 70000 is not in 0..65535")
 
     async def test_rest_port_in_use(self) -> None:
-        env = await start_rest(self, start=False)  # initialised: only the bind fails
+        env = await start_rest(self, copy=True, start=False)  # initialised: only the bind fails
         port = self.port_in_use()
         env.write_config(listen=tlsutil.server_endpoint(port, env.server_pem))
         lines = await self.refused("rest", env.config_path)
@@ -147,7 +147,7 @@ class TwistdRefusesTests(TestCase):
                               f"cannot listen on 127.0.0.1:{port}: address already in use")
 
     async def test_rest_broken_database(self) -> None:
-        env = await start_rest(self, start=False)  # initialised: then the file is ruined
+        env = await start_rest(self, copy=True, start=False)  # initialised: then the file is ruined
         with open(env.database, "r+b") as f:
             f.write(b"this is not an SQLite database" * 10)
         lines = await self.refused("rest", env.config_path)
@@ -157,7 +157,7 @@ class TwistdRefusesTests(TestCase):
     async def test_rest_port_in_use_daemon_mode(self) -> None:
         # without -n, twistd's parent waits on a pipe for the daemon's word:
         # it must get it (a plain SystemExit left it waiting for ever)
-        env = await start_rest(self, start=False)
+        env = await start_rest(self, copy=True, start=False)
         port = self.port_in_use()
         env.write_config(listen=tlsutil.server_endpoint(port, env.server_pem))
         lines = await self.refused_daemon("rest", env.config_path)
@@ -165,7 +165,7 @@ class TwistdRefusesTests(TestCase):
                               f"cannot listen on 127.0.0.1:{port}: address already in use")
 
     async def test_rest_readable_tls_key(self) -> None:
-        env = await start_rest(self, start=False)
+        env = await start_rest(self, copy=True, start=False)
         os.chmod(env.server_pem, 0o644)
         lines = await self.refused("rest", env.config_path)
         self.assertOneLine(lines, "rest", env.config_path, "rest", "listen",

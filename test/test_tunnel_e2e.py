@@ -90,11 +90,25 @@ async def start_chain(tc: TestCase, *, leases: dict[str, str | None] | None = No
     dep.ca()
     dep.feed_secret()
     dep.user_key(USER)
+    dep.backend()  # the signing key init keeps: the proxy reads backend.pub before init ends
+    dep.addresses.rest_port = free_port()  # the proxy's rest_url names it
     dep.rest_ini()
     dep.proxy_ini(leases=leases)
-    await dep.init(run, USER)
-    proxy, rest = await dep.start_backend(start)
-    c.vm_id, token = await dep.add_vm(run, USER, VM)
+    # Independent start-up steps run concurrently; each waits only for what
+    # it needs (rest names the proxy's ports, vmc enrolls with rest, vmhost
+    # forwards to vmc's tunnel port, login goes through rest and connect).
+    initialised = defer.ensureDeferred(dep.init(run, USER))
+    proxy = await dep.start_proxy(start)
+    await initialised
+    rest_started = defer.ensureDeferred(dep.start_rest(start))
+    vm_added = defer.ensureDeferred(dep.add_vm(run, USER, VM))
+    dep.connect_ini(tunnels=tunnels)
+    connect_started = defer.ensureDeferred(dep.start_connect(start))
+    c.vm_id, token = await vm_added
+    rest = await rest_started
+    connect = await connect_started
+    c.client_ini = dep.client_ini(USER)
+    logged_in = defer.ensureDeferred(c.cli("login"))
     c.web_port = free_port()
     tunnel, sftp = dep.vm_tunnel(ports=(c.web_port,))
     c.sftp_port = int(str(sftp["port"]))
@@ -103,17 +117,14 @@ async def start_chain(tc: TestCase, *, leases: dict[str, str | None] | None = No
     c.sftp_host_key = str((vmc.ready_info or {})["sftp_host_key"])
     vmhost = await start("ticrypt-vmhost", dep.vmhost_ini(
         {1: f"127.0.0.1:{vmc.address('tunnel')[1]}"}, base=str(vmhost_port - 1)))
-    dep.connect_ini(tunnels=tunnels)
-    connect = await dep.start_connect(start)
     c.daemons = {"proxy": proxy, "rest": rest, "vmc": vmc, "vmhost": vmhost,
                  "connect": connect}
-    c.client_ini = dep.client_ini(USER)
     c.www = apps.web_folder(dep.path("www"))
     with open(os.path.join(c.www, "big.bin"), "wb") as f:
         f.write(os.urandom(4 * MiB))
     web = await apps.start_web(reactor, c.www, c.web_port)
     tc.addCleanup(web.stopListening)
-    await c.cli("login")
+    await logged_in
     return c
 
 
