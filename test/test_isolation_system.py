@@ -3,12 +3,15 @@ and real packets in network namespaces this test creates and always removes
 (ticrypt.lab.netns: user, backend, router, VM host, two VMs, a license
 server and an outside host in 10.77.0.0/16).
 
-Each proof is its own test method on a deployment of its own (namespaces
-and daemons started in the test, stopped and removed in its cleanup: trial
-has no per-class fixture that could keep processes across tests).  A proof
-whose piece has not landed is skipped with one line naming that piece, so
-the test is complete the moment it lands.  Root only; skipped with one line
-where ``ip netns``, nft or dig are missing."""
+The claims share one deployment in one test method (namespaces and
+daemons started in the test, stopped and removed in its cleanup: trial has
+no per-class fixture that could keep processes across test methods); each
+claim is its own ``claim_*`` method whose failure names it, and the claims
+run at the same time, as do the probes inside a claim (a drop is proven by
+a connect that times out: independent ones wait their timeout together).
+A claim whose piece has not landed is skipped with one line naming that
+piece, so the test is complete the moment it lands.  Root only; skipped
+with one line where ``ip netns``, nft or dig are missing."""
 
 from __future__ import annotations
 
@@ -46,6 +49,7 @@ from ticrypt.lab.netns import (
     VMHOST_VM_IP,
     Namespaces,
     NetnsDeployment,
+    together,
 )
 
 #: a TCP client for one connection from inside a namespace: "ok LINE" or "fail ERROR"
@@ -59,9 +63,9 @@ except OSError as e:
     print("fail " + type(e).__name__)
 """
 
-#: the probe table: counts packets from given sources as they arrive,
+#: a probe table: counts packets from given sources as they arrive,
 #: before any other rule can drop them (but those to an excepted TCP port)
-PROBE = """table inet ticrypt_probe {
+PROBE = """table inet ticrypt_probe_%s {
     chain pre {
         type filter hook prerouting priority -400; policy accept;
         %s
@@ -198,15 +202,15 @@ class IsolationSystemTests(TestCase):
         return list(json.loads(out))
 
     def probe(self, spaces: Namespaces, role: str, sources: list[str],
-              except_port: int | None = None) -> None:
+              except_port: int | None = None, table: str = "all") -> None:
         """Count every packet from ``sources`` arriving in ``role`` (but
-        those to TCP ``except_port``)."""
+        those to TCP ``except_port``) in probe table ``table``."""
         hosts = ", ".join(sources)
         skip = f"ip saddr {{ {hosts} }} tcp dport {except_port} accept" if except_port else ""
-        spaces.nft(role, PROBE % (skip, hosts))
+        spaces.nft(role, PROBE % (table, skip, hosts))
 
-    def probed(self, spaces: Namespaces, role: str) -> int:
-        text = spaces.nft_list(role, "table", "inet", "ticrypt_probe")
+    def probed(self, spaces: Namespaces, role: str, table: str = "all") -> int:
+        text = spaces.nft_list(role, "table", "inet", f"ticrypt_probe_{table}")
         m = re.search(r"counter packets (\d+)", text)
         assert m is not None, text
         return int(m.group(1))
@@ -238,76 +242,119 @@ class IsolationSystemTests(TestCase):
         and the probes count those packets.  So where the proofs below see
         nothing arrive, the rules stopped it, not the topology."""
         spaces = self.network()
-        self.probe(spaces, "outside", [VM_IPS[1]])
+        self.probe(spaces, "outside", [VM_IPS[1], VM_IPS[2]])
         self.probe(spaces, "vm2", [VM_IPS[1], OUTSIDE_IP])
         # and the sweep sees an open port where there is one
         server = netns.helper_in(reactor, spaces, "vm2", ["serve", f"--tcp={VM_IPS[2]}:23"])
         self.addCleanup(server.stop)
         await server.ready
-        self.assertEqual(await self.sweep(spaces, "outside", [VM_IPS[2]], "20-30"),
-                         [f"{VM_IPS[2]}:23"])
-        self.assertEqual(await self.connect(spaces, "vm1", OUTSIDE_IP, 80),
-                         "fail ConnectionRefusedError")
-        self.assertEqual(await self.connect(spaces, "vm1", VM_IPS[2], 22),
-                         "fail ConnectionRefusedError")
-        self.assertEqual(await self.connect(spaces, "outside", VM_IPS[2], 22),
-                         "fail ConnectionRefusedError")
-        self.assertGreaterEqual(self.probed(spaces, "outside"), 1)
+        found, *refused = await together(
+            self.sweep(spaces, "outside", [VM_IPS[2]], "20-30"),
+            self.connect(spaces, "vm1", OUTSIDE_IP, 80),
+            self.connect(spaces, "vm2", OUTSIDE_IP, 80),
+            self.connect(spaces, "vm1", VM_IPS[2], 22),
+            self.connect(spaces, "outside", VM_IPS[2], 22))
+        self.assertEqual(found, [f"{VM_IPS[2]}:23"])
+        self.assertEqual(refused, ["fail ConnectionRefusedError"] * 4)
+        self.assertGreaterEqual(self.probed(spaces, "outside"), 2)
         self.assertGreaterEqual(self.probed(spaces, "vm2"), 13)
 
-    async def test_control_channel_and_tunnel_from_the_user(self) -> None:
-        """ticrypt exec (control channel through the proxy) and a tunnel
-        (connect -> proxy -> VM host -> port 22 of the VM -> the VM's web
-        server) from the user namespace, with every rule that has landed."""
+    async def test_isolation_claims(self) -> None:
+        """Every claim of the isolation (the ``claim_*`` methods below, each
+        its own check) on one deployment of every role in the namespaces,
+        with every rule that has landed: the claims run at the same time
+        (none sends what another counts) and a failure names its claim.
+        Claims whose piece has not landed are skipped with one line naming
+        the piece, after the others ran."""
+        pieces = self.pieces()
+        claims = {
+            "the control channel and a tunnel from the user":
+                (self.claim_control_channel_and_tunnel_from_the_user, ()),
+            "VM ports closed from the user and the outside":
+                (self.claim_vm_ports_closed_from_user_and_outside, ("vmc", "vmhost")),
+            "VM to outside dropped and audited":
+                (self.claim_vm_to_outside_dropped_and_audited, ("vmc",)),
+            "the license server through the allow-list":
+                (self.claim_license_server_through_the_allow_list, ("allowedlist", "vmc")),
+            "VM 1 cannot reach VM 2":
+                (self.claim_vm1_cannot_reach_vm2, ("vmc", "vmhost")),
+        }
+        missing = {name: why for name, (_, needs) in claims.items()
+                   for why in [next((pieces[p] for p in needs if pieces[p]), None)] if why}
         spaces = self.network()
         d = await self.deploy(spaces)
+        names = [name for name in claims if name not in missing]
+        results = await defer.DeferredList(
+            [defer.ensureDeferred(claims[name][0](spaces, d)) for name in names],
+            consumeErrors=True)
+        failed: list[str] = []
+        for name, (ok, result) in zip(names, results, strict=True):
+            if not ok:
+                assert isinstance(result, Failure)
+                why = (result.getErrorMessage() if result.check(self.failureException)
+                       else result.getTraceback())
+                failed.append(f"claim '{name}' does not hold: {why}")
+        if failed:
+            self.fail("\n".join(failed))
+        if missing:
+            raise self.skipTest("; ".join(f"{name}: {why}"  # type: ignore[misc]
+                                          for name, why in missing.items()))
+
+    async def claim_control_channel_and_tunnel_from_the_user(
+            self, spaces: Namespaces, d: NetnsDeployment) -> None:
+        """ticrypt exec (control channel through the proxy) and a tunnel
+        (connect -> proxy -> VM host -> port 22 of the VM -> the VM's web
+        server) from the user namespace."""
         _, out = await d.cli("exec", "vm1", "--", "cat", "/proc/self/net/route")
         # the command ran in VM 1's namespace: its routes are the VM link's
-        self.assertIn(f"{spaces.tag}e1", out)
+        self.assertIn(f"{spaces.tag}e1", out, "ticrypt exec did not run in VM 1")
         _, out = await d.cli("tunnel", "open", "vm1", "--port", str(APP_PORT))
         m = re.search(rf"^127\.0\.0\.1:(\d+) -> vm1:{APP_PORT}$", out, re.M)
         assert m is not None, out
         code, body, err = await run_command(spaces.exec("user", [
             "curl", "-sS", "--max-time", "30", f"http://127.0.0.1:{m.group(1)}/vm.txt"]))
-        self.assertEqual((code, body), (0, "vm1\n"), err)
+        self.assertEqual((code, body), (0, "vm1\n"), f"curl through the tunnel: {err}")
         # the VM host forwards VM N's port in nft mode: its table is in the kernel
         self.assertIn("ticrypt_vmhost", spaces.nft_list("vmhost", "tables"))
 
-    async def test_vm_ports_closed_from_user_and_outside(self) -> None:
+    async def claim_vm_ports_closed_from_user_and_outside(
+            self, spaces: Namespaces, d: NetnsDeployment) -> None:
         """A connect sweep of the VMs and the VM host from the user and the
         outside namespaces: no port of a VM answers; of the VM host only the
         forwarded range (VM N's port 22 through DNAT) may; and not one
         packet from those hosts reaches a VM but on the tunnel port."""
-        pieces = self.pieces()
-        self.require(pieces["vmc"], pieces["vmhost"])
-        spaces = self.network()
-        await self.deploy(spaces)
         for n in VM_IPS:
-            self.probe(spaces, f"vm{n}", [USER_IP, OUTSIDE_IP], except_port=TUNNEL_PORT)
+            self.probe(spaces, f"vm{n}", [USER_IP, OUTSIDE_IP], except_port=TUNNEL_PORT,
+                       table="from_user_and_outside")
         forwarded = {f"{VMHOST_IP}:{VMHOST_BASE + n}" for n in VM_IPS}
         ports = f"1-1024,{APP_PORT},{VMHOST_BASE + 1}-{VMHOST_BASE + 9},6000-6009"
-        for role in ("user", "outside"):
-            found = await self.sweep(spaces, role, [*VM_IPS.values(), VMHOST_IP, VMHOST_VM_IP],
-                                     ports)
-            self.assertEqual(set(found) - forwarded, set(), f"open from {role}")
+        roles = ("user", "outside")
+        found = await together(*(self.sweep(spaces, role, [*VM_IPS.values(), VMHOST_IP,
+                                                         VMHOST_VM_IP], ports)
+                               for role in roles))
+        for role, opened in zip(roles, found, strict=True):
+            self.assertEqual(set(opened) - forwarded, set(), f"open from {role}")
         for n in VM_IPS:
-            self.assertEqual(self.probed(spaces, f"vm{n}"), 0, f"packets reached vm{n}")
+            self.assertEqual(self.probed(spaces, f"vm{n}", "from_user_and_outside"), 0,
+                             f"packets from the user or the outside reached vm{n}")
 
-    async def test_vm_to_outside_dropped_and_audited(self) -> None:
+    async def claim_vm_to_outside_dropped_and_audited(
+            self, spaces: Namespaces, d: NetnsDeployment) -> None:
         """VM -> outside host: no packet arrives there, and each attempt is
-        an egress-denied audit line (VM address, destination, port, protocol)."""
-        self.require(self.pieces()["vmc"])
-        spaces = self.network()
-        d = await self.deploy(spaces)
-        self.probe(spaces, "outside", [VM_IPS[1]])
-        for port in (80, 443):
-            self.assertEqual((await self.connect(spaces, "vm1", OUTSIDE_IP, port)).split()[0],
-                             "fail")
-        self.assertEqual(self.probed(spaces, "outside"), 0)
+        an egress-denied audit line (VM address, destination, port, protocol).
+        (VM 2 tries: VM 1's denied-egress lines are spent on the VM 1 ->
+        VM 2 sweep, past the lines one interval may write.)"""
+        vm = VM_IPS[2]
+        self.probe(spaces, "outside", [vm], table="from_vm")
+        tried = await together(*(self.connect(spaces, "vm2", OUTSIDE_IP, port)
+                               for port in (80, 443)))
+        self.assertEqual([t.split()[0] for t in tried], ["fail", "fail"], tried)
+        self.assertEqual(self.probed(spaces, "outside", "from_vm"), 0,
+                         "packets from VM 2 reached the outside host")
 
         def denied() -> list[dict[str, Any]]:
             return [e for e in self.audit(d.dep) if e["event"] == "egress-denied"
-                    and e["destination"] == OUTSIDE_IP and e["vm"] == VM_IPS[1]]
+                    and e["destination"] == OUTSIDE_IP and e["vm"] == vm]
 
         async def both() -> bool:  # one line per flow: they may come in two writes
             return {e["port"] for e in denied()} >= {80, 443}
@@ -315,21 +362,19 @@ class IsolationSystemTests(TestCase):
         await until(both)
         found = denied()
         self.assertEqual({(e["port"], e["protocol"]) for e in found}, {(80, "tcp"), (443, "tcp")},
-                         found)
+                         f"egress-denied lines: {found}")
 
-    async def test_license_server_through_the_allow_list(self) -> None:
+    async def claim_license_server_through_the_allow_list(
+            self, spaces: Namespaces, d: NetnsDeployment) -> None:
         """VM -> license server: blocked and NXDOMAIN before the superadmin
         lists it; after ``ticrypt allowlist add`` the name resolves to a
         forwarding address and only the listed port connects; removing the
         entry closes it again."""
-        pieces = self.pieces()
-        self.require(pieces["allowedlist"], pieces["vmc"])
-        spaces = self.network()
-        d = await self.deploy(spaces)
         listed, unlisted = LICENSE_PORTS
-        self.assertEqual((await self.connect(spaces, "vm1", LICENSE_IP, listed)).split()[0],
-                         "fail")
-        self.assertEqual(await self.dig(spaces, "vm1", LICENSE_NAME), ("NXDOMAIN", []))
+        blocked, before = await together(self.connect(spaces, "vm1", LICENSE_IP, listed),
+                                       self.dig(spaces, "vm1", LICENSE_NAME))
+        self.assertEqual(blocked.split()[0], "fail", "the license server before the entry")
+        self.assertEqual(before, ("NXDOMAIN", []), "the name before the entry")
 
         await d.cli("allowlist", "add", LICENSE_NAME, "--port", str(listed),
                     "--comment", "license server")
@@ -344,51 +389,55 @@ class IsolationSystemTests(TestCase):
         for a in answers:
             self.assertIn(ipaddress.ip_address(a), ipaddress.ip_network(FORWARD_POOL))
         address = answers[0]
-        self.assertEqual(await self.connect(spaces, "vm1", address, listed),
-                         f"ok license {listed}")
-        self.assertEqual((await self.connect(spaces, "vm1", address, unlisted)).split()[0],
-                         "fail")
-        # the unlisted port was dropped by allowedlist's table on the backend
-        # (vmc lets the forwarding pool through): audited there
+        on_listed, on_unlisted, direct, other = await together(
+            self.connect(spaces, "vm1", address, listed),
+            self.connect(spaces, "vm1", address, unlisted),
+            # the license server's own address stays closed to the VM
+            self.connect(spaces, "vm1", LICENSE_IP, listed),
+            # an unlisted name is still refused
+            self.dig(spaces, "vm1", "other.example.org"))
+        self.assertEqual(on_listed, f"ok license {listed}", "the listed port")
+        self.assertEqual(on_unlisted.split()[0], "fail", "the unlisted port")
+        self.assertEqual(direct.split()[0], "fail", "the license server's own address")
+        self.assertEqual(other[0], "NXDOMAIN", "an unlisted name")
 
+        # the unlisted port was dropped by allowedlist's table on the backend
+        # (vmc lets the forwarding pool through): audited there (the line
+        # comes with allowedlist's next write, while the entry is removed)
         async def denied_at_backend() -> list[dict[str, Any]]:
             return [e for e in self.audit(d.dep) if e["event"] == "egress-denied"
                     and e["file"].startswith("allowedlist") and e["destination"] == address
                     and e["port"] == unlisted]
 
-        self.assertTrue(await until(denied_at_backend), "no egress-denied line at allowedlist")
-        # the license server's own address stays closed to the VM
-        self.assertEqual((await self.connect(spaces, "vm1", LICENSE_IP, listed)).split()[0],
-                         "fail")
-        # an unlisted name is still refused
-        self.assertEqual((await self.dig(spaces, "vm1", "other.example.org"))[0], "NXDOMAIN")
+        async def remove() -> None:
+            await d.cli("allowlist", "remove", LICENSE_NAME)
 
-        await d.cli("allowlist", "remove", LICENSE_NAME)
+            async def gone() -> bool:
+                return (await self.dig(spaces, "vm1", LICENSE_NAME))[0] == "NXDOMAIN"
 
-        async def gone() -> bool:
-            return (await self.dig(spaces, "vm1", LICENSE_NAME))[0] == "NXDOMAIN"
+            self.assertTrue(await until(gone, 10.0), "the name still resolves after remove")
 
-        self.assertTrue(await until(gone, 10.0), "the name still resolves after remove")
+            async def closed() -> bool:
+                return (await self.connect(spaces, "vm1", address, listed)).startswith("fail")
 
-        async def closed() -> bool:
-            return (await self.connect(spaces, "vm1", address, listed)).startswith("fail")
+            self.assertTrue(await until(closed, 10.0),
+                            "the license port is still open after remove")
 
-        self.assertTrue(await until(closed, 10.0), "the license port is still open after remove")
+        audited, _ = await together(until(denied_at_backend), remove())
+        self.assertTrue(audited, "no egress-denied line at allowedlist for the unlisted port")
 
-    async def test_vm1_cannot_reach_vm2(self) -> None:
+    async def claim_vm1_cannot_reach_vm2(self, spaces: Namespaces, d: NetnsDeployment) -> None:
         """VM 1 -> VM 2: no port answers (the tunnel port included) and not
-        one packet arrives at VM 2."""
-        pieces = self.pieces()
-        self.require(pieces["vmc"], pieces["vmhost"])
-        spaces = self.network()
-        await self.deploy(spaces)
-        self.probe(spaces, "vm2", [VM_IPS[1]])
-        found = await self.sweep(spaces, "vm1", [VM_IPS[2]], f"1-1024,{APP_PORT},{TUNNEL_PORT}")
-        self.assertEqual(found, [])
-        self.assertEqual(self.probed(spaces, "vm2"), 0)
-        # while VM 1 still reaches the backend it needs (rest)
-        self.assertEqual(await self.sweep(spaces, "vm1", [BACKEND_IP], str(REST_PORT)),
-                         [f"{BACKEND_IP}:{REST_PORT}"])
+        one packet arrives at VM 2; while VM 1 still reaches the backend it
+        needs (rest)."""
+        self.probe(spaces, "vm2", [VM_IPS[1]], table="from_vm1")
+        to_vm2, to_rest = await together(
+            self.sweep(spaces, "vm1", [VM_IPS[2]], f"1-1024,{APP_PORT},{TUNNEL_PORT}"),
+            self.sweep(spaces, "vm1", [BACKEND_IP], str(REST_PORT)))
+        self.assertEqual(to_vm2, [], "ports of VM 2 open from VM 1")
+        self.assertEqual(self.probed(spaces, "vm2", "from_vm1"), 0,
+                         "packets from VM 1 reached VM 2")
+        self.assertEqual(to_rest, [f"{BACKEND_IP}:{REST_PORT}"], "VM 1 does not reach rest")
 
 
 class Watcher(ProcessProtocol):

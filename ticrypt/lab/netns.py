@@ -47,7 +47,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
 from importlib.util import find_spec
 from typing import Any
 
@@ -112,6 +112,16 @@ def _sh(*argv: str) -> str:
     return proc.stdout
 
 
+def _batch(netns: str | None, commands: list[str]) -> None:
+    """``ip [-n NETNS] -batch -`` of ``commands`` (it stops at the first
+    that fails, which it names)."""
+    argv = ["ip", *(["-n", netns] if netns else []), "-batch", "-"]
+    proc = subprocess.run(argv, input="".join(c + "\n" for c in commands), capture_output=True,
+                          text=True)
+    if proc.returncode:
+        raise NetnsError(f"{' '.join(argv)}: {proc.stderr.strip() or proc.returncode}")
+
+
 @attrs.define
 class Namespaces:
     """The namespaces of :data:`ROLES`, named ``TAG-ROLE`` where ``TAG`` is
@@ -131,44 +141,47 @@ class Namespaces:
 
     def create(self) -> None:
         """Build the network; on failure what was made stays listed in
-        :attr:`made` for :meth:`remove` (call it in every case)."""
-        for role in ROLES:
-            ns = self.name(role)
-            _sh("ip", "netns", "add", ns)
-            self.made.append(ns)
-            _sh("ip", "-n", ns, "link", "set", "lo", "up")
+        :attr:`made` for :meth:`remove` (call it in every case).  One ``ip
+        -batch`` for the namespaces, one for the veth pairs, one per
+        namespace for its links, addresses and routes."""
+        names = [self.name(role) for role in ROLES]
+        self.made.extend(names)  # deleting one never made is harmless
+        _batch(None, [f"netns add {ns}" for ns in names])
+        veths: list[str] = []
+        inside: dict[str, list[str]] = {role: ["link set lo up"] for role in ROLES}
+        routes: dict[str, list[str]] = {role: [] for role in ROLES}
+
+        def veth(role_a: str, a: str, role_b: str, b: str) -> None:
+            veths.append(f"link add {a} netns {self.name(role_a)} type veth peer name {b} "
+                         f"netns {self.name(role_b)}")
+            inside[role_a].append(f"link set {a} up")
+            inside[role_b].append(f"link set {b} up")
+
         # the router's links (veth names at most 15 characters)
         for n, role in enumerate(("user", "backend", "vmhost", "license", "outside")):
             a, b = f"{self.tag}r{n}", f"{self.tag}h{n}"
-            self._veth(ROUTER, a, role, b)
-            self._addr(ROUTER, a, f"{ROUTER_IPS[role]}/24")
-            self._addr(role, b, f"{HOST_IPS[role]}/24")
-            _sh("ip", "-n", self.name(role), "route", "add", "default", "via", ROUTER_IPS[role])
+            veth(ROUTER, a, role, b)
+            inside[ROUTER].append(f"addr add {ROUTER_IPS[role]}/24 dev {a}")
+            inside[role].append(f"addr add {HOST_IPS[role]}/24 dev {b}")
+            routes[role].append(f"route add default via {ROUTER_IPS[role]}")
         # one routed point-to-point link per VM
         for n, vm_ip in VM_IPS.items():
             a, b = f"{self.tag}v{n}", f"{self.tag}e{n}"
-            self._veth("vmhost", a, f"vm{n}", b)
-            self._addr("vmhost", a, f"{VMHOST_VM_IP}/32")
-            _sh("ip", "-n", self.name("vmhost"), "route", "add", f"{vm_ip}/32", "dev", a)
-            self._addr(f"vm{n}", b, f"{vm_ip}/32")
-            _sh("ip", "-n", self.name(f"vm{n}"), "route", "add", f"{VMHOST_VM_IP}/32", "dev", b)
-            _sh("ip", "-n", self.name(f"vm{n}"), "route", "add", "default", "via",
-                VMHOST_VM_IP, "dev", b)
-        _sh("ip", "-n", self.name(ROUTER), "route", "add", VM_NETWORK, "via", VMHOST_IP)
-        _sh("ip", "-n", self.name(ROUTER), "route", "add", FORWARD_POOL, "via", BACKEND_IP)
-        _sh("ip", "-n", self.name("backend"), "route", "add", "local", FORWARD_POOL, "dev", "lo")
+            veth("vmhost", a, f"vm{n}", b)
+            inside["vmhost"].append(f"addr add {VMHOST_VM_IP}/32 dev {a}")
+            routes["vmhost"].append(f"route add {vm_ip}/32 dev {a}")
+            inside[f"vm{n}"].append(f"addr add {vm_ip}/32 dev {b}")
+            routes[f"vm{n}"] += [f"route add {VMHOST_VM_IP}/32 dev {b}",
+                                 f"route add default via {VMHOST_VM_IP} dev {b}"]
+        routes[ROUTER] += [f"route add {VM_NETWORK} via {VMHOST_IP}",
+                           f"route add {FORWARD_POOL} via {BACKEND_IP}"]
+        routes["backend"].append(f"route add local {FORWARD_POOL} dev lo")
+        _batch(None, veths)
+        for role in ROLES:
+            _batch(self.name(role), inside[role] + routes[role])
         for role in (ROUTER, "backend", "vmhost"):
             _sh("ip", "netns", "exec", self.name(role), "sysctl", "-q", "-w",
                 "net.ipv4.ip_forward=1")
-
-    def _veth(self, role_a: str, a: str, role_b: str, b: str) -> None:
-        _sh("ip", "link", "add", a, "netns", self.name(role_a), "type", "veth", "peer", "name",
-            b, "netns", self.name(role_b))
-        _sh("ip", "-n", self.name(role_a), "link", "set", a, "up")
-        _sh("ip", "-n", self.name(role_b), "link", "set", b, "up")
-
-    def _addr(self, role: str, dev: str, cidr: str) -> None:
-        _sh("ip", "-n", self.name(role), "addr", "add", cidr, "dev", dev)
 
     def remove(self) -> None:
         """Delete every namespace made (their veth pairs go with them)."""
@@ -321,6 +334,12 @@ class NetnsDeployment:
         return code, out + err
 
     async def start(self) -> None:
+        """Start every role; independent ones at the same time.
+
+        The VM host's rules are in the kernel before any vmc starts, as on a
+        real VM host: a table installed under live VM connections would see
+        their packets mid-stream (conntrack had not tracked them) and drop
+        the backend's side until the VM sends again."""
         dep = self.dep
 
         async def run_here(args: list[str]) -> tuple[int, str, str]:
@@ -330,30 +349,15 @@ class NetnsDeployment:
         dep.feed_secret()
         dep.user_key(USER)
         dep.rest_ini()
-        await dep.init(run_here, USER)
 
-        # the license server: its TCP ports and the upstream DNS authority
-        # that knows its real address
-        self.daemons["license"] = await self.helper("license", [
-            "serve", *(f"--tcp={LICENSE_IP}:{p}" for p in LICENSE_PORTS),
-            f"--dns={LICENSE_IP}:{DNS_PORT}:{LICENSE_NAME}={LICENSE_IP}"])
+        async def license_server() -> None:
+            # its TCP ports and the upstream DNS authority that knows its
+            # real address
+            self.daemons["license"] = await self.helper("license", [
+                "serve", *(f"--tcp={LICENSE_IP}:{p}" for p in LICENSE_PORTS),
+                f"--dns={LICENSE_IP}:{DNS_PORT}:{LICENSE_NAME}={LICENSE_IP}"])
 
-        async def start_backend_role(plugin: str, config: str) -> daemons.Daemon:
-            return await self.start_in("backend", plugin, config)
-
-        proxy, rest = await dep.start_backend(start_backend_role)
-        self.daemons.update(proxy=proxy, rest=rest)
-        if self.allowedlist:
-            settings = self.allowedlist_settings()
-            config = dep.allowedlist_ini(settings.pop("upstream"), **settings)
-            self.daemons["allowedlist"] = await self.start_in(
-                "backend", "ticrypt-allowedlist", config)
-
-        tunnel_ports: dict[int, int] = {}
-        for n, vm_ip in VM_IPS.items():
-            vm_id, token = await dep.add_vm(run_here, USER, f"vm{n}",
-                                            host=f"{VMHOST_IP}:{VMHOST_BASE + n}")
-            self.vm_ids[n] = vm_id
+        async def web_server(n: int) -> None:
             www = os.path.join(dep.dir, f"www{n}")
             from ticrypt.lab import apps
 
@@ -362,33 +366,71 @@ class NetnsDeployment:
                 f.write(f"vm{n}\n")
             self.daemons[f"web{n}"] = await self.helper(
                 f"vm{n}", ["serve", f"--web=127.0.0.1:{APP_PORT}:{www}"])
-            tunnel = {"enabled": "yes", "listen": f"tcp:{TUNNEL_PORT}:interface={vm_ip}",
+
+        async def vm_host() -> None:
+            from ticrypt.vmhost.config import VmhostSection
+
+            extra = {}
+            if self.vmhost_isolation:
+                known = _known_keys(VmhostSection)
+                extra = {k: v for k, v in vmhost_isolation_settings().items() if k in known}
+            self.daemons["vmhost"] = await self.start_in("vmhost", "ticrypt-vmhost",
+                                                         dep.vmhost_ini(
+                {n: f"{VM_IPS[n]}:{TUNNEL_PORT}" for n in VM_IPS},
+                base=str(VMHOST_BASE), mode="nft", listen_host=VMHOST_IP, **extra))
+
+        async def backend() -> dict[int, str]:
+            """rest's database, the backend roles and the VMs' enrollment tokens."""
+            await dep.init(run_here, USER)
+
+            async def roles() -> None:
+                async def start_backend_role(plugin: str, config: str) -> daemons.Daemon:
+                    return await self.start_in("backend", plugin, config)
+
+                proxy, rest = await dep.start_backend(start_backend_role)
+                self.daemons.update(proxy=proxy, rest=rest)
+                if self.allowedlist:
+                    settings = self.allowedlist_settings()
+                    config = dep.allowedlist_ini(settings.pop("upstream"), **settings)
+                    self.daemons["allowedlist"] = await self.start_in(
+                        "backend", "ticrypt-allowedlist", config)
+
+            async def vms() -> dict[int, str]:
+                tokens = {}
+                for n in VM_IPS:  # one ticrypt-admin at a time on rest's database
+                    self.vm_ids[n], tokens[n] = await dep.add_vm(
+                        run_here, USER, f"vm{n}", host=f"{VMHOST_IP}:{VMHOST_BASE + n}")
+                return tokens
+
+            _, tokens = await together(roles(), vms())
+            return tokens  # type: ignore[no-any-return]
+
+        results = await together(backend(), vm_host(), license_server(),
+                                  *(web_server(n) for n in VM_IPS))
+        tokens: dict[int, str] = results[0]
+
+        async def vmc(n: int) -> None:
+            tunnel = {"enabled": "yes", "listen": f"tcp:{TUNNEL_PORT}:interface={VM_IPS[n]}",
                       "ports": str(APP_PORT)}
-            path = dep.vmc_ini(token, name=f"vmc{n}", tunnel_settings=tunnel,
+            path = dep.vmc_ini(tokens[n], name=f"vmc{n}", tunnel_settings=tunnel,
                                backoff_max="5s")
             if self.vmc_firewall:
                 self._vmc_firewall(path)
-            vmc = await self.start_in(f"vm{n}", "ticrypt-vmc", path)
-            self.daemons[f"vmc{n}"] = vmc
-            tunnel_ports[n] = vmc.address("tunnel")[1]
+            proc = self.daemons[f"vmc{n}"] = await self.start_in(f"vm{n}", "ticrypt-vmc", path)
+            if proc.address("tunnel")[1] != TUNNEL_PORT:
+                raise NetnsError(f"vmc{n}'s tunnel listens on {proc.address('tunnel')}, "
+                                 f"the VM host forwards to port {TUNNEL_PORT}")
 
-        from ticrypt.vmhost.config import VmhostSection
+        async def user() -> None:
+            async def start_user_role(plugin: str, config: str) -> daemons.Daemon:
+                return await self.start_in("user", plugin, config)
 
-        extra = {}
-        if self.vmhost_isolation:
-            known = _known_keys(VmhostSection)
-            extra = {k: v for k, v in vmhost_isolation_settings().items() if k in known}
-        self.daemons["vmhost"] = await self.start_in("vmhost", "ticrypt-vmhost", dep.vmhost_ini(
-            {n: f"{VM_IPS[n]}:{port}" for n, port in tunnel_ports.items()},
-            base=str(VMHOST_BASE), mode="nft", listen_host=VMHOST_IP, **extra))
+            dep.connect_ini()
+            self.daemons["connect"] = await dep.start_connect(start_user_role)
+            self.client_ini = dep.client_ini(USER)
+            await self.cli("login")
 
-        async def start_user_role(plugin: str, config: str) -> daemons.Daemon:
-            return await self.start_in("user", plugin, config)
-
-        dep.connect_ini()
-        self.daemons["connect"] = await dep.start_connect(start_user_role)
-        self.client_ini = dep.client_ini(USER)
-        await self.cli("login")
+        await together(*(vmc(n) for n in VM_IPS), user())
 
     def allowedlist_settings(self) -> dict[str, str]:
         """[allowedlist] keys of issue 10's brief for this network."""
@@ -421,14 +463,30 @@ class NetnsDeployment:
         self.daemons.clear()
 
 
+async def together(*steps: Coroutine[Any, Any, Any]) -> list[Any]:
+    """Await ``steps`` at the same time; their results in order.  Every step
+    runs to its end (so what it started is recorded, e.g. for
+    :meth:`NetnsDeployment.stop`) before the first failure is raised."""
+    results = await defer.DeferredList([defer.ensureDeferred(s) for s in steps],
+                                       consumeErrors=True)
+    for ok, value in results:
+        if not ok:
+            value.raiseException()
+    return [value for _, value in results]
+
+
 # -- helper processes ------------------------------------------------------------
 
 def sweep(targets: Iterable[tuple[str, int]], timeout: float = 2.0,
-          batch: int = 512) -> list[tuple[str, int]]:
+          batch: int | None = None) -> list[tuple[str, int]]:
     """The (host, port) pairs that accept a TCP connection; a refusal, a
     drop (no answer within ``timeout``) and an unreachable host all count
-    as closed.  Non-blocking connects, ``batch`` at a time."""
+    as closed.  Non-blocking connects, ``batch`` at a time (by default as
+    many as this process may open files: every drop waits ``timeout``
+    once per batch)."""
     targets = list(targets)
+    if batch is None:
+        batch = max(1, _open_files_limit(len(targets) + 64) - 64)
     opened: list[tuple[str, int]] = []
     for start in range(0, len(targets), batch):
         sel = selectors.DefaultSelector()
@@ -453,6 +511,22 @@ def sweep(targets: Iterable[tuple[str, int]], timeout: float = 2.0,
             key.fileobj.close()  # type: ignore[union-attr]
         sel.close()
     return sorted(opened)
+
+
+def _open_files_limit(wanted: int) -> int:
+    """Raise this process's soft limit of open files towards ``wanted``
+    (at most the hard limit); the soft limit now."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):
+            pass
+    return wanted if soft == resource.RLIM_INFINITY else soft
 
 
 def parse_ranges(text: str) -> list[int]:
