@@ -1,7 +1,7 @@
 """Listeners and connection probes inside network namespaces, for the
 firewall tests (test_vmc_firewall, test_vmhost): a process that answers
 ``ok`` on TCP ports of a namespace, and one connect attempt per target from
-another namespace."""
+another namespace (every target at the same time)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,9 @@ import json
 import subprocess
 import sys
 import textwrap
+from collections.abc import Sequence
 
-from twisted.trial.unittest import TestCase
+from twisted.trial.unittest import SynchronousTestCase as TestCase
 
 LISTENER = textwrap.dedent("""
     import socket, sys, select
@@ -30,16 +31,22 @@ LISTENER = textwrap.dedent("""
 """)
 
 PROBE = textwrap.dedent("""
-    import json, socket, sys
+    import json, socket, sys, threading
     out = {}
-    for target in sys.argv[1:]:
+    def probe(target):
         host, port = target.rsplit(":", 1)
         try:
             with socket.create_connection((host, int(port)), timeout=1.5) as c:
                 out[target] = c.recv(2).decode()
         except OSError as e:
             out[target] = type(e).__name__
-    print(json.dumps(out))
+    # every target at the same time: each drop waits its timeout once
+    threads = [threading.Thread(target=probe, args=(t,)) for t in sys.argv[1:]]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    print(json.dumps({t: out[t] for t in sys.argv[1:]}))
 """)
 
 
@@ -55,8 +62,25 @@ def listen_in(test: TestCase, ns: str, *ports: int) -> None:
 
 
 def probe_from(test: TestCase, ns: str, *targets: str) -> dict[str, str]:
-    """``{"HOST:PORT": "ok" or the error's name}`` for a connect from ``ns``."""
-    r = subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-c", PROBE, *targets],
-                       capture_output=True, text=True, timeout=60)
-    test.assertEqual(r.returncode, 0, r.stderr)
-    return json.loads(r.stdout)  # type: ignore[no-any-return]
+    """``{"HOST:PORT": "ok" or the error's name}`` for a connect from ``ns``
+    (the targets at the same time)."""
+    return probes_from(test, (ns, targets))[0]
+
+
+def probes_from(test: TestCase, *probes: tuple[str, Sequence[str]]) -> list[dict[str, str]]:
+    """:func:`probe_from` for each ``(ns, targets)``, all at the same time."""
+    procs = [subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, "-c", PROBE,
+                               *targets], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for ns, targets in probes]
+    results = []
+    try:
+        for proc in procs:
+            out, err = proc.communicate(timeout=60)
+            test.assertEqual(proc.returncode, 0, err)
+            results.append(json.loads(out))
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+    return results

@@ -18,7 +18,7 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 
 from test.daemon import ROOT, daemon_env, run_command, start_daemon, twistd_path
-from test.netprobe import listen_in, probe_from
+from test.netprobe import listen_in, probes_from
 from ticrypt.audit import AuditLog
 from ticrypt.config import ConfigError, load_config
 from ticrypt.lab import daemons
@@ -556,8 +556,9 @@ class IsolationNamespaceTests(SynchronousTestCase):
     def listen(self, ns: str, *ports: int) -> None:
         listen_in(self, ns, *ports)
 
-    def probe(self, ns: str, *targets: str) -> dict[str, str]:
-        return probe_from(self, ns, *targets)
+    def probe(self, *probes: tuple[str, tuple[str, ...]]) -> list[dict[str, str]]:
+        """Connect attempts from each ``(ns, targets)``, all at the same time."""
+        return probes_from(self, *probes)
 
     def test_isolation_in_namespaces(self) -> None:
         from_client = ("10.231.1.1:2201", "10.231.2.2:22", "10.231.2.2:8080")
@@ -570,18 +571,17 @@ class IsolationNamespaceTests(SynchronousTestCase):
         # DNAT alone: everything routed, the test can tell the difference
         self.sh("ip", "netns", "exec", self.host, "nft", "-f", "-",
                 input=render_replace(dnat_only))
-        self.assertEqual(self.probe(self.client, *from_client), dict.fromkeys(from_client, "ok"))
-        self.assertEqual(self.probe(self.vm, *from_vm), dict.fromkeys(from_vm, "ok"))
+        self.assertEqual(self.probe((self.client, from_client), (self.vm, from_vm)),
+                         [dict.fromkeys(from_client, "ok"), dict.fromkeys(from_vm, "ok")])
         # with isolation (replacing the table in one transaction, twice: idempotent)
         for _ in range(2):
             self.sh("ip", "netns", "exec", self.host, "nft", "-f", "-",
                     input=render_replace(table))
-        self.assertEqual(self.probe(self.client, *from_client),
-                         {"10.231.1.1:2201": "ok", "10.231.2.2:22": "TimeoutError",
-                          "10.231.2.2:8080": "TimeoutError"})
-        self.assertEqual(self.probe(self.vm, *from_vm),
-                         {"10.231.1.2:9999": "ok", "10.231.1.3:9999": "TimeoutError",
-                          "10.231.2.1:7777": "TimeoutError"})
+        client_sees, vm_sees = self.probe((self.client, from_client), (self.vm, from_vm))
+        self.assertEqual(client_sees, {"10.231.1.1:2201": "ok", "10.231.2.2:22": "TimeoutError",
+                                       "10.231.2.2:8080": "TimeoutError"}, "from the client")
+        self.assertEqual(vm_sees, {"10.231.1.2:9999": "ok", "10.231.1.3:9999": "TimeoutError",
+                                   "10.231.2.1:7777": "TimeoutError"}, "from the VM")
         self.sh("ip", "netns", "exec", self.host, "nft", "-f", "-",
                 input=render_delete(table))
         self.assertEqual(self.sh("ip", "netns", "exec", self.host, "nft", "list", "tables"), "")
