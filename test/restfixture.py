@@ -2,6 +2,11 @@
 :class:`ticrypt.lab.deploy.Deployment` (CA, keys, rest.ini, ``ticrypt-admin
 init``) and test/daemon.py (twistd, stopped in the test's cleanup).
 
+The database, users and VMs are made by ``ticrypt-admin``'s own code run in
+this process (:func:`admin_runner`: its ``main``, same exit codes and lines,
+no Python start-up per command); :meth:`RestEnv.admin` runs the console
+script itself, for the tests that are about it.
+
     env = await start_rest(self)                 # self: a trial TestCase
     client = env.client()                        # RestClient trusting env.ca_file
     await client.login(env.admin_name, env.admin_key)
@@ -12,10 +17,12 @@ Everything lives in ``env.dir`` (``env.deployment``).
 from __future__ import annotations
 
 import atexit
+import contextlib
+import io
 import os
 import shutil
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import attrs
@@ -25,8 +32,34 @@ from twisted.trial.unittest import TestCase
 
 from test.daemon import Daemon, runner, starter
 from ticrypt import identity
+from ticrypt.admin import cli as admin_cli
 from ticrypt.frontend.client import RestClient
-from ticrypt.lab.deploy import Addresses, Deployment
+from ticrypt.lab.deploy import Addresses, Deployment, Run
+
+
+def run_admin(argv: Sequence[str]) -> tuple[int, str, str]:
+    """``ticrypt-admin ARGV`` run in this process (its ``main``, stdout and
+    stderr captured): (exit code, stdout, stderr) as the console script gives."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = admin_cli.main(list(argv))
+        except SystemExit as e:  # argparse refusing the command line
+            code = e.code if isinstance(e.code, int) else 1
+    return code, out.getvalue(), err.getvalue()
+
+
+def admin_runner() -> Run:
+    """A :data:`~ticrypt.lab.deploy.Run` for a Deployment that runs
+    ``ticrypt-admin`` in this process (:func:`run_admin`) and any other
+    console script as a process."""
+    other = runner()
+
+    async def run(args: list[str]) -> tuple[int, str, str]:
+        if args[0] == "ticrypt-admin":
+            return run_admin(args[1:])
+        return await other(args)
+    return run
 
 
 @attrs.define
@@ -71,8 +104,13 @@ class RestEnv:
         return self.deployment.user_key(name)
 
     async def admin(self, *args: str) -> tuple[int, str, str]:
-        """Run ``ticrypt-admin --config <config> ARGS``."""
+        """Run the console script ``ticrypt-admin --config <config> ARGS``."""
         return await runner()(self.deployment.admin_command(*args))
+
+    def admin_here(self, *args: str) -> tuple[int, str, str]:
+        """``ticrypt-admin --config <config> ARGS`` run in this process
+        (:func:`run_admin`), for tests that are not about the console script."""
+        return run_admin(self.deployment.admin_command(*args)[1:])
 
     def write_config(self, **overrides: str | None) -> None:
         self.deployment.rest_ini(**overrides)
@@ -136,7 +174,7 @@ async def start_rest(testcase: TestCase, *, overrides: Mapping[str, str] | None 
     else:
         env = make_rest_dir(os.path.abspath(testcase.mktemp()), admin_name, overrides,
                             addresses)
-        env.backend_public = await env.deployment.init(runner(), admin_name)
+        env.backend_public = await env.deployment.init(admin_runner(), admin_name)
     if start:
         await env.start(testcase)
     return env

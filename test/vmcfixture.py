@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import struct
 from typing import Any
 
@@ -27,8 +28,8 @@ from twisted.internet import defer, endpoints, protocol, reactor
 from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 
-from test.daemon import Daemon, run_command, runner, script_path, start_daemon, starter
-from test.restfixture import RestEnv, start_rest
+from test.daemon import Daemon, run_command, script_path, start_daemon, starter
+from test.restfixture import RestEnv, admin_runner, make_rest_dir
 from ticrypt import tlsutil
 from ticrypt.frontend import clientconfig
 from ticrypt.frontend.session import ChannelSession, open_session
@@ -50,7 +51,8 @@ def write_vmc_config(deployment: Deployment, token: str, name: str = "vmc",
             exec_settings[k[5:]] = v
         else:
             settings[k] = v
-    return deployment.vmc_ini(token, name, exec_settings, **settings)
+    return deployment.vmc_ini(token, name, exec_settings, tunnel_settings=None,
+                              sftp_settings=None, **settings)
 
 
 def read_json_lines(path: str) -> list[dict[str, Any]]:
@@ -91,12 +93,12 @@ class Trio:
     # -- users and VMs ----------------------------------------------------
 
     async def add_user(self, name: str, role: str = "user") -> Ed25519PrivateKey:
-        self.keys[name] = await self.deployment.add_user(runner(), name, role)
+        self.keys[name] = await self.deployment.add_user(admin_runner(), name, role)
         return self.keys[name]
 
     async def add_vm(self, owner: str, name: str = "vm1") -> tuple[str, str]:
         """Create a VM in rest; returns (vm_id, enrollment token)."""
-        return await self.deployment.add_vm(runner(), owner, name)
+        return await self.deployment.add_vm(admin_runner(), owner, name)
 
     # -- vmc ---------------------------------------------------------------
 
@@ -159,6 +161,19 @@ class Trio:
                                  stdin=stdin)
 
 
+def _free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
+    """``count`` distinct ports the kernel considers free right now (each
+    daemon binds its own next)."""
+    socks = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(count)]
+    try:
+        for s in socks:
+            s.bind((host, 0))
+        return [int(s.getsockname()[1]) for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
 async def start_trio(testcase: TestCase, *, enroll: bool = True,
                      proxy_limits: dict[str, str] | None = None,
                      **vmc_overrides: str) -> Trio:
@@ -166,19 +181,34 @@ async def start_trio(testcase: TestCase, *, enroll: bool = True,
 
     With ``enroll=False`` the VM exists in rest but no vmc is started
     (``trio.token`` holds the enrollment token).
+
+    The database, users and VM are written first, in this process
+    (``ticrypt-admin``'s code, :func:`~test.restfixture.admin_runner`); then
+    the three daemons start at once on ports chosen beforehand: the proxy
+    retries rest's revocation feed and vmc its enrollment until rest
+    answers, as after a reboot (:data:`ticrypt.lab.deploy.START_ORDER`
+    is the order a deployment needs no retry in).
     """
-    rest = await start_rest(testcase, start=False, addresses=Addresses())
+    rest = make_rest_dir(os.path.abspath(testcase.mktemp()), addresses=Addresses())
     deployment = rest.deployment
-    deployment.proxy_ini(proxy_limits)
-    proxy, rest.daemon = await deployment.start_backend(starter(testcase))
-    trio = Trio(rest=rest, proxy=proxy)
+    rest.backend_public = await deployment.init(admin_runner(), rest.admin_name)
+    trio = Trio(rest=rest, proxy=None)  # type: ignore[arg-type]  # set below
     trio.keys["alice"] = rest.admin_key
     await trio.add_user("owen")
     await trio.add_user("bob")
     trio.vm_id, trio.token = await trio.add_vm("owen")
+    a = deployment.addresses
+    a.rest_port, a.proxy_port, a.control_port = _free_ports(3, a.rest_host)
+    deployment.proxy_ini(proxy_limits)
     trio.write_vmc_config(trio.token, **vmc_overrides)
+    start = starter(testcase)
+    started = [defer.ensureDeferred(deployment.start_proxy(start)),
+               defer.ensureDeferred(deployment.start_rest(start))]
     if enroll:
-        await trio.start_vmc(testcase)
+        started.append(defer.ensureDeferred(trio.start_vmc(testcase)))
+    daemons = await defer.gatherResults(started, consumeErrors=True).addErrback(
+        lambda f: f.value.subFailure)  # the first daemon that failed, as itself
+    trio.proxy, rest.daemon = daemons[0], daemons[1]
     return trio
 
 
