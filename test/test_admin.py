@@ -16,6 +16,12 @@ from ticrypt.rest import db, store
 
 
 class AdminCliTests(TestCase):
+    """The commands' results and lines through ``ticrypt-admin``'s ``main``
+    run in this process (``env.admin_here``: the same code as the console
+    script, no Python start-up each); the console script itself, its exit
+    code and stderr, through a process (``env.admin``, ``run_command``) in
+    a few places that show it."""
+
     timeout = 120
 
     def one_line(self, err: str, expected: str) -> None:
@@ -27,41 +33,42 @@ class AdminCliTests(TestCase):
         self.assertEqual(stat.S_IMODE(os.stat(env.database).st_mode), 0o600)
         self.assertEqual(env.backend_public,
                          identity.public_bytes(identity.load_private(env.signing_key)))
+        # through the console script: its exit code and one line on stderr
         code, out, err = await env.admin("init", "--superadmin", "x", "--public-key",
                                          env.admin_pub_file)
         self.assertEqual(code, 1)
         self.one_line(err, f"ticrypt-admin: init failed: database {env.database} already "
                            "exists; refusing to initialise it again")
         _, bob_pub = env.new_user_key("bob")
-        self.assertEqual((await env.admin("user", "add", "bob", "--public-key", bob_pub))[0], 0)
-        code, out, err = await env.admin("user", "add", "bob", "--public-key", bob_pub)
+        self.assertEqual(env.admin_here("user", "add", "bob", "--public-key", bob_pub)[0], 0)
+        code, out, err = env.admin_here("user", "add", "bob", "--public-key", bob_pub)
         self.one_line(err, "ticrypt-admin: cannot add user bob: user bob already exists")
-        code, out, err = await env.admin("user", "add", "eve", "--public-key", env.config_path)
+        code, out, err = env.admin_here("user", "add", "eve", "--public-key", env.config_path)
         self.assertEqual(code, 1)
         self.assertTrue(err.startswith("ticrypt-admin: cannot add user eve: "), err)
-        code, out, err = await env.admin("user", "add", "bad name", "--public-key", bob_pub)
+        code, out, err = env.admin_here("user", "add", "bad name", "--public-key", bob_pub)
         self.assertEqual(code, 1)
-        code, out, err = await env.admin("vm", "add", "lab1", "--owner", "nobody", "--host",
-                                         "h:22")
+        code, out, err = env.admin_here("vm", "add", "lab1", "--owner", "nobody", "--host",
+                                        "h:22")
         self.one_line(err, "ticrypt-admin: cannot add VM lab1: no user named nobody")
-        code, out, err = await env.admin("vm", "add", "lab1", "--owner", "bob", "--host", "h")
+        code, out, err = env.admin_here("vm", "add", "lab1", "--owner", "bob", "--host", "h")
         self.one_line(err, "ticrypt-admin: cannot add VM lab1: --host 'h' is not HOST:PORT")
-        code, out, err = await env.admin("vm", "add", "lab1", "--owner", "bob", "--host",
-                                         "h:22")
+        code, out, err = env.admin_here("vm", "add", "lab1", "--owner", "bob", "--host",
+                                        "h:22")
         self.assertEqual(code, 0, err)
         self.assertIn("this is the only time it is shown", out)
-        code, out, err = await env.admin("user", "disable", "bob")
+        code, out, err = env.admin_here("user", "disable", "bob")
         self.assertEqual(code, 0, err)
-        code, out, err = await env.admin("--json", "user", "list")
+        code, out, err = env.admin_here("--json", "user", "list")
         users = {u["name"]: u for u in json.loads(out)["users"]}
         self.assertEqual((users["alice"]["role"], users["bob"]["disabled"]),
                          ("superadmin", True))
-        code, out, err = await env.admin("--json", "vm", "list")
+        code, out, err = env.admin_here("--json", "vm", "list")
         self.assertEqual([v["name"] for v in json.loads(out)["vms"]], ["lab1"])
         with open(env.audit_log) as f:
             events = [json.loads(line)["event"] for line in f]
         self.assertEqual(events, ["init", "user-created", "vm-created", "user-disabled"])
-        code, out, err = await env.admin("user", "disable", "nobody")
+        code, out, err = env.admin_here("user", "disable", "nobody")
         self.one_line(err, "ticrypt-admin: cannot disable user nobody: no user named nobody")
 
     async def test_missing_config_and_tls_init(self) -> None:
@@ -84,7 +91,8 @@ class AdminCliTests(TestCase):
 
     async def test_user_list_before_init(self) -> None:
         env = make_rest_dir(os.path.abspath(self.mktemp()))
-        code, out, err = await env.admin("user", "list")
+        code, out, err = env.admin_here("user", "list")
+        self.assertEqual(code, 1)
         self.one_line(err, f"ticrypt-admin: cannot list users: {env.database} does not "
                            "exist; create it with ticrypt-admin init")
 

@@ -7,7 +7,7 @@ import json
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from test.restfixture import start_rest
-from test.test_frontend_cli import ticrypt, write_client_config
+from test.test_frontend_cli import ticrypt, together, write_client_config
 from test.test_rest import audit_lines
 from ticrypt.frontend import cli
 
@@ -25,21 +25,23 @@ class AllowlistCliTests(TestCase):
         code, _, err = await ticrypt(alice, "login")
         self.assertEqual(code, 0, err)
 
-        code, out, err = await ticrypt(alice, "allowlist", "add", "License.Example.org.",
-                                       "--port", "27001", "--port", "27000",
-                                       "--comment", "flexlm")
+        # three different entries, added at once
+        tcp, udp_add, wild = await together(
+            ticrypt(alice, "allowlist", "add", "License.Example.org.", "--port", "27001",
+                    "--port", "27000", "--comment", "flexlm"),
+            ticrypt(alice, "allowlist", "add", "license.example.org", "--port", "1947",
+                    "--udp", "--json"),
+            ticrypt(alice, "allowlist", "add", "*.lic.example.net", "--port", "443"))
+        code, out, err = tcp
         self.assertEqual(code, 0, err)
         self.assertRegex(out.strip(), r"^added al-[0-9a-f]{16}: license.example.org tcp "
                                       r"27000,27001$")
         tcp_id = out.split()[1].rstrip(":")
-        code, out, err = await ticrypt(alice, "allowlist", "add",
-                                       "license.example.org", "--port", "1947", "--udp",
-                                       "--json")
+        code, out, err = udp_add
         self.assertEqual(code, 0, err)
         udp = json.loads(out)
         self.assertEqual((udp["protocol"], udp["ports"]), ("udp", [1947]))
-        code, out, err = await ticrypt(alice, "allowlist", "add", "*.lic.example.net",
-                                       "--port", "443")
+        code, out, err = wild
         self.assertEqual(code, 0, err)
         wild_id = out.split()[1].rstrip(":")
 
@@ -53,39 +55,48 @@ class AllowlistCliTests(TestCase):
                           ["license.example.org", "udp", "1947"]])
         self.assertTrue(lines[2].endswith("flexlm"))
 
-        # the same name and protocol again: one line, rest's reason
-        code, out, err = await ticrypt(alice, "allowlist", "add", "license.example.org",
-                                       "--port", "1")
+        # refusals (they change nothing), at once:
+        bad_names = ("bücher.example", "a..example.org", "*.org")
+        again, port_zero, *bad_results = await together(
+            # the same name and protocol again: one line, rest's reason
+            ticrypt(alice, "allowlist", "add", "license.example.org", "--port", "1"),
+            ticrypt(alice, "allowlist", "add", "lic.example.org", "--port", "0"),
+            # a bad name is refused before asking rest
+            *(ticrypt(alice, "allowlist", "add", bad, "--port", "1") for bad in bad_names))
+        code, out, err = again
         self.assertEqual(code, 1)
         self.one_line(err, "ticrypt: allowlist add license.example.org failed: "
                            "license.example.org (tcp) is already allow-listed")
-        # a bad name is refused before asking rest
-        for bad in ("bücher.example", "a..example.org", "*.org"):
-            code, out, err = await ticrypt(alice, "allowlist", "add", bad, "--port", "1")
+        for bad, (code, _out, err) in zip(bad_names, bad_results, strict=True):
             self.assertEqual(code, 1, bad)
             self.one_line(err, f"ticrypt: allowlist add {bad} failed: ")
-        self.assertIn("punycode", (await ticrypt(alice, "allowlist", "add", "bücher.example",
-                                                 "--port", "1"))[2])
-        code, _, err = await ticrypt(alice, "allowlist", "add", "lic.example.org",
-                                     "--port", "0")
+        self.assertIn("punycode", bad_results[0][2])
+        code, _, err = port_zero
         self.assertEqual(code, 2)
         self.assertIn("port out of range", err)
 
         # remove by id, by name (every protocol), and what is not there
-        code, out, err = await ticrypt(alice, "allowlist", "remove", wild_id)
+        by_id, by_name = await together(
+            ticrypt(alice, "allowlist", "remove", wild_id),
+            ticrypt(alice, "allowlist", "remove", "LICENSE.example.org"))
+        code, out, err = by_id
         self.assertEqual((code, out.strip()), (0, f"removed {wild_id}"), err)
-        code, out, err = await ticrypt(alice, "allowlist", "remove", "LICENSE.example.org")
+        code, out, err = by_name
         self.assertEqual(code, 0, err)
         self.assertEqual(sorted(out.strip().splitlines()), sorted([
             f"removed {tcp_id} (license.example.org tcp)",
             f"removed {udp['id']} (license.example.org udp)"]))
-        code, out, err = await ticrypt(alice, "allowlist", "list", "--json")
+        listed, name_gone, id_gone = await together(
+            ticrypt(alice, "allowlist", "list", "--json"),
+            ticrypt(alice, "allowlist", "remove", "license.example.org"),
+            ticrypt(alice, "allowlist", "remove", wild_id))
+        code, out, err = listed
         self.assertEqual((code, json.loads(out)), (0, {"entries": []}), err)
-        code, out, err = await ticrypt(alice, "allowlist", "remove", "license.example.org")
+        code, out, err = name_gone
         self.assertEqual(code, 1)
         self.one_line(err, "ticrypt: allowlist remove license.example.org failed: "
                            "no entry for license.example.org")
-        code, out, err = await ticrypt(alice, "allowlist", "remove", wild_id)
+        code, out, err = id_gone
         self.assertEqual(code, 1)
         self.one_line(err, f"ticrypt: allowlist remove {wild_id} failed: no allow-list entry "
                            f"{wild_id} (HTTP 404 no-such-entry)")
@@ -95,14 +106,15 @@ class AllowlistCliTests(TestCase):
     async def test_not_superadmin(self) -> None:
         env = await start_rest(self)
         _, bob_pub = env.new_user_key("bob")
-        code, _, err = await env.admin("user", "add", "bob", "--public-key", bob_pub)
+        code, _, err = env.admin_here("user", "add", "bob", "--public-key", bob_pub)
         self.assertEqual(code, 0, err)
         bob = write_client_config(env, "bob")
         code, _, err = await ticrypt(bob, "login")
         self.assertEqual(code, 0, err)
-        for args in (("add", "lic.example.org", "--port", "1"), ("list",),
-                     ("remove", "al-0000000000000000")):
-            code, out, err = await ticrypt(bob, "allowlist", *args)
+        commands = (("add", "lic.example.org", "--port", "1"), ("list",),
+                    ("remove", "al-0000000000000000"))
+        results = await together(*(ticrypt(bob, "allowlist", *args) for args in commands))
+        for args, (code, _out, err) in zip(commands, results, strict=True):
             self.assertEqual(code, 1, args)
             self.one_line(err, f"ticrypt: allowlist {' '.join(args[:2])}")
             self.assertIn("this needs the superadmin role (HTTP 403 forbidden)", err)

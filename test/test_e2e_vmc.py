@@ -3,9 +3,11 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import termios
+from collections.abc import Coroutine
 from typing import Any
 
 from twisted.internet import defer, protocol, reactor
@@ -47,6 +49,13 @@ class _PtyClient(protocol.ProcessProtocol):
         self.ended.callback(code if code is not None else -1)
 
 
+async def together(*runs: Coroutine[Any, Any, tuple[int, str, str]]
+                   ) -> list[tuple[int, str, str]]:
+    """Independent CLI runs at once; their results in order."""
+    return list(await defer.gatherResults([defer.ensureDeferred(r) for r in runs],
+                                          consumeErrors=True))
+
+
 async def run(session: ChannelSession, argv: list[str], stdin: bytes | None = b""
               ) -> tuple[int, bytes, bytes]:
     out, err = bytearray(), bytearray()
@@ -74,13 +83,22 @@ async def eventually_exec(trio: Trio, user: str, attempts: int = 60) -> tuple[in
 
 
 class ExecTests(TestCase):
+    """What a user runs on the VM, checked on one trio (each check opens its
+    own session; none disturbs another); restarts of vmc and the proxy on
+    another."""
+
     timeout = 120
 
-    async def setUp(self) -> None:  # type: ignore[override]
-        self.trio = await start_trio(self)
+    async def test_exec_cancel_window_children_and_shell(self) -> None:
+        trio = await start_trio(self)
+        await self._round_trip(trio)
+        await self._cancel(trio)
+        await self._stdin_window_keeps_the_channel_usable(trio)
+        await self._children_killed_when_channel_closes(trio)
+        await self._shell_pty(trio)
+        await self._refused_resize_keeps_the_shell(trio)
 
-    async def test_exec_round_trip(self) -> None:
-        trio = self.trio
+    async def _round_trip(self, trio: Trio) -> None:
         assert trio.vmc is not None and trio.vmc.ready_info is not None
         self.assertEqual(trio.vmc.ready_info["vm_id"], trio.vm_id)
         s = await trio.session("owen")
@@ -101,22 +119,22 @@ class ExecTests(TestCase):
         self.assertIn("enroll", events)
         self.assertIn("session-open", events)
 
-    async def test_cancel(self) -> None:
-        s = await self.trio.session("owen")
+    async def _cancel(self, trio: Trio) -> None:
+        s = await trio.session("owen")
         out = bytearray()
         cmd = s.exec(["sh", "-c", "echo started; sleep 300"], on_stdout=out.extend)
         while b"started" not in out:
             await deferred_later(0.05)
         cmd.cancel()
-        self.assertEqual(await cmd.done, 128 + 15)
+        self.assertEqual(await cmd.done, 128 + 15, "a cancelled command ends with SIGTERM")
         await s.close()
 
-    async def test_stdin_window_keeps_the_channel_usable(self) -> None:
+    async def _stdin_window_keeps_the_channel_usable(self, trio: Trio) -> None:
         """A command that never reads its stdin is offered far more than its
         window: only that command's input waits.  The same channel still
         answers, runs a second command and cancels the stalled one (vmc
         never stops reading the channel for it)."""
-        s = await self.trio.session("owen")
+        s = await trio.session("owen")
         out = bytearray()
         cmd = s.exec(["sh", "-c", "echo started; exec sleep 300"], on_stdout=out.extend)
         cmd.write(b"x" * (4 * app.WINDOW))
@@ -130,7 +148,7 @@ class ExecTests(TestCase):
         self.assertGreater(cmd.pending, 0)
         self.assertEqual(cmd.sent + cmd.pending, 4 * app.WINDOW)
         info = await defer.ensureDeferred(s.info()).addTimeout(30, reactor)
-        self.assertEqual(info["vm"], self.trio.vm_id)
+        self.assertEqual(info["vm"], trio.vm_id)
         second = defer.ensureDeferred(run(s, ["sh", "-c", "head -c 5; echo ' second'"],
                                           stdin=b"hello"))
         self.assertEqual(await second.addTimeout(30, reactor), (0, b"hello second\n", b""))
@@ -139,8 +157,8 @@ class ExecTests(TestCase):
         self.assertEqual(await cmd.done.addTimeout(30, reactor), 128 + 15)
         await s.close()
 
-    async def test_children_killed_when_channel_closes(self) -> None:
-        s = await self.trio.session("owen")
+    async def _children_killed_when_channel_closes(self, trio: Trio) -> None:
+        s = await trio.session("owen")
         out = bytearray()
         cmd = s.exec(["sh", "-c", "sleep 300 & echo $!; wait"], on_stdout=out.extend)
         cmd.done.addErrback(lambda f: f.trap(SessionError))  # ends with the channel
@@ -155,60 +173,69 @@ class ExecTests(TestCase):
             await deferred_later(0.05)
         self.assertFalse(pid_alive(pid), "the background child survived the channel")
 
-    async def test_shell_pty(self) -> None:
-        s = await self.trio.session("owen")
+    async def _shell_pty(self, trio: Trio) -> None:
+        s = await trio.session("owen")
         out = bytearray()
         cmd = s.shell("xterm", 24, 80, on_output=out.extend)
         await cmd.started
         cmd.write(b"echo h''i; exit 3\n")
-        self.assertEqual(await cmd.done, 3)
+        self.assertEqual(await cmd.done, 3, "the shell's exit status")
         self.assertIn(b"hi\r\n", bytes(out))  # the PTY turns \n into \r\n
         await s.close()
 
-    async def test_refused_resize_keeps_the_shell(self) -> None:
+    async def _refused_resize_keeps_the_shell(self, trio: Trio) -> None:
         """vmc refuses a 0x0 resize with an error carrying the shell's id;
         the shell keeps running (PROTOCOL.md §5 Errors)."""
-        s = await self.trio.session("owen")
-        out, warnings = bytearray(), []
+        s = await trio.session("owen")
+        out, warnings = bytearray(), list[RemoteError]()
         cmd = s.shell("xterm", 24, 80, on_output=out.extend, on_warning=warnings.append)
         await cmd.started
         cmd.resize(0, 0)
         cmd.write(b"stty size; exit 4\n")
-        self.assertEqual(await cmd.done, 4)
+        self.assertEqual(await cmd.done, 4, "the shell ended after a refused resize")
         self.assertIn(b"24 80", bytes(out))
         self.assertEqual([w.code for w in warnings], ["bad-request"])
         await s.close()
 
-    async def test_second_start_does_not_enroll_again(self) -> None:
-        trio = self.trio
+    async def test_vmc_restart_and_proxy_restart(self) -> None:
+        """vmc started again does not enroll again (its token file is gone
+        anyway); a proxy killed with SIGKILL refuses sessions until it is
+        started again on its port, then the VM is reachable again."""
+        trio = await start_trio(self)
         assert trio.vmc is not None
         await trio.vmc.stop()
         os.unlink(trio.vmc_token_file)  # single use anyway
         await trio.start_vmc(self)
         status, out = await eventually_exec(trio, "owen")
-        self.assertEqual((status, out), (0, b"back\n"))
+        self.assertEqual((status, out), (0, b"back\n"), "after vmc's restart")
         enrolls = [r for r in trio.vmc_audit_lines() if r["event"] == "enroll"]
-        self.assertEqual(len(enrolls), 1)
+        self.assertEqual(len(enrolls), 1, "vmc enrolled again at its second start")
 
-    async def test_proxy_killed_and_restarted(self) -> None:
-        trio = self.trio
         await trio.kill_proxy()
         with self.assertRaises(SessionError):
             await trio.session("owen")
         await trio.restart_proxy(self)
         status, out = await eventually_exec(trio, "owen")
-        self.assertEqual((status, out), (0, b"back\n"))
+        self.assertEqual((status, out), (0, b"back\n"), "after the proxy's restart")
 
 
 class StopTests(TestCase):
+    """Nothing a user started survives its channel or vmc's stop (SIGTERM
+    to twistd), even what ignores SIGTERM: vmc waits kill_grace and sends
+    SIGKILL before its reactor stops.  One trio: a channel closed first,
+    then vmc stopped under two live sessions."""
+
     timeout = 120
 
-    async def test_vmc_stop_kills_children_that_ignore_sigterm(self) -> None:
-        """Stopping vmc (SIGTERM to twistd) leaves no child behind, even one
-        that ignores SIGTERM: vmc waits kill_grace and sends SIGKILL before
-        its reactor stops."""
+    async def test_channel_close_and_vmc_stop_kill_what_users_started(self) -> None:
         trio = await start_trio(self, exec_kill_grace="1s")
         assert trio.vmc is not None
+        # a shell's job control group, ended with its channel
+        s, pid = await self._shell_job(trio)
+        await s.close()
+        await self._gone(pid, "after its channel closed")
+
+        # an exec'd child that ignores SIGTERM, and a shell's job: vmc stops
         s = await trio.session("owen")
         out = bytearray()
         cmd = s.exec(["sh", "-c", "trap '' TERM; sleep 300 & echo $!; wait"],
@@ -217,24 +244,23 @@ class StopTests(TestCase):
         cmd.done.addErrback(lambda f: codes.append(f.trap(SessionError) and f.value.code))
         while b"\n" not in out:
             await deferred_later(0.05)
-        pid = int(out.split()[0])
-        self.addCleanup(kill_if_alive, pid)  # only if the test failed
-        self.assertTrue(pid_alive(pid))
+        child = int(out.split()[0])
+        self.addCleanup(kill_if_alive, child)  # only if the test failed
+        self.assertTrue(pid_alive(child))
+        _, job = await self._shell_job(trio)
         await trio.vmc.stop()
         self.assertIn("Server Shut Down", trio.vmc.text())  # stopped, not SIGKILLed
         for _ in range(40):  # bounded: 2 s (the SIGKILL was sent before vmc exited)
-            if not pid_alive(pid):
+            if not pid_alive(child):
                 break
             await deferred_later(0.05)
-        self.assertFalse(pid_alive(pid), "a child that ignores SIGTERM survived vmc's stop")
+        self.assertFalse(pid_alive(child), "a child that ignores SIGTERM survived vmc's stop")
+        await self._gone(job, "after vmc's stop")
         closed = [r for r in trio.vmc_audit_lines() if r["event"] == "session-closed"]
-        self.assertEqual([r["code"] for r in closed], [1000])  # a clean close, audited
+        # clean closes, audited: the first channel's, then the two vmc's stop ended
+        self.assertEqual([r["code"] for r in closed], [1000] * 3)
         await s.closed
         self.assertEqual(codes, ["closed"])  # the user's command ended with the session
-
-
-class SessionKillTests(TestCase):
-    timeout = 120
 
     async def _shell_job(self, trio: Trio) -> tuple[ChannelSession, int]:
         """A shell on the VM that started a job in a process group of its own
@@ -255,23 +281,9 @@ class SessionKillTests(TestCase):
         self.assertNotEqual(os.getpgid(pid), os.getsid(pid))  # not in the shell's group
         return s, pid
 
-    async def _gone(self, pid: int) -> None:
+    async def _gone(self, pid: int, when: str) -> None:
         if not await pid_gone(pid):
-            self.fail(f"process {pid} of the shell's session survived")
-
-    async def test_channel_close_kills_shell_jobs(self) -> None:
-        trio = await start_trio(self, exec_kill_grace="1s")
-        s, pid = await self._shell_job(trio)
-        await s.close()
-        await self._gone(pid)
-
-    async def test_vmc_stop_kills_shell_jobs(self) -> None:
-        trio = await start_trio(self, exec_kill_grace="1s")
-        assert trio.vmc is not None
-        _, pid = await self._shell_job(trio)
-        await trio.vmc.stop()
-        self.assertIn("Server Shut Down", trio.vmc.text())  # stopped, not SIGKILLed
-        await self._gone(pid)
+            self.fail(f"process {pid} of the shell's session survived {when}")
 
 
 class EnrollmentPinTests(TestCase):
@@ -353,70 +365,78 @@ class BackpressureTests(TestCase):
 
 
 class CliTests(TestCase):
+    """``ticrypt`` (the console script) against a trio: the commands on one
+    (each its own process, run at once where they are independent), the
+    local terminal on another."""
+
     timeout = 180
 
-    async def setUp(self) -> None:  # type: ignore[override]
-        self.trio = await start_trio(self)
+    async def test_commands(self) -> None:
+        trio = await start_trio(self)
+        vm = trio.vm_id
+        for user in ("owen", "bob"):
+            await trio.client_config(user)  # logged in once, before the runs
+        (status, not_found, stdin, shell, refused_shell, unauthorized, needs_key,
+         info) = await together(
+            trio.cli("owen", "exec", vm, "--", "sh", "-c",
+                     "echo to-out; echo to-err >&2; exit 7"),
+            trio.cli("owen", "exec", vm, "--", "no-such-command-zz"),
+            trio.cli("owen", "exec", vm, "--", "wc", "-c", stdin=b"x" * 300000),
+            trio.cli("owen", "shell", vm, stdin=b"echo h''i; exit 3\n"),
+            trio.cli("owen", "shell", vm, "--term", "bad term!"),
+            trio.cli("bob", "exec", vm, "--", "true"),
+            trio.cli("owen", "authorize", vm, "bob"),
+            trio.cli("owen", "info", vm, "--json"))
 
-    async def test_exec_exit_status(self) -> None:
-        code, out, err = await self.trio.cli("owen", "exec", self.trio.vm_id, "--", "sh", "-c",
-                                             "echo to-out; echo to-err >&2; exit 7")
+        code, out, err = status  # the remote exit status, stdout and stderr apart
         self.assertEqual(code, 7, err)
         self.assertEqual(out, "to-out\n")
         self.assertEqual(err, "to-err\n")
-
-    async def test_exec_stdin_pipe(self) -> None:
-        code, out, err = await self.trio.cli("owen", "exec", self.trio.vm_id, "--", "wc", "-c",
-                                             stdin=b"x" * 300000)
+        code, out, err = not_found
+        self.assertEqual(code, 127, "a command not found exits 127")
+        self.assertIn("command not found", err)
+        code, out, err = stdin  # stdin piped through
         self.assertEqual(code, 0, err)
         self.assertEqual(out.strip(), "300000")
-
-    async def test_shell_piped(self) -> None:
-        code, out, err = await self.trio.cli("owen", "shell", self.trio.vm_id,
-                                             stdin=b"echo h''i; exit 3\n")
+        code, out, err = shell  # a shell fed from a pipe
         self.assertEqual(code, 3, err)
         self.assertIn("hi", out)
-
-    async def test_unauthorized_reason_reaches_cli(self) -> None:
-        code, out, err = await self.trio.cli("bob", "exec", self.trio.vm_id, "--", "true")
+        code, out, err = refused_shell  # a shell the VM refuses: one line, no traceback
+        self.assertEqual(code, 1)
+        self.assertIn("bad-request", err)
+        self.assertEqual(len(err.strip().splitlines()), 1, err)
+        code, out, err = unauthorized  # the reason reaches the CLI, one line
         self.assertEqual(code, 1)
         self.assertIn("not-authorized", err)
         self.assertIn("ticrypt authorize", err)
-        self.assertEqual(len(err.strip().splitlines()), 1, err)  # one line, no traceback
-
-    async def test_authorize_users_revoke_cli(self) -> None:
-        trio = self.trio
-        bob_pub = identity.public_text(identity.public_bytes(trio.keys["bob"]))
-        code, out, err = await trio.cli("owen", "authorize", trio.vm_id, "bob", "--key", bob_pub)
-        self.assertEqual(code, 0, err)
-        code, out, err = await trio.cli("owen", "users", trio.vm_id)
-        self.assertEqual(code, 0, err)
-        self.assertIn("bob", out)
-        code, out, err = await trio.cli("bob", "exec", trio.vm_id, "--", "echo", "ok")
-        self.assertEqual((code, out), (0, "ok\n"), err)
-        code, out, err = await trio.cli("owen", "revoke", trio.vm_id, "bob")
-        self.assertEqual(code, 0, err)
-        code, out, err = await trio.cli("bob", "exec", trio.vm_id, "--", "echo", "ok")
-        self.assertEqual(code, 1)
-        self.assertIn("not-authorized", err)
-
-    async def test_command_not_found_exits_127(self) -> None:
-        code, out, err = await self.trio.cli("owen", "exec", self.trio.vm_id, "--",
-                                             "no-such-command-zz")
-        self.assertEqual(code, 127)
-        self.assertIn("command not found", err)
-
-    async def test_authorize_needs_key_for_non_admin(self) -> None:
-        code, out, err = await self.trio.cli("owen", "authorize", self.trio.vm_id, "bob")
+        self.assertEqual(len(err.strip().splitlines()), 1, err)
+        code, out, err = needs_key  # authorize needs --key for a non-admin
         self.assertEqual(code, 1)
         self.assertIn("--key", err)
         self.assertEqual(len(err.strip().splitlines()), 1, err)
+        code, out, err = info
+        self.assertEqual(code, 0, err)
+        self.assertEqual(json.loads(out)["vm"], vm)
 
-    async def _shell_on_pty(self, rows: int, cols: int) -> tuple[Any, int, Any]:
+        # authorize, users, revoke: one after the other
+        bob_pub = identity.public_text(identity.public_bytes(trio.keys["bob"]))
+        code, out, err = await trio.cli("owen", "authorize", vm, "bob", "--key", bob_pub)
+        self.assertEqual(code, 0, err)
+        code, out, err = await trio.cli("owen", "users", vm)
+        self.assertEqual(code, 0, err)
+        self.assertIn("bob", out)
+        code, out, err = await trio.cli("bob", "exec", vm, "--", "echo", "ok")
+        self.assertEqual((code, out), (0, "ok\n"), err)
+        code, out, err = await trio.cli("owen", "revoke", vm, "bob")
+        self.assertEqual(code, 0, err)
+        code, out, err = await trio.cli("bob", "exec", vm, "--", "echo", "ok")
+        self.assertEqual(code, 1, "bob still runs commands after the revoke")
+        self.assertIn("not-authorized", err)
+
+    async def _shell_on_pty(self, trio: Trio, rows: int, cols: int) -> tuple[Any, int, Any]:
         """``ticrypt shell`` on a fresh local PTY of ``rows`` x ``cols``, up to
         the remote prompt; returns (process protocol, an fd that reads the
         terminal's modes, the modes before the CLI started)."""
-        trio = self.trio
         path = await trio.client_config("owen")
         master, slave = os.openpty()
         # A second master fd reads the terminal's modes (on Linux the master
@@ -435,39 +455,25 @@ class CliTests(TestCase):
 
     async def test_shell_on_a_real_terminal(self) -> None:
         """Raw mode locally, the local window size reaches the remote PTY, the
-        exit status comes back and the local terminal is restored."""
-        proto, keep, before = await self._shell_on_pty(37, 111)
+        exit status comes back and the local terminal is restored; and a
+        ``kill`` of the CLI while a shell runs (the reactor stops under the
+        shell) leaves the local terminal as it found it, not in raw mode."""
+        trio = await start_trio(self)
+        proto, keep, before = await self._shell_on_pty(trio, 37, 111)
         raw = termios.tcgetattr(keep)
-        self.assertFalse(raw[3] & termios.ICANON)  # the CLI put the tty in raw mode
+        self.assertFalse(raw[3] & termios.ICANON, "the CLI did not put the tty in raw mode")
         proto.transport.write(b"stty size; exit 4\r")  # type: ignore[union-attr]
         code = await proto.ended
         self.assertEqual(code, 4)
         self.assertIn(b"37 111", bytes(proto.output))
-        self.assertEqual(termios.tcgetattr(keep), before)
+        self.assertEqual(termios.tcgetattr(keep), before, "terminal not restored after exit")
 
-    async def test_sigterm_during_shell_restores_terminal(self) -> None:
-        """``kill`` of the CLI while a shell runs (the reactor stops under the
-        shell) leaves the local terminal as it found it, not in raw mode."""
-        proto, keep, before = await self._shell_on_pty(24, 80)
+        proto, keep, before = await self._shell_on_pty(trio, 24, 80)
         self.assertFalse(termios.tcgetattr(keep)[3] & termios.ICANON)  # raw now
         proto.transport.signalProcess("TERM")  # type: ignore[union-attr]
         await proto.ended
-        self.assertEqual(termios.tcgetattr(keep), before)
-
-    async def test_shell_refused_is_one_line(self) -> None:
-        """A shell the VM refuses is one error line, no traceback."""
-        code, out, err = await self.trio.cli("owen", "shell", self.trio.vm_id,
-                                             "--term", "bad term!")
-        self.assertEqual(code, 1)
-        self.assertIn("bad-request", err)
-        self.assertEqual(len(err.strip().splitlines()), 1, err)
-
-    async def test_info_json(self) -> None:
-        import json
-
-        code, out, err = await self.trio.cli("owen", "info", self.trio.vm_id, "--json")
-        self.assertEqual(code, 0, err)
-        self.assertEqual(json.loads(out)["vm"], self.trio.vm_id)
+        self.assertEqual(termios.tcgetattr(keep), before,
+                         "terminal not restored after SIGTERM during a shell")
 
 
 #: A command whose grandchild leaves the session (setsid) and its parent (the
@@ -508,7 +514,10 @@ class ContainmentTests(TestCase):
         self.assertIn("user processes: fallback", trio.vmc.text())
         return trio
 
-    async def test_setsid_escape_killed_on_cancel(self) -> None:
+    async def test_escape_killed_on_cancel_and_after_a_crash(self) -> None:
+        """cgroup = auto: a setsid'd double fork is killed when its request
+        is cancelled; after vmc is killed (SIGKILL), its first start kills
+        what the old one left."""
         trio = await start_trio(self, exec_kill_grace="1s")
         assert trio.vmc is not None
         self.assertIn("user processes: ", trio.vmc.text())  # the mode, named at start
@@ -520,6 +529,7 @@ class ContainmentTests(TestCase):
         self.assertEqual(await cmd.done.addTimeout(30, reactor), 128 + 15)
         self.assertTrue(await pid_gone(pid, 15.0, start), "a setsid'd double fork survived cancel")
         await s.close()
+        await self._crash_and_restart(trio, ESCAPE)
 
     async def _crash_and_restart(self, trio: Trio, cmd_line: str) -> None:
         assert trio.vmc is not None
@@ -545,20 +555,15 @@ class ContainmentTests(TestCase):
         self.assertEqual(len(killed), 1)
         self.assertGreaterEqual(killed[0]["processes"], 2)
 
-    async def test_first_start_after_a_crash_kills_leftovers(self) -> None:
-        trio = await start_trio(self)
-        await self._crash_and_restart(trio, ESCAPE)
-
-    async def test_fallback_first_start_after_a_crash_kills_leftovers(self) -> None:
+    async def test_fallback_after_a_crash_and_ctrl_c(self) -> None:
+        """cgroup = off (the fallback): the first start after a crash kills
+        what the old vmc left.  Then: the fallback cannot find a process that
+        left its session, lost its parent and cleared its environment; it
+        holds the command's stdout.  Ctrl-C still ends ``ticrypt exec`` after
+        the grace (vmc ends the request), and vmc's stop kills the escapee
+        (subreaper)."""
         trio = await self._fallback_trio()
         await self._crash_and_restart(trio, ESCAPE)
-
-    async def test_ctrl_c_ends_cli_while_an_escaped_process_holds_the_pipe(self) -> None:
-        """The fallback cannot find a process that left its session, lost
-        its parent and cleared its environment; it holds the command's
-        stdout.  Ctrl-C still ends ``ticrypt exec`` after the grace (vmc
-        ends the request), and vmc's stop kills the escapee (subreaper)."""
-        trio = await self._fallback_trio()
         path = await trio.client_config("owen")
         proto = _PtyClient()  # plain pipes here, no terminal
         hidden = ("(setsid env -u TICRYPT_VMC_JOB sh -c 'echo ESC=$$; exec sleep 1000' &); "

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import os
 import stat
+from collections.abc import Coroutine
+from typing import Any
 
+from twisted.internet import defer, endpoints, protocol, reactor
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from test.daemon import daemon_env, run_command, script_path
@@ -24,6 +27,14 @@ async def ticrypt(config: str, *args: str, **extra_env: str) -> tuple[int, str, 
     env.pop("TICRYPT_PASSPHRASE", None)
     env.update(extra_env)
     return await run_command([script_path("ticrypt"), "--config", config, *args], env=env)
+
+
+async def together(*runs: Coroutine[Any, Any, tuple[int, str, str]]
+                   ) -> list[tuple[int, str, str]]:
+    """Independent CLI runs (that change nothing each other reads) at once;
+    their results in order."""
+    return list(await defer.gatherResults([defer.ensureDeferred(r) for r in runs],
+                                          consumeErrors=True))
 
 
 class CliEndToEndTests(TestCase):
@@ -47,22 +58,26 @@ class CliEndToEndTests(TestCase):
         self.assertEqual(code, 1)
         self.one_line(err, f"ticrypt: keygen failed: {key_file} already exists")
 
-        code, out, err = await env.admin("user", "add", "bob", "--public-key",
-                                         key_file + ".pub")
+        code, out, err = env.admin_here("user", "add", "bob", "--public-key",
+                                        key_file + ".pub")
         self.assertEqual(code, 0, err)
-        code, out, err = await env.admin("--json", "vm", "add", "lab1", "--owner", "bob",
-                                         "--host", "127.0.0.1:2201")
+        code, out, err = env.admin_here("--json", "vm", "add", "lab1", "--owner", "bob",
+                                        "--host", "127.0.0.1:2201")
         self.assertEqual(code, 0, err)
         vm_id = __import__("json").loads(out)["vm"]["id"]
 
-        code, out, err = await ticrypt(config, "whoami")
+        # three refusals that change nothing: at once
+        whoami, no_passphrase, wrong = await together(
+            ticrypt(config, "whoami"), ticrypt(config, "login"),
+            ticrypt(config, "login", TICRYPT_PASSPHRASE="wrong"))
+        code, out, err = whoami
         self.assertEqual(code, 1)
         self.one_line(err, "ticrypt: whoami failed: not logged in; run: ticrypt login")
-        code, out, err = await ticrypt(config, "login")
+        code, out, err = no_passphrase
         self.assertEqual(code, 1)
         self.one_line(err, "ticrypt: cannot read your key: ")
         self.assertIn("TICRYPT_PASSPHRASE", err)
-        code, out, err = await ticrypt(config, "login", TICRYPT_PASSPHRASE="wrong")
+        code, out, err = wrong
         self.assertEqual(code, 1)
         self.one_line(err, "ticrypt: cannot read your key: ")
 
@@ -72,18 +87,22 @@ class CliEndToEndTests(TestCase):
         session = env.deployment.path("client-bob-state/session.json")
         self.assertEqual(stat.S_IMODE(os.stat(session).st_mode), 0o600)
 
-        code, out, err = await ticrypt(config, "whoami")
+        # reads of the logged-in session: at once
+        whoami, vm_list, vm_show, vm_nope = await together(
+            ticrypt(config, "whoami"), ticrypt(config, "vm", "list"),
+            ticrypt(config, "vm", "show", vm_id), ticrypt(config, "vm", "show", "vm-nope"))
+        code, out, err = whoami
         pub = identity.load_public_file(key_file + ".pub")
         self.assertEqual((code, out.strip()), (0, f"bob (user) {identity.public_text(pub)}"))
-        code, out, err = await ticrypt(config, "vm", "list")
+        code, out, err = vm_list
         self.assertEqual(code, 0, err)
         self.assertIn(vm_id, out)
         self.assertIn("lab1", out)
-        code, out, err = await ticrypt(config, "vm", "show", vm_id)
+        code, out, err = vm_show
         self.assertEqual(code, 0, err)
         self.assertIn("state:           created", out)
         self.assertIn("public_key:      -", out)
-        code, out, err = await ticrypt(config, "vm", "show", "vm-nope")
+        code, out, err = vm_nope
         self.assertEqual(code, 1)
         self.one_line(err, "ticrypt: vm show vm-nope failed: no such VM (HTTP 404 no-such-vm)")
 
@@ -95,7 +114,14 @@ class CliEndToEndTests(TestCase):
         self.one_line(err, "ticrypt: vm list failed: not logged in")
 
     async def test_untrusted_server_and_bad_config(self) -> None:
-        env = await start_rest(self)
+        # the server the CLI must not trust: a TLS listener with rest's
+        # certificate (the handshake fails before any request)
+        env = await start_rest(self, start=False)
+        factory = protocol.ServerFactory.forProtocol(protocol.Protocol)
+        port = await endpoints.serverFromString(
+            reactor, tlsutil.server_endpoint(0, env.server_pem, "127.0.0.1")).listen(factory)
+        self.addCleanup(port.stopListening)
+        env.deployment.addresses.rest_port = port.getHost().port
         other_ca = os.path.join(env.dir, "other-ca.pem")
         tlsutil.make_ca(other_ca, os.path.join(env.dir, "other-ca.key"))
         config = write_client_config(env, "alice", ca_file=other_ca)
@@ -104,12 +130,12 @@ class CliEndToEndTests(TestCase):
         self.one_line(err, "ticrypt: login failed: TLS with https://127.0.0.1:")
         with open(config, "a") as f:
             f.write("colour = blue\n")
-        code, out, err = await ticrypt(config, "login")
+        (code, out, err), (usage, _, _) = await together(ticrypt(config, "login"),
+                                                         ticrypt(config, "vm"))
         self.assertEqual(code, 1)
         self.one_line(err, f"ticrypt: cannot load client config: {config}: [client] colour: "
                            "unknown key")
-        code, out, err = await ticrypt(config, "vm")
-        self.assertEqual(code, 2)
+        self.assertEqual(usage, 2)
 
 
 class KeygenBeforeTheCATests(TestCase):

@@ -437,35 +437,40 @@ class EndToEndTests(TestCase):
     async def setUp(self) -> None:  # type: ignore[override]
         self.trio: Trio = await start_trio(self)
 
-    async def assert_revoked(self, session: ChannelSession, pid: int, reason: str) -> None:
+    async def assert_revoked(self, session: ChannelSession, pid: int, reason: str,
+                             closed_before: int) -> None:
+        """``session`` was closed for ``reason`` (4011), the proxy audited
+        one revoked pair for it, vmc ended its channel (the
+        ``closed_before + 1``-th session it closed) and killed ``pid``."""
         trio = self.trio
         ended: list[Any] = []
-        session.closed.addBoth(lambda r: (ended.append(r), r)[1])
-        await wait_for(lambda: ended, "the session closed")
+
+        def note(result: Any) -> Any:
+            ended.append(result)
+            return result
+        session.closed.addBoth(note)
+        await wait_for(lambda: ended, f"the session closed ({reason})")
         err = ended[0]
         assert isinstance(err, SessionError), err
-        self.assertEqual(err.code, "revoked")  # 4011, explained (ticrypt.closecodes)
+        self.assertEqual(err.code, "revoked", reason)  # 4011, explained (ticrypt.closecodes)
         self.assertIn("access was revoked", str(err))
         self.assertIn(reason.partition(": ")[2], str(err))
         revoked = await wait_for(lambda: [e for e in trio.proxy_audit_lines()
-                                          if e["event"] == "pair-revoked"],
-                                 "pair-revoked audited")
+                                          if e["event"] == "pair-revoked"
+                                          and e["reason"] == reason],
+                                 f"pair-revoked audited ({reason})")
         self.assertEqual([(e["vm"], e["user"], e["reason"]) for e in revoked],
                          [(trio.vm_id, "owen", reason)])
-        await wait_for(lambda: not pid_alive(pid), "the VM process killed")
+        await wait_for(lambda: not pid_alive(pid), f"the VM process killed ({reason})")
         closed = await wait_for(lambda: [e for e in trio.vmc_audit_lines()
-                                         if e["event"] == "session-closed"],
-                                "vmc ended the channel")
-        self.assertEqual(closed[-1]["code"], closecodes.REVOKED.code)
+                                         if e["event"] == "session-closed"][closed_before:],
+                                f"vmc ended the channel ({reason})")
+        self.assertEqual([e["code"] for e in closed], [closecodes.REVOKED.code], reason)
 
-    async def test_disable_closes_the_users_open_session(self) -> None:
-        session = await self.trio.session("owen")
-        pid = await _long_command(session)
-        code, out, err = await self.trio.rest.admin("user", "disable", "owen")
-        self.assertEqual(code, 0, err)
-        await self.assert_revoked(session, pid, rv.USER_DISABLED)
-
-    async def test_logout_closes_the_sessions_pairs(self) -> None:
+    async def test_logout_then_disable_close_the_open_sessions(self) -> None:
+        """A logout closes that login's pairs only (another login of the same
+        user goes on); disabling the user then closes that one too.  Each
+        time the VM process the session started is killed."""
         trio = self.trio
         client = trio.rest.client()
         await client.login("owen", trio.keys["owen"])
@@ -475,8 +480,13 @@ class EndToEndTests(TestCase):
         other = await trio.session("owen")  # another login of the same user
         pid = await _long_command(session)
         await client.logout()
-        await self.assert_revoked(session, pid, rv.SESSION_ENDED)
+        await self.assert_revoked(session, pid, rv.SESSION_ENDED, 0)
         out = bytearray()
-        self.assertEqual(await other.exec(["echo", "alive"], on_stdout=out.extend).done, 0)
+        self.assertEqual(await other.exec(["echo", "alive"], on_stdout=out.extend).done, 0,
+                         "the other login's session ended with the logout")
         self.assertEqual(bytes(out), b"alive\n")
-        await other.close()
+
+        pid = await _long_command(other)
+        code, out_text, err = trio.rest.admin_here("user", "disable", "owen")
+        self.assertEqual(code, 0, err)
+        await self.assert_revoked(other, pid, rv.USER_DISABLED, 1)
