@@ -27,6 +27,8 @@ from typing import Any
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
+from ticrypt.vmc.processes import descendants, proc_info, scan_proc
+
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
 
@@ -49,36 +51,16 @@ def chromium_skip_reason() -> str | None:
     return None
 
 
-def _proc_start(pid: int) -> str | None:
-    """The start time of ``pid`` (field 22 of /proc/pid/stat), None if gone."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        return None
+def _proc_start(pid: int) -> int | None:
+    """The start time of ``pid`` (pids are reused, start times are not), None if gone."""
+    info = proc_info(pid)
+    return None if info is None else info.start
 
 
-def _descendants(root: int) -> list[tuple[int, str]]:
+def _descendants(root: int) -> list[tuple[int, int]]:
     """(pid, start time) of every live process below ``root``."""
-    children: dict[int, list[int]] = {}
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{name}/stat") as f:
-                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-        children.setdefault(ppid, []).append(int(name))
-    found: list[tuple[int, str]] = []
-    todo = list(children.get(root, []))
-    while todo:
-        pid = todo.pop()
-        start = _proc_start(pid)
-        if start is not None:
-            found.append((pid, start))
-        todo.extend(children.get(pid, []))
-    return found
+    table = scan_proc() or {}
+    return [(pid, table[pid].start) for pid in descendants({root}, table) - {root}]
 
 
 class Browser:
