@@ -23,6 +23,8 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 
+from ticrypt.vmc.processes import descendants, scan_proc
+
 CHUNK = 1 << 18
 _ZEROS = bytes(CHUNK)
 
@@ -186,22 +188,8 @@ _TICK = os.sysconf("SC_CLK_TCK")
 
 
 def _descendants(pid: int) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{name}/stat") as f:
-                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-        children.setdefault(ppid, []).append(int(name))
-    out, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        out.append(p)
-        todo.extend(children.get(p, []))
-    return out
+    """``pid`` and every process below it."""
+    return sorted(descendants({pid}, scan_proc() or {}))
 
 
 def cpu_seconds(pids: Iterable[int]) -> float:
