@@ -27,6 +27,7 @@ from twisted.web.iweb import IRequest
 
 from test.browser import Browser, chromium_skip_reason, start_browser
 from ticrypt.channel import ChannelError, VmChannel, app
+from ticrypt.channel.errors import MESSAGES
 from ticrypt.ws import ChannelPump
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -238,6 +239,13 @@ class ChannelVectorTests(WebTestCase):
         want = [{"name": e["name"], "got": e["error"]} for e in self.v["negative"]]
         self.assertEqual(len(results), 76)
         self.assertEqual(results, want)
+
+    async def test_error_codes_and_messages(self) -> None:
+        """The page's ChannelError carries exactly the codes and fixed
+        messages of ticrypt/channel/errors.py (the table is written in both
+        languages; this keeps the two one table)."""
+        await self.open_page()
+        self.assertEqual(await self.call("channelMessages"), MESSAGES)
 
     async def test_limits(self) -> None:
         """record-too-large and counter-exhausted at the sender and the

@@ -12,6 +12,7 @@ import { signPurpose, signingInput } from "/app/js/signed.js";
 import { forgetKey, loadKey, saveKey } from "/app/js/keystore.js";
 import { RequestError, SessionError, openVmSession } from "/app/js/session.js";
 import { describeClose } from "/app/js/closes.js";
+import { CHANNEL_MESSAGES } from "/app/js/channelerror.js";
 import { ed25519FromSeed, hkdfSha256, sha256, x25519KeyPair, x25519Shared } from "/app/js/primitives.js";
 
 /** rng(n) handing out `bytes` in order. */
@@ -371,8 +372,13 @@ function describeCloses(cases) {
   return cases.map(([code, reason]) => describeClose(code, reason));
 }
 
+/** The page's channel error codes and their fixed messages. */
+function channelMessages() {
+  return { ...CHANNEL_MESSAGES };
+}
+
 window.ticryptTests = {
-  positive, negative, limits, b64cases, b64encodes, canonicals, parses,
+  channelMessages, positive, negative, limits, b64cases, b64encodes, canonicals, parses,
   keyFile, signingInputHex, storeKey, storedKey, forget,
   sessionFlow, sessionFailure, sessionClose, describeCloses,
 };
