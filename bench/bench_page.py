@@ -56,7 +56,7 @@ TICK = os.sysconf("SC_CLK_TCK")
 USER = "alice"
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
-# as test/browser.py (benches import nothing from test/)
+# as test/browser.py (a benchmark shares no code with the test suite)
 FLAGS = ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync",
          "--disable-dev-shm-usage", "--window-size=1280,900")
