@@ -15,6 +15,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from ticrypt import closecodes as cc
 from ticrypt import identity, signed
 from ticrypt.encoding import b64
+from ticrypt.framebudget import REASON as FRAMES
 from ticrypt.proxy import control
 from ticrypt.proxy.control import (
     ArmTimer,
@@ -31,7 +32,6 @@ from ticrypt.proxy.control import (
     UserLegMachine,
     VmLegMachine,
 )
-from ticrypt.proxy.framebudget import REASON as FRAMES
 from ticrypt.proxy.pairing import Paired, Refused, Waiting
 from ticrypt.proxy.replay import TicketLedger, Use
 

@@ -26,8 +26,8 @@ from twisted.trial.unittest import SynchronousTestCase
 from test import wsframes as wf
 from test.test_proxy import ProxyCase, _factory, start_pair
 from ticrypt import closecodes
+from ticrypt.framebudget import REASON, FrameBudget, FrameLimits, Violation
 from ticrypt.proxy.control import LegState
-from ticrypt.proxy.framebudget import REASON, FrameBudget, FrameLimits, Violation
 from ticrypt.proxy.relay import OWN_FULL, PEER_OVER_FRAME_LIMIT
 from ticrypt.proxy.ws import Leg, RelayFactory
 

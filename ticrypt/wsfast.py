@@ -11,6 +11,11 @@ event (checked against autobahn 26.10): the frames are joined and handed to
 override ``dataReceived`` to call autobahn's ``_dataReceived`` directly:
 :class:`LeanClientProtocol` (the frontend's and vmc's legs) and the proxy's
 :class:`~ticrypt.proxy.wsmem.LeanWebSocket`.
+
+:class:`FrameCounting` counts a peer's frame headers with a
+:class:`~ticrypt.framebudget.FrameBudget` as autobahn parses them (the
+proxy's legs, connect's page relay): over a limit, nothing more of that
+peer is parsed.
 """
 
 from __future__ import annotations
@@ -18,6 +23,8 @@ from __future__ import annotations
 from typing import Any
 
 from autobahn.twisted.websocket import WebSocketClientProtocol
+
+from ticrypt.framebudget import FrameBudget, Violation
 
 
 def message_end(proto: Any) -> None:
@@ -37,3 +44,50 @@ class LeanClientProtocol(WebSocketClientProtocol):
 
     def onMessageEnd(self) -> None:
         message_end(self)
+
+
+class FrameCounting:
+    """Mixin for an autobahn protocol (listed before it): each frame header
+    the peer sends is counted by :attr:`frame_budget` once that is set
+    (at open); over a limit the input is closed (:meth:`close_input`) and
+    :meth:`frames_exceeded` is called, which closes the websocket and says
+    so.  The protocol's factory must provide ``clock`` (an
+    ``IReactorTime``).  A subclass that overrides ``dataReceived`` checks
+    :attr:`input_closed` itself."""
+
+    #: counts this peer's frames once set (at open); None: not counted
+    frame_budget: FrameBudget | None = None
+    # class-level default: an idle socket keeps no instance entry for it
+    _input_closed = False
+
+    def frames_exceeded(self, violation: Violation) -> None:
+        """The peer went over a frame limit; nothing more of it is parsed."""
+        raise NotImplementedError
+
+    @property
+    def input_closed(self) -> bool:
+        return self._input_closed
+
+    def close_input(self) -> None:
+        """Parse nothing more from this peer (what is buffered is dropped)."""
+        self._input_closed = True
+        me: Any = self
+        me.data = b""
+
+    def dataReceived(self, data: bytes) -> None:
+        if not self._input_closed:
+            super().dataReceived(data)  # type: ignore[misc]
+
+    def onFrameBegin(self) -> None:
+        budget = self.frame_budget
+        if budget is not None and not self._input_closed:
+            me: Any = self
+            f = me.current_frame
+            violation = budget.frame(f.opcode, f.length, me.factory.clock.seconds())
+            if violation is not None:
+                self.close_input()
+                self.frames_exceeded(violation)
+        # autobahn finishes this frame's header bookkeeping; with the input
+        # closed no payload follows, and an empty frame is delivered to a
+        # websocket that is closing (no pong, no message)
+        super().onFrameBegin()  # type: ignore[misc]

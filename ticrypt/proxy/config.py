@@ -5,7 +5,7 @@
 :class:`ControlSection` and :class:`LeasesSection`; ``[limits]`` (optional) is the
 websocket layer's own :class:`~ticrypt.proxy.ws.Settings`, which gathers the
 pairing table's :class:`~ticrypt.proxy.pairing.Limits` and the frame
-budget's :class:`~ticrypt.proxy.framebudget.FrameLimits`: each default is
+budget's :class:`~ticrypt.framebudget.FrameLimits`: each default is
 written once, in the class that uses it.
 """
 

@@ -24,6 +24,7 @@ from zope.interface import Attribute, Interface, implementer
 
 from ticrypt import closecodes as cc
 from ticrypt import signed
+from ticrypt.framebudget import PEER_REASON
 
 # why an end is not being read (bits for IRelayEnd.pause_reading)
 PARTNER_FULL = 1   # its partner's send buffer is full
@@ -110,7 +111,7 @@ def peer_lost(ping_timeout: bool) -> tuple[int, str]:
 
 
 #: What the partner of an end dropped for its frames is told (code 4009).
-PEER_OVER_FRAME_LIMIT = cc.reason(cc.OVER_LIMIT.name, "the peer sent too many websocket frames")
+PEER_OVER_FRAME_LIMIT = PEER_REASON
 
 
 class Pair:

@@ -11,7 +11,7 @@ paired it is an :class:`~ticrypt.proxy.relay.IRelayEnd` of a
 :class:`~ticrypt.proxy.relay.Pair`, which relays whole messages both ways,
 unchanged and in order, holds each leg's partner while the leg's send
 buffer (``max_buffered``) is full, and closes one leg when the other closes.
-Every leg's frames are counted (:mod:`ticrypt.proxy.framebudget`): a peer
+Every leg's frames are counted (:mod:`ticrypt.framebudget`): a peer
 over a frame limit is dropped with 4009.  :class:`RelayFactory` holds what
 the legs share: the pairing table, the settings, the audit log.
 
@@ -37,6 +37,7 @@ from zope.interface import implementer
 from ticrypt import closecodes as cc
 from ticrypt.audit import AuditLog
 from ticrypt.config import Duration, Int, Size, group, setting
+from ticrypt.framebudget import FrameBudget, FrameLimits, Violation
 from ticrypt.heap import tune_malloc
 from ticrypt.proxy import control as ctl
 from ticrypt.proxy.control import (
@@ -47,7 +48,6 @@ from ticrypt.proxy.control import (
     UserLegMachine,
     VmLegMachine,
 )
-from ticrypt.proxy.framebudget import FrameBudget, FrameLimits, Violation
 from ticrypt.proxy.pairing import Limits, Paired, PairingTable, Refused, Waiting
 from ticrypt.proxy.relay import (
     OWN_FULL,

@@ -15,8 +15,9 @@ autobahn upgrade touches this file only:
   (:mod:`ticrypt.wsfast`); the HTTP upgrade request is bounded (autobahn
   buffers it without a limit); large reads are fed to autobahn in slices (its frame
   parser copies the whole receive buffer once per frame); every frame header
-  is counted by a :class:`~ticrypt.proxy.framebudget.FrameBudget`
-  (``onFrameBegin``), and a peer over a frame limit is not parsed any further;
+  is counted by a :class:`~ticrypt.framebudget.FrameBudget`
+  (:class:`~ticrypt.wsfast.FrameCounting`), and a peer over a frame limit is
+  not parsed any further;
 * **output**: every write made while one peer's read is parsed (relayed
   messages, pongs, close frames) is joined into one transport write per leg
   at the end of that read (:class:`OutputBatch`), so that Twisted's
@@ -57,10 +58,9 @@ from twisted.protocols.tls import TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 
 from ticrypt import closecodes
-from ticrypt.proxy.framebudget import FrameBudget, Violation
 from ticrypt.proxy.relay import PARTNER_FULL
 from ticrypt.proxy.tlsmem import release_bio_buffers
-from ticrypt.wsfast import message_end
+from ticrypt.wsfast import FrameCounting, message_end
 
 #: autobahn is fed at most this much at a time (see LeanWebSocket.dataReceived).
 FEED_SLICE = 16384
@@ -134,16 +134,14 @@ class OutputBatch:
         self._legs.append(leg)
 
 
-class LeanWebSocket(WebSocketServerProtocol):
+class LeanWebSocket(FrameCounting, WebSocketServerProtocol):  # type: ignore[misc]
     """autobahn's server protocol, bounded.  Subclasses implement
-    :meth:`frames_exceeded`, :meth:`close_sent` and :meth:`close_received`."""
+    :meth:`frames_exceeded` (close the leg, say so, then call
+    :meth:`drop_after_close`), :meth:`close_sent` and :meth:`close_received`."""
 
     wlog = Logger()
     factory: Any
-    #: counts this peer's frames once set (at open); None: not counted
-    frame_budget: FrameBudget | None = None
     # class-level defaults: an idle socket keeps no instance entry for them
-    _input_closed = False
     _out: list[bytes] | None = None
     _abort_call: IDelayedCall | None = None
     _held = 0  # why this leg is not read (bits: ticrypt.proxy.relay OWN_FULL, PARTNER_FULL)
@@ -156,11 +154,6 @@ class LeanWebSocket(WebSocketServerProtocol):
         raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     # -- hooks for the subclass -------------------------------------------------
-
-    def frames_exceeded(self, violation: Violation) -> None:
-        """The peer went over a frame limit; nothing more of it is parsed.
-        Close it (and say so); then call :meth:`drop_after_close`."""
-        raise NotImplementedError
 
     def close_sent(self, code: int | None) -> None:
         """A close frame with ``code`` went out that the peer did not ask
@@ -240,24 +233,6 @@ class LeanWebSocket(WebSocketServerProtocol):
 
     def onMessageEnd(self) -> None:
         message_end(self)
-
-    def onFrameBegin(self) -> None:
-        budget = self.frame_budget
-        if budget is not None and not self._input_closed:
-            f = self.current_frame
-            violation = budget.frame(f.opcode, f.length, self.factory.clock.seconds())
-            if violation is not None:
-                self.close_input()
-                self.frames_exceeded(violation)
-        # autobahn finishes this frame's header bookkeeping; with the input
-        # closed no payload follows, and an empty frame is delivered to a
-        # leg that is closing (no pong, no message)
-        super().onFrameBegin()
-
-    def close_input(self) -> None:
-        """Parse nothing more from this peer (what is buffered is dropped)."""
-        self._input_closed = True
-        self.data = b""
 
     # -- output -----------------------------------------------------------------
 

@@ -1,7 +1,8 @@
-"""What one websocket leg may send the proxy, counted in frames (sans-IO).
+"""What one websocket peer may send, counted in frames (sans-IO): the
+proxy's legs and connect's page relay (:class:`ticrypt.wsfast.FrameCounting`).
 
 Byte limits (``max_message_size``, ``max_frame_size``) do not bound what a
-peer costs: every frame costs the proxy parsing work and a few dozen bytes
+peer costs: every frame costs the receiver parsing work and a few dozen bytes
 of bookkeeping whatever its length, a ping costs a pong, and frames of
 length zero cost as much as any other while adding nothing to a byte count.
 :class:`FrameBudget` counts frames, the thing the peer controls:
@@ -16,7 +17,8 @@ length zero cost as much as any other while adding nothing to a byte count.
 
 The caller passes each frame's opcode and payload length as the frame
 header arrives, with the time; a :class:`Violation` means: drop this peer.
-No clock, no I/O.  Wire rules: ``PROTOCOL.md`` §3 "Limits".
+No clock, no I/O.  Wire rules: ``PROTOCOL.md`` §3 "Limits" (the proxy) and
+§7 "The page" (connect).
 """
 
 from __future__ import annotations
@@ -35,12 +37,16 @@ PONG = 0xA
 
 #: The close reason for the peer that exceeded a frame limit (code 4009).
 REASON = closecodes.reason(closecodes.OVER_LIMIT.name, "too many websocket frames")
+#: The close reason for that peer's partner, the other side of its relay (4009).
+PEER_REASON = closecodes.reason(closecodes.OVER_LIMIT.name,
+                                "the peer sent too many websocket frames")
 
 
 @attrs.frozen
 class FrameLimits:
-    """The frame limits of ``[limits]`` (defaults far above any client of ours:
-    they send unfragmented messages and a ping every 30 s)."""
+    """The frame limits of the proxy's ``[limits]`` and connect's ``[page]``
+    (defaults far above any client of ours: they send unfragmented messages
+    and a ping every 30 s)."""
 
     max_message_frames: int = setting(Int(1, 1_000_000), 1024,
                                       "frames of one message, continuations included")
