@@ -18,6 +18,7 @@ from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web import resource
 
+from test import wsframes as wf
 from test.daemon import daemon_env, run_command, runner, script_path, starter
 from test.memtrio import MemTrio
 from test.test_connect import OWN, PORT, TOKEN, Env, http
@@ -37,6 +38,7 @@ from ticrypt.connect.wsrelay import (
     RelaySettings,
 )
 from ticrypt.encoding import b64
+from ticrypt.framebudget import PEER_REASON, REASON, FrameLimits
 from ticrypt.http.client import JsonClient
 from ticrypt.http.server import LimitedFactory
 from ticrypt.lab.deploy import Addresses, Deployment, free_port
@@ -489,6 +491,81 @@ class WsRelayTests(SynchronousTestCase):
         proxy_tcp.producer.pauseProducing()    # the proxy's (through TLS)
         proxy_tcp.producer.resumeProducing()
         self.assertEqual(calls, ["pause proxy", "resume proxy", "pause page", "resume page"])
+
+    def over_frame_limit(self, flood: bytes, listen: bool = True) -> PageSocket:
+        """A paired page sends ``flood`` and then a message; both sides are
+        closed 4009, audited; nothing after the frame over the limit is
+        relayed.  ``listen=False``: the page reads nothing more."""
+        page = self.pair()
+        page.got.clear()
+        [leg] = self.factory.relays
+        page_tcp: Any = leg.transport.transport  # type: ignore[union-attr]
+        up = leg.bytes_up
+        if not listen:
+            self.patch(page, "dataReceived", lambda data: None)
+        assert page.transport is not None
+        page.transport.write(flood + wf.frame(wf.TEXT, b"after the flood"))
+        self.trio.pump()
+        # connect dropped the page's connection without waiting for a close reply
+        self.assertTrue(page_tcp.disconnected)
+        self.assertIsNotNone(page.closed)
+        self.assertEqual(self.factory.relays, set())
+        closed = self.audit()[-1]
+        self.assertEqual((closed["event"], closed["code"], closed["reason"], closed["ended_by"]),
+                         ("relay-closed", 4009, REASON, "page"))
+        self.assertEqual(closed["bytes_up"], up)
+        ends = [e for e in self.trio.proxy_audit() if e["event"] == "pair-end"]
+        self.assertEqual((ends[0]["close_code"], ends[0]["close_reason"]), (4009, PEER_REASON))
+        self.assertEqual(page.got, [])
+        return page
+
+    def test_ping_flood(self) -> None:
+        """More control frames than max_control_frames at once."""
+        page = self.over_frame_limit(wf.frame(wf.PING) * 101)
+        self.assertEqual(page.closed, (4009, "over-limit: too many websocket frames"))
+
+    def test_fragment_flood(self) -> None:
+        """A message in more fragments than max_message_frames."""
+        page = self.over_frame_limit(b"".join(wf.fragments(wf.BINARY, [b"x"] * 1025)))
+        self.assertEqual(page.closed, (4009, REASON))
+
+    def test_over_frame_limit_page_not_reading(self) -> None:
+        self.over_frame_limit(wf.frame(wf.PONG, b"") * 101, listen=False)
+
+    def test_within_frame_limits(self) -> None:
+        """Fragmented messages and pings under the limits are relayed; the
+        control budget refills over time."""
+        page = self.open()
+        ticket = self.trio.backend.ticket(self.trio.vm_id, user="owen",
+                                          user_key=self.trio.keys["owen"])
+        text = json.dumps({"type": "connect", "ticket": ticket}).encode()
+        assert page.transport is not None
+        page.transport.write(b"".join(wf.fragments(wf.TEXT, [text[:9], b"", text[9:]])))
+        self.trio.pump()
+        self.assertEqual(json.loads(page.got.pop(0)[0])["type"], "paired")
+        for pings in (90, 55):  # 145: only with the bucket refilled in between
+            for _ in range(pings):
+                page.sendPing()
+            self.trio.pump()
+            self.trio.advance(5)  # half control_frames_interval: 50 more
+        self.assertIsNone(page.closed)
+        page.sendClose(1000, "bye")
+        self.trio.pump()
+        closed = self.audit()[-1]
+        self.assertEqual((closed["event"], closed["code"]), ("relay-closed", 1000))
+
+    def test_frame_limits_from_config(self) -> None:
+        """[page] holds the frame limits, defaults as the proxy's [limits]."""
+        from ticrypt.config import load_config
+        from ticrypt.connect.config import ConnectConfig
+        d = self.mktemp()
+        os.makedirs(d)
+        path = os.path.join(d, "connect.ini")
+        with open(path, "w") as f:
+            f.write("[connect]\n[page]\nmax_control_frames = 5\ncontrol_frames_interval = 1m\n")
+        frames = load_config(path, ConnectConfig).page.frames
+        self.assertEqual(frames, FrameLimits(max_control_frames=5, control_frames_interval=60.0))
+        self.assertEqual(RelaySettings(None, 1, 1.0, 1).frames, FrameLimits())
 
     def test_proxy_close_codes_passed_on(self) -> None:
         self.assertEqual(cc.passed_on(4004, "no-vm-available: x"), (4004, "no-vm-available: x"))

@@ -2,8 +2,9 @@
 
 ``[connect]`` is the local API (:class:`ConnectSection`); ``[tunnels]``
 (optional) the tunnels' own :class:`TunnelSettings` and ``[page]``
-(optional) the browser page's :class:`PageSettings`, so each default is
-written once, in the class that uses it.
+(optional) the browser page's :class:`PageSettings` (with the frame
+budget's :class:`~ticrypt.framebudget.FrameLimits` for the page's
+websocket), so each default is written once, in the class that uses it.
 """
 
 from __future__ import annotations
@@ -23,9 +24,11 @@ from ticrypt.config import (
     RoleConfig,
     ServerEndpoint,
     Size,
+    group,
     section,
     setting,
 )
+from ticrypt.framebudget import FrameLimits
 
 #: Where the API and every local listener may listen: this machine only.
 LOOPBACK = "127.0.0.1"
@@ -100,6 +103,7 @@ class PageSettings:
     max_message: int = setting(Size(min=1024 * 1024 + 4096, max=64 * 1024 * 1024),
                                2 * 1024 * 1024, "largest websocket message relayed")
     rest_timeout: float = setting(Duration(), 30.0, "a relayed REST call answered within")
+    frames: FrameLimits = group(FrameLimits)
 
     @property
     def enabled(self) -> bool:

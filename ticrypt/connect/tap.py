@@ -157,7 +157,7 @@ def page_root(cfg: ConnectConfig, reactor: Any, api: ConnectResource,
         reactor=reactor, clock=reactor, audit=audit,
         settings=RelaySettings(ca_file=p.ca_file, max_relays=p.max_relays,
                                handshake_timeout=p.handshake_timeout,
-                               max_message=p.max_message),
+                               max_message=p.max_message, frames=p.frames),
         proxy_url=proxy_url.get if proxy_url is not None else _no_proxy_url,
         forget_proxy_url=proxy_url.forget if proxy_url is not None else lambda: None)
     rest = RestRelay(admission=admission, client=client, rest_url=p.rest_url)

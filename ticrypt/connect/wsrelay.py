@@ -20,9 +20,16 @@ transport holds a producer that stops reading the other side while its own
 send buffer is full (:data:`BUFFER` bytes).  Messages the page sends before
 the proxy's side is open are kept, at most ``max_message`` bytes in all.
 
+The page's frames are counted from its open (:class:`~ticrypt.wsfast.FrameCounting`,
+``[page]``'s :class:`~ticrypt.framebudget.FrameLimits`, the proxy's
+defaults): over a limit nothing more of the page is parsed, the page is
+closed ``4009 over-limit: too many websocket frames``, the proxy's side
+``4009 over-limit: the peer sent too many websocket frames``, and the
+page's connection is dropped once its close frame is out.
+
 Audit: ``relay-open`` (relay id, client) and ``relay-closed`` (relay id,
-close code and reason sent to the page, bytes each way, duration); never a
-token or a payload byte.
+close code and reason sent to the page, who ended it, bytes each way,
+duration); never a token or a payload byte.
 """
 
 from __future__ import annotations
@@ -41,17 +48,20 @@ from autobahn.websocket.protocol import WebSocketProtocol
 from autobahn.websocket.types import ConnectionRequest
 from twisted.internet import defer
 from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
+from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web import server
 from zope.interface import implementer
 
 from ticrypt import closecodes as cc
 from ticrypt.audit import AuditLog
 from ticrypt.connect.api import Admission, header_text
+from ticrypt.framebudget import PEER_REASON, FrameBudget, FrameLimits, Violation
 from ticrypt.http.client import HttpError, JsonClient
 from ticrypt.http.server import error_body
 from ticrypt.ws import connect_ws
-from ticrypt.wsfast import LeanClientProtocol
+from ticrypt.wsfast import FrameCounting, LeanClientProtocol
 
 SUBPROTOCOL = "ticrypt-relay-v1"
 BEARER = "bearer."
@@ -72,6 +82,7 @@ class RelaySettings:
     handshake_timeout: float
     max_message: int
     ping_interval: float = 30.0
+    frames: FrameLimits = attrs.field(factory=FrameLimits)
 
 
 class ProxyUrl:
@@ -180,7 +191,7 @@ class _ProxyFactory(WebSocketClientFactory):
     page: PageLeg
 
 
-class PageLeg(_HearsClose, WebSocketServerProtocol):  # type: ignore[misc]
+class PageLeg(FrameCounting, _HearsClose, WebSocketServerProtocol):  # type: ignore[misc]
     """The page's websocket; its relay to the proxy."""
 
     plog = Logger()
@@ -212,6 +223,7 @@ class PageLeg(_HearsClose, WebSocketServerProtocol):  # type: ignore[misc]
     def onOpen(self) -> None:
         hub = self.factory
         self.started = hub.clock.seconds()
+        self.frame_budget = FrameBudget(hub.settings.frames, self.started)
         hub.serial += 1
         self.relay_id = f"r{hub.serial}"
         if len(hub.relays) >= hub.settings.max_relays:
@@ -256,6 +268,32 @@ class PageLeg(_HearsClose, WebSocketServerProtocol):  # type: ignore[misc]
         if self.proxy is not None:
             _send_close(self.proxy, *out)
         self._finish(self.localCloseCode, self.localCloseReason, "page")
+
+    def frames_exceeded(self, violation: Violation) -> None:
+        """Over a frame limit (nothing more of the page is parsed): the page
+        is closed 4009, the proxy's side too, and the page's connection is
+        dropped once the close frame is out (a page that does not read it
+        is aborted after autobahn's close handshake timeout)."""
+        self.plog.info("connect: page relay {relay} from {client} over the frame limit "
+                       "({limit}, {allowed}): dropped", relay=self.relay_id,
+                       client=self.client, limit=violation.limit, allowed=violation.allowed)
+        if self.proxy is not None:
+            _send_close(self.proxy, cc.OVER_LIMIT.code, PEER_REASON)
+            self.hold("page", False)  # the proxy's close reply is read
+        self._end_page(cc.OVER_LIMIT.code, violation.reason, "page")
+        self.unregisterProducer()  # a registered producer keeps the close from finishing
+        if self.transport is not None:
+            self.transport.loseConnection()
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        try:
+            super().connectionLost(reason)
+        finally:
+            # autobahn leaves this timer behind when the connection ends first
+            call = self.closeHandshakeTimeoutCall
+            if call is not None:
+                call.cancel()
+                self.closeHandshakeTimeoutCall = None
 
     # -- dialling the proxy ----------------------------------------------------------
 
