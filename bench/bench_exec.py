@@ -63,12 +63,15 @@ def emit(obj: dict[str, Any]) -> None:
     sys.stdout.flush()
 
 
-def proc_cpu(pid: int) -> float:
-    """CPU seconds of ``pid`` and of the children it has reaped."""
-    with open(f"/proc/{pid}/stat", "rb") as f:
-        fields = f.read().rsplit(b")", 1)[1].split()
+def proc_cpu(pid: int, reaped: bool = True) -> float:
+    """CPU seconds of ``pid`` (and of the children it has reaped), 0 if gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+    except OSError:
+        return 0.0
     # after the command: state(0) ... utime(11) stime(12) cutime(13) cstime(14)
-    return sum(int(x) for x in fields[11:15]) / TICK
+    return sum(int(x) for x in fields[11:15 if reaped else 13]) / TICK
 
 
 def children(pid: int) -> list[int]:
@@ -398,14 +401,17 @@ def print_table(summary: list[dict[str, Any]]) -> None:
 
 
 class Lab:
-    """proxy, rest and one vmc under twistd; the user logged in."""
+    """proxy, rest and one vmc under twistd; the user logged in.  A subclass
+    starts more roles in :meth:`start_more` (bench_page: connect)."""
 
-    def __init__(self, reactor: Any, folder: str):
+    def __init__(self, reactor: Any, folder: str, comment: str = "bench_exec"):
         self.reactor = reactor
         self.dep = Deployment(folder, Addresses(rest_port=free_port(), proxy_port=free_port(),
                                                 vm_host="127.0.0.1:2222"),
-                              comment="bench_exec")
+                              comment=comment)
         self.procs: list[daemons.Daemon] = []
+        #: pid of each role started ("proxy", "rest", "vmc", ...)
+        self.by_role: dict[str, int] = {}
         self.env = daemons.daemon_env()
         self.env["TICRYPT_CLIENT_CONFIG"] = self.dep.client_ini(USER)
         # The CLI as installed: its bytecode compiled once and cached, not
@@ -419,6 +425,7 @@ class Lab:
         proc = daemons.spawn(self.reactor, plugin, config, timeout=60, cwd=self.dep.dir)
         self.procs.append(proc)
         await proc.ready
+        self.by_role[plugin.removeprefix("ticrypt-")] = proc.transport.pid  # type: ignore[union-attr]
         return proc
 
     async def run(self, args: list[str]) -> tuple[int, str, str]:
@@ -436,12 +443,16 @@ class Lab:
         await dep.start_backend(self._start)
         self.vm_id, token = await dep.add_vm(self.run, USER, "benchvm")
         await self._start("ticrypt-vmc", dep.vmc_ini(token))
+        await self.start_more()
         code, out, err = await self.run(["ticrypt", "login"])
         if code != 0:
             raise RuntimeError(f"ticrypt login failed: {err or out}")
         code, out, err = await self.run(["ticrypt", "exec", self.vm_id, "--", "true"])
         if code != 0:  # also caches the bytecode of the exec path
             raise RuntimeError(f"ticrypt exec failed: {err or out}")
+
+    async def start_more(self) -> None:
+        """More roles, after vmc and before the CLI logs in."""
 
     def pids(self) -> list[int]:
         return [p.transport.pid for p in self.procs]  # type: ignore[union-attr]

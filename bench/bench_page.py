@@ -48,34 +48,19 @@ sys.path.insert(0, ROOT)
 from twisted.internet import defer, task, threads  # noqa: E402
 
 from ticrypt.lab import daemons  # noqa: E402
-from ticrypt.lab.deploy import Addresses, Deployment, free_port  # noqa: E402
 from ticrypt.vmc.processes import descendants, proc_info, scan_proc  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_exec import USER, emit, proc_cpu  # noqa: E402
+from bench_exec import Lab as ExecLab  # noqa: E402
+
 MiB = 1024 * 1024
-TICK = os.sysconf("SC_CLK_TCK")
-USER = "alice"
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
 # as test/browser.py (a benchmark shares no code with the test suite)
 FLAGS = ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync",
          "--disable-dev-shm-usage", "--window-size=1280,900")
-
-
-def emit(obj: dict[str, Any]) -> None:
-    sys.stdout.write(json.dumps(obj) + "\n")
-    sys.stdout.flush()
-
-
-def proc_cpu(pid: int, reaped: bool = True) -> float:
-    """CPU seconds of ``pid`` (and of the children it reaped), 0 if gone."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            fields = f.read().rsplit(b")", 1)[1].split()
-    except OSError:
-        return 0.0
-    # after the command: state(0) ... utime(11) stime(12) cutime(13) cstime(14)
-    return sum(int(x) for x in fields[11:15 if reaped else 13]) / TICK
 
 
 # -- the browser ------------------------------------------------------------------------
@@ -187,52 +172,14 @@ const [vmId, argv, done] = arguments;
 # -- the deployment ---------------------------------------------------------------------
 
 
-class Lab:
+class Lab(ExecLab):
     """proxy, rest, one vmc and connect (page on) under twistd; the CLI logged in."""
 
     def __init__(self, reactor: Any, folder: str):
-        self.reactor = reactor
-        self.dep = Deployment(folder, Addresses(rest_port=free_port(), proxy_port=free_port(),
-                                                vm_host="127.0.0.1:2222"),
-                              comment="bench_page")
-        self.procs: list[daemons.Daemon] = []
-        self.env = daemons.daemon_env()
-        self.env["TICRYPT_CLIENT_CONFIG"] = self.dep.client_ini(USER)
-        # the CLI as installed: bytecode cached (see bench_exec.py)
-        self.env.pop("PYTHONDONTWRITEBYTECODE", None)
-        self.env["PYTHONPYCACHEPREFIX"] = os.path.join(folder, "pycache")
-        self.vm_id = ""
-        self.pids: dict[str, int] = {}
+        super().__init__(reactor, folder, comment="bench_page")
 
-    async def _start(self, plugin: str, config: str) -> daemons.Daemon:
-        proc = daemons.spawn(self.reactor, plugin, config, timeout=60, cwd=self.dep.dir)
-        self.procs.append(proc)
-        await proc.ready
-        self.pids[plugin.removeprefix("ticrypt-")] = proc.transport.pid  # type: ignore[union-attr]
-        return proc
-
-    async def run(self, args: list[str]) -> tuple[int, str, str]:
-        return await daemons.run_command(self.reactor, [daemons.script_path(args[0]), *args[1:]],
-                                         env=self.env, cwd=self.dep.dir, timeout=60)
-
-    async def start(self) -> None:
-        dep = self.dep
-        dep.ca()
-        dep.feed_secret()
-        dep.user_key(USER)
-        dep.rest_ini()
-        dep.proxy_ini()
-        await dep.init(self.run, USER)
-        await dep.start_backend(self._start)
-        self.vm_id, token = await dep.add_vm(self.run, USER, "benchvm")
-        await self._start("ticrypt-vmc", dep.vmc_ini(token))
-        await dep.start_connect(self._start)
-        code, out, err = await self.run(["ticrypt", "login"])
-        if code != 0:
-            raise RuntimeError(f"ticrypt login failed: {err or out}")
-        code, out, err = await self.run(["ticrypt", "exec", self.vm_id, "--", "true"])
-        if code != 0:  # also caches the bytecode of the exec path
-            raise RuntimeError(f"ticrypt exec failed: {err or out}")
+    async def start_more(self) -> None:
+        await self.dep.start_connect(self._start)
 
     def page_link(self) -> str:
         """A one-time URL of the page (POST /v1/page/link with the token file's token)."""
@@ -247,16 +194,12 @@ class Lab:
         with urllib.request.urlopen(req, timeout=30) as r:
             return str(json.loads(r.read())["url"])
 
-    async def stop(self) -> None:
-        for proc in reversed(self.procs):
-            await proc.stop()
-
 
 # -- the measurements (in a thread: the reactor keeps the daemons' pipes drained) ---------
 
 
 def daemon_cpu(lab: Lab) -> dict[str, float]:
-    return {name: proc_cpu(pid) for name, pid in lab.pids.items() if name != "rest"}
+    return {name: proc_cpu(pid) for name, pid in lab.by_role.items() if name != "rest"}
 
 
 def page_run(browser: Chromium, lab: Lab, argv: list[str]) -> dict[str, Any]:
