@@ -36,6 +36,16 @@ def message_end(proto: Any) -> None:
     proto.message_data = None
 
 
+def drop_close_timer(proto: Any) -> None:
+    """Cancel autobahn's close-handshake timer, which it leaves armed when
+    the connection ends before the close handshake does (a leftover
+    delayed call on the reactor)."""
+    call = getattr(proto, "closeHandshakeTimeoutCall", None)
+    if call is not None:  # a txaio timer: cancel() only (no active())
+        call.cancel()
+        proto.closeHandshakeTimeoutCall = None
+
+
 class LeanClientProtocol(WebSocketClientProtocol):
     """autobahn's client protocol with the receive path above."""
 

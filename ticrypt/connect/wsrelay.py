@@ -61,7 +61,7 @@ from ticrypt.framebudget import PEER_REASON, FrameBudget, FrameLimits, Violation
 from ticrypt.http.client import HttpError, JsonClient
 from ticrypt.http.server import error_body
 from ticrypt.ws import connect_ws
-from ticrypt.wsfast import FrameCounting, LeanClientProtocol
+from ticrypt.wsfast import FrameCounting, LeanClientProtocol, drop_close_timer
 
 SUBPROTOCOL = "ticrypt-relay-v1"
 BEARER = "bearer."
@@ -289,11 +289,7 @@ class PageLeg(FrameCounting, _HearsClose, WebSocketServerProtocol):  # type: ign
         try:
             super().connectionLost(reason)
         finally:
-            # autobahn leaves this timer behind when the connection ends first
-            call = self.closeHandshakeTimeoutCall
-            if call is not None:
-                call.cancel()
-                self.closeHandshakeTimeoutCall = None
+            drop_close_timer(self)
 
     # -- dialling the proxy ----------------------------------------------------------
 

@@ -26,6 +26,7 @@ from twisted.internet.interfaces import IReactorTCP
 from ticrypt import identity, signed, tlsutil
 from ticrypt.encoding import b64, unb64
 from ticrypt.lab.deploy import Backend
+from ticrypt.wsfast import drop_close_timer
 
 
 class WsClient(WebSocketClientProtocol):
@@ -57,10 +58,7 @@ class WsClient(WebSocketClientProtocol):
             super().onPing(payload)
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
-        call = getattr(self, "closeHandshakeTimeoutCall", None)
-        if call is not None:
-            call.cancel()
-            self.closeHandshakeTimeoutCall = None
+        drop_close_timer(self)
         self.close_info = (wasClean, code, reason)
         if not self.opened.called:
             self.opened.errback(ConnectionError(f"closed before open: {code} {reason}"))

@@ -60,7 +60,7 @@ from twisted.python.failure import Failure
 from ticrypt import closecodes
 from ticrypt.proxy.relay import PARTNER_FULL
 from ticrypt.proxy.tlsmem import release_bio_buffers
-from ticrypt.wsfast import FrameCounting, message_end
+from ticrypt.wsfast import FrameCounting, drop_close_timer, message_end
 
 #: autobahn is fed at most this much at a time (see LeanWebSocket.dataReceived).
 FEED_SLICE = 16384
@@ -357,11 +357,7 @@ class LeanWebSocket(FrameCounting, WebSocketServerProtocol):  # type: ignore[mis
         try:
             super().connectionLost(reason)
         finally:
-            # autobahn leaves this timer behind when the TCP connection ends first
-            call = self.closeHandshakeTimeoutCall
-            if call is not None:
-                call.cancel()
-                self.closeHandshakeTimeoutCall = None
+            drop_close_timer(self)
 
     # -- pings ------------------------------------------------------------------
 
