@@ -18,6 +18,7 @@ from ticrypt.config import (
     FilePath,
     Int,
     Key,
+    OptionalUrl,
     Port,
     PortRange,
     RoleConfig,
@@ -227,6 +228,22 @@ class LoadConfigTests(SynchronousTestCase):
 
     def test_bad_url(self) -> None:
         self.assertNames(self.error("[main]\nname=x\nurl=http://h\n"), "main", "url", "https")
+
+    def test_optional_url(self) -> None:
+        def load(kind: OptionalUrl, value: str) -> object:
+            schema = Schema({"main": {"url": Key(kind)}})
+            return load_config(self.write(f"[main]\nurl={value}\n"), schema).main.url
+
+        off, either = OptionalUrl(), OptionalUrl(allow_empty=True)
+        for kind in (off, either):
+            self.assertIsNone(load(kind, "OFF"))
+            self.assertEqual(load(kind, "https://h:8443/"), "https://h:8443")
+            self.assertRaises(ConfigError, load, kind, "ftp://h")
+        # empty is none only where allowed (connect's [page] rest_url)
+        self.assertIn("an https:// URL, or off", str(self.assertRaises(ConfigError, load, off, "")))
+        self.assertIsNone(load(either, ""))
+        self.assertIn("an https:// URL, empty or off",
+                      str(self.assertRaises(ConfigError, load, either, "ftp://h")))
 
     def test_key_file_checks(self) -> None:
         self.assertNames(self.error("[main]\nname=x\n[files]\nkey=nokey\n"), "files", "key",

@@ -346,14 +346,18 @@ class Url(Kind):
 
 @attrs.frozen
 class OptionalUrl(Url):
-    """An https (or http) URL, or ``off`` for none (parsed as None)."""
+    """An https (or http) URL, or ``off`` for none (parsed as None); with
+    ``allow_empty``, an empty value is none as well."""
+
+    allow_empty: bool = False
 
     @property
     def expected(self) -> str:  # type: ignore[override]
-        return "an https:// URL, or off"
+        return "an https:// URL, empty or off" if self.allow_empty else "an https:// URL, or off"
 
     def parse(self, raw: str, ctx: _Ctx) -> str | None:  # type: ignore[override]
-        if raw.strip().lower() == "off":
+        word = raw.strip().lower()
+        if word == "off" or (self.allow_empty and not word):
             return None
         return super().parse(raw, ctx)
 

@@ -10,7 +10,6 @@ websocket), so each default is written once, in the class that uses it.
 from __future__ import annotations
 
 import ipaddress
-from typing import Any
 from urllib.parse import urlsplit
 
 import attrs
@@ -72,24 +71,12 @@ class TunnelSettings:
                                "local connections waiting for a tunnel that is down")
 
 
-@attrs.frozen
-class PageUrl(OptionalUrl):
-    """rest's URL, or empty / ``off`` for no page (parsed as None)."""
-
-    @property
-    def expected(self) -> str:  # type: ignore[override]
-        return "an https:// URL, or empty (no page)"
-
-    def parse(self, raw: str, ctx: Any) -> str | None:  # type: ignore[override]
-        return None if not raw.strip() else super().parse(raw, ctx)
-
-
 @attrs.frozen(kw_only=True)
 class PageSettings:
     """``[page]``: the browser page connect serves and its relays to rest
     and the proxy (off without ``rest_url``)."""
 
-    rest_url: str | None = setting(PageUrl(), None,
+    rest_url: str | None = setting(OptionalUrl(allow_empty=True), None,
                                    "rest's URL the page's REST calls are relayed to "
                                    "(empty: no page)")
     ca_file: str | None = setting(FilePath(), None,
