@@ -26,6 +26,7 @@ from ticrypt import closecodes as cc
 from ticrypt import identity, signed
 from ticrypt.audit import AuditLog
 from ticrypt.channel import Delivered, Established, SendMessage, UserChannel, app
+from ticrypt.channel.errors import MESSAGES
 from ticrypt.connect.api import Admission, ConnectResource, connect_site
 from ticrypt.connect.page import CSP, VENDOR, PageFiles, PageRoot, PageTokens
 from ticrypt.connect.restrelay import RestRelay
@@ -159,6 +160,16 @@ class StaticTests(SynchronousTestCase):
         self.assertEqual(CSP, "default-src 'none'; script-src 'self'; style-src 'self'; "
                               "connect-src 'self'; img-src 'self' data:; font-src 'self'; "
                               "base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+
+    def test_channel_error_table(self) -> None:
+        """The secure channel's error table, from Python (its one home), as
+        the JSON module channelerror.js imports."""
+        status, headers, body = self.get("/app/js/channelerrors.json")
+        self.assertEqual((status, headers[b"content-type"]), (200, b"application/json"))
+        self.assertEqual(json.loads(body), MESSAGES)
+        self.assert_page_headers(headers, "channelerrors.json")
+        self.assertEqual(self.get("/app/js/channelerrors.json", "POST")[0], 405)
+        self.assertEqual(self.get("/app/js/channelerrors.json", host="evil.example:7480")[0], 403)
 
     def test_nothing_else_is_served(self) -> None:
         for path in ("/app/", "/app/js/", "/app/secret.txt", "/app/package.json",

@@ -3,9 +3,10 @@ in headless Chromium: the secure channel's test vectors (PROTOCOL.md §4),
 the strict encodings, key files written by the Python reference and
 signatures the Python reference verifies.
 
-The modules and the test-only page test/web/ are served in-process by
-twisted.web.static on 127.0.0.1 with the page's Content-Security-Policy, so
-nothing here runs unless it runs under that policy.
+The modules are served in-process on 127.0.0.1 by connect's own PageFiles
+(with the channel's error table it serves from Python), the test-only page
+test/web/ by twisted.web.static, all with the page's Content-Security-Policy,
+so nothing here runs unless it runs under that policy.
 """
 
 from __future__ import annotations
@@ -28,16 +29,12 @@ from twisted.web.iweb import IRequest
 from test.browser import Browser, chromium_skip_reason, start_browser
 from ticrypt.channel import ChannelError, VmChannel, app
 from ticrypt.channel.errors import MESSAGES
+from ticrypt.connect.page import CSP, PageFiles
 from ticrypt.ws import ChannelPump
 
 ROOT = Path(__file__).resolve().parent.parent
 WEB = ROOT / "ticrypt" / "connect" / "web"
 VECTORS = ROOT / "test" / "vectors" / "channel-v1.json"
-
-CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; "
-       "img-src 'self' data:; font-src 'self'; base-uri 'none'; form-action 'none'; "
-       "frame-ancestors 'none'")
-
 
 class _Strict(resource.Resource):
     """Wraps a resource tree and adds the page's security headers."""
@@ -165,10 +162,10 @@ class FakeVmcFactory(WebSocketServerFactory):
 
 
 def site(behaviour: str = "") -> tuple[server.Site, FakeVmcFactory]:
-    """/app/ the product's web folder, /test/ the test page, /vectors/ the
-    vectors, /relay/v1/user a FakeVmc."""
+    """/app/ the product's page files (as connect serves them), /test/ the
+    test page, /vectors/ the vectors, /relay/v1/user a FakeVmc."""
     root = resource.Resource()
-    root.putChild(b"app", _js(WEB))
+    root.putChild(b"app", PageFiles(str(WEB), lambda request: None))
     root.putChild(b"test", _js(ROOT / "test" / "web"))
     root.putChild(b"vectors", _js(VECTORS.parent))
     factory = FakeVmcFactory(behaviour)
@@ -242,10 +239,13 @@ class ChannelVectorTests(WebTestCase):
 
     async def test_error_codes_and_messages(self) -> None:
         """The page's ChannelError carries exactly the codes and fixed
-        messages of ticrypt/channel/errors.py (the table is written in both
-        languages; this keeps the two one table)."""
+        messages of ticrypt/channel/errors.py: the JSON module connect
+        serves from that table loads under the page's CSP, and is the one
+        channelerror.js uses."""
         await self.open_page()
-        self.assertEqual(await self.call("channelMessages"), MESSAGES)
+        got = await self.call("channelMessages")
+        self.assertEqual(got["table"], MESSAGES)
+        self.assertEqual(got["errors"], [f"{code}: {text}" for code, text in MESSAGES.items()])
 
     async def test_limits(self) -> None:
         """record-too-large and counter-exhausted at the sender and the

@@ -372,9 +372,10 @@ function describeCloses(cases) {
   return cases.map(([code, reason]) => describeClose(code, reason));
 }
 
-/** The page's channel error codes and their fixed messages. */
+/** The page's channel error table, and the message of a ChannelError of each code. */
 function channelMessages() {
-  return { ...CHANNEL_MESSAGES };
+  const codes = Object.keys(CHANNEL_MESSAGES);
+  return { table: { ...CHANNEL_MESSAGES }, errors: codes.map((code) => new ChannelError(code).message) };
 }
 
 window.ticryptTests = {

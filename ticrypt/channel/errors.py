@@ -4,7 +4,9 @@ from __future__ import annotations
 
 #: Every code a :class:`ChannelError` can carry, with its fixed human message.
 #: Messages are fixed per code so that no key material or payload can leak
-#: into logs through an error.
+#: into logs through an error.  This is the table's one home: the page's
+#: ChannelError (connect/web/js/channelerror.js) reads it as JSON, served by
+#: ticrypt-connect (:data:`ticrypt.connect.page.APP_DATA`).
 MESSAGES: dict[str, str] = {
     "bad-message": "malformed handshake message",
     "wrong-role": "handshake message from the wrong role (reflected?)",

@@ -6,8 +6,9 @@ and the relays on one origin, ``http://127.0.0.1:PORT``.
   the page tokens they are exchanged for, in memory only (a restart of
   connect ends every page session).
 * :class:`PageFiles`: a leaf resource serving exactly ``/`` (index.html),
-  ``/app/index.html``, ``/app/app.css``, ``/app/js/NAME.js`` and the xterm.js
-  files under ``/vendor/`` from ``node_modules``; nothing else, never a
+  ``/app/index.html``, ``/app/app.css``, ``/app/js/NAME.js``, the xterm.js
+  files under ``/vendor/`` from ``node_modules`` and :data:`APP_DATA`
+  (the secure channel's error table, from Python); nothing else, never a
   directory listing.  Every answer carries :data:`PAGE_HEADERS` (a strict
   Content-Security-Policy among them).
 * :class:`PageRoot`: the site's root; ``/relay/v1/user`` goes to the
@@ -18,6 +19,7 @@ and the relays on one origin, ``http://127.0.0.1:PORT``.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import secrets
@@ -30,6 +32,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.web import resource, server
 
+from ticrypt.channel.errors import MESSAGES
 from ticrypt.http.server import error_body
 
 #: The folder of the page (package data), and of its npm dependencies.
@@ -55,6 +58,14 @@ VENDOR = {
     "xterm.css": "@xterm/xterm/css/xterm.css",
     "addon-fit.js": "@xterm/addon-fit/lib/addon-fit.js",
     "addon-fit.mjs": "@xterm/addon-fit/lib/addon-fit.mjs",
+}
+
+#: Page paths answered from Python data rather than a file: the secure
+#: channel's error table (code -> fixed human message), whose one home is
+#: :data:`ticrypt.channel.errors.MESSAGES`; channelerror.js imports it as a
+#: JSON module.
+APP_DATA: dict[str, bytes] = {
+    "/app/js/channelerrors.json": json.dumps(MESSAGES, indent=1).encode(),
 }
 
 _TYPES = {
@@ -198,7 +209,12 @@ class PageFiles(resource.Resource):
         if request.method not in (b"GET", b"HEAD"):
             request.setHeader("Allow", "GET, HEAD")
             return self._error(request, 405, "method-not-allowed", "only GET and HEAD")
-        rel = web_file(self.web_dir, request.path.decode("ascii", "replace"))
+        path = request.path.decode("ascii", "replace")
+        data = APP_DATA.get(path)
+        if data is not None:
+            request.setHeader("Content-Type", "application/json")
+            return data
+        rel = web_file(self.web_dir, path)
         if rel is None:
             return self._error(request, 404, "not-found", "no such file")
         try:
@@ -249,5 +265,5 @@ class PageRoot(resource.Resource):
         return self.files.render(request)  # type: ignore[no-any-return]
 
 
-__all__ = ["CSP", "PAGE_HEADERS", "VENDOR", "WEB_DIR", "PageFiles", "PageRoot", "PageTokens",
+__all__ = ["APP_DATA", "CSP", "PAGE_HEADERS", "VENDOR", "WEB_DIR", "PageFiles", "PageRoot", "PageTokens",
            "is_page_path", "set_page_headers", "vendor_missing", "web_file"]
