@@ -25,6 +25,7 @@ from ticrypt.http.server import (
     Result,
     Route,
     bearer_token,
+    enabled,
     parse_body,
 )
 
@@ -216,6 +217,15 @@ class JsonErrorTests(ServerTestCase):
         for bad in (None, b"Basic abc", b"Bearer ", b"abc"):
             self.assertIsNone(token(bad), bad)
 
+
+    def test_enabled(self) -> None:
+        on = object()
+        self.assertIs(enabled(on, "x-disabled", "x is off"), on)
+        self.assertEqual(enabled(0, "x-disabled", "x is off"), 0)  # only None is off
+        with self.assertRaises(ApiError) as e:
+            enabled(None, "x-disabled", "x is off: set x")
+        self.assertEqual((e.exception.status, e.exception.code, e.exception.message),
+                         (503, "x-disabled", "x is off: set x"))
 
 class SlowClientTests(ServerTestCase):
     """A request must arrive whole within ``request_timeout`` of its first byte."""

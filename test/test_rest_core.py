@@ -244,6 +244,15 @@ class ApiTests(SynchronousTestCase):
             self.feed()
         self.assertEqual((e.exception.status, e.exception.code), (404, "feed-disabled"))
 
+    def test_pathways_off_is_503_without_a_session(self) -> None:
+        # no proxy control API (proxy_control_url = off): answered before the session is looked at
+        for handler, params in (("create_pathway", ("vm-1",)), ("list_pathways", ()),
+                                ("delete_pathway", ("pw-1",))):
+            with self.assertRaises(ApiError) as e:
+                self.call(handler, params=params)
+            self.assertEqual((e.exception.status, e.exception.code), (503, "pathways-disabled"))
+            self.assertIn("proxy_control_url = off", e.exception.message)
+
     def test_wrong_purpose_then_rate_limited(self) -> None:
         for _ in range(2):
             with self.assertRaises(ApiError) as e:

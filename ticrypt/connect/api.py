@@ -50,8 +50,12 @@ from ticrypt.http.server import (
     Result,
     Route,
     bearer_token,
+    enabled,
     parse_body,
 )
+
+#: Why the page's paths answer 503 ``page-disabled``.
+PAGE_OFF = "the page is off: set [page] rest_url in connect.ini"
 
 PAGE_SESSION = b"/v1/page/session"
 PAGE_LINK = b"/v1/page/link"
@@ -244,10 +248,7 @@ class ConnectResource(JsonResource):
     # -- operations --------------------------------------------------------------
 
     def _page(self) -> PageTokens:
-        if self.page is None:
-            raise ApiError(503, "page-disabled", "the page is off: set [page] rest_url in "
-                           "connect.ini")
-        return self.page
+        return enabled(self.page, "page-disabled", PAGE_OFF)
 
     async def page_session(self, body: bytes) -> Result:
         page = self._page()
@@ -337,5 +338,5 @@ def connect_site(resource: IResource, *, reactor: Any, max_body: int,
                     request_timeout=request_timeout, access_namespace="ticrypt.connect.access")
 
 
-__all__ = ["ROUTES", "Admission", "ConnectResource", "connect_site", "header_text",
+__all__ = ["PAGE_OFF", "ROUTES", "Admission", "ConnectResource", "connect_site", "header_text",
            "parse_forwards"]

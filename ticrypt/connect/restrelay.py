@@ -18,7 +18,7 @@ import re
 
 from twisted.web import server
 
-from ticrypt.connect.api import Admission
+from ticrypt.connect.api import PAGE_OFF, Admission
 from ticrypt.http.client import HttpError, JsonClient
 from ticrypt.http.server import ApiError, JsonResource, Result, Route
 
@@ -68,8 +68,7 @@ class RestRelay(JsonResource):
     def admit(self, request: server.Request) -> None:
         self.admission.check(request)
         if self._client is None or self._rest_url is None:
-            raise ApiError(503, "page-disabled", "the page is off: set [page] rest_url in "
-                           "connect.ini")
+            raise ApiError(503, "page-disabled", PAGE_OFF)
         method = request.method.decode("ascii", "replace")
         path = request.path.decode("ascii", "replace")
         for route in self.routes:

@@ -49,7 +49,7 @@ import io
 import json
 import re
 from collections.abc import Callable, Collection, Mapping, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import attrs
 from twisted.internet import defer, protocol
@@ -87,6 +87,18 @@ class ApiError(Exception):
 def error_body(code: str, message: str) -> bytes:
     return json.dumps({"error": {"code": code, "message": message}},
                       separators=(",", ":")).encode()
+
+
+_T = TypeVar("_T")
+
+
+def enabled(value: _T | None, code: str, message: str) -> _T:
+    """``value``, the object behind a feature that may be off (None): where
+    it is off, ApiError 503 ``code`` with ``message`` (saying how to turn it
+    on) instead."""
+    if value is None:
+        raise ApiError(503, code, message)
+    return value
 
 
 # ---------------------------------------------------------------- bodies

@@ -25,7 +25,7 @@ from ticrypt import dnsname, identity, signed
 from ticrypt.audit import AuditLog
 from ticrypt.config import Duration, Int, setting
 from ticrypt.encoding import b64, unb64
-from ticrypt.http.server import ApiError, Field, Result, Route, parse_body
+from ticrypt.http.server import ApiError, Field, Result, Route, enabled, parse_body
 from ticrypt.ratelimit import Clock, RateLimiter
 from ticrypt.rest import store
 from ticrypt.rest.core import (
@@ -453,10 +453,8 @@ class RestApi:
     # ------------------------------------------------------------ pathways
 
     def _pathways(self) -> ProxyControl:
-        if self._proxyctl is None:
-            raise ApiError(503, "pathways-disabled", "pathways are off at this rest "
-                           "(proxy_control_url = off)")
-        return self._proxyctl
+        return enabled(self._proxyctl, "pathways-disabled",
+                       "pathways are off at this rest (proxy_control_url = off)")
 
     async def create_pathway(self, call: Call) -> Result:
         """Open (or return the live) lease at the proxy from the caller's
