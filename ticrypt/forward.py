@@ -45,6 +45,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from ticrypt.tcp import no_delay
+from ticrypt.timers import cancel_call
 
 __all__ = [
     "Forward",
@@ -438,8 +439,7 @@ class Forward:
             return
         self._finished = True
         for call in (self._idle_call, self._drain_call):
-            if call is not None and call.active():
-                call.cancel()
+            cancel_call(call)
         self._idle_call = self._drain_call = None
         f = self._factory
         f._active.discard(self)

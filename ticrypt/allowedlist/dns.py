@@ -51,6 +51,7 @@ from ticrypt.allowedlist.policy import (
     question,
     reply,
 )
+from ticrypt.timers import cancel_call
 
 __all__ = ["MAX_CACHED", "MAX_QUERY", "Admitter", "AllowListServer", "TCPProtocol", "UDPProtocol"]
 
@@ -196,8 +197,7 @@ class TCPProtocol(dns.DNSProtocol):
         self._touch()
 
     def connectionLost(self, reason: Any = None) -> None:
-        if self._idle is not None and self._idle.active():
-            self._idle.cancel()
+        cancel_call(self._idle)
         if self.peer_host and self in self.controller.connections:
             self.controller.tcp_closed(self.peer_host)
             super().connectionLost(reason)
@@ -341,8 +341,7 @@ class AllowListServer(server.DNSServerFactory):
         timer = self.clock.callLater(self.answer_wait, d.cancel)
 
         def done(result: object) -> None:
-            if timer.active():
-                timer.cancel()
+            cancel_call(timer)
             self._waiting[host] -= 1
             if self._waiting[host] <= 0:
                 del self._waiting[host]

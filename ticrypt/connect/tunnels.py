@@ -50,6 +50,7 @@ from ticrypt.errors import CodedError
 from ticrypt.forward import ForwardFactory
 from ticrypt.mux import MuxProtocol, MuxSettings, StreamEndpoint
 from ticrypt.mux.tls import MuxTLSFactory
+from ticrypt.timers import cancel_call
 
 
 class TunnelError(CodedError):
@@ -353,8 +354,7 @@ class Tunnel:
         if self.state == "closed":
             return
         self.state = "closed"
-        if self._retry is not None and self._retry.active():
-            self._retry.cancel()
+        cancel_call(self._retry)
         self._retry = None
         if self._attempt is not None:
             self._attempt.cancel()

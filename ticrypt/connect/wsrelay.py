@@ -60,6 +60,7 @@ from ticrypt.connect.api import Admission, header_text
 from ticrypt.framebudget import PEER_REASON, FrameBudget, FrameLimits, Violation
 from ticrypt.http.client import HttpError, JsonClient
 from ticrypt.http.server import error_body
+from ticrypt.timers import cancel_call
 from ticrypt.ws import connect_ws
 from ticrypt.wsfast import FrameCounting, LeanClientProtocol, drop_close_timer
 
@@ -327,8 +328,7 @@ class PageLeg(FrameCounting, _HearsClose, WebSocketServerProtocol):  # type: ign
 
     def _cancel_dial(self) -> None:
         """Stop a dial in progress (a proxy websocket not yet open is dropped)."""
-        if self._dial_timer is not None and self._dial_timer.active():
-            self._dial_timer.cancel()
+        cancel_call(self._dial_timer)
         self._dial_timer = None
         if self._connecting is not None:
             self._connecting.cancel()
@@ -346,8 +346,7 @@ class PageLeg(FrameCounting, _HearsClose, WebSocketServerProtocol):  # type: ign
         if self._ended or self.state != _OPEN:
             _send_close(proxy, cc.NORMAL.code, "")
             return
-        if self._dial_timer is not None and self._dial_timer.active():
-            self._dial_timer.cancel()
+        cancel_call(self._dial_timer)
         self._dial_timer = None
         self.proxy, self._dialled = proxy, None
         _watch(proxy, _FullWatch(self, "proxy"))

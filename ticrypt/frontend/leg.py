@@ -21,6 +21,7 @@ from twisted.logger import Logger
 from ticrypt.channel import ChannelError, UserChannel, app
 from ticrypt.frontend.control import Action, Close, Feed, SendText, StartChannel, UserControl
 from ticrypt.frontend.errors import SessionError
+from ticrypt.timers import cancel_call
 from ticrypt.ws import ChannelPump, connect_ws, no_delay
 from ticrypt.wsfast import LeanClientProtocol
 
@@ -180,5 +181,4 @@ async def open_leg(reactor: Any, proxy_url: str, ca_file: str, ticket: str,
     try:
         return cast(_R, await factory.ready)
     finally:
-        if timer.active():
-            timer.cancel()
+        cancel_call(timer)

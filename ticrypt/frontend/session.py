@@ -35,6 +35,7 @@ from ticrypt import closecodes, identity
 from ticrypt.channel import app
 from ticrypt.frontend.errors import RemoteError, SessionError, remote_error
 from ticrypt.frontend.leg import UserLeg, open_leg
+from ticrypt.timers import cancel_call
 
 __all__ = ["CANCEL_WAIT", "ChannelSession", "Command", "Leg", "RemoteError",
            "SessionError", "open_session"]
@@ -266,8 +267,7 @@ class Command:
         if self.finished:
             return
         self.finished = True
-        if self._cancel_timer is not None and self._cancel_timer.active():
-            self._cancel_timer.cancel()
+        cancel_call(self._cancel_timer)
         self._queue.clear()
         self._queued = 0
         self._session._requests.pop(self.rid, None)

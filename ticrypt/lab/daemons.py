@@ -19,6 +19,7 @@ from twisted.internet.error import ProcessDone, ProcessExitedAlready
 from twisted.python.failure import Failure
 
 from ticrypt.service import READY_MARKER
+from ticrypt.timers import cancel_call
 
 #: Project root when running from a checkout (twistd finds our plugins here).
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -82,15 +83,13 @@ class Daemon(protocol.ProcessProtocol):
                 self._echo(self.name, text)
             if READY_MARKER in text and not self.ready.called:
                 self.ready_info = json.loads(text.split(READY_MARKER, 1)[1].strip())
-                if self._timeout.active():
-                    self._timeout.cancel()
+                cancel_call(self._timeout)
                 self.ready.callback(self.ready_info)
 
     def processEnded(self, reason: Failure) -> None:
         self.exit_code = 0 if isinstance(reason.value, ProcessDone) else getattr(
             reason.value, "exitCode", None)
-        if self._timeout.active():
-            self._timeout.cancel()
+        cancel_call(self._timeout)
         if not self.ready.called:
             self.ready.errback(RuntimeError(
                 f"{self.name} exited ({self.exit_code}) before it was ready; output:\n"
@@ -181,8 +180,7 @@ async def run_command(reactor: Any, args: list[str], *, env: dict[str, str] | No
                                      path=cwd or os.getcwd())
     timer = reactor.callLater(timeout, _kill, transport)
     code = await done
-    if timer.active():
-        timer.cancel()
+    cancel_call(timer)
     return code, out.decode("utf-8", "replace"), err.decode("utf-8", "replace")
 
 

@@ -57,6 +57,7 @@ from ticrypt.mux.stream import (
     StreamTransport,
 )
 from ticrypt.tcp import no_delay
+from ticrypt.timers import cancel_call
 
 #: Seconds a closing connection may take to flush its GOAWAY before it is aborted.
 CLOSE_GRACE = 10.0
@@ -200,8 +201,7 @@ class MuxProtocol(Protocol):
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         for call in (self._ping_call, self._deadline, self._abort_call):
-            if call is not None and call.active():
-                call.cancel()
+            cancel_call(call)
         if not self._conn.closed:
             self._conn.go_away("connection-lost")
         self._end_streams()

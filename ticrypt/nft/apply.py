@@ -27,6 +27,7 @@ from zope.interface import Interface, implementer
 
 from ticrypt.audit import AuditLog
 from ticrypt.nft.ruleset import Table, render_delete, render_replace
+from ticrypt.timers import cancel_call
 
 __all__ = ["INft", "MemoryNft", "NftError", "OwnedTable", "OwnedTableService", "SpawnNft"]
 
@@ -106,8 +107,7 @@ class SpawnNft:
         timer: IDelayedCall = self._clock.callLater(self._timeout, self._kill, proto, process)
 
         def stop_timer(result: object) -> object:
-            if timer.active():
-                timer.cancel()
+            cancel_call(timer)
             return result
 
         done.addBoth(stop_timer)

@@ -36,6 +36,7 @@ from ticrypt.forward import ForwardFactory, host_of
 from ticrypt.fsutil import atomic_write
 from ticrypt.proxy.ports import Close, Lease, LeaseError, LeaseTable, Open
 from ticrypt.service import StartupError
+from ticrypt.timers import cancel_call
 
 #: A port that could not be bound is not handed out again for this long.
 BLOCK_FOR = 60.0
@@ -169,8 +170,7 @@ class LeaseService(Service):
     def stopService(self) -> Any:
         super().stopService()
         self._stopping = True
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
+        cancel_call(self._timer)
         self._timer = None
         # The leases stay in the table and the journal: a restart re-opens them.
         return defer.ensureDeferred(self.opener.stop())
@@ -280,8 +280,7 @@ class LeaseService(Service):
         if self._stopping:
             return
         deadline = self.table.next_deadline()
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
+        cancel_call(self._timer)
         self._timer = None
         if deadline is not None:
             delay = max(0.0, deadline - self._clock.seconds())

@@ -25,6 +25,7 @@ from zope.interface import Attribute, Interface, implementer
 from ticrypt import closecodes as cc
 from ticrypt import signed
 from ticrypt.framebudget import PEER_REASON
+from ticrypt.timers import cancel_call
 
 # why an end is not being read (bits for IRelayEnd.pause_reading)
 PARTNER_FULL = 1   # its partner's send buffer is full
@@ -194,8 +195,7 @@ class Pair:
         if self.ended:
             return
         self.ended = True
-        if self._idle is not None and self._idle.active():
-            self._idle.cancel()
+        cancel_call(self._idle)
         self._idle = None
         for end in (self.vm, self.user):  # no longer held for each other
             end.resume_reading(PARTNER_FULL)

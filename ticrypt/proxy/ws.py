@@ -63,6 +63,7 @@ from ticrypt.proxy.relay import (
 from ticrypt.proxy.replay import TicketLedger, TicketUses
 from ticrypt.proxy.revocations import RevocationList
 from ticrypt.proxy.wsmem import LeanWebSocket, OutputBatch, with_factory_options
+from ticrypt.timers import cancel_call
 
 VM_PATH = "/v1/vm"
 USER_PATH = "/v1/user"
@@ -191,8 +192,7 @@ class Leg(LeanWebSocket):
                 self.factory.start_pair(paired)
 
     def _cancel_timer(self) -> None:
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
+        cancel_call(self._timer)
         self._timer = None
 
     @_guarded

@@ -60,6 +60,7 @@ from twisted.python.failure import Failure
 from ticrypt import closecodes
 from ticrypt.proxy.relay import PARTNER_FULL
 from ticrypt.proxy.tlsmem import release_bio_buffers
+from ticrypt.timers import cancel_call
 from ticrypt.wsfast import FrameCounting, drop_close_timer, message_end
 
 #: autobahn is fed at most this much at a time (see LeanWebSocket.dataReceived).
@@ -350,10 +351,8 @@ class LeanWebSocket(FrameCounting, WebSocketServerProtocol):  # type: ignore[mis
         self.dropConnection(abort=False)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
-        if self._abort_call is not None:
-            if self._abort_call.active():
-                self._abort_call.cancel()
-            self._abort_call = None
+        cancel_call(self._abort_call)
+        self._abort_call = None
         try:
             super().connectionLost(reason)
         finally:

@@ -33,6 +33,7 @@ from ticrypt import closecodes, identity
 from ticrypt.audit import AuditLog
 from ticrypt.channel import ChannelError, VmChannel, app
 from ticrypt.heap import tune_malloc
+from ticrypt.timers import cancel_call
 from ticrypt.vmc.control import Action, Close, Paired, Send, VmControl, Waiting
 from ticrypt.vmc.processes import Send as SendApp
 from ticrypt.vmc.session import Peer, VmSession
@@ -195,8 +196,7 @@ class VmLeg(LeanClientProtocol):
         self._timer = self._context.clock.callLater(seconds, self._timed_out, what)
 
     def _disarm(self) -> None:
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
+        cancel_call(self._timer)
         self._timer = None
 
     def _timed_out(self, what: str) -> None:

@@ -30,6 +30,7 @@ from ticrypt.backoff import Backoff
 from ticrypt.channel import MAX_PLAINTEXT
 from ticrypt.channel.records import MIN_RECORD_SIZE
 from ticrypt.config import Duration, Int, Size, setting
+from ticrypt.timers import cancel_call
 from ticrypt.vmc.commands import TunnelGate
 from ticrypt.vmc.leg import LegCallbacks, LegContext, LegFactory, VmLeg
 from ticrypt.vmc.processes import RunAs, SessionChannel, Tracker
@@ -130,8 +131,7 @@ class _Slot:
         self.timer = self.pool.clock.callLater(delay, self.connect)
 
     def stop(self) -> None:
-        if self.timer is not None and self.timer.active():
-            self.timer.cancel()
+        cancel_call(self.timer)
         self.timer = None
         if self.connecting is not None:
             self.connecting.cancel()

@@ -63,6 +63,7 @@ from zope.interface import implementer
 from ticrypt.channel.app import WINDOW, chunks
 from ticrypt.fsutil import atomic_write
 from ticrypt.service import start_loop, stop_loop
+from ticrypt.timers import cancel_call
 from ticrypt.vmc.cgroup import (
     CgroupTracker,
     CgroupUnavailable,
@@ -911,8 +912,7 @@ class ProcessGroup:
     def stop_timers(self) -> None:
         """Cancel pending SIGKILL timers."""
         for timer in self._kill_timers.values():
-            if timer.active():
-                timer.cancel()
+            cancel_call(timer)
         self._kill_timers.clear()
         self._maybe_empty()
 
@@ -955,8 +955,7 @@ class ProcessGroup:
                 continue
             if not self.track.alive(None if key == _CHANNEL else key):
                 del self._kill_timers[key]
-                if timer.active():
-                    timer.cancel()
+                cancel_call(timer)
 
     @property
     def count(self) -> int:

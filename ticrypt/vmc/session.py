@@ -21,6 +21,7 @@ from twisted.internet.interfaces import IDelayedCall
 from ticrypt import closecodes, identity
 from ticrypt.audit import AuditLog
 from ticrypt.channel import app
+from ticrypt.timers import cancel_call
 from ticrypt.vmc import commands
 from ticrypt.vmc.commands import Dispatcher, TunnelGate
 from ticrypt.vmc.processes import ChannelTrack, ProcessGroup, RunAs
@@ -133,8 +134,7 @@ class VmSession:
 
     def closed(self, code: int | None) -> None:
         """The channel is gone."""
-        if self._idle_timer is not None and self._idle_timer.active():
-            self._idle_timer.cancel()
+        cancel_call(self._idle_timer)
         self.group.close()
         p = self.peer
         self.audit.write("session-closed", vm=p.vm, user=p.user, user_key=p.fingerprint,

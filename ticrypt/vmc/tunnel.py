@@ -62,6 +62,7 @@ from ticrypt.fsutil import atomic_write
 from ticrypt.mux import IncomingStream, MuxProtocol, MuxSettings
 from ticrypt.mux.tls import MuxTLSFactory
 from ticrypt.service import start_loop, stop_loop
+from ticrypt.timers import cancel_call
 from ticrypt.vmc.pins import Pin, PinLimits, PinSet
 
 #: Where the pins are kept (in ``state_dir``), so a restart keeps them.
@@ -229,8 +230,7 @@ class TunnelConnection(Protocol):
         self.refuse("handshake-timeout")
 
     def _cancel_timer(self) -> None:
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
+        cancel_call(self._timer)
         self._timer = None
 
 
