@@ -27,6 +27,7 @@ import ipaddress
 from collections.abc import Callable, Iterable
 from typing import Any, TypeVar, cast
 
+import attrs
 from twisted.internet import address, defer
 from twisted.internet.error import ConnectingCancelledError
 from twisted.internet.interfaces import (
@@ -349,7 +350,7 @@ class Forward:
     # -- lifecycle -----------------------------------------------------------
     def _start(self) -> None:
         f = self._factory
-        f._active.add(self)
+        f._connections.active.add(self)
         if f.idle_timeout is not None:
             self._idle_call = self._clock.callLater(f.idle_timeout, self._check_idle)
         try:
@@ -394,7 +395,7 @@ class Forward:
     def _connect_failed(self, why: str) -> None:
         self.log.info("forward: connection from {peer} not forwarded: {why}",
                       peer=self.peer, why=why)
-        self._factory._failed += 1
+        self._factory._connections.failed += 1
         self._factory._event("failed", peer=self.peer, reason=why)
         self.closing_reason = self.closing_reason or f"connect failed: {why}"
         self.outbound = None
@@ -442,15 +443,42 @@ class Forward:
             cancel_call(call)
         self._idle_call = self._drain_call = None
         f = self._factory
-        f._active.discard(self)
-        f._closed_bytes_in += self.bytes_in
-        f._closed_bytes_out += self.bytes_out
+        f._connections.closed(self)
         f._event(
             "closed", peer=self.peer, target=self.target, bytes_in=self.bytes_in,
             bytes_out=self.bytes_out,
             duration=round(self._clock.seconds() - self.started, 3),
             reason=self.closing_reason or "closed",
         )
+
+
+@attrs.define(eq=False)
+class _Connections:
+    """A factory's connections: those being forwarded now, and its
+    counters (the bytes of the closed ones kept when they leave ``active``)."""
+
+    active: set[Forward] = attrs.Factory(set)
+    accepted: int = 0
+    refused: int = 0
+    failed: int = 0
+    closed_bytes_in: int = 0
+    closed_bytes_out: int = 0
+
+    def closed(self, forward: Forward) -> None:
+        self.active.discard(forward)
+        self.closed_bytes_in += forward.bytes_in
+        self.closed_bytes_out += forward.bytes_out
+
+    def counts(self) -> dict[str, int]:
+        active = self.active
+        return {
+            "accepted": self.accepted,
+            "refused": self.refused,
+            "failed": self.failed,
+            "active": len(active),
+            "bytes_in": self.closed_bytes_in + sum(f.bytes_in for f in active),
+            "bytes_out": self.closed_bytes_out + sum(f.bytes_out for f in active),
+        }
 
 
 class _InboundPipe(Pipe):
@@ -500,34 +528,29 @@ class ForwardFactory(ServerFactory):
         self.max_connections = max_connections
         self._admit = admit
         self._on_event = on_event
-        self._active: set[Forward] = set()
-        self._accepted = 0
-        self._refused = 0
-        self._failed = 0
-        self._closed_bytes_in = 0
-        self._closed_bytes_out = 0
+        self._connections = _Connections()
 
     def buildProtocol(self, addr: IAddress | None) -> Pipe | None:
         reason: str | None = None
         if self._admit is not None:
             reason = self._admit(addr) if addr is not None else "no peer address"
         if reason is None and self.max_connections is not None \
-                and len(self._active) >= self.max_connections:
+                and len(self._connections.active) >= self.max_connections:
             reason = "too many connections"
         if reason is not None:
-            self._refused += 1
+            self._connections.refused += 1
             peer = host_of(addr) or str(addr)
             self.log.info("forward: refused {peer}: {reason}", peer=peer, reason=reason)
             self._event("refused", peer=peer, reason=reason)
             return None
-        self._accepted += 1
+        self._connections.accepted += 1
         forward = Forward(self, addr)
         forward.inbound.factory = self
         return forward.inbound
 
     def active(self) -> tuple[Forward, ...]:
         """The connections being forwarded now (connecting included)."""
-        return tuple(self._active)
+        return tuple(self._connections.active)
 
     def close_all(self, reason: str = "closed by owner") -> int:
         """Abort every connection of this factory; returns how many."""
@@ -538,15 +561,7 @@ class ForwardFactory(ServerFactory):
 
     def counts(self) -> dict[str, int]:
         """accepted, refused, failed, active; bytes_in/out over all connections."""
-        active = self.active()
-        return {
-            "accepted": self._accepted,
-            "refused": self._refused,
-            "failed": self._failed,
-            "active": len(active),
-            "bytes_in": self._closed_bytes_in + sum(f.bytes_in for f in active),
-            "bytes_out": self._closed_bytes_out + sum(f.bytes_out for f in active),
-        }
+        return self._connections.counts()
 
     def _event(self, name: str, **fields: Any) -> None:
         if self._on_event is None:
