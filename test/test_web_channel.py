@@ -551,3 +551,14 @@ class CloseTests(WebTestCase):
         self.assertEqual(lost["name"], "connection-lost")
         self.assertEqual((bye["name"], bye["human"]), ("bye", "the session ended"))
         self.assertEqual((unknown["name"], unknown["text"]), ("strange", "thing"))
+
+
+class ListenerTests(WebTestCase):
+    """listeners.js, the one set of callbacks behind onPageLost,
+    onSessionLost and VmConn.listen."""
+
+    async def test_add_remove_fire(self) -> None:
+        """Callbacks hear fire() in the order added until removed; one added
+        or removed by a callback counts from the next fire()."""
+        await self.open_page()
+        self.assertEqual(await self.call("listenerRounds"), ["a1", "b1", "b2", "c2", "b3"])

@@ -13,6 +13,7 @@ import { forgetKey, loadKey, saveKey } from "/app/js/keystore.js";
 import { RequestError, SessionError, openVmSession } from "/app/js/session.js";
 import { describeClose } from "/app/js/closes.js";
 import { CHANNEL_MESSAGES } from "/app/js/channelerror.js";
+import { Listeners } from "/app/js/listeners.js";
 import { ed25519FromSeed, hkdfSha256, sha256, x25519KeyPair, x25519Shared } from "/app/js/primitives.js";
 
 /** rng(n) handing out `bytes` in order. */
@@ -378,9 +379,27 @@ function channelMessages() {
   return { table: { ...CHANNEL_MESSAGES }, errors: codes.map((code) => new ChannelError(code).message) };
 }
 
+/** What three listeners hear over three fire()s: b adds c and removes a in round 1; c goes after round 2. */
+function listenerRounds() {
+  const listeners = new Listeners();
+  const heard = [];
+  let stopC = null;
+  const stopA = listeners.add((n) => heard.push(`a${n}`));
+  listeners.add((n) => {
+    heard.push(`b${n}`);
+    stopC ??= listeners.add((m) => heard.push(`c${m}`));
+    stopA();
+  });
+  listeners.fire(1);
+  listeners.fire(2);
+  stopC();
+  listeners.fire(3);
+  return heard;
+}
+
 window.ticryptTests = {
   channelMessages, positive, negative, limits, b64cases, b64encodes, canonicals, parses,
   keyFile, signingInputHex, storeKey, storedKey, forget,
-  sessionFlow, sessionFailure, sessionClose, describeCloses,
+  sessionFlow, sessionFailure, sessionClose, describeCloses, listenerRounds,
 };
 document.getElementById("status").textContent = "ready";

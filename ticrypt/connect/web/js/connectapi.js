@@ -7,6 +7,8 @@
 // restarted, or the session's time is up): the listeners of onPageLost are
 // told once and the token is dropped.
 
+import { Listeners } from "./listeners.js";
+
 const PAGE_KEY = "ticrypt.page";
 const TIMEOUT_MS = 90000; // a tunnel's "wait" covers a TCP + TLS connection
 
@@ -27,12 +29,11 @@ export class ApiError extends Error {
   }
 }
 
-const pageLost = new Set();
+const pageLost = new Listeners();
 
-/** cb(reason) when connect no longer knows the page's token. */
+/** cb(reason) when connect no longer knows the page's token; the function that stops it. */
 export function onPageLost(cb) {
-  pageLost.add(cb);
-  return () => pageLost.delete(cb);
+  return pageLost.add(cb);
 }
 
 export function pageToken() {
@@ -126,7 +127,7 @@ export async function apiFetch(method, path, body = undefined,
     { retryAfter: retryAfter(response), source });
   if (response.status === 401 && code === "unauthorized" && auth) {
     clearPageToken();
-    for (const cb of [...pageLost]) cb(error);
+    pageLost.fire(error);
   }
   throw error;
 }

@@ -7,17 +7,17 @@
 // goes back to sign-in with the reason.
 
 import { ApiError, apiFetch } from "./connectapi.js";
+import { Listeners } from "./listeners.js";
 
 const REST_KEY = "ticrypt.rest";
 const SESSION_DEAD = new Set(["missing-token", "invalid-token", "session-expired",
   "session-revoked", "user-disabled"]);
 
-const lost = new Set();
+const lost = new Listeners();
 
-/** cb(ApiError) when rest ended the session. */
+/** cb(ApiError) when rest ended the session; the function that stops it. */
 export function onSessionLost(cb) {
-  lost.add(cb);
-  return () => lost.delete(cb);
+  return lost.add(cb);
 }
 
 /** {token, user, role, expires} of the signed-in user, or null. */
@@ -88,7 +88,7 @@ export async function rest(method, path, body = undefined, { anonymous = false }
   } catch (e) {
     if (e instanceof ApiError && e.status === 401 && SESSION_DEAD.has(e.code) && !anonymous) {
       clearRestSession();
-      for (const cb of [...lost]) cb(e);
+      lost.fire(e);
     }
     throw e;
   }

@@ -6,6 +6,7 @@
 
 import { b64decode } from "./b64.js";
 import { pageToken } from "./connectapi.js";
+import { Listeners } from "./listeners.js";
 import { api } from "./rest.js";
 
 export const STAGES = {
@@ -49,19 +50,19 @@ export class VmConn {
     this.opening = null;   // Promise<VmSession> while opening
     this.info = null;      // the VM's answer to "info"
     this.state = { state: "idle", text: "Not connected yet", code: null };
-    this.listeners = new Set();
+    this.listeners = new Listeners();
     this.disposed = false;
   }
 
   listen(cb) {
-    this.listeners.add(cb);
+    const stop = this.listeners.add(cb);
     cb(this.state);
-    return () => this.listeners.delete(cb);
+    return stop;
   }
 
   _set(state, text, code = null) {
     this.state = { state, text, code };
-    for (const cb of [...this.listeners]) cb(this.state);
+    this.listeners.fire(this.state);
   }
 
   get isOpen() {
