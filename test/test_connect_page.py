@@ -306,6 +306,25 @@ class PageSocket(WebSocketClientProtocol):
         self.closed = (code, reason)
 
 
+class RestsProxyUrl:
+    """The proxy's URL as rest tells it (``error``: rest cannot tell it);
+    counts the relays' asks and forgets."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.error: str | None = None
+        self.asked = self.forgotten = 0
+
+    async def get(self) -> str:
+        self.asked += 1
+        if self.error is not None:
+            raise ValueError(self.error)
+        return self.url
+
+    def forget(self) -> None:
+        self.forgotten += 1
+
+
 class WsRelayTests(SynchronousTestCase):
     """The page's websocket through connect to the in-memory proxy and vmc."""
 
@@ -318,10 +337,9 @@ class WsRelayTests(SynchronousTestCase):
         self.tokens = PageTokens(r, link_ttl=600, session_ttl=3600)
         admission = Admission(token=lambda: TOKEN, address=lambda: ("127.0.0.1", PORT),
                               audit=audit, page=self.tokens)
-        self.proxy_url = self.trio.proxy_url
-        self.url_asked = 0
+        self.proxy_url = RestsProxyUrl(self.trio.proxy_url)
         self.factory = PageRelayFactory(
-            reactor=r, clock=r, audit=audit, proxy_url=self.get_proxy_url,
+            reactor=r, clock=r, audit=audit, proxy_url=self.proxy_url,
             settings=RelaySettings(ca_file=self.trio.deployment.ca_file, max_relays=2,
                                    handshake_timeout=5.0, max_message=2 * 1024 * 1024))
         none = resource.NoResource()
@@ -333,10 +351,6 @@ class WsRelayTests(SynchronousTestCase):
         redeemed = self.tokens.redeem(link)
         assert redeemed is not None
         self.token = redeemed[0]
-
-    async def get_proxy_url(self) -> str:
-        self.url_asked += 1
-        return self.proxy_url
 
     def open(self, token: str | None = None, origin: str | None = ORIGIN,
              protocols: list[str] | None = None) -> PageSocket:
@@ -439,23 +453,23 @@ class WsRelayTests(SynchronousTestCase):
         self.assertTrue(str(page.closed[1]).startswith("not-authorized"))
 
     def test_proxy_down(self) -> None:
-        self.proxy_url = "wss://127.0.0.1:444"
+        self.proxy_url.url = "wss://127.0.0.1:444"
         page = self.open()
         self.trio.advance(1)
         assert page.closed is not None
         self.assertEqual(page.closed[0], 4013)
         self.assertTrue(str(page.closed[1]).startswith("proxy-unreachable: "))
+        self.assertEqual(self.proxy_url.forgotten, 1)  # the next relay asks rest again
         closed = self.audit()[-1]
         self.assertEqual((closed["event"], closed["code"], closed["ended_by"]),
                          ("relay-closed", 4013, "connect"))
 
     def test_rest_cannot_tell_the_proxy(self) -> None:
-        async def fail() -> str:
-            raise ValueError("rest did not answer: unreachable")
-        self.factory.proxy_url = fail
+        self.proxy_url.error = "rest did not answer: unreachable"
         page = self.open()
         self.assertEqual(page.closed, (4013, "proxy-unreachable: rest did not answer: "
                                              "unreachable"))
+        self.assertEqual(self.proxy_url.forgotten, 0)
 
     def test_oversize_refused(self) -> None:
         page = self.pair()
@@ -472,7 +486,7 @@ class WsRelayTests(SynchronousTestCase):
                    {"protocols": [BEARER + self.token]}, {"protocols": [SUBPROTOCOL]}):
             page = self.open(**kw)  # type: ignore[arg-type]
             self.assertFalse(page.opened, kw)
-        self.assertEqual(self.url_asked, 0)
+        self.assertEqual(self.proxy_url.asked, 0)
         self.assertEqual([e["reason"] for e in self.audit()],
                          ["unauthorized", "bad-origin", "bad-origin", "bad-subprotocol",
                           "unauthorized"])

@@ -31,7 +31,13 @@ from ticrypt.connect.config import LOOPBACK, ConnectConfig
 from ticrypt.connect.page import WEB_DIR, PageFiles, PageRoot, PageTokens, vendor_missing
 from ticrypt.connect.restrelay import RestRelay
 from ticrypt.connect.tunnels import Tunnel, TunnelSpec, TunnelTable, mux_dialer
-from ticrypt.connect.wsrelay import PageRelayFactory, ProxyUrl, RelayResource, RelaySettings
+from ticrypt.connect.wsrelay import (
+    PageRelayFactory,
+    ProxyUrl,
+    ProxyUrlSource,
+    RelayResource,
+    RelaySettings,
+)
 from ticrypt.fsutil import atomic_write
 from ticrypt.http.client import JsonClient
 from ticrypt.http.server import LimitedFactory
@@ -146,7 +152,8 @@ def page_root(cfg: ConnectConfig, reactor: Any, api: ConnectResource,
     page's paths answer 503 ``page-disabled``)."""
     p = cfg.page
     admission = api.admission
-    client = proxy_url = None
+    client = None
+    proxy_url: ProxyUrlSource = _PageOff()
     if p.rest_url is not None:
         client = JsonClient(reactor, p.ca_file, timeout=p.rest_timeout,
                             max_response=cfg.connect.max_body * 16, persistent=True)
@@ -158,14 +165,19 @@ def page_root(cfg: ConnectConfig, reactor: Any, api: ConnectResource,
         settings=RelaySettings(ca_file=p.ca_file, max_relays=p.max_relays,
                                handshake_timeout=p.handshake_timeout,
                                max_message=p.max_message, frames=p.frames),
-        proxy_url=proxy_url.get if proxy_url is not None else _no_proxy_url,
-        forget_proxy_url=proxy_url.forget if proxy_url is not None else lambda: None)
+        proxy_url=proxy_url)
     rest = RestRelay(admission=admission, client=client, rest_url=p.rest_url)
     return PageRoot(api, files, RelayResource(relay_factory, admission, p.enabled), rest)
 
 
-async def _no_proxy_url() -> str:
-    raise ValueError("the page is off")
+class _PageOff:
+    """The proxy's URL without ``[page] rest_url`` (the relay refuses first)."""
+
+    async def get(self) -> str:
+        raise ValueError("the page is off")
+
+    def forget(self) -> None:
+        pass
 
 
 def _announce_page(port: Any, api: ConnectResource, top: RoleService) -> Any:

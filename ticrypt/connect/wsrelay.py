@@ -34,8 +34,8 @@ duration); never a token or a payload byte.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
-from typing import Any
+from collections.abc import Callable
+from typing import Any, Protocol
 
 import attrs
 from autobahn.twisted.resource import WebSocketResource
@@ -84,6 +84,16 @@ class RelaySettings:
     max_message: int
     ping_interval: float = 30.0
     frames: FrameLimits = attrs.field(factory=FrameLimits)
+
+
+class ProxyUrlSource(Protocol):
+    """Where a page relay learns the proxy's URL (:class:`ProxyUrl`)."""
+
+    async def get(self) -> str:
+        """The proxy's URL; ValueError (one line) when it is not known."""
+
+    def forget(self) -> None:
+        """A dial to the URL failed: ask again next time."""
 
 
 class ProxyUrl:
@@ -297,7 +307,7 @@ class PageLeg(FrameCounting, _HearsClose, WebSocketServerProtocol):  # type: ign
     async def _dial(self) -> None:
         hub = self.factory
         try:
-            url = await hub.proxy_url()
+            url = await hub.proxy_url.get()
         except ValueError as e:
             self._unreachable(str(e))
             return
@@ -315,14 +325,14 @@ class PageLeg(FrameCounting, _HearsClose, WebSocketServerProtocol):  # type: ign
         except defer.CancelledError:
             return
         except Exception as e:
-            hub.forget_proxy_url()
+            hub.proxy_url.forget()
             self._unreachable(f"cannot connect to the proxy ({e.__class__.__name__})")
         finally:
             self._connecting = None
 
     def _dial_too_slow(self) -> None:
         self._dial_timer = None
-        self.factory.forget_proxy_url()
+        self.factory.proxy_url.forget()
         self._unreachable(f"no connection to the proxy within "
                           f"{self.factory.settings.handshake_timeout:g}s")
 
@@ -364,7 +374,7 @@ class PageLeg(FrameCounting, _HearsClose, WebSocketServerProtocol):  # type: ign
         if self.proxy is not proxy:  # never opened: the dial failed
             if not self._ended and self.state == _OPEN and self._connecting is None:
                 self._dialled = None
-                self.factory.forget_proxy_url()
+                self.factory.proxy_url.forget()
                 self._unreachable("the proxy's websocket did not open (TLS or HTTP "
                                   "refused)")
             return
@@ -414,21 +424,18 @@ class PageLeg(FrameCounting, _HearsClose, WebSocketServerProtocol):  # type: ign
 
 
 class PageRelayFactory(WebSocketServerFactory):
-    """What the page relays share: settings, the audit log, the count, the
-    proxy URL and how to dial it."""
+    """What the page relays share: settings, the audit log, the count, where
+    the proxy's URL comes from and how to dial it."""
 
     protocol = PageLeg  # type: ignore[assignment]
 
     def __init__(self, *, reactor: Any, clock: IReactorTime, settings: RelaySettings,
-                 audit: AuditLog, proxy_url: Callable[[], Awaitable[str]],
-                 forget_proxy_url: Callable[[], None] = lambda: None,
-                 dial: Dial | None = None):
+                 audit: AuditLog, proxy_url: ProxyUrlSource, dial: Dial | None = None):
         super().__init__(reactor=reactor, server="ticrypt-connect")
         self.clock = clock
         self.settings = settings
         self.audit = audit
         self.proxy_url = proxy_url
-        self.forget_proxy_url = forget_proxy_url
         self.relays: set[PageLeg] = set()
         self.serial = 0
         self.dial: Dial = dial or self._dial
@@ -483,4 +490,4 @@ class RelayResource(WebSocketResource):
 
 
 __all__ = ["BEARER", "SUBPROTOCOL", "PageLeg", "PageRelayFactory", "ProxyLeg", "ProxyUrl",
-           "RelayResource", "RelaySettings"]
+           "ProxyUrlSource", "RelayResource", "RelaySettings"]
