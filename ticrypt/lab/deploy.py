@@ -298,17 +298,20 @@ class Deployment:
         """A TLS listener on ``host:port`` with the deployment's server certificate."""
         return tlsutil.server_endpoint(port, self.names["server_pem"], host)
 
+    def _files(self, **keys: str) -> dict[str, str | None]:
+        """Keys naming the deployment's files: ``key=NAME`` (a key of
+        :attr:`names`) becomes ``key = names[NAME]``."""
+        return {key: self.names[name] for key, name in keys.items()}
+
     def rest_ini(self, **overrides: str | None) -> str:
         """``rest.ini``: HTTPS on the rest address, the database and signing
         key ``ticrypt-admin init`` creates, the proxy URL given to clients."""
         a = self.addresses
         return self._ini("rest", "rest", {"rest": {
             "listen": self._tls_listen(a.rest_host, a.rest_port),
-            "database": self.names["rest_db"],
-            "signing_key": self.names["backend_key"],
-            "audit_log": self.names["rest_audit"],
+            **self._files(database="rest_db", signing_key="backend_key",
+                          audit_log="rest_audit", revocation_feed_secret="feed_secret"),
             "proxy_url": a.proxy_url,
-            "revocation_feed_secret": self.names["feed_secret"],
             "allowlist_feed_secret": self.allowlist_feed_secret(),
             "proxy_control_url": a.control_url,
             "proxy_control_ca_file": self.names["ca"] if a.control_url else None,
@@ -324,12 +327,10 @@ class Deployment:
         a = self.addresses
         sections: dict[str, dict[str, str | None]] = {"proxy": {
             "listen": self._tls_listen(a.proxy_host, a.proxy_port),
-            "backend_public_key": self.names["backend_pub"],
-            "audit_log": self.names["proxy_audit"],
-            "ticket_ledger": self.names["proxy_ledger"],
+            **self._files(backend_public_key="backend_pub", audit_log="proxy_audit",
+                          ticket_ledger="proxy_ledger", ca_file="ca",
+                          revocation_feed_secret="feed_secret"),
             "rest_url": a.rest_url,
-            "ca_file": self.names["ca"],
-            "revocation_feed_secret": self.names["feed_secret"],
         }, "limits": {}, "control": {
             # TLS only: off until the deployment has its certificate (ca())
             "listen": (self._tls_listen(a.proxy_host, a.control_port)
