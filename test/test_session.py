@@ -98,6 +98,7 @@ class _FakeLeg:
         self.closes: list[tuple[int, str]] = []
         self.ended: SessionError | None = None
         self.transport = None
+        self.peer_key = b""
 
     def send_app(self, header: dict[str, Any], body: bytes = b"") -> None:
         app.encode(header, body)  # must be encodable

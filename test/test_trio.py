@@ -33,6 +33,7 @@ class AuthorizationTests(SynchronousTestCase):
 
     def test_owner_session(self) -> None:
         owner = self.trio.session("owen")
+        self.assertEqual(owner.vm_key, identity.public_bytes(self.trio.state.vm_key))
         info = self.trio.wait(owner.info())
         self.assertEqual(info["vm"], self.trio.vm_id)
         self.assertTrue(info["owner_user"])

@@ -63,6 +63,10 @@ class Leg(Protocol):
     def transport(self) -> Any:
         """The websocket's transport (to register an input producer on)."""
 
+    @property
+    def peer_key(self) -> bytes:
+        """The VM's key as verified in the handshake."""
+
     def send_app(self, header: dict[str, Any], body: bytes = b"") -> None:
         """Send one application message to the VM."""
 
@@ -311,15 +315,13 @@ class ChannelSession:
 
     log = Logger()
 
-    def __init__(self, leg: Leg, clock: IReactorTime, *, request_timeout: float = 60.0,
-                 vm_key: bytes = b""):
+    def __init__(self, leg: Leg, clock: IReactorTime, *, request_timeout: float = 60.0):
         self._leg = leg
         self._clock = clock
         self._request_timeout = request_timeout
         self._next_id = 1
         self._requests: dict[int, Command | _Pending] = {}
         self.closed: defer.Deferred[SessionError | None] = defer.Deferred()
-        self.vm_key = vm_key
 
     @property
     def transport(self) -> Any:
@@ -330,6 +332,11 @@ class ChannelSession:
     def is_open(self) -> bool:
         """Neither ended by a failure nor closed."""
         return self._leg.ended is None
+
+    @property
+    def vm_key(self) -> bytes:
+        """The VM's key as verified in the handshake."""
+        return self._leg.peer_key
 
     def _rid(self) -> int:
         rid = self._next_id
@@ -460,7 +467,7 @@ async def open_session(reactor: Any, proxy_url: str, ca_file: str, ticket: str,
         vm_public_key = identity.parse_public(vm_public_key)
 
     def session(leg: UserLeg) -> ChannelSession:
-        return ChannelSession(leg, reactor, request_timeout=request_timeout, vm_key=leg.peer_key)
+        return ChannelSession(leg, reactor, request_timeout=request_timeout)
 
     return await open_leg(reactor, proxy_url, ca_file, ticket, user_key, vm_id, vm_public_key,
                           session, timeout=timeout, max_message=max_message)
