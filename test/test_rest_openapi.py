@@ -61,13 +61,14 @@ def table_rows(text: str, first_cell: str) -> list[list[str]]:
 
 
 #: functions whose ApiError or error_body gets its code from a variable
-PASS_THROUGH = ("_store_error", "_unauthorized", "_answer")
+PASS_THROUGH = ("_store_error", "_unauthorized", "_answer", "enabled")
 
 
 def raised_error_codes() -> set[tuple[int, str]]:
     """Every (HTTP status, error code) rest can answer, read from its source
     and from the JSON server it runs on (ticrypt/http/server.py):
     ``ApiError(status, "code", ...)``, ``_unauthorized("code", ...)`` (401),
+    ``enabled(value, "code", ...)`` (503),
     ``error_body("code", ...)`` beside a literal status, and every
     ``StoreError("code", ...)`` with the status ``api._store_error`` gives it."""
     found: set[tuple[int, str]] = set()
@@ -84,7 +85,7 @@ def raised_error_codes() -> set[tuple[int, str]]:
             codes = [v for v in literals if isinstance(v, str)]
             if name in ("ApiError", "error_body") and not codes:
                 # only these pass a code through, from what is read here too:
-                # StoreError, _unauthorized's callers, a caught ApiError
+                # StoreError, _unauthorized's and enabled's callers, a caught ApiError
                 func: ast.AST = node
                 while not isinstance(func, ast.FunctionDef | ast.AsyncFunctionDef):
                     func = parents[func]
@@ -96,6 +97,8 @@ def raised_error_codes() -> set[tuple[int, str]]:
                 found.add((status.value, code.value))
             elif name == "_unauthorized":
                 found.add((401, codes[0]))
+            elif name == "enabled":
+                found.add((503, codes[0]))
             elif name == "error_body":
                 beside = parents[node]
                 items = beside.args if isinstance(beside, ast.Call) else beside.elts  # type: ignore
