@@ -26,26 +26,23 @@ from ticrypt.http.server import (
     Route,
     bearer_token,
     enabled,
+    match,
     parse_body,
+    route,
+    routes_of,
 )
 
-ROUTES = (
-    Route("POST", "/v1/echo", "echo"),
-    Route("GET", "/v1/items/{id}", "item"),
-    Route("DELETE", "/v1/items/{id}", "item"),
-    Route("POST", "/v1/boom", "boom"),
-    Route("GET", "/v1/later", "later"),
-)
 ECHO_BODY = {"text": Field(str), "n": Field(int, required=False)}
 
 
 class ExampleResource(JsonResource):
     """Echoes bodies, names path parameters, fails on request; refuses any
-    request with an ``X-Refuse`` header before routing it."""
+    request with an ``X-Refuse`` header before routing it.  Its handlers
+    are its methods (the default :meth:`JsonResource.handle`)."""
 
     def __init__(self) -> None:
         super().__init__(ROUTES)
-        self.bodies: list[bytes] = []
+        self.handled: list[str] = []
         self.pending: defer.Deferred[Result] = defer.Deferred()
 
     def admit(self, request: server.Request) -> None:
@@ -54,16 +51,28 @@ class ExampleResource(JsonResource):
 
     async def handle(self, request: server.Request, route: Route,
                      params: tuple[str, ...]) -> Result:
-        assert request.content is not None
-        raw = request.content.read()
-        self.bodies.append(raw)
-        if route.handler == "echo":
-            return 200, parse_body(raw, ECHO_BODY)
-        if route.handler == "item":
-            return 200, {"method": route.method, "id": params[0]}
-        if route.handler == "later":
-            return await self.pending
+        self.handled.append(route.handler)
+        return await super().handle(request, route, params)
+
+    @route("POST", "/v1/echo")
+    async def echo(self, body: bytes) -> Result:
+        return 200, parse_body(body, ECHO_BODY)
+
+    @route("GET", "/v1/items/{id}")
+    @route("DELETE", "/v1/items/{id}")
+    async def item(self, body: bytes, item_id: str) -> Result:
+        return 200, {"id": item_id}
+
+    @route("POST", "/v1/boom")
+    async def boom(self, body: bytes) -> Result:
         raise RuntimeError("secret internals")
+
+    @route("GET", "/v1/later")
+    async def later(self, body: bytes) -> Result:
+        return await self.pending
+
+
+ROUTES = routes_of(ExampleResource)
 
 
 def request(method: str, path: str, body: bytes = b"", head: bytes = b"") -> bytes:
@@ -121,14 +130,14 @@ class BodyLimitTests(ServerTestCase):
     def test_declared_too_large_is_413_and_never_handled(self) -> None:
         t = self.send(request("POST", "/v1/echo", b"a" * 1025))
         self.assertEqual(self.error(t), (413, "body-too-large"))
-        self.assertEqual(self.resource.bodies, [])
+        self.assertEqual(self.resource.handled, [])
 
     def test_chunked_too_large_is_not_kept(self) -> None:
         chunk = b"200\r\n" + b"b" * 512 + b"\r\n"
         t = self.send(request("POST", "/v1/echo", chunk * 3 + b"0\r\n\r\n",
                               head=b"Transfer-Encoding: chunked\r\n"))
         self.assertEqual(self.error(t), (413, "body-too-large"))
-        self.assertEqual(self.resource.bodies, [])
+        self.assertEqual(self.resource.handled, [])
 
     def test_far_too_large_is_answered_and_cut_off_before_the_body(self) -> None:
         t = self.send(b"POST /v1/echo HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n"
@@ -144,7 +153,7 @@ class BodyLimitTests(ServerTestCase):
             proto.dataReceived(chunk)
         self.assertEqual(self.error(t), (413, "body-too-large"))
         self.assertTrue(t.disconnecting)
-        self.assertEqual(self.resource.bodies, [])
+        self.assertEqual(self.resource.handled, [])
 
 
 class JsonErrorTests(ServerTestCase):
@@ -182,13 +191,15 @@ class JsonErrorTests(ServerTestCase):
         self.assertEqual(answer(t)[1][b"allow"], b"DELETE, GET")
 
     def test_path_parameters_reach_the_handler(self) -> None:
-        _, _, obj = answer(self.send(request("DELETE", "/v1/items/it-7")))
-        self.assertEqual(obj, {"method": "DELETE", "id": "it-7"})
+        for method in ("GET", "DELETE"):
+            _, _, obj = answer(self.send(request(method, "/v1/items/it-7")))
+            self.assertEqual(obj, {"id": "it-7"})
+        self.assertEqual(self.resource.handled, ["item", "item"])
 
     def test_admit_refuses_before_routing(self) -> None:
         t = self.send(request("GET", "/v1/nothing", head=b"X-Refuse: 1\r\n"))
         self.assertEqual(self.error(t), (403, "forbidden"))
-        self.assertEqual(self.resource.bodies, [])
+        self.assertEqual(self.resource.handled, [])
 
     def test_unexpected_error_is_a_logged_json_500_without_details(self) -> None:
         t = self.send(request("POST", "/v1/boom", b"{}"))
@@ -217,7 +228,6 @@ class JsonErrorTests(ServerTestCase):
         for bad in (None, b"Basic abc", b"Bearer ", b"abc"):
             self.assertIsNone(token(bad), bad)
 
-
     def test_enabled(self) -> None:
         on = object()
         self.assertIs(enabled(on, "x-disabled", "x is off"), on)
@@ -226,6 +236,74 @@ class JsonErrorTests(ServerTestCase):
             enabled(None, "x-disabled", "x is off: set x")
         self.assertEqual((e.exception.status, e.exception.code, e.exception.message),
                          (503, "x-disabled", "x is off: set x"))
+
+
+class RouteDeclarationTests(SynchronousTestCase):
+    """:func:`route` on handlers, collected by :func:`routes_of`."""
+
+    def test_routes_in_the_order_written(self) -> None:
+        self.assertEqual([(r.method, r.template, r.handler) for r in ROUTES], [
+            ("POST", "/v1/echo", "echo"),
+            ("GET", "/v1/items/{id}", "item"),
+            ("DELETE", "/v1/items/{id}", "item"),
+            ("POST", "/v1/boom", "boom"),
+            ("GET", "/v1/later", "later")])
+
+    def test_first_match_wins(self) -> None:
+        """The order of the class is the order of matching: a literal
+        route written before a parameter route of the same shape wins."""
+
+        class Api:
+            @route("GET", "/v1/things/all")
+            def everything(self) -> None: ...
+
+            @route("GET", "/v1/things/{id}")
+            def thing(self) -> None: ...
+
+        found, params = match(routes_of(Api), "GET", "/v1/things/all")
+        self.assertEqual((found.handler, params), ("everything", ()))
+        found, params = match(routes_of(Api), "GET", "/v1/things/t1")
+        self.assertEqual((found.handler, params), ("thing", ("t1",)))
+
+    def test_undecorated_methods_are_no_routes(self) -> None:
+        class Api:
+            def helper(self) -> None: ...
+
+        self.assertEqual(routes_of(Api), ())
+
+    def test_a_route_declared_on_two_handlers_fails(self) -> None:
+        class Api:
+            @route("GET", "/v1/vms/{id}")
+            def get_vm(self) -> None: ...
+
+            @route("GET", "/v1/vms/{vm}")  # the same path: never reached
+            def vm(self) -> None: ...
+
+        with self.assertRaises(ValueError) as e:
+            routes_of(Api)
+        self.assertEqual(str(e.exception), "Api: GET /v1/vms/{vm} is declared twice "
+                         "(on get_vm and vm)")
+
+    def test_a_handler_declaring_a_route_twice_fails(self) -> None:
+        class Api:
+            @route("GET", "/v1/me")
+            @route("GET", "/v1/me")
+            def me(self) -> None: ...
+
+        with self.assertRaises(ValueError) as e:
+            routes_of(Api)
+        self.assertEqual(str(e.exception), "Api: GET /v1/me is declared twice (on me)")
+
+    def test_one_path_with_two_methods_is_no_duplicate(self) -> None:
+        class Api:
+            @route("GET", "/v1/items/{id}")
+            def get(self) -> None: ...
+
+            @route("DELETE", "/v1/items/{id}")
+            def delete(self) -> None: ...
+
+        self.assertEqual([r.handler for r in routes_of(Api)], ["get", "delete"])
+
 
 class SlowClientTests(ServerTestCase):
     """A request must arrive whole within ``request_timeout`` of its first byte."""
@@ -239,7 +317,7 @@ class SlowClientTests(ServerTestCase):
         self.assertEqual(self.error(t), (408, "request-timeout"))
         self.assertIn(b"within 30s", t.value())
         self.assertTrue(t.disconnecting)
-        self.assertEqual(self.resource.bodies, [])
+        self.assertEqual(self.resource.handled, [])
 
     def test_request_timeout_does_not_cut_keep_alive_idle_time(self) -> None:
         proto, t = self.connect()

@@ -48,10 +48,11 @@ from ticrypt.http.server import (
     JsonResource,
     JsonSite,
     Result,
-    Route,
     bearer_token,
     enabled,
     parse_body,
+    route,
+    routes_of,
 )
 
 #: Why the page's paths answer 503 ``page-disabled``.
@@ -59,15 +60,6 @@ PAGE_OFF = "the page is off: set [page] rest_url in connect.ini"
 
 PAGE_SESSION = b"/v1/page/session"
 PAGE_LINK = b"/v1/page/link"
-
-ROUTES = (
-    Route("POST", "/v1/page/session", "page_session"),
-    Route("POST", "/v1/page/link", "page_link"),
-    Route("POST", "/v1/certs", "create_cert"),
-    Route("GET", "/v1/tunnels", "list_tunnels"),
-    Route("POST", "/v1/tunnels", "open_tunnel"),
-    Route("DELETE", "/v1/tunnels/{id}", "close_tunnel"),
-)
 
 #: Makes (does not start) a tunnel: id, spec -> Tunnel.
 MakeTunnel = Callable[[str, TunnelSpec], Tunnel]
@@ -237,19 +229,12 @@ class ConnectResource(JsonResource):
         else:
             self.admission.check(request)
 
-    async def handle(self, request: server.Request, route: Route,
-                     params: tuple[str, ...]) -> Result:
-        assert request.content is not None
-        body = request.content.read()
-        handler = getattr(self, route.handler)
-        result: Result = await handler(body, *params)
-        return result
-
     # -- operations --------------------------------------------------------------
 
     def _page(self) -> PageTokens:
         return enabled(self.page, "page-disabled", PAGE_OFF)
 
+    @route("POST", "/v1/page/session")
     async def page_session(self, body: bytes) -> Result:
         page = self._page()
         b = parse_body(body, {"link": Field(str, check=_check_text(128))})
@@ -262,6 +247,7 @@ class ConnectResource(JsonResource):
         self._audit.write("page-session", expires=int(expires))
         return 201, {"token": token, "expires": int(expires)}
 
+    @route("POST", "/v1/page/link")
     async def page_link(self, body: bytes) -> Result:
         parse_body(body, {})
         url, expires = self.new_page_url()
@@ -272,6 +258,7 @@ class ConnectResource(JsonResource):
         link, expires = self._page().new_link()
         return f"http://{self.admission.own()}/#link={link}", expires
 
+    @route("POST", "/v1/certs")
     async def create_cert(self, body: bytes) -> Result:
         parse_body(body, {})
         try:
@@ -281,9 +268,11 @@ class ConnectResource(JsonResource):
         self._audit.write("cert-created", cert=cert.id, fingerprint=cert.fingerprint)
         return 201, cert.public()
 
+    @route("GET", "/v1/tunnels")
     async def list_tunnels(self, body: bytes) -> Result:
         return 200, {"tunnels": [t.describe() for t in self.table.tunnels.values()]}
 
+    @route("POST", "/v1/tunnels")
     async def open_tunnel(self, body: bytes) -> Result:
         b = parse_body(body, TUNNEL_FIELDS)
         forwards = parse_forwards(b["forwards"], self.table.settings.max_forwards)
@@ -322,12 +311,17 @@ class ConnectResource(JsonResource):
                                f"up: {why}")
         return 201, {"tunnel": tunnel.describe()}
 
+    @route("DELETE", "/v1/tunnels/{id}")
     async def close_tunnel(self, body: bytes, tid: str) -> Result:
         tunnel = self.table.tunnels.pop(tid, None)
         if tunnel is None:
             raise ApiError(404, "not-found", f"no tunnel {tid!r}")
         await tunnel.close("closed by request")
         return 200, {"tunnel": tunnel.describe()}
+
+
+#: The API's routes, as declared on the operations above.
+ROUTES = routes_of(ConnectResource)
 
 
 def connect_site(resource: IResource, *, reactor: Any, max_body: int,

@@ -28,19 +28,26 @@ How an API uses it::
         def admit(self, request):        # optional: before routing
             ...                          # Host/Origin, token or client certificate;
                                          # raise ApiError(403, ...) to refuse
-        async def handle(self, request, route, params):
-            body = parse_body(request.content.read(), {"vm": Field(str)})
-            return 200, {"ok": True}     # or raise ApiError(409, "code", "...")
+        @route("DELETE", "/v1/leases/{id}")
+        async def close_lease(self, body, lease_id):
+            args = parse_body(body, {"user": Field(str, required=False)})
+            return 204, None             # or raise ApiError(409, "code", "...")
 
+    ROUTES = routes_of(ControlResource)
     site = JsonSite(ControlResource(ROUTES), reactor=reactor, max_body=65536,
                     idle_timeout=60, request_timeout=30)
     factory = LimitedFactory(site, max_total=256, per_address=16)
     ListenerService("https", endpoints.serverFromString(reactor, listen), factory, ...)
 
-``ROUTES`` is a tuple of :class:`Route`.  TLS comes from the endpoint (an
-``ssl:`` string, or a TLS endpoint with tlsutil options that require a
-client certificate); the limits sit inside TLS, and :meth:`JsonResource.admit`
-can read the peer certificate from ``request.channel.transport``.
+Each handler declares its routes with :func:`route`; :func:`routes_of`
+collects them as a tuple of :class:`Route`, and the default
+:meth:`JsonResource.handle` calls the handler a request's route names (an
+API whose handlers live on another object overrides it, as rest does).
+
+TLS comes from the endpoint (an ``ssl:`` string, or a TLS endpoint with
+tlsutil options that require a client certificate); the limits sit inside
+TLS, and :meth:`JsonResource.admit` can read the peer certificate from
+``request.channel.transport``.
 """
 
 from __future__ import annotations
@@ -358,6 +365,45 @@ class Route:
         object.__setattr__(self, "regex", re.compile(pattern))
 
 
+_Handler = TypeVar("_Handler", bound=Callable[..., Any])
+
+#: The attribute in which :func:`route` leaves a handler's routes.
+_ROUTES_ATTR = "_ticrypt_routes"
+
+
+def route(method: str, template: str) -> Callable[[_Handler], _Handler]:
+    """Declare that the decorated method handles ``method template``
+    (stacked, one route each, in the order written); :func:`routes_of`
+    collects the routes of a class."""
+    def declare(handler: _Handler) -> _Handler:
+        # decorators apply bottom-up: the route written first goes first
+        setattr(handler, _ROUTES_ATTR,
+                ((method, template), *getattr(handler, _ROUTES_ATTR, ())))
+        return handler
+    return declare
+
+
+def routes_of(cls: type) -> tuple[Route, ...]:
+    """The routes declared with :func:`route` in the body of ``cls``, in the
+    order they are written there (:func:`match` takes the first that
+    fits), each naming its method.  ValueError if one ``method template``
+    is declared twice, by one handler or two: the second could never be
+    reached."""
+    routes: list[Route] = []
+    declared: dict[tuple[str, str], str] = {}
+    for name, handler in vars(cls).items():
+        for method, template in getattr(handler, _ROUTES_ATTR, ()):
+            new = Route(method, template, name)
+            key = (method, new.regex.pattern)  # /v1/vms/{id} is /v1/vms/{vm}
+            if key in declared:
+                on = name if declared[key] == name else f"{declared[key]} and {name}"
+                raise ValueError(f"{cls.__name__}: {method} {template} is declared "
+                                 f"twice (on {on})")
+            declared[key] = name
+            routes.append(new)
+    return tuple(routes)
+
+
 def match(routes: Sequence[Route], method: str, path: str) -> tuple[Route, tuple[str, ...]]:
     """The route for ``method path``; ApiError 404 or 405 (with Allow)."""
     allowed = []
@@ -403,8 +449,12 @@ class JsonResource(resource.Resource):
 
     async def handle(self, request: server.Request, route: Route,
                      params: tuple[str, ...]) -> Result:
-        """The answer to ``request``, which matched ``route`` with ``params``."""
-        raise NotImplementedError
+        """The answer to ``request``, which matched ``route`` with ``params``:
+        by default that of this resource's method the route names (declared
+        with :func:`route`), awaited with the body and the parameters."""
+        assert request.content is not None
+        result: Result = await getattr(self, route.handler)(request.content.read(), *params)
+        return result
 
     def render(self, request: server.Request) -> Any:
         disconnected: list[bool] = []

@@ -39,20 +39,21 @@ from twisted.web import server
 
 from ticrypt import signed
 from ticrypt.audit import AuditLog
-from ticrypt.http.server import ApiError, Field, JsonResource, JsonSite, Result, Route, parse_body
+from ticrypt.http.server import (
+    ApiError,
+    Field,
+    JsonResource,
+    JsonSite,
+    Result,
+    parse_body,
+    route,
+    routes_of,
+)
 from ticrypt.proxy.ports import Lease, LeaseError
 from ticrypt.ratelimit import Clock, RateLimiter
 
 #: The Authorization scheme of a signed control request.
 SCHEME = "Ticrypt-Signed"
-
-ROUTES: tuple[Route, ...] = (
-    Route("POST", "/v1/leases", "open"),
-    Route("GET", "/v1/leases/{id}", "get"),
-    Route("DELETE", "/v1/leases/{id}", "close"),
-    Route("GET", "/v1/users/{user}/leases", "list"),
-    Route("DELETE", "/v1/sessions/{sid}/leases", "close_session"),
-)
 
 #: Refused control requests one address may make per FAILURE_WINDOW seconds.
 FAILURES_PER_ADDRESS = 20
@@ -183,39 +184,49 @@ class ControlResource(JsonResource):
         if problem is not None:
             raise ApiError(503, "busy", "too many recent requests; retry shortly")
 
-    async def handle(self, request: server.Request, route: Route,
-                     params: tuple[str, ...]) -> Result:
-        assert request.content is not None
-        body = request.content.read()
-        leases = self._leases
-        if route.handler == "open":
-            args = parse_body(body, OPEN_BODY)
-            try:
-                lease, reused = await leases.open(
-                    user=args["user"], session=args["session"], vm=args["vm"],
-                    target=args["target"], address=args["address"],
-                    expires=float(args["expires"]))
-            except LeaseError as e:
-                raise ApiError(_LEASE_STATUS.get(e.code, 400), e.code, str(e)) from None
-            return 201, {"lease": lease_json(lease, leases.public_host), "reused": reused}
-        if route.handler == "get":
-            parse_body(body, EMPTY_BODY)
-            found = leases.get(params[0])
-            if found is None:
-                raise ApiError(404, "no-such-lease", "no such lease")
-            return 200, {"lease": lease_json(found, leases.public_host)}
-        if route.handler == "close":
-            args = parse_body(body, CLOSE_BODY)
-            if not leases.close(params[0], "closed", user=args.get("user")):
-                raise ApiError(404, "no-such-lease", "no such lease")
-            return 204, None
-        if route.handler == "list":
-            parse_body(body, EMPTY_BODY)
-            return 200, {"leases": [lease_json(lease, leases.public_host)
-                                    for lease in leases.leases(params[0])]}
-        assert route.handler == "close_session"
+    # -- operations ------------------------------------------------------------
+
+    @route("POST", "/v1/leases")
+    async def open_lease(self, body: bytes) -> Result:
+        args = parse_body(body, OPEN_BODY)
+        try:
+            lease, reused = await self._leases.open(
+                user=args["user"], session=args["session"], vm=args["vm"],
+                target=args["target"], address=args["address"],
+                expires=float(args["expires"]))
+        except LeaseError as e:
+            raise ApiError(_LEASE_STATUS.get(e.code, 400), e.code, str(e)) from None
+        return 201, {"lease": lease_json(lease, self._leases.public_host), "reused": reused}
+
+    @route("GET", "/v1/leases/{id}")
+    async def get_lease(self, body: bytes, lease_id: str) -> Result:
         parse_body(body, EMPTY_BODY)
-        return 200, {"closed": leases.close_session(params[0], "session-ended")}
+        found = self._leases.get(lease_id)
+        if found is None:
+            raise ApiError(404, "no-such-lease", "no such lease")
+        return 200, {"lease": lease_json(found, self._leases.public_host)}
+
+    @route("DELETE", "/v1/leases/{id}")
+    async def close_lease(self, body: bytes, lease_id: str) -> Result:
+        args = parse_body(body, CLOSE_BODY)
+        if not self._leases.close(lease_id, "closed", user=args.get("user")):
+            raise ApiError(404, "no-such-lease", "no such lease")
+        return 204, None
+
+    @route("GET", "/v1/users/{user}/leases")
+    async def list_leases(self, body: bytes, user: str) -> Result:
+        parse_body(body, EMPTY_BODY)
+        return 200, {"leases": [lease_json(lease, self._leases.public_host)
+                                for lease in self._leases.leases(user)]}
+
+    @route("DELETE", "/v1/sessions/{sid}/leases")
+    async def close_session(self, body: bytes, session: str) -> Result:
+        parse_body(body, EMPTY_BODY)
+        return 200, {"closed": self._leases.close_session(session, "session-ended")}
+
+
+#: The control API's routes, as declared on the operations above.
+ROUTES = routes_of(ControlResource)
 
 
 def _refused(code: str, message: str) -> ApiError:

@@ -2,9 +2,11 @@
 
 Each handler takes a :class:`Call` (method, path parameters, body bytes,
 client address, bearer token) and returns ``(status, json_or_None)`` or
-raises :class:`~ticrypt.http.server.ApiError`.  :data:`ROUTES` is the one list
-of what the service serves; the OpenAPI document (packaged beside this
-module, served at ``GET /v1/openapi.json``) is checked against it.
+raises :class:`~ticrypt.http.server.ApiError`.  Each handler of
+:class:`RestApi` declares its route (``@route("GET", "/v1/me")``), and
+:data:`ROUTES` collects them: what the service serves.  The OpenAPI document
+(packaged beside this module, served at ``GET /v1/openapi.json``) is checked
+against it.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from ticrypt import dnsname, identity, signed
 from ticrypt.audit import AuditLog
 from ticrypt.config import Duration, Int, setting
 from ticrypt.encoding import b64, unb64
-from ticrypt.http.server import ApiError, Field, Result, Route, enabled, parse_body
+from ticrypt.http.server import ApiError, Field, Result, enabled, parse_body, route, routes_of
 from ticrypt.ratelimit import Clock, RateLimiter
 from ticrypt.rest import store
 from ticrypt.rest.core import (
@@ -56,32 +58,6 @@ class Call:
     body: bytes
     client: str
     bearer: str | None
-
-
-ROUTES: tuple[Route, ...] = (
-    Route("GET", "/v1/backend", "backend"),
-    Route("GET", "/v1/openapi.json", "openapi"),
-    Route("POST", "/v1/auth/challenge", "challenge"),
-    Route("POST", "/v1/auth/login", "login"),
-    Route("POST", "/v1/auth/logout", "logout"),
-    Route("GET", "/v1/me", "me"),
-    Route("GET", "/v1/users", "list_users"),
-    Route("POST", "/v1/users", "create_user"),
-    Route("POST", "/v1/users/{name}/disable", "disable_user"),
-    Route("GET", "/v1/vms", "list_vms"),
-    Route("POST", "/v1/vms", "create_vm"),
-    Route("GET", "/v1/vms/{id}", "get_vm"),
-    Route("POST", "/v1/vms/{id}/ticket", "ticket"),
-    Route("POST", "/v1/vms/{id}/pathways", "create_pathway"),
-    Route("GET", "/v1/pathways", "list_pathways"),
-    Route("DELETE", "/v1/pathways/{id}", "delete_pathway"),
-    Route("POST", "/v1/enroll", "enroll"),
-    Route("GET", "/v1/revocations", "revocations"),
-    Route("GET", "/v1/allowlist", "list_allowlist"),
-    Route("POST", "/v1/allowlist", "add_allowlist"),
-    Route("GET", "/v1/allowlist/feed", "allowlist_feed"),
-    Route("DELETE", "/v1/allowlist/{id}", "remove_allowlist"),
-)
 
 
 def _check_public_key(value: str) -> str | None:
@@ -297,15 +273,18 @@ class RestApi:
 
     # ------------------------------------------------------------ public
 
+    @route("GET", "/v1/backend")
     async def backend(self, call: Call) -> Result:
         parse_body(call.body, EMPTY_BODY)
         return 200, {"public_key": identity.public_text(self.public_key),
                      "proxy_url": self._proxy_url, "version": ticrypt.__version__}
 
+    @route("GET", "/v1/openapi.json")
     async def openapi(self, call: Call) -> Result:
         """This API's OpenAPI document, byte for byte the packaged file."""
         return 200, openapi_document()
 
+    @route("POST", "/v1/auth/challenge")
     async def challenge(self, call: Call) -> Result:
         body = parse_body(call.body, CHALLENGE_BODY)
         # Same answer for every syntactically valid name: no user enumeration.
@@ -313,6 +292,7 @@ class RestApi:
         return 200, {"challenge_id": c.challenge_id, "challenge": c.challenge,
                      "expires": int(c.expires)}
 
+    @route("POST", "/v1/auth/login")
     async def login(self, call: Call) -> Result:
         body = parse_body(call.body, LOGIN_BODY)
         name = body["user"]
@@ -354,6 +334,7 @@ class RestApi:
         self.address_limits.purge()
         self.user_address_limits.purge()
 
+    @route("POST", "/v1/auth/logout")
     async def logout(self, call: Call) -> Result:
         parse_body(call.body, EMPTY_BODY)
         session, _ = await self._authed(call, _revoke, call.bearer or "", self._now(),
@@ -370,6 +351,7 @@ class RestApi:
                               "{why}", why=str(e))
         return 204, None
 
+    @route("GET", "/v1/me")
     async def me(self, call: Call) -> Result:
         session, _ = await self._authed(call)
         u = session.user
@@ -378,10 +360,12 @@ class RestApi:
 
     # ------------------------------------------------------------ users (superadmin)
 
+    @route("GET", "/v1/users")
     async def list_users(self, call: Call) -> Result:
         _, users = await self._authed(call, _unbound(store.list_users), superadmin=True)
         return 200, {"users": [u.to_json() for u in users]}
 
+    @route("POST", "/v1/users")
     async def create_user(self, call: Call) -> Result:
         body = parse_body(call.body, USER_BODY)
         session, user = await self._authed(
@@ -392,6 +376,7 @@ class RestApi:
                           by=session.user.name, client=call.client)
         return 201, user.to_json()
 
+    @route("POST", "/v1/users/{name}/disable")
     async def disable_user(self, call: Call) -> Result:
         parse_body(call.body, EMPTY_BODY)
         session, user = await self._authed(call, _unbound(store.disable_user), call.params[0],
@@ -402,10 +387,12 @@ class RestApi:
 
     # ------------------------------------------------------------ VMs
 
+    @route("GET", "/v1/vms")
     async def list_vms(self, call: Call) -> Result:
         _, vms = await self._authed(call, _visible_vms)
         return 200, {"vms": [v.to_json() for v in vms]}
 
+    @route("POST", "/v1/vms")
     async def create_vm(self, call: Call) -> Result:
         body = parse_body(call.body, VM_BODY)
         token = new_token(self._random)
@@ -425,10 +412,12 @@ class RestApi:
                                       self._enrollment_ttl)
         return vm, token, expires
 
+    @route("GET", "/v1/vms/{id}")
     async def get_vm(self, call: Call) -> Result:
         _, vm = await self._authed(call, _existing_vm, call.params[0])
         return 200, vm.to_json()
 
+    @route("POST", "/v1/vms/{id}/ticket")
     async def ticket(self, call: Call) -> Result:
         parse_body(call.body, EMPTY_BODY)
         session, vm = await self._authed(call, _existing_vm, call.params[0])
@@ -456,6 +445,7 @@ class RestApi:
         return enabled(self._proxyctl, "pathways-disabled",
                        "pathways are off at this rest (proxy_control_url = off)")
 
+    @route("POST", "/v1/vms/{id}/pathways")
     async def create_pathway(self, call: Call) -> Result:
         """Open (or return the live) lease at the proxy from the caller's
         address to the VM's host endpoint, for this session."""
@@ -479,10 +469,17 @@ class RestApi:
                           client=call.client, pathway=lease.get("id"), port=lease.get("port"))
         return 201, {"pathway": _pathway(lease, vm.tls_fingerprint)}
 
-    async def list_pathways(self, call: Call) -> Result:
+    async def _own_pathways(self, call: Call) -> tuple[ProxyControl, store.Session]:
+        """For an operation on the caller's pathways (no body): the proxy's
+        control client (503 if pathways are off), and the caller's session."""
         parse_body(call.body, EMPTY_BODY)
         proxyctl = self._pathways()
         session, _ = await self._authed(call)
+        return proxyctl, session
+
+    @route("GET", "/v1/pathways")
+    async def list_pathways(self, call: Call) -> Result:
+        proxyctl, session = await self._own_pathways(call)
         try:
             leases = await proxyctl.leases(session.user.name)
         except ProxyControlError as e:
@@ -493,10 +490,9 @@ class RestApi:
             _pathway(lease, getattr(found.get(str(lease.get("vm"))), "tls_fingerprint", None))
             for lease in leases]}
 
+    @route("DELETE", "/v1/pathways/{id}")
     async def delete_pathway(self, call: Call) -> Result:
-        parse_body(call.body, EMPTY_BODY)
-        proxyctl = self._pathways()
-        session, _ = await self._authed(call)
+        proxyctl, session = await self._own_pathways(call)
         try:
             closed = await proxyctl.close(call.params[0], session.user.name)
         except ProxyControlError as e:
@@ -507,6 +503,7 @@ class RestApi:
                           client=call.client)
         return 204, None
 
+    @route("POST", "/v1/enroll")
     async def enroll(self, call: Call) -> Result:
         body = parse_body(call.body, ENROLL_BODY)
         # Failed enrollments count with failed logins against the address: an
@@ -530,6 +527,7 @@ class RestApi:
                      "backend_public_key": identity.public_text(self.public_key),
                      "vm_credential": credential}
 
+    @route("GET", "/v1/revocations")
     async def revocations(self, call: Call) -> Result:
         """The signed revocation feed, for the proxy (bearer: the shared
         ``revocation_feed_secret``).  A wrong secret counts as a failure
@@ -558,11 +556,13 @@ class RestApi:
 
     # ------------------------------------------------------------ allow-list (superadmin)
 
+    @route("GET", "/v1/allowlist")
     async def list_allowlist(self, call: Call) -> Result:
         parse_body(call.body, EMPTY_BODY)
         _, entries = await self._authed(call, _unbound(store.list_allowlist), superadmin=True)
         return 200, {"entries": [e.to_json() for e in entries]}
 
+    @route("POST", "/v1/allowlist")
     async def add_allowlist(self, call: Call) -> Result:
         body = parse_body(call.body, ALLOW_BODY)
         entry = allow_entry(body["name"], body["ports"], body.get("protocol", "tcp"),
@@ -574,6 +574,20 @@ class RestApi:
                           by=session.user.name, client=call.client)
         return 201, {"entry": added.to_json()}
 
+    @route("GET", "/v1/allowlist/feed")
+    async def allowlist_feed(self, call: Call) -> Result:
+        """The allow-list for ticrypt-allowedlist (bearer: the shared
+        ``allowlist_feed_secret``): every entry and a serial that grows with
+        every change."""
+        parse_body(call.body, EMPTY_BODY)
+        if self._allowlist_secret is None:
+            raise ApiError(404, "feed-disabled", "the allow-list feed is off "
+                           "(allowlist_feed_secret is not set)")
+        self._check_feed_secret(call, self._allowlist_secret, "allow-list")
+        serial, entries = await self._run(store.allowlist_feed, write=False)
+        return 200, {"serial": serial, "entries": [e.to_json() for e in entries]}
+
+    @route("DELETE", "/v1/allowlist/{id}")
     async def remove_allowlist(self, call: Call) -> Result:
         parse_body(call.body, EMPTY_BODY)
         if call.params[0] == "feed":
@@ -587,17 +601,9 @@ class RestApi:
                           by=session.user.name, client=call.client)
         return 204, None
 
-    async def allowlist_feed(self, call: Call) -> Result:
-        """The allow-list for ticrypt-allowedlist (bearer: the shared
-        ``allowlist_feed_secret``): every entry and a serial that grows with
-        every change."""
-        parse_body(call.body, EMPTY_BODY)
-        if self._allowlist_secret is None:
-            raise ApiError(404, "feed-disabled", "the allow-list feed is off "
-                           "(allowlist_feed_secret is not set)")
-        self._check_feed_secret(call, self._allowlist_secret, "allow-list")
-        serial, entries = await self._run(store.allowlist_feed, write=False)
-        return 200, {"serial": serial, "entries": [e.to_json() for e in entries]}
+
+#: What the service serves, as declared on the handlers above.
+ROUTES = routes_of(RestApi)
 
 
 @functools.cache
