@@ -37,6 +37,7 @@ from twisted.internet.interfaces import (
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from ticrypt.flow import BufferedProducer
 from ticrypt.mux.frames import RESET_CANCEL, RESET_REFUSED
 
 if TYPE_CHECKING:
@@ -79,11 +80,15 @@ class StreamAddress:
 
 
 @implementer(ITransport, IPushProducer, IConsumer)
-class StreamTransport:
+class StreamTransport(BufferedProducer):
     """One stream as a transport. Created by :class:`MuxProtocol`; the
-    application gets it through ``makeConnection``."""
+    application gets it through ``makeConnection``.
+
+    The input it holds for the application is its :class:`BufferedProducer`
+    buffer, which the application pauses and resumes."""
 
     def __init__(self, mux: MuxProtocol, stream_id: int, port: int) -> None:
+        super().__init__()
         self._mux = mux
         self.stream_id = stream_id
         self.port = port
@@ -91,9 +96,6 @@ class StreamTransport:
         self.disconnecting = False
         self._outbuf: deque[bytes | memoryview] = deque()  # views of bytes, never of a mutable buffer
         self._outlen = 0
-        self._inbuf: deque[bytes] = deque()
-        self._inlen = 0
-        self._reading_paused = False
         self._write_closing = False  # HALF_CLOSE once the outbuf is empty
         self._write_closed = False
         self._discard_input = False  # after loseConnection
@@ -129,10 +131,9 @@ class StreamTransport:
             return
         self.disconnecting = True
         self._discard_input = True
-        if self._inlen:
-            n, self._inlen = self._inlen, 0
-            self._inbuf.clear()
-            self._mux._consumed(self, n)
+        dropped = self._drop()
+        if dropped:
+            self._mux._consumed(self, dropped)
         self.loseWriteConnection()
 
     def loseWriteConnection(self) -> None:
@@ -156,13 +157,7 @@ class StreamTransport:
         return StreamAddress(self.stream_id, self.port, self._mux._host_address())
 
     # -- IPushProducer: the application pauses its reading --------------------
-
-    def pauseProducing(self) -> None:
-        self._reading_paused = True
-
-    def resumeProducing(self) -> None:
-        self._reading_paused = False
-        self._deliver()
+    # (pauseProducing and resumeProducing: BufferedProducer's)
 
     def stopProducing(self) -> None:
         self.abortConnection()
@@ -195,7 +190,7 @@ class StreamTransport:
     @property
     def pending_input(self) -> int:
         """Bytes received and not yet taken by the application."""
-        return self._inlen
+        return self.buffered
 
     def _wants_send(self, window: int) -> bool:
         return (self._outlen > 0 and window > 0) or (self._write_closing and not self._write_closed and self._outlen == 0)
@@ -253,8 +248,7 @@ class StreamTransport:
         if self._discard_input:
             self._mux._consumed(self, len(data))
             return
-        self._inbuf.append(data)
-        self._inlen += len(data)
+        self._hold(data)
         self._deliver()
 
     def _peer_half_closed(self) -> None:
@@ -267,13 +261,8 @@ class StreamTransport:
             return
         self._delivering = True
         try:
-            while self._inbuf and not self._reading_paused and not self._ended:
-                chunk = self._inbuf.popleft()
-                self._inlen -= len(chunk)
-                if not self._call_app(self.protocol.dataReceived, chunk):
-                    return
-                self._mux._consumed(self, len(chunk))
-            if self._remote_closed and not self._inbuf and not self._read_lost_delivered and not self._ended:
+            self._drain(self._to_app)  # an ended stream holds nothing (_finish)
+            if self._remote_closed and not self._chunks and not self._read_lost_delivered and not self._ended:
                 self._read_lost_delivered = True
                 half = IHalfCloseableProtocol(self.protocol, None)
                 if self._discard_input:
@@ -285,6 +274,12 @@ class StreamTransport:
         finally:
             self._delivering = False
         self._maybe_done()
+
+    def _to_app(self, chunk: bytes) -> None:
+        """One chunk to the application, credited once it took it."""
+        assert self.protocol is not None
+        if self._call_app(self.protocol.dataReceived, chunk):
+            self._mux._consumed(self, len(chunk))
 
     def _maybe_done(self) -> None:
         """Both directions closed and all input delivered: connectionLost(ConnectionDone)."""
@@ -309,8 +304,7 @@ class StreamTransport:
         self._ended = True
         self._outbuf.clear()
         self._outlen = 0
-        self._inbuf.clear()
-        self._inlen = 0
+        self._drop()
         self._mux._forget(self)
         producer, self._producer = self._producer, None
         if producer is not None:

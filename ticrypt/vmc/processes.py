@@ -37,7 +37,6 @@ import shutil
 import signal
 import struct
 import termios
-from collections import deque
 from collections.abc import Callable
 from typing import Any, Protocol, TypeAlias
 
@@ -61,6 +60,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from ticrypt.channel.app import WINDOW, chunks
+from ticrypt.flow import BufferedProducer
 from ticrypt.fsutil import atomic_write
 from ticrypt.service import start_loop, stop_loop
 from ticrypt.timers import cancel_call
@@ -606,8 +606,7 @@ def read_pipes_in_chunks(transport: Any) -> None:
             pass
 
 
-@implementer(IPushProducer)
-class _Stdin:
+class _Stdin(BufferedProducer):
     """vmc's buffer of one child's input, and the producer for its stdin.
 
     Bytes are passed to the child's transport while it has not paused us (so
@@ -618,11 +617,9 @@ class _Stdin:
     """
 
     def __init__(self, transport: Any, consumed: Callable[[int], None]):
+        super().__init__()
         self._transport = transport
         self._consumed = consumed
-        self._queue: deque[bytes] = deque()
-        self.buffered = 0
-        self._paused = False
         self._gone = False  # the child's stdin is closed: input is dropped
         self._eof = False  # exec: close the child's stdin once the buffer is written
 
@@ -630,30 +627,23 @@ class _Stdin:
         if self._gone or self._eof:
             self._consumed(len(data))
             return
-        self._queue.append(data)
-        self.buffered += len(data)
-        self._flush()
+        self._hold(data)
+        self._deliver()
 
     def close_after(self) -> None:
         """Close the child's stdin once everything buffered is written."""
         if not self._gone and not self._eof:
             self._eof = True
-            self._flush()
+            self._deliver()
 
     def discard(self) -> None:
         """The child ended: drop the buffer (its request is over, no credit)."""
         self._gone = True
-        self._queue.clear()
-        self.buffered = 0
+        self._drop()
 
-    def _flush(self) -> None:
-        passed = 0
-        while self._queue and not self._paused and not self._gone:
-            data = self._queue.popleft()
-            self.buffered -= len(data)
-            passed += len(data)
-            self._transport.write(data)  # may pause us at once
-        if self._eof and not self._queue and not self._gone:
+    def _deliver(self) -> None:
+        passed = self._drain(self._transport.write)  # a write may pause us at once
+        if self._eof and not self._chunks and not self._gone:
             self._gone = True
             # A consumer with a registered producer never finishes closing:
             # unregister first (what is already buffered is still written).
@@ -661,13 +651,6 @@ class _Stdin:
             self._transport.closeStdin()
         if passed:
             self._consumed(passed)
-
-    def pauseProducing(self) -> None:
-        self._paused = True
-
-    def resumeProducing(self) -> None:
-        self._paused = False
-        self._flush()
 
     def stopProducing(self) -> None:
         # The child's stdin went away (it closed it, or exited): what is
