@@ -1,19 +1,22 @@
 """What every ``ticrypt`` command shares: how it fails and how it runs.
 
-Commands that talk to the network call :func:`run_async`, which runs the
-reactor with ``twisted.internet.task.react`` and turns expected failures
-into one line::
+Commands that talk to the network end with ``return run_async(what, fn)``:
+``fn(reactor)`` is the command's coroutine, which :func:`run_async` runs
+under ``twisted.internet.task.react``; expected failures become one line::
 
     ticrypt: <what failed>: <why>
 
-(exit 1; usage errors exit 2).  :func:`load_config` reads the client config;
-for an authenticated REST client use
+(exit 1; usage errors exit 2).  :func:`call_on` runs a command on a reactor
+that already runs instead (a test's, in-process): the same code, its
+coroutine awaited there.  :func:`load_config` reads the client config; for
+an authenticated REST client use
 :func:`ticrypt.frontend.client.authenticated_client`.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextvars
 import json
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
@@ -26,6 +29,14 @@ from ticrypt.frontend.client import RestError
 from ticrypt.frontend.clientconfig import ClientConfig
 
 PROG = "ticrypt"
+
+#: A command's network part: ``await fn(reactor)`` is its exit code.
+CommandBody = Callable[[Any], Awaitable[int]]
+
+#: Set by :func:`call_on` while a command's synchronous part runs: where
+#: :func:`run_async` leaves the coroutine for :func:`call_on` to await.
+_on_reactor: contextvars.ContextVar[list[tuple[str, CommandBody]] | None] = (
+    contextvars.ContextVar("ticrypt_on_reactor", default=None))
 
 
 class CommandError(OneLineError):
@@ -70,21 +81,31 @@ def load_config(args: argparse.Namespace) -> ClientConfig:
         raise CommandError("cannot load client config", str(e)) from None
 
 
-def run_async(what: str, fn: Callable[[Any], Awaitable[int]]) -> int:
-    """Run ``await fn(reactor)`` under ``task.react``; return its exit code.
+async def run_on(reactor: Any, what: str, fn: CommandBody) -> int:
+    """``await fn(reactor)``; its exit code.  CommandError, RestError and
+    NotLoggedIn become ``ticrypt: <what>: <why>`` and exit code 1 (``what``
+    is used when the error has no ``what`` of its own)."""
+    try:
+        return await fn(reactor)
+    except CommandError as e:
+        return fail(e.what, e.why)
+    except (RestError, clientconfig.NotLoggedIn) as e:
+        return fail(what, str(e))
 
-    CommandError, RestError and NotLoggedIn become ``ticrypt: <what>: <why>``
-    and exit code 1 (``what`` is used when the error has no ``what`` of its own).
-    """
+
+def run_async(what: str, fn: CommandBody) -> int:
+    """Run :func:`run_on` under ``task.react``; return its exit code.  A
+    command returns this at once (under :func:`call_on` the coroutine runs
+    after the command returned)."""
+    pending = _on_reactor.get()
+    if pending is not None:
+        pending.append((what, fn))
+        return 0
+
     from twisted.internet import defer, task
 
     async def body(reactor: Any) -> None:
-        try:
-            code = await fn(reactor)
-        except CommandError as e:
-            code = fail(e.what, e.why)
-        except (RestError, clientconfig.NotLoggedIn) as e:
-            code = fail(what, str(e))
+        code = await run_on(reactor, what, fn)
         if code:
             raise SystemExit(code)
 
@@ -93,3 +114,20 @@ def run_async(what: str, fn: Callable[[Any], Awaitable[int]]) -> int:
     except SystemExit as e:
         return e.code if isinstance(e.code, int) else 1
     return 0
+
+
+async def call_on(reactor: Any, command: Callable[[], int]) -> int:
+    """Run ``command()`` (a ``ticrypt`` command, ``cli.main`` with its argv
+    say) on ``reactor``, which already runs: its coroutine, if it reaches
+    :func:`run_async`, is awaited here instead of under ``task.react``.
+    The exit code, as the console script's."""
+    pending: list[tuple[str, CommandBody]] = []
+    token = _on_reactor.set(pending)
+    try:
+        code = command()
+    finally:
+        _on_reactor.reset(token)
+    if not pending:
+        return code
+    [(what, fn)] = pending
+    return await run_on(reactor, what, fn)
