@@ -1,6 +1,7 @@
 """The license-server allow-list at rest: ticrypt.dnsname's canonical names,
-the superadmin operations and the allowedlist feed (in memory), and once
-against a real ``twistd ticrypt-rest``."""
+the superadmin operations and the allowedlist feed (in memory), once over
+HTTPS against rest's service run in this process (test/restfixture.py), and
+``ticrypt-admin allowlist`` (its ``main``, in this process)."""
 
 from __future__ import annotations
 
@@ -264,11 +265,11 @@ class AllowlistApiTests(SynchronousTestCase):
         self.assertEqual(db.transaction(conn, store.allowlist_feed), (0, []))
 
 
-class AllowlistDaemonTests(TestCase):
+class AllowlistRestTests(TestCase):
     timeout = 120
 
     async def test_real_rest(self) -> None:
-        env = await start_rest(self)
+        env = await start_rest(self, in_process=True)
         client = env.client()
         await client.login(env.admin_name, env.admin_key)
         entry = await client.add_allowlist("Lic.Example.org", [27000], comment="flexlm")
@@ -296,9 +297,9 @@ class AllowlistDaemonTests(TestCase):
 
     async def test_admin_commands(self) -> None:
         env = await start_rest(self, start=False)
-        code, out, err = await env.admin("--json", "allowlist", "add", "Lic.Example.org.",
-                                         "--port", "27000", "--port", "27001", "--udp",
-                                         "--comment", "flexlm")
+        code, out, err = env.admin_here("--json", "allowlist", "add", "Lic.Example.org.",
+                                        "--port", "27000", "--port", "27001", "--udp",
+                                        "--comment", "flexlm")
         self.assertEqual(code, 0, err)
         entry = json.loads(out)
         self.assertEqual({k: v for k, v in entry.items() if k != "id"},
@@ -307,16 +308,16 @@ class AllowlistDaemonTests(TestCase):
         for args, why in ((("lic\x01.example.org", "--port", "1"), "not an allow-list name"),
                           (("lic.example.org", "--port", "0"), "1..65535"),
                           (("lic.example.org", "--port", "1", "--udp"), "already allow-listed")):
-            code, out, err = await env.admin("allowlist", "add", *args)
+            code, out, err = env.admin_here("allowlist", "add", *args)
             self.assertEqual(code, 1, args)
             self.assertEqual(len(err.strip().splitlines()), 1, err)
             self.assertIn(why, err)
-        code, out, err = await env.admin("--json", "allowlist", "list")
+        code, out, err = env.admin_here("--json", "allowlist", "list")
         self.assertEqual((code, json.loads(out)), (0, {"serial": 1, "entries": [entry]}), err)
-        code, out, err = await env.admin("allowlist", "remove", entry["id"])
+        code, out, err = env.admin_here("allowlist", "remove", entry["id"])
         self.assertEqual((code, out.strip()),
                          (0, f"removed {entry['id']} (lic.example.org udp)"), err)
-        code, out, err = await env.admin("allowlist", "remove", entry["id"])
+        code, out, err = env.admin_here("allowlist", "remove", entry["id"])
         self.assertEqual(code, 1)
         self.assertIn("no allow-list entry", err)
         self.assertEqual([e["event"] for e in audit_lines(env)

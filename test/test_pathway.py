@@ -1,7 +1,8 @@
-"""Pathways end to end with real daemons: rest asks the proxy's control API
-for a lease; the lease forwards 127.0.0.1 to an echo server standing in for
-the VM host endpoint; 127.0.0.2 is refused before any byte; DELETE, logout,
-exhaustion and a proxy restart."""
+"""Pathways end to end: rest (run in this process, test/restfixture.py) asks
+the control API of a real ``twistd ticrypt-proxy`` for a lease; the lease
+forwards 127.0.0.1 to an echo server standing in for the VM host endpoint;
+127.0.0.2 is refused before any byte; DELETE, logout, exhaustion and a
+proxy restart."""
 
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ from twisted.internet import reactor as _reactor
 from twisted.internet.protocol import Protocol, ServerFactory
 from twisted.trial.unittest import TestCase
 
-from test.daemon import runner, starter
+from test.daemon import starter
+from test.restfixture import RestEnv, admin_runner
 from ticrypt import identity
 from ticrypt.frontend.client import RestClient, RestError
 from ticrypt.lab.deploy import Addresses, Deployment, free_port
@@ -100,13 +102,15 @@ class PathwayTests(TestCase):
         dep.feed_secret()
         self.key, _ = dep.user_key("alice")
         dep.rest_ini()
-        await dep.init(runner(), "alice")
-        self.proxy, self.rest = await dep.start_backend(starter(self))
+        await dep.init(admin_runner(), "alice")
+        dep.addresses.rest_port = free_port()  # the proxy's rest_url names it
+        self.proxy = await dep.start_proxy(starter(self))
+        await RestEnv(dep, "alice", self.key).start_here(self)
         self.vm_id = await self.add_vm("vm1")
         self.client = await self.login()
 
     async def add_vm(self, name: str) -> str:
-        vm_id, token = await self.dep.add_vm(runner(), "alice", name)
+        vm_id, token = await self.dep.add_vm(admin_runner(), "alice", name)
         anon = RestClient(reactor, self.dep.addresses.rest_url, self.dep.ca_file)
         await anon.enroll(token, identity.public_text(identity.generate()), FINGERPRINT)
         return vm_id
@@ -186,7 +190,7 @@ class PathwayTests(TestCase):
     async def test_other_user_cannot_close(self) -> None:
         await self.start()
         p = await self.pathway(self.client, self.vm_id)
-        bob_key = await self.dep.add_user(runner(), "bob")
+        bob_key = await self.dep.add_user(admin_runner(), "bob")
         bob = RestClient(reactor, self.dep.addresses.rest_url, self.dep.ca_file)
         await bob.login("bob", bob_key)
         e = await self.refused(bob.call("DELETE", f"/v1/pathways/{p['id']}"))
