@@ -1,4 +1,6 @@
-"""``ticrypt allowlist add|list|remove`` end to end against a real ticrypt-rest."""
+"""``ticrypt allowlist add|list|remove`` end to end against a real
+ticrypt-rest, both in this process (test/restfixture.py; the console
+script's own exit codes are test_frontend_cli's)."""
 
 from __future__ import annotations
 
@@ -7,7 +9,7 @@ import json
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from test.restfixture import start_rest
-from test.test_frontend_cli import ticrypt, together, write_client_config
+from test.test_frontend_cli import ticrypt_here, together, write_client_config
 from test.test_rest import audit_lines
 from ticrypt.frontend import cli
 
@@ -20,18 +22,18 @@ class AllowlistCliTests(TestCase):
         self.assertTrue(err.startswith(prefix), err)
 
     async def test_add_list_remove(self) -> None:
-        env = await start_rest(self)
+        env = await start_rest(self, in_process=True)
         alice = write_client_config(env, "alice")
-        code, _, err = await ticrypt(alice, "login")
+        code, _, err = await ticrypt_here(alice, "login")
         self.assertEqual(code, 0, err)
 
-        # three different entries, added at once
+        # three different entries
         tcp, udp_add, wild = await together(
-            ticrypt(alice, "allowlist", "add", "License.Example.org.", "--port", "27001",
-                    "--port", "27000", "--comment", "flexlm"),
-            ticrypt(alice, "allowlist", "add", "license.example.org", "--port", "1947",
-                    "--udp", "--json"),
-            ticrypt(alice, "allowlist", "add", "*.lic.example.net", "--port", "443"))
+            ticrypt_here(alice, "allowlist", "add", "License.Example.org.", "--port", "27001",
+                         "--port", "27000", "--comment", "flexlm"),
+            ticrypt_here(alice, "allowlist", "add", "license.example.org", "--port", "1947",
+                         "--udp", "--json"),
+            ticrypt_here(alice, "allowlist", "add", "*.lic.example.net", "--port", "443"))
         code, out, err = tcp
         self.assertEqual(code, 0, err)
         self.assertRegex(out.strip(), r"^added al-[0-9a-f]{16}: license.example.org tcp "
@@ -45,7 +47,7 @@ class AllowlistCliTests(TestCase):
         self.assertEqual(code, 0, err)
         wild_id = out.split()[1].rstrip(":")
 
-        code, out, err = await ticrypt(alice, "allowlist", "list")
+        code, out, err = await ticrypt_here(alice, "allowlist", "list")
         self.assertEqual(code, 0, err)
         lines = out.strip().splitlines()
         self.assertEqual(lines[0].split(), ["ID", "NAME", "PROTO", "PORTS", "COMMENT"])
@@ -55,14 +57,14 @@ class AllowlistCliTests(TestCase):
                           ["license.example.org", "udp", "1947"]])
         self.assertTrue(lines[2].endswith("flexlm"))
 
-        # refusals (they change nothing), at once:
+        # refusals (they change nothing):
         bad_names = ("bücher.example", "a..example.org", "*.org")
         again, port_zero, *bad_results = await together(
             # the same name and protocol again: one line, rest's reason
-            ticrypt(alice, "allowlist", "add", "license.example.org", "--port", "1"),
-            ticrypt(alice, "allowlist", "add", "lic.example.org", "--port", "0"),
+            ticrypt_here(alice, "allowlist", "add", "license.example.org", "--port", "1"),
+            ticrypt_here(alice, "allowlist", "add", "lic.example.org", "--port", "0"),
             # a bad name is refused before asking rest
-            *(ticrypt(alice, "allowlist", "add", bad, "--port", "1") for bad in bad_names))
+            *(ticrypt_here(alice, "allowlist", "add", bad, "--port", "1") for bad in bad_names))
         code, out, err = again
         self.assertEqual(code, 1)
         self.one_line(err, "ticrypt: allowlist add license.example.org failed: "
@@ -77,8 +79,8 @@ class AllowlistCliTests(TestCase):
 
         # remove by id, by name (every protocol), and what is not there
         by_id, by_name = await together(
-            ticrypt(alice, "allowlist", "remove", wild_id),
-            ticrypt(alice, "allowlist", "remove", "LICENSE.example.org"))
+            ticrypt_here(alice, "allowlist", "remove", wild_id),
+            ticrypt_here(alice, "allowlist", "remove", "LICENSE.example.org"))
         code, out, err = by_id
         self.assertEqual((code, out.strip()), (0, f"removed {wild_id}"), err)
         code, out, err = by_name
@@ -87,9 +89,9 @@ class AllowlistCliTests(TestCase):
             f"removed {tcp_id} (license.example.org tcp)",
             f"removed {udp['id']} (license.example.org udp)"]))
         listed, name_gone, id_gone = await together(
-            ticrypt(alice, "allowlist", "list", "--json"),
-            ticrypt(alice, "allowlist", "remove", "license.example.org"),
-            ticrypt(alice, "allowlist", "remove", wild_id))
+            ticrypt_here(alice, "allowlist", "list", "--json"),
+            ticrypt_here(alice, "allowlist", "remove", "license.example.org"),
+            ticrypt_here(alice, "allowlist", "remove", wild_id))
         code, out, err = listed
         self.assertEqual((code, json.loads(out)), (0, {"entries": []}), err)
         code, out, err = name_gone
@@ -104,16 +106,16 @@ class AllowlistCliTests(TestCase):
                          ["allowlist-add"] * 3 + ["allowlist-remove"] * 3)
 
     async def test_not_superadmin(self) -> None:
-        env = await start_rest(self)
+        env = await start_rest(self, in_process=True)
         _, bob_pub = env.new_user_key("bob")
         code, _, err = env.admin_here("user", "add", "bob", "--public-key", bob_pub)
         self.assertEqual(code, 0, err)
         bob = write_client_config(env, "bob")
-        code, _, err = await ticrypt(bob, "login")
+        code, _, err = await ticrypt_here(bob, "login")
         self.assertEqual(code, 0, err)
         commands = (("add", "lic.example.org", "--port", "1"), ("list",),
                     ("remove", "al-0000000000000000"))
-        results = await together(*(ticrypt(bob, "allowlist", *args) for args in commands))
+        results = await together(*(ticrypt_here(bob, "allowlist", *args) for args in commands))
         for args, (code, _out, err) in zip(commands, results, strict=True):
             self.assertEqual(code, 1, args)
             self.one_line(err, f"ticrypt: allowlist {' '.join(args[:2])}")

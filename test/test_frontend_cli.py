@@ -1,4 +1,9 @@
-"""The ``ticrypt`` console script end to end against a real ticrypt-rest."""
+"""The ``ticrypt`` CLI end to end against a real ticrypt-rest (run in this
+process: test/restfixture.py).  The commands run in this process too
+(:func:`ticrypt_here`: the CLI's ``main`` on trial's reactor, no Python
+start-up each); the console script itself, its exit codes (0, 1 with one
+line, 2 for usage) and a command under ``task.react``, through a process
+(:func:`ticrypt`) in the few places that show it."""
 
 from __future__ import annotations
 
@@ -11,7 +16,7 @@ from twisted.internet import defer, endpoints, protocol, reactor
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from test.daemon import daemon_env, run_command, script_path
-from test.restfixture import RestEnv, start_rest
+from test.restfixture import RestEnv, run_ticrypt, start_rest
 from ticrypt import identity, tlsutil
 from ticrypt.frontend import cli
 
@@ -23,16 +28,24 @@ def write_client_config(env: RestEnv, user: str, ca_file: str | None = None) -> 
 
 
 async def ticrypt(config: str, *args: str, **extra_env: str) -> tuple[int, str, str]:
+    """The console script ``ticrypt --config CONFIG ARGS`` (a process),
+    without $TICRYPT_PASSPHRASE unless ``extra_env`` sets it."""
     env = daemon_env()
     env.pop("TICRYPT_PASSPHRASE", None)
     env.update(extra_env)
     return await run_command([script_path("ticrypt"), "--config", config, *args], env=env)
 
 
+async def ticrypt_here(config: str, *args: str, **extra_env: str) -> tuple[int, str, str]:
+    """:func:`ticrypt` run in this process (:func:`test.restfixture.run_ticrypt`)."""
+    changes: dict[str, str | None] = {"TICRYPT_PASSPHRASE": None, **extra_env}
+    return await run_ticrypt(["--config", config, *args], changes)
+
+
 async def together(*runs: Coroutine[Any, Any, tuple[int, str, str]]
                    ) -> list[tuple[int, str, str]]:
-    """Independent CLI runs (that change nothing each other reads) at once;
-    their results in order."""
+    """Independent CLI runs (that change nothing each other reads) at once
+    (processes; in-process runs take their turns); their results in order."""
     return list(await defer.gatherResults([defer.ensureDeferred(r) for r in runs],
                                           consumeErrors=True))
 
@@ -45,16 +58,16 @@ class CliEndToEndTests(TestCase):
         self.assertTrue(err.startswith(prefix), err)
 
     async def test_keygen_login_whoami_vms_logout(self) -> None:
-        env = await start_rest(self)
+        env = await start_rest(self, in_process=True)
         config = write_client_config(env, "bob")
         key_file = env.deployment.path("bob.key")
 
-        code, out, err = await ticrypt(config, "keygen", "--passphrase-from-env", "PW",
-                                       PW="correct horse")
+        code, out, err = await ticrypt_here(config, "keygen", "--passphrase-from-env", "PW",
+                                            PW="correct horse")
         self.assertEqual(code, 0, err)
         self.assertEqual(stat.S_IMODE(os.stat(key_file).st_mode), 0o600)
         self.assertEqual(stat.S_IMODE(os.stat(key_file + ".pub").st_mode), 0o644)
-        code, _, err = await ticrypt(config, "keygen", "--no-passphrase")
+        code, _, err = await ticrypt_here(config, "keygen", "--no-passphrase")
         self.assertEqual(code, 1)
         self.one_line(err, f"ticrypt: keygen failed: {key_file} already exists")
 
@@ -66,10 +79,10 @@ class CliEndToEndTests(TestCase):
         self.assertEqual(code, 0, err)
         vm_id = __import__("json").loads(out)["vm"]["id"]
 
-        # three refusals that change nothing: at once
+        # three refusals that change nothing
         whoami, no_passphrase, wrong = await together(
-            ticrypt(config, "whoami"), ticrypt(config, "login"),
-            ticrypt(config, "login", TICRYPT_PASSPHRASE="wrong"))
+            ticrypt_here(config, "whoami"), ticrypt_here(config, "login"),
+            ticrypt_here(config, "login", TICRYPT_PASSPHRASE="wrong"))
         code, out, err = whoami
         self.assertEqual(code, 1)
         self.one_line(err, "ticrypt: whoami failed: not logged in; run: ticrypt login")
@@ -81,16 +94,18 @@ class CliEndToEndTests(TestCase):
         self.assertEqual(code, 1)
         self.one_line(err, "ticrypt: cannot read your key: ")
 
+        # the console script: the command under task.react, exit code 0
         code, out, err = await ticrypt(config, "login", TICRYPT_PASSPHRASE="correct horse")
         self.assertEqual(code, 0, err)
         self.assertIn("logged in as bob (user)", out)
         session = env.deployment.path("client-bob-state/session.json")
         self.assertEqual(stat.S_IMODE(os.stat(session).st_mode), 0o600)
 
-        # reads of the logged-in session: at once
+        # reads of the logged-in session
         whoami, vm_list, vm_show, vm_nope = await together(
-            ticrypt(config, "whoami"), ticrypt(config, "vm", "list"),
-            ticrypt(config, "vm", "show", vm_id), ticrypt(config, "vm", "show", "vm-nope"))
+            ticrypt_here(config, "whoami"), ticrypt_here(config, "vm", "list"),
+            ticrypt_here(config, "vm", "show", vm_id),
+            ticrypt_here(config, "vm", "show", "vm-nope"))
         code, out, err = whoami
         pub = identity.load_public_file(key_file + ".pub")
         self.assertEqual((code, out.strip()), (0, f"bob (user) {identity.public_text(pub)}"))
@@ -106,10 +121,10 @@ class CliEndToEndTests(TestCase):
         self.assertEqual(code, 1)
         self.one_line(err, "ticrypt: vm show vm-nope failed: no such VM (HTTP 404 no-such-vm)")
 
-        code, out, err = await ticrypt(config, "logout")
+        code, out, err = await ticrypt_here(config, "logout")
         self.assertEqual((code, out.strip()), (0, "logged out bob"), err)
         self.assertFalse(os.path.exists(session))
-        code, out, err = await ticrypt(config, "vm", "list")
+        code, out, err = await ticrypt_here(config, "vm", "list")
         self.assertEqual(code, 1)
         self.one_line(err, "ticrypt: vm list failed: not logged in")
 
@@ -152,14 +167,14 @@ class KeygenBeforeTheCATests(TestCase):
             f.write("[client]\nrest_url = https://rest.example:8443\nca_file = tls/ca.pem\n"
                     "key_file = keys/id_ed25519\nuser = bob\n")
         os.makedirs(os.path.join(directory, "keys"), mode=0o700)
-        code, out, err = await ticrypt(config, "keygen", "--no-passphrase")
+        code, out, err = await ticrypt_here(config, "keygen", "--no-passphrase")
         self.assertEqual(code, 0, err)
         key_file = os.path.join(directory, "keys", "id_ed25519")
         pub = identity.load_public_file(key_file + ".pub")
         self.assertIn(f"public key  {key_file}.pub: {identity.public_text(pub)}", out)
         self.assertFalse(os.path.exists(os.path.join(directory, "state")))
         # everything else still needs the whole config, the CA file included
-        code, out, err = await ticrypt(config, "login")
+        code, out, err = await ticrypt_here(config, "login")
         self.assertEqual(code, 1)
         self.assertEqual(err.strip().splitlines(), [
             f"ticrypt: cannot load client config: {config}: [client] ca_file: expected a "
@@ -168,30 +183,28 @@ class KeygenBeforeTheCATests(TestCase):
         # no rest_url yet either; a misspelt key is still refused
         with open(config, "w") as f:
             f.write("[client]\nkey_file = second\n")
-        code, out, err = await ticrypt(config, "keygen", "--no-passphrase")
+        code, out, err = await ticrypt_here(config, "keygen", "--no-passphrase")
         self.assertEqual(code, 0, err)
         self.assertTrue(os.path.exists(os.path.join(directory, "second.pub")))
         with open(config, "a") as f:
             f.write("keyfile = third\n")
-        code, out, err = await ticrypt(config, "keygen", "--no-passphrase")
+        code, out, err = await ticrypt_here(config, "keygen", "--no-passphrase")
         self.assertEqual((code, err.strip()), (1, f"ticrypt: cannot load client config: "
                                                   f"{config}: [client] keyfile: unknown key"))
 
     async def test_keygen_without_client_ini(self) -> None:
         directory = os.path.abspath(self.mktemp())
         os.makedirs(directory, mode=0o700)
-        env = daemon_env()
-        env["XDG_CONFIG_HOME"] = directory
-        env.pop("TICRYPT_CLIENT_CONFIG", None)
-        code, out, err = await run_command([script_path("ticrypt"), "keygen", "--no-passphrase"],
-                                           env=env)
+        env: dict[str, str | None] = {"XDG_CONFIG_HOME": directory,
+                                      "TICRYPT_CLIENT_CONFIG": None}
+        code, out, err = await run_ticrypt(["keygen", "--no-passphrase"], env)
         missing = os.path.join(directory, "ticrypt", "client.ini")
         self.assertEqual((code, err.strip()), (1, (
             f"ticrypt: keygen failed: {missing} does not exist; name the key with "
             "--key-file PATH, or create client.ini with key_file = PATH")))
         key_file = os.path.join(directory, "k")
-        code, out, err = await run_command([script_path("ticrypt"), "keygen", "--no-passphrase",
-                                            "--key-file", key_file], env=env)
+        code, out, err = await run_ticrypt(["keygen", "--no-passphrase", "--key-file",
+                                            key_file], env)
         self.assertEqual(code, 0, err)
         self.assertTrue(os.path.exists(key_file + ".pub"))
 

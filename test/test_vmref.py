@@ -1,5 +1,6 @@
 """A VM named by its id or its name (ticrypt.frontend.vmref): the rule in
-memory, and the CLI's commands using it against a real rest."""
+memory, and the CLI's commands using it against a real rest (both in this
+process: test/restfixture.py)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from twisted.internet import defer
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from test.restfixture import start_rest
-from test.test_frontend_cli import ticrypt, write_client_config
+from test.test_frontend_cli import ticrypt_here, write_client_config
 from ticrypt.frontend.client import RestError
 from ticrypt.frontend.runner import CommandError
 from ticrypt.frontend.vmref import VmRef, pick_vm, resolve_vm
@@ -83,30 +84,30 @@ class CliNameTests(TestCase):
     timeout = 120
 
     async def test_names_on_the_command_line(self) -> None:
-        env = await start_rest(self)
+        env = await start_rest(self, in_process=True)
         config = write_client_config(env, "bob")
         key = env.deployment.path("bob.key")
         env.deployment.user_key("bob")
-        code, _, err = await env.admin("user", "add", "bob", "--public-key", key + ".pub")
+        code, _, err = env.admin_here("user", "add", "bob", "--public-key", key + ".pub")
         self.assertEqual(code, 0, err)
-        code, out, err = await env.admin("--json", "vm", "add", "solo", "--owner", "bob",
-                                         "--host", "127.0.0.1:2201")
+        code, out, err = env.admin_here("--json", "vm", "add", "solo", "--owner", "bob",
+                                        "--host", "127.0.0.1:2201")
         self.assertEqual(code, 0, err)
         vm_id = json.loads(out)["vm"]["id"]
-        code, _, err = await ticrypt(config, "login")
+        code, _, err = await ticrypt_here(config, "login")
         self.assertEqual(code, 0, err)
 
-        code, out, err = await ticrypt(config, "vm", "show", "solo")
+        code, out, err = await ticrypt_here(config, "vm", "show", "solo")
         self.assertEqual(code, 0, err)
         self.assertIn(f"id:              {vm_id}", out)
-        code, out, err = await ticrypt(config, "vm", "show", "nope")
+        code, out, err = await ticrypt_here(config, "vm", "show", "nope")
         self.assertEqual(code, 1)
         self.assertEqual(err.strip(), "ticrypt: vm show nope failed: no such VM "
                          "(HTTP 404 no-such-vm)")
 
         # a channel command resolves the name before asking rest for a
         # ticket (the VM never enrolled: rest's refusal for that id)
-        code, out, err = await ticrypt(config, "info", "solo")
+        code, out, err = await ticrypt_here(config, "info", "solo")
         self.assertEqual(code, 1)
         self.assertEqual(err.strip(), "ticrypt: cannot connect to VM solo: the VM has not "
                          "enrolled yet (HTTP 409 vm-not-enrolled)")

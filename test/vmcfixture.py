@@ -29,7 +29,7 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 
 from test.daemon import Daemon, run_command, script_path, start_daemon, starter
-from test.restfixture import RestEnv, admin_runner, make_rest_dir
+from test.restfixture import RestEnv, admin_runner, make_rest_dir, run_ticrypt
 from ticrypt import tlsutil
 from ticrypt.frontend import clientconfig
 from ticrypt.frontend.session import ChannelSession, open_session
@@ -53,6 +53,10 @@ def write_vmc_config(deployment: Deployment, token: str, name: str = "vmc",
             settings[k] = v
     return deployment.vmc_ini(token, name, exec_settings, tunnel_settings=None,
                               sftp_settings=None, **settings)
+
+
+#: ``ticrypt`` commands :meth:`Trio.cli` runs as the console script
+PROCESS_COMMANDS = ("exec", "shell")
 
 
 def read_json_lines(path: str) -> list[dict[str, Any]]:
@@ -155,10 +159,17 @@ class Trio:
         return path
 
     async def cli(self, user: str, *args: str, stdin: bytes = b"") -> tuple[int, str, str]:
-        """Run ``ticrypt --config <user's client.ini> ARGS``."""
+        """Run ``ticrypt --config <user's client.ini> ARGS``: ``exec`` and
+        ``shell`` (and anything fed ``stdin``) as the console script, a
+        process, which is what they show (stdin piped through, the remote
+        exit status as the process's own); the other commands (authorize,
+        revoke, users, info...) in this process
+        (:func:`~test.restfixture.run_ticrypt`)."""
         path = await self.client_config(user)
-        return await run_command([script_path("ticrypt"), "--config", path, *args],
-                                 stdin=stdin)
+        if args[0] in PROCESS_COMMANDS or stdin:
+            return await run_command([script_path("ticrypt"), "--config", path, *args],
+                                     stdin=stdin)
+        return await run_ticrypt(["--config", path, *args])
 
 
 def _free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
