@@ -29,6 +29,7 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 
 from test.daemon import run_command, script_path
+from test.restfixture import run_admin
 from ticrypt.lab import daemons, netns
 from ticrypt.lab.deploy import Deployment
 from ticrypt.lab.netns import (
@@ -173,6 +174,8 @@ class IsolationSystemTests(TestCase):
             return proc
 
         async def run_in(role: str | None, args: list[str]) -> tuple[int, str, str]:
+            if role is None and args[0] == "ticrypt-admin":  # its main, in this process
+                return run_admin(args[1:])
             argv = [script_path(args[0]), *args[1:]]
             return await run_command(spaces.exec(role, argv) if role else argv)
 

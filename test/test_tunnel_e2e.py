@@ -20,8 +20,9 @@ from twisted.internet import defer, endpoints, protocol, reactor, task
 from twisted.internet.error import ConnectionRefusedError
 from twisted.trial.unittest import SkipTest, TestCase
 
-from test.daemon import run_command, runner, starter
-from test.test_frontend_cli import ticrypt
+from test.daemon import run_command, starter
+from test.restfixture import admin_runner
+from test.test_frontend_cli import ticrypt, ticrypt_here
 from ticrypt.frontend.client import RestClient
 from ticrypt.lab import apps
 from ticrypt.lab.deploy import Addresses, Deployment, free_port
@@ -44,7 +45,9 @@ class Chain:
     daemons: dict[str, Any]
 
     async def cli(self, *args: str, expect: int | None = 0) -> str:
-        code, out, err = await ticrypt(self.client_ini, *args)
+        # tunnel commands as the console script; login in this process
+        code, out, err = await (ticrypt if args[0] == "tunnel" else ticrypt_here)(
+            self.client_ini, *args)
         if expect is not None and code != expect:
             raise AssertionError(f"ticrypt {' '.join(args)} exited {code}: {out}{err}")
         return out + err
@@ -86,7 +89,7 @@ async def start_chain(tc: TestCase, *, leases: dict[str, str | None] | None = No
     dep = c.dep = Deployment(tc.mktemp(), Addresses(
         rest_port=free_port(), vm_host=f"127.0.0.1:{vmhost_port}",
         lease_ports=f"{lease_base}-{lease_base + 9}"))
-    run, start = runner(), starter(tc)
+    run, start = admin_runner(), starter(tc)
     dep.ca()
     dep.feed_secret()
     dep.user_key(USER)

@@ -23,7 +23,8 @@ from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
 from test.browser import Browser, chromium_skip_reason, start_browser
-from test.daemon import runner, starter
+from test.daemon import starter
+from test.restfixture import admin_runner
 from test.test_tunnel_e2e import download
 from test.vmcfixture import ws_payloads
 from test.webchain import OWNER, PASSPHRASE, VM, WebChain, start_web_chain
@@ -156,7 +157,7 @@ async def new_page(tc: TestCase, chain: WebChain) -> Page:
 
 async def chain_for(tc: TestCase, users: tuple[str, ...] = (),
                     limits: dict[str, str | None] | None = None) -> WebChain:
-    return await start_web_chain(reactor, tc.mktemp(), runner(), starter(tc), tc.addCleanup,
+    return await start_web_chain(reactor, tc.mktemp(), admin_runner(), starter(tc), tc.addCleanup,
                                  users=users, proxy_limits=limits)
 
 

@@ -23,7 +23,8 @@ from twisted.internet import reactor
 from twisted.trial.unittest import TestCase
 
 from test.browser import start_browser
-from test.daemon import daemon_env, run_command, runner, script_path, starter
+from test.daemon import daemon_env, run_command, script_path, starter
+from test.restfixture import admin_runner
 from test.test_tunnel_e2e import download
 from test.test_web_e2e import SKIP, Page, new_page
 from test.vmcfixture import ws_payloads
@@ -41,7 +42,7 @@ def _bytes(shown: str) -> float:
 
 
 async def _chain(tc: TestCase, **kw: Any) -> WebChain:
-    return await start_web_chain(reactor, tc.mktemp(), runner(), starter(tc), tc.addCleanup,
+    return await start_web_chain(reactor, tc.mktemp(), admin_runner(), starter(tc), tc.addCleanup,
                                  **kw)
 
 
