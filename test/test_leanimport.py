@@ -1,6 +1,7 @@
-"""ticrypt.frontend.leanimport: the CLI imports autobahn's websocket client
-without WAMP and without parsing NVX's C declarations, and masks and
-validates exactly as autobahn does."""
+"""ticrypt.leanimport: the CLI and the daemons that use autobahn (vmc, proxy,
+connect) import its websocket code without autobahn.twisted's WAMP
+re-exports and without parsing NVX's C declarations, and mask and validate
+exactly as RFC 6455 says."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import sys
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from ticrypt.frontend import leanimport
+from ticrypt import leanimport
 
 try:
     import _nvx_utf8validator  # noqa: F401
@@ -21,8 +22,8 @@ except ImportError:
     HAS_NVX = False
 
 _PROBE = """
-import json, sys
-import ticrypt.frontend.cli
+import importlib, json, sys
+importlib.import_module(sys.argv[1])
 from autobahn.websocket import protocol, xormasker, utf8validator
 print(json.dumps({
     "pycparser": "pycparser" in sys.modules,
@@ -43,24 +44,40 @@ class LeanImportTests(SynchronousTestCase):
         if not HAS_NVX:
             raise self.skipTest("autobahn's NVX extension modules are not built")
 
-    def probe(self, **env: str) -> dict[str, object]:
+    def probe(self, module: str, **env: str) -> dict[str, object]:
+        """What a fresh process has loaded after importing ``module`` alone."""
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        out = subprocess.run([sys.executable, "-c", _PROBE], capture_output=True, check=True,
-                             env={**os.environ, "PYTHONPATH": root, **env}, timeout=60)
+        out = subprocess.run([sys.executable, "-c", _PROBE, module], capture_output=True,
+                             check=True, env={**os.environ, "PYTHONPATH": root, **env},
+                             timeout=60)
         result: dict[str, object] = json.loads(out.stdout)
         return result
+
+    def assert_lean(self, module: str) -> None:
+        r = self.probe(module)
+        self.assertEqual((r["pycparser"], r["wamp_session"]), (False, False), module)
+        self.assertEqual((r["masker"], r["validator"]),
+                         ("ticrypt.leanimport", "ticrypt.leanimport"), module)
 
     def test_cli_imports_no_wamp_session_nor_pycparser(self) -> None:
         """Importing the CLI registers the lean modules: autobahn's masker
         and validator are leanimport's, on the same compiled extensions."""
-        r = self.probe()
-        self.assertEqual((r["pycparser"], r["wamp_session"]), (False, False))
-        self.assertEqual((r["masker"], r["validator"]),
-                         ("ticrypt.frontend.leanimport", "ticrypt.frontend.leanimport"))
+        self.assert_lean("ticrypt.frontend.cli")
+
+    def test_vmc_daemon_imports_no_wamp_session_nor_pycparser(self) -> None:
+        """twistd's entry point of each daemon that uses autobahn (what
+        ``twistd ticrypt-ROLE`` imports) loads the lean modules too."""
+        self.assert_lean("ticrypt.vmc.tap")
+
+    def test_proxy_daemon_imports_no_wamp_session_nor_pycparser(self) -> None:
+        self.assert_lean("ticrypt.proxy.tap")
+
+    def test_connect_daemon_imports_no_wamp_session_nor_pycparser(self) -> None:
+        self.assert_lean("ticrypt.connect.tap")
 
     def test_nvx_disabled_leaves_autobahn_alone(self) -> None:
         """AUTOBAHN_USE_NVX=0: autobahn's own (pure Python) modules load."""
-        r = self.probe(AUTOBAHN_USE_NVX="0")
+        r = self.probe("ticrypt.vmc.tap", AUTOBAHN_USE_NVX="0")
         self.assertEqual(r["masker"], "autobahn.websocket.xormasker")
 
     def test_install_is_a_no_op_once_autobahn_is_loaded(self) -> None:

@@ -3,3 +3,7 @@
 certificates (:mod:`~ticrypt.connect.certs`) and runs tunnels: local
 listeners whose connections become streams of a multiplexed, pinned TLS
 connection to vmc (:mod:`~ticrypt.connect.tunnels`)."""
+
+from ticrypt import leanimport
+
+leanimport.install()  # before any module of this package loads autobahn

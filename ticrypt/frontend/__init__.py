@@ -1,5 +1,5 @@
 """The ticrypt frontend: the ``ticrypt`` CLI, its config and the REST client."""
 
-from ticrypt.frontend import leanimport
+from ticrypt import leanimport
 
 leanimport.install()

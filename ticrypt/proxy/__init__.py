@@ -12,3 +12,7 @@ feed), :mod:`~ticrypt.proxy.status` (read-only status resource),
 :mod:`~ticrypt.proxy.tap` (options and service).
 Wire format: ``PROTOCOL.md §3``.
 """
+
+from ticrypt import leanimport
+
+leanimport.install()  # before any module of this package loads autobahn

@@ -16,3 +16,7 @@ frontend), :mod:`~ticrypt.vmc.commands` (sans-IO dispatcher),
 :mod:`~ticrypt.vmc.config` (the typed config) and :mod:`~ticrypt.vmc.tap`
 (twistd wiring).
 """
+
+from ticrypt import leanimport
+
+leanimport.install()  # before any module of this package loads autobahn

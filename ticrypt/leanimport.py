@@ -1,34 +1,36 @@
-"""Import autobahn's websocket client without the parts a CLI run never uses.
+"""Import autobahn's websocket code without the parts ticrypt never uses.
 
-``ticrypt exec VM -- true`` spent about a tenth of its start-up in two of
-autobahn's import-time costs (``python -X importtime``, issue 8):
+Every process that loads autobahn (the ``ticrypt`` CLI, ticrypt-vmc,
+ticrypt-proxy, ticrypt-connect) paid two of autobahn's import-time costs
+(``python -X importtime``, issues 7 and 8):
 
 * ``autobahn.twisted``'s package ``__init__`` imports WAMP
-  (``autobahn.twisted.wamp``) to re-export ``ApplicationSession``; the
-  frontend only uses ``autobahn.twisted.websocket``;
+  (``autobahn.twisted.wamp``) to re-export ``ApplicationSession``; ticrypt
+  only uses ``autobahn.twisted.websocket``;
 * the NVX wrappers (``autobahn.nvx._utf8validator``, ``._xormasker``) build a
   build-time ``cffi.FFI`` and parse its C declarations with pycparser at
   import (about 60 ms), although at run time they only call the compiled
   ``_nvx_utf8validator`` / ``_nvx_xormasker`` extension modules.
 
-:func:`install` (run by :mod:`ticrypt.frontend` before any of its modules
-imports autobahn) registers ``autobahn.twisted`` as a bare package (its
+:func:`install` registers ``autobahn.twisted`` as a bare package (its
 submodules import as before, its ``__init__`` does not run) and the two NVX
 wrappers as small modules calling the same compiled extensions the same way.
-It does nothing when autobahn's Twisted backend is already imported, when
-NVX is not built or is disabled (``AUTOBAHN_USE_NVX=0``): then autobahn's own
-modules load as usual.  Nothing imports ``autobahn.twisted``'s re-exports in
-ticrypt (a test checks the frontend's masking and validation against
-autobahn's own).
+The packages whose modules import autobahn run it first, in their
+``__init__`` (:mod:`ticrypt.frontend`, :mod:`ticrypt.vmc`,
+:mod:`ticrypt.proxy`, :mod:`ticrypt.connect`), so it happens before any of
+their modules loads autobahn, in a daemon as in the CLI.  It does nothing
+when autobahn's websocket code is already imported, when NVX is not built or
+is disabled (``AUTOBAHN_USE_NVX=0``): then autobahn's own modules load as
+usual.  Nothing imports ``autobahn.twisted``'s re-exports in ticrypt (a test
+checks the lean masking and validation against RFC 6455).
 """
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import sys
 import types
-from typing import Any
+from importlib.machinery import PathFinder
 
 
 def install() -> bool:
@@ -42,7 +44,9 @@ def install() -> bool:
         import _nvx_xormasker  # noqa: F401
     except ImportError:
         return False
-    spec = importlib.util.find_spec("autobahn")
+    # PathFinder, not importlib.util.find_spec: this runs on every ``ticrypt``
+    # start, ``--help`` included, which needs neither importlib.util nor typing
+    spec = PathFinder.find_spec("autobahn")
     if spec is None or not spec.submodule_search_locations:
         return False
     root = list(spec.submodule_search_locations)[0]
@@ -58,7 +62,7 @@ def install() -> bool:
     return True
 
 
-def _module(name: str, **attrs: Any) -> types.ModuleType:
+def _module(name: str, **attrs: object) -> types.ModuleType:
     module = types.ModuleType(name)
     module.__dict__.update(attrs)
     return module
