@@ -33,7 +33,6 @@ from twisted.python import usage
 from twisted.python.failure import Failure
 
 from ticrypt.config import Config, ConfigError, RoleConfig, Schema, load_config
-from ticrypt.tlsutil import alpn_http11
 
 READY_MARKER = "TICRYPT-READY"
 
@@ -126,6 +125,10 @@ class ListenerService(Service):
 
     def __init__(self, label: str, endpoint: Any, factory: IProtocolFactory,
                  key: tuple[str, str] | None = None):
+        # here, not at the top: ticrypt-admin imports this module (through
+        # ticrypt.rest.db) and never listens; tlsutil loads Twisted's TLS
+        from ticrypt.tlsutil import alpn_http11
+
         self.label = label
         self.endpoint = alpn_http11(endpoint)
         self.factory = factory

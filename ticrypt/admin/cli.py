@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
-from ticrypt import identity, tlsutil
+from ticrypt import identity
 from ticrypt.audit import AuditLog
 from ticrypt.cliutil import OneLineError, fail
 from ticrypt.config import ConfigError, load_config
@@ -251,6 +251,10 @@ def cmd_tls_init(args: argparse.Namespace) -> int:
     for path in (ca, ca_key, server):
         if os.path.exists(path):
             raise AdminError(what, f"{path} already exists; refusing to overwrite")
+    # here, not at the top: tlsutil loads Twisted's TLS endpoints, which no
+    # other command needs (about a tenth of every ticrypt-admin start)
+    from ticrypt import tlsutil
+
     try:
         os.makedirs(directory, mode=0o700, exist_ok=True)
         tlsutil.make_ca(ca, ca_key)

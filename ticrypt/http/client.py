@@ -18,19 +18,24 @@ Used by the proxy (the revocation feed) and vmc (enrollment).
 from __future__ import annotations
 
 import json
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import attrs
 from twisted.internet import defer, error, protocol
 from twisted.internet.interfaces import IConsumer, IOpenSSLClientConnectionCreator
 from twisted.python.failure import Failure
-from twisted.web import client as webclient
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IBodyProducer, IPolicyForHTTPS
 from zope.interface import implementer
 
-from ticrypt import tlsutil
 from ticrypt.encoding import loads_bounded
+
+if TYPE_CHECKING:
+    from twisted.web.client import HTTPConnectionPool
+
+# twisted.web.client and ticrypt.tlsutil (Twisted's agent, endpoints and TLS)
+# are imported where a client is made, not here: ticrypt-admin imports this
+# module (through rest's proxy control client) and never makes a request.
 
 MAX_RESPONSE = 1024 * 1024
 
@@ -56,6 +61,8 @@ class PinnedCAPolicy:
     def creatorForNetloc(self, hostname: bytes, port: int) -> IOpenSSLClientConnectionCreator:
         creator = self._cache.get(hostname)
         if creator is None:
+            from ticrypt import tlsutil
+
             creator = tlsutil.client_options(hostname.decode("ascii"), self._ca_file)
             self._cache[hostname] = creator
         return creator
@@ -111,7 +118,9 @@ class _BoundedBody(protocol.Protocol):
     def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
         if self.done.called:
             return
-        if reason.check(webclient.ResponseDone):
+        from twisted.web.client import ResponseDone
+
+        if reason.check(ResponseDone):
             self.done.callback(b"".join(self._parts))
         else:
             self.done.errback(HttpError("unreachable", "the connection was lost during "
@@ -143,7 +152,9 @@ class JsonClient:
 
     def __init__(self, reactor: Any, ca_file: str | None, *, timeout: float,
                  max_response: int = MAX_RESPONSE, persistent: bool = False,
-                 idle_keep: int = 30, pool: webclient.HTTPConnectionPool | None = None):
+                 idle_keep: int = 30, pool: HTTPConnectionPool | None = None):
+        from twisted.web import client as webclient
+
         self._reactor = reactor
         self._timeout = timeout
         self._max_response = max_response
