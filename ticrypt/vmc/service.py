@@ -11,7 +11,7 @@ the reactor and exits 1 once shut down, so that a supervisor sees it.
 from __future__ import annotations
 
 import random
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from twisted.internet import defer, endpoints
 from twisted.internet.interfaces import IAddress, IProtocol, IProtocolFactory
@@ -36,9 +36,10 @@ from ticrypt.vmc.enroll import EnrollError, enroll
 from ticrypt.vmc.firewall import FirewallService
 from ticrypt.vmc.pool import PoolSettings, ProxyPool
 from ticrypt.vmc.processes import RunAs, Tracker, open_tracker
-from ticrypt.vmc.sftp import SftpFactory, load_host_key
 from ticrypt.vmc.state import Enrollment, OwnerKeyChanged, StateError, VmState
-from ticrypt.vmc.tunnel import TunnelServer, TunnelService, TunnelSettings
+
+if TYPE_CHECKING:
+    from ticrypt.vmc.tunnel import TunnelServer
 
 
 def pool_settings(cfg: VmcConfig, proxy_url: str) -> PoolSettings:
@@ -160,11 +161,17 @@ class VmcService(RoleService):
         assert cfg is not None and state is not None and audit is not None
         grant: dict[str, Any] = {}
         host_key = None
+        # Both are off by default: their modules (Conch; the mux and its TLS)
+        # are imported only when configured, like the firewall's reader.
         if cfg.sftp.enabled:
+            from ticrypt.vmc.sftp import load_host_key
+
             host_key = load_host_key(cfg.vmc.state_dir)
             grant["sftp_host_key"] = host_key.public().toString("OPENSSH").decode()
             self.ready_info["sftp_host_key"] = grant["sftp_host_key"]
         if cfg.tunnel.enabled:
+            from ticrypt.vmc.tunnel import TunnelServer, TunnelService, TunnelSettings
+
             t = cfg.tunnel
             self.tunnel = TunnelServer(
                 reactor=self._reactor, clock=self._reactor, audit=audit,
@@ -181,6 +188,8 @@ class VmcService(RoleService):
             def origin(peer: IAddress) -> tuple[bytes, str] | None:
                 pin = tunnel.origins.user_of(peer) if tunnel is not None else None
                 return (pin.user_key, pin.user) if pin is not None else None
+
+            from ticrypt.vmc.sftp import SftpFactory
 
             assert cfg.sftp.root is not None  # VmcConfig.check
             self._sftp_factory.set_target(SftpFactory(cfg.sftp.root, host_key, origin, audit))
