@@ -527,9 +527,7 @@ class PurgeJobTests(SynchronousTestCase):
     """The periodic purge of ticrypt-rest keeps running through its own errors."""
 
     def test_purges_and_survives_errors(self) -> None:
-        from twisted.application.internet import TimerService
-
-        from ticrypt.rest.tap import PRUNE_INTERVAL, make_purge
+        from ticrypt.rest.tap import PRUNE_INTERVAL, PurgeService, make_purge
 
         clock = task.Clock()
         clock.advance(1_800_000_000)
@@ -556,8 +554,7 @@ class PurgeJobTests(SynchronousTestCase):
         def sessions() -> int:
             return int(sync.conn.execute("SELECT count(*) FROM sessions").fetchone()[0])
 
-        timer = TimerService(PRUNE_INTERVAL, make_purge(api, FlakyDb(), clock))
-        timer.clock = clock
+        timer = PurgeService(make_purge(api, FlakyDb(), clock), clock)
         timer.startService()
         self.addCleanup(timer.stopService)
         api.challenges.issue("alice", "10.0.0.1")
@@ -571,3 +568,32 @@ class PurgeJobTests(SynchronousTestCase):
         clock.advance(86400)
         self.assertTrue(timer.running)
         self.assertEqual(sessions(), 0)
+
+    def test_stopping_waits_for_a_purge_under_way(self) -> None:
+        """Stopping rest (the database thread stops after this service)
+        waits for the purge running then, and no purge starts afterwards."""
+        from ticrypt.rest.tap import PRUNE_INTERVAL, PurgeService
+
+        clock = task.Clock()
+        calls: list[defer.Deferred[None]] = []
+
+        def purge() -> defer.Deferred[None]:
+            calls.append(defer.Deferred())
+            return calls[-1]
+
+        timer = PurgeService(purge, clock)
+        timer.startService()
+        self.assertEqual(len(calls), 1)  # at start
+        stopped = timer.stopService()
+        assert stopped is not None
+        self.assertNoResult(stopped)
+        calls[0].callback(None)
+        self.successResultOf(stopped)
+        clock.advance(PRUNE_INTERVAL * 3)
+        self.assertEqual((len(calls), timer.running), (1, False))
+
+        idle = PurgeService(lambda: defer.succeed(None), clock)
+        idle.startService()
+        stopped = idle.stopService()
+        assert stopped is not None
+        self.successResultOf(stopped)  # nothing under way: at once
