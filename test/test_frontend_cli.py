@@ -218,3 +218,23 @@ class ParserTests(SynchronousTestCase):
         self.assertEqual((args.vm_id, args.func.__name__), ("x", "cmd_vm_show"))
         args = cli.build_parser().parse_args(["info", "x"])
         self.assertEqual(args.func.__name__, "cmd_info")
+
+    def test_parser_loads_no_command_dependencies(self) -> None:
+        """``ticrypt --help`` and a usage error build the parser of every
+        command in a process that loads neither Twisted nor attrs (the
+        config), cryptography or autobahn's websocket code: each command
+        imports those when it runs (about 0.5 s of CPU at every start)."""
+        import json
+        import subprocess
+        import sys
+
+        probe = ("import json, sys\nimport ticrypt.frontend.cli as c\nc.build_parser()\n"
+                 "print(json.dumps(sorted(sys.modules)))")
+        out = subprocess.run([sys.executable, "-c", probe], env=daemon_env(), check=True,
+                             capture_output=True, timeout=60).stdout
+        heavy = ("twisted", "attr", "attrs", "cryptography", "OpenSSL", "zope",
+                 "autobahn.websocket", "ticrypt.config", "ticrypt.frontend.client",
+                 "ticrypt.frontend.session", "ticrypt.channel")
+        loaded = [m for m in json.loads(out) if any(m == h or m.startswith(h + ".")
+                                                    for h in heavy)]
+        self.assertEqual(loaded, [])

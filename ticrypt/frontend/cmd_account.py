@@ -8,22 +8,17 @@ import os
 import sys
 import time
 from collections.abc import Awaitable, Callable, Iterable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-
-from ticrypt import identity
-from ticrypt.config import ConfigError
-from ticrypt.frontend import clientconfig
-from ticrypt.frontend.client import (
-    RestClient,
-    RestError,
-    authenticated_client,
-    client_from_config,
-)
-from ticrypt.frontend.clientconfig import ClientConfig
 from ticrypt.frontend.runner import CommandError, add_command, load_config, run_async, show
-from ticrypt.frontend.vmref import resolve_vm
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from ticrypt.frontend.client import RestClient
+    from ticrypt.frontend.clientconfig import ClientConfig
+
+# What a command needs to run is imported in its functions (ticrypt.frontend.commands).
 
 PASSPHRASE_ENV = "TICRYPT_PASSPHRASE"
 
@@ -74,6 +69,9 @@ def _key_file(args: argparse.Namespace) -> str:
     which is read alone: no CA file or rest_url is needed yet."""
     if args.key_file:
         return str(args.key_file)
+    from ticrypt.config import ConfigError
+    from ticrypt.frontend import clientconfig
+
     config = getattr(args, "config", None) or clientconfig.default_path()
     if not os.path.exists(config):
         raise CommandError("keygen failed", f"{config} does not exist; name the key with "
@@ -85,6 +83,8 @@ def _key_file(args: argparse.Namespace) -> str:
 
 
 def cmd_keygen(args: argparse.Namespace) -> int:
+    from ticrypt import identity
+
     path = _key_file(args)
     pub_path = path + ".pub"
     for p in (path, pub_path):
@@ -108,6 +108,8 @@ def cmd_keygen(args: argparse.Namespace) -> int:
 def load_user_key(cfg: ClientConfig) -> Ed25519PrivateKey:
     """The user's private key; the passphrase comes from $TICRYPT_PASSPHRASE or
     a prompt when the key is encrypted."""
+    from ticrypt import identity
+
     path = cfg.client.key_file
     try:
         with open(path, "rb") as f:
@@ -134,6 +136,9 @@ def load_user_key(cfg: ClientConfig) -> Ed25519PrivateKey:
 # ---------------------------------------------------------------- session
 
 def cmd_login(args: argparse.Namespace) -> int:
+    from ticrypt.frontend import clientconfig
+    from ticrypt.frontend.client import client_from_config
+
     cfg = load_config(args)
     key = load_user_key(cfg)
 
@@ -149,6 +154,9 @@ def cmd_login(args: argparse.Namespace) -> int:
 
 
 def cmd_logout(args: argparse.Namespace) -> int:
+    from ticrypt.frontend import clientconfig
+    from ticrypt.frontend.client import RestError, client_from_config
+
     cfg = load_config(args)
 
     async def run(reactor: Any) -> int:
@@ -174,6 +182,8 @@ def _ask_rest(args: argparse.Namespace, what: str,
               ask: Callable[[RestClient], Awaitable[Any]],
               lines: Callable[[Any], Iterable[str]]) -> int:
     """Ask rest (signed in) with ``ask(client)`` and :func:`show` the answer."""
+    from ticrypt.frontend.client import authenticated_client
+
     cfg = load_config(args)
 
     async def run(reactor: Any) -> int:
@@ -207,6 +217,8 @@ def cmd_vm_show(args: argparse.Namespace) -> int:
             yield f"{key + ':':<17}{'-' if value is None else value}"
 
     async def ask(client: RestClient) -> dict[str, Any]:
+        from ticrypt.frontend.vmref import resolve_vm
+
         return await client.get_vm((await resolve_vm(client, args.vm_id)).id)
 
     return _ask_rest(args, f"vm show {args.vm_id} failed", ask, lines)

@@ -14,11 +14,14 @@ from __future__ import annotations
 import argparse
 import re
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ticrypt import dnsname
-from ticrypt.frontend.client import RestClient, RestError, authenticated_client
 from ticrypt.frontend.runner import CommandError, add_command, load_config, run_async, show
+
+if TYPE_CHECKING:
+    from ticrypt.frontend.client import RestClient
+
+# What a command needs to run is imported in its functions (ticrypt.frontend.commands).
 
 ENTRY_ID = re.compile(r"al-[0-9a-f]{16}\Z")
 
@@ -59,6 +62,9 @@ def _lines(entries: list[dict[str, Any]]) -> Iterator[str]:
 
 
 def cmd_add(args: argparse.Namespace) -> int:
+    from ticrypt import dnsname
+    from ticrypt.frontend.client import authenticated_client
+
     cfg = load_config(args)
     what = f"allowlist add {args.name} failed"
     try:
@@ -78,6 +84,8 @@ def cmd_add(args: argparse.Namespace) -> int:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
+    from ticrypt.frontend.client import authenticated_client
+
     cfg = load_config(args)
 
     async def run(reactor: Any) -> int:
@@ -89,6 +97,8 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 async def _targets(client: RestClient, ref: str) -> list[dict[str, Any]]:
     """The entries ``ref`` names: one id, or every entry of a name."""
+    from ticrypt import dnsname
+
     if ENTRY_ID.match(ref):
         return [{"id": ref, "name": ref}]
     try:
@@ -103,6 +113,8 @@ async def _targets(client: RestClient, ref: str) -> list[dict[str, Any]]:
 
 
 def cmd_remove(args: argparse.Namespace) -> int:
+    from ticrypt.frontend.client import RestError, authenticated_client
+
     cfg = load_config(args)
     what = f"allowlist remove {args.entry} failed"
 

@@ -9,7 +9,6 @@ prints it and opens it in the default browser (Python's :mod:`webbrowser`);
 from __future__ import annotations
 
 import argparse
-import webbrowser
 from typing import Any
 
 from ticrypt.frontend.cmd_tunnel import ConnectApi
@@ -25,6 +24,8 @@ def register(subparsers: Any) -> None:
 
 
 def cmd_open(args: argparse.Namespace) -> int:
+    import webbrowser  # here: see ticrypt.frontend.commands
+
     cfg = load_config(args)
 
     async def run(reactor: Any) -> int:

@@ -13,18 +13,20 @@ import os
 import signal
 import sys
 from collections.abc import Awaitable, Callable, Iterable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ticrypt import identity
-from ticrypt.channel import app
-from ticrypt.frontend import terminal
-from ticrypt.frontend.client import RestClient, RestError, authenticated_client
-from ticrypt.frontend.clientconfig import ClientConfig
 from ticrypt.frontend.cmd_account import load_user_key
-from ticrypt.frontend.errors import RemoteError, SessionError
 from ticrypt.frontend.runner import CommandError, add_command, load_config, run_async, show
-from ticrypt.frontend.session import ChannelSession, Command, open_session
-from ticrypt.frontend.vmref import VmRef, resolve_vm
+
+if TYPE_CHECKING:
+    from ticrypt.frontend import terminal
+    from ticrypt.frontend.client import RestClient
+    from ticrypt.frontend.clientconfig import ClientConfig
+    from ticrypt.frontend.errors import RemoteError
+    from ticrypt.frontend.session import ChannelSession, Command
+    from ticrypt.frontend.vmref import VmRef
+
+# What a command needs to run is imported in its functions (ticrypt.frontend.commands).
 
 #: Exit status when the command does not exist on the VM (as shells use).
 NOT_FOUND = 127
@@ -66,6 +68,11 @@ async def open_vm(reactor: Any, cfg: ClientConfig,
                   vm: str) -> tuple[VmRef, ChannelSession, RestClient]:
     """:func:`connect`, also returning the resolved VM and the signed-in
     rest client."""
+    from ticrypt.frontend.client import RestError, authenticated_client
+    from ticrypt.frontend.errors import SessionError
+    from ticrypt.frontend.session import open_session
+    from ticrypt.frontend.vmref import resolve_vm
+
     user_key = load_user_key(cfg)
     client = authenticated_client(reactor, cfg)
     ref = await resolve_vm(client, vm)
@@ -91,6 +98,8 @@ async def open_vm(reactor: Any, cfg: ClientConfig,
 
 
 def _run(args: argparse.Namespace, what: str, body: Any) -> int:
+    from ticrypt.frontend.errors import RemoteError, SessionError
+
     cfg = load_config(args)
 
     async def run(reactor: Any) -> int:
@@ -125,6 +134,9 @@ def _warn(vm_id: str, end: str = "\n") -> Any:
 
 
 def _pump_stdin(reactor: Any, session: ChannelSession, cmd: Command) -> terminal.InputReader:
+    from ticrypt.channel import app
+    from ticrypt.frontend import terminal
+
     reader = terminal.InputReader(reactor, cmd.write, cmd.eof)
     terminal.enlarge_pipe(reader.fileno(), app.MAX_BODY)  # whole records per read
     # The reader pauses while the websocket is full and while the command's
@@ -143,6 +155,8 @@ def _pump_stdin(reactor: Any, session: ChannelSession, cmd: Command) -> terminal
 
 
 def cmd_exec(args: argparse.Namespace) -> int:
+    from ticrypt.frontend.errors import RemoteError
+
     argv = list(args.argv)
     if argv[:1] == ["--"]:
         argv = argv[1:]
@@ -174,6 +188,9 @@ def cmd_exec(args: argparse.Namespace) -> int:
 
 
 def cmd_shell(args: argparse.Namespace) -> int:
+    from ticrypt.frontend import terminal
+    from ticrypt.frontend.errors import SessionError
+
     what = f"shell on {args.vm_id} failed"
     term = args.term or os.environ.get("TERM") or "xterm-256color"
 
@@ -205,6 +222,8 @@ def cmd_shell(args: argparse.Namespace) -> int:
 
 
 def _user_key(args: argparse.Namespace) -> str | None:
+    from ticrypt import identity
+
     if args.key:
         try:
             return identity.public_text(identity.parse_public(args.key))
@@ -219,6 +238,9 @@ def _user_key(args: argparse.Namespace) -> str | None:
 
 
 def cmd_authorize(args: argparse.Namespace) -> int:
+    from ticrypt import identity
+    from ticrypt.frontend.client import RestError, authenticated_client
+
     what = f"cannot authorize {args.user} on {args.vm_id}"
     key = _user_key(args)
     cfg = load_config(args)

@@ -23,15 +23,17 @@ from __future__ import annotations
 import argparse
 import re
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ticrypt.frontend.client import RestClient, RestError, authenticated_client
-from ticrypt.frontend.clientconfig import ClientConfig, NotLoggedIn
 from ticrypt.frontend.cmd_session import open_vm
-from ticrypt.frontend.errors import RemoteError, SessionError
 from ticrypt.frontend.runner import CommandError, add_command, load_config, run_async, show
-from ticrypt.frontend.vmref import VmRef, resolve_vm
-from ticrypt.http.client import HttpError, JsonClient
+
+if TYPE_CHECKING:
+    from ticrypt.frontend.client import RestClient
+    from ticrypt.frontend.clientconfig import ClientConfig
+    from ticrypt.frontend.vmref import VmRef
+
+# What a command needs to run is imported in its functions (ticrypt.frontend.commands).
 
 #: connect answers at once, but ``wait`` covers a TCP + TLS connection.
 CONNECT_TIMEOUT = 60.0
@@ -73,6 +75,8 @@ class ConnectApi:
     """The local ticrypt-connect's API (:mod:`ticrypt.connect.api`)."""
 
     def __init__(self, reactor: Any, cfg: ClientConfig, timeout: float = CONNECT_TIMEOUT):
+        from ticrypt.http.client import JsonClient
+
         self.url = cfg.connect.url
         self.token_file = cfg.connect_token_file()
         self._http = JsonClient(reactor, None, timeout=timeout)
@@ -88,6 +92,8 @@ class ConnectApi:
                                "ticrypt-connect --config connect.ini)") from None
 
     async def call(self, method: str, path: str, body: Any = None) -> Any:
+        from ticrypt.http.client import HttpError
+
         headers = {"Authorization": "Bearer " + self._token()}
         try:
             status, answer = await self._http.request(method, self.url + path, body, headers)
@@ -109,6 +115,9 @@ def _port_lines(tunnel: dict[str, Any], label: str) -> Iterator[str]:
 
 
 def cmd_open(args: argparse.Namespace) -> int:
+    from ticrypt.frontend.client import RestError, authenticated_client
+    from ticrypt.frontend.vmref import resolve_vm
+
     wanted = parse_ports(args.port)
     cfg = load_config(args)
     what = f"cannot open a tunnel to {args.vm_id}"
@@ -172,6 +181,8 @@ async def _set_up(reactor: Any, cfg: ClientConfig, args: argparse.Namespace,
 async def _accept(reactor: Any, cfg: ClientConfig, vm_id: str, pem: str,
                   what: str) -> dict[str, Any]:
     """``tunnel-accept`` over the encrypted channel: the VM's grant."""
+    from ticrypt.frontend.errors import RemoteError, SessionError
+
     _, session, _ = await open_vm(reactor, cfg, vm_id)
     try:
         return await session.request("tunnel-accept", cert=pem)
@@ -237,6 +248,9 @@ async def _release_pathway(reactor: Any, cfg: ClientConfig, connect: ConnectApi,
                            pathway: str) -> str:
     """Close rest's pathway unless another tunnel rides it; a note for the
     user (closing it is a courtesy: it also ends at its idle timeout)."""
+    from ticrypt.frontend.client import RestError, authenticated_client
+    from ticrypt.frontend.clientconfig import NotLoggedIn
+
     try:
         others = (await connect.call("GET", "/v1/tunnels"))["tunnels"]
     except CommandError:  # connect is gone: no tunnel of it rides the pathway

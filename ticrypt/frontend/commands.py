@@ -5,6 +5,12 @@ Each command module exposes ``register(subparsers) -> None`` and sets
 code.  Command modules import their helpers from
 :mod:`ticrypt.frontend.runner`, never from :mod:`ticrypt.frontend.cli`,
 so nothing imports back up.
+
+Every run builds the parser of every command, so a command module imports
+at its top only what ``register`` needs (argparse, the runner); what a
+command uses to run (the config, keys, REST client, secure channel,
+Twisted) it imports in its functions.  ``ticrypt --help`` and usage errors
+then load none of it (a test checks).
 """
 
 from __future__ import annotations

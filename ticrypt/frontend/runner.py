@@ -19,14 +19,17 @@ import argparse
 import contextvars
 import json
 from collections.abc import Awaitable, Callable, Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ticrypt import cliutil
 from ticrypt.cliutil import OneLineError
-from ticrypt.config import ConfigError
-from ticrypt.frontend import clientconfig
-from ticrypt.frontend.client import RestError
-from ticrypt.frontend.clientconfig import ClientConfig
+
+if TYPE_CHECKING:
+    from ticrypt.frontend.clientconfig import ClientConfig
+
+# The config, the REST client and Twisted are imported by the functions that
+# use them, as in the command modules: ``ticrypt --help`` and a usage error
+# load none of them (under 0.1 s of CPU instead of about 0.5 s).
 
 PROG = "ticrypt"
 
@@ -75,6 +78,9 @@ def show(args: argparse.Namespace, result: Any, lines: Callable[[Any], Iterable[
 
 def load_config(args: argparse.Namespace) -> ClientConfig:
     """The client config named by ``--config`` / $TICRYPT_CLIENT_CONFIG / default."""
+    from ticrypt.config import ConfigError
+    from ticrypt.frontend import clientconfig
+
     try:
         return clientconfig.load(getattr(args, "config", None))
     except ConfigError as e:
@@ -85,6 +91,9 @@ async def run_on(reactor: Any, what: str, fn: CommandBody) -> int:
     """``await fn(reactor)``; its exit code.  CommandError, RestError and
     NotLoggedIn become ``ticrypt: <what>: <why>`` and exit code 1 (``what``
     is used when the error has no ``what`` of its own)."""
+    from ticrypt.frontend import clientconfig
+    from ticrypt.frontend.client import RestError
+
     try:
         return await fn(reactor)
     except CommandError as e:
