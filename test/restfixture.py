@@ -197,7 +197,10 @@ class RestHere:
 
     async def stop(self) -> None:
         """Stop listening, the purge timer and the database thread, then end
-        the connections still open and wait until they are gone."""
+        the connections still open and wait until they are gone.  Once
+        stopped, nothing more (a test that stopped it, then its cleanup)."""
+        if not self.service.running:
+            return
         await self.service.stopService()
         if not len(self.connections):
             return

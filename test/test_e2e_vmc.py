@@ -1,5 +1,7 @@
-"""End to end: real ticrypt-rest, ticrypt-proxy and ticrypt-vmc daemons on
-127.0.0.1 (twistd, TLS, websockets), the session library and the CLI."""
+"""End to end: real ticrypt-proxy and ticrypt-vmc daemons on 127.0.0.1
+(twistd, TLS, websockets) and rest run in the test's process (the daemon's
+own service from the same rest.ini, HTTPS on 127.0.0.1), the session
+library and the CLI."""
 
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ from twisted.internet.error import ProcessDone
 from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 
-from test.daemon import daemon_env, kill_if_alive, pid_alive, pid_gone, script_path
+from test.daemon import daemon_env, kill_if_alive, pid_alive, pid_gone, script_path, spawn_daemon
 from test.vmcfixture import Trio, deferred_later, start_trio
 from ticrypt import identity
 from ticrypt.channel import app
@@ -198,18 +200,28 @@ class ExecTests(TestCase):
         await s.close()
 
     async def test_vmc_restart_and_proxy_restart(self) -> None:
-        """vmc started again does not enroll again (its token file is gone
-        anyway); a proxy killed with SIGKILL refuses sessions until it is
-        started again on its port, then the VM is reachable again."""
-        trio = await start_trio(self)
-        assert trio.vmc is not None
+        """vmc started while rest is down retries its enrollment until rest
+        answers; started again it does not enroll again (its token file is
+        gone anyway); a proxy killed with SIGKILL refuses sessions until it
+        is started again on its port, then the VM is reachable again."""
+        trio = await start_trio(self, enroll=False)
+        await trio.stop_rest()
+        trio.vmc = spawn_daemon(self, "ticrypt-vmc", trio.vmc_config)
+        for _ in range(400):  # bounded: 20 s
+            if any(r["event"] == "enroll" for r in trio.vmc_audit_lines()):
+                break
+            await deferred_later(0.05)
+        self.assertEqual([(r.get("result"), r.get("reason")) for r in trio.vmc_audit_lines()
+                          if r["event"] == "enroll"][:1],
+                         [("failed", "unreachable")], "vmc's first enrollment attempt")
+        self.assertFalse(trio.vmc.ready.called, "vmc ready without an enrollment")
+        await trio.start_rest(self)
+        await trio.vmc.ready
         await trio.vmc.stop()
         os.unlink(trio.vmc_token_file)  # single use anyway
         await trio.start_vmc(self)
         status, out = await eventually_exec(trio, "owen")
         self.assertEqual((status, out), (0, b"back\n"), "after vmc's restart")
-        # proxy, rest and vmc start at once, so vmc's first attempt may find
-        # rest not listening yet (audited enroll failed: unreachable)
         enrolls = [r for r in trio.vmc_audit_lines()
                    if r["event"] == "enroll" and r.get("result") == "ok"]
         self.assertEqual(len(enrolls), 1, "vmc enrolled again at its second start")
@@ -368,9 +380,11 @@ class BackpressureTests(TestCase):
 
 
 class CliTests(TestCase):
-    """``ticrypt`` (the console script) against a trio: the commands on one
-    (each its own process, run at once where they are independent), the
-    local terminal on another."""
+    """``ticrypt`` against a trio: the commands on one (``exec`` and
+    ``shell`` as the console script, a process each, which is what they
+    show; the others, authorize, users, revoke and info, in the test's
+    process, :meth:`Trio.cli`; run at once where they are independent),
+    the local terminal on another."""
 
     timeout = 180
 

@@ -1,5 +1,6 @@
 """Fairness: one user cannot hold all of a VM's sessions (vmc
-``[exec] max_sessions_per_user``), with real rest, proxy and vmc daemons.
+``[exec] max_sessions_per_user``), with real proxy and vmc daemons and rest
+in the test's process.
 (rest's failed-login limits per address and per user from one address are
 in test_rest.py and test_rest_core.py.)"""
 

@@ -1,7 +1,8 @@
 """Revocation reaches what is already open (DESIGN §3.1.6, PROTOCOL.md §3
 "Revocation"): rest's signed feed, the proxy's list and poller, and end to
-end with real daemons: disabling a user or ending a session closes the
-user's live pairs and kills the VM processes they started."""
+end with real proxy and vmc daemons (rest in the test's process): disabling
+a user or ending a session closes the user's live pairs and kills the VM
+processes they started."""
 
 from __future__ import annotations
 
@@ -430,7 +431,8 @@ async def _long_command(session: ChannelSession) -> int:
 
 
 class EndToEndTests(TestCase):
-    """Real rest, proxy and vmc daemons (test/vmcfixture.py)."""
+    """Real proxy and vmc daemons and rest in the test's process
+    (test/vmcfixture.py): rest serves the feed, the proxy polls it."""
 
     timeout = 120
 

@@ -1,6 +1,9 @@
 """A running rest + proxy + vmc trio on 127.0.0.1 for integration tests:
-real twistd daemons, real TLS, a private CA; a trial wrapper over
-:class:`ticrypt.lab.deploy.Deployment` (which also builds ``ticrypt-lab``).
+real TLS, a private CA; the proxy and vmc are twistd daemons, rest runs in
+the test's process (:class:`~test.restfixture.RestHere`: the daemon's own
+service from the same rest.ini, HTTPS on 127.0.0.1) unless the test asks
+for its daemon (``start_trio(self, rest_daemon=True)``).  A trial wrapper
+over :class:`ticrypt.lab.deploy.Deployment` (which also builds ``ticrypt-lab``).
 
     trio = await start_trio(self)                 # self: a trial TestCase
     session = await trio.session("owen")          # the VM owner
@@ -29,7 +32,7 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 
 from test.daemon import Daemon, run_command, script_path, start_daemon, starter
-from test.restfixture import RestEnv, admin_runner, make_rest_dir, run_ticrypt
+from test.restfixture import RestEnv, RestHere, admin_runner, make_rest_dir, run_ticrypt
 from ticrypt import tlsutil
 from ticrypt.frontend import clientconfig
 from ticrypt.frontend.session import ChannelSession, open_session
@@ -120,6 +123,19 @@ class Trio:
     def vmc_audit_lines(self) -> list[dict[str, Any]]:
         return read_json_lines(self.vmc_audit)
 
+    # -- rest (run in this process) ------------------------------------------
+
+    async def stop_rest(self) -> None:
+        """Stop rest (not with ``rest_daemon``): its port refuses connections
+        until :meth:`start_rest`."""
+        assert self.rest.here is not None, "rest is not running in this process"
+        await self.rest.here.stop()
+
+    async def start_rest(self, testcase: TestCase) -> RestHere:
+        """rest in this process again, on the port it had (the proxy's and
+        vmc's configs name it), stopped in ``testcase``'s cleanup."""
+        return await self.rest.start_here(testcase)
+
     # -- proxy ---------------------------------------------------------------
 
     async def kill_proxy(self) -> None:
@@ -187,18 +203,24 @@ def _free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
 
 async def start_trio(testcase: TestCase, *, enroll: bool = True,
                      proxy_limits: dict[str, str] | None = None,
-                     **vmc_overrides: str) -> Trio:
+                     rest_daemon: bool = False, **vmc_overrides: str) -> Trio:
     """rest + proxy + users owen and bob + a VM owned by owen + its vmc.
 
     With ``enroll=False`` the VM exists in rest but no vmc is started
     (``trio.token`` holds the enrollment token).
 
     The database, users and VM are written first, in this process
-    (``ticrypt-admin``'s code, :func:`~test.restfixture.admin_runner`); then
-    the three daemons start at once on ports chosen beforehand: the proxy
+    (``ticrypt-admin``'s code, :func:`~test.restfixture.admin_runner`).
+    rest then runs in this process (``trio.rest.here``, stopped in cleanup
+    after the daemons): the tests of a trio are about vmc, the proxy and
+    the channel, and both reach rest as they reach the daemon (vmc enrolls
+    over HTTPS, the proxy polls the revocation feed with its secret).
+    Then the proxy and vmc start at once.  With ``rest_daemon`` rest is a
+    twistd daemon too (``trio.rest.daemon``, for a test that stops or kills
+    it), and the three start at once on ports chosen beforehand: the proxy
     retries rest's revocation feed and vmc its enrollment until rest
-    answers, as after a reboot (:data:`ticrypt.lab.deploy.START_ORDER`
-    is the order a deployment needs no retry in).
+    answers, as after a reboot (:data:`ticrypt.lab.deploy.START_ORDER` is
+    the order a deployment needs no retry in).
     """
     rest = make_rest_dir(os.path.abspath(testcase.mktemp()), addresses=Addresses())
     deployment = rest.deployment
@@ -209,17 +231,25 @@ async def start_trio(testcase: TestCase, *, enroll: bool = True,
     await trio.add_user("bob")
     trio.vm_id, trio.token = await trio.add_vm("owen")
     a = deployment.addresses
-    a.rest_port, a.proxy_port, a.control_port = _free_ports(3, a.rest_host)
+    ports = _free_ports(3 if rest_daemon else 2, a.proxy_host)
+    a.proxy_port, a.control_port = ports[:2]
+    if rest_daemon:
+        a.rest_port = ports[2]  # rest_host is proxy_host: 127.0.0.1
+    else:
+        await rest.start_here(testcase)  # on a port of its own, which rest_url names
     deployment.proxy_ini(proxy_limits)
     trio.write_vmc_config(trio.token, **vmc_overrides)
     start = starter(testcase)
-    started = [defer.ensureDeferred(deployment.start_proxy(start)),
-               defer.ensureDeferred(deployment.start_rest(start))]
+    started = [defer.ensureDeferred(deployment.start_proxy(start))]
+    if rest_daemon:
+        started.append(defer.ensureDeferred(deployment.start_rest(start)))
     if enroll:
         started.append(defer.ensureDeferred(trio.start_vmc(testcase)))
     daemons = await defer.gatherResults(started, consumeErrors=True).addErrback(
         lambda f: f.value.subFailure)  # the first daemon that failed, as itself
-    trio.proxy, rest.daemon = daemons[0], daemons[1]
+    trio.proxy = daemons[0]
+    if rest_daemon:
+        rest.daemon = daemons[1]
     return trio
 
 
