@@ -20,13 +20,11 @@ from autobahn.twisted.resource import WebSocketResource
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.types import ConnectionDeny
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from twisted.internet import reactor
-from twisted.internet.interfaces import IListeningPort
 from twisted.trial.unittest import TestCase
 from twisted.web import resource, server, static
 from twisted.web.iweb import IRequest
 
-from test.browser import Browser, chromium_skip_reason, start_browser
+from test.browser import WINDOW, Browser, chromium_skip_reason, serve, start_browser
 from ticrypt.channel import ChannelError, VmChannel, app
 from ticrypt.channel.errors import MESSAGES
 from ticrypt.connect.page import CSP, PageFiles
@@ -197,9 +195,7 @@ class WebTestCase(TestCase):
 
     async def open_page(self, behaviour: str = "") -> None:
         web, self.relay = site(behaviour)
-        port: IListeningPort = reactor.listenTCP(0, web, interface="127.0.0.1")  # type: ignore[arg-type]
-        self.addCleanup(port.stopListening)
-        self.base = f"http://127.0.0.1:{port.getHost().port}"  # type: ignore[attr-defined]
+        self.base = f"http://127.0.0.1:{serve(self, web)}"
         self.browser = await start_browser(self, script_timeout=120)
         await self.browser.get(self.base + "/test/index.html")
 
@@ -562,3 +558,48 @@ class ListenerTests(WebTestCase):
         or removed by a callback counts from the next fire()."""
         await self.open_page()
         self.assertEqual(await self.call("listenerRounds"), ["a1", "b1", "b2", "c2", "b3"])
+
+
+class BrowserResetTests(WebTestCase):
+    """test/browser.py lends one browser to test after test: what a test
+    leaves in it is gone for the next one."""
+
+    _LEAVE = """
+const done = arguments[arguments.length - 1];
+localStorage.setItem("k", "v");
+sessionStorage.setItem("k", "v");
+document.cookie = "k=v; max-age=3600";
+const req = indexedDB.open("left-behind", 1);
+req.onupgradeneeded = () => req.result.createObjectStore("s");
+req.onsuccess = () => { req.result.close(); done(true); };
+req.onerror = () => done(String(req.error));
+"""
+    _STATE = """
+const done = arguments[arguments.length - 1];
+indexedDB.databases().then((dbs) => done({
+  local: localStorage.length, session: sessionStorage.length, cookie: document.cookie,
+  databases: dbs.map((d) => d.name)}));
+"""
+
+    async def test_reset_leaves_nothing(self) -> None:
+        """Storages, cookies, other tabs, the window size and console
+        messages of a test do not reach the next one."""
+        await self.open_page()
+        b = self.browser
+        self.assertIs(await b.run_async(self._LEAVE), True)
+        await b.get(self.base + "/test/index.html")
+        left = {"local": 1, "session": 1, "cookie": "k=v", "databases": ["left-behind"]}
+        self.assertEqual(await b.run_async(self._STATE), left)  # what reset must clear
+        await b.run("console.error('left behind')")
+        first = await b.call(lambda: b.driver.current_window_handle)
+        await b.call(b.driver.switch_to.new_window, "tab")
+        await b.call(b.driver.switch_to.window, first)  # the tab with a sessionStorage
+        await b.call(b.driver.set_window_size, 700, 500)
+        await b.reset()
+        await b.get(self.base + "/test/index.html")
+        self.assertEqual(await b.run_async(self._STATE),
+                         {"local": 0, "session": 0, "cookie": "", "databases": []})
+        self.assertEqual(len(await b.call(lambda: b.driver.window_handles)), 1)
+        size = await b.call(b.driver.get_window_size)
+        self.assertEqual((size["width"], size["height"]), WINDOW)
+        self.assertEqual(await b.logs(), [])

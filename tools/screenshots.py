@@ -47,7 +47,7 @@ async def shoot(reactor: Any, out: str) -> None:
                                       daemons.runner(reactor, cwd=daemons.ROOT), start,
                                       cleanups.append)
         await browser.start()
-        browser.driver.set_window_size(1200, 760)
+        await browser.call(browser.driver.set_window_size, 1200, 760)
         page = Page(browser)
         await page.open(await chain.page_link())
         await page.import_key(chain.key_file(OWNER), OWNER)
