@@ -14,17 +14,20 @@ check that no plaintext of a browser session ever reached it.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Coroutine
+from typing import Any, TypeVar
 
 import attrs
-from twisted.internet import endpoints, protocol, ssl
+from twisted.internet import defer, endpoints, protocol, ssl
 from twisted.internet.interfaces import IListeningPort
 
 from ticrypt.http.client import JsonClient
 from ticrypt.lab import apps
 from ticrypt.lab.daemons import Daemon
 from ticrypt.lab.deploy import Addresses, Deployment, Run, Start, free_port
+
+A = TypeVar("A")
+B = TypeVar("B")
 
 OWNER = "alice"
 VM = "labvm"
@@ -197,10 +200,13 @@ async def start_web_chain(reactor: Any, directory: str, run: Run, start: Start,
     identity.save_private(dep.path(f"{OWNER}-enc.key"), key, PASSPHRASE.encode())
     dep.rest_ini()
     dep.proxy_ini(limits=proxy_limits)
-    await dep.init(run, OWNER)
-    for user in users:
-        await dep.add_user(run, user)
-    proxy = await dep.start_proxy(start)
+
+    async def accounts() -> None:
+        await dep.init(run, OWNER)
+        for user in users:
+            await dep.add_user(run, user)
+    # the proxy boots while ticrypt-admin fills rest's database
+    proxy, _ = await _both(dep.start_proxy(start), accounts())
     # rest tells vmc and the page's relay to dial the tap, which dials the proxy
     tap = Tap(reactor, dep, dep.addresses.proxy_port)
     tap_port = await tap.listen()
@@ -208,30 +214,45 @@ async def start_web_chain(reactor: Any, directory: str, run: Run, start: Start,
     dep.rest_ini(proxy_url=f"wss://127.0.0.1:{tap_port}", **(rest_settings or {}))
     rest = await dep.start_rest(start)
     c = WebChain(reactor, dep, tap, start=start)
-    c.vm_id, token = await dep.add_vm(run, OWNER, VM)
-    if not tunnel_server:
-        vmc = await start("ticrypt-vmc", dep.vmc_ini(token, tunnel_settings={"enabled": "no"}))
-        connect = await dep.start_connect(start)
-        c.daemons = {"proxy": proxy, "rest": rest, "vmc": vmc, "connect": connect}
-        for user in (OWNER, *users):
-            c.client_inis[user] = dep.client_ini(user, name=f"client-{user}")
-        return c
-    c.web_port = free_port()
-    tunnel, sftp = dep.vm_tunnel(ports=(c.web_port,))
-    c.sftp_port = int(str(sftp["port"]))
-    vmc = await start("ticrypt-vmc", dep.vmc_ini(token, tunnel_settings=tunnel,
-                                                 sftp_settings=sftp))
-    vmhost = await start("ticrypt-vmhost", dep.vmhost_ini(
-        {1: f"127.0.0.1:{vmc.address('tunnel')[1]}"}, base=str(vmhost_port - 1)))
-    connect = await dep.start_connect(start)  # the page on: rest's URL, the CA
-    c.daemons = {"proxy": proxy, "rest": rest, "vmc": vmc, "vmhost": vmhost,
-                 "connect": connect}
+
+    async def vm() -> dict[str, Daemon]:
+        c.vm_id, token = await dep.add_vm(run, OWNER, VM)
+        if not tunnel_server:
+            return {"vmc": await start("ticrypt-vmc",
+                                       dep.vmc_ini(token, tunnel_settings={"enabled": "no"}))}
+        c.web_port = free_port()
+        tunnel, sftp = dep.vm_tunnel(ports=(c.web_port,))
+        c.sftp_port = int(str(sftp["port"]))
+        vmc = await start("ticrypt-vmc", dep.vmc_ini(token, tunnel_settings=tunnel,
+                                                     sftp_settings=sftp))
+        vmhost = await start("ticrypt-vmhost", dep.vmhost_ini(
+            {1: f"127.0.0.1:{vmc.address('tunnel')[1]}"}, base=str(vmhost_port - 1)))
+        return {"vmc": vmc, "vmhost": vmhost}
+    # connect (the page on: rest's URL, the CA) needs nothing of the VM's
+    connect, vm_daemons = await _both(dep.start_connect(start), vm())
+    c.daemons = {"proxy": proxy, "rest": rest, **vm_daemons, "connect": connect}
     for user in (OWNER, *users):
         c.client_inis[user] = dep.client_ini(user, name=f"client-{user}")
-    c.www = apps.web_folder(dep.path("www"))
-    web = await apps.start_web(reactor, c.www, c.web_port)
-    on_cleanup(web.stopListening)
+    if tunnel_server:
+        c.www = apps.web_folder(dep.path("www"))
+        web = await apps.start_web(reactor, c.www, c.web_port)
+        on_cleanup(web.stopListening)
     return c
+
+
+async def _both(first: Coroutine[Any, Any, A], second: Coroutine[Any, Any, B]) -> tuple[A, B]:
+    """Both results of two coroutines run at the same time; both have ended
+    when this returns or raises (the first one's failure, else the second's)."""
+    one, two = defer.Deferred.fromCoroutine(first), defer.Deferred.fromCoroutine(second)
+    try:
+        a = await one
+    except BaseException:
+        try:
+            await two
+        except BaseException:
+            pass
+        raise
+    return a, await two
 
 
 __all__ = ["OWNER", "PASSPHRASE", "VM", "Recording", "Tap", "WebChain", "start_web_chain"]
