@@ -171,6 +171,22 @@ class StaticTests(SynchronousTestCase):
         self.assertEqual(self.get("/app/js/channelerrors.json", "POST")[0], 405)
         self.assertEqual(self.get("/app/js/channelerrors.json", host="evil.example:7480")[0], 403)
 
+    def test_close_code_table(self) -> None:
+        """The close codes and the explanations of reason names, from
+        Python (their one home, ticrypt.closecodes), as the JSON module
+        closes.js imports."""
+        status, headers, body = self.get("/app/js/closecodes.json")
+        self.assertEqual((status, headers[b"content-type"]), (200, b"application/json"))
+        self.assertEqual(json.loads(body), {
+            "codes": {str(c.code): [c.name, c.human] for c in cc.ALL},
+            "reasons": cc.REASON_HUMAN})
+        self.assertEqual(len(json.loads(body)["codes"]), len(cc.BY_CODE))  # no code twice
+        self.assert_page_headers(headers, "closecodes.json")
+        status, _, body = self.get("/app/js/closecodes.json", "HEAD")
+        self.assertEqual((status, body), (200, b""))
+        self.assertEqual(self.get("/app/js/closecodes.json", "POST")[0], 405)
+        self.assertEqual(self.get("/app/js/closecodes.json", host="evil.example:7480")[0], 403)
+
     def test_nothing_else_is_served(self) -> None:
         for path in ("/app/", "/app/js/", "/app/secret.txt", "/app/package.json",
                      "/app/../secret.txt", "/app/js/../../secret.txt", "/app/%2e%2e/secret.txt",

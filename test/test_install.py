@@ -41,6 +41,7 @@ from twisted.web.client import Agent, readBody
 
 from test.proxyfixture import Backend, get_status, write_proxy_config
 from test.restfixture import make_rest_dir
+from ticrypt import closecodes as cc
 from ticrypt.channel.errors import MESSAGES
 from ticrypt.connect.page import CSP, VENDOR
 from ticrypt.frontend.client import RestClient
@@ -495,8 +496,9 @@ class InstalledDaemonTests(TestCase):
         self.assertEqual(session["user"], rest.admin_name)
 
     async def test_connect_serves_the_page(self) -> None:
-        """The installed connect serves the page, xterm.js and the channel's
-        error table from the installed package, not from the checkout."""
+        """The installed connect serves the page, xterm.js, the channel's
+        error table and the close codes from the installed package, not from
+        the checkout."""
         directory = os.path.abspath(self.mktemp())
         os.makedirs(directory)
         config = os.path.join(directory, "connect.ini")
@@ -524,11 +526,16 @@ class InstalledDaemonTests(TestCase):
             self.assertEqual(response.headers.getRawHeaders("Content-Security-Policy"), [CSP])
             with open(os.path.join(self.inst.src, source), "rb") as f:
                 self.assertEqual(body, f.read(), path)
-        # the channel's error table comes from the installed Python (channelerror.js imports it)
-        response = await agent.request(
-            b"GET", f"http://127.0.0.1:{port}/app/js/channelerrors.json".encode())
-        self.assertEqual(response.code, 200)
-        self.assertEqual(json.loads(await readBody(response)), MESSAGES)
+        # the channel's error table and the close codes come from the installed
+        # Python (channelerror.js and closes.js import them)
+        tables = {"channelerrors.json": MESSAGES,
+                  "closecodes.json": {"codes": {str(c.code): [c.name, c.human] for c in cc.ALL},
+                                      "reasons": cc.REASON_HUMAN}}
+        for name, table in tables.items():
+            response = await agent.request(
+                b"GET", f"http://127.0.0.1:{port}/app/js/{name}".encode())
+            self.assertEqual(response.code, 200, name)
+            self.assertEqual(json.loads(await readBody(response)), table)
 
     async def test_proxy(self) -> None:
         directory = os.path.abspath(self.mktemp())

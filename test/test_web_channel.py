@@ -4,9 +4,9 @@ the strict encodings, key files written by the Python reference and
 signatures the Python reference verifies.
 
 The modules are served in-process on 127.0.0.1 by connect's own PageFiles
-(with the channel's error table it serves from Python), the test-only page
-test/web/ by twisted.web.static, all with the page's Content-Security-Policy,
-so nothing here runs unless it runs under that policy.
+(with the channel's error table and the close codes it serves from Python),
+the test-only page test/web/ by twisted.web.static, all with the page's
+Content-Security-Policy, so nothing here runs unless it runs under that policy.
 """
 
 from __future__ import annotations
@@ -547,6 +547,45 @@ class CloseTests(WebTestCase):
         self.assertEqual(lost["name"], "connection-lost")
         self.assertEqual((bye["name"], bye["human"]), ("bye", "the session ended"))
         self.assertEqual((unknown["name"], unknown["text"]), ("strange", "thing"))
+
+
+    _TABLES = """
+const done = arguments[arguments.length - 1];
+(async () => {
+  for (let i = 0; i < 200 && !window.ticryptTests; i++) await new Promise((r) => setTimeout(r, 25));
+  const m = await import("/app/js/closes.js");  // the page's own instance (tests.js imports it)
+  const frozen = [m.CLOSE_CODES, m.REASON_HUMAN, ...Object.values(m.CLOSE_CODES)].every(Object.isFrozen);
+  return { codes: m.CLOSE_CODES, reasons: m.REASON_HUMAN, frozen };
+})().then((value) => done({value}), (e) => done({error: String(e && e.stack || e)}));
+"""
+
+    async def test_close_codes_are_pythons(self) -> None:
+        """The page's CLOSE_CODES and REASON_HUMAN are ticrypt.closecodes'
+        ALL and REASON_HUMAN: the JSON module connect serves from them loads
+        under the page's CSP and is what closes.js uses; and every close
+        code, and every reason name under 4400 and 1000, reads in the page
+        as ticrypt.frontend.errors reads it."""
+        from ticrypt import closecodes as cc
+        from ticrypt.frontend.errors import close_error
+        await self.open_page()
+        got = await self.browser.run_async(self._TABLES)
+        self.assertNotIn("error", got)
+        self.assertEqual(got["value"], {
+            "codes": {str(c.code): [c.name, c.human] for c in cc.ALL},
+            "reasons": cc.REASON_HUMAN, "frozen": True})
+        explained = [*cc.REASON_HUMAN, *(c.name for c in cc.ALL)]
+        # under 1000 a name neither table explains reads differently (the
+        # page: "the session ended", Python: "connection closed (...)")
+        cases: list[tuple[int, str]] = (
+            [(c.code, "") for c in cc.ALL] + [(4400, n) for n in [*explained, *MESSAGES]]
+            + [(1000, f"{n}: why") for n in explained])
+        described = await self.call("describeCloses", cases)
+        mismatches = []
+        for (code, reason), d in zip(cases, described, strict=True):
+            want = close_error(code, reason)
+            if (d["name"], d["line"]) != (want.code, str(want)):
+                mismatches.append((code, reason, d["line"], str(want)))
+        self.assertEqual(mismatches, [])
 
 
 class ListenerTests(WebTestCase):

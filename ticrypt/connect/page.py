@@ -8,8 +8,8 @@ and the relays on one origin, ``http://127.0.0.1:PORT``.
 * :class:`PageFiles`: a leaf resource serving exactly ``/`` (index.html),
   ``/app/index.html``, ``/app/app.css``, ``/app/js/NAME.js``, the xterm.js
   files under ``/vendor/`` from ``node_modules`` and :data:`APP_DATA`
-  (the secure channel's error table, from Python); nothing else, never a
-  directory listing.  Every answer carries :data:`PAGE_HEADERS` (a strict
+  (the secure channel's error table and the close codes, from Python);
+  nothing else, never a directory listing.  Every answer carries :data:`PAGE_HEADERS` (a strict
   Content-Security-Policy among them).
 * :class:`PageRoot`: the site's root; ``/relay/v1/user`` goes to the
   websocket relay, page paths to :class:`PageFiles`, everything else to the
@@ -32,6 +32,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.web import resource, server
 
+from ticrypt import closecodes
 from ticrypt.channel.errors import MESSAGES
 from ticrypt.http.server import error_body
 
@@ -60,12 +61,19 @@ VENDOR = {
     "addon-fit.mjs": "@xterm/addon-fit/lib/addon-fit.mjs",
 }
 
-#: Page paths answered from Python data rather than a file: the secure
-#: channel's error table (code -> fixed human message), whose one home is
-#: :data:`ticrypt.channel.errors.MESSAGES`; channelerror.js imports it as a
-#: JSON module.
+#: Page paths answered from Python data rather than a file, each imported
+#: by the page as a JSON module: the secure channel's error table (code ->
+#: fixed human message), whose one home is
+#: :data:`ticrypt.channel.errors.MESSAGES`, for channelerror.js; and the close
+#: codes (``codes``: number -> [name, human line]) with the explanations of
+#: reason names that are not codes (``reasons``: name -> human line), whose
+#: one home is :mod:`ticrypt.closecodes`, for closes.js.
 APP_DATA: dict[str, bytes] = {
     "/app/js/channelerrors.json": json.dumps(MESSAGES, indent=1).encode(),
+    "/app/js/closecodes.json": json.dumps({
+        "codes": {str(c.code): [c.name, c.human] for c in closecodes.ALL},
+        "reasons": closecodes.REASON_HUMAN,
+    }, indent=1).encode(),
 }
 
 _TYPES = {

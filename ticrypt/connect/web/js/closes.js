@@ -1,33 +1,18 @@
 // Websocket closes as the user reads them (PROTOCOL.md §1.2, §4 Errors),
 // with the wording of ticrypt/closecodes.py and ticrypt/frontend/errors.py.
+// The close codes and the explanations of reason names are one table,
+// ticrypt/closecodes.py's ALL and REASON_HUMAN, which ticrypt-connect serves
+// as closecodes.json.
 
 import { CHANNEL_MESSAGES } from "./channelerror.js";
+import table from "./closecodes.json" with { type: "json" };
 
-/** Close codes: number -> [name, human line] (ticrypt/closecodes.py). */
-export const CLOSE_CODES = Object.freeze({
-  1000: ["normal", "the session ended"],
-  1001: ["going-away", "the far end is going away"],
-  1009: ["message-too-big", "a message was over the proxy's size limit"],
-  1011: ["server-error", "the proxy failed unexpectedly"],
-  4000: ["bad-message", "a malformed control message"],
-  4001: ["vm-auth-failed", "the VM could not prove its identity"],
-  4003: ["ticket-refused", "the proxy refused the connection ticket"],
-  4004: ["no-vm-available", "the VM is not connected to the proxy (is it running?)"],
-  4008: ["timeout", "timed out"],
-  4009: ["over-limit", "too many connections"],
-  4010: ["peer-lost", "the other end vanished without closing"],
-  4011: ["revoked", "access was revoked at the backend (user disabled or session ended); sign in again if you still may"],
-  4013: ["proxy-unreachable", "ticrypt-connect could not reach the proxy (is the backend up? is connect's [page] configured?)"],
-  4400: ["channel-error", "the secure channel failed"],
-  4401: ["not-authorized", "you are not authorized on this VM; ask its owner to run 'ticrypt authorize VM YOU'"],
-});
+/** Close codes: number -> [name, human line] (ticrypt/closecodes.py ALL). */
+export const CLOSE_CODES = Object.freeze(Object.fromEntries(
+  Object.entries(table.codes).map(([code, entry]) => [code, Object.freeze([...entry])])));
 
 /** Reason names under 4400 (and a few end-to-end ones) that are not close codes. */
-export const REASON_HUMAN = Object.freeze({
-  "vm-key-mismatch": "the VM presented a key other than the one registered in rest; refusing to talk to it",
-  "window-exceeded": "this client sent the VM more input than it allowed (a client bug)",
-  "record-too-large": "a record was over the size limit of the far end",
-});
+export const REASON_HUMAN = Object.freeze({ ...table.reasons });
 
 /** Close codes of a lost connection (no close frame). */
 const LOST = new Set([1005, 1006]);
