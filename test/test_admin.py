@@ -6,6 +6,7 @@ import json
 import os
 import sqlite3
 import stat
+import sys
 
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
@@ -95,6 +96,30 @@ class AdminCliTests(TestCase):
         self.assertEqual(code, 1)
         self.one_line(err, f"ticrypt-admin: cannot list users: {env.database} does not "
                            "exist; create it with ticrypt-admin init")
+
+
+    async def test_command_loads_neither_http_server_nor_tls(self) -> None:
+        """A command works on rest's database: its process loads neither
+        rest's HTTP API (twisted.web.server) nor Twisted's endpoint parser
+        and OpenSSL (rest.ini's ssl: listen is rest's; its TLS key and
+        certificate are not read), nor any test tooling: about a third of
+        the CPU of ``ticrypt-admin user list``."""
+        env = await start_rest(self, start=False, copy=True)
+        probe = ("import contextlib, io, json, sys\nimport ticrypt.admin.cli as c\n"
+                 "with contextlib.redirect_stdout(io.StringIO()) as out:\n"
+                 f"    code = c.main(['--config', {env.config_path!r}, '--json', 'user', 'list'])\n"
+                 "print(json.dumps({'code': code, 'out': out.getvalue(),"
+                 " 'modules': sorted(sys.modules)}))")
+        code, out, err = await run_command([sys.executable, "-c", probe])
+        self.assertEqual(code, 0, err)
+        result = json.loads(out)
+        self.assertEqual((result["code"], [u["name"] for u in json.loads(result["out"])["users"]]),
+                         (0, [env.admin_name]))
+        heavy = ("twisted.web", "ticrypt.http.server", "ticrypt.rest.api",
+                 "twisted.internet.endpoints", "twisted.internet.ssl", "OpenSSL",
+                 "twisted.trial", "twisted.internet.testing", "unittest")
+        self.assertEqual([m for m in result["modules"]
+                          if any(m == h or m.startswith(h + ".") for h in heavy)], [])
 
 
 class MigrationTests(SynchronousTestCase):

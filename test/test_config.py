@@ -177,7 +177,8 @@ class LoadConfigTests(SynchronousTestCase):
     def test_endpoint_port_out_of_range(self) -> None:
         # Twisted's parser takes any integer; bind() would fail at start-up
         self.make_pem("s.pem")
-        for listen in ("tcp:70000:interface=127.0.0.1", "tcp:-1", "ssl:65536:privateKey=s.pem"):
+        for listen in ("tcp:70000:interface=127.0.0.1", "tcp:-1", "ssl:65536:privateKey=s.pem",
+                       r"tcp6:70000:interface=\:\:1"):
             self.assertNames(self.error(f"[main]\nname=x\nlisten={listen}\n"), "main",
                              "listen", "not in 0..65535")
         cfg = load_config(self.write("[main]\nname=x\nlisten=tcp:65535\n"), SCHEMA)
@@ -220,6 +221,65 @@ class LoadConfigTests(SynchronousTestCase):
         self.write(pem.split("-----END PRIVATE KEY-----\n", 1)[1], name="cert.pem", mode=0o644)
         load_config(self.write("[main]\nname=x\nlisten=ssl:0:privateKey=k.pem:certKey=cert.pem\n"),
                     SCHEMA)
+
+    def test_endpoints_parsed_without_opening_anything(self) -> None:
+        # parsed against a reactor of the check's own: nothing is bound, a
+        # unix: path is not created, a tls: client names no resolver problem
+        path = os.path.join(self.dir, "s.sock")
+        cfg = load_config(self.write(f"[main]\nname=x\nlisten=unix:{path}\n"
+                                     "connect=tls:example.com:443\n"), SCHEMA)
+        self.assertEqual((cfg.main.listen, cfg.main.connect),
+                         (f"unix:{path}", "tls:example.com:443"))
+        self.assertFalse(os.path.exists(path))
+        self.assertEqual(self.flushWarnings(), [])
+
+    def test_role_that_does_not_listen_skips_endpoint_parsing(self) -> None:
+        # ticrypt-admin reads rest.ini but never listens: the TLS key and
+        # certificate are not loaded, the key file's mode is still checked
+        @attrs.frozen(kw_only=True)
+        class Tool(RoleConfig):
+            parse_endpoints = False
+            main: _Listen = section(_Listen)
+
+        cfg = load_config(self.write("[main]\nlisten=ssl:0:privateKey=missing.pem\n"), Tool)
+        self.assertEqual(cfg.main.listen, f"ssl:0:privateKey={self.dir}/missing.pem")
+        self.make_pem("g.pem", 0o640)
+        for listen, why in (("ssl:0:privateKey=g.pem", "readable by group or others"),
+                            ("ssl:0", "needs privateKey=")):
+            err = self.assertRaises(ConfigError, load_config,
+                                    self.write(f"[main]\nlisten={listen}\n"), Tool)
+            self.assertIn(why, str(err))
+        # a role's own config parses them
+        err = self.assertRaises(ConfigError, load_config,
+                                self.write("[main]\nlisten=ssl:0:privateKey=missing.pem\n"),
+                                _ListenRole)
+        self.assertIn("server endpoint", str(err))
+
+    def test_loading_imports_no_test_tooling(self) -> None:
+        """Loading rest.ini (its ssl: endpoint parsed, TLS key and certificate
+        loaded) in a fresh process imports neither twisted.trial nor
+        twisted.internet.testing, nor unittest, doctest or pdb (they were
+        about 5% of every daemon's start-up)."""
+        import json
+        import subprocess
+        import sys
+
+        from test.restfixture import make_rest_dir
+        from ticrypt.lab.daemons import daemon_env
+
+        env = make_rest_dir(os.path.join(self.dir, "rest"))
+        probe = ("import json, sys\nfrom ticrypt.config import load_config, schema_of\n"
+                 "from ticrypt.rest.config import RestConfig\n"
+                 f"cfg = load_config({env.config_path!r}, schema_of(RestConfig))\n"
+                 "assert cfg.rest.listen.startswith('ssl:'), cfg.rest.listen\n"
+                 "print(json.dumps(sorted(sys.modules)))")
+        out = subprocess.run([sys.executable, "-c", probe], env=daemon_env(), check=True,
+                             capture_output=True, timeout=60).stdout
+        modules = set(json.loads(out))
+        self.assertTrue({"twisted.internet.endpoints", "twisted.internet.ssl"} <= modules)
+        tooling = ("twisted.trial", "twisted.internet.testing", "unittest", "doctest", "pdb")
+        self.assertEqual(sorted(m for m in modules
+                                if any(m == t or m.startswith(t + ".") for t in tooling)), [])
 
     def test_tls_endpoint_needs_private_key(self) -> None:
         # Twisted would read server.pem from whatever the working directory is
@@ -305,6 +365,16 @@ class _Demo(RoleConfig):
     def check(self) -> None:
         if self.main.name == "bad":
             raise self.error("main", "name", "must not be bad")
+
+
+@attrs.frozen(kw_only=True)
+class _Listen:
+    listen: str = setting(ServerEndpoint(), doc="where it listens")
+
+
+@attrs.frozen(kw_only=True)
+class _ListenRole(RoleConfig):
+    main: _Listen = section(_Listen)
 
 
 class TypedConfigTests(SynchronousTestCase):

@@ -102,9 +102,11 @@ REQUIRED: Any = _Required()
 
 @attrs.frozen
 class _Ctx:
-    """Where a value comes from, for kinds that resolve paths."""
+    """Where a value comes from, for kinds that resolve paths, and whether
+    endpoint strings are parsed (:attr:`RoleConfig.parse_endpoints`)."""
 
     base_dir: str
+    parse_endpoints: bool = True
 
 
 class Kind:
@@ -452,25 +454,53 @@ class OptionalDir(Kind):
         return DirPath(create=False).parse(raw, ctx) if raw else None
 
 
-def _endpoint_check(kind: str, raw: str) -> str:
-    # Parse against a MemoryReactor: the string is fully validated (including
-    # TLS key and certificate files for ssl:) without opening any socket.
-    # A server endpoint is also "listened" on it, which records the port
-    # number the real reactor would bind: a port out of range would otherwise
-    # surface only at start-up, as a traceback from bind().
-    from twisted.internet import endpoints
-    from twisted.internet.protocol import Factory
-    from twisted.internet.testing import MemoryReactor
+class _ParseReactor:
+    """What the endpoint parsers, and the ``listen()`` of a TCP or TLS server
+    endpoint, call on a reactor: the ports a server would bind are recorded,
+    nothing is opened, bound or resolved."""
 
-    reactor = MemoryReactor()
+    #: HostnameEndpoint (``tls:`` clients) stores the reactor's name resolver
+    nameResolver = None
+
+    def __init__(self) -> None:
+        self.ports: list[int] = []
+
+    def listenTCP(self, port: int, factory: object, backlog: int = 50,
+                  interface: str = "") -> None:
+        self.ports.append(port)
+
+    def listenSSL(self, port: int, factory: object, contextFactory: object,
+                  backlog: int = 50, interface: str = "") -> None:
+        self.ports.append(port)
+
+
+def _endpoint_check(kind: str, raw: str) -> str:
+    # Twisted's parser validates the whole string (including the TLS key and
+    # certificate files of ssl:) without opening any socket.  A TCP or TLS
+    # server endpoint is also "listened" on a _ParseReactor, which records
+    # the port number the real reactor would bind: a port out of range would
+    # otherwise surface only at start-up, as a traceback from bind().  Other
+    # server endpoints are not listened on: a systemd: endpoint's listen()
+    # would close the inherited socket.
+    from twisted.internet import endpoints
+    from twisted.internet.interfaces import IReactorPluggableNameResolver
+    from twisted.internet.protocol import Factory
+    from zope.interface import alsoProvides
+
+    reactor = _ParseReactor()
+    # without it HostnameEndpoint warns that the reactor is deprecated
+    alsoProvides(reactor, IReactorPluggableNameResolver)
     try:
         if kind == "server":
-            endpoints.serverFromString(reactor, raw).listen(Factory())
+            endpoint = endpoints.serverFromString(reactor, raw)
+            if isinstance(endpoint, (endpoints.TCP4ServerEndpoint, endpoints.TCP6ServerEndpoint,
+                                     endpoints.SSL4ServerEndpoint)):
+                endpoint.listen(Factory())
         else:
             endpoints.clientFromString(reactor, raw)
     except Exception as e:  # endpoint parsers raise many types
         raise ValueError(f"got {raw!r} ({e})") from e
-    for port in [p[0] for p in reactor.tcpServers] + [p[0] for p in reactor.sslServers]:
+    for port in reactor.ports:
         if not 0 <= port <= 65535:
             raise ValueError(f"got {raw!r} (port {port} is not in 0..65535)")
     return raw
@@ -513,7 +543,7 @@ class _Endpoint(Kind):
             raise ValueError("empty")
         resolved = _resolve_endpoint_paths(raw, ctx)
         _check_endpoint_files(resolved, server=self.side == "server")
-        return _endpoint_check(self.side, resolved)
+        return _endpoint_check(self.side, resolved) if ctx.parse_endpoints else resolved
 
 
 @attrs.frozen
@@ -700,6 +730,13 @@ class RoleConfig:
 
     path: str = ""
 
+    #: False for a tool that reads a role's file but neither listens nor
+    #: connects (``ticrypt-admin`` reads rest.ini): its endpoint strings are
+    #: resolved and their key files' modes checked, but they are not parsed
+    #: by Twisted, which imports OpenSSL and loads the TLS key and
+    #: certificate (a quarter of ticrypt-admin's CPU at each command).
+    parse_endpoints: ClassVar[bool] = True
+
     def error(self, section: str, key: str | None, message: str) -> ConfigError:
         """A ConfigError naming this file, ``section`` and ``key``."""
         return ConfigError(self.path, section, key, message)
@@ -790,7 +827,8 @@ def load_config(path: str, schema: Schema | type[RoleConfig]) -> Config | RoleCo
     except configparser.Error as e:
         raise ConfigError(shown, None, None, f"not a valid ini file: {e.message}") from None
 
-    ctx = _Ctx(base_dir=os.path.dirname(os.path.abspath(path)))
+    ctx = _Ctx(base_dir=os.path.dirname(os.path.abspath(path)),
+               parse_endpoints=typed is None or typed.parse_endpoints)
     for section in parser.sections():
         if section not in schema.sections:
             known = ", ".join(f"[{s}]" for s in schema.sections)

@@ -28,7 +28,7 @@ from ticrypt.audit import AuditLog
 from ticrypt.cliutil import OneLineError, fail
 from ticrypt.config import ConfigError, load_config
 from ticrypt.rest import db, store
-from ticrypt.rest.api import allow_entry, new_vm_id
+from ticrypt.rest.common import allow_entry, new_vm_id
 from ticrypt.rest.config import RestAdminConfig
 from ticrypt.rest.core import check_name, new_token, token_hash, valid_host
 

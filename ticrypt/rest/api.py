@@ -23,13 +23,21 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from twisted.logger import Logger
 
 import ticrypt
-from ticrypt import dnsname, identity, signed
+from ticrypt import identity, signed
 from ticrypt.audit import AuditLog
-from ticrypt.config import Duration, Int, setting
 from ticrypt.encoding import b64, unb64
 from ticrypt.http.server import ApiError, Field, Result, enabled, parse_body, route, routes_of
 from ticrypt.ratelimit import Clock, RateLimiter
 from ticrypt.rest import store
+from ticrypt.rest.common import (
+    ApiSettings,
+    allow_entry,
+    check_allow_name,
+    check_comment,
+    check_ports,
+    check_protocol,
+    new_vm_id,
+)
 from ticrypt.rest.core import (
     FINGERPRINT_RE,
     Challenge,
@@ -104,59 +112,10 @@ ENROLL_BODY = {"token": Field(str, check=_check_b64(32)),
                "vm_public_key": Field(str, check=_check_public_key),
                "tls_fingerprint": Field(str, check=_check_fingerprint)}
 
-def _check_allow_name(value: str) -> str | None:
-    try:
-        dnsname.canonical_name(value)
-    except ValueError as e:
-        return f"is not an allow-list name: {e}"
-    return None
-
-
-#: most ports of one allow-list entry
-MAX_ALLOW_PORTS = 32
-MAX_ALLOW_COMMENT = 200
-
-
-def _check_ports(value: list[Any]) -> str | None:
-    if not 1 <= len(value) <= MAX_ALLOW_PORTS:
-        return f"must list 1 to {MAX_ALLOW_PORTS} ports"
-    for port in value:
-        if not isinstance(port, int) or isinstance(port, bool) or not 1 <= port <= 65535:
-            return "must be integers 1..65535"
-    if len(set(value)) != len(value):
-        return "must not repeat a port"
-    return None
-
-
-def _check_protocol(value: str) -> str | None:
-    return None if value in ("tcp", "udp") else "must be 'tcp' or 'udp'"
-
-
-def _check_comment(value: str) -> str | None:
-    if len(value) > MAX_ALLOW_COMMENT:
-        return f"must be at most {MAX_ALLOW_COMMENT} characters"
-    if not value.isprintable():
-        return "must be printable (no control characters)"
-    return None
-
-
-def allow_entry(name: str, ports: list[Any], protocol: str = "tcp", comment: str = "",
-                random: Callable[[int], bytes] = os.urandom) -> store.AllowEntry:
-    """A new allow-list entry in canonical form (ValueError: one line why),
-    for the API and ``ticrypt-admin``."""
-    for field, problem in (("name", _check_allow_name(name)), ("ports", _check_ports(ports)),
-                           ("protocol", _check_protocol(protocol)),
-                           ("comment", _check_comment(comment))):
-        if problem:
-            raise ValueError(f"{field} {problem}")
-    return store.AllowEntry(id=new_allowlist_id(random), name=dnsname.canonical_name(name),
-                            ports=tuple(sorted(ports)), protocol=protocol, comment=comment)
-
-
-ALLOW_BODY = {"name": Field(str, check=_check_allow_name),
-              "ports": Field(list, check=_check_ports),
-              "protocol": Field(str, required=False, check=_check_protocol),
-              "comment": Field(str, required=False, check=_check_comment)}
+ALLOW_BODY = {"name": Field(str, check=check_allow_name),
+              "ports": Field(list, check=check_ports),
+              "protocol": Field(str, required=False, check=check_protocol),
+              "comment": Field(str, required=False, check=check_comment)}
 
 _STORE_STATUS = {"user-exists": 409, "vm-exists": 409, "no-such-user": 404,
                  "user-disabled": 409, "invalid-role": 400,
@@ -171,28 +130,6 @@ def _store_error(e: StoreError) -> ApiError:
 
 def _unauthorized(code: str, message: str) -> ApiError:
     return ApiError(401, code, message, {"WWW-Authenticate": 'Bearer realm="ticrypt"'})
-
-
-@attrs.frozen(kw_only=True)
-class ApiSettings:
-    """Lifetimes and login limits of the API (keys of ``[rest]``)."""
-
-    session_ttl: float = setting(Duration(min=1, max=30 * 86400), 8 * 3600.0,
-                                 "session lifetime")
-    challenge_ttl: float = setting(Duration(min=1, max=600), 60.0,
-                                   "login challenge lifetime")
-    ticket_ttl: float = setting(Duration(min=1, max=3600), 60.0,
-                                "connection ticket lifetime")
-    enrollment_ttl: float = setting(Duration(min=1, max=30 * 86400), 24 * 3600.0,
-                                    "enrollment token lifetime")
-    login_window: float = setting(Duration(min=1, max=86400), 300.0,
-                                  "window of the login rate limits")
-    login_failures_per_address: int = setting(Int(1, 100000), 20,
-                                              "failed logins and enrollments per address")
-    login_failures_per_user_and_address: int = setting(
-        Int(1, 100000), 10, "failed logins for one user name from one address")
-    challenges_per_address: int = setting(Int(1, 100000), 64,
-                                          "outstanding challenges per address")
 
 
 class RestApi:
@@ -687,14 +624,3 @@ def _existing_vm(conn: Any, session: store.Session, vm_id: str) -> store.Vm:
 def _add_allow_entry(conn: Any, session: store.Session, entry: store.AllowEntry,
                      now: float) -> store.AllowEntry:
     return store.add_allow_entry(conn, entry, session.user.name, now)
-
-
-def new_allowlist_id(random: Callable[[int], bytes] = os.urandom) -> str:
-    """``al-`` and 16 lowercase hex digits."""
-    return "al-" + random(8).hex()
-
-
-def new_vm_id(random: Callable[[int], bytes] = os.urandom) -> str:
-    """``vm-`` and 16 lowercase hex digits."""
-    return "vm-" + random(8).hex()
-

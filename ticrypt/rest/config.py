@@ -1,8 +1,9 @@
 """The config of ``rest.ini`` (documented key by key in ``etc/rest.ini``).
 
 ``[rest]`` is :class:`RestSection`; its lifetimes and login limits are the
-API's own :class:`~ticrypt.rest.api.ApiSettings`, handed to
-:class:`~ticrypt.rest.api.RestApi` as they are.
+API's own :class:`~ticrypt.rest.common.ApiSettings`, handed to
+:class:`~ticrypt.rest.api.RestApi` as they are (``ticrypt-admin`` loads this
+module: it does not import the API and its HTTP layer).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from ticrypt.config import (
     setting,
 )
 from ticrypt.http import load_secret
-from ticrypt.rest.api import ApiSettings
+from ticrypt.rest.common import ApiSettings
 
 SECTION = "rest"
 
@@ -122,8 +123,11 @@ class RestConfig(RoleConfig):
 
 @attrs.frozen(kw_only=True)
 class RestAdminConfig(RoleConfig):
-    """``rest.ini`` for ``ticrypt-admin``: ``init`` creates the key and database."""
+    """``rest.ini`` for ``ticrypt-admin``: ``init`` creates the key and
+    database; ``listen`` is rest's, not parsed (the TLS key and certificate
+    are not loaded)."""
 
+    parse_endpoints = False
     rest: RestSection = section(RestSection)
 
     def check(self) -> None:
