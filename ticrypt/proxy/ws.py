@@ -329,7 +329,6 @@ class RelayFactory(WebSocketServerFactory):
         super().__init__(url=url, reactor=reactor, server="ticrypt-proxy")
         tune_malloc()  # relayed messages: no page faults per message
         self.clock = clock
-        self.backend_key = backend_key
         self.table = table
         self.settings = settings
         self.audit = audit
@@ -366,6 +365,11 @@ class RelayFactory(WebSocketServerFactory):
             perMessageCompressionAccept=lambda offers: None,
         )
         self.protocol = with_factory_options(self.protocol, self)
+
+    @property
+    def backend_key(self) -> bytes:
+        """The backend's Ed25519 public key (held by the control context)."""
+        return self.control.backend_key
 
     @property
     def tickets(self) -> TicketUses:
